@@ -1,0 +1,101 @@
+"""The `sandboxd` command line.
+
+Only what a verb needs is imported when it runs, so quick verbs stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import HostError, SandboxdError, SpecErrors
+
+
+def _load(folder: str) -> tuple[object, object]:
+    from .plan import HostFacts, init_path, plan_stack
+    from .spec import load_stack
+
+    stack = load_stack(Path(folder))
+    plans = plan_stack(stack, HostFacts(init_path()))
+    return stack, plans
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .cgroups import detect
+    from .plan import HostFacts, init_path, plan_stack
+    from .spec import load_stack
+    from .state import clean_stale
+    from .supervisor import Supervisor, instance_name
+
+    stack = load_stack(Path(args.dir))
+    plans = plan_stack(stack, HostFacts(init_path()))
+    if os.geteuid() != 0:
+        raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
+    host = detect()
+    clean_stale()
+    return Supervisor(stack, plans, host, instance_name(stack, args.project_name)).run()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    stack, plans = _load(args.dir)
+
+    def default(value: object) -> object:
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(type(value))
+
+    out = {
+        "stack": dataclasses.asdict(stack),  # type: ignore[call-overload]
+        "plans": {name: plan.to_wire() for name, plan in plans.items()},  # type: ignore[attr-defined]
+    }
+    print(json.dumps(out, indent=2, default=default))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandboxd", description="Run isolated services with sockets bound by sandboxd.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    up = verbs.add_parser("up", help="validate a spec folder and run its services in the foreground")
+    up.add_argument("dir", help="folder of *.yaml unit specs")
+    up.add_argument("-p", "--project-name", help="name of the stack (default: the folder's name)")
+    up.set_defaults(func=cmd_up)
+    config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
+    config.add_argument("dir")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if not args.verb:
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.func(args)
+        return result
+    except SpecErrors as e:
+        print(f"sandboxd: {len(e.errors)} problem{'s' if len(e.errors) != 1 else ''} in {args.dir}:", file=sys.stderr)
+        for err in e.errors:
+            print(f"  {err}", file=sys.stderr)
+        return e.exit_code
+    except SandboxdError as e:
+        print(f"sandboxd: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""What `sandboxd up` prints: service output prefixed with the service's name, and its own notes.
+
+Service lines go to stdout as `name | text`, names padded to one width and coloured on a
+terminal (as compose does; NO_COLOR turns colours off). sandboxd's own messages go to stderr,
+prefixed `sandboxd:`, so they never mix with what a service printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+_COLOURS = (36, 33, 32, 35, 34, 96, 93, 92, 95, 94)
+
+
+class Console:
+    def __init__(self, names: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.out = out
+        self.err = err
+        self.width = max((len(n) for n in names), default=0)
+        colour = out.isatty() and "NO_COLOR" not in os.environ
+        self.prefix = {}
+        for index, name in enumerate(sorted(names)):
+            label = name.ljust(self.width)
+            if colour:
+                label = f"\033[{_COLOURS[index % len(_COLOURS)]}m{label}\033[0m"
+            self.prefix[name] = f"{label} | "
+
+    def line(self, name: str, data: bytes) -> None:
+        text = data.decode("utf-8", errors="replace").rstrip("\r\n")
+        self.out.write(self.prefix.get(name, f"{name} | ") + text + "\n")
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.err.write(f"sandboxd: {text}\n")
+        self.err.flush()

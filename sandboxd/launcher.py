@@ -1,0 +1,352 @@
+"""The fork server and the code that turns a forked child into a sandbox.
+
+Why a fork server: forking from the asyncio supervisor is unsafe once it has threads, and
+starting a Python interpreter per sandbox costs 20-90 ms. The fork server is forked from the
+supervisor at start-up, before any thread or event loop exists, stays single-threaded, and forks
+one child per sandbox from a small address space.
+
+Why it is pid 1 of a pid namespace of its own: when the supervisor dies, even by SIGKILL, the
+fork server gets SIGKILL (PR_SET_PDEATHSIG), and when the init of a pid namespace dies the kernel
+kills every process in it and in every namespace nested in it, which is every sandbox. No service
+outlives sandboxd.
+
+    supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)      sandbox init (pid 1 of its own ns)
+    ────────────────────              ───────────────────────────────────────      ──────────────────────────────────
+    ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
+    launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds...]
+                                      unshare(NEWPID), fork, setns back ──fork───▶ join cgroup; unshare(mnt,uts,ipc,net)
+                                                                                    setsid; mounts; pivot_root; hostname
+                                                                                    lo up; fds 0,1,2 and 3..; chdir
+            ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── {"exec": t_ns} (creds carry its host pid)
+            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execve(dumb-init -- command...)
+                                                                                  or {"error": step, "detail": ...}; _exit(127)
+            ◀──{"exit": id, "status": wstatus}── waitpid()
+
+The child never touches asyncio or the supervisor's logging; it reports one structured message
+and exits with a distinct code on failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from . import linux
+from .errors import LaunchError
+from .plan import DEVICE_NODES, LaunchPlan, MountOp
+
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 250
+EXIT_SETUP_FAILED = 127
+EXIT_UNEXPECTED = 126
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+# ───────────────────────────── in the sandbox child ─────────────────────────────
+
+
+class _Step:
+    """Remembers what the child is doing, so a failure names it."""
+
+    name = "start"
+
+
+def _set_loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _ensure_mountpoint(target: str, is_dir: bool) -> None:
+    if os.path.lexists(target):
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if is_dir:
+        os.mkdir(target)
+    else:
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+
+
+def _mount_dev(dev: str) -> None:
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
+    for node in DEVICE_NODES:
+        if os.path.exists(f"/dev/{node}"):
+            _ensure_mountpoint(f"{dev}/{node}", is_dir=False)
+            linux.mount(f"/dev/{node}", f"{dev}/{node}", None, linux.MS_BIND)
+    os.mkdir(f"{dev}/pts")
+    linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    os.mkdir(f"{dev}/shm")
+    linux.mount("tmpfs", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
+    """Make the sandbox's filesystem and pivot into it (bubblewrap's order of steps)."""
+    step.name = "make / private"
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    binds: list[tuple[MountOp, int]] = []
+    for op in mounts:
+        target = root + op.target if op.target != "/" else root
+        step.name = f"mount {op.kind} on {op.target}"
+        match op.kind:
+            case "rbind-root":
+                linux.mount(op.source, root, None, linux.MS_BIND | linux.MS_REC)
+                linux.mount_setattr(root, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+            case "proc":
+                linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            case "dev":
+                _mount_dev(target)
+            case "tmpfs":
+                linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
+            case "bind":
+                # Open the source on the host now; bind it after pivot_root so that the target's
+                # path (and any symlink in it) resolves inside the sandbox, never on the host.
+                binds.append((op, os.open(op.source, os.O_PATH | os.O_CLOEXEC)))
+    step.name = f"pivot_root into {root}"
+    os.chdir(root)
+    linux.pivot_root(".", ".")
+    linux.umount2(".", linux.MNT_DETACH)
+    os.chdir("/")
+    for op, fd in binds:
+        step.name = f"bind {op.source} on {op.target}"
+        _ensure_mountpoint(op.target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
+        linux.mount(f"/proc/self/fd/{fd}", op.target, None, linux.MS_BIND | linux.MS_REC)
+        if op.readonly:
+            linux.mount_setattr(op.target, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+        os.close(fd)
+
+
+def _place_fds(output_fd: int, socket_fds: list[int]) -> None:
+    """stdin from /dev/null, stdout and stderr to the output pipe, sockets at 3, 4, ..."""
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in [output_fd, *socket_fds]]
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    os.dup2(null, 0)
+    os.dup2(high[0], 1)
+    os.dup2(high[0], 2)
+    for index, fd in enumerate(high[1:]):
+        os.dup2(fd, 3 + index)  # dup2 clears close-on-exec on the new descriptor
+
+
+def _report(channel: socket.socket, message: dict[str, Any]) -> None:
+    try:
+        channel.send(json.dumps(message).encode())
+    except OSError:
+        pass
+
+
+def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int]) -> NoReturn:
+    """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init."""
+    step = _Step()
+    channel = socket.socket(fileno=status_fd)
+    try:
+        step.name = "reset signals"
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        plan = LaunchPlan.from_wire(request["plan"])
+        step.name = "join cgroup"
+        for procs in request["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write("0")
+        step.name = "create namespaces"
+        linux.unshare(plan.clone_flags)
+        os.setsid()
+        _build_root(request["root"], plan.mounts, step)
+        step.name = "set hostname"
+        socket.sethostname(plan.hostname)
+        step.name = "bring up lo"
+        _set_loopback_up()
+        step.name = "set up descriptors"
+        _place_fds(output_fd, socket_fds)
+        step.name = f"change directory to {plan.workdir}"
+        os.chdir(plan.workdir)
+        _report(channel, {"exec": time.monotonic_ns()})
+        step.name = f"execute {plan.argv[2] if len(plan.argv) > 2 else plan.argv[0]}"
+        os.execve(plan.argv[0], list(plan.argv), dict(plan.env))
+    except OSError as e:
+        detail = e.strerror or str(e)
+        if e.filename:
+            detail += f" ({e.filename})"
+        _report(channel, {"error": step.name, "detail": detail})
+        os._exit(EXIT_SETUP_FAILED)
+    except BaseException as e:  # noqa: BLE001 - the child must never unwind into the fork server's loop
+        _report(channel, {"error": step.name, "detail": repr(e)})
+        os._exit(EXIT_UNEXPECTED)
+    raise AssertionError("unreachable")
+
+
+# ───────────────────────────── the fork server ─────────────────────────────
+
+
+def serve(conn: socket.socket) -> NoReturn:
+    """The fork server's loop: launch requests in, exit statuses out. Never returns."""
+    try:
+        # Children of this process must not copy pages: the collector would touch every object.
+        gc.disable()
+        gc.freeze()
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        children: dict[int, int] = {}  # pid in our namespace -> launch id
+        selector = selectors.DefaultSelector()
+        selector.register(conn, selectors.EVENT_READ, "request")
+        selector.register(wake_r, selectors.EVENT_READ, "sigchld")
+        while True:
+            for key, _ in selector.select():
+                if key.data == "request":
+                    msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS)
+                    if not msg:
+                        os._exit(0)  # the supervisor is gone or done: our exit ends every sandbox
+                    _fork_sandbox(conn, json.loads(msg), fds, own_pidns, children)
+                else:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    _reap(conn, children)
+    except BaseException:  # noqa: BLE001
+        os._exit(EXIT_UNEXPECTED)
+
+
+def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
+    status_fd, output_fd, *socket_fds = fds
+    try:
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                run_sandbox(request, status_fd, output_fd, socket_fds)
+        finally:
+            # Back to our own namespace for children, so the next unshare(CLONE_NEWPID) works.
+            linux.setns(own_pidns, linux.CLONE_NEWPID)
+        children[pid] = request["id"]
+    except OSError as e:
+        conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror}"}).encode())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _reap(conn: socket.socket, children: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        launch_id = children.pop(pid, None)
+        if launch_id is not None:
+            conn.send(json.dumps({"exit": launch_id, "status": status}).encode())
+
+
+# ───────────────────────────── supervisor side ─────────────────────────────
+
+
+@dataclass
+class Launched:
+    pid: int  # the sandbox init's pid in the host's pid namespace
+    pidfd: int
+    exec_ns: int  # CLOCK_MONOTONIC when the child was about to exec
+
+
+ExitCallback = Callable[[int, int], None]
+
+
+class ForkServer:
+    """The supervisor's handle on the fork server."""
+
+    def __init__(self, conn: socket.socket, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+        self._next_id = 0
+
+    @staticmethod
+    def start() -> ForkServer:
+        """Fork the fork server as pid 1 of a new pid namespace. Call before any thread exists."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.unshare(linux.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    parent.close()
+                    serve(child)
+            finally:
+                linux.setns(own_pidns, linux.CLONE_NEWPID)
+        finally:
+            os.close(own_pidns)
+        child.close()
+        return ForkServer(parent, pid)
+
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def send_launch(self, launch_id: int, plan: LaunchPlan, cgroup_procs: tuple[str, ...], root: str, output_fd: int, socket_fds: list[int]) -> socket.socket:
+        """Ask for a sandbox; returns the supervisor's end of its status channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        request = {"id": launch_id, "plan": plan.to_wire(), "cgroup_procs": list(cgroup_procs), "root": root}
+        try:
+            socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd, *socket_fds])
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return ours
+
+    def stop(self) -> None:
+        """Close our end: the fork server exits, and with it anything still in its namespace."""
+        self.conn.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def read_status(channel: socket.socket, service: str) -> tuple[str, Launched | None]:
+    """Read what a launching child said. Returns ("pending"|"done"|"error", result)."""
+    creds_size = struct.calcsize("iII")
+    try:
+        data, ancillary, _flags, _addr = channel.recvmsg(4096, socket.CMSG_SPACE(creds_size))
+    except BlockingIOError:
+        return "pending", None
+    if not data:
+        return "done", None
+    message = json.loads(data)
+    if "error" in message:
+        raise LaunchError(service, message["error"], message["detail"])
+    pid = 0
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid = struct.unpack("iII", payload[:creds_size])[0]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as e:
+        if e.errno != errno.ESRCH:
+            raise
+        pidfd = -1
+    return "pending", Launched(pid, pidfd, message["exec"])

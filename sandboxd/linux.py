@@ -1,0 +1,126 @@
+"""The one seam between sandboxd and the kernel's calls that Python's standard library lacks.
+
+Nothing else in sandboxd imports ctypes. Every wrapper raises `OSError(errno, strerror, path)`
+naming the path or the call, so a failure in a sandbox's set-up says exactly what failed.
+
+Python 3.12 has `os.unshare` and `os.setns`; we support 3.11, so both go through libc here.
+`pivot_root` and `mount_setattr` have no glibc wrapper on every distribution we support and go
+through `syscall(2)` with the architecture's number.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+MNT_DETACH = 0x2
+
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+
+_SYSCALLS: dict[str, dict[str, int]] = {
+    # mount_setattr has the same number everywhere (it is newer than the unified table).
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442},
+    "riscv64": {"pivot_root": 41, "mount_setattr": 442},
+    "ppc64le": {"pivot_root": 203, "mount_setattr": 442},
+    "s390x": {"pivot_root": 217, "mount_setattr": 442},
+}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, call: str, path: str | None = None) -> None:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{call}: {os.strerror(err)}", path)
+
+
+def _syscall_number(name: str) -> int:
+    machine = platform.machine()
+    try:
+        return _SYSCALLS[machine][name]
+    except KeyError:
+        raise OSError(0, f"{name}: no syscall number known for {machine}") from None
+
+
+def _b(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), "mount", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), flags), "umount2", target)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    nr = _syscall_number("pivot_root")
+    _check(_libc.syscall(nr, _b(new_root), _b(put_old)), "pivot_root", new_root)
+
+
+def mount_setattr(path: str, attr_set: int, attr_clr: int = 0, recursive: bool = True) -> None:
+    """Change mount attributes of `path` (and, with `recursive`, every mount below it) in one call."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    nr = _syscall_number("mount_setattr")
+    at_fdcwd = -100
+    flags = AT_RECURSIVE if recursive else 0
+    result = _libc.syscall(
+        nr, ctypes.c_int(at_fdcwd), _b(path), ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))
+    )
+    _check(result, "mount_setattr", path)
+
+
+def prctl(option: int, arg2: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, 0, 0, 0), "prctl")

@@ -1,0 +1,97 @@
+"""What a running stack created, written down as it is created.
+
+Each running `sandboxd up` has a runtime directory /run/sandboxd/<instance>/ with `state.json`:
+the supervisor's pid and every cgroup, socket file and directory it made, rewritten atomically
+after each change. A run that was killed with SIGKILL cannot clean up after itself (its services
+die with it, see launcher.py); the next run finds its state file, sees that the pid is gone, and
+removes what it lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cgroups import Cgroup, remove_empty
+
+RUNTIME_ROOT = Path(os.environ.get("SANDBOXD_RUNTIME_DIR", "/run/sandboxd"))
+
+
+@dataclass
+class StateRecord:
+    directory: Path
+    pid: int = field(default_factory=os.getpid)
+    cgroups: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+    def save(self) -> None:
+        tmp = self.directory / "state.json.tmp"
+        tmp.write_text(json.dumps({"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs}))
+        os.replace(tmp, self.directory / "state.json")
+
+    def add(self, kind: str, path: str) -> None:
+        getattr(self, kind).append(path)
+        self.save()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_recorded(directory: Path) -> None:
+    """Remove everything a (dead) run recorded, then its runtime directory."""
+    try:
+        data = json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        data = {}
+    for path in reversed(data.get("cgroups", [])):
+        Cgroup(Path(path)).remove()
+    for path in data.get("files", []):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    for path in reversed(data.get("dirs", [])):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    for path in data.get("cgroups", [])[:1]:
+        # The first entry is the instance's cgroup; its parent is the shared "sandboxd" one.
+        remove_empty(Path(path).parent)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def clean_stale(root: Path = RUNTIME_ROOT) -> list[str]:
+    """Remove what dead runs left behind; returns the instance names cleaned."""
+    cleaned = []
+    if not root.is_dir():
+        return cleaned
+    for directory in root.iterdir():
+        state = directory / "state.json"
+        try:
+            pid = json.loads(state.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if not _alive(pid):
+            remove_recorded(directory)
+            cleaned.append(directory.name)
+    remove_empty_dir(root)
+    return cleaned
+
+
+def remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass

@@ -1,0 +1,190 @@
+"""Integration tests start real sandboxes as root.
+
+Every test gets its own spec folder and socket folder, and afterwards an autouse fixture fails
+the test if anything of sandboxd's is left on the machine: a cgroup, a mount, a runtime or netns
+file, an `sbd` link, a socket file, or a process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CGROUP_BASE = Path("/sys/fs/cgroup/unified/sandboxd") if Path("/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup/sandboxd")
+RUNTIME = Path("/run/sandboxd")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        if "integration" in str(item.fspath):
+            if os.environ.get("CI"):
+                item.add_marker(pytest.mark.xfail(reason="CI must run integration tests as root", strict=True, run=False))
+            else:
+                item.add_marker(pytest.mark.skip(reason="integration tests need root"))
+
+
+def _child_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _pids_in_sandboxd_cgroups() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if "/sandboxd/" in (entry / "cgroup").read_text():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def leftovers(socket_dir: Path | None = None) -> list[str]:
+    found: list[str] = []
+    if CGROUP_BASE.exists():
+        found += [f"cgroup {p}" for p in CGROUP_BASE.rglob("*") if p.is_dir()] or [f"cgroup {CGROUP_BASE}"]
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if "sandboxd" in line or " sbd" in line:
+            found.append(f"mount {line}")
+    if RUNTIME.exists():
+        found.append(f"runtime dir {RUNTIME}: {sorted(p.name for p in RUNTIME.iterdir())}")
+    found += [f"netns {p}" for p in Path("/run/netns").glob("sbd*")] if Path("/run/netns").exists() else []
+    found += [f"link {p.name}" for p in Path("/sys/class/net").iterdir() if p.name.startswith("sbd")]
+    if socket_dir is not None and socket_dir.exists():
+        found += [f"socket file {p}" for p in socket_dir.rglob("*") if p.is_socket()]
+    found += [f"process {pid} in a sandboxd cgroup" for pid in _pids_in_sandboxd_cgroups()]
+    found += [f"child process {pid}" for pid in _child_pids(os.getpid())]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(socket_dir: Path) -> Iterator[None]:
+    before = leftovers()
+    assert not before, f"the machine was not clean before the test: {before}"
+    yield
+    deadline = time.monotonic() + 3
+    while (found := leftovers(socket_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not found, f"left behind: {found}"
+
+
+@pytest.fixture
+def socket_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "sockets"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def spec_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "stack"
+    path.mkdir()
+    return path
+
+
+class Stack:
+    """`sandboxd up DIR` running as a subprocess, its output collected."""
+
+    def __init__(self, folder: Path, *args: str) -> None:
+        self.folder = folder
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd", "up", str(folder), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"},
+        )
+        os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        os.set_blocking(self.proc.stderr.fileno(), False)  # type: ignore[union-attr]
+        self.out = ""
+        self.err = ""
+
+    def _read(self) -> None:
+        for stream, attr in ((self.proc.stdout, "out"), (self.proc.stderr, "err")):
+            assert stream is not None
+            data = stream.read()
+            if data:
+                setattr(self, attr, getattr(self, attr) + data.decode(errors="replace"))
+
+    def wait_for(self, text: str, stream: str = "any", timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read()
+            haystack = {"out": self.out, "err": self.err}.get(stream, self.out + self.err)
+            if text in haystack:
+                return haystack
+            if self.proc.poll() is not None:
+                self._read()
+                raise AssertionError(f"sandboxd exited ({self.proc.returncode}) before {text!r}:\n{self.out}\n{self.err}")
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {text!r}:\nstdout:\n{self.out}\nstderr:\n{self.err}")
+
+    def wait_up(self) -> None:
+        self.wait_for("services launched", "err")
+
+    def lines(self, service: str) -> list[str]:
+        self._read()
+        prefix = f"{service} "
+        return [line.split("| ", 1)[1] for line in self.out.splitlines() if line.startswith(prefix) and "| " in line]
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self._read()
+        return self.proc.returncode
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        self.proc.wait(timeout)
+        self._read()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def run_stack() -> Iterator[object]:
+    started: list[Stack] = []
+
+    def start(folder: Path, *args: str) -> Stack:
+        stack = Stack(folder, *args)
+        started.append(stack)
+        return stack
+
+    yield start
+    for stack in started:
+        if stack.proc.poll() is None:
+            stack.stop()
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path

@@ -28,6 +28,7 @@ and exits with a distinct code on failure.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import gc
@@ -97,19 +98,53 @@ def _mount_dev(dev: str) -> None:
         os.symlink(target, f"{dev}/{name}")
 
 
+READONLY = linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
+_FRESH_IN_SANDBOX = {"proc", "dev", "tmp", "run"}
+OLD_ROOT = "/run/.sbd-oldroot"  # on the sandbox's own /run tmpfs, removed before exec
+
+
+def _host_root_on_tmpfs(root: str) -> None:
+    """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it."""
+    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=64k")
+    for entry in os.scandir("/"):
+        path = f"{root}/{entry.name}"
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), path)
+        elif entry.is_dir():
+            os.mkdir(path)
+            if entry.name not in _FRESH_IN_SANDBOX:
+                linux.mount(entry.path, path, None, linux.MS_BIND | linux.MS_REC)
+        else:
+            _ensure_mountpoint(path, is_dir=False)
+            linux.mount(entry.path, path, None, linux.MS_BIND)
+
+
+def _seal(root: str, pending: bool) -> None:
+    """Make a tmpfs-based root and everything bound into it read-only, once its mount points exist."""
+    if pending:
+        linux.mount_setattr(root, READONLY)
+
+
 def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
     """Make the sandbox's filesystem and pivot into it (bubblewrap's order of steps)."""
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     binds: list[tuple[MountOp, int]] = []
+    pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
     for op in mounts:
         target = root + op.target if op.target != "/" else root
         step.name = f"mount {op.kind} on {op.target}"
         match op.kind:
             case "rbind-root":
                 linux.mount(op.source, root, None, linux.MS_BIND | linux.MS_REC)
-                linux.mount_setattr(root, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+                linux.mount_setattr(root, READONLY)
+            case "tmpfs-root":
+                _host_root_on_tmpfs(root)
+            case "mountpoint":
+                _ensure_mountpoint(target, is_dir=op.options == "dir")
             case "proc":
+                _seal(root, pending_seal)
+                pending_seal = False
                 linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "dev":
                 _mount_dev(target)
@@ -120,17 +155,22 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
                 # path (and any symlink in it) resolves inside the sandbox, never on the host.
                 binds.append((op, os.open(op.source, os.O_PATH | os.O_CLOEXEC)))
     step.name = f"pivot_root into {root}"
+    # The old root stays reachable on the sandbox's own /run until the binds are made: a bind
+    # source must still be attached to this namespace's tree when it is mounted.
+    os.mkdir(f"{root}{OLD_ROOT}")
     os.chdir(root)
-    linux.pivot_root(".", ".")
-    linux.umount2(".", linux.MNT_DETACH)
+    linux.pivot_root(".", OLD_ROOT.lstrip("/"))
     os.chdir("/")
     for op, fd in binds:
         step.name = f"bind {op.source} on {op.target}"
         _ensure_mountpoint(op.target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
         linux.mount(f"/proc/self/fd/{fd}", op.target, None, linux.MS_BIND | linux.MS_REC)
         if op.readonly:
-            linux.mount_setattr(op.target, linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+            linux.mount_setattr(op.target, READONLY)
         os.close(fd)
+    step.name = "detach the host's root"
+    linux.umount2(OLD_ROOT, linux.MNT_DETACH)
+    os.rmdir(OLD_ROOT)
 
 
 def _place_fds(output_fd: int, socket_fds: list[int]) -> None:
@@ -154,7 +194,9 @@ def _report(channel: socket.socket, message: dict[str, Any]) -> None:
 def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int]) -> NoReturn:
     """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init."""
     step = _Step()
-    channel = socket.socket(fileno=status_fd)
+    # Out of the way of fds 3.. that the sockets will take.
+    channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds)))
+    os.close(status_fd)
     try:
         step.name = "reset signals"
         signal.set_wakeup_fd(-1)
@@ -178,6 +220,9 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         _place_fds(output_fd, socket_fds)
         step.name = f"change directory to {plan.workdir}"
         os.chdir(plan.workdir)
+        # Whatever else this process holds, inherited or ours, the service does not get.
+        os.closerange(3 + len(socket_fds), channel.fileno())
+        os.closerange(channel.fileno() + 1, 1 << 20)
         _report(channel, {"exec": time.monotonic_ns()})
         step.name = f"execute {plan.argv[2] if len(plan.argv) > 2 else plan.argv[0]}"
         os.execve(plan.argv[0], list(plan.argv), dict(plan.env))
@@ -216,7 +261,7 @@ def serve(conn: socket.socket) -> NoReturn:
         while True:
             for key, _ in selector.select():
                 if key.data == "request":
-                    msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS)
+                    msg, fds = _recv_with_fds(conn)
                     if not msg:
                         os._exit(0)  # the supervisor is gone or done: our exit ends every sandbox
                     _fork_sandbox(conn, json.loads(msg), fds, own_pidns, children)
@@ -228,6 +273,19 @@ def serve(conn: socket.socket) -> NoReturn:
                     _reap(conn, children)
     except BaseException:  # noqa: BLE001
         os._exit(EXIT_UNEXPECTED)
+
+
+def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """recvmsg with MSG_CMSG_CLOEXEC, so no received descriptor leaks into a sandbox by accident.
+
+    (socket.recv_fds accepts a flags argument but, up to Python 3.12, does not pass it on.)
+    """
+    fds = array.array("i")
+    msg, ancillary, _flags, _addr = conn.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:

@@ -31,7 +31,7 @@ SERVICE_PID_IN_SANDBOX = 2
 TMPFS_DIRS = ("/tmp", "/run")
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
-MountKind = Literal["rbind-root", "proc", "tmpfs", "dev", "bind"]
+MountKind = Literal["rbind-root", "tmpfs-root", "mountpoint", "proc", "tmpfs", "dev", "bind"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,6 @@ def _under(path: str, directory: str) -> bool:
 
 def _base_mounts() -> list[MountOp]:
     return [
-        MountOp("rbind-root", "/", "/", readonly=True),
         MountOp("proc", "/proc"),
         MountOp("dev", "/dev"),
         MountOp("tmpfs", "/tmp", options="mode=1777"),
@@ -94,37 +93,73 @@ def _base_mounts() -> list[MountOp]:
     ]
 
 
-def _mount_target_errors(service: Service, target: str, line: int, key: str, exists: Callable[[str], bool]) -> list[SpecError]:
-    if any(_under(target, d) for d in TMPFS_DIRS) or exists(target):
-        return []
-    if target in ("/", "/proc", "/dev") or _under(target, "/proc") or _under(target, "/dev"):
-        return [SpecError(service.file, line, key, f"cannot mount over {target}: sandboxd manages it")]
+def _first_missing(path: str, exists: Callable[[str], bool]) -> str | None:
+    """The shortest prefix of `path` that does not exist, or None if all of it exists."""
+    current = ""
+    for part in path.strip("/").split("/"):
+        current += "/" + part
+        if not exists(current):
+            return current
+    return None
+
+
+def _mount_target_errors(service: Service, target: str, line: int, key: str, exists: Callable[[str], bool]) -> tuple[list[SpecError], str | None]:
+    """Check one mount target; returns (errors, top-level directory to create in the root or None)."""
+    if target in ("/", "/proc", "/dev", "/sys") or any(_under(target, d) for d in ("/proc", "/dev")):
+        return [SpecError(service.file, line, key, f"cannot mount over {target}: sandboxd manages it")], None
+    if any(_under(target, d) for d in TMPFS_DIRS):
+        return [], None
+    missing = _first_missing(target, exists)
+    if missing is None:
+        return [], None
+    if missing.count("/") == 1:
+        return [], missing
     return [
         SpecError(
             service.file,
             line,
             key,
-            f"{target} does not exist in the image and the root is read-only; "
-            "use an existing path or one under /tmp or /run",
+            f"{target} does not exist in the image and {posixpath.dirname(missing)} is read-only; "
+            "use an existing path, a new top-level directory (like /app), or a path under /tmp or /run",
         )
-    ]
+    ], None
 
 
-def plan_service(stack: Stack, service: Service, facts: HostFacts, exists: Callable[[str], bool] = os.path.lexists) -> LaunchPlan:
+def plan_service(
+    stack: Stack,
+    service: Service,
+    facts: HostFacts,
+    exists: Callable[[str], bool] = os.path.lexists,
+    is_dir: Callable[[str], bool] = os.path.isdir,
+) -> LaunchPlan:
     errors: list[SpecError] = []
-    mounts = _base_mounts()
     user_mounts: list[MountOp] = []
+    new_tops: dict[str, bool] = {}  # top-level directories the root must gain, and whether each is a dir
+
+    def add_bind(source: str, target: str, readonly: bool, line: int, key: str) -> None:
+        found, top = _mount_target_errors(service, target, line, key, exists)
+        errors.extend(found)
+        if top is not None:
+            new_tops[top] = new_tops.get(top, False) or top != target or is_dir(source)
+        user_mounts.append(MountOp("bind", target, source, readonly=readonly))
+
     for index, m in enumerate(service.mounts):
-        errors += _mount_target_errors(service, m.target, m.line, f"mounts[{index}].target", exists)
-        user_mounts.append(MountOp("bind", m.target, str(m.source), readonly=m.readonly))
+        add_bind(str(m.source), m.target, m.readonly, m.line, f"mounts[{index}].target")
     for name in service.uses:
         for address in next(s for s in stack.sockets if s.name == name).listen:
             if address.path and not address.is_abstract:
-                target = posixpath.normpath(address.path)
-                errors += _mount_target_errors(service, target, service.line, "uses", exists)
-                user_mounts.append(MountOp("bind", target, address.path, readonly=False))
+                add_bind(address.path, posixpath.normpath(address.path), False, service.line, "uses")
     if errors:
         raise SpecErrors(errors)
+    mounts: list[MountOp] = []
+    if new_tops:
+        # The host's root has no place for these targets: build the root on a tmpfs instead, with
+        # the host's top-level entries bound into it read-only, and the new mount points beside them.
+        mounts.append(MountOp("tmpfs-root", "/", "/", readonly=True))
+        mounts += [MountOp("mountpoint", top, options="dir" if d else "file") for top, d in sorted(new_tops.items())]
+    else:
+        mounts.append(MountOp("rbind-root", "/", "/", readonly=True))
+    mounts += _base_mounts()
     # Parents before children, so a bind below another bind lands on top of it.
     mounts += sorted(user_mounts, key=lambda m: m.target.count("/"))
 
@@ -156,13 +191,18 @@ def plan_service(stack: Stack, service: Service, facts: HostFacts, exists: Calla
     )
 
 
-def plan_stack(stack: Stack, facts: HostFacts, exists: Callable[[str], bool] = os.path.lexists) -> dict[str, LaunchPlan]:
+def plan_stack(
+    stack: Stack,
+    facts: HostFacts,
+    exists: Callable[[str], bool] = os.path.lexists,
+    is_dir: Callable[[str], bool] = os.path.isdir,
+) -> dict[str, LaunchPlan]:
     """Plan every service; all problems of all services are reported together."""
     plans: dict[str, LaunchPlan] = {}
     errors: list[SpecError] = []
     for service in stack.services:
         try:
-            plans[service.name] = plan_service(stack, service, facts, exists)
+            plans[service.name] = plan_service(stack, service, facts, exists, is_dir)
         except SpecErrors as e:
             errors += e.errors
     if errors:

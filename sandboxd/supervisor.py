@@ -28,6 +28,7 @@ import socket
 import statistics
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -180,6 +181,7 @@ class Supervisor:
         def on_signal() -> None:
             if stop_requested.is_set():
                 self.console.note("second interrupt: killing every service now")
+                self.stopping = True
                 for rt in self.services.values():
                     rt.cgroup.kill()
             stop_requested.set()
@@ -194,13 +196,9 @@ class Supervisor:
         started = time.monotonic()
         for rt in self.services.values():
             self._launch(rt)
-        await asyncio.gather(*(rt.settled.wait() for rt in self.services.values()))
+        await self._first_of(asyncio.gather(*(rt.settled.wait() for rt in self.services.values())), stop_requested.wait())
         self._print_summary(time.monotonic() - started)
-
-        waiters = [asyncio.ensure_future(stop_requested.wait()), asyncio.ensure_future(self.done.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
+        await self._first_of(stop_requested.wait(), self.done.wait())
         if stop_requested.is_set():
             self.console.note("stopping all services")
         await self._stop_all()
@@ -210,6 +208,13 @@ class Supervisor:
         if stop_requested.is_set():
             return 0
         return 1 if any(rt.state is State.FAILED for rt in self.services.values()) else 0
+
+    @staticmethod
+    async def _first_of(*awaitables: Awaitable[object]) -> None:
+        tasks = [asyncio.ensure_future(a) for a in awaitables]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
 
     def _launch(self, rt: ServiceRuntime) -> None:
         assert self.fork_server is not None

@@ -1,0 +1,670 @@
+"""Load a spec folder into frozen dataclasses.
+
+A spec folder is one stack. Every `*.yaml` / `*.yml` file directly in it holds one or more YAML
+documents, and every document is one unit, a mapping with `kind: service` or `kind: socket`:
+
+    kind: socket              # sandboxd binds it and hands it to the service as fd 3, 4, ...
+    name: web                 # defaults to the file's stem if the file has one unit of this kind
+    listen: [unix:/run/web.sock, tcp:127.0.0.1:8080]
+
+`load_stack` returns a `Stack`, or raises `SpecErrors` with every problem of the folder at once, each
+naming file, line and key. YAML is read as nodes, not plain values, so that a problem can point at its
+line. Each kind has a table of keys, each with a parser and a default; a parser raises `_Invalid` with all
+problems of its value. Checks between units (names, addresses, `uses`) run once every file is read.
+Reading the files and looking whether mount sources exist is the only I/O done here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import posixpath
+import re
+import shlex
+import signal
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeGuard, TypeVar, get_args
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from sandboxd.errors import SpecError, SpecErrors
+
+Family = Literal["tcp", "udp", "unix", "unix-dgram", "unix-seqpacket"]
+Restart = Literal["no", "on-failure", "always"]
+
+_STREAM, _DGRAM, _SEQPACKET = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET
+_SOCKTYPES = {"tcp": _STREAM, "udp": _DGRAM, "unix": _STREAM, "unix-dgram": _DGRAM, "unix-seqpacket": _SEQPACKET}
+_FAMILIES: dict[str, Family] = {family: family for family in get_args(Family)}
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a socket listens; `str()` is the canonical form, which `parse_address` reads back."""
+
+    family: Family
+    host: str | None
+    port: int | None
+    path: str | None
+
+    @property
+    def is_inet(self) -> bool:
+        return self.family in ("tcp", "udp")
+
+    @property
+    def is_abstract(self) -> bool:
+        return self.path is not None and self.path.startswith("@")
+
+    @property
+    def socktype(self) -> int:
+        return _SOCKTYPES[self.family]
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"{self.family}:{self.path}"
+        host = f"[{self.host}]" if ":" in str(self.host) else self.host
+        return f"{self.family}:{host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """Read `tcp:127.0.0.1:80`, `udp:[::1]:53`, `127.0.0.1:80` (tcp), `unix:/path`, `unix:@name` and so on."""
+    prefix, colon, rest = text.partition(":")
+    family = _FAMILIES.get(prefix)
+    if family is None:
+        if colon and re.fullmatch(r"[a-z][a-z0-9-]*", prefix) and not rest.isdigit():
+            forms = "tcp:, udp:, unix:, unix-dgram: or unix-seqpacket:"
+            raise ValueError(f"unknown address family '{prefix}'; expected {forms} or HOST:PORT for tcp")
+        family, rest = "tcp", text
+    if family not in ("tcp", "udp"):
+        return Address(family, None, None, _unix_path(family, rest))
+    host, colon, port = rest.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not colon or not host or (":" in host and not bracketed):
+        raise ValueError(
+            f"expected HOST:PORT with an IP address like {family}:127.0.0.1:80 or {family}:[::1]:80, got '{rest}'"
+        )
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address like 127.0.0.1 or [::1], got '{host}' (host names are not resolved)"
+        ) from None
+    if bracketed and ip.version == 4:
+        raise ValueError(f"brackets are for IPv6 addresses only; write {family}:{host}:{port}")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError(f"expected a port from 0 to 65535, got '{port}'")
+    return Address(family, str(ip), int(port), None)
+
+
+def _unix_path(family: str, path: str) -> str:
+    if path.startswith("/"):
+        path = _normpath(path)
+    elif path == "@" or not path.startswith("@") or "\0" in path:
+        raise ValueError(f"expected an absolute path or @name after '{family}:', got '{path}'")
+    if (size := len(os.fsencode(path))) >= 108:
+        raise ValueError(f"expected a unix socket path shorter than 108 bytes, got {size} bytes")
+    return path
+
+
+def _normpath(path: str) -> str:
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+_DURATION = re.compile(r"([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*(us|µs|ms|s|m|h)?")
+_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `"100ms"`, `"1.5s"`, `"2m"`, `"1h"`, `"250us"` or a plain number of seconds."""
+    if isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        seconds = float(match[1]) * _SECONDS[match[2]]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(
+            f"expected a duration like '100ms', '1.5s', '2m' or a number of seconds, got {_describe(value)}"
+        )
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"expected a duration of zero or more, got {_describe(value)}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path
+    target: str
+    readonly: bool
+    line: int
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    file: Path
+    line: int
+    command: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...]
+    workdir: str
+    hostname: str
+    restart: Restart
+    restart_delay: float
+    stop_signal: int
+    stop_timeout: float
+    mounts: tuple[Mount, ...]
+    uses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Socket:
+    name: str
+    file: Path
+    line: int
+    service: str
+    listen: tuple[Address, ...]
+    fdname: str
+    backlog: int
+    mode: int
+    reuseport: bool
+
+
+@dataclass(frozen=True)
+class Stack:
+    folder: Path
+    name: str
+    services: tuple[Service, ...]
+    sockets: tuple[Socket, ...]
+
+    def service(self, name: str) -> Service:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(f"no service '{name}' in stack '{self.name}'")
+
+    def sockets_of(self, service: str) -> tuple[Socket, ...]:
+        """The sockets feeding `service`, by socket name: the order of its fds from 3 on."""
+        return tuple(sock for sock in self.sockets if sock.service == service)
+
+
+# --- values: a parser takes a node and the spec folder, and raises _Invalid with all problems of the value
+
+_Problem = tuple[Node, str, str]  # node at fault, key path below the parsed key, message
+_Parser = Callable[[Node, Path], Any]
+_T = TypeVar("_T")
+
+
+class _Invalid(Exception):
+    def __init__(self, *problems: _Problem) -> None:
+        super().__init__(problems)
+        self.problems = list(problems)
+
+
+def _fail(node: Node, message: str) -> _Invalid:
+    return _Invalid((node, "", message))
+
+
+def _under(prefix: str, problems: Iterable[_Problem]) -> list[_Problem]:
+    return [(node, prefix + key, message) for node, key, message in problems]
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _value(node: Node) -> object:
+    try:
+        return SafeConstructor().construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError) as error:
+        problem = error.problem if isinstance(error, yaml.MarkedYAMLError) else error
+        raise _fail(node, f"cannot read this value: {problem}") from None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if value is None or isinstance(value, (list, dict)):
+        return "nothing" if value is None else "a list" if isinstance(value, list) else "a mapping"
+    return repr(value) if isinstance(value, (int, float, str)) else f"a {type(value).__name__}"
+
+
+def _scalar(convert: Callable[[object], object]) -> _Parser:
+    """A parser from a function of the plain value that raises ValueError saying what it expected."""
+
+    def parse(node: Node, folder: Path) -> object:
+        try:
+            return convert(_value(node))
+        except ValueError as error:
+            raise _fail(node, str(error)) from None
+
+    return parse
+
+
+def _checked(test: Callable[[Any], object], expected: str, convert: Callable[[Any], object] = lambda v: v) -> _Parser:
+    def check(value: object) -> object:
+        if test(value):
+            return convert(value)
+        raise ValueError(f"expected {expected}, got {_describe(value)}")
+
+    return _scalar(check)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_NAME_RULE = "1 to 63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit (names become cgroup and file names)"
+_HOSTNAME = re.compile(r"(?=.{1,64}$)([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.|$))+")
+_name = _checked(lambda v: isinstance(v, str) and _NAME.fullmatch(v), f"a name of {_NAME_RULE}")
+_hostname = _checked(
+    lambda v: isinstance(v, str) and _HOSTNAME.fullmatch(v),
+    "a hostname of letters, digits, '-' and '.', at most 64 long",
+)
+_absolute = _checked(
+    lambda v: isinstance(v, str) and v.startswith("/") and "\0" not in v, "an absolute path", _normpath
+)
+_boolean = _checked(lambda v: isinstance(v, bool), "true or false")
+_restart = _checked(  # `v is False` because YAML 1.1 reads an unquoted `no` as false
+    lambda v: v in get_args(Restart) or v is False, "one of: no, on-failure, always", lambda v: v or "no"
+)
+_backlog = _checked(lambda v: _is_int(v) and 1 <= v <= 65535, "a backlog from 1 to 65535")
+_fdname = _checked(
+    lambda v: isinstance(v, str) and re.fullmatch(r"[ -9;-~]{1,255}", v),
+    "an fd name of 1 to 255 printable ASCII characters without ':'",
+)
+_address = _checked(
+    lambda v: isinstance(v, str), "an address like 'unix:/run/app.sock' or 'tcp:127.0.0.1:80'", parse_address
+)
+
+
+def _signal_number(value: object) -> int:
+    if isinstance(value, str) and (name := "SIG" + value.upper().removeprefix("SIG")) in signal.Signals.__members__:
+        return int(signal.Signals[name])
+    if _is_int(value) and value in signal.valid_signals():
+        return value
+    raise ValueError(f"expected a signal name like 'SIGTERM' or 'TERM', or a signal number, got {_describe(value)}")
+
+
+def _mode(value: object) -> int:
+    if isinstance(value, str) and (match := re.fullmatch(r"(?:0o?)?([0-7]{1,3})", value)):
+        return int(match[1], 8)
+    if _is_int(value) and 0 <= value <= 0o777:
+        return value
+    hint = " (a number without a leading 0 is decimal; write '0666')" if _is_int(value) else ""
+    raise ValueError(f"expected a file mode from 0 to 0777 like '0660' or 0o660, got {_describe(value)}{hint}")
+
+
+def _list(parse: Callable[[Node, Path], _T], what: str, single: bool = False) -> Callable[[Node, Path], tuple[_T, ...]]:
+    """A parser for a list of items; with `single`, one string item may also stand alone."""
+
+    def parse_list(node: Node, folder: Path) -> tuple[_T, ...]:
+        if single and isinstance(node, ScalarNode) and isinstance(_value(node), str):
+            return (parse(node, folder),)
+        if not isinstance(node, SequenceNode):
+            raise _fail(node, f"expected {what}, got {_describe(_value(node))}")
+        items, problems = [], []
+        for index, item in enumerate(node.value):
+            try:
+                items.append(parse(item, folder))
+            except _Invalid as invalid:
+                problems += _under(f"[{index}]", invalid.problems)
+        if problems:
+            raise _Invalid(*problems)
+        return tuple(items)
+
+    return parse_list
+
+
+def _text(node: Node, folder: Path) -> str:
+    """A string; a number is taken as written (`8080`, `1.10`), as it is text to the program anyway."""
+    value = str(node.value) if _is_int(number := _value(node)) or isinstance(number, float) else number
+    if not isinstance(value, str):
+        raise _fail(node, f"expected a string, got {_describe(value)}")
+    if "\0" in value:
+        raise _fail(node, "expected a string without NUL characters")
+    return value
+
+
+def _command(node: Node, folder: Path) -> tuple[str, ...]:
+    if isinstance(node, ScalarNode) and isinstance(text := _value(node), str):
+        try:
+            argv = tuple(shlex.split(text))
+        except ValueError as error:
+            raise _fail(node, f"cannot split the command into words: {str(error).lower()}") from None
+    else:
+        argv = _list(_text, "a list of strings or a string")(node, folder)
+    if not argv or not argv[0]:
+        raise _fail(node, "expected a program to run, got an empty command")
+    return argv
+
+
+def _entries(node: Node, expected: str) -> tuple[dict[str, tuple[Node, Node]], list[_Problem]]:
+    """The keys of a mapping node in order; a repeated key is a problem and the first one counts."""
+    if not isinstance(node, MappingNode):
+        raise _fail(node, f"expected {expected}, got {_describe(_value(node))}")
+    entries: dict[str, tuple[Node, Node]] = {}
+    problems: list[_Problem] = []
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        if not isinstance(key_node, ScalarNode):
+            problems.append((key_node, "", f"expected a plain key, got {_describe(_value(key_node))}"))
+        elif key in entries:
+            problems.append((key_node, f".{key}", f"duplicate key '{key}' (also at line {_line(entries[key][0])})"))
+        else:
+            entries[key] = (key_node, value_node)
+    return entries, problems
+
+
+def _environment(node: Node, folder: Path) -> tuple[tuple[str, str], ...]:
+    entries, problems = _entries(node, "a mapping of variable names to values")
+    pairs = []
+    for key, (key_node, value_node) in entries.items():
+        if not key or "=" in key or "\0" in key:
+            problems.append((key_node, f".{key}", f"expected a variable name without '=', got '{key}'"))
+        try:
+            pairs.append((key, _text(value_node, folder)))
+        except _Invalid as invalid:
+            problems += _under(f".{key}", invalid.problems)
+    if problems:
+        raise _Invalid(*problems)
+    return tuple(pairs)
+
+
+def _source(node: Node, folder: Path) -> Path:
+    path = Path(os.path.normpath(folder / (text := _text(node, folder))))
+    if not os.path.exists(path):
+        raise _fail(node, f"mount source '{text}' does not exist (looked for {path})")
+    return path
+
+
+@dataclass(frozen=True)
+class _Required:
+    hint: str  # what to write, for the message about the missing key
+
+
+@dataclass(frozen=True)
+class _Key:
+    parse: _Parser
+    default: object  # a value, _Required, or _UNIT_NAME
+
+
+_UNIT_NAME = object()
+
+
+def _read_keys(node: Node, table: Mapping[str, _Key], folder: Path, what: str) -> tuple[dict[str, Any], list[_Problem]]:
+    """The parsed values of the keys present, and the problems of all keys, unknown and missing ones too."""
+    entries, problems = _entries(node, what)
+    values: dict[str, Any] = {}
+    for key, (key_node, value_node) in entries.items():
+        if key not in table:
+            close = difflib.get_close_matches(key, list(table), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(table)}"
+            problems.append((key_node, f".{key}", f"unknown key '{key}'; {hint}"))
+            continue
+        try:
+            values[key] = table[key].parse(value_node, folder)
+        except _Invalid as invalid:
+            problems += _under(f".{key}", invalid.problems)
+    for key, spec in table.items():
+        if key not in entries and isinstance(spec.default, _Required):
+            problems.append((node, f".{key}", f"missing key '{key}'; expected {spec.default.hint}"))
+    return values, problems
+
+
+def _with_defaults(values: dict[str, Any], table: Mapping[str, _Key], name: str) -> dict[str, Any]:
+    return {key: values.get(key, name if spec.default is _UNIT_NAME else spec.default) for key, spec in table.items()}
+
+
+_MOUNT_KEYS = {
+    "source": _Key(_source, _Required("a path on the host, absolute or relative to the spec folder")),
+    "target": _Key(_absolute, _Required("an absolute path inside the sandbox")),
+    "readonly": _Key(_boolean, True),
+}
+
+
+def _mount(node: Node, folder: Path) -> Mount:
+    values, problems = _read_keys(node, _MOUNT_KEYS, folder, "a mapping with source, target and readonly")
+    if problems:
+        raise _Invalid(*problems)
+    return Mount(line=_line(node), **_with_defaults(values, _MOUNT_KEYS, ""))
+
+
+def _listen(node: Node, folder: Path) -> tuple[Address, ...]:
+    if addresses := _list(_address, "an address or a list of addresses", single=True)(node, folder):
+        return addresses
+    raise _fail(node, "expected at least one address")
+
+
+_SERVICE_KEYS = {
+    "command": _Key(_command, _Required("the program to run, as a list of strings or a string")),
+    "environment": _Key(_environment, ()),
+    "workdir": _Key(_absolute, "/"),
+    "hostname": _Key(_hostname, _UNIT_NAME),
+    "restart": _Key(_restart, "on-failure"),
+    "restart_delay": _Key(_scalar(parse_duration), 0.1),
+    "stop_signal": _Key(_scalar(_signal_number), int(signal.SIGTERM)),
+    "stop_timeout": _Key(_scalar(parse_duration), 10.0),
+    "mounts": _Key(_list(_mount, "a list of mappings with source, target and readonly"), ()),
+    "uses": _Key(_list(_name, "a socket name or a list of them", single=True), ()),
+}
+_SOCKET_KEYS = {
+    "service": _Key(_name, _UNIT_NAME),
+    "listen": _Key(_listen, _Required("an address like 'unix:/run/app.sock' or 'tcp:127.0.0.1:80', or a list")),
+    "fdname": _Key(_fdname, _UNIT_NAME),
+    "backlog": _Key(_backlog, socket.SOMAXCONN),
+    "mode": _Key(_scalar(_mode), 0o666),
+    "reuseport": _Key(_boolean, False),
+}
+_KINDS: dict[str, tuple[type[Service | Socket], dict[str, _Key]]] = {
+    "service": (Service, _SERVICE_KEYS),
+    "socket": (Socket, _SOCKET_KEYS),
+}
+
+
+# --- files and units
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A unit as read from its document; `unit` is None when the document has problems."""
+
+    kind: str
+    name: str | None
+    file: Path
+    lines: dict[str, int]  # key path ("listen[1]") -> line; "" -> the document's line
+    unit: Service | Socket | None
+
+    def key(self, key: str, index: int) -> str:
+        return f"{key}[{index}]" if f"{key}[{index}]" in self.lines else key
+
+    def where(self, key: str) -> str:
+        return f"{self.file.name}:{self.lines.get(key, self.lines[''])}"
+
+    def error(self, key: str, message: str) -> SpecError:
+        return SpecError(self.file, self.lines.get(key, self.lines[""]), key, message)
+
+
+def load_stack(folder: Path) -> Stack:
+    """Read every spec file of `folder`; raise SpecErrors with all problems found, or return the stack."""
+    root = Path(folder).resolve()
+    errors: list[SpecError] = []
+    found: list[_Found] = []
+    for file in _spec_files(root):
+        errors += _load_file(file, found)
+    errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
+    if errors:
+        raise SpecErrors(errors)
+    units = sorted((f.unit for f in found if f.unit is not None), key=lambda unit: unit.name)
+    services = tuple(unit for unit in units if isinstance(unit, Service))
+    return Stack(root, root.name, services, tuple(unit for unit in units if isinstance(unit, Socket)))
+
+
+def _spec_files(folder: Path) -> list[Path]:
+    try:
+        paths = sorted(folder.iterdir())
+    except FileNotFoundError:
+        message = "spec folder does not exist"
+    except OSError as error:
+        message = f"cannot read the spec folder: {error.strerror}"
+    else:
+        if files := [p for p in paths if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()]:
+            return files
+        message = "no spec files (*.yaml, *.yml) in this folder"
+    raise SpecErrors([SpecError(folder, 0, "", message)])
+
+
+def _load_file(file: Path, found: list[_Found]) -> list[SpecError]:
+    """Append the units of `file` to `found`; return its problems."""
+    try:
+        documents = list(yaml.compose_all(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+    except OSError as error:
+        return [SpecError(file, 0, "", f"cannot read the file: {error.strerror}")]
+    except UnicodeDecodeError as error:
+        return [SpecError(file, 0, "", f"expected UTF-8 text, got byte 0x{error.object[error.start]:02x}")]
+    except yaml.MarkedYAMLError as error:
+        mark, context = error.problem_mark or error.context_mark, f" ({error.context})" if error.context else ""
+        return [SpecError(file, mark.line + 1 if mark else 0, "", f"invalid YAML: {error.problem or error}{context}")]
+    except yaml.YAMLError as error:
+        return [SpecError(file, 0, "", f"invalid YAML: {str(error).splitlines()[0]}")]
+    documents = [node for node in documents if node.tag != "tag:yaml.org,2002:null"]
+    problems: list[_Problem] = []
+    kinds: list[str | None] = []
+    for node in documents:
+        try:
+            kinds.append(_kind(node))
+        except _Invalid as invalid:
+            problems += invalid.problems
+            kinds.append(None)
+    for node, kind in zip(documents, kinds):
+        if kind is not None and isinstance(node, MappingNode):
+            problems += _load_unit(node, kind, file, kinds.count(kind), found)
+    return [SpecError(file, _line(node), key.lstrip("."), message) for node, key, message in problems]
+
+
+def _kind(node: Node) -> str:
+    expected = "expected one of: service, socket"
+    if not isinstance(node, MappingNode):
+        raise _fail(
+            node, f"expected a unit, a mapping with 'kind: service' or 'kind: socket', got {_describe(_value(node))}"
+        )
+    for key_node, value_node in node.value:
+        if key_node.value == "kind":
+            if isinstance(kind := _value(value_node), str) and kind in _KINDS:
+                return kind
+            note = " (network units are not supported yet)" if kind == "network" else ""
+            raise _Invalid((value_node, "kind", f"unknown kind {_describe(kind)}{note}; {expected}"))
+    raise _Invalid((node, "kind", f"missing key 'kind'; {expected}"))
+
+
+def _load_unit(node: MappingNode, kind: str, file: Path, count: int, found: list[_Found]) -> list[_Problem]:
+    cls, keys = _KINDS[kind]
+    default_name: object = file.stem
+    if count > 1:
+        default_name = _Required(f"a name, since {file.name} holds more than one {kind}")
+    elif not _NAME.fullmatch(file.stem):
+        default_name = _Required(f"a name, since the file name '{file.stem}' is not a valid one")
+    table = {"kind": _Key(lambda node, folder: kind, kind), "name": _Key(_name, default_name), **keys}
+    values, problems = _read_keys(node, table, file.parent, "a mapping")
+    name = values.get("name", default_name)
+    name = name if isinstance(name, str) else None
+    unit = None
+    if name is not None and not problems:
+        unit = cls(name=name, file=file, line=_line(node), **_with_defaults(values, keys, name))
+    lines = {"": _line(node)}
+    for key_node, value_node in node.value:
+        lines.setdefault(str(key_node.value), _line(value_node))
+        for index, item in enumerate(value_node.value if isinstance(value_node, SequenceNode) else ()):
+            lines.setdefault(f"{key_node.value}[{index}]", _line(item))
+    found.append(_Found(kind, name, file, lines, unit))
+    return problems
+
+
+# --- checks between units: they name units with problems of their own, but look inside valid ones only
+
+
+def _first_of_each(found: list[_Found], kind: str) -> dict[str, _Found]:
+    first: dict[str, _Found] = {}
+    for unit in found:
+        if unit.kind == kind and unit.name is not None:
+            first.setdefault(unit.name, unit)
+    return first
+
+
+def _suggest(name: str, known: Iterable[str], kinds: str) -> str:
+    if close := difflib.get_close_matches(name, list(known), n=1):
+        return f"; did you mean '{close[0]}'?"
+    return f"; {kinds} in this folder: {', '.join(sorted(known))}" if known else f"; this folder has no {kinds}"
+
+
+def _duplicate_names(found: list[_Found]) -> list[SpecError]:
+    firsts = {kind: _first_of_each(found, kind) for kind in _KINDS}
+    duplicates = [(unit, firsts[unit.kind][unit.name]) for unit in found if unit.name is not None]
+    return [
+        unit.error("name", f"duplicate {unit.kind} '{unit.name}' (also defined at {first.where('name')})")
+        for unit, first in duplicates
+        if first is not unit
+    ]
+
+
+def _missing_services(found: list[_Found]) -> list[SpecError]:
+    services = _first_of_each(found, "service")
+    return [
+        unit.error("service", f"no service '{name}' to pass this socket to{_suggest(name, services, 'services')}")
+        for unit in found
+        if isinstance(unit.unit, Socket) and (name := unit.unit.service) not in services
+    ]
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    if not (a.is_inet and b.is_inet):
+        return a.path is not None and a.path == b.path
+    if a.family != b.family or a.port != b.port or a.port == 0:
+        return False
+    host_a, host_b = ipaddress.ip_address(a.host or ""), ipaddress.ip_address(b.host or "")
+    return host_a.version == host_b.version and (host_a == host_b or host_a.is_unspecified or host_b.is_unspecified)
+
+
+def _address_clashes(found: list[_Found]) -> list[SpecError]:
+    seen: list[tuple[_Found, str, Address]] = []
+    errors = []
+    for unit in found:
+        for index, address in enumerate(unit.unit.listen if isinstance(unit.unit, Socket) else ()):
+            key = unit.key("listen", index)
+            for other, other_key, other_address in seen:
+                if _overlap(address, other_address):
+                    verb = "is already used by" if address == other_address else f"overlaps {other_address} of"
+                    owner = f"{other_key} of this socket" if other is unit else f"socket '{other.name}'"
+                    errors.append(unit.error(key, f"{address} {verb} {owner} ({other.where(other_key)})"))
+                    break
+            seen.append((unit, key, address))
+    return errors
+
+
+_NO_INET = (
+    "services are in private network namespaces; using a tcp/udp socket needs a shared network, "
+    "which is not supported yet — use a unix socket"
+)
+_NO_ABSTRACT = (
+    "abstract sockets belong to the host's network namespace and cannot be reached from a sandbox; use a path"
+)
+
+
+def _bad_uses(found: list[_Found]) -> list[SpecError]:
+    sockets = _first_of_each(found, "socket")
+    errors = []
+    for unit in found:
+        for index, name in enumerate(unit.unit.uses if isinstance(unit.unit, Service) else ()):
+            key, used = unit.key("uses", index), sockets.get(name)
+            if used is None:
+                errors.append(unit.error(key, f"no socket '{name}' to use{_suggest(name, sockets, 'sockets')}"))
+            for address in used.unit.listen if used and isinstance(used.unit, Socket) else ():
+                if address.is_inet or address.is_abstract:
+                    why = _NO_INET if address.is_inet else _NO_ABSTRACT
+                    errors.append(unit.error(key, f"socket '{name}' listens on {address}: {why}"))
+    return errors

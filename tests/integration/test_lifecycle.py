@@ -1,0 +1,289 @@
+"""Sockets, parallel start, restarts and stop, against real sandboxes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from conftest import Stack, write
+
+ACTIVATION_PROBE = r'''
+import json, os, socket
+fds = []
+for i in range(int(os.environ["LISTEN_FDS"])):
+    s = socket.socket(fileno=3 + i)
+    fds.append({"fd": 3 + i, "family": s.family.name, "type": s.type.name, "name": str(s.getsockname())})
+print("ACTIVATION " + json.dumps({
+    "getpid": os.getpid(),
+    "LISTEN_PID": os.environ.get("LISTEN_PID"),
+    "LISTEN_FDS": os.environ.get("LISTEN_FDS"),
+    "LISTEN_FDNAMES": os.environ.get("LISTEN_FDNAMES"),
+    "fds": fds,
+    "open": sorted(int(f) for f in os.listdir("/proc/self/fd")),
+}), flush=True)
+import time; time.sleep(600)
+'''
+
+
+def test_socket_activation_protocol_as_libsystemd_checks_it(run_stack, spec_dir: Path, socket_dir: Path):
+    write(spec_dir, "probe.py", ACTIVATION_PROBE)
+    write(
+        spec_dir,
+        "svc.yaml",
+        f"""
+        kind: service
+        command: [python3, /t/probe.py]
+        mounts: [{{source: ., target: /t}}]
+        ---
+        kind: socket
+        name: svc
+        listen: [tcp:127.0.0.1:0, "udp:[::1]:0"]
+        ---
+        kind: socket
+        name: admin
+        service: svc
+        fdname: control
+        listen: unix:{socket_dir}/admin.sock
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_for("ACTIVATION ", "out")
+    seen = json.loads(next(l for l in stack.lines("svc") if l.startswith("ACTIVATION "))[len("ACTIVATION "):])
+    assert stack.stop() == 0
+    # sd_listen_fds(3): LISTEN_PID must equal getpid() as the service sees it.
+    assert seen["LISTEN_PID"] == str(seen["getpid"])
+    assert seen["LISTEN_FDS"] == "3"
+    # Documented order: socket units by name (admin < svc), then listen entries as written.
+    assert seen["LISTEN_FDNAMES"] == "control:svc:svc"
+    assert [(f["fd"], f["family"], f["type"]) for f in seen["fds"]] == [
+        (3, "AF_UNIX", "SOCK_STREAM"),
+        (4, "AF_INET", "SOCK_STREAM"),
+        (5, "AF_INET6", "SOCK_DGRAM"),
+    ]
+    assert seen["fds"][0]["name"] == f"{socket_dir}/admin.sock"
+    # Nothing else of sandboxd's leaks into the service (3 fds for sockets, 0-2, and the one listdir opens).
+    assert len(seen["open"]) == 7
+
+
+CRASHY = r'''
+import os, socket, sys
+sock = socket.socket(fileno=3)
+for served in range(3):
+    conn, _ = sock.accept()
+    conn.sendall(b"served by %d\n" % os.getpid())
+    conn.close()
+sys.exit(1)  # crash after every third connection
+'''
+
+
+def test_socket_survives_service_crash_and_every_connection_is_answered(run_stack, spec_dir: Path):
+    write(spec_dir, "crashy.py", CRASHY)
+    write(
+        spec_dir,
+        "crashy.yaml",
+        """
+        kind: service
+        command: [python3, /t/crashy.py]
+        restart: on-failure
+        restart_delay: 50ms
+        mounts: [{source: ., target: /t}]
+        ---
+        kind: socket
+        listen: tcp:127.0.0.1:0
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_up()
+    port = int(stack.wait_for("tcp:127.0.0.1:", "err").split("tcp:127.0.0.1:")[1].split()[0])
+    answers = []
+    for _ in range(9):  # three crashes; connections made while the service is down wait in the queue
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            answers.append(c.makefile().readline())
+    assert all(a.startswith("served by") for a in answers), answers
+    stack.wait_for("restart #2", "err")
+    assert stack.stop() == 0
+    assert "crashy: running -> backoff: exited with code 1" in stack.err
+
+
+READY_LOGGER = r'''
+import socket, sys, time
+print("start", time.monotonic(), flush=True)
+time.sleep(0.4)
+sock = socket.socket(fileno=3)
+print("ready", time.monotonic(), flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.sendall(b"ok\n")
+    conn.close()
+'''
+
+
+def test_all_services_launched_before_any_became_ready(run_stack, spec_dir: Path, socket_dir: Path):
+    write(spec_dir, "svc.py", READY_LOGGER)
+    for i in range(6):
+        write(
+            spec_dir,
+            f"s{i}.yaml",
+            f"""
+            kind: service
+            command: [python3, /t/svc.py]
+            mounts: [{{source: ., target: /t}}]
+            ---
+            kind: socket
+            listen: unix:{socket_dir}/s{i}.sock
+            """,
+        )
+    stack = run_stack(spec_dir)
+    for i in range(6):
+        stack.wait_for(f"s{i} | ready", "out")
+    starts = [float(l.split()[1]) for i in range(6) for l in stack.lines(f"s{i}") if l.startswith("start")]
+    readies = [float(l.split()[1]) for i in range(6) for l in stack.lines(f"s{i}") if l.startswith("ready")]
+    assert len(starts) == 6 and len(readies) == 6
+    # Structural, not a timing threshold: every service had started before the first was ready.
+    assert max(starts) < min(readies)
+    assert stack.stop() == 0
+
+
+def test_client_connecting_before_service_is_ready_waits_and_is_answered(run_stack, spec_dir: Path, socket_dir: Path):
+    write(spec_dir, "svc.py", READY_LOGGER)
+    write(
+        spec_dir,
+        "slow.yaml",
+        f"""
+        kind: service
+        command: [python3, /t/svc.py]
+        mounts: [{{source: ., target: /t}}]
+        ---
+        kind: socket
+        listen: unix:{socket_dir}/slow.sock
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_up()
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(10)
+    c.connect(str(socket_dir / "slow.sock"))  # before the service called accept
+    connected_at = time.monotonic()
+    assert c.makefile().readline() == "ok\n"
+    c.close()
+    ready_at = float(next(l for l in stack.lines("slow") if l.startswith("ready")).split()[1])
+    assert connected_at < ready_at
+    assert stack.stop() == 0
+
+
+def test_program_with_default_signal_handling_stops_on_sigterm(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "sleeper.yaml",
+        """
+        kind: service
+        command: sleep 1000
+        stop_timeout: 60
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_up()
+    assert stack.stop() == 0
+    assert "sleeper: stopping -> stopped: killed by SIGTERM" in stack.err
+    assert "did not stop within" not in stack.err
+
+
+def test_service_that_forks_many_processes_is_killed_as_one(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "forker.yaml",
+        """
+        kind: service
+        command: [sh, -c, "trap '' TERM; for i in $(seq 20); do sleep 1000 & done; echo forked; wait"]
+        stop_timeout: 300ms
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_for("forker | forked", "out")
+    procs = Path("/sys/fs/cgroup/unified/sandboxd/stack/forker/cgroup.procs")
+    pids = procs.read_text().split()
+    assert len(pids) == 22  # init, sh and twenty sleeps, all in the service's cgroup
+    assert stack.stop() == 0
+    assert "forker: did not stop within 0.3 s; killing its cgroup" in stack.err
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_restarts_give_up_after_five_failures_while_others_keep_running(run_stack, spec_dir: Path):
+    write(spec_dir, "bad.yaml", "kind: service\ncommand: [sh, -c, 'exit 3']\nrestart_delay: 10ms\n")
+    write(spec_dir, "good.yaml", "kind: service\ncommand: [sh, -c, 'echo alive; exec sleep 1000']\n")
+    stack = run_stack(spec_dir)
+    stack.wait_for("gave up after 5 restarts within 10 s", "err")
+    assert stack.proc.poll() is None  # good still runs, so the stack stays up
+    assert "good: running ->" not in stack.err
+    assert stack.lines("good") == ["alive"]
+    assert stack.stop() == 0
+    assert "bad: starting -> failed: exited with code 3; gave up" in stack.err
+
+
+def test_stack_exits_when_every_service_is_done(run_stack, spec_dir: Path):
+    write(spec_dir, "once.yaml", "kind: service\ncommand: [echo, done once]\nrestart: 'no'\n")
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 0
+    assert "once | done once" in stack.out
+
+
+def test_sandboxd_killed_takes_its_services_with_it_and_next_run_cleans_up(run_stack, spec_dir: Path, tmp_path: Path):
+    write(spec_dir, "sleeper.yaml", "kind: service\ncommand: sleep 1000\n")
+    stack = run_stack(spec_dir)
+    stack.wait_up()
+    pids = Path("/sys/fs/cgroup/unified/sandboxd/stack/sleeper/cgroup.procs").read_text().split()
+    assert pids
+    stack.proc.send_signal(signal.SIGKILL)
+    stack.proc.wait()
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids), "a service outlived sandboxd"
+    assert Path("/run/sandboxd/stack/state.json").exists()  # what the dead run left, recorded
+    other = tmp_path / "other"
+    other.mkdir()
+    write(other, "once.yaml", "kind: service\ncommand: 'true'\nrestart: 'no'\n")
+    assert Stack(other).wait_exit() == 0  # a later run removes what the dead one left
+
+
+def test_invalid_spec_exits_2_and_creates_nothing(spec_dir: Path):
+    import subprocess
+    import sys
+
+    write(spec_dir, "bad.yaml", "kind: service\ncomand: [true]\n")
+    result = subprocess.run([sys.executable, "-m", "sandboxd", "up", str(spec_dir)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "bad.yaml:2: comand: unknown key 'comand'; did you mean 'command'?" in result.stderr
+    assert not Path("/run/sandboxd").exists()
+
+
+def test_unix_socket_is_visible_to_its_client_through_uses(run_stack, spec_dir: Path, socket_dir: Path):
+    write(
+        spec_dir,
+        "server.yaml",
+        f"""
+        kind: service
+        command: [python3, -c, "import socket; s = socket.socket(fileno=3)\\nwhile True:\\n c, _ = s.accept(); c.sendall(b'pong'); c.close()"]
+        ---
+        kind: socket
+        listen: unix:{socket_dir}/server.sock
+        """,
+    )
+    write(
+        spec_dir,
+        "client.yaml",
+        f"""
+        kind: service
+        uses: [server]
+        restart: 'no'
+        command: [python3, -c, "import socket; c = socket.socket(socket.AF_UNIX); c.connect('{socket_dir}/server.sock'); print('got', c.recv(10).decode())"]
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_for("client | got pong", "out")
+    assert stack.stop() == 0

@@ -213,7 +213,8 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         os.setsid()
         _build_root(request["root"], plan.mounts, step)
         step.name = "set hostname"
-        socket.sethostname(plan.hostname)
+        if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
+            socket.sethostname(plan.hostname)
         step.name = "bring up lo"
         _set_loopback_up()
         step.name = "set up descriptors"

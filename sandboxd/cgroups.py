@@ -78,8 +78,7 @@ def detect(
     if own is None:
         raise HostError("this process has no cgroup2 entry in /proc/self/cgroup", "check that cgroup2 is mounted")
     own = own.strip() or "/"
-    if own.endswith(" (deleted)"):
-        own = own[: -len(" (deleted)")]
+    own = own.removesuffix(" (deleted)")
     return CgroupHost(mode, v2, own)
 
 

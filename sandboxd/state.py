@@ -74,7 +74,7 @@ def remove_recorded(directory: Path) -> None:
 
 def clean_stale(root: Path = RUNTIME_ROOT) -> list[str]:
     """Remove what dead runs left behind; returns the instance names cleaned."""
-    cleaned = []
+    cleaned: list[str] = []
     if not root.is_dir():
         return cleaned
     for directory in root.iterdir():

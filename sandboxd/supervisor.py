@@ -271,15 +271,15 @@ class Supervisor:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         message = json.loads(data)
-        launch_id = message.get("exit", message.get("failed"))
-        rt = self.by_launch.pop(launch_id, None)
-        if rt is None:
+        launch_id: int = message.get("exit", message.get("failed"))
+        launched = self.by_launch.pop(launch_id, None)
+        if launched is None:
             return
         if "failed" in message:
-            rt.launch_error = LaunchError(rt.spec.name, "fork", message["detail"])
-            self._on_exit(rt, 127 << 8)
+            launched.launch_error = LaunchError(launched.spec.name, "fork", message["detail"])
+            self._on_exit(launched, 127 << 8)
         else:
-            self._on_exit(rt, message["status"])
+            self._on_exit(launched, message["status"])
 
     def _on_exit(self, rt: ServiceRuntime, status: int) -> None:
         if rt.channel is not None:

@@ -1,0 +1,134 @@
+"""plan: what each sandbox gets, computed without root."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sandboxd.errors import SpecErrors
+from sandboxd.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
+from sandboxd.plan import HostFacts, LaunchPlan, plan_stack
+from sandboxd.spec import load_stack
+
+FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
+HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr"}
+
+
+def host_exists(path: str) -> bool:
+    return path in HOST_PATHS
+
+
+def plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "stack.yaml").write_text(textwrap.dedent(text).lstrip())
+    return plan_stack(load_stack(tmp_path), FACTS, exists=host_exists, is_dir=lambda p: not p.endswith(".sock"))
+
+
+def test_descriptors_follow_socket_unit_names_then_listen_order(tmp_path):
+    p = plans(
+        tmp_path,
+        """
+        kind: service
+        name: api
+        command: [serve]
+        ---
+        kind: socket
+        name: zeta
+        service: api
+        listen: [tcp:127.0.0.1:1, tcp:127.0.0.1:2]
+        ---
+        kind: socket
+        name: alpha
+        service: api
+        fdname: admin
+        listen: unix:/run/x/admin.sock
+        """,
+    )["api"]
+    assert p.fd_sockets == (("alpha", 0), ("zeta", 0), ("zeta", 1))
+    assert p.fd_names == ("admin", "zeta", "zeta")
+    env = dict(p.env)
+    assert env["LISTEN_FDS"] == "3"
+    assert env["LISTEN_PID"] == "2"  # the service is the first child of the sandbox's init
+    assert env["LISTEN_FDNAMES"] == "admin:zeta:zeta"
+
+
+def test_service_without_sockets_gets_no_listen_variables(tmp_path):
+    env = dict(plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"].env)
+    assert not any(key.startswith("LISTEN_") for key in env)
+    assert env["PATH"].startswith("/usr/local/sbin:")
+
+
+def test_spec_environment_overrides_default_path(tmp_path):
+    env = dict(plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nenvironment: {PATH: /bin, A: b}\n")["a"].env)
+    assert env == {"PATH": "/bin", "A": "b"}
+
+
+def test_init_runs_the_command_after_double_dash(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: -weird --flags\n")["a"]
+    assert p.argv == ("/opt/sandboxd/bin/dumb-init", "--", "-weird", "--flags")
+
+
+def test_every_service_gets_mount_uts_ipc_and_net_namespaces(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"]
+    assert p.clone_flags == CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET
+
+
+def test_existing_targets_use_the_host_root_bound_read_only(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /srv/data}]\n")["a"]
+    kinds = [(m.kind, m.target) for m in p.mounts]
+    assert kinds == [("rbind-root", "/"), ("proc", "/proc"), ("dev", "/dev"), ("tmpfs", "/tmp"), ("tmpfs", "/run"), ("bind", "/srv/data")]
+    assert p.mounts[-1].readonly is True
+    assert p.mounts[-1].source == str(tmp_path / "data")
+
+
+def test_new_top_level_target_builds_the_root_on_a_tmpfs(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /app/data, readonly: false}]\n")["a"]
+    assert (p.mounts[0].kind, p.mounts[1].kind, p.mounts[1].target, p.mounts[1].options) == ("tmpfs-root", "mountpoint", "/app", "dir")
+    assert p.mounts[-1].readonly is False
+
+
+def test_target_below_an_existing_read_only_directory_is_an_error(tmp_path):
+    with pytest.raises(SpecErrors) as e:
+        plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /etc/app}]\n")
+    (err,) = e.value.errors
+    assert (err.file.name, err.line, err.key) == ("stack.yaml", 4, "mounts[0].target")
+    assert err.message == (
+        "/etc/app does not exist in the image and /etc is read-only; "
+        "use an existing path, a new top-level directory (like /app), or a path under /tmp or /run"
+    )
+
+
+def test_mounting_over_proc_is_refused(tmp_path):
+    with pytest.raises(SpecErrors) as e:
+        plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /proc/x}]\n")
+    assert e.value.errors[0].message == "cannot mount over /proc/x: sandboxd manages it"
+
+
+def test_used_unix_socket_is_bound_writable_at_the_same_path(tmp_path):
+    p = plans(
+        tmp_path,
+        """
+        kind: service
+        name: client
+        command: [x]
+        uses: [db]
+        ---
+        kind: service
+        name: db
+        command: [y]
+        ---
+        kind: socket
+        name: db
+        listen: unix:/run/db/db.sock
+        """,
+    )
+    bind = p["client"].mounts[-1]
+    assert (bind.kind, bind.source, bind.target, bind.readonly) == ("bind", "/run/db/db.sock", "/run/db/db.sock", False)
+    assert not any(m.kind == "bind" for m in p["db"].mounts)
+
+
+def test_plan_survives_the_wire_format(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /app}]\n")["a"]
+    assert LaunchPlan.from_wire(p.to_wire()) == p

@@ -87,10 +87,12 @@ class Cgroup:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.killed = False
 
     @property
-    def procs_files(self) -> tuple[str, ...]:
-        return (str(self.path / "cgroup.procs"),)
+    def extra_procs_files(self) -> tuple[str, ...]:
+        """cgroup.procs files of other hierarchies to join besides the v2 one (v1 limits, later)."""
+        return ()
 
     def pids(self) -> list[int]:
         try:
@@ -107,6 +109,7 @@ class Cgroup:
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroup (cgroup.kill; a loop over cgroup.procs before Linux 5.14)."""
+        self.killed = True
         kill_file = self.path / "cgroup.kill"
         if kill_file.exists():
             try:
@@ -119,6 +122,17 @@ class Cgroup:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def renew(self) -> None:
+        """Give a killed cgroup a fresh directory before a process is born in it again.
+
+        Linux 6.x (seen on 6.18) kills a child that clone3 places (CLONE_INTO_CGROUP) into a cgroup
+        that was ever killed through cgroup.kill, so a cgroup is used again only if never killed.
+        """
+        if self.killed:
+            self.remove()
+            self.path.mkdir()
+            self.killed = False
 
     def remove(self, timeout: float = 5.0) -> None:
         """Kill what is left, wait until empty, and remove the directory."""

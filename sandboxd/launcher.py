@@ -204,8 +204,8 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         plan = LaunchPlan.from_wire(request["plan"])
-        step.name = "join cgroup"
-        for procs in request["cgroup_procs"]:
+        step.name = "join cgroups"
+        for procs in request["cgroup_procs"]:  # further hierarchies (v1 controllers on a hybrid host)
             with open(procs, "w") as f:
                 f.write("0")
         step.name = "create namespaces"
@@ -291,21 +291,46 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
     status_fd, output_fd, *socket_fds = fds
+    cgroup_fd = -1
     try:
-        linux.unshare(linux.CLONE_NEWPID)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                run_sandbox(request, status_fd, output_fd, socket_fds)
-        finally:
-            # Back to our own namespace for children, so the next unshare(CLONE_NEWPID) works.
-            linux.setns(own_pidns, linux.CLONE_NEWPID)
+        cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        pid = _fork_sandbox_init(cgroup_fd, own_pidns)
+        if pid == 0:
+            run_sandbox(request, status_fd, output_fd, socket_fds)
         children[pid] = request["id"]
     except OSError as e:
-        conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror}"}).encode())
+        conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
     finally:
-        for fd in fds:
-            os.close(fd)
+        for fd in [*fds, cgroup_fd]:
+            if fd >= 0:
+                os.close(fd)
+
+
+_clone3_works = True
+
+
+def _fork_sandbox_init(cgroup_fd: int, own_pidns: int) -> int:
+    """Fork the sandbox's init: pid 1 of a new pid namespace, born in its cgroup where the kernel allows."""
+    global _clone3_works
+    if _clone3_works:
+        try:
+            return linux.fork_into_cgroup(cgroup_fd, linux.CLONE_NEWPID)
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.E2BIG, errno.EINVAL):
+                raise
+            _clone3_works = False  # an older kernel: fork, then join the cgroup in the child
+    linux.unshare(linux.CLONE_NEWPID)
+    pid = -1
+    try:
+        pid = os.fork()
+        if pid == 0:
+            with open(f"/proc/self/fd/{cgroup_fd}/cgroup.procs", "w") as f:
+                f.write("0")
+        return pid
+    finally:
+        if pid != 0:
+            # Back to our own namespace for children, so the next unshare(CLONE_NEWPID) works.
+            linux.setns(own_pidns, linux.CLONE_NEWPID)
 
 
 def _reap(conn: socket.socket, children: dict[int, int]) -> None:
@@ -365,11 +390,16 @@ class ForkServer:
         self._next_id += 1
         return self._next_id
 
-    def send_launch(self, launch_id: int, plan: LaunchPlan, cgroup_procs: tuple[str, ...], root: str, output_fd: int, socket_fds: list[int]) -> socket.socket:
-        """Ask for a sandbox; returns the supervisor's end of its status channel."""
+    def send_launch(
+        self, launch_id: int, plan: LaunchPlan, cgroup: str, cgroup_procs: tuple[str, ...], root: str, output_fd: int, socket_fds: list[int]
+    ) -> socket.socket:
+        """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_procs`.
+
+        Returns the supervisor's end of its status channel.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        request = {"id": launch_id, "plan": plan.to_wire(), "cgroup_procs": list(cgroup_procs), "root": root}
+        request = {"id": launch_id, "plan": plan.to_wire(), "cgroup": cgroup, "cgroup_procs": list(cgroup_procs), "root": root}
         try:
             socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd, *socket_fds])
         finally:

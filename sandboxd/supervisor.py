@@ -221,11 +221,14 @@ class Supervisor:
         self._transition(rt, State.STARTING, "start" if rt.restarts == 0 else f"restart #{rt.restarts}")
         rt.launch_error = None
         rt.pid, rt.exec_ns = 0, 0
+        rt.cgroup.renew()
         rt.launch_id = self.fork_server.next_id()
         self.by_launch[rt.launch_id] = rt
         fds = [self.sockets[key].sock.fileno() for key in rt.plan.fd_sockets]
         rt.requested_ns = time.monotonic_ns()
-        rt.channel = self.fork_server.send_launch(rt.launch_id, rt.plan, rt.cgroup.procs_files, str(self.root_dir), rt.output_w, fds)
+        rt.channel = self.fork_server.send_launch(
+            rt.launch_id, rt.plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, str(self.root_dir), rt.output_w, fds
+        )
         asyncio.get_running_loop().add_reader(rt.channel, self._on_status, rt)
 
     def _on_status(self, rt: ServiceRuntime) -> None:
@@ -291,7 +294,8 @@ class Supervisor:
         if rt.timer is not None:
             rt.timer.cancel()
             rt.timer = None
-        rt.cgroup.kill()  # the namespace's init is gone; make sure nothing else is left either
+        if rt.cgroup.populated():
+            rt.cgroup.kill()  # the namespace's init is gone; make sure nothing else is left either
         clean, text = describe_status(status)
         if rt.launch_error is not None:
             clean, text = False, f"could not start: {rt.launch_error.step}: {rt.launch_error.detail}"

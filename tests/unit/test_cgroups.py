@@ -45,7 +45,7 @@ def test_manager_creates_and_removes_service_cgroups_in_a_fake_v2_tree(tmp_path)
     manager.setup()
     web = manager.create("web")
     assert web.path == tmp_path / "svc.scope/sandboxd/stack/web"
-    assert web.procs_files == (str(web.path / "cgroup.procs"),)
+    assert web.extra_procs_files == ()
     assert web.path.is_dir() and not web.populated()
     (web.path / "cgroup.events").write_text("populated 1\nfrozen 0\n")
     assert web.populated()

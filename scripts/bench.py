@@ -1,0 +1,596 @@
+"""Benchmark sandboxd against the same services started without isolation, in one invocation.
+
+This is a benchmark, not a test: it prints figures, ratios and the targets beside them, and
+asserts nothing. It needs root, as `sandboxd up` does. Standard library only.
+
+What is measured, and how:
+
+1. Parallel start. For each N (10, 50, 100) a temporary spec folder gets N services, each
+   `python3 /b/svc.py` (svc.py mounted read-only at /b) fed by its own unix socket unit. svc.py
+   sleeps 0.2 s, then accepts on its socket and sends every client one byte. The clock starts
+   just before `sandboxd up DIR` is spawned and stops when all N sockets have delivered their
+   byte to a client: the client connects as soon as a socket file exists (a connect failing with
+   ENOENT/ECONNREFUSED/EAGAIN is retried every 2 ms) and waits for the bytes with selectors. Then
+   sandboxd gets SIGINT; the time until it exits is the "stop" figure, and it must exit 0.
+   Baseline: a small Python launcher, spawned the same way (so both pay one interpreter start),
+   binds the N sockets itself and starts the N programs with subprocess.Popen(pass_fds), no
+   isolation. svc.py takes its socket from the fd named by SVC_FD (default 3, what sandboxd
+   gives); the launcher sets SVC_FD, LISTEN_FDS=1 and LISTEN_FDNAMES, but not LISTEN_PID, which
+   cannot be known before the spawn without a preexec_fn (svc.py does not read it). Runs
+   alternate sandboxd, baseline, ... and the median of the repetitions is reported, after one
+   unrecorded warm-up of each (page cache). The services run the same interpreter in both: the
+   `python3` found on the PATH sandboxd gives its sandboxes.
+2. Launch latency (request to exec): sandboxd prints `N services launched in T ms, median
+   launch M ms` on stderr; a 1-service stack is brought up and stopped repeatedly and the median
+   of M is reported.
+3. Memory with 100 services running (sandboxd, then separately the baseline, each until all
+   100 accept, then after a 1 s settle): sandboxd's own RSS (VmRSS of `sandboxd up` plus its fork
+   server, the direct child with the same cmdline) and PSS (smaps_rollup). Extra memory per
+   sandbox: the mean PSS of the sandbox inits (dumb-init, the children of the fork server), and
+   the sum of PSS of every process in the stack's service cgroups / N minus the sum of PSS of the
+   baseline's N programs / N.
+
+Every process started is stopped in a finally (SIGINT, then SIGKILL after 30 s), only by its
+pid (the baseline launcher also by its own process group); temporary folders are removed.
+Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SANDBOXD = Path(sys.executable).parent / "sandboxd"
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what a sandbox gets
+SERVICE_PYTHON = shutil.which("python3", path=SANDBOX_PATH) or "/usr/bin/python3"
+RUNTIME_ROOT = Path("/run/sandboxd")
+CGROUP_V2 = Path("/sys/fs/cgroup/unified") if Path("/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup")
+
+STOP_GRACE = 30.0  # SIGINT, then SIGKILL after this long
+READY_TIMEOUT = 120.0
+CONNECT_RETRY = 0.002
+SETTLE = 1.0  # before reading memory figures
+MEMORY_N = 100
+MIB = 1024.0
+
+TARGET_RATIO = {50: 1.10}
+TARGET_LATENCY_MS = 9.0
+TARGET_RSS_MIB = 40.0
+TARGET_PER_SANDBOX_MIB = 2.0
+
+SUMMARY = re.compile(r"services launched in (\d+) ms(?:, median launch ([0-9.]+) ms)?")
+
+SVC = """\
+import os, socket, time
+time.sleep(0.2)
+sock = socket.socket(fileno=int(os.environ.get("SVC_FD", "3")))
+while True:
+    conn, _ = sock.accept()
+    conn.sendall(b"!")
+    conn.close()
+"""
+
+LAUNCHER = """\
+import os, signal, socket, subprocess, sys
+python, script, *paths = sys.argv[1:]
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+socks, procs = [], []
+try:
+    for path in paths:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+        socks.append(sock)
+    for path, sock in zip(paths, socks):
+        fd = sock.fileno()
+        name = os.path.basename(path).removesuffix(".sock")
+        env = {"PATH": os.environ["PATH"], "SVC_FD": str(fd), "LISTEN_FDS": "1", "LISTEN_FDNAMES": name}
+        procs.append(subprocess.Popen([python, script], env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL))
+    while True:
+        signal.pause()
+except KeyboardInterrupt:
+    pass
+finally:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+"""
+
+problems: list[str] = []
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def problem(text: str) -> None:
+    problems.append(text)
+    note(f"  PROBLEM: {text}")
+
+
+# ───────────────────────────── stacks on disk ─────────────────────────────
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    spec_dir: Path
+    paths: tuple[str, ...]  # one unix socket per service, in service order
+
+    @property
+    def script(self) -> Path:
+        return self.spec_dir / "svc.py"
+
+
+def make_stack(root: Path, n: int) -> Stack:
+    """A spec folder of n services s0..s{n-1}, each fed by the socket root/sock-n/sI.sock."""
+    spec_dir, sock_dir = root / f"stack-{n}", root / f"sock-{n}"
+    spec_dir.mkdir()
+    sock_dir.mkdir()
+    (spec_dir / "svc.py").write_text(SVC)
+    paths = []
+    for i in range(n):
+        path = f"{sock_dir}/s{i}.sock"
+        paths.append(path)
+        (spec_dir / f"s{i}.yaml").write_text(
+            "kind: service\ncommand: python3 /b/svc.py\nmounts: [{source: ., target: /b}]\n"
+            f"---\nkind: socket\nlisten: unix:{path}\n"
+        )
+    return Stack(f"sbdbench-{n}", spec_dir, tuple(paths))
+
+
+# ───────────────────────────── processes ─────────────────────────────
+
+
+@dataclass
+class Running:
+    kind: str  # "sandboxd" or "baseline"
+    proc: subprocess.Popen[bytes]
+    started: float
+    err_file: Path
+
+    def stderr(self) -> str:
+        try:
+            return self.err_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.stderr().splitlines()[-lines:])
+
+
+def spawn(kind: str, argv: Sequence[str], logs: Path) -> Running:
+    """Start argv in a session of its own, stdin from /dev/null, output to files in `logs`."""
+    logs.mkdir(exist_ok=True)
+    stamp = f"{kind}-{time.monotonic_ns()}"
+    env = {**os.environ, "NO_COLOR": "1", "PATH": SANDBOX_PATH}
+    with open(logs / f"{stamp}.out", "wb") as out, open(logs / f"{stamp}.err", "wb") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True)
+    return Running(kind, proc, started, logs / f"{stamp}.err")
+
+
+def spawn_sandboxd(stack: Stack, logs: Path) -> Running:
+    return spawn("sandboxd", [str(SANDBOXD), "up", str(stack.spec_dir), "-p", stack.name], logs)
+
+
+def spawn_baseline(stack: Stack, logs: Path) -> Running:
+    launcher = logs.parent / "launcher.py"
+    if not launcher.exists():
+        launcher.write_text(LAUNCHER)
+    return spawn("baseline", [SERVICE_PYTHON, str(launcher), SERVICE_PYTHON, str(stack.script), *stack.paths], logs)
+
+
+def stop(run: Running) -> tuple[float, int]:
+    """SIGINT, wait (SIGKILL after STOP_GRACE); returns (seconds to exit, exit code)."""
+    started = time.monotonic()
+    if run.proc.poll() is None:
+        run.proc.send_signal(signal.SIGINT)
+    try:
+        code = run.proc.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        problem(f"{run.kind} pid {run.proc.pid} did not exit within {STOP_GRACE:g} s of SIGINT; SIGKILL")
+        run.proc.kill()
+        code = run.proc.wait()
+    elapsed = time.monotonic() - started
+    if run.kind == "baseline" and code != 0:
+        kill_group(run.proc.pid)  # the launcher could not reap its programs: kill them by its group
+    return elapsed, code
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def running(start: Callable[[], Running]) -> Iterator[Running]:
+    """Whatever happens inside, the process is stopped on the way out."""
+    run = start()
+    try:
+        yield run
+    finally:
+        stop(run)  # returns at once if it already exited; kills a failed launcher's group
+
+
+# ───────────────────────────── measuring ─────────────────────────────
+
+
+def check_alive(run: Running) -> None:
+    if run.proc.poll() is not None:
+        raise RuntimeError(f"{run.kind} exited early with code {run.proc.returncode}:\n{run.tail()}")
+
+
+def try_connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
+        sock.close()
+        return None
+    return sock
+
+
+def wait_accepting(run: Running, paths: Sequence[str]) -> float:
+    """Seconds from the spawn of `run` until every socket in `paths` has sent a client its byte."""
+    selector = selectors.DefaultSelector()
+    pending, remaining = list(paths), len(paths)
+    deadline = run.started + READY_TIMEOUT
+    try:
+        while remaining:
+            pending = [path for path in pending if not register(selector, path)]
+            for key, _ in selector.select(CONNECT_RETRY if pending else 0.05):
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                selector.unregister(sock)
+                got = sock.recv(1)
+                sock.close()
+                if got:
+                    remaining -= 1
+                else:
+                    pending.append(key.data)  # closed without a byte: ask again
+            if remaining and time.monotonic() > deadline:
+                raise TimeoutError(f"{run.kind}: {remaining} of {len(paths)} sockets silent after {READY_TIMEOUT:g} s")
+            check_alive(run)
+        return time.monotonic() - run.started
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        selector.close()
+
+
+def register(selector: selectors.BaseSelector, path: str) -> bool:
+    sock = try_connect(path)
+    if sock is None:
+        return False
+    selector.register(sock, selectors.EVENT_READ, path)
+    return True
+
+
+def wait_summary(run: Running, timeout: float = 30.0) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if match := SUMMARY.search(run.stderr()):
+            return match
+        check_alive(run)
+        time.sleep(0.005)
+    raise TimeoutError(f"no 'services launched' line within {timeout:g} s:\n{run.tail()}")
+
+
+def own_cgroup() -> Path:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return CGROUP_V2 / line[3:].lstrip("/")
+    return CGROUP_V2
+
+
+def instance_cgroup(stack: Stack) -> Path:
+    return own_cgroup() / "sandboxd" / stack.name
+
+
+def check_clean_after(stack: Stack, code: int) -> None:
+    """sandboxd exited: it must have said 0 and left nothing of this stack behind."""
+    if code != 0:
+        problem(f"sandboxd up {stack.name} exited {code}, expected 0 after SIGINT")
+    for path in (RUNTIME_ROOT / stack.name, instance_cgroup(stack), *map(Path, stack.paths)):
+        if os.path.lexists(path):
+            problem(f"left behind after sandboxd exited: {path}")
+
+
+@dataclass(frozen=True)
+class StartRun:
+    seconds: float
+    stop_seconds: float
+    launch_all_ms: float | None = None
+
+
+def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
+    with running(lambda: spawn_sandboxd(stack, logs)) as run:
+        seconds = wait_accepting(run, stack.paths)
+        match = SUMMARY.search(run.stderr())
+        stop_seconds, code = stop(run)
+    check_clean_after(stack, code)
+    return StartRun(seconds, stop_seconds, float(match[1]) if match else None)
+
+
+def start_baseline(stack: Stack, logs: Path) -> StartRun:
+    with running(lambda: spawn_baseline(stack, logs)) as run:
+        seconds = wait_accepting(run, stack.paths)
+        stop_seconds, code = stop(run)
+    if code != 0:
+        problem(f"baseline launcher exited {code}:\n{run.tail()}")
+    return StartRun(seconds, stop_seconds)
+
+
+@dataclass(frozen=True)
+class StartRow:
+    n: int
+    sandboxd: list[StartRun]
+    baseline: list[StartRun]
+
+    def median(self, runs: list[StartRun], pick: Callable[[StartRun], float | None]) -> float | None:
+        values = [v for v in map(pick, runs) if v is not None]
+        return statistics.median(values) if values else None
+
+
+def parallel_start(stack: Stack, reps: int, logs: Path) -> StartRow:
+    row = StartRow(len(stack.paths), [], [])
+    for rep in range(reps):
+        row.sandboxd.append(start_sandboxd(stack, logs))
+        time.sleep(0.3)
+        row.baseline.append(start_baseline(stack, logs))
+        time.sleep(0.3)
+        s, b = row.sandboxd[-1], row.baseline[-1]
+        note(f"  N={row.n} #{rep + 1}: sandboxd {s.seconds:.3f} s (stop {s.stop_seconds:.3f} s), baseline {b.seconds:.3f} s")
+    return row
+
+
+def launch_latency(stack: Stack, runs: int, logs: Path) -> list[float]:
+    """Median request→exec of a 1-service stack, as sandboxd reports it, once per run."""
+    found = []
+    for _ in range(runs):
+        with running(lambda: spawn_sandboxd(stack, logs)) as run:
+            match = wait_summary(run)
+            _, code = stop(run)
+        check_clean_after(stack, code)
+        if match[2] is not None:
+            found.append(float(match[2]))
+        else:
+            problem(f"the summary line has no median launch figure: {match[0]!r}")
+    return found
+
+
+# ───────────────────────────── memory ─────────────────────────────
+
+
+def status_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def cgroup_pids(stack: Stack) -> list[int]:
+    pids = []
+    for procs in sorted(instance_cgroup(stack).glob("*/cgroup.procs")):
+        pids += [int(p) for p in procs.read_text().split()]
+    return pids
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_kib: int
+    pss_kib: int
+    init_pss_kib: float
+    sandbox_pss_kib: float  # all processes of all sandboxes / N
+    baseline_pss_kib: float  # the baseline's N programs / N
+
+
+def sandboxd_memory(stack: Stack, logs: Path) -> tuple[int, int, float, float]:
+    n = len(stack.paths)
+    with running(lambda: spawn_sandboxd(stack, logs)) as run:
+        wait_accepting(run, stack.paths)
+        time.sleep(SETTLE)
+        own = [run.proc.pid, *(c for c in children(run.proc.pid) if cmdline(c) == cmdline(run.proc.pid))]
+        if len(own) != 2:
+            problem(f"expected sandboxd and one fork server, found pids {own}")
+        inits = [pid for server in own[1:] for pid in children(server)]
+        if len(inits) != n:
+            problem(f"expected {n} sandbox inits under the fork server, found {len(inits)}")
+        in_sandboxes = cgroup_pids(stack)
+        rss, pss = sum(map(status_kib, own)), sum(map(pss_kib, own))
+        init_pss = statistics.mean(map(pss_kib, inits)) if inits else float("nan")
+        all_pss = sum(map(pss_kib, in_sandboxes)) / n
+        _, code = stop(run)
+    check_clean_after(stack, code)
+    return rss, pss, init_pss, all_pss
+
+
+def baseline_memory(stack: Stack, logs: Path) -> float:
+    n = len(stack.paths)
+    with running(lambda: spawn_baseline(stack, logs)) as run:
+        wait_accepting(run, stack.paths)
+        time.sleep(SETTLE)
+        programs = children(run.proc.pid)
+        if len(programs) != n:
+            problem(f"expected {n} baseline programs, found {len(programs)}")
+        per = sum(map(pss_kib, programs)) / n
+        stop(run)
+    return per
+
+
+def memory(stack: Stack, logs: Path) -> Memory:
+    rss, pss, init_pss, all_pss = sandboxd_memory(stack, logs)
+    time.sleep(0.3)
+    return Memory(rss, pss, init_pss, all_pss, baseline_memory(stack, logs))
+
+
+# ───────────────────────────── report ─────────────────────────────
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def header() -> str:
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cores = len(os.sched_getaffinity(0))
+    return f"sandboxd bench — {date}, {cpu_model()}, {cores} cores, kernel {platform.release()}, Python {platform.python_version()}"
+
+
+def fmt_s(value: float | None) -> str:
+    return f"{value:.2f} s" if value is not None else "—"
+
+
+def start_table(rows: list[StartRow], reps: int) -> list[str]:
+    what = f"median of {reps}" if reps > 1 else "1 run"
+    lines = [
+        f"parallel start (until all N accept, {what}; stop = SIGINT to exit; launch = sandboxd's own 'launched in')",
+        f"  {'N':<5}{'sandboxd':<11}{'baseline':<11}{'ratio':<8}{'stop':<9}{'base stop':<11}{'launch':<10}target",
+    ]
+    for row in rows:
+        s = row.median(row.sandboxd, lambda r: r.seconds)
+        b = row.median(row.baseline, lambda r: r.seconds)
+        stop_s = row.median(row.sandboxd, lambda r: r.stop_seconds)
+        stop_b = row.median(row.baseline, lambda r: r.stop_seconds)
+        launch = row.median(row.sandboxd, lambda r: r.launch_all_ms)
+        ratio = f"{s / b:.2f}x" if s and b else "—"
+        target = f"≤ {TARGET_RATIO[row.n]:.2f}x" if row.n in TARGET_RATIO else ""
+        launch_text = f"{launch:.0f} ms" if launch is not None else "—"
+        lines.append(f"  {row.n:<5}{fmt_s(s):<11}{fmt_s(b):<11}{ratio:<8}{fmt_s(stop_s):<9}{fmt_s(stop_b):<11}{launch_text:<10}{target}")
+    return lines
+
+
+def latency_line(latencies: list[float], runs: int) -> str:
+    if not latencies:
+        return "launch latency: no figures"
+    spread = f"min {min(latencies):.1f}, max {max(latencies):.1f}"
+    return (
+        f"launch latency (request to exec, median of {len(latencies)} of {runs} runs): "
+        f"{statistics.median(latencies):.1f} ms ({spread})   target ≤ {TARGET_LATENCY_MS:g} ms"
+    )
+
+
+def memory_lines(mem: Memory) -> list[str]:
+    extra = (mem.sandbox_pss_kib - mem.baseline_pss_kib) / MIB
+    own = f"sandboxd RSS {mem.rss_kib / MIB:.1f} MiB (PSS {mem.pss_kib / MIB:.1f} MiB)"
+    parts = f"{mem.sandbox_pss_kib / MIB:.2f} sandboxed - {mem.baseline_pss_kib / MIB:.2f} baseline, PSS per service"
+    per = f"init PSS {mem.init_pss_kib / MIB:.2f} MiB, all-in {extra:.2f} MiB ({parts})"
+    return [
+        f"memory with {MEMORY_N} running: {own}   target ≤ {TARGET_RSS_MIB:g} MiB",
+        f"  per sandbox: {per}   target ≤ {TARGET_PER_SANDBOX_MIB:g} MiB",
+    ]
+
+
+def leftovers() -> list[str]:
+    found = [str(path) for path in (RUNTIME_ROOT, own_cgroup() / "sandboxd") if path.exists()]
+    return found
+
+
+# ───────────────────────────── main ─────────────────────────────
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="N = 10 and 50 only, 1 repetition, 5 latency runs")
+    parser.add_argument("--sizes", help="comma-separated service counts (default 10,50,100)")
+    parser.add_argument("--reps", type=int, help="repetitions of each parallel start (default 3)")
+    parser.add_argument("--latency-runs", type=int, help="runs of the 1-service stack (default 15)")
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10, 50] if args.quick else [10, 50, 100])
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.latency_runs = args.latency_runs or (5 if args.quick else 15)
+    return args
+
+
+def bench(args: argparse.Namespace, root: Path) -> list[str]:
+    logs = root / "logs"
+    stacks = {n: make_stack(root, n) for n in sorted({*args.sizes, 1, MEMORY_N})}
+    note(f"warm-up (N={min(args.sizes)}, not counted)")
+    start_sandboxd(stacks[min(args.sizes)], logs)
+    start_baseline(stacks[min(args.sizes)], logs)
+    rows = []
+    for n in args.sizes:
+        note(f"parallel start, N={n}")
+        rows.append(parallel_start(stacks[n], args.reps, logs))
+    note(f"launch latency, {args.latency_runs} runs")
+    latencies = launch_latency(stacks[1], args.latency_runs, logs)
+    note(f"memory, N={MEMORY_N}")
+    mem = memory(stacks[MEMORY_N], logs)
+    return [header(), *start_table(rows, args.reps), latency_line(latencies, args.latency_runs), *memory_lines(mem)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("scripts/bench needs root (sandboxd up creates namespaces and cgroups)", file=sys.stderr)
+        return 2
+    if before := leftovers():
+        note(f"note: present before the bench started (another stack running?): {', '.join(before)}")
+    root = Path(tempfile.mkdtemp(prefix="sbdbench-"))
+    try:
+        lines = bench(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("\n".join(lines))
+    after = leftovers()
+    print(f"leftovers: {', '.join(after) if after else 'none'} (/run/sandboxd, the sandboxd cgroup)")
+    if problems:
+        print("problems seen:")
+        print("\n".join(f"  - {p}" for p in problems))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -125,6 +125,27 @@ def _mount_target_errors(service: Service, target: str, line: int, key: str, exi
     ], None
 
 
+def _host_path(path: str, binds: list[MountOp]) -> str:
+    """Where a path inside the sandbox comes from on the host (the deepest bind that covers it)."""
+    for bind in sorted(binds, key=lambda b: -len(b.target)):
+        if _under(path, bind.target):
+            return bind.source + path[len(bind.target) :]
+    return path
+
+
+def _command_error(service: Service, path_var: str, binds: list[MountOp], exists: Callable[[str], bool]) -> SpecError | None:
+    """The program must exist in the sandbox: a typo is a validation error, not a restart loop."""
+    program = service.command[0]
+    if "/" in program:
+        candidates = [posixpath.normpath(posixpath.join(service.workdir, program))]
+    else:
+        candidates = [posixpath.join(d, program) for d in path_var.split(":") if d.startswith("/")]
+    if any(exists(_host_path(c, binds)) for c in candidates):
+        return None
+    where = f"in PATH ({path_var})" if "/" not in program else "in the sandbox"
+    return SpecError(service.file, service.line, "command", f"program {program!r} not found {where}")
+
+
 def plan_service(
     stack: Stack,
     service: Service,
@@ -172,6 +193,9 @@ def plan_service(
 
     env: dict[str, str] = {"PATH": DEFAULT_PATH}
     env.update(dict(service.environment))
+    command_error = _command_error(service, env["PATH"], user_mounts, exists)
+    if command_error:
+        raise SpecErrors([command_error])
     if fd_names:
         env["LISTEN_FDS"] = str(len(fd_names))
         env["LISTEN_PID"] = str(SERVICE_PID_IN_SANDBOX)

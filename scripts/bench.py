@@ -446,6 +446,8 @@ def sandboxd_memory(stack: Stack, logs: Path) -> tuple[int, int, float, float]:
         if len(inits) != n:
             problem(f"expected {n} sandbox inits under the fork server, found {len(inits)}")
         in_sandboxes = cgroup_pids(stack)
+        if len(in_sandboxes) != 2 * n:
+            problem(f"expected {2 * n} processes (init and service) in the stack's cgroups, found {len(in_sandboxes)}")
         rss, pss = sum(map(status_kib, own)), sum(map(pss_kib, own))
         init_pss = statistics.mean(map(pss_kib, inits)) if inits else float("nan")
         all_pss = sum(map(pss_kib, in_sandboxes)) / n
@@ -508,7 +510,8 @@ def start_table(rows: list[StartRow], reps: int) -> list[str]:
         ratio = f"{s / b:.2f}x" if s and b else "—"
         target = f"≤ {TARGET_RATIO[row.n]:.2f}x" if row.n in TARGET_RATIO else ""
         launch_text = f"{launch:.0f} ms" if launch is not None else "—"
-        lines.append(f"  {row.n:<5}{fmt_s(s):<11}{fmt_s(b):<11}{ratio:<8}{fmt_s(stop_s):<9}{fmt_s(stop_b):<11}{launch_text:<10}{target}")
+        cells = f"  {row.n:<5}{fmt_s(s):<11}{fmt_s(b):<11}{ratio:<8}{fmt_s(stop_s):<9}{fmt_s(stop_b):<11}{launch_text:<10}"
+        lines.append((cells + target).rstrip())
     return lines
 
 

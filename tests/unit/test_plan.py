@@ -13,7 +13,7 @@ from sandboxd.plan import HostFacts, LaunchPlan, plan_stack
 from sandboxd.spec import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
-HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr"}
+HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x"}
 
 
 def host_exists(path: str) -> bool:
@@ -132,3 +132,24 @@ def test_used_unix_socket_is_bound_writable_at_the_same_path(tmp_path):
 def test_plan_survives_the_wire_format(tmp_path):
     p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /app}]\n")["a"]
     assert LaunchPlan.from_wire(p.to_wire()) == p
+
+
+def test_missing_program_is_a_validation_error(tmp_path):
+    with pytest.raises(SpecErrors) as e:
+        plans(tmp_path, "kind: service\nname: a\ncommand: [pyhton3, app.py]\n")
+    (err,) = e.value.errors
+    assert (err.key, err.message) == (
+        "command",
+        "program 'pyhton3' not found in PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)",
+    )
+
+
+def test_program_inside_a_bind_mount_is_found_through_its_source(tmp_path):
+    (tmp_path / "data" / "run.sh").parent.mkdir(exist_ok=True)
+    (tmp_path / "data" / "run.sh").write_text("#!/bin/sh\n")
+    HOST_PATHS.add(str(tmp_path / "data" / "run.sh"))
+    try:
+        p = plans(tmp_path, "kind: service\nname: a\ncommand: [/app/run.sh]\nmounts: [{source: data, target: /app}]\n")
+    finally:
+        HOST_PATHS.discard(str(tmp_path / "data" / "run.sh"))
+    assert p["a"].argv[2] == "/app/run.sh"

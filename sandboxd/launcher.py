@@ -37,7 +37,9 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +88,15 @@ def _ensure_mountpoint(target: str, is_dir: bool) -> None:
 def _mount_dev(dev: str) -> None:
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for node in DEVICE_NODES:
-        if os.path.exists(f"/dev/{node}"):
+        try:
+            st = os.stat(f"/dev/{node}")
+        except FileNotFoundError:
+            continue
+        try:
+            # mknod costs a tenth of a bind mount; without CAP_MKNOD (a user namespace) bind instead.
+            os.mknod(f"{dev}/{node}", stat.S_IFCHR | 0o666, st.st_rdev)
+            os.chmod(f"{dev}/{node}", 0o666)  # mknod honours the umask
+        except PermissionError:
             _ensure_mountpoint(f"{dev}/{node}", is_dir=False)
             linux.mount(f"/dev/{node}", f"{dev}/{node}", None, linux.MS_BIND)
     os.mkdir(f"{dev}/pts")
@@ -242,6 +252,11 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
 # ───────────────────────────── the fork server ─────────────────────────────
 
 
+def serve_fd() -> NoReturn:
+    """Entry point of the fork server's interpreter: argv[1] is its end of the request socket."""
+    serve(socket.socket(fileno=int(sys.argv[1])))
+
+
 def serve(conn: socket.socket) -> NoReturn:
     """The fork server's loop: launch requests in, exit statuses out. Never returns."""
     try:
@@ -369,16 +384,30 @@ class ForkServer:
 
     @staticmethod
     def start() -> ForkServer:
-        """Fork the fork server as pid 1 of a new pid namespace. Call before any thread exists."""
+        """Start the fork server as pid 1 of a new pid namespace. Call before any thread exists.
+
+        It is a fresh interpreter that imports only this module: every sandbox is a fork of it,
+        and a fork costs in proportion to the pages the child then touches (copy on write), so
+        a small, compact parent makes each sandbox cheaper (about 2 ms of CPU less than a fork
+        of the supervisor with YAML and asyncio loaded). It starts once, in parallel with the
+        binding of sockets and the creation of cgroups.
+        """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        boot = f"import sys; sys.path.insert(0, {package_parent!r}); from sandboxd.launcher import serve_fd; serve_fd()"
+        argv = [sys.executable, "-I", "-S", "-B", "-c", boot, str(child.fileno())]
         try:
             linux.unshare(linux.CLONE_NEWPID)
             try:
                 pid = os.fork()
                 if pid == 0:
-                    parent.close()
-                    serve(child)
+                    try:
+                        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # survives exec
+                        os.set_inheritable(child.fileno(), True)
+                        os.execv(sys.executable, argv)
+                    finally:
+                        os._exit(EXIT_UNEXPECTED)
             finally:
                 linux.setns(own_pidns, linux.CLONE_NEWPID)
         finally:

@@ -16,11 +16,13 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import SpecError, SpecErrors
 from .linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
-from .spec import Service, Stack
+
+if TYPE_CHECKING:  # the fork server imports this module and should stay small: no YAML in it
+    from .spec import Service, Stack
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

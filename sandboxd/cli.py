@@ -29,13 +29,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .state import clean_stale
     from .supervisor import Supervisor, instance_name
 
+    from .state import RUNTIME_ROOT
+
     stack = load_stack(Path(args.dir))
-    plans = plan_stack(stack, HostFacts(init_path()))
+    instance = instance_name(stack, args.project_name)
+    plans = plan_stack(stack, HostFacts(init_path(), str(RUNTIME_ROOT / instance)))
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
     host = detect()
     clean_stale()
-    return Supervisor(stack, plans, host, instance_name(stack, args.project_name)).run()
+    return Supervisor(stack, plans, host, instance).run()
 
 
 def cmd_config(args: argparse.Namespace) -> int:

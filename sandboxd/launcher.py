@@ -54,9 +54,6 @@ MAX_FDS = 250
 EXIT_SETUP_FAILED = 127
 EXIT_UNEXPECTED = 126
 
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
 
 
 # ───────────────────────────── in the sandbox child ─────────────────────────────
@@ -66,13 +63,6 @@ class _Step:
     """Remembers what the child is doing, so a failure names it."""
 
     name = "start"
-
-
-def _set_loopback_up() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
 def _ensure_mountpoint(target: str, is_dir: bool) -> None:
@@ -156,6 +146,9 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
                 _seal(root, pending_seal)
                 pending_seal = False
                 linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            case "sysfs":
+                # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
+                linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "dev":
                 _mount_dev(target)
             case "tmpfs":
@@ -173,10 +166,13 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
     os.chdir("/")
     for op, fd in binds:
         step.name = f"bind {op.source} on {op.target}"
-        _ensure_mountpoint(op.target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
-        linux.mount(f"/proc/self/fd/{fd}", op.target, None, linux.MS_BIND | linux.MS_REC)
+        # A symlink target (/etc/resolv.conf -> /run/...) is followed inside the sandbox, where it
+        # may lead onto the private /run: the mount point is made there.
+        target = os.path.realpath(op.target) if os.path.islink(op.target) else op.target
+        _ensure_mountpoint(target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
+        linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
         if op.readonly:
-            linux.mount_setattr(op.target, READONLY)
+            linux.mount_setattr(target, READONLY)
         os.close(fd)
     step.name = "detach the host's root"
     linux.umount2(OLD_ROOT, linux.MNT_DETACH)
@@ -201,7 +197,7 @@ def _report(channel: socket.socket, message: dict[str, Any]) -> None:
         pass
 
 
-def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int]) -> NoReturn:
+def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], netns_fd: int = -1) -> NoReturn:
     """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init."""
     step = _Step()
     # Out of the way of fds 3.. that the sockets will take.
@@ -218,6 +214,10 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         for procs in request["cgroup_procs"]:  # further hierarchies (v1 controllers on a hybrid host)
             with open(procs, "w") as f:
                 f.write("0")
+        if netns_fd >= 0:
+            step.name = "join the service's network namespace"
+            linux.setns(netns_fd, linux.CLONE_NEWNET)
+            os.close(netns_fd)
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
         os.setsid()
@@ -225,8 +225,9 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
-        step.name = "bring up lo"
-        _set_loopback_up()
+        if plan.net == "private":
+            step.name = "bring up lo"
+            linux.loopback_up()
         step.name = "set up descriptors"
         _place_fds(output_fd, socket_fds)
         step.name = f"change directory to {plan.workdir}"
@@ -306,12 +307,13 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
     status_fd, output_fd, *socket_fds = fds
+    netns_fd = socket_fds.pop() if request.get("netns") else -1
     cgroup_fd = -1
     try:
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = _fork_sandbox_init(cgroup_fd, own_pidns)
         if pid == 0:
-            run_sandbox(request, status_fd, output_fd, socket_fds)
+            run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd)
         children[pid] = request["id"]
     except OSError as e:
         conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
@@ -420,17 +422,34 @@ class ForkServer:
         return self._next_id
 
     def send_launch(
-        self, launch_id: int, plan: LaunchPlan, cgroup: str, cgroup_procs: tuple[str, ...], root: str, output_fd: int, socket_fds: list[int]
+        self,
+        launch_id: int,
+        plan: LaunchPlan,
+        cgroup: str,
+        cgroup_procs: tuple[str, ...],
+        root: str,
+        output_fd: int,
+        socket_fds: list[int],
+        netns_fd: int = -1,
     ) -> socket.socket:
         """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_procs`.
 
+        With `netns_fd`, the sandbox joins that network namespace instead of creating one.
         Returns the supervisor's end of its status channel.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        request = {"id": launch_id, "plan": plan.to_wire(), "cgroup": cgroup, "cgroup_procs": list(cgroup_procs), "root": root}
+        request = {
+            "id": launch_id,
+            "plan": plan.to_wire(),
+            "cgroup": cgroup,
+            "cgroup_procs": list(cgroup_procs),
+            "root": root,
+            "netns": netns_fd >= 0,
+        }
+        fds = [theirs.fileno(), output_fd, *socket_fds] + ([netns_fd] if netns_fd >= 0 else [])
         try:
-            socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd, *socket_fds])
+            socket.send_fds(self.conn, [json.dumps(request).encode()], fds)
         finally:
             theirs.close()
         ours.setblocking(False)

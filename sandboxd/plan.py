@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +34,7 @@ SERVICE_PID_IN_SANDBOX = 2
 TMPFS_DIRS = ("/tmp", "/run")
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
-MountKind = Literal["rbind-root", "tmpfs-root", "mountpoint", "proc", "tmpfs", "dev", "bind"]
+MountKind = Literal["rbind-root", "tmpfs-root", "mountpoint", "proc", "sysfs", "tmpfs", "dev", "bind"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class MountOp:
     options: str = ""
 
 
+NetMode = Literal["private", "none", "host", "join"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     service: str
@@ -58,6 +64,9 @@ class LaunchPlan:
     mounts: tuple[MountOp, ...]
     fd_names: tuple[str, ...]
     fd_sockets: tuple[tuple[str, int], ...] = field(default=())  # (socket unit, listen index) per fd
+    # private: a fresh namespace with lo up; none: fresh, lo down; host: the host's; join: the
+    # namespace sandboxd made for this service before it started (networks, sockets bound inside).
+    net: NetMode = "private"
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,12 +83,100 @@ class LaunchPlan:
             mounts=tuple(MountOp(**m) for m in data["mounts"]),
             fd_names=tuple(data["fd_names"]),
             fd_sockets=tuple((s, i) for s, i in data["fd_sockets"]),
+            net=data["net"],
         )
 
 
 @dataclass(frozen=True)
 class HostFacts:
     init_path: str  # the small init that runs as pid 1 of each sandbox (dumb-init)
+    runtime_dir: str = "/run/sandboxd/stack"  # where the stack's generated files (hosts) live
+
+
+@dataclass(frozen=True)
+class Member:
+    """One service's interface on a network: its name and index inside the sandbox, its addresses."""
+
+    service: str
+    ifname: str
+    ifindex: int
+    addresses: tuple[str, ...]  # "10.213.0.2/24", "fd5b:d000:0:1::2/64"
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    name: str
+    bridge: str
+    subnets: tuple[str, ...]
+    members: tuple[Member, ...]
+
+
+def net_mode(stack: Stack, service: Service) -> NetMode:
+    from .spec import socket_namespace
+
+    if service.network == "host":
+        return "host"
+    if service.attachments or any(socket_namespace(s) == service.name for s in stack.sockets):
+        return "join"
+    return "none" if service.network == "none" else "private"
+
+
+def _ifnames(service: Service) -> list[str]:
+    names = [f"sbd-{a.network}"[:15] for a in service.attachments]
+    if len(set(names)) != len(names):
+        names = [f"sbd{i}-{a.network}"[:15] for i, a in enumerate(service.attachments)]
+    return names
+
+
+def _free_hosts(net: IPNetwork, taken: set[IPAddress]) -> Iterator[IPAddress]:
+    hosts = net.hosts()
+    next(hosts, None)  # the first host address stays free, as a gateway would take it
+    return (ip for ip in hosts if ip not in taken)
+
+
+def plan_networks(stack: Stack, subnets: dict[str, tuple[str, ...]]) -> tuple[NetworkPlan, ...]:
+    """Addresses for every member of every network: fixed ones first, then in service name order.
+
+    `subnets` gives each network's subnets (the spec's, or those chosen at start). The first host
+    address of each subnet is left free, as a gateway would take it, so addresses start at .2.
+    """
+    plans = []
+    for network in stack.networks:
+        nets = [ipaddress.ip_network(c) for c in subnets[network.name]]
+        attachments = [(svc, a) for svc in stack.members(network.name) for a in svc.attachments if a.network == network.name]
+        taken: set[IPAddress] = {ipaddress.ip_address(addr) for _, a in attachments for addr in a.addresses}
+        free = {net.version: _free_hosts(net, taken) for net in nets}
+        members = []
+        for svc, attachment in attachments:
+            fixed = {ipaddress.ip_address(addr).version: addr for addr in attachment.addresses}
+            addresses = []
+            for net in nets:
+                ip = fixed.get(net.version) or str(next(free[net.version]))
+                addresses.append(f"{ip}/{net.prefixlen}")
+            index = [a.network for a in svc.attachments].index(network.name)
+            members.append(Member(svc.name, _ifnames(svc)[index], 2 + index, tuple(addresses)))
+        plans.append(NetworkPlan(network.name, f"sbd-{network.name}"[:15], tuple(str(n) for n in nets), tuple(members)))
+    return tuple(plans)
+
+
+def hosts_file(service: Service, networks: tuple[NetworkPlan, ...]) -> str:
+    """/etc/hosts for a service on networks: itself, and every service on any of its networks."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    mine = {a.network for a in service.attachments}
+    seen: set[tuple[str, str]] = set()
+    for network in networks:
+        if network.name not in mine:
+            continue
+        for member in network.members:
+            for address in member.addresses:
+                ip = address.split("/")[0]
+                if (ip, member.service) not in seen:
+                    seen.add((ip, member.service))
+                    lines.append(f"{ip}\t{member.service}")
+    return "\n".join(lines) + "\n"
+
+
+RESOLV_CONF = "# sandboxd: this sandbox reaches no DNS server; names of its networks are in /etc/hosts\nnameserver 127.0.0.1\noptions ndots:0 attempts:1 timeout:1\n"
 
 
 def _under(path: str, directory: str) -> bool:
@@ -183,6 +280,13 @@ def plan_service(
     else:
         mounts.append(MountOp("rbind-root", "/", "/", readonly=True))
     mounts += _base_mounts()
+    net = net_mode(stack, service)
+    if net != "host":
+        # Its own sysfs shows the sandbox's links; with the host's network the host's stays.
+        mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, MountOp("sysfs", "/sys"))
+    if service.attachments:
+        etc = f"{facts.runtime_dir}/etc/{service.name}"
+        user_mounts += [MountOp("bind", "/etc/hosts", f"{etc}/hosts"), MountOp("bind", "/etc/resolv.conf", f"{etc}/resolv.conf")]
     # Parents before children, so a bind below another bind lands on top of it.
     mounts += sorted(user_mounts, key=lambda m: m.target.count("/"))
 
@@ -210,10 +314,11 @@ def plan_service(
         env=tuple(env.items()),
         hostname=service.hostname,
         workdir=service.workdir,
-        clone_flags=CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET,
+        clone_flags=CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (CLONE_NEWNET if net in ("private", "none") else 0),
         mounts=tuple(mounts),
         fd_names=tuple(fd_names),
         fd_sockets=tuple(fd_sockets),
+        net=net,
     )
 
 

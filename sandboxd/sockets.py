@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HostError
-from .spec import Address, Socket
+from .spec import Address, Socket, socket_namespace
 from .state import StateRecord
 
 
@@ -87,13 +89,21 @@ def bind_address(unit: Socket, address: Address, record: StateRecord) -> socket.
     return sock
 
 
-def bind_sockets(units: tuple[Socket, ...], record: StateRecord) -> dict[tuple[str, int], BoundSocket]:
-    """Bind all sockets of a stack; on any failure, close what was bound and raise."""
+Enter = Callable[[str | None], AbstractContextManager[None]]
+
+
+def bind_sockets(units: tuple[Socket, ...], record: StateRecord, inside: Enter = lambda _: nullcontext()) -> dict[tuple[str, int], BoundSocket]:
+    """Bind all sockets of a stack; on any failure, close what was bound and raise.
+
+    `inside(service)` enters that service's network namespace for the binding of a socket with
+    `netns:` (a socket keeps the namespace it was created in, wherever it is used later).
+    """
     bound: dict[tuple[str, int], BoundSocket] = {}
     try:
         for unit in units:
             for index, address in enumerate(unit.listen):
-                sock = bind_address(unit, address, record)
+                with inside(socket_namespace(unit)):
+                    sock = bind_address(unit, address, record)
                 bound[(unit.name, index)] = BoundSocket(unit.name, index, address, sock)
     except BaseException:
         close_sockets(bound, record)

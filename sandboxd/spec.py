@@ -38,6 +38,7 @@ from sandboxd.errors import SpecError, SpecErrors
 
 Family = Literal["tcp", "udp", "unix", "unix-dgram", "unix-seqpacket"]
 Restart = Literal["no", "on-failure", "always"]
+NetworkMode = Literal["private", "none", "host"]
 
 _STREAM, _DGRAM, _SEQPACKET = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET
 _SOCKTYPES = {"tcp": _STREAM, "udp": _DGRAM, "unix": _STREAM, "unix-dgram": _DGRAM, "unix-seqpacket": _SEQPACKET}
@@ -145,6 +146,24 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """A service's place on a network: the network's name and, optionally, fixed addresses."""
+
+    network: str
+    addresses: tuple[str, ...]  # at most one IPv4 and one IPv6 address; () = chosen by sandboxd
+    line: int
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    file: Path
+    line: int
+    subnet: tuple[str, ...]  # CIDRs, at most one IPv4 and one IPv6; () = chosen by sandboxd at start
+    internal: bool
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     file: Path
@@ -159,6 +178,11 @@ class Service:
     stop_timeout: float
     mounts: tuple[Mount, ...]
     uses: tuple[str, ...]
+    network: NetworkMode | tuple[Attachment, ...]
+
+    @property
+    def attachments(self) -> tuple[Attachment, ...]:
+        return self.network if isinstance(self.network, tuple) else ()
 
 
 @dataclass(frozen=True)
@@ -172,6 +196,8 @@ class Socket:
     backlog: int
     mode: int
     reuseport: bool
+    netns: str  # "host", or the service in whose network namespace sandboxd binds it
+
 
 
 @dataclass(frozen=True)
@@ -180,6 +206,17 @@ class Stack:
     name: str
     services: tuple[Service, ...]
     sockets: tuple[Socket, ...]
+    networks: tuple[Network, ...] = ()
+
+    def network(self, name: str) -> Network:
+        for network in self.networks:
+            if network.name == name:
+                return network
+        raise KeyError(f"no network '{name}' in stack '{self.name}'")
+
+    def members(self, network: str) -> tuple[Service, ...]:
+        """The services attached to `network`, by name."""
+        return tuple(s for s in self.services if any(a.network == network for a in s.attachments))
 
     def service(self, name: str) -> Service:
         for service in self.services:
@@ -435,6 +472,72 @@ def _mount(node: Node, folder: Path) -> Mount:
     return Mount(line=_line(node), **_with_defaults(values, _MOUNT_KEYS, ""))
 
 
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"expected an IPv4 or IPv6 address, got '{text}'") from None
+
+
+def _one_per_version(items: tuple[str, ...], what: str, node: Node) -> tuple[str, ...]:
+    versions = [ipaddress.ip_network(item, strict=False).version for item in items]
+    if len(versions) != len(set(versions)):
+        raise _fail(node, f"expected at most one IPv4 and one IPv6 {what}")
+    return items
+
+
+def _attachment(node: Node, folder: Path) -> Attachment:
+    if isinstance(node, ScalarNode):
+        return Attachment(_name(node, folder), (), _line(node))
+    values, problems = _read_keys(node, _ATTACHMENT_KEYS, folder, "a network name or a mapping with name and address")
+    if problems:
+        raise _Invalid(*problems)
+    addresses = _one_per_version(values.get("address", ()), "address", node)
+    return Attachment(values["name"], addresses, _line(node))
+
+
+_ATTACHMENT_KEYS = {
+    "name": _Key(_name, _Required("the network's name")),
+    "address": _Key(_list(_scalar(lambda v: _ip(str(v))), "an address or a list of them", single=True), ()),
+}
+_MODES = ", ".join(get_args(NetworkMode))
+
+
+def _network_mode(node: Node, folder: Path) -> NetworkMode | tuple[Attachment, ...]:
+    if isinstance(node, ScalarNode):
+        value = _value(node)
+        if value in get_args(NetworkMode):
+            return value  # type: ignore[return-value]
+        raise _fail(node, f"expected one of: {_MODES}, or a list of network names, got {_describe(value)}")
+    attachments = _list(_attachment, f"one of: {_MODES}, or a list of network names")(node, folder)
+    if not attachments:
+        raise _fail(node, "expected at least one network in the list")
+    return attachments
+
+
+def _subnet(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a subnet like 10.89.0.0/24 or fd00:89::/64, got {_describe(value)}")
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as error:
+        raise ValueError(f"expected a subnet like 10.89.0.0/24 or fd00:89::/64, got '{value}' ({error})") from None
+    if net.num_addresses < 4:
+        raise ValueError(f"subnet '{value}' is too small: it needs room for at least two services")
+    return str(net)
+
+
+def _subnets(node: Node, folder: Path) -> tuple[str, ...]:
+    subnets = _list(_scalar(_subnet), "a subnet or a list of them", single=True)(node, folder)
+    return _one_per_version(subnets, "subnet", node)
+
+
+_internal = _checked(
+    lambda v: v is True,
+    "true (networks are internal: no address on the host, no route, no forwarding; others are not supported yet)",
+)
+
+
 def _listen(node: Node, folder: Path) -> tuple[Address, ...]:
     if addresses := _list(_address, "an address or a list of addresses", single=True)(node, folder):
         return addresses
@@ -452,6 +555,7 @@ _SERVICE_KEYS = {
     "stop_timeout": _Key(_scalar(parse_duration), 10.0),
     "mounts": _Key(_list(_mount, "a list of mappings with source, target and readonly"), ()),
     "uses": _Key(_list(_name, "a socket name or a list of them", single=True), ()),
+    "network": _Key(_network_mode, "private"),
 }
 _SOCKET_KEYS = {
     "service": _Key(_name, _UNIT_NAME),
@@ -460,10 +564,16 @@ _SOCKET_KEYS = {
     "backlog": _Key(_backlog, socket.SOMAXCONN),
     "mode": _Key(_scalar(_mode), 0o666),
     "reuseport": _Key(_boolean, False),
+    "netns": _Key(_checked(lambda v: isinstance(v, str) and (_NAME.fullmatch(v)), "host, service, or a service name"), "host"),
 }
-_KINDS: dict[str, tuple[type[Service | Socket], dict[str, _Key]]] = {
+_NETWORK_KEYS = {
+    "subnet": _Key(_subnets, ()),
+    "internal": _Key(_internal, True),
+}
+_KINDS: dict[str, tuple[type[Service | Socket | Network], dict[str, _Key]]] = {
     "service": (Service, _SERVICE_KEYS),
     "socket": (Socket, _SOCKET_KEYS),
+    "network": (Network, _NETWORK_KEYS),
 }
 
 
@@ -478,7 +588,7 @@ class _Found:
     name: str | None
     file: Path
     lines: dict[str, int]  # key path ("listen[1]") -> line; "" -> the document's line
-    unit: Service | Socket | None
+    unit: Service | Socket | Network | None
 
     def key(self, key: str, index: int) -> str:
         return f"{key}[{index}]" if f"{key}[{index}]" in self.lines else key
@@ -498,11 +608,13 @@ def load_stack(folder: Path) -> Stack:
     for file in _spec_files(root):
         errors += _load_file(file, found)
     errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
+    errors += _bad_networks(found) + _bad_netns(found)
     if errors:
         raise SpecErrors(errors)
     units = sorted((f.unit for f in found if f.unit is not None), key=lambda unit: unit.name)
     services = tuple(unit for unit in units if isinstance(unit, Service))
-    return Stack(root, root.name, services, tuple(unit for unit in units if isinstance(unit, Socket)))
+    sockets = tuple(unit for unit in units if isinstance(unit, Socket))
+    return Stack(root, root.name, services, sockets, tuple(unit for unit in units if isinstance(unit, Network)))
 
 
 def _spec_files(folder: Path) -> list[Path]:
@@ -548,17 +660,14 @@ def _load_file(file: Path, found: list[_Found]) -> list[SpecError]:
 
 
 def _kind(node: Node) -> str:
-    expected = "expected one of: service, socket"
+    expected = "expected one of: service, socket, network"
     if not isinstance(node, MappingNode):
-        raise _fail(
-            node, f"expected a unit, a mapping with 'kind: service' or 'kind: socket', got {_describe(_value(node))}"
-        )
+        raise _fail(node, f"expected a unit, a mapping with 'kind: service', 'kind: socket' or 'kind: network', got {_describe(_value(node))}")
     for key_node, value_node in node.value:
         if key_node.value == "kind":
             if isinstance(kind := _value(value_node), str) and kind in _KINDS:
                 return kind
-            note = " (network units are not supported yet)" if kind == "network" else ""
-            raise _Invalid((value_node, "kind", f"unknown kind {_describe(kind)}{note}; {expected}"))
+            raise _Invalid((value_node, "kind", f"unknown kind {_describe(kind)}; {expected}"))
     raise _Invalid((node, "kind", f"missing key 'kind'; {expected}"))
 
 
@@ -630,41 +739,153 @@ def _overlap(a: Address, b: Address) -> bool:
     return host_a.version == host_b.version and (host_a == host_b or host_a.is_unspecified or host_b.is_unspecified)
 
 
+def socket_namespace(sock: Socket) -> str | None:
+    """The service in whose network namespace `sock` is bound, or None for the host's."""
+    if sock.netns == "host":
+        return None
+    return sock.service if sock.netns == "service" else sock.netns
+
+
+def _clash_scope(sock: Socket, address: Address) -> str | None:
+    """Unix paths share the file system; inet and abstract addresses belong to a network namespace."""
+    return "" if address.path and not address.is_abstract else socket_namespace(sock) or "host"
+
+
 def _address_clashes(found: list[_Found]) -> list[SpecError]:
-    seen: list[tuple[_Found, str, Address]] = []
+    seen: list[tuple[_Found, str, Address, str | None]] = []
     errors = []
     for unit in found:
-        for index, address in enumerate(unit.unit.listen if isinstance(unit.unit, Socket) else ()):
-            key = unit.key("listen", index)
-            for other, other_key, other_address in seen:
-                if _overlap(address, other_address):
+        if not isinstance(unit.unit, Socket):
+            continue
+        for index, address in enumerate(unit.unit.listen):
+            key, scope = unit.key("listen", index), _clash_scope(unit.unit, address)
+            for other, other_key, other_address, other_scope in seen:
+                if scope == other_scope and _overlap(address, other_address):
                     verb = "is already used by" if address == other_address else f"overlaps {other_address} of"
                     owner = f"{other_key} of this socket" if other is unit else f"socket '{other.name}'"
                     errors.append(unit.error(key, f"{address} {verb} {owner} ({other.where(other_key)})"))
                     break
-            seen.append((unit, key, address))
+            seen.append((unit, key, address, scope))
     return errors
 
 
-_NO_INET = (
-    "services are in private network namespaces; using a tcp/udp socket needs a shared network, "
-    "which is not supported yet — use a unix socket"
-)
-_NO_ABSTRACT = (
-    "abstract sockets belong to the host's network namespace and cannot be reached from a sandbox; use a path"
-)
+def _networks_of(service: Service | None) -> set[str]:
+    return {a.network for a in service.attachments} if service else set()
+
+
+def _unreachable(client: Service, sock: Socket, address: Address, services: dict[str, _Found]) -> str | None:
+    """Why `client` cannot reach `address` of `sock`, or None if it can."""
+    owner = socket_namespace(sock)
+    if owner == client.name or (owner is None and client.network == "host"):
+        return None
+    if address.is_abstract:
+        return f"abstract sockets belong to one network namespace ({f'{owner!r}' + chr(39) + 's' if owner else 'the host' + chr(39) + 's'}); use a path"
+    if owner is None:
+        return (
+            f"it is bound in the host's network namespace, which '{client.name}' does not share; bind it in its "
+            f"service's namespace (netns: service) on a network both are attached to, or use a unix socket"
+        )
+    if address.host and ipaddress.ip_address(address.host).is_loopback:
+        return f"it listens on loopback inside '{owner}''s namespace, which only '{owner}' reaches; listen on 0.0.0.0 or [::]"
+    found = services.get(owner)
+    shared = _networks_of(found.unit if found and isinstance(found.unit, Service) else None)
+    if shared & _networks_of(client):
+        return None
+    if not shared:
+        return f"'{owner}' is on no network; attach '{owner}' and '{client.name}' to one (network: [NAME])"
+    return f"'{client.name}' shares no network with '{owner}'; attach it to one of: {', '.join(sorted(shared))}"
 
 
 def _bad_uses(found: list[_Found]) -> list[SpecError]:
     sockets = _first_of_each(found, "socket")
+    services = _first_of_each(found, "service")
     errors = []
     for unit in found:
-        for index, name in enumerate(unit.unit.uses if isinstance(unit.unit, Service) else ()):
+        if not isinstance(unit.unit, Service):
+            continue
+        for index, name in enumerate(unit.unit.uses):
             key, used = unit.key("uses", index), sockets.get(name)
             if used is None:
                 errors.append(unit.error(key, f"no socket '{name}' to use{_suggest(name, sockets, 'sockets')}"))
-            for address in used.unit.listen if used and isinstance(used.unit, Socket) else ():
+                continue
+            if not isinstance(used.unit, Socket):
+                continue
+            for address in used.unit.listen:
                 if address.is_inet or address.is_abstract:
-                    why = _NO_INET if address.is_inet else _NO_ABSTRACT
-                    errors.append(unit.error(key, f"socket '{name}' listens on {address}: {why}"))
+                    why = _unreachable(unit.unit, used.unit, address, services)
+                    if why:
+                        errors.append(unit.error(key, f"socket '{name}' listens on {address}, but {why}"))
     return errors
+
+
+def _bad_netns(found: list[_Found]) -> list[SpecError]:
+    services = _first_of_each(found, "service")
+    errors = []
+    for unit in found:
+        if not isinstance(unit.unit, Socket) or unit.unit.netns == "host":
+            continue
+        owner = socket_namespace(unit.unit)
+        assert owner is not None
+        target = services.get(owner)
+        if target is None:
+            if unit.unit.netns != "service":
+                errors.append(unit.error("netns", f"expected host, service or a service name, got '{owner}'{_suggest(owner, services, 'services')}"))
+            continue
+        if isinstance(target.unit, Service) and target.unit.network == "host":
+            errors.append(
+                unit.error(
+                    "netns",
+                    f"service '{owner}' runs in the host's network namespace (network: host), so it has no namespace "
+                    "of its own to bind in; use netns: host",
+                )
+            )
+    return errors
+
+
+def _bad_networks(found: list[_Found]) -> list[SpecError]:
+    networks = _first_of_each(found, "network")
+    errors: list[SpecError] = []
+    subnets: list[tuple[_Found, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
+    for unit in found:
+        if isinstance(unit.unit, Network):
+            for cidr in unit.unit.subnet:
+                net = ipaddress.ip_network(cidr)
+                for other, other_net in subnets:
+                    if other_net.version == net.version and net.overlaps(other_net):
+                        errors.append(unit.error("subnet", f"{net} overlaps {other_net} of network '{other.name}' ({other.where('subnet')})"))
+                subnets.append((unit, net))
+    taken: dict[tuple[str, str], str] = {}
+    for unit in found:
+        if not isinstance(unit.unit, Service):
+            continue
+        seen: set[str] = set()
+        for index, attachment in enumerate(unit.unit.attachments):
+            key = unit.key("network", index)
+            network = networks.get(attachment.network)
+            if network is None:
+                errors.append(unit.error(key, f"no network '{attachment.network}'{_suggest(attachment.network, networks, 'networks')}"))
+                continue
+            if attachment.network in seen:
+                errors.append(unit.error(key, f"network '{attachment.network}' is listed twice"))
+            seen.add(attachment.network)
+            if not isinstance(network.unit, Network):
+                continue
+            for address in attachment.addresses:
+                errors += _bad_address(unit, key, attachment.network, network.unit, address, taken)
+    return errors
+
+
+def _bad_address(unit: _Found, key: str, name: str, network: Network, address: str, taken: dict[tuple[str, str], str]) -> list[SpecError]:
+    ip = ipaddress.ip_address(address)
+    nets = [ipaddress.ip_network(c) for c in network.subnet if ipaddress.ip_network(c).version == ip.version]
+    if not nets:
+        return [unit.error(key, f"{address}: network '{name}' has no IPv{ip.version} subnet; give it one (subnet:) to fix addresses in it")]
+    net = nets[0]
+    if ip not in net:
+        return [unit.error(key, f"{address} is outside network '{name}''s subnet {net}")]
+    if ip == net.network_address or (ip.version == 4 and ip == net.broadcast_address):
+        return [unit.error(key, f"{address} is the network or broadcast address of {net}; pick a host address")]
+    owner = taken.setdefault((name, str(ip)), unit.name or "")
+    if owner != unit.name:
+        return [unit.error(key, f"{address} on network '{name}' is already taken by service '{owner}'")]
+    return []

@@ -27,10 +27,12 @@ class StateRecord:
     cgroups: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
+    subnets: list[str] = field(default_factory=list)  # so that other stacks choose others
 
     def save(self) -> None:
         tmp = self.directory / "state.json.tmp"
-        tmp.write_text(json.dumps({"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs}))
+        data = {"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs, "subnets": self.subnets}
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, self.directory / "state.json")
 
     def add(self, kind: str, path: str) -> None:

@@ -23,24 +23,30 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cgroups import Cgroup, CgroupHost, CgroupManager
 from .console import Console
 from .errors import HostError, LaunchError
 from .launcher import ForkServer, read_status
-from .plan import LaunchPlan
+from .plan import LaunchPlan, NetworkPlan
 from .sockets import BoundSocket, bind_sockets, close_sockets
 from .spec import Service, Stack
 from .state import RUNTIME_ROOT, StateRecord, _alive
+
+if TYPE_CHECKING:
+    from .network import Namespaces
 
 START_LIMIT_BURST = 5
 START_LIMIT_INTERVAL = 10.0
@@ -115,6 +121,8 @@ class Supervisor:
         self.held_output: list[tuple[str, bytes]] = []
         self.stopping = False
         self.done = asyncio.Event()
+        self.namespaces: Namespaces | None = None
+        self.networks: tuple[NetworkPlan, ...] = ()
 
     # ── set-up and tear-down (synchronous, around the event loop) ──
 
@@ -140,7 +148,10 @@ class Supervisor:
         self.record.save()
         self.cgroups.setup()
         self.record.add("cgroups", str(self.cgroups.instance_path))
-        self.sockets = bind_sockets(self.stack.sockets, self.record)
+        joined = [name for name, plan in self.plans.items() if plan.net == "join"]
+        if joined or self.stack.networks:
+            self._prepare_networks(joined)
+        self.sockets = bind_sockets(self.stack.sockets, self.record, self._inside)
         for service in self.stack.services:
             cgroup = self.cgroups.create(service.name)
             self.record.add("cgroups", str(cgroup.path))
@@ -148,9 +159,37 @@ class Supervisor:
             os.set_blocking(r, False)
             self.services[service.name] = ServiceRuntime(service, self.plans[service.name], cgroup, r, w)
 
+    def _prepare_networks(self, joined: list[str]) -> None:
+        from .network import Namespaces, allocation_lock, build_networks, choose_subnets
+        from .plan import RESOLV_CONF, hosts_file, plan_networks
+
+        assert self.record is not None
+        self.namespaces = Namespaces()
+        with allocation_lock():
+            subnets = choose_subnets(self.stack, self.runtime_dir)
+            self.record.subnets = [cidr for cidrs in subnets.values() for cidr in cidrs]
+            self.record.save()
+        self.networks = plan_networks(self.stack, subnets)
+        for name in joined:
+            self.namespaces.create(name, loopback=self.stack.service(name).network != "none")
+        for service in self.stack.services:
+            if service.attachments:
+                etc = self.runtime_dir / "etc" / service.name
+                etc.mkdir(parents=True, exist_ok=True)
+                (etc / "hosts").write_text(hosts_file(service, self.networks))
+                (etc / "resolv.conf").write_text(RESOLV_CONF)
+        build_networks(self.namespaces, self.networks)
+
+    def _inside(self, service: str | None) -> AbstractContextManager[None]:
+        if service is None or self.namespaces is None:
+            return nullcontext()
+        return self.namespaces.inside(service)
+
     def _cleanup(self) -> None:
         if self.fork_server is not None:
             self.fork_server.stop()
+        if self.namespaces is not None:
+            self.namespaces.close()  # the kernel frees the namespaces, with their links and bridges
         for rt in self.services.values():
             for fd in (rt.output_r, rt.output_w, rt.pidfd):
                 if fd >= 0:
@@ -162,6 +201,7 @@ class Supervisor:
         self.cgroups.teardown()
         for path in (self.runtime_dir / "state.json", self.runtime_dir / "state.json.tmp"):
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.runtime_dir / "etc", ignore_errors=True)
         for directory in (self.root_dir, self.runtime_dir, RUNTIME_ROOT):
             try:
                 directory.rmdir()
@@ -226,8 +266,9 @@ class Supervisor:
         self.by_launch[rt.launch_id] = rt
         fds = [self.sockets[key].sock.fileno() for key in rt.plan.fd_sockets]
         rt.requested_ns = time.monotonic_ns()
+        netns = self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
         rt.channel = self.fork_server.send_launch(
-            rt.launch_id, rt.plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, str(self.root_dir), rt.output_w, fds
+            rt.launch_id, rt.plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, str(self.root_dir), rt.output_w, fds, netns
         )
         asyncio.get_running_loop().add_reader(rt.channel, self._on_status, rt)
 
@@ -416,6 +457,22 @@ class Supervisor:
         else:
             self.held_output.append((name, line))
 
+    def _describe_network(self, rt: ServiceRuntime) -> str:
+        match rt.spec.network:
+            case "host":
+                return "network: host (shares the host's network namespace)"
+            case "none":
+                return "network: none"
+            case "private":
+                return "network: private (lo only)"
+        places = [
+            f"{network.name} {' '.join(a.split('/')[0] for a in member.addresses)}"
+            for network in self.networks
+            for member in network.members
+            if member.service == rt.spec.name
+        ]
+        return "on " + ", ".join(places)
+
     def _print_summary(self, elapsed: float) -> None:
         latencies = [(rt.exec_ns - rt.requested_ns) / 1e6 for rt in self.services.values() if rt.exec_ns]
         median = f", median launch {statistics.median(latencies):.1f} ms" if latencies else ""
@@ -423,10 +480,12 @@ class Supervisor:
         for rt in self.services.values():
             socks = []
             for fd, key in enumerate(rt.plan.fd_sockets, start=3):
-                socks.append(f"{self.sockets[key].real_address()} (fd {fd} {rt.plan.fd_names[fd - 3]})")
+                sock_unit = next(s for s in self.stack.sockets if s.name == key[0])
+                inside = f" in {sock_unit.netns if sock_unit.netns != 'service' else rt.spec.name}'s namespace" if sock_unit.netns != "host" else ""
+                socks.append(f"{self.sockets[key].real_address()}{inside} (fd {fd} {rt.plan.fd_names[fd - 3]})")
             uses = [f"uses {name}" for name in rt.spec.uses]
             where = f"pid {rt.pid}" if rt.state is State.RUNNING else rt.state.value
-            self.console.note(f"  {rt.spec.name}: {where}; " + ("; ".join(socks + uses) or "no sockets"))
+            self.console.note(f"  {rt.spec.name}: {where}; {self._describe_network(rt)}; " + ("; ".join(socks + uses) or "no sockets"))
         self.summary_printed = True
         for name, line in self.held_output:
             self.console.line(name, line)

@@ -49,7 +49,7 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
         {"web.yaml": "kind: socket\nlisten: unix:/run/web.sock\nfrobnicate: 1\n"},
         (
             "web.yaml:3: frobnicate: unknown key 'frobnicate'; expected one of: "
-            "kind, name, service, listen, fdname, backlog, mode, reuseport"
+            "kind, name, service, listen, fdname, backlog, mode, reuseport, netns"
         ),
     ),
     (
@@ -257,37 +257,35 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
         "uses of a tcp socket",
         {"app.yaml": SERVICE + "uses: db\n", "db.yaml": "kind: socket\nservice: app\nlisten: 127.0.0.1:5432\n"},
         (
-            "app.yaml:4: uses: socket 'db' listens on tcp:127.0.0.1:5432: services are in private network namespaces; "
-            "using a tcp/udp socket needs a shared network, which is not supported yet — use a unix socket"
+            "app.yaml:4: uses: socket 'db' listens on tcp:127.0.0.1:5432, but it is bound in the host's network "
+            "namespace, which 'app' does not share; bind it in its service's namespace (netns: service) on a network "
+            "both are attached to, or use a unix socket"
         ),
     ),
     (
         "uses of an abstract socket",
         {"app.yaml": SERVICE + "uses: [db]\n", "db.yaml": "kind: socket\nservice: app\nlisten: unix:@db\n"},
-        (
-            "app.yaml:4: uses[0]: socket 'db' listens on unix:@db: abstract sockets belong to the host's network "
-            "namespace and cannot be reached from a sandbox; use a path"
-        ),
+        "app.yaml:4: uses[0]: socket 'db' listens on unix:@db, but abstract sockets belong to one network namespace (the host's); use a path",
     ),
     (
-        "network kind",
-        {"app.yaml": SERVICE + "---\nkind: network\n"},
-        "app.yaml:5: kind: unknown kind 'network' (network units are not supported yet); expected one of: service, socket",
+        "unknown kind",
+        {"app.yaml": SERVICE + "---\nkind: volume\n"},
+        "app.yaml:5: kind: unknown kind 'volume'; expected one of: service, socket, network",
     ),
     (
         "kind that is not a string",
         {"app.yaml": "kind: [service]\ncommand: [app]\n"},
-        "app.yaml:1: kind: unknown kind a list; expected one of: service, socket",
+        "app.yaml:1: kind: unknown kind a list; expected one of: service, socket, network",
     ),
     (
         "missing kind",
         {"app.yaml": "name: app\ncommand: [app]\n"},
-        "app.yaml:1: kind: missing key 'kind'; expected one of: service, socket",
+        "app.yaml:1: kind: missing key 'kind'; expected one of: service, socket, network",
     ),
     (
         "document that is not a mapping",
         {"app.yaml": "- kind: service\n"},
-        "app.yaml:1: expected a unit, a mapping with 'kind: service' or 'kind: socket', got a list",
+        "app.yaml:1: expected a unit, a mapping with 'kind: service', 'kind: socket' or 'kind: network', got a list",
     ),
     (
         "invalid YAML",
@@ -442,6 +440,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             stop_timeout=10.0,
             mounts=(),
             uses=(),
+            network="private",
         ),
     )
     assert stack.sockets == (
@@ -455,6 +454,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             backlog=socket.SOMAXCONN,
             mode=0o666,
             reuseport=False,
+            netns="host",
         ),
     )
 

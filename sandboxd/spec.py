@@ -779,14 +779,15 @@ def _unreachable(client: Service, sock: Socket, address: Address, services: dict
     if owner == client.name or (owner is None and client.network == "host"):
         return None
     if address.is_abstract:
-        return f"abstract sockets belong to one network namespace ({f'{owner!r}' + chr(39) + 's' if owner else 'the host' + chr(39) + 's'}); use a path"
+        where = f"that of '{owner}'" if owner else "the host's"
+        return f"abstract sockets belong to one network namespace ({where}); use a path"
     if owner is None:
         return (
             f"it is bound in the host's network namespace, which '{client.name}' does not share; bind it in its "
             f"service's namespace (netns: service) on a network both are attached to, or use a unix socket"
         )
     if address.host and ipaddress.ip_address(address.host).is_loopback:
-        return f"it listens on loopback inside '{owner}''s namespace, which only '{owner}' reaches; listen on 0.0.0.0 or [::]"
+        return f"it listens on loopback inside the namespace of '{owner}', which only '{owner}' reaches; listen on 0.0.0.0 or [::]"
     found = services.get(owner)
     shared = _networks_of(found.unit if found and isinstance(found.unit, Service) else None)
     if shared & _networks_of(client):
@@ -882,7 +883,7 @@ def _bad_address(unit: _Found, key: str, name: str, network: Network, address: s
         return [unit.error(key, f"{address}: network '{name}' has no IPv{ip.version} subnet; give it one (subnet:) to fix addresses in it")]
     net = nets[0]
     if ip not in net:
-        return [unit.error(key, f"{address} is outside network '{name}''s subnet {net}")]
+        return [unit.error(key, f"{address} is outside the subnet {net} of network '{name}'")]
     if ip == net.network_address or (ip.version == 4 and ip == net.broadcast_address):
         return [unit.error(key, f"{address} is the network or broadcast address of {net}; pick a host address")]
     owner = taken.setdefault((name, str(ip)), unit.name or "")

@@ -26,10 +26,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .cgroups import detect
     from .plan import HostFacts, init_path, plan_stack
     from .spec import load_stack
-    from .state import clean_stale
+    from .state import RUNTIME_ROOT, clean_stale
     from .supervisor import Supervisor, instance_name
-
-    from .state import RUNTIME_ROOT
 
     stack = load_stack(Path(args.dir))
     instance = instance_name(stack, args.project_name)

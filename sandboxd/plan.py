@@ -11,9 +11,9 @@ name, and within one unit its `listen` entries in the order written. Fds start a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import posixpath
-import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

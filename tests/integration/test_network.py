@@ -6,13 +6,11 @@ import ipaddress
 import json
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write
+
 
 def host_routes_into(net: ipaddress.IPv4Network) -> list[str]:
     """Routes of the host, other than the default, that lead into `net`."""

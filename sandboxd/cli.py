@@ -26,8 +26,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .cgroups import detect
     from .plan import HostFacts, init_path, plan_stack
     from .spec import load_stack
-    from .state import RUNTIME_ROOT, clean_stale
-    from .supervisor import Supervisor, instance_name
+    from .state import RUNTIME_ROOT, clean_stale, instance_name
 
     stack = load_stack(Path(args.dir))
     instance = instance_name(stack, args.project_name)
@@ -36,7 +35,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
     host = detect()
     clean_stale()
-    return Supervisor(stack, plans, host, instance).run()
+    from .launcher import ForkServer
+
+    # Before the supervisor's imports (asyncio): every sandbox is a fork of this smaller process.
+    fork_server = ForkServer.start()
+    from .supervisor import Supervisor
+
+    return Supervisor(stack, plans, host, instance, fork_server=fork_server).run()
 
 
 def cmd_config(args: argparse.Namespace) -> int:

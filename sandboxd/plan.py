@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # the fork server imports this module and should stay small: 
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+NOTIFY_PATH_IN_SANDBOX = "/run/.sbd-notify"
+
 # The service is the first child of the init (pid 1) in a fresh pid namespace, so it is pid 2.
 SERVICE_PID_IN_SANDBOX = 2
 
@@ -109,6 +111,11 @@ class NetworkPlan:
     bridge: str
     subnets: tuple[str, ...]
     members: tuple[Member, ...]
+
+
+def uses_notify(service: Service) -> bool:
+    """Whether the service gets a NOTIFY_SOCKET (readiness, status, watchdog)."""
+    return service.ready == "notify" or service.watchdog > 0
 
 
 def net_mode(stack: Stack, service: Service) -> NetMode:
@@ -284,6 +291,8 @@ def plan_service(
     if net != "host":
         # Its own sysfs shows the sandbox's links; with the host's network the host's stays.
         mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, MountOp("sysfs", "/sys"))
+    if uses_notify(service):
+        user_mounts.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))
     if service.attachments:
         etc = f"{facts.runtime_dir}/etc/{service.name}"
         user_mounts += [MountOp("bind", "/etc/hosts", f"{etc}/hosts"), MountOp("bind", "/etc/resolv.conf", f"{etc}/resolv.conf")]
@@ -302,6 +311,11 @@ def plan_service(
     command_error = _command_error(service, env["PATH"], user_mounts, exists)
     if command_error:
         raise SpecErrors([command_error])
+    if uses_notify(service):
+        env["NOTIFY_SOCKET"] = NOTIFY_PATH_IN_SANDBOX
+    if service.watchdog:
+        env["WATCHDOG_USEC"] = str(int(service.watchdog * 1_000_000))
+        env["WATCHDOG_PID"] = str(SERVICE_PID_IN_SANDBOX)
     if fd_names:
         env["LISTEN_FDS"] = str(len(fd_names))
         env["LISTEN_PID"] = str(SERVICE_PID_IN_SANDBOX)

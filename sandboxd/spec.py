@@ -37,7 +37,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from sandboxd.errors import SpecError, SpecErrors
 
 Family = Literal["tcp", "udp", "unix", "unix-dgram", "unix-seqpacket"]
-Restart = Literal["no", "on-failure", "always"]
+Restart = Literal["no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always"]
 NetworkMode = Literal["private", "none", "host"]
 
 _STREAM, _DGRAM, _SEQPACKET = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET
@@ -164,6 +164,14 @@ class Network:
 
 
 @dataclass(frozen=True)
+class StartLimit:
+    """At most `burst` starts within `interval` seconds; then the service is failed and stays so."""
+
+    burst: int
+    interval: float
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     file: Path
@@ -174,11 +182,18 @@ class Service:
     hostname: str
     restart: Restart
     restart_delay: float
+    restart_steps: int
+    restart_max_delay: float
+    start_limit: StartLimit
     stop_signal: int
     stop_timeout: float
     mounts: tuple[Mount, ...]
     uses: tuple[str, ...]
     network: NetworkMode | tuple[Attachment, ...]
+    ready: Literal["started", "notify"]
+    notify_access: Literal["main", "all"]
+    start_timeout: float
+    watchdog: float
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -308,7 +323,7 @@ _absolute = _checked(
 )
 _boolean = _checked(lambda v: isinstance(v, bool), "true or false")
 _restart = _checked(  # `v is False` because YAML 1.1 reads an unquoted `no` as false
-    lambda v: v in get_args(Restart) or v is False, "one of: no, on-failure, always", lambda v: v or "no"
+    lambda v: v in get_args(Restart) or v is False, f"one of: {', '.join(get_args(Restart))}", lambda v: v or "no"
 )
 _backlog = _checked(lambda v: _is_int(v) and 1 <= v <= 65535, "a backlog from 1 to 65535")
 _fdname = _checked(
@@ -532,6 +547,19 @@ def _subnets(node: Node, folder: Path) -> tuple[str, ...]:
     return _one_per_version(subnets, "subnet", node)
 
 
+_START_LIMIT_KEYS = {
+    "burst": _Key(_checked(lambda v: _is_int(v) and v >= 1, "a whole number of 1 or more"), 5),
+    "interval": _Key(_scalar(parse_duration), 10.0),
+}
+
+
+def _start_limit(node: Node, folder: Path) -> StartLimit:
+    values, problems = _read_keys(node, _START_LIMIT_KEYS, folder, "a mapping with burst and interval")
+    if problems:
+        raise _Invalid(*problems)
+    return StartLimit(**_with_defaults(values, _START_LIMIT_KEYS, ""))
+
+
 _internal = _checked(
     lambda v: v is True,
     "true (networks are internal: no address on the host, no route, no forwarding; others are not supported yet)",
@@ -551,11 +579,18 @@ _SERVICE_KEYS = {
     "hostname": _Key(_hostname, _UNIT_NAME),
     "restart": _Key(_restart, "on-failure"),
     "restart_delay": _Key(_scalar(parse_duration), 0.1),
+    "restart_steps": _Key(_checked(lambda v: _is_int(v) and 0 <= v <= 1000, "a whole number from 0 to 1000"), 0),
+    "restart_max_delay": _Key(_scalar(parse_duration), 5.0),
+    "start_limit": _Key(lambda node, folder: _start_limit(node, folder), StartLimit(5, 10.0)),
     "stop_signal": _Key(_scalar(_signal_number), int(signal.SIGTERM)),
     "stop_timeout": _Key(_scalar(parse_duration), 10.0),
     "mounts": _Key(_list(_mount, "a list of mappings with source, target and readonly"), ()),
     "uses": _Key(_list(_name, "a socket name or a list of them", single=True), ()),
     "network": _Key(_network_mode, "private"),
+    "ready": _Key(_checked(lambda v: v in ("started", "notify"), "started or notify"), "started"),
+    "notify_access": _Key(_checked(lambda v: v in ("main", "all"), "main or all"), "main"),
+    "start_timeout": _Key(_scalar(parse_duration), 90.0),
+    "watchdog": _Key(_scalar(parse_duration), 0.0),
 }
 _SOCKET_KEYS = {
     "service": _Key(_name, _UNIT_NAME),

@@ -14,8 +14,12 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cgroups import Cgroup, remove_empty
+
+if TYPE_CHECKING:
+    from .spec import Stack
 
 RUNTIME_ROOT = Path(os.environ.get("SANDBOXD_RUNTIME_DIR", "/run/sandboxd"))
 
@@ -38,6 +42,12 @@ class StateRecord:
     def add(self, kind: str, path: str) -> None:
         getattr(self, kind).append(path)
         self.save()
+
+
+def instance_name(stack: Stack, project: str | None) -> str:
+    name = project or stack.name
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "stack"
+    return cleaned
 
 
 def _alive(pid: int) -> bool:

@@ -6,11 +6,15 @@ logged once with its reason.
     state      event                      next       action
     ─────────  ─────────────────────────  ─────────  ──────────────────────────────────────────
     stopped    start                      starting   ask the fork server for a sandbox
-    starting   child about to exec        running    remember its host pid (and a pidfd)
-    starting   set-up failed / exited     backoff    or failed/exited, per `restart:`
-    running    exited                     backoff    or failed/exited, per `restart:`
+    starting   child about to exec        running    remember its host pid (and a pidfd);
+                                                     with `ready: notify` arm start_timeout
+    starting   set-up failed / exited     backoff    or failed/exited, per restart.py
+    running    READY=1                    ready      (only with `ready: notify`)
+    ready      RELOADING=1 / READY=1      reloading / ready
+    running    start_timeout / watchdog   (same)     stop it; its exit counts as timeout/watchdog
+    running,   exited                     backoff    or failed/exited, per restart.py;
+    ready                                            start_limit exceeded: failed for good
     backoff    delay elapsed              starting   the same sockets, a new sandbox
-    backoff    5 restarts within 10 s     failed     "gave up" once, the rest keep running
     *          stop                       stopping   stop_signal to the init; SIGKILL to the
                                                      cgroup after stop_timeout
     stopping   exited                     stopped
@@ -21,6 +25,7 @@ The sockets are bound before the first sandbox exists and stay open until the st
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +33,6 @@ import signal
 import socket
 import statistics
 import time
-from collections import deque
 from collections.abc import Awaitable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -40,7 +44,9 @@ from .cgroups import Cgroup, CgroupHost, CgroupManager
 from .console import Console
 from .errors import HostError, LaunchError
 from .launcher import ForkServer, read_status
-from .plan import LaunchPlan, NetworkPlan
+from .notify import NotifySocket, host_pid, main_pid_of
+from .plan import LaunchPlan, NetworkPlan, uses_notify
+from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
 from .sockets import BoundSocket, bind_sockets, close_sockets
 from .spec import Service, Stack
 from .state import RUNTIME_ROOT, StateRecord, _alive
@@ -48,15 +54,12 @@ from .state import RUNTIME_ROOT, StateRecord, _alive
 if TYPE_CHECKING:
     from .network import Namespaces
 
-START_LIMIT_BURST = 5
-START_LIMIT_INTERVAL = 10.0
-MAX_RESTART_DELAY = 5.0
-
-
 class State(Enum):
     STOPPED = "stopped"
     STARTING = "starting"
     RUNNING = "running"
+    READY = "ready"
+    RELOADING = "reloading"
     BACKOFF = "backoff"
     STOPPING = "stopping"
     EXITED = "exited"
@@ -64,6 +67,7 @@ class State(Enum):
 
 
 FINAL = (State.STOPPED, State.EXITED, State.FAILED)
+ALIVE = (State.STARTING, State.RUNNING, State.READY, State.RELOADING)
 
 
 @dataclass
@@ -83,28 +87,29 @@ class ServiceRuntime:
     exec_ns: int = 0
     started_at: float = 0.0
     restarts: int = 0
-    recent_failures: deque[float] = field(default_factory=deque)
+    limiter: StartLimiter | None = None
+    notify: NotifySocket | None = None
+    status_text: str = ""
+    errno: int = 0
+    main_pid: int = 0
+    kill_reason: tuple[Outcome, str] | None = None
+    start_timer: asyncio.TimerHandle | None = None
+    watchdog_timer: asyncio.TimerHandle | None = None
     partial: bytes = b""
     timer: asyncio.TimerHandle | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def describe_status(status: int) -> tuple[bool, str]:
-    """(clean, text) for a wait status of the sandbox init (dumb-init exits 128+n for a signal)."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return False, f"killed by {signal.Signals(sig).name}"
-    code = os.WEXITSTATUS(status)
-    if code > 128 and code - 128 < signal.NSIG:
-        try:
-            return False, f"killed by {signal.Signals(code - 128).name}"
-        except ValueError:
-            pass
-    return code == 0, f"exited with code {code}"
-
-
 class Supervisor:
-    def __init__(self, stack: Stack, plans: dict[str, LaunchPlan], cgroup_host: CgroupHost, instance: str, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        plans: dict[str, LaunchPlan],
+        cgroup_host: CgroupHost,
+        instance: str,
+        console: Console | None = None,
+        fork_server: ForkServer | None = None,
+    ) -> None:
         self.stack = stack
         self.plans = plans
         self.instance = instance
@@ -113,7 +118,7 @@ class Supervisor:
         self.cgroups = CgroupManager(cgroup_host, instance)
         self.console = console or Console([s.name for s in stack.services])
         self.record: StateRecord | None = None
-        self.fork_server: ForkServer | None = None
+        self.fork_server = fork_server
         self.sockets: dict[tuple[str, int], BoundSocket] = {}
         self.services: dict[str, ServiceRuntime] = {}
         self.by_launch: dict[int, ServiceRuntime] = {}
@@ -140,8 +145,8 @@ class Supervisor:
             pid = json.loads(existing.read_text()).get("pid", 0)
             if _alive(pid):
                 raise HostError(f"a stack named {self.instance!r} is already running (pid {pid})", "stop it first, or pick another name with -p NAME")
-        # Forked first, while this process has no thread and no event loop.
-        self.fork_server = ForkServer.start()
+        if self.fork_server is None:  # forked first, while this process has no thread and no event loop
+            self.fork_server = ForkServer.start()
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.root_dir.mkdir(exist_ok=True)
         self.record = StateRecord(self.runtime_dir)
@@ -158,6 +163,10 @@ class Supervisor:
             r, w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(r, False)
             self.services[service.name] = ServiceRuntime(service, self.plans[service.name], cgroup, r, w)
+        for rt in self.services.values():
+            if uses_notify(rt.spec):
+                (self.runtime_dir / "notify").mkdir(exist_ok=True)
+                rt.notify = NotifySocket(self.runtime_dir / "notify" / rt.spec.name)
 
     def _prepare_networks(self, joined: list[str]) -> None:
         from .network import Namespaces, allocation_lock, build_networks, choose_subnets
@@ -201,7 +210,11 @@ class Supervisor:
         self.cgroups.teardown()
         for path in (self.runtime_dir / "state.json", self.runtime_dir / "state.json.tmp"):
             path.unlink(missing_ok=True)
+        for rt in self.services.values():
+            if rt.notify is not None:
+                rt.notify.close()
         shutil.rmtree(self.runtime_dir / "etc", ignore_errors=True)
+        shutil.rmtree(self.runtime_dir / "notify", ignore_errors=True)
         for directory in (self.root_dir, self.runtime_dir, RUNTIME_ROOT):
             try:
                 directory.rmdir()
@@ -232,6 +245,8 @@ class Supervisor:
         loop.add_reader(self.fork_server.conn, self._on_fork_server_message)
         for rt in self.services.values():
             loop.add_reader(rt.output_r, self._on_output, rt)
+            if rt.notify is not None:
+                loop.add_reader(rt.notify.sock, self._on_notify, rt)
 
         started = time.monotonic()
         for rt in self.services.values():
@@ -261,6 +276,9 @@ class Supervisor:
         self._transition(rt, State.STARTING, "start" if rt.restarts == 0 else f"restart #{rt.restarts}")
         rt.launch_error = None
         rt.pid, rt.exec_ns = 0, 0
+        if rt.limiter is None:
+            rt.limiter = StartLimiter(rt.spec)
+        rt.limiter.record(time.monotonic())
         rt.cgroup.renew()
         rt.launch_id = self.fork_server.next_id()
         self.by_launch[rt.launch_id] = rt
@@ -289,7 +307,10 @@ class Supervisor:
                 self._close_channel(rt)
                 if rt.launch_error is None and rt.state is State.STARTING:
                     rt.started_at = time.monotonic()
-                    self._transition(rt, State.RUNNING, f"pid {rt.pid}")
+                    rt.main_pid = 0
+                    waiting = " (waiting for READY=1)" if rt.spec.ready == "notify" else ""
+                    self._transition(rt, State.RUNNING, f"pid {rt.pid}{waiting}")
+                    self._arm_timers(rt)
                     rt.settled.set()
                 elif rt.state is State.STOPPING and rt.pid and rt.launch_error is None:
                     self._send_stop_signal(rt)
@@ -337,37 +358,140 @@ class Supervisor:
             rt.timer = None
         if rt.cgroup.populated():
             rt.cgroup.kill()  # the namespace's init is gone; make sure nothing else is left either
-        clean, text = describe_status(status)
+        self._disarm_timers(rt)
+        outcome, text = classify(status)
         if rt.launch_error is not None:
-            clean, text = False, f"could not start: {rt.launch_error.step}: {rt.launch_error.detail}"
+            outcome, text = "exit-code", f"could not start: {rt.launch_error.step}: {rt.launch_error.detail}"
+        if rt.kill_reason is not None:
+            outcome, why = rt.kill_reason
+            text = f"{why}; {text}"
+            rt.kill_reason = None
+        if rt.errno:
+            text += f" (ERRNO={rt.errno}: {os.strerror(rt.errno)})"
+            rt.errno = 0
         match rt.state:
             case State.STOPPING:
                 self._transition(rt, State.STOPPED, text)
-            case State.STARTING | State.RUNNING:
-                self._after_unexpected_exit(rt, clean, text)
+            case State.STARTING | State.RUNNING | State.READY | State.RELOADING:
+                self._after_unexpected_exit(rt, outcome, text)
             case _:
                 pass
         rt.settled.set()
         self._check_done()
 
-    def _after_unexpected_exit(self, rt: ServiceRuntime, clean: bool, text: str) -> None:
-        policy = rt.spec.restart
-        if self.stopping or policy == "no" or (policy == "on-failure" and clean):
-            self._transition(rt, State.EXITED if clean else State.FAILED, text)
+    def _after_unexpected_exit(self, rt: ServiceRuntime, outcome: Outcome, text: str) -> None:
+        final = State.EXITED if outcome == "success" else State.FAILED
+        if self.stopping or not should_restart(rt.spec.restart, outcome):
+            self._transition(rt, final, text)
             return
-        now = time.monotonic()
-        rt.recent_failures.append(now)
-        while rt.recent_failures and now - rt.recent_failures[0] > START_LIMIT_INTERVAL:
-            rt.recent_failures.popleft()
-        if len(rt.recent_failures) >= START_LIMIT_BURST:
+        assert rt.limiter is not None
+        if rt.limiter.exhausted(time.monotonic()):
+            limit = rt.spec.start_limit
             self._transition(
-                rt, State.FAILED, f"{text}; gave up after {START_LIMIT_BURST} restarts within {START_LIMIT_INTERVAL:g} s (the others keep running)"
+                rt, State.FAILED, f"{text}; gave up after {limit.burst} starts within {limit.interval:g} s (start_limit; the others keep running)"
             )
             return
-        delay = min(rt.spec.restart_delay * 2 ** (len(rt.recent_failures) - 1), MAX_RESTART_DELAY)
+        delay = restart_delay(rt.spec, rt.limiter.in_a_row)
         self._transition(rt, State.BACKOFF, f"{text}; restarting in {delay:g} s")
         rt.restarts += 1
         rt.timer = asyncio.get_running_loop().call_later(delay, self._restart_after_backoff, rt)
+
+    # ── readiness, start timeout and watchdog (sd_notify) ──
+
+    def _arm_timers(self, rt: ServiceRuntime) -> None:
+        loop = asyncio.get_running_loop()
+        if rt.spec.ready == "notify" and rt.spec.start_timeout > 0:
+            rt.start_timer = loop.call_later(rt.spec.start_timeout, self._on_start_timeout, rt)
+        if rt.spec.watchdog > 0:
+            rt.watchdog_timer = loop.call_later(rt.spec.watchdog, self._on_watchdog, rt)
+
+    def _disarm_timers(self, rt: ServiceRuntime) -> None:
+        for timer in (rt.start_timer, rt.watchdog_timer):
+            if timer is not None:
+                timer.cancel()
+        rt.start_timer = rt.watchdog_timer = None
+
+    def _on_start_timeout(self, rt: ServiceRuntime) -> None:
+        rt.start_timer = None
+        if rt.state is State.RUNNING:
+            self._kill_for(rt, "timeout", f"not ready within start_timeout ({rt.spec.start_timeout:g} s)", rt.spec.stop_signal)
+
+    def _on_watchdog(self, rt: ServiceRuntime) -> None:
+        rt.watchdog_timer = None
+        if rt.state in (State.RUNNING, State.READY, State.RELOADING):
+            self._kill_for(rt, "watchdog", f"watchdog timeout: no WATCHDOG=1 within {rt.spec.watchdog:g} s", signal.SIGABRT)
+
+    def _kill_for(self, rt: ServiceRuntime, outcome: Outcome, why: str, sig: int) -> None:
+        """Stop a service that failed while running; its exit is then judged as `outcome`."""
+        self.console.note(f"{rt.spec.name}: {why}; sending {signal.Signals(sig).name}")
+        rt.kill_reason = (outcome, why)
+        self._disarm_timers(rt)
+        self._signal_init(rt, sig)
+
+        def kill_after_timeout() -> None:
+            if rt.kill_reason is not None and rt.state in ALIVE:
+                rt.cgroup.kill()
+
+        rt.timer = asyncio.get_running_loop().call_later(rt.spec.stop_timeout, kill_after_timeout)
+
+    def _signal_init(self, rt: ServiceRuntime, sig: int) -> None:
+        try:
+            if rt.pidfd >= 0:
+                signal.pidfd_send_signal(rt.pidfd, sig)
+            else:
+                rt.cgroup.kill()
+        except ProcessLookupError:
+            pass
+
+    def _on_notify(self, rt: ServiceRuntime) -> None:
+        assert rt.notify is not None
+        while (message := rt.notify.receive()) is not None:
+            try:
+                if self._may_notify(rt, message.pid):
+                    self._apply_notify(rt, message.fields)
+            finally:
+                message.close_fds()  # BARRIER=1's descriptor is answered by closing it; no fd store yet
+
+    def _may_notify(self, rt: ServiceRuntime, pid: int) -> bool:
+        if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not pid:
+            return False
+        if rt.spec.notify_access == "all":
+            return pid in rt.cgroup.pids()
+        if not rt.main_pid:
+            rt.main_pid = main_pid_of(rt.pid)
+        return pid == rt.main_pid
+
+    def _apply_notify(self, rt: ServiceRuntime, fields: dict[str, str]) -> None:
+        name = rt.spec.name
+        if "MAINPID" in fields and fields["MAINPID"].isdigit():
+            rt.main_pid = host_pid(rt.cgroup.pids(), int(fields["MAINPID"])) or rt.main_pid
+        if "STATUS" in fields and fields["STATUS"] != rt.status_text:
+            rt.status_text = fields["STATUS"]
+            self.console.note(f"{name}: status: {rt.status_text}")
+        if fields.get("ERRNO", "").isdigit():
+            rt.errno = int(fields["ERRNO"])
+        if "WATCHDOG_USEC" in fields and fields["WATCHDOG_USEC"].isdigit():
+            rt.spec = dataclasses.replace(rt.spec, watchdog=int(fields["WATCHDOG_USEC"]) / 1e6)
+        if fields.get("WATCHDOG") == "1" and rt.spec.watchdog > 0:
+            if rt.watchdog_timer is not None:
+                rt.watchdog_timer.cancel()
+            rt.watchdog_timer = asyncio.get_running_loop().call_later(rt.spec.watchdog, self._on_watchdog, rt)
+        elif fields.get("WATCHDOG") == "trigger":
+            self._on_watchdog(rt)
+            return
+        if fields.get("EXTEND_TIMEOUT_USEC", "").isdigit() and rt.start_timer is not None:
+            rt.start_timer.cancel()
+            extra = int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6
+            rt.start_timer = asyncio.get_running_loop().call_later(extra, self._on_start_timeout, rt)
+        if fields.get("STOPPING") == "1":
+            self.console.note(f"{name}: says it is stopping")
+        if fields.get("RELOADING") == "1" and rt.state is State.READY:
+            self._transition(rt, State.RELOADING, "RELOADING=1")
+        if fields.get("READY") == "1" and rt.state in (State.RUNNING, State.RELOADING):
+            if rt.start_timer is not None:
+                rt.start_timer.cancel()
+                rt.start_timer = None
+            self._transition(rt, State.READY, "READY=1" + (f" after {time.monotonic() - rt.started_at:.3f} s" if rt.state is State.RUNNING else ""))
 
     def _restart_after_backoff(self, rt: ServiceRuntime) -> None:
         rt.timer = None
@@ -402,8 +526,9 @@ class Supervisor:
                 rt.timer = None
             self._transition(rt, State.STOPPED, "stop requested during restart delay")
             return
-        if rt.state not in (State.STARTING, State.RUNNING):
+        if rt.state not in ALIVE:
             return
+        self._disarm_timers(rt)
         self._transition(rt, State.STOPPING, f"sending {signal.Signals(rt.spec.stop_signal).name}")
         rt.settled.clear()
         if rt.pid and rt.channel is None:
@@ -484,18 +609,16 @@ class Supervisor:
                 inside = f" in {sock_unit.netns if sock_unit.netns != 'service' else rt.spec.name}'s namespace" if sock_unit.netns != "host" else ""
                 socks.append(f"{self.sockets[key].real_address()}{inside} (fd {fd} {rt.plan.fd_names[fd - 3]})")
             uses = [f"uses {name}" for name in rt.spec.uses]
-            where = f"pid {rt.pid}" if rt.state is State.RUNNING else rt.state.value
+            where = f"pid {rt.pid}" if rt.state in (State.RUNNING, State.READY) else rt.state.value
+            if rt.state is State.RUNNING and rt.spec.ready == "notify":
+                where += ", waiting for READY=1"
+            if rt.status_text:
+                where += f", status: {rt.status_text}"
             self.console.note(f"  {rt.spec.name}: {where}; {self._describe_network(rt)}; " + ("; ".join(socks + uses) or "no sockets"))
         self.summary_printed = True
         for name, line in self.held_output:
             self.console.line(name, line)
         self.held_output.clear()
-
-
-def instance_name(stack: Stack, project: str | None) -> str:
-    name = project or stack.name
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "stack"
-    return cleaned
 
 
 def runtime_path(instance: str) -> Path:

@@ -17,18 +17,28 @@ What is measured, and how:
    isolation. svc.py takes its socket from the fd named by SVC_FD (default 3, what sandboxd
    gives); the launcher sets SVC_FD, LISTEN_FDS=1 and LISTEN_FDNAMES, but not LISTEN_PID, which
    cannot be known before the spawn without a preexec_fn (svc.py does not read it). Runs
-   alternate sandboxd, baseline, ... and the median of the repetitions is reported, after one
-   unrecorded warm-up of each (page cache). The services run the same interpreter in both: the
-   `python3` found on the PATH sandboxd gives its sandboxes.
-2. Launch latency (request to exec): sandboxd prints `N services launched in T ms, median
+   alternate sandboxd, baseline, sandboxd on a network (see 2), ... and the median of the
+   repetitions is reported, after one unrecorded warm-up of each (page cache). The services run
+   the same interpreter in all: the `python3` found on the PATH sandboxd gives its sandboxes.
+2. Services on a network, and teardown. In each repetition of 1, after the baseline, the same N
+   services are brought up once more, all attached to one `kind: network` unit `net` (each gets a
+   veth into the network's bridge; the sockets stay unix sockets bound on the host, so the clients
+   and the "until all accept" clock are the same). Reported beside the private run of 1 (every
+   service in a network namespace of its own, no link), with the ratio network/private. Teardown:
+   the clock starts at the SIGINT to sandboxd and stops when sandboxd has exited and both its
+   runtime dir (/run/sandboxd/STACK) and its cgroup dir (CGROUP/sandboxd/STACK) are gone, polled
+   every 2 ms for up to 5 s ("gone"); it is taken for every sandboxd run and reported for the
+   network runs, beside the private runs' stop (SIGINT to exit), a stand-in for the services' own
+   stop time; "beyond" is the difference.
+3. Launch latency (request to exec): sandboxd prints `N services launched in T ms, median
    launch M ms` on stderr; a 1-service stack is brought up and stopped repeatedly and the median
    of M is reported.
-3. Memory with 100 services running (sandboxd, then separately the baseline, each until all
+4. Memory with 100 services running (sandboxd, then separately the baseline, each until all
    100 accept, then after a 1 s settle): sandboxd's own RSS (VmRSS of `sandboxd up` plus its fork
-   server, the direct child with the same cmdline) and PSS (smaps_rollup). Extra memory per
-   sandbox: the mean PSS of the sandbox inits (dumb-init, the children of the fork server), and
-   the sum of PSS of every process in the stack's service cgroups / N minus the sum of PSS of the
-   baseline's N programs / N.
+   server, the direct child running sandboxd.launcher's serve_fd) and PSS (smaps_rollup). Extra
+   memory per sandbox: the mean PSS of the sandbox inits (dumb-init, the children of the fork
+   server), and the sum of PSS of every process in the stack's service cgroups / N minus the sum
+   of PSS of the baseline's N programs / N.
 
 Every process started is stopped in a finally (SIGINT, then SIGKILL after 30 s), only by its
 pid (the baseline launcher also by its own process group); temporary folders are removed.
@@ -69,7 +79,12 @@ SETTLE = 1.0  # before reading memory figures
 MEMORY_N = 100
 MIB = 1024.0
 
+GONE_TIMEOUT = 5.0  # after sandboxd exited, for its runtime and cgroup dirs to vanish
+GONE_POLL = 0.002
+
 TARGET_RATIO = {50: 1.10}
+TARGET_NETWORK_RATIO = {100: 1.30}  # network / private
+TARGET_TEARDOWN_S = 1.0  # gone (network) beyond stop (private)
 TARGET_LATENCY_MS = 9.0
 TARGET_RSS_MIB = 40.0
 TARGET_PER_SANDBOX_MIB = 2.0
@@ -138,27 +153,35 @@ class Stack:
     name: str
     spec_dir: Path
     paths: tuple[str, ...]  # one unix socket per service, in service order
+    network: bool = False  # all services attached to one network unit
 
     @property
     def script(self) -> Path:
         return self.spec_dir / "svc.py"
 
 
-def make_stack(root: Path, n: int) -> Stack:
-    """A spec folder of n services s0..s{n-1}, each fed by the socket root/sock-n/sI.sock."""
-    spec_dir, sock_dir = root / f"stack-{n}", root / f"sock-{n}"
+def make_stack(root: Path, n: int, network: bool = False) -> Stack:
+    """A spec folder of n services s0..s{n-1}, each fed by the socket root/sock-n/sI.sock.
+
+    With `network`, a network unit `net` too, and every service attached to it (a veth each).
+    """
+    tag = f"net-{n}" if network else str(n)
+    spec_dir, sock_dir = root / f"stack-{tag}", root / f"sock-{tag}"
     spec_dir.mkdir()
     sock_dir.mkdir()
     (spec_dir / "svc.py").write_text(SVC)
+    attach = "network: [net]\n" if network else ""
+    if network:
+        (spec_dir / "net.yaml").write_text("kind: network\nname: net\n")
     paths = []
     for i in range(n):
         path = f"{sock_dir}/s{i}.sock"
         paths.append(path)
         (spec_dir / f"s{i}.yaml").write_text(
-            "kind: service\ncommand: python3 /b/svc.py\nmounts: [{source: ., target: /b}]\n"
+            f"kind: service\ncommand: python3 /b/svc.py\nmounts: [{{source: ., target: /b}}]\n{attach}"
             f"---\nkind: socket\nlisten: unix:{path}\n"
         )
-    return Stack(f"sbdbench-{n}", spec_dir, tuple(paths))
+    return Stack(f"sbdbench-{tag}", spec_dir, tuple(paths), network)
 
 
 # ───────────────────────────── processes ─────────────────────────────
@@ -312,11 +335,26 @@ def instance_cgroup(stack: Stack) -> Path:
     return own_cgroup() / "sandboxd" / stack.name
 
 
+def stack_dirs(stack: Stack) -> tuple[Path, Path]:
+    """What must be gone once the stack is: its runtime dir and its cgroup dir."""
+    return RUNTIME_ROOT / stack.name, instance_cgroup(stack)
+
+
+def wait_gone(stack: Stack) -> float | None:
+    """Seconds from now until the stack's dirs are gone; None if they outlive GONE_TIMEOUT."""
+    started = time.monotonic()
+    while any(os.path.lexists(path) for path in stack_dirs(stack)):
+        if time.monotonic() - started > GONE_TIMEOUT:
+            return None
+        time.sleep(GONE_POLL)
+    return time.monotonic() - started
+
+
 def check_clean_after(stack: Stack, code: int) -> None:
     """sandboxd exited: it must have said 0 and left nothing of this stack behind."""
     if code != 0:
         problem(f"sandboxd up {stack.name} exited {code}, expected 0 after SIGINT")
-    for path in (RUNTIME_ROOT / stack.name, instance_cgroup(stack), *map(Path, stack.paths)):
+    for path in (*stack_dirs(stack), *map(Path, stack.paths)):
         if os.path.lexists(path):
             problem(f"left behind after sandboxd exited: {path}")
 
@@ -326,6 +364,7 @@ class StartRun:
     seconds: float
     stop_seconds: float
     launch_all_ms: float | None = None
+    gone_seconds: float | None = None  # SIGINT until exited and the stack's dirs are gone
 
 
 def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
@@ -333,8 +372,10 @@ def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
         seconds = wait_accepting(run, stack.paths)
         match = SUMMARY.search(run.stderr())
         stop_seconds, code = stop(run)
+        after_exit = wait_gone(stack)
+    gone = stop_seconds + after_exit if after_exit is not None else None
     check_clean_after(stack, code)
-    return StartRun(seconds, stop_seconds, float(match[1]) if match else None)
+    return StartRun(seconds, stop_seconds, float(match[1]) if match else None, gone)
 
 
 def start_baseline(stack: Stack, logs: Path) -> StartRun:
@@ -351,21 +392,28 @@ class StartRow:
     n: int
     sandboxd: list[StartRun]
     baseline: list[StartRun]
+    network: list[StartRun]  # the same services, all on one network
 
     def median(self, runs: list[StartRun], pick: Callable[[StartRun], float | None]) -> float | None:
         values = [v for v in map(pick, runs) if v is not None]
         return statistics.median(values) if values else None
 
 
-def parallel_start(stack: Stack, reps: int, logs: Path) -> StartRow:
-    row = StartRow(len(stack.paths), [], [])
+def parallel_start(stack: Stack, net_stack: Stack, reps: int, logs: Path) -> StartRow:
+    """Per repetition: sandboxd (private), baseline, sandboxd with every service on a network."""
+    row = StartRow(len(stack.paths), [], [], [])
     for rep in range(reps):
         row.sandboxd.append(start_sandboxd(stack, logs))
         time.sleep(0.3)
         row.baseline.append(start_baseline(stack, logs))
         time.sleep(0.3)
-        s, b = row.sandboxd[-1], row.baseline[-1]
-        note(f"  N={row.n} #{rep + 1}: sandboxd {s.seconds:.3f} s (stop {s.stop_seconds:.3f} s), baseline {b.seconds:.3f} s")
+        row.network.append(start_sandboxd(net_stack, logs))
+        time.sleep(0.3)
+        s, b, n = row.sandboxd[-1], row.baseline[-1], row.network[-1]
+        note(
+            f"  N={row.n} #{rep + 1}: sandboxd {s.seconds:.3f} s (stop {s.stop_seconds:.3f} s), baseline {b.seconds:.3f} s, "
+            f"network {n.seconds:.3f} s (stop {n.stop_seconds:.3f} s, gone {fmt_s(n.gone_seconds, 3)})"
+        )
     return row
 
 
@@ -418,6 +466,12 @@ def cmdline(pid: int) -> bytes:
     return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
+def is_fork_server(pid: int, sandboxd: int) -> bool:
+    """A child of sandboxd that is its fork server: a fork of it, or the lean interpreter running serve_fd."""
+    own = cmdline(pid)
+    return own == cmdline(sandboxd) or b"sandboxd.launcher import serve_fd" in own
+
+
 def cgroup_pids(stack: Stack) -> list[int]:
     pids = []
     for procs in sorted(instance_cgroup(stack).glob("*/cgroup.procs")):
@@ -439,7 +493,7 @@ def sandboxd_memory(stack: Stack, logs: Path) -> tuple[int, int, float, float]:
     with running(lambda: spawn_sandboxd(stack, logs)) as run:
         wait_accepting(run, stack.paths)
         time.sleep(SETTLE)
-        own = [run.proc.pid, *(c for c in children(run.proc.pid) if cmdline(c) == cmdline(run.proc.pid))]
+        own = [run.proc.pid, *(c for c in children(run.proc.pid) if is_fork_server(c, run.proc.pid))]
         if len(own) != 2:
             problem(f"expected sandboxd and one fork server, found pids {own}")
         inits = [pid for server in own[1:] for pid in children(server)]
@@ -491,8 +545,12 @@ def header() -> str:
     return f"sandboxd bench — {date}, {cpu_model()}, {cores} cores, kernel {platform.release()}, Python {platform.python_version()}"
 
 
-def fmt_s(value: float | None) -> str:
-    return f"{value:.2f} s" if value is not None else "—"
+def fmt_s(value: float | None, digits: int = 2) -> str:
+    return f"{value:.{digits}f} s" if value is not None else "—"
+
+
+def ratio_text(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}x" if num and den else "—"
 
 
 def start_table(rows: list[StartRow], reps: int) -> list[str]:
@@ -507,12 +565,41 @@ def start_table(rows: list[StartRow], reps: int) -> list[str]:
         stop_s = row.median(row.sandboxd, lambda r: r.stop_seconds)
         stop_b = row.median(row.baseline, lambda r: r.stop_seconds)
         launch = row.median(row.sandboxd, lambda r: r.launch_all_ms)
-        ratio = f"{s / b:.2f}x" if s and b else "—"
+        ratio = ratio_text(s, b)
         target = f"≤ {TARGET_RATIO[row.n]:.2f}x" if row.n in TARGET_RATIO else ""
         launch_text = f"{launch:.0f} ms" if launch is not None else "—"
         cells = f"  {row.n:<5}{fmt_s(s):<11}{fmt_s(b):<11}{ratio:<8}{fmt_s(stop_s):<9}{fmt_s(stop_b):<11}{launch_text:<10}"
         lines.append((cells + target).rstrip())
     return lines
+
+
+def network_table(rows: list[StartRow], reps: int) -> list[str]:
+    """Private vs network start, and the network stack's teardown beside the private stop."""
+    what = f"median of {reps}" if reps > 1 else "1 run"
+    lines = [
+        f"services on one network (a veth each) vs private namespaces (until all N accept, {what}; private = the runs above)",
+        f"  teardown: gone = SIGINT until sandboxd exited and /run/sandboxd/STACK and {CGROUP_V2}/sandboxd/STACK are gone",
+        f"  {'N':<5}{'private':<10}{'network':<10}{'ratio':<8}{'target':<9}{'stop priv':<11}{'stop net':<10}"
+        + f"{'gone net':<10}{'beyond':<9}target",
+    ]
+    lines += [network_line(row) for row in rows]
+    if not any(row.n in TARGET_NETWORK_RATIO for row in rows):
+        lines.append(f"  (targets at N = {', '.join(map(str, TARGET_NETWORK_RATIO))}: not measured in this run)")
+    return lines
+
+
+def network_line(row: StartRow) -> str:
+    private = row.median(row.sandboxd, lambda r: r.seconds)
+    network = row.median(row.network, lambda r: r.seconds)
+    stop_priv = row.median(row.sandboxd, lambda r: r.stop_seconds)
+    stop_net = row.median(row.network, lambda r: r.stop_seconds)
+    gone = row.median(row.network, lambda r: r.gone_seconds)
+    if len([r for r in row.network if r.gone_seconds is not None]) < len(row.network):
+        gone = None  # some run's dirs were never gone: no median of the rest
+    beyond = f"{gone - stop_priv:+.2f} s" if gone is not None and stop_priv is not None else "—"
+    target = f"≤ {TARGET_NETWORK_RATIO[row.n]:.2f}x" if row.n in TARGET_NETWORK_RATIO else ""
+    start = f"  {row.n:<5}{fmt_s(private):<10}{fmt_s(network):<10}{ratio_text(network, private):<8}{target:<9}"
+    return start + f"{fmt_s(stop_priv):<11}{fmt_s(stop_net):<10}{fmt_s(gone):<10}{beyond:<9}< {TARGET_TEARDOWN_S:g} s"
 
 
 def latency_line(latencies: list[float], runs: int) -> str:
@@ -560,18 +647,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def bench(args: argparse.Namespace, root: Path) -> list[str]:
     logs = root / "logs"
     stacks = {n: make_stack(root, n) for n in sorted({*args.sizes, 1, MEMORY_N})}
-    note(f"warm-up (N={min(args.sizes)}, not counted)")
-    start_sandboxd(stacks[min(args.sizes)], logs)
-    start_baseline(stacks[min(args.sizes)], logs)
+    net_stacks = {n: make_stack(root, n, network=True) for n in args.sizes}
+    warm = min(args.sizes)
+    note(f"warm-up (N={warm}, not counted)")
+    start_sandboxd(stacks[warm], logs)
+    start_baseline(stacks[warm], logs)
+    start_sandboxd(net_stacks[warm], logs)
     rows = []
     for n in args.sizes:
         note(f"parallel start, N={n}")
-        rows.append(parallel_start(stacks[n], args.reps, logs))
+        rows.append(parallel_start(stacks[n], net_stacks[n], args.reps, logs))
     note(f"launch latency, {args.latency_runs} runs")
     latencies = launch_latency(stacks[1], args.latency_runs, logs)
     note(f"memory, N={MEMORY_N}")
     mem = memory(stacks[MEMORY_N], logs)
-    return [header(), *start_table(rows, args.reps), latency_line(latencies, args.latency_runs), *memory_lines(mem)]
+    tables = [*start_table(rows, args.reps), *network_table(rows, args.reps)]
+    return [header(), *tables, latency_line(latencies, args.latency_runs), *memory_lines(mem)]
 
 
 def main(argv: list[str] | None = None) -> int:

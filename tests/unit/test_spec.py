@@ -15,6 +15,7 @@ from sandboxd.spec import (
     Mount,
     Service,
     Socket,
+    StartLimit,
     load_stack,
     parse_address,
     parse_duration,
@@ -100,7 +101,7 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
     (
         "unknown restart policy",
         {"app.yaml": SERVICE + "restart: sometimes\n"},
-        "app.yaml:4: restart: expected one of: no, on-failure, always, got 'sometimes'",
+        "app.yaml:4: restart: expected one of: no, on-success, on-failure, on-abnormal, on-watchdog, on-abort, always, got 'sometimes'",
     ),
     (
         "boolean where a duration is expected",
@@ -386,7 +387,7 @@ def test_unit_with_problems_still_counts_as_defined_for_other_checks(tmp_path: P
             "api-socket.yaml": "kind: socket\nservice: api\nlisten: unix:/run/api.sock\n",
         },
     )
-    assert problems(folder) == ["api.yaml:3: restart: expected one of: no, on-failure, always, got 'never'"]
+    assert problems(folder) == ["api.yaml:3: restart: expected one of: no, on-success, on-failure, on-abnormal, on-watchdog, on-abort, always, got 'never'"]
 
 
 def test_unreadable_file_is_reported_on_line_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -436,11 +437,18 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             hostname="api",
             restart="on-failure",
             restart_delay=0.1,
+            restart_steps=0,
+            restart_max_delay=5.0,
+            start_limit=StartLimit(5, 10.0),
             stop_signal=signal.SIGTERM,
             stop_timeout=10.0,
             mounts=(),
             uses=(),
             network="private",
+            ready="started",
+            notify_access="main",
+            start_timeout=90.0,
+            watchdog=0.0,
         ),
     )
     assert stack.sockets == (

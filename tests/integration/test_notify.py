@@ -1,0 +1,125 @@
+"""Readiness and the watchdog over sd_notify, with real programs that speak the protocol."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import write
+
+
+def test_systemd_notify_marks_the_service_ready_with_its_status(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        ready: notify
+        command: [sh, -c, 'sleep 0.2; systemd-notify --ready --status="warmed up" --pid=$$; exec sleep 1000']
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_for("svc: running -> ready: READY=1", "err")
+    assert "svc: status: warmed up" in stack.err
+    assert stack.stop() == 0
+
+
+PY_SYSTEMD = r'''
+import os, socket
+from systemd import daemon
+fds = daemon.listen_fds()  # checks LISTEN_PID against getpid(), as libsystemd does
+sock = socket.socket(fileno=fds[0])
+daemon.notify("READY=1\nSTATUS=serving on fd %d" % fds[0])
+while True:
+    c, _ = sock.accept()
+    c.sendall(b"ok from python-systemd\n")
+    c.close()
+'''
+
+
+def test_python_systemd_receives_its_sockets_and_notifies(run_stack, spec_dir: Path, socket_dir: Path):
+    if subprocess.run(["/usr/bin/python3", "-c", "import systemd.daemon"], capture_output=True).returncode:
+        pytest.fail("python3-systemd is missing: scripts/test installs it (apt-get install python3-systemd)")
+    write(spec_dir, "app.py", PY_SYSTEMD)
+    write(
+        spec_dir,
+        "svc.yaml",
+        f"""
+        kind: service
+        ready: notify
+        command: [python3, /t/app.py]
+        mounts: [{{source: ., target: /t}}]
+        ---
+        kind: socket
+        listen: unix:{socket_dir}/svc.sock
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_for("svc: running -> ready: READY=1", "err")
+    assert "svc: status: serving on fd 3" in stack.err
+    import socket
+
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(5)
+    c.connect(str(socket_dir / "svc.sock"))
+    assert c.makefile().readline() == "ok from python-systemd\n"
+    c.close()
+    assert stack.stop() == 0
+
+
+def test_notifications_from_other_processes_are_ignored_with_notify_access_main(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        ready: notify
+        start_timeout: 600ms
+        restart: "no"
+        command: [sh, -c, 'sh -c "systemd-notify --ready"; echo sent; exec sleep 1000']
+        """,
+    )
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 1
+    assert "svc: not ready within start_timeout (0.6 s); sending SIGTERM" in stack.err
+    assert "-> failed: not ready within start_timeout (0.6 s); killed by SIGTERM" in stack.err
+    assert "-> ready" not in stack.err
+
+
+def test_missed_watchdog_fails_the_service_and_restarts_it(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        ready: notify
+        watchdog: 300ms
+        restart: on-watchdog
+        restart_delay: 50ms
+        command: [sh, -c, 'systemd-notify --ready --pid=$$; echo "watchdog every $WATCHDOG_USEC us"; exec sleep 1000']
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_for("svc | watchdog every 300000 us", "out")
+    stack.wait_for("restart #1", "err")
+    assert "svc: watchdog timeout: no WATCHDOG=1 within 0.3 s; sending SIGABRT" in stack.err
+    assert "svc: ready -> backoff: watchdog timeout: no WATCHDOG=1 within 0.3 s; killed by SIGABRT; restarting" in stack.err
+    assert stack.stop() == 0
+
+
+def test_watchdog_kept_alive_by_the_service_never_fires(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        ready: notify
+        watchdog: 300ms
+        command: [sh, -c, 'systemd-notify --ready --pid=$$; for i in $(seq 12); do systemd-notify WATCHDOG=1 --pid=$$; sleep 0.1; done; echo survived; exec sleep 1000']
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_for("svc | survived", "out")
+    assert "watchdog timeout" not in stack.err
+    assert stack.stop() == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -100,6 +101,33 @@ class Cgroup:
         except FileNotFoundError:
             return []
 
+    def cpu_usage_usec(self) -> int:
+        """CPU time used by the cgroup so far (cgroup2's cpu.stat has it without any controller)."""
+        try:
+            for line in (self.path / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def holds_sockets_besides(self, listening: list[socket.socket]) -> bool:
+        """Whether any process in the cgroup has a socket open other than `listening` (a connection)."""
+        known = {f"socket:[{os.fstat(s.fileno()).st_ino}]" for s in listening}
+        for pid in self.pids():
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:") and target not in known:
+                    return True
+        return False
+
     def populated(self) -> bool:
         try:
             text = (self.path / "cgroup.events").read_text()
@@ -169,6 +197,11 @@ class CgroupManager:
         cg.path.mkdir(exist_ok=True)
         self.created.append(cg)
         return cg
+
+    def remove(self, cgroup: Cgroup) -> None:
+        """Remove one cgroup before the end (a per-connection instance that ended)."""
+        cgroup.remove()
+        self.created.remove(cgroup)
 
     def teardown(self) -> None:
         for cg in reversed(self.created):

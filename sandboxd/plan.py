@@ -69,6 +69,7 @@ class LaunchPlan:
     # private: a fresh namespace with lo up; none: fresh, lo down; host: the host's; join: the
     # namespace sandboxd made for this service before it started (networks, sockets bound inside).
     net: NetMode = "private"
+    per_connection: bool = False  # fed by accept: true sockets: one sandbox per connection
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +87,7 @@ class LaunchPlan:
             fd_names=tuple(data["fd_names"]),
             fd_sockets=tuple((s, i) for s, i in data["fd_sockets"]),
             net=data["net"],
+            per_connection=data["per_connection"],
         )
 
 
@@ -333,6 +335,7 @@ def plan_service(
         fd_names=tuple(fd_names),
         fd_sockets=tuple(fd_sockets),
         net=net,
+        per_connection=any(sock.accept for sock in stack.sockets_of(service.name)),
     )
 
 

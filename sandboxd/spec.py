@@ -194,6 +194,8 @@ class Service:
     notify_access: Literal["main", "all"]
     start_timeout: float
     watchdog: float
+    start: Literal["eager", "on-demand"]
+    idle_stop: float
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -212,6 +214,8 @@ class Socket:
     mode: int
     reuseport: bool
     netns: str  # "host", or the service in whose network namespace sandboxd binds it
+    accept: bool  # one sandbox of the service per accepted connection (systemd's Accept=yes)
+    max_connections: int
 
 
 
@@ -591,6 +595,8 @@ _SERVICE_KEYS = {
     "notify_access": _Key(_checked(lambda v: v in ("main", "all"), "main or all"), "main"),
     "start_timeout": _Key(_scalar(parse_duration), 90.0),
     "watchdog": _Key(_scalar(parse_duration), 0.0),
+    "start": _Key(_checked(lambda v: v in ("eager", "on-demand"), "eager or on-demand"), "eager"),
+    "idle_stop": _Key(_scalar(parse_duration), 0.0),
 }
 _SOCKET_KEYS = {
     "service": _Key(_name, _UNIT_NAME),
@@ -601,6 +607,8 @@ _SOCKET_KEYS = {
     "reuseport": _Key(_boolean, False),
     "netns": _Key(_checked(lambda v: isinstance(v, str) and (_NAME.fullmatch(v)), "host, service, or a service name"), "host"),
 }
+_SOCKET_KEYS["accept"] = _Key(_boolean, False)
+_SOCKET_KEYS["max_connections"] = _Key(_checked(lambda v: _is_int(v) and 1 <= v <= 65536, "a whole number from 1 to 65536"), 64)
 _NETWORK_KEYS = {
     "subnet": _Key(_subnets, ()),
     "internal": _Key(_internal, True),
@@ -643,7 +651,7 @@ def load_stack(folder: Path) -> Stack:
     for file in _spec_files(root):
         errors += _load_file(file, found)
     errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
-    errors += _bad_networks(found) + _bad_netns(found)
+    errors += _bad_networks(found) + _bad_netns(found) + _bad_activation(found)
     if errors:
         raise SpecErrors(errors)
     units = sorted((f.unit for f in found if f.unit is not None), key=lambda unit: unit.name)
@@ -925,3 +933,29 @@ def _bad_address(unit: _Found, key: str, name: str, network: Network, address: s
     if owner != unit.name:
         return [unit.error(key, f"{address} on network '{name}' is already taken by service '{owner}'")]
     return []
+
+
+def _bad_activation(found: list[_Found]) -> list[SpecError]:
+    """accept: true needs a stream socket, and a service fed by one is started per connection only."""
+    errors = []
+    sockets = [unit for unit in found if isinstance(unit.unit, Socket)]
+    for unit in sockets:
+        assert isinstance(unit.unit, Socket)
+        if unit.unit.accept:
+            for index, address in enumerate(unit.unit.listen):
+                if address.socktype != socket.SOCK_STREAM:
+                    errors.append(unit.error(unit.key("listen", index), f"{address} is not a stream socket; accept: true needs tcp: or unix:"))
+            others = [
+                other.name
+                for other in sockets
+                if isinstance(other.unit, Socket) and other.unit.service == unit.unit.service and not other.unit.accept
+            ]
+            if others:
+                errors.append(
+                    unit.error(
+                        "accept",
+                        f"service '{unit.unit.service}' gets one sandbox per connection from this socket, so it cannot "
+                        f"also be fed by socket(s) without accept: {', '.join(sorted(str(o) for o in others))}",
+                    )
+                )
+    return errors

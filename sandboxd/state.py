@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,13 +52,14 @@ def instance_name(stack: Stack, project: str | None) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Whether `pid` is a running process (a zombie, killed but not yet reaped, is not)."""
+    if pid <= 0:
         return False
-    except PermissionError:
-        return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def remove_recorded(directory: Path) -> None:
@@ -67,7 +69,9 @@ def remove_recorded(directory: Path) -> None:
     except (OSError, ValueError):
         data = {}
     for path in reversed(data.get("cgroups", [])):
-        Cgroup(Path(path)).remove()
+        # Per-connection instances live below a service's or the stack's cgroup: deepest first.
+        for cgroup_dir, _subdirs, _files in os.walk(path, topdown=False):
+            Cgroup(Path(cgroup_dir)).remove()
     for path in data.get("files", []):
         try:
             os.unlink(path)
@@ -81,6 +85,20 @@ def remove_recorded(directory: Path) -> None:
     for path in data.get("cgroups", [])[:1]:
         # The first entry is the instance's cgroup; its parent is the shared "sandboxd" one.
         remove_empty(Path(path).parent)
+    _remove_tree(directory)
+
+
+def _remove_tree(directory: Path) -> None:
+    """rmtree, retried briefly: the sandbox root below it is a mount point in the mount namespaces
+    of the dead run's sandboxes, which the kernel tears down a moment after their last process."""
+    for _ in range(100):
+        try:
+            shutil.rmtree(directory)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -9,7 +9,10 @@ logged once with its reason.
     starting   child about to exec        running    remember its host pid (and a pidfd);
                                                      with `ready: notify` arm start_timeout
     starting   set-up failed / exited     backoff    or failed/exited, per restart.py
+    stopped    on-demand / accept         waiting    watch its sockets
+    waiting    a connection arrives       starting   (on-demand) / a new instance (accept: true)
     running    READY=1                    ready      (only with `ready: notify`)
+    running    idle for idle_stop         stopping   then waiting again (scale to zero)
     ready      RELOADING=1 / READY=1      reloading / ready
     running    start_timeout / watchdog   (same)     stop it; its exit counts as timeout/watchdog
     running,   exited                     backoff    or failed/exited, per restart.py;
@@ -28,6 +31,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 
 class State(Enum):
     STOPPED = "stopped"
+    WAITING = "waiting"  # for a connection: on-demand, or one sandbox per connection
     STARTING = "starting"
     RUNNING = "running"
     READY = "ready"
@@ -95,9 +100,31 @@ class ServiceRuntime:
     kill_reason: tuple[Outcome, str] | None = None
     start_timer: asyncio.TimerHandle | None = None
     watchdog_timer: asyncio.TimerHandle | None = None
+    watching: bool = False
+    idle_stopping: bool = False
+    idle_timer: asyncio.TimerHandle | None = None
+    last_activity: float = 0.0
+    last_usage: int = -1
+    instances: int = 0
+    instance_counter: int = 0
+
+    @property
+    def per_connection(self) -> bool:
+        return self.plan.per_connection
     partial: bytes = b""
     timer: asyncio.TimerHandle | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Instance:
+    """One sandbox of a per-connection service, serving one accepted connection."""
+
+    rt: ServiceRuntime
+    name: str
+    cgroup: Cgroup
+    channel: socket.socket | None = None
+    pidfd: int = -1
 
 
 class Supervisor:
@@ -128,6 +155,8 @@ class Supervisor:
         self.done = asyncio.Event()
         self.namespaces: Namespaces | None = None
         self.networks: tuple[NetworkPlan, ...] = ()
+        self.instances: dict[int, Instance] = {}
+        self.no_instances = asyncio.Event()
 
     # ── set-up and tear-down (synchronous, around the event loop) ──
 
@@ -137,6 +166,9 @@ class Supervisor:
             self._prepare()
             return asyncio.run(self._main())
         finally:
+            # A Ctrl-C now must not cut the clean-up short and leave things behind.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self._cleanup()
 
     def _prepare(self) -> None:
@@ -248,9 +280,15 @@ class Supervisor:
             if rt.notify is not None:
                 loop.add_reader(rt.notify.sock, self._on_notify, rt)
 
+        self.no_instances = asyncio.Event()
+        self.no_instances.set()
         started = time.monotonic()
         for rt in self.services.values():
-            self._launch(rt)
+            if rt.per_connection or rt.spec.start == "on-demand":
+                self._wait_for_connection(rt)
+                rt.settled.set()
+            else:
+                self._launch(rt)
         await self._first_of(asyncio.gather(*(rt.settled.wait() for rt in self.services.values())), stop_requested.wait())
         self._print_summary(time.monotonic() - started)
         await self._first_of(stop_requested.wait(), self.done.wait())
@@ -337,6 +375,10 @@ class Supervisor:
             return
         message = json.loads(data)
         launch_id: int = message.get("exit", message.get("failed"))
+        instance = self.instances.pop(launch_id, None)
+        if instance is not None:
+            self._on_instance_exit(instance, message.get("status", 127 << 8))
+            return
         launched = self.by_launch.pop(launch_id, None)
         if launched is None:
             return
@@ -370,6 +412,10 @@ class Supervisor:
             text += f" (ERRNO={rt.errno}: {os.strerror(rt.errno)})"
             rt.errno = 0
         match rt.state:
+            case State.STOPPING if rt.idle_stopping and not self.stopping:
+                rt.idle_stopping = False
+                self._transition(rt, State.WAITING, f"{text}; waiting for the next connection")
+                self._watch(rt)
             case State.STOPPING:
                 self._transition(rt, State.STOPPED, text)
             case State.STARTING | State.RUNNING | State.READY | State.RELOADING:
@@ -382,6 +428,11 @@ class Supervisor:
     def _after_unexpected_exit(self, rt: ServiceRuntime, outcome: Outcome, text: str) -> None:
         final = State.EXITED if outcome == "success" else State.FAILED
         if self.stopping or not should_restart(rt.spec.restart, outcome):
+            if rt.spec.start == "on-demand" and not self.stopping:
+                # Socket activation: the socket is watched again, as systemd re-arms a .socket unit.
+                self._transition(rt, State.WAITING, f"{text}; waiting for the next connection")
+                self._watch(rt)
+                return
             self._transition(rt, final, text)
             return
         assert rt.limiter is not None
@@ -404,12 +455,13 @@ class Supervisor:
             rt.start_timer = loop.call_later(rt.spec.start_timeout, self._on_start_timeout, rt)
         if rt.spec.watchdog > 0:
             rt.watchdog_timer = loop.call_later(rt.spec.watchdog, self._on_watchdog, rt)
+        self._arm_idle_check(rt)
 
     def _disarm_timers(self, rt: ServiceRuntime) -> None:
-        for timer in (rt.start_timer, rt.watchdog_timer):
+        for timer in (rt.start_timer, rt.watchdog_timer, rt.idle_timer):
             if timer is not None:
                 timer.cancel()
-        rt.start_timer = rt.watchdog_timer = None
+        rt.start_timer = rt.watchdog_timer = rt.idle_timer = None
 
     def _on_start_timeout(self, rt: ServiceRuntime) -> None:
         rt.start_timer = None
@@ -526,10 +578,18 @@ class Supervisor:
                 rt.timer = None
             self._transition(rt, State.STOPPED, "stop requested during restart delay")
             return
+        if rt.state is State.STOPPING:
+            await rt.settled.wait()
+            return
         if rt.state not in ALIVE:
             return
+        self._begin_stop(rt, f"sending {signal.Signals(rt.spec.stop_signal).name}")
+        await rt.settled.wait()
+
+    def _begin_stop(self, rt: ServiceRuntime, reason: str) -> None:
+        """stop_signal to the init now; SIGKILL to the whole cgroup after stop_timeout."""
         self._disarm_timers(rt)
-        self._transition(rt, State.STOPPING, f"sending {signal.Signals(rt.spec.stop_signal).name}")
+        self._transition(rt, State.STOPPING, reason)
         rt.settled.clear()
         if rt.pid and rt.channel is None:
             self._send_stop_signal(rt)
@@ -540,11 +600,166 @@ class Supervisor:
                 rt.cgroup.kill()
 
         rt.timer = asyncio.get_running_loop().call_later(rt.spec.stop_timeout, kill_after_timeout)
-        await rt.settled.wait()
 
     async def _stop_all(self) -> None:
         self.stopping = True
-        await asyncio.gather(*(self._stop(rt) for rt in self.services.values()))
+        for rt in self.services.values():
+            self._unwatch(rt)
+            if rt.state is State.WAITING:
+                self._transition(rt, State.STOPPED, "stop requested")
+        await asyncio.gather(*(self._stop(rt) for rt in self.services.values()), self._stop_instances())
+
+    # ── activation: on the first connection, or one sandbox per connection ──
+
+    def _wait_for_connection(self, rt: ServiceRuntime) -> None:
+        if rt.state is not State.WAITING:
+            what = "one sandbox per connection" if rt.per_connection else "the first connection"
+            self._transition(rt, State.WAITING, f"starts on {what}")
+        self._watch(rt)
+
+    def _watch(self, rt: ServiceRuntime) -> None:
+        if rt.watching or self.stopping:
+            return
+        loop = asyncio.get_running_loop()
+        for key in rt.plan.fd_sockets:
+            if rt.per_connection:
+                loop.add_reader(self.sockets[key].sock, self._on_accept, rt, key)
+            else:
+                loop.add_reader(self.sockets[key].sock, self._on_activation, rt, key)
+        rt.watching = True
+
+    def _unwatch(self, rt: ServiceRuntime) -> None:
+        if rt.watching:
+            loop = asyncio.get_running_loop()
+            for key in rt.plan.fd_sockets:
+                loop.remove_reader(self.sockets[key].sock)
+            rt.watching = False
+
+    def _on_activation(self, rt: ServiceRuntime, key: tuple[str, int]) -> None:
+        self._unwatch(rt)
+        if rt.limiter is not None and rt.limiter.exhausted(time.monotonic()):
+            limit = rt.spec.start_limit
+            self._transition(
+                rt,
+                State.FAILED,
+                f"socket {key[0]}: its service keeps failing on activation ({limit.burst} starts within "
+                f"{limit.interval:g} s); no longer activated (trigger limit)",
+            )
+            self._check_done()
+            return
+        self.console.note(f"{rt.spec.name}: activated by {self.sockets[key].real_address()}")
+        self._launch(rt)
+
+    def _on_accept(self, rt: ServiceRuntime, key: tuple[str, int]) -> None:
+        """Accept one connection and start a sandbox of its own for it (systemd's Accept=yes)."""
+        assert self.fork_server is not None
+        max_connections = min(next(s for s in self.stack.sockets if s.name == key[0]).max_connections, 65536)
+        if rt.instances >= max_connections:
+            self._unwatch(rt)  # further connections wait in the queue until an instance ends
+            return
+        try:
+            conn, peer = self.sockets[key].sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        rt.instance_counter += 1
+        rt.instances += 1
+        self.no_instances.clear()
+        name = f"{rt.spec.name}@{rt.instance_counter}"
+        env = [(k, v) for k, v in rt.plan.env if not k.startswith("LISTEN_")]
+        env += [("LISTEN_FDS", "1"), ("LISTEN_PID", "2"), ("LISTEN_FDNAMES", "connection")]
+        if isinstance(peer, tuple):
+            env += [("REMOTE_ADDR", str(peer[0])), ("REMOTE_PORT", str(peer[1]))]
+        plan = dataclasses.replace(rt.plan, service=name, env=tuple(env), fd_names=("connection",), fd_sockets=())
+        cgroup = self.cgroups.create(name)
+        launch_id = self.fork_server.next_id()
+        instance = Instance(rt, name, cgroup)
+        self.instances[launch_id] = instance
+        netns = self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
+        try:
+            instance.channel = self.fork_server.send_launch(
+                launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(self.root_dir), rt.output_w, [conn.fileno()], netns
+            )
+        finally:
+            conn.close()  # the fork server holds its own copy now
+        asyncio.get_running_loop().add_reader(instance.channel, self._on_instance_status, instance)
+        if rt.instances >= max_connections:
+            self._unwatch(rt)
+
+    def _on_instance_status(self, instance: Instance) -> None:
+        assert instance.channel is not None
+        while True:
+            try:
+                kind, launched = read_status(instance.channel, instance.name)
+            except LaunchError as e:
+                self.console.note(f"{instance.name}: could not start: {e.step}: {e.detail}")
+                continue
+            if kind == "pending" and launched is not None:
+                instance.pidfd = launched.pidfd
+                continue
+            if kind == "done":
+                asyncio.get_running_loop().remove_reader(instance.channel)
+                instance.channel.close()
+                instance.channel = None
+            return
+
+    def _on_instance_exit(self, instance: Instance, status: int) -> None:
+        if instance.channel is not None:
+            self._on_instance_status(instance)
+        if instance.pidfd >= 0:
+            os.close(instance.pidfd)
+        outcome, text = classify(status)
+        if outcome != "success" and not self.stopping:
+            self.console.note(f"{instance.name}: {text}")
+        if instance.cgroup.populated():
+            instance.cgroup.kill()
+        self.cgroups.remove(instance.cgroup)
+        rt = instance.rt
+        rt.instances -= 1
+        if not any(True for _ in self.instances.values()):
+            self.no_instances.set()
+        if not self.stopping and rt.state is State.WAITING:
+            self._watch(rt)
+
+    async def _stop_instances(self) -> None:
+        for instance in list(self.instances.values()):
+            try:
+                if instance.pidfd >= 0:
+                    signal.pidfd_send_signal(instance.pidfd, instance.rt.spec.stop_signal)
+                else:
+                    instance.cgroup.kill()
+            except ProcessLookupError:
+                pass
+        timeout = max((i.rt.spec.stop_timeout for i in self.instances.values()), default=0.0)
+        try:
+            await asyncio.wait_for(self.no_instances.wait(), timeout)
+        except TimeoutError:
+            for instance in list(self.instances.values()):
+                instance.cgroup.kill()
+            await self.no_instances.wait()
+
+    # ── scale to zero: idle_stop ──
+
+    def _arm_idle_check(self, rt: ServiceRuntime) -> None:
+        if rt.spec.idle_stop > 0 and rt.spec.start == "on-demand":
+            rt.last_activity, rt.last_usage = time.monotonic(), -1
+            period = max(rt.spec.idle_stop / 5, 0.05)
+            rt.idle_timer = asyncio.get_running_loop().call_later(period, self._idle_check, rt, period)
+
+    def _idle_check(self, rt: ServiceRuntime, period: float) -> None:
+        rt.idle_timer = None
+        if rt.state not in (State.RUNNING, State.READY):
+            return
+        now = time.monotonic()
+        usage = rt.cgroup.cpu_usage_usec()
+        listening = [self.sockets[key].sock for key in rt.plan.fd_sockets]
+        pending = bool(select.select(listening, [], [], 0)[0])
+        if pending or usage != rt.last_usage or rt.cgroup.holds_sockets_besides(listening):
+            rt.last_activity, rt.last_usage = now, usage
+        if now - rt.last_activity >= rt.spec.idle_stop:
+            rt.idle_stopping = True
+            self._begin_stop(rt, f"idle for {rt.spec.idle_stop:g} s")
+            return
+        rt.idle_timer = asyncio.get_running_loop().call_later(period, self._idle_check, rt, period)
 
     # ── output ──
 

@@ -105,6 +105,7 @@ LAUNCHER = """\
 import os, signal, socket, subprocess, sys
 python, script, *paths = sys.argv[1:]
 signal.signal(signal.SIGTERM, signal.default_int_handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (a background job)
 socks, procs = [], []
 try:
     for path in paths:

@@ -120,12 +120,26 @@ class Stack:
         )
         os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
         os.set_blocking(self.proc.stderr.fileno(), False)  # type: ignore[union-attr]
-        self.out = ""
-        self.err = ""
+        self._out = ""
+        self._err = ""
+
+    @property
+    def out(self) -> str:
+        """Everything the services printed so far (read afresh on every access)."""
+        self._read()
+        return self._out
+
+    @property
+    def err(self) -> str:
+        """Everything sandboxd itself said so far."""
+        self._read()
+        return self._err
 
     def _read(self) -> None:
-        for stream, attr in ((self.proc.stdout, "out"), (self.proc.stderr, "err")):
+        for stream, attr in ((self.proc.stdout, "_out"), (self.proc.stderr, "_err")):
             assert stream is not None
+            if stream.closed:
+                continue
             data = stream.read()
             if data:
                 setattr(self, attr, getattr(self, attr) + data.decode(errors="replace"))
@@ -150,6 +164,13 @@ class Stack:
         self._read()
         prefix = f"{service} "
         return [line.split("| ", 1)[1] for line in self.out.splitlines() if line.startswith(prefix) and "| " in line]
+
+    def wait_lines(self, service: str, count: int, timeout: float = 15.0) -> list[str]:
+        """The service's output once it has printed at least `count` lines."""
+        deadline = time.monotonic() + timeout
+        while len(lines := self.lines(service)) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return lines
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

@@ -50,7 +50,7 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
         {"web.yaml": "kind: socket\nlisten: unix:/run/web.sock\nfrobnicate: 1\n"},
         (
             "web.yaml:3: frobnicate: unknown key 'frobnicate'; expected one of: "
-            "kind, name, service, listen, fdname, backlog, mode, reuseport, netns"
+            "kind, name, service, listen, fdname, backlog, mode, reuseport, netns, accept, max_connections"
         ),
     ),
     (
@@ -449,6 +449,8 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             notify_access="main",
             start_timeout=90.0,
             watchdog=0.0,
+            start="eager",
+            idle_stop=0.0,
         ),
     )
     assert stack.sockets == (
@@ -463,6 +465,8 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             mode=0o666,
             reuseport=False,
             netns="host",
+            accept=False,
+            max_connections=64,
         ),
     )
 

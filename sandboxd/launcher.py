@@ -220,6 +220,12 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
         os.setsid()
+        # The init is opened on the host's file system: wherever sandboxd is installed (even below
+        # /tmp, which the sandbox replaces), it is executed through this descriptor.
+        step.name = f"open the init {plan.argv[0]}"
+        opened = os.open(plan.argv[0], os.O_PATH | os.O_CLOEXEC)
+        init_fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
+        os.close(opened)
         _build_root(request["root"], plan.mounts, step)
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
@@ -232,11 +238,13 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = f"change directory to {plan.workdir}"
         os.chdir(plan.workdir)
         # Whatever else this process holds, inherited or ours, the service does not get.
-        os.closerange(3 + len(socket_fds), channel.fileno())
-        os.closerange(channel.fileno() + 1, 1 << 20)
+        keep = sorted((channel.fileno(), init_fd))
+        os.closerange(3 + len(socket_fds), keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 1 << 20)
         _report(channel, {"exec": time.monotonic_ns()})
         step.name = f"execute {plan.argv[2] if len(plan.argv) > 2 else plan.argv[0]}"
-        os.execve(plan.argv[0], list(plan.argv), dict(plan.env))
+        os.execve(init_fd, list(plan.argv), dict(plan.env))
     except OSError as e:
         detail = e.strerror or str(e)
         if e.filename:

@@ -163,6 +163,18 @@ class Network:
     internal: bool
 
 
+Condition = Literal["started", "ready", "completed"]
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """Start only once `service` has started, is ready, or has completed successfully."""
+
+    service: str
+    condition: Condition
+    line: int
+
+
 @dataclass(frozen=True)
 class StartLimit:
     """At most `burst` starts within `interval` seconds; then the service is failed and stays so."""
@@ -196,6 +208,7 @@ class Service:
     watchdog: float
     start: Literal["eager", "on-demand"]
     idle_stop: float
+    after: tuple[Dependency, ...]
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -564,6 +577,21 @@ def _start_limit(node: Node, folder: Path) -> StartLimit:
     return StartLimit(**_with_defaults(values, _START_LIMIT_KEYS, ""))
 
 
+_DEPENDENCY_KEYS = {
+    "service": _Key(_name, _Required("the service to wait for")),
+    "condition": _Key(_checked(lambda v: v in get_args(Condition), "started, ready or completed"), "started"),
+}
+
+
+def _dependency(node: Node, folder: Path) -> Dependency:
+    if isinstance(node, ScalarNode):
+        return Dependency(_name(node, folder), "started", _line(node))
+    values, problems = _read_keys(node, _DEPENDENCY_KEYS, folder, "a service name or a mapping with service and condition")
+    if problems:
+        raise _Invalid(*problems)
+    return Dependency(line=_line(node), **_with_defaults(values, _DEPENDENCY_KEYS, ""))
+
+
 _internal = _checked(
     lambda v: v is True,
     "true (networks are internal: no address on the host, no route, no forwarding; others are not supported yet)",
@@ -597,6 +625,7 @@ _SERVICE_KEYS = {
     "watchdog": _Key(_scalar(parse_duration), 0.0),
     "start": _Key(_checked(lambda v: v in ("eager", "on-demand"), "eager or on-demand"), "eager"),
     "idle_stop": _Key(_scalar(parse_duration), 0.0),
+    "after": _Key(lambda node, folder: _list(_dependency, "a list of service names or {service, condition} mappings", single=True)(node, folder), ()),
 }
 _SOCKET_KEYS = {
     "service": _Key(_name, _UNIT_NAME),
@@ -651,7 +680,7 @@ def load_stack(folder: Path) -> Stack:
     for file in _spec_files(root):
         errors += _load_file(file, found)
     errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
-    errors += _bad_networks(found) + _bad_netns(found) + _bad_activation(found)
+    errors += _bad_networks(found) + _bad_netns(found) + _bad_activation(found) + _bad_dependencies(found)
     if errors:
         raise SpecErrors(errors)
     units = sorted((f.unit for f in found if f.unit is not None), key=lambda unit: unit.name)
@@ -959,3 +988,46 @@ def _bad_activation(found: list[_Found]) -> list[SpecError]:
                     )
                 )
     return errors
+
+
+def _bad_dependencies(found: list[_Found]) -> list[SpecError]:
+    """`after:` must name existing services and must not go round in a circle."""
+    services = _first_of_each(found, "service")
+    errors = []
+    graph: dict[str, list[str]] = {}
+    for unit in found:
+        if not isinstance(unit.unit, Service):
+            continue
+        graph[unit.unit.name] = []
+        for index, dep in enumerate(unit.unit.after):
+            if dep.service not in services:
+                errors.append(unit.error(unit.key("after", index), f"no service '{dep.service}' to wait for{_suggest(dep.service, services, 'services')}"))
+            elif dep.service == unit.unit.name:
+                errors.append(unit.error(unit.key("after", index), "a service cannot wait for itself"))
+            else:
+                graph[unit.unit.name].append(dep.service)
+    reported: set[frozenset[str]] = set()
+    for start in sorted(graph):
+        cycle = _find_cycle(graph, start)
+        if cycle and frozenset(cycle) not in reported:
+            reported.add(frozenset(cycle))
+            unit = services[cycle[0]]
+            errors.append(unit.error("after", f"dependency cycle: {' -> '.join([*cycle, cycle[0]])}; use sockets instead, which need no order"))
+    return errors
+
+
+def _find_cycle(graph: dict[str, list[str]], start: str) -> list[str] | None:
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :]
+        path.append(node)
+        for nxt in graph.get(node, []):
+            if (found := visit(nxt)) is not None:
+                return found
+        path.pop()
+        return None
+
+    cycle = visit(start)
+    return cycle if cycle and cycle[0] == start else None

@@ -52,7 +52,7 @@ from .notify import NotifySocket, host_pid, main_pid_of
 from .plan import LaunchPlan, NetworkPlan, uses_notify
 from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
 from .sockets import BoundSocket, bind_sockets, close_sockets
-from .spec import Service, Stack
+from .spec import Dependency, Service, Stack
 from .state import RUNTIME_ROOT, StateRecord, _alive
 
 if TYPE_CHECKING:
@@ -286,6 +286,10 @@ class Supervisor:
         for rt in self.services.values():
             if rt.per_connection or rt.spec.start == "on-demand":
                 self._wait_for_connection(rt)
+                rt.settled.set()
+            elif rt.spec.after:
+                waits = ", ".join(f"{d.service} ({d.condition})" for d in rt.spec.after)
+                self.console.note(f"{rt.spec.name}: waits for {waits}")
                 rt.settled.set()
             else:
                 self._launch(rt)
@@ -555,9 +559,47 @@ class Supervisor:
         quiet = {(State.STOPPED, State.STARTING), (State.STARTING, State.RUNNING)} if not self.summary_printed else set()
         if (old, new) not in quiet:
             self.console.note(f"{rt.spec.name}: {old.value} -> {new.value}: {reason}")
+        if new in (State.RUNNING, State.READY, State.EXITED, State.FAILED, State.WAITING):
+            asyncio.get_running_loop().call_soon(self._release_dependents)
+
+    # ── after: dependencies for what cannot go through a socket ──
+
+    def _condition(self, dep: Dependency) -> bool | None:
+        """Whether `dep` is met (True), not yet (False), or never will be (None)."""
+        other = self.services[dep.service]
+        notify = other.spec.ready == "notify"
+        match dep.condition:
+            case "started":
+                met = other.state in (State.RUNNING, State.READY, State.RELOADING, State.WAITING, State.EXITED)
+            case "ready":
+                met = other.state in (State.READY, State.WAITING) or (other.state is State.RUNNING and not notify)
+            case "completed":
+                met = other.state is State.EXITED
+        if met:
+            return True
+        return None if other.state in (State.FAILED, State.STOPPED) or (dep.condition != "completed" and other.state is State.EXITED) else False
+
+    def _release_dependents(self) -> None:
+        if self.stopping:
+            return
+        for rt in self.services.values():
+            if rt.state is not State.STOPPED or not rt.spec.after or rt.restarts or rt.limiter is not None:
+                continue
+            results = [(dep, self._condition(dep)) for dep in rt.spec.after]
+            broken = [dep for dep, met in results if met is None]
+            if broken:
+                dep = broken[0]
+                self._transition(rt, State.FAILED, f"{dep.service} will never be {dep.condition} (it is {self.services[dep.service].state.value})")
+                self._check_done()
+            elif all(met for _, met in results):
+                self._launch(rt)
 
     def _check_done(self) -> None:
-        if all(rt.state in FINAL for rt in self.services.values()):
+        def finished(rt: ServiceRuntime) -> bool:
+            pending = rt.state is State.STOPPED and bool(rt.spec.after) and rt.limiter is None
+            return rt.state in FINAL and not pending
+
+        if all(finished(rt) for rt in self.services.values()):
             self.done.set()
 
     # ── stopping ──

@@ -288,3 +288,54 @@ def test_unix_socket_is_visible_to_its_client_through_uses(run_stack, spec_dir: 
     stack = run_stack(spec_dir)
     stack.wait_for("client | got pong", "out")
     assert stack.stop() == 0
+
+
+def test_after_waits_for_a_migration_to_complete_and_for_readiness(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "stack.yaml",
+        """
+        kind: service
+        name: migrate
+        restart: "no"
+        command: [sh, -c, "sleep 0.3; echo migrated"]
+        ---
+        kind: service
+        name: db
+        ready: notify
+        command: [sh, -c, "sleep 0.3; systemd-notify --ready --pid=$$; exec sleep 1000"]
+        ---
+        kind: service
+        name: app
+        after: [{service: migrate, condition: completed}, {service: db, condition: ready}]
+        command: [sh, -c, "echo app starts; exec sleep 1000"]
+        """,
+    )
+    stack = run_stack(spec_dir)
+    assert stack.wait_lines("app", 1) == ["app starts"]
+    err = stack.err
+    assert "app: waits for migrate (completed), db (ready)" in err
+    assert err.index("migrate: running -> exited") < err.index("app: stopped -> starting")
+    assert err.index("db: running -> ready") < err.index("app: stopped -> starting")
+    assert stack.stop() == 0
+
+
+def test_dependent_of_a_failed_service_fails_with_the_reason(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "stack.yaml",
+        """
+        kind: service
+        name: migrate
+        restart: "no"
+        command: [sh, -c, "exit 4"]
+        ---
+        kind: service
+        name: app
+        after: [{service: migrate, condition: completed}]
+        command: [sleep, "1000"]
+        """,
+    )
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 1
+    assert "app: stopped -> failed: migrate will never be completed (it is failed)" in stack.err

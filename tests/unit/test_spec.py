@@ -451,6 +451,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             watchdog=0.0,
             start="eager",
             idle_stop=0.0,
+            after=(),
         ),
     )
     assert stack.sockets == (
@@ -679,3 +680,23 @@ def test_bad_durations_are_refused(value: object) -> None:
 def test_stop_signal_is_read_by_name_or_number(tmp_path: Path, value: str) -> None:
     folder = write(tmp_path, {"app.yaml": SERVICE + f"stop_signal: {value}\n"})
     assert load_stack(folder).service("app").stop_signal == signal.SIGHUP
+
+
+def test_dependency_cycle_is_named(tmp_path: Path) -> None:
+    folder = write(
+        tmp_path / "stack",
+        {
+            "a.yaml": "kind: service\ncommand: [x]\nafter: [b]\n",
+            "b.yaml": "kind: service\ncommand: [x]\nafter: [{service: c, condition: ready}]\n",
+            "c.yaml": "kind: service\ncommand: [x]\nafter: a\n",
+        },
+    )
+    assert problems(folder) == ["a.yaml:3: after: dependency cycle: a -> b -> c -> a; use sockets instead, which need no order"]
+
+
+def test_dependency_on_a_missing_service_is_reported(tmp_path: Path) -> None:
+    folder = write(
+        tmp_path / "stack",
+        {"a.yaml": "kind: service\nname: a\ncommand: [x]\nafter: [{service: dbb, condition: completed}]\n---\nkind: service\nname: db\ncommand: [x]\n"},
+    )
+    assert problems(folder) == ["a.yaml:4: after[0]: no service 'dbb' to wait for; did you mean 'db'?"]

@@ -116,8 +116,8 @@ class NetworkPlan:
 
 
 def uses_notify(service: Service) -> bool:
-    """Whether the service gets a NOTIFY_SOCKET (readiness, status, watchdog)."""
-    return service.ready == "notify" or service.watchdog > 0
+    """Whether the service gets a NOTIFY_SOCKET (readiness, status, watchdog, fd store)."""
+    return service.ready == "notify" or service.watchdog > 0 or service.fdstore_max > 0
 
 
 def net_mode(stack: Stack, service: Service) -> NetMode:

@@ -209,6 +209,7 @@ class Service:
     start: Literal["eager", "on-demand"]
     idle_stop: float
     after: tuple[Dependency, ...]
+    fdstore_max: int
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -625,6 +626,7 @@ _SERVICE_KEYS = {
     "watchdog": _Key(_scalar(parse_duration), 0.0),
     "start": _Key(_checked(lambda v: v in ("eager", "on-demand"), "eager or on-demand"), "eager"),
     "idle_stop": _Key(_scalar(parse_duration), 0.0),
+    "fdstore_max": _Key(_checked(lambda v: _is_int(v) and 0 <= v <= 4096, "a whole number from 0 to 4096"), 0),
     "after": _Key(lambda node, folder: _list(_dependency, "a list of service names or {service, condition} mappings", single=True)(node, folder), ()),
 }
 _SOCKET_KEYS = {

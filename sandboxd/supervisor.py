@@ -48,7 +48,7 @@ from .cgroups import Cgroup, CgroupHost, CgroupManager
 from .console import Console
 from .errors import HostError, LaunchError
 from .launcher import ForkServer, read_status
-from .notify import NotifySocket, host_pid, main_pid_of
+from .notify import Message, NotifySocket, host_pid, main_pid_of
 from .plan import LaunchPlan, NetworkPlan, uses_notify
 from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
 from .sockets import BoundSocket, bind_sockets, close_sockets
@@ -72,6 +72,7 @@ class State(Enum):
 
 
 FINAL = (State.STOPPED, State.EXITED, State.FAILED)
+FDSTORE_POLL = 1.0  # seconds between checks of the fd store for hung-up descriptors
 ALIVE = (State.STARTING, State.RUNNING, State.READY, State.RELOADING)
 
 
@@ -107,6 +108,8 @@ class ServiceRuntime:
     last_usage: int = -1
     instances: int = 0
     instance_counter: int = 0
+    fdstore: list[StoredFd] = field(default_factory=list)
+    fdstore_timer: asyncio.TimerHandle | None = None
 
     @property
     def per_connection(self) -> bool:
@@ -114,6 +117,15 @@ class ServiceRuntime:
     partial: bytes = b""
     timer: asyncio.TimerHandle | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class StoredFd:
+    """A descriptor a service gave sandboxd to keep (FDSTORE=1), handed back at its next start."""
+
+    name: str
+    fd: int
+    poll: bool  # dropped when it reports hang-up or error (unless FDPOLL=0)
 
 
 @dataclass
@@ -245,6 +257,9 @@ class Supervisor:
         for rt in self.services.values():
             if rt.notify is not None:
                 rt.notify.close()
+            for stored in rt.fdstore:
+                os.close(stored.fd)
+            rt.fdstore.clear()
         shutil.rmtree(self.runtime_dir / "etc", ignore_errors=True)
         shutil.rmtree(self.runtime_dir / "notify", ignore_errors=True)
         for directory in (self.root_dir, self.runtime_dir, RUNTIME_ROOT):
@@ -325,10 +340,12 @@ class Supervisor:
         rt.launch_id = self.fork_server.next_id()
         self.by_launch[rt.launch_id] = rt
         fds = [self.sockets[key].sock.fileno() for key in rt.plan.fd_sockets]
+        plan = self._with_stored_fds(rt)
+        fds += [stored.fd for stored in rt.fdstore]
         rt.requested_ns = time.monotonic_ns()
         netns = self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
         rt.channel = self.fork_server.send_launch(
-            rt.launch_id, rt.plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, str(self.root_dir), rt.output_w, fds, netns
+            rt.launch_id, plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, str(self.root_dir), rt.output_w, fds, netns
         )
         asyncio.get_running_loop().add_reader(rt.channel, self._on_status, rt)
 
@@ -505,8 +522,61 @@ class Supervisor:
             try:
                 if self._may_notify(rt, message.pid):
                     self._apply_notify(rt, message.fields)
+                    if message.fields.get("FDSTOREREMOVE") == "1":
+                        self._fdstore_remove(rt, message.fields.get("FDNAME", "stored"))
+                    if message.fields.get("FDSTORE") == "1" and message.fds:
+                        self._fdstore_add(rt, message)
             finally:
-                message.close_fds()  # BARRIER=1's descriptor is answered by closing it; no fd store yet
+                message.close_fds()  # what was not stored; BARRIER=1's descriptor is answered by closing it
+
+    # ── the fd store ──
+
+    def _fdstore_add(self, rt: ServiceRuntime, message: Message) -> None:
+        name = message.fields.get("FDNAME", "stored")
+        poll = message.fields.get("FDPOLL", "1") != "0"
+        known = {(st.st_dev, st.st_ino) for st in (os.fstat(s.fd) for s in rt.fdstore)}
+        for fd in list(message.fds):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in known:
+                continue  # the same open file twice: kept once, as systemd does
+            if len(rt.fdstore) >= rt.spec.fdstore_max:
+                self.console.note(f"{rt.spec.name}: fd store full (fdstore_max {rt.spec.fdstore_max}); descriptor dropped")
+                break
+            message.fds.remove(fd)
+            rt.fdstore.append(StoredFd(name, fd, poll))
+            known.add((st.st_dev, st.st_ino))
+        if rt.fdstore and rt.fdstore_timer is None:
+            rt.fdstore_timer = asyncio.get_running_loop().call_later(FDSTORE_POLL, self._fdstore_poll, rt)
+
+    def _fdstore_remove(self, rt: ServiceRuntime, name: str) -> None:
+        for stored in [s for s in rt.fdstore if s.name == name]:
+            os.close(stored.fd)
+            rt.fdstore.remove(stored)
+
+    def _fdstore_poll(self, rt: ServiceRuntime) -> None:
+        """Drop stored descriptors that report hang-up or error (poll with no events asks just that)."""
+        rt.fdstore_timer = None
+        poller = select.poll()
+        for stored in rt.fdstore:
+            if stored.poll:
+                poller.register(stored.fd, 0)
+        dead = {fd for fd, events in poller.poll(0) if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)}
+        for stored in [s for s in rt.fdstore if s.fd in dead]:
+            self.console.note(f"{rt.spec.name}: stored descriptor '{stored.name}' hung up; dropped from the fd store")
+            os.close(stored.fd)
+            rt.fdstore.remove(stored)
+        if rt.fdstore and not self.stopping:
+            rt.fdstore_timer = asyncio.get_running_loop().call_later(FDSTORE_POLL, self._fdstore_poll, rt)
+
+    def _with_stored_fds(self, rt: ServiceRuntime) -> LaunchPlan:
+        """The plan, with the fd store's descriptors after the listening sockets (named by FDNAME)."""
+        if not rt.fdstore:
+            return rt.plan
+        self._fdstore_poll(rt)
+        names = (*rt.plan.fd_names, *(s.name for s in rt.fdstore))
+        env = [(k, v) for k, v in rt.plan.env if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")]
+        env += [("LISTEN_FDS", str(len(names))), ("LISTEN_PID", "2"), ("LISTEN_FDNAMES", ":".join(names))]
+        return dataclasses.replace(rt.plan, env=tuple(env), fd_names=names)
 
     def _may_notify(self, rt: ServiceRuntime, pid: int) -> bool:
         if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not pid:

@@ -123,3 +123,51 @@ def test_watchdog_kept_alive_by_the_service_never_fires(run_stack, spec_dir: Pat
     stack.wait_for("svc | survived", "out")
     assert "watchdog timeout" not in stack.err
     assert stack.stop() == 0
+
+
+FDSTORE_SERVICE = r'''
+import os, socket, sys, time
+from systemd import daemon
+names = os.environ["LISTEN_FDNAMES"].split(":")
+if "client" in names:
+    conn = socket.socket(fileno=3 + names.index("client"))
+    conn.sendall(b"second life, same connection\n")
+    print("resumed with " + os.environ["LISTEN_FDNAMES"], flush=True)
+    time.sleep(1000)
+listener = socket.socket(fileno=3)
+conn, _ = listener.accept()
+conn.sendall(b"first life\n")
+daemon.notify("FDSTORE=1\nFDNAME=client", fds=[conn.fileno()])
+print("stored", flush=True)
+time.sleep(0.2)
+sys.exit(1)  # a crash: the connection lives on in sandboxd's fd store
+'''
+
+
+def test_fd_store_keeps_a_clients_connection_open_across_a_restart(run_stack, spec_dir: Path):
+    write(spec_dir, "svc.py", FDSTORE_SERVICE)
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        fdstore_max: 4
+        restart_delay: 50ms
+        command: [python3, /t/svc.py]
+        mounts: [{source: ., target: /t}]
+        ---
+        kind: socket
+        listen: tcp:127.0.0.1:0
+        """,
+    )
+    stack = run_stack(spec_dir)
+    port = int(stack.wait_for("tcp:127.0.0.1:", "err").split("tcp:127.0.0.1:")[1].split()[0])
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        reader = c.makefile()
+        assert reader.readline() == "first life\n"
+        assert reader.readline() == "second life, same connection\n"  # after the crash and restart
+    assert stack.wait_lines("svc", 2) == ["stored", "resumed with svc:client"]
+    assert "svc: running -> backoff: exited with code 1" in stack.err
+    assert stack.stop() == 0

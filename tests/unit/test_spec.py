@@ -452,6 +452,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             start="eager",
             idle_stop=0.0,
             after=(),
+            fdstore_max=0,
         ),
     )
     assert stack.sockets == (

@@ -257,6 +257,48 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
     raise AssertionError("unreachable")
 
 
+def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> NoReturn:
+    """In a child born in the service's cgroup: join the namespaces of its init and run a command.
+
+    Used for health checks (and, later, `sandboxd exec`). Joining a pid namespace takes effect for
+    children only, so this process joins, forks the command into the sandbox's pid namespace,
+    waits, and exits with its status. The command dies with this process (PR_SET_PDEATHSIG), so
+    a supervisor that kills this process for a timeout ends the command too.
+    """
+    step = _Step()
+    channel = socket.socket(fileno=status_fd)
+    try:
+        step.name = "reset signals"
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        target = int(request["exec_into"])
+        namespaces = [os.open(f"/proc/{target}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("pid", "uts", "ipc", "net", "mnt")]
+        for fd in namespaces:
+            step.name = f"join the namespaces of pid {target}"
+            linux.setns(fd, 0)
+            os.close(fd)
+        _report(channel, {"exec": time.monotonic_ns()})
+        pid = os.fork()
+        if pid == 0:
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.chdir(request["workdir"])
+            null = os.open("/dev/null", os.O_RDWR)
+            for target_fd in (0, 1, 2):
+                os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
+            os.closerange(3, 1 << 20)
+            argv = request["argv"]
+            os.execvpe(argv[0], argv, dict(request["env"]))
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    except OSError as e:
+        _report(channel, {"error": step.name, "detail": e.strerror or str(e)})
+        os._exit(EXIT_SETUP_FAILED)
+    except BaseException as e:  # noqa: BLE001
+        _report(channel, {"error": step.name, "detail": repr(e)})
+        os._exit(EXIT_UNEXPECTED)
+
+
 # ───────────────────────────── the fork server ─────────────────────────────
 
 
@@ -313,7 +355,12 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
     cgroup_fd = -1
     try:
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        pid = _fork_sandbox_init(cgroup_fd, own_pidns)
+        if "exec_into" in request:
+            pid = linux.fork_into_cgroup(cgroup_fd)
+            if pid == 0:
+                run_in_sandbox(request, status_fd, output_fd)
+        else:
+            pid = _fork_sandbox_init(cgroup_fd, own_pidns)
         if pid == 0:
             run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd)
         children[pid] = request["id"]
@@ -446,6 +493,20 @@ class ForkServer:
             socket.send_fds(self.conn, [json.dumps(request).encode()], fds)
         finally:
             theirs.close()
+        ours.setblocking(False)
+        return ours
+
+    def send_exec(self, launch_id: int, init_pid: int, cgroup: str, argv: list[str], env: dict[str, str], workdir: str, output_fd: int = -1) -> socket.socket:
+        """Run a command inside a running sandbox (its init's namespaces and its cgroup)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        request = {"id": launch_id, "exec_into": init_pid, "cgroup": cgroup, "argv": argv, "env": list(env.items()), "workdir": workdir}
+        null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd if output_fd >= 0 else null])
+        finally:
+            theirs.close()
+            os.close(null)
         ours.setblocking(False)
         return ours
 

@@ -163,6 +163,16 @@ class Network:
     internal: bool
 
 
+@dataclass(frozen=True)
+class HealthCheck:
+    """A command run inside the sandbox: ready once it succeeds; unhealthy after `retries` failures."""
+
+    exec: tuple[str, ...]
+    interval: float
+    timeout: float
+    retries: int
+
+
 Condition = Literal["started", "ready", "completed"]
 
 
@@ -202,7 +212,7 @@ class Service:
     mounts: tuple[Mount, ...]
     uses: tuple[str, ...]
     network: NetworkMode | tuple[Attachment, ...]
-    ready: Literal["started", "notify"]
+    ready: Literal["started", "notify"] | HealthCheck
     notify_access: Literal["main", "all"]
     start_timeout: float
     watchdog: float
@@ -578,6 +588,26 @@ def _start_limit(node: Node, folder: Path) -> StartLimit:
     return StartLimit(**_with_defaults(values, _START_LIMIT_KEYS, ""))
 
 
+_HEALTH_KEYS = {
+    "exec": _Key(lambda node, folder: _command(node, folder), _Required("the command to run inside the sandbox")),
+    "interval": _Key(_scalar(parse_duration), 5.0),
+    "timeout": _Key(_scalar(parse_duration), 5.0),
+    "retries": _Key(_checked(lambda v: _is_int(v) and v >= 1, "a whole number of 1 or more"), 3),
+}
+
+
+def _ready(node: Node, folder: Path) -> Literal["started", "notify"] | HealthCheck:
+    if isinstance(node, ScalarNode):
+        value = _value(node)
+        if value in ("started", "notify"):
+            return value
+        raise _fail(node, f"expected started, notify or a health check {{exec: [...], interval, timeout, retries}}, got {_describe(value)}")
+    values, problems = _read_keys(node, _HEALTH_KEYS, folder, "started, notify or a mapping with exec, interval, timeout and retries")
+    if problems:
+        raise _Invalid(*problems)
+    return HealthCheck(**_with_defaults(values, _HEALTH_KEYS, ""))
+
+
 _DEPENDENCY_KEYS = {
     "service": _Key(_name, _Required("the service to wait for")),
     "condition": _Key(_checked(lambda v: v in get_args(Condition), "started, ready or completed"), "started"),
@@ -620,7 +650,7 @@ _SERVICE_KEYS = {
     "mounts": _Key(_list(_mount, "a list of mappings with source, target and readonly"), ()),
     "uses": _Key(_list(_name, "a socket name or a list of them", single=True), ()),
     "network": _Key(_network_mode, "private"),
-    "ready": _Key(_checked(lambda v: v in ("started", "notify"), "started or notify"), "started"),
+    "ready": _Key(lambda node, folder: _ready(node, folder), "started"),
     "notify_access": _Key(_checked(lambda v: v in ("main", "all"), "main or all"), "main"),
     "start_timeout": _Key(_scalar(parse_duration), 90.0),
     "watchdog": _Key(_scalar(parse_duration), 0.0),

@@ -52,7 +52,7 @@ from .notify import Message, NotifySocket, host_pid, main_pid_of
 from .plan import LaunchPlan, NetworkPlan, uses_notify
 from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
 from .sockets import BoundSocket, bind_sockets, close_sockets
-from .spec import Dependency, Service, Stack
+from .spec import Dependency, HealthCheck, Service, Stack
 from .state import RUNTIME_ROOT, StateRecord, _alive
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class State(Enum):
 
 FINAL = (State.STOPPED, State.EXITED, State.FAILED)
 FDSTORE_POLL = 1.0  # seconds between checks of the fd store for hung-up descriptors
+HEALTH_FIRST_CHECK = 0.05  # until a service is ready, its health check runs this soon and then every 0.1 s
 ALIVE = (State.STARTING, State.RUNNING, State.READY, State.RELOADING)
 
 
@@ -110,6 +111,9 @@ class ServiceRuntime:
     instance_counter: int = 0
     fdstore: list[StoredFd] = field(default_factory=list)
     fdstore_timer: asyncio.TimerHandle | None = None
+    health_timer: asyncio.TimerHandle | None = None
+    health_failures: int = 0
+    health_running: bool = False
 
     @property
     def per_connection(self) -> bool:
@@ -168,6 +172,7 @@ class Supervisor:
         self.namespaces: Namespaces | None = None
         self.networks: tuple[NetworkPlan, ...] = ()
         self.instances: dict[int, Instance] = {}
+        self.health_checks: dict[int, tuple[ServiceRuntime, socket.socket, asyncio.TimerHandle]] = {}
         self.no_instances = asyncio.Event()
 
     # ── set-up and tear-down (synchronous, around the event loop) ──
@@ -254,6 +259,9 @@ class Supervisor:
         self.cgroups.teardown()
         for path in (self.runtime_dir / "state.json", self.runtime_dir / "state.json.tmp"):
             path.unlink(missing_ok=True)
+        for _rt, channel, _timer in self.health_checks.values():
+            channel.close()
+        self.health_checks.clear()
         for rt in self.services.values():
             if rt.notify is not None:
                 rt.notify.close()
@@ -367,7 +375,7 @@ class Supervisor:
                 if rt.launch_error is None and rt.state is State.STARTING:
                     rt.started_at = time.monotonic()
                     rt.main_pid = 0
-                    waiting = " (waiting for READY=1)" if rt.spec.ready == "notify" else ""
+                    waiting = {"notify": " (waiting for READY=1)", "started": ""}.get(str(rt.spec.ready), " (waiting for its health check)")
                     self._transition(rt, State.RUNNING, f"pid {rt.pid}{waiting}")
                     self._arm_timers(rt)
                     rt.settled.set()
@@ -396,6 +404,9 @@ class Supervisor:
             return
         message = json.loads(data)
         launch_id: int = message.get("exit", message.get("failed"))
+        if launch_id in self.health_checks:
+            self._on_health_result(launch_id, message.get("status", 127 << 8))
+            return
         instance = self.instances.pop(launch_id, None)
         if instance is not None:
             self._on_instance_exit(instance, message.get("status", 127 << 8))
@@ -472,17 +483,20 @@ class Supervisor:
 
     def _arm_timers(self, rt: ServiceRuntime) -> None:
         loop = asyncio.get_running_loop()
-        if rt.spec.ready == "notify" and rt.spec.start_timeout > 0:
+        if rt.spec.ready != "started" and rt.spec.start_timeout > 0:
             rt.start_timer = loop.call_later(rt.spec.start_timeout, self._on_start_timeout, rt)
+        if isinstance(rt.spec.ready, HealthCheck):
+            rt.health_failures = 0
+            rt.health_timer = loop.call_later(HEALTH_FIRST_CHECK, self._run_health_check, rt)
         if rt.spec.watchdog > 0:
             rt.watchdog_timer = loop.call_later(rt.spec.watchdog, self._on_watchdog, rt)
         self._arm_idle_check(rt)
 
     def _disarm_timers(self, rt: ServiceRuntime) -> None:
-        for timer in (rt.start_timer, rt.watchdog_timer, rt.idle_timer):
+        for timer in (rt.start_timer, rt.watchdog_timer, rt.idle_timer, rt.health_timer):
             if timer is not None:
                 timer.cancel()
-        rt.start_timer = rt.watchdog_timer = rt.idle_timer = None
+        rt.start_timer = rt.watchdog_timer = rt.idle_timer = rt.health_timer = None
 
     def _on_start_timeout(self, rt: ServiceRuntime) -> None:
         rt.start_timer = None
@@ -528,6 +542,61 @@ class Supervisor:
                         self._fdstore_add(rt, message)
             finally:
                 message.close_fds()  # what was not stored; BARRIER=1's descriptor is answered by closing it
+
+    # ── health checks: a command inside the sandbox ──
+
+    def _run_health_check(self, rt: ServiceRuntime) -> None:
+        rt.health_timer = None
+        check = rt.spec.ready
+        assert isinstance(check, HealthCheck) and self.fork_server is not None
+        if rt.state not in (State.RUNNING, State.READY) or rt.health_running or not rt.pid:
+            return
+        rt.health_running = True
+        launch_id = self.fork_server.next_id()
+        env = {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
+        channel = self.fork_server.send_exec(launch_id, rt.pid, str(rt.cgroup.path), list(check.exec), env, rt.spec.workdir)
+        timeout = asyncio.get_running_loop().call_later(check.timeout, self._health_timed_out, launch_id)
+        self.health_checks[launch_id] = (rt, channel, timeout)
+
+    def _health_timed_out(self, launch_id: int) -> None:
+        entry = self.health_checks.get(launch_id)
+        if entry is None:
+            return
+        _rt, channel, _timer = entry
+        try:
+            _kind, launched = read_status(channel, "health check")
+        except LaunchError:
+            launched = None
+        if launched is not None and launched.pidfd >= 0:
+            signal.pidfd_send_signal(launched.pidfd, signal.SIGKILL)  # its command dies with it
+            os.close(launched.pidfd)
+
+    def _on_health_result(self, launch_id: int, status: int) -> None:
+        rt, channel, timer = self.health_checks.pop(launch_id)
+        timer.cancel()
+        channel.close()
+        rt.health_running = False
+        check = rt.spec.ready
+        assert isinstance(check, HealthCheck)
+        if rt.state not in (State.RUNNING, State.READY):
+            return
+        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if ok:
+            rt.health_failures = 0
+            if rt.state is State.RUNNING:
+                if rt.start_timer is not None:
+                    rt.start_timer.cancel()
+                    rt.start_timer = None
+                self._transition(rt, State.READY, f"health check passed after {time.monotonic() - rt.started_at:.3f} s")
+        elif rt.state is State.READY:
+            rt.health_failures += 1
+            _outcome, text = classify(status)
+            self.console.note(f"{rt.spec.name}: health check failed ({text}), {rt.health_failures} of {check.retries}")
+            if rt.health_failures >= check.retries:
+                self._kill_for(rt, "watchdog", f"unhealthy: health check failed {check.retries} times in a row", rt.spec.stop_signal)
+                return
+        delay = check.interval if rt.state is State.READY else min(check.interval, HEALTH_FIRST_CHECK * 2)
+        rt.health_timer = asyncio.get_running_loop().call_later(delay, self._run_health_check, rt)
 
     # ── the fd store ──
 
@@ -637,7 +706,7 @@ class Supervisor:
     def _condition(self, dep: Dependency) -> bool | None:
         """Whether `dep` is met (True), not yet (False), or never will be (None)."""
         other = self.services[dep.service]
-        notify = other.spec.ready == "notify"
+        notify = other.spec.ready != "started"
         match dep.condition:
             case "started":
                 met = other.state in (State.RUNNING, State.READY, State.RELOADING, State.WAITING, State.EXITED)
@@ -937,8 +1006,8 @@ class Supervisor:
                 socks.append(f"{self.sockets[key].real_address()}{inside} (fd {fd} {rt.plan.fd_names[fd - 3]})")
             uses = [f"uses {name}" for name in rt.spec.uses]
             where = f"pid {rt.pid}" if rt.state in (State.RUNNING, State.READY) else rt.state.value
-            if rt.state is State.RUNNING and rt.spec.ready == "notify":
-                where += ", waiting for READY=1"
+            if rt.state is State.RUNNING and rt.spec.ready != "started":
+                where += ", not ready yet"
             if rt.status_text:
                 where += f", status: {rt.status_text}"
             self.console.note(f"  {rt.spec.name}: {where}; {self._describe_network(rt)}; " + ("; ".join(socks + uses) or "no sockets"))

@@ -39,6 +39,29 @@ What is measured, and how:
    memory per sandbox: the mean PSS of the sandbox inits (dumb-init, the children of the fork
    server), and the sum of PSS of every process in the stack's service cgroups / N minus the sum
    of PSS of the baseline's N programs / N.
+5. First-connection latency of an on-demand service. The program is first.py, run as
+   `python3 -S /b/first.py` in every case: it accepts on its socket (fd 3, or SVC_FD) and sends
+   every client one byte, with no sleep. The clock starts just before a client connects to the
+   unix socket and stops when the first byte has arrived. On-demand: a stack with the service
+   `start: on-demand` is brought up afresh for every run (the service starts once per stack);
+   once sandboxd has printed its summary and 0.2 s have passed, one connection is timed (the
+   service's start included), then the stack is stopped. Eager: the same service without
+   `start:`, already answering, timed over many connections of one stack. The program's own
+   start: the bench binds a unix socket itself, connects to it, then starts the same program
+   with subprocess.Popen(pass_fds) and no sandbox, and times until the byte. Runs alternate
+   on-demand and own start; medians are reported, after one unrecorded warm-up of each.
+   sandboxd's part = median on-demand - median own start.
+6. Connections per second in accept mode: a service fed by a unix socket with `accept: true`,
+   `max_connections: 64`, its program `sh -c 'echo ok >&3'` (each connection gets a sandbox and
+   a cgroup of its own and the answer "ok"). Clients connect, read until EOF and close (each
+   answer must be "ok\n"), one client sequentially, then 8 client threads at once, each phase
+   for a fixed time or a number of connections, whichever comes first; rate = answered
+   connections / seconds from the first connect to the last EOF. During the concurrent phase the
+   stack's cgroup dir is polled for per-connection cgroups (the most seen at once is reported),
+   and afterwards none may remain.
+
+Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
+not", warnings, SIGKILL); they are listed at the end, numbers folded, with a count.
 
 Every process started is stopped in a finally (SIGINT, then SIGKILL after 30 s), only by its
 pid (the baseline launcher also by its own process group); temporary folders are removed.
@@ -60,6 +83,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -88,6 +112,16 @@ TARGET_TEARDOWN_S = 1.0  # gone (network) beyond stop (private)
 TARGET_LATENCY_MS = 9.0
 TARGET_RSS_MIB = 40.0
 TARGET_PER_SANDBOX_MIB = 2.0
+TARGET_ON_DEMAND_MS = 15.0  # on-demand first connection minus the program's own start
+TARGET_ACCEPT_RATE = {1: 300.0, 8: 500.0}  # connections/s in accept mode, by client count
+ACCEPT_COMPARISON = "nsjail 228/s sequential; systemd-socket-activate + unshare(1) 238 and 447; + bubblewrap 105 and 184"
+
+CLIENT_TIMEOUT = 30.0  # any one client connection, connect to EOF
+ON_DEMAND_SETTLE = 0.2  # after sandboxd's summary, before the timed connection
+ACCEPT_CLIENTS = 8
+ACCEPT_MAX_CONNECTIONS = 64
+ACCEPT_ANSWER = b"ok\n"
+ACCEPT_MAX_FAILURES = 5  # a client phase stops after this many failed connections
 
 SUMMARY = re.compile(r"services launched in (\d+) ms(?:, median launch ([0-9.]+) ms)?")
 
@@ -100,6 +134,18 @@ while True:
     conn.sendall(b"!")
     conn.close()
 """
+
+FIRST = """\
+import os, socket
+sock = socket.socket(fileno=int(os.environ.get("SVC_FD", "3")))
+while True:
+    conn, _ = sock.accept()
+    conn.sendall(b"!")
+    conn.close()
+"""
+FIRST_COMMAND = ("python3", "-S", "/b/first.py")  # in the sandbox; without one: SERVICE_PYTHON -S first.py
+
+ODD_LINE = re.compile(r"Traceback|[Ee]rror|[Ee]xception|could not|cannot|[Ww]arning|SIGKILL|second interrupt|leftover|stale")
 
 LAUNCHER = """\
 import os, signal, socket, subprocess, sys
@@ -135,6 +181,7 @@ finally:
 """
 
 problems: list[str] = []
+odd_lines: dict[str, int] = {}  # sandboxd stderr lines worth a look, numbers folded, with a count
 
 
 def note(text: str) -> None:
@@ -194,6 +241,7 @@ class Running:
     proc: subprocess.Popen[bytes]
     started: float
     err_file: Path
+    scanned: bool = False
 
     def stderr(self) -> str:
         try:
@@ -241,7 +289,17 @@ def stop(run: Running) -> tuple[float, int]:
     elapsed = time.monotonic() - started
     if run.kind == "baseline" and code != 0:
         kill_group(run.proc.pid)  # the launcher could not reap its programs: kill them by its group
+    if run.kind == "sandboxd" and not run.scanned:
+        run.scanned = True
+        scan_stderr(run)
     return elapsed, code
+
+
+def scan_stderr(run: Running) -> None:
+    for line in run.stderr().splitlines():
+        if ODD_LINE.search(line):
+            key = re.sub(r"\d+", "N", line.strip())
+            odd_lines[key] = odd_lines.get(key, 0) + 1
 
 
 def kill_group(pgid: int) -> None:
@@ -530,6 +588,254 @@ def memory(stack: Stack, logs: Path) -> Memory:
     return Memory(rss, pss, init_pss, all_pss, baseline_memory(stack, logs))
 
 
+# ───────────────────────────── on-demand start and accept mode ─────────────────────────────
+
+
+def make_first_stack(root: Path, on_demand: bool) -> Stack:
+    """One service running first.py, fed by one unix socket; `start: on-demand` or eager."""
+    tag = "on-demand" if on_demand else "eager"
+    spec_dir, sock_dir = root / f"stack-{tag}", root / f"sock-{tag}"
+    spec_dir.mkdir()
+    sock_dir.mkdir()
+    (spec_dir / "first.py").write_text(FIRST)
+    path = f"{sock_dir}/first.sock"
+    start = "start: on-demand\n" if on_demand else ""
+    (spec_dir / "first.yaml").write_text(
+        f"kind: service\n{start}command: [{', '.join(FIRST_COMMAND)}]\nmounts: [{{source: ., target: /b}}]\n"
+        f"---\nkind: socket\nlisten: unix:{path}\n"
+    )
+    return Stack(f"sbdbench-{tag}", spec_dir, (path,))
+
+
+def make_accept_stack(root: Path) -> Stack:
+    spec_dir, sock_dir = root / "stack-accept", root / "sock-accept"
+    spec_dir.mkdir()
+    sock_dir.mkdir()
+    path = f"{sock_dir}/ok.sock"
+    (spec_dir / "ok.yaml").write_text(
+        'kind: service\ncommand: [sh, -c, "echo ok >&3"]\n'
+        f"---\nkind: socket\nlisten: unix:{path}\naccept: true\nmax_connections: {ACCEPT_MAX_CONNECTIONS}\n"
+    )
+    return Stack("sbdbench-accept", spec_dir, (path,))
+
+
+def read_to_eof(sock: socket.socket, limit: int = 4096) -> bytes:
+    data = b""
+    while len(data) < limit:
+        chunk = sock.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def first_byte_ms(path: str) -> float:
+    """Connect to `path` and wait for one byte: milliseconds, connect included."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CLIENT_TIMEOUT)
+        started = time.perf_counter()
+        sock.connect(path)
+        got = sock.recv(1)
+        elapsed = time.perf_counter() - started
+    if got != b"!":
+        raise RuntimeError(f"{path}: expected one byte '!', got {got!r}")
+    return elapsed * 1000
+
+
+def on_demand_once(stack: Stack, logs: Path) -> float:
+    """A fresh stack, one timed first connection (the service starts on it), stopped again."""
+    with running(lambda: spawn_sandboxd(stack, logs)) as run:
+        wait_summary(run)
+        time.sleep(ON_DEMAND_SETTLE)
+        if "activated by" in run.stderr():
+            problem("on-demand service activated before any connection")
+        ms = first_byte_ms(stack.paths[0])
+        activations = run.stderr().count("activated by")
+        if activations != 1:
+            problem(f"on-demand: expected 1 'activated by' line after the first connection, found {activations}")
+        _, code = stop(run)
+    check_clean_after(stack, code)
+    return ms
+
+
+def own_start_once(script: Path, sock_dir: Path, logs: Path) -> float:
+    """The same program without sandbox: bind, connect, then start it with the socket passed."""
+    path = str(sock_dir / "plain.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        listener.bind(path)
+        listener.listen(socket.SOMAXCONN)
+        fd = listener.fileno()
+        env = {"PATH": SANDBOX_PATH, "SVC_FD": str(fd), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "first"}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client, open(logs / "plain.err", "ab") as err:
+            client.settimeout(CLIENT_TIMEOUT)
+            started = time.perf_counter()
+            client.connect(path)
+            proc = subprocess.Popen(
+                [SERVICE_PYTHON, "-S", str(script)], env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=err, stderr=err
+            )
+            got = client.recv(1)
+            elapsed = time.perf_counter() - started
+        if got != b"!":
+            raise RuntimeError(f"program without sandbox: expected one byte '!', got {got!r}")
+        return elapsed * 1000
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                problem(f"program without sandbox, pid {proc.pid}, ignored SIGTERM for {STOP_GRACE:g} s; SIGKILL")
+                proc.kill()
+                proc.wait()
+        listener.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def eager_latencies(stack: Stack, count: int, logs: Path) -> list[float]:
+    with running(lambda: spawn_sandboxd(stack, logs)) as run:
+        wait_accepting(run, stack.paths)
+        found = [first_byte_ms(stack.paths[0]) for _ in range(count)]
+        _, code = stop(run)
+    check_clean_after(stack, code)
+    return found
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    on_demand: list[float]  # ms, one per fresh stack
+    eager: list[float]  # ms, one per connection to a running copy
+    own: list[float]  # ms, the program started without sandbox
+
+
+def on_demand(root: Path, runs: int, eager_runs: int, logs: Path) -> OnDemand:
+    lazy, eager = make_first_stack(root, on_demand=True), make_first_stack(root, on_demand=False)
+    plain_dir = root / "sock-plain"
+    plain_dir.mkdir()
+    on_demand_once(lazy, logs)  # warm-up, not counted
+    own_start_once(lazy.spec_dir / "first.py", plain_dir, logs)
+    result = OnDemand([], [], [])
+    for rep in range(runs):
+        result.on_demand.append(on_demand_once(lazy, logs))
+        time.sleep(0.3)
+        result.own.append(own_start_once(lazy.spec_dir / "first.py", plain_dir, logs))
+        time.sleep(0.3)
+        note(f"  #{rep + 1}: on-demand {result.on_demand[-1]:.1f} ms, own start {result.own[-1]:.1f} ms")
+    result.eager.extend(eager_latencies(eager, eager_runs, logs))
+    note(f"  eager: median {statistics.median(result.eager):.2f} ms of {len(result.eager)}")
+    return result
+
+
+@dataclass(frozen=True)
+class AcceptRun:
+    clients: int
+    answered: int
+    failed: int
+    seconds: float
+    peak_cgroups: int | None = None  # per-connection cgroups seen at once (concurrent phase only)
+
+    @property
+    def rate(self) -> float:
+        return self.answered / self.seconds if self.seconds > 0 else 0.0
+
+
+def accept_one(path: str) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CLIENT_TIMEOUT)
+        sock.connect(path)
+        return read_to_eof(sock)
+
+
+class ClientPhase:
+    """Connections to `path` from some client threads until a deadline or a connection budget."""
+
+    def __init__(self, path: str, seconds: float, budget: int) -> None:
+        self.path, self.seconds, self.budget = path, seconds, budget
+        self.lock = threading.Lock()
+        self.claimed = self.answered = self.failed = 0
+        self.errors: list[str] = []
+        self.deadline = 0.0
+
+    def claim(self) -> bool:
+        with self.lock:
+            if self.claimed >= self.budget or self.failed >= ACCEPT_MAX_FAILURES or time.monotonic() >= self.deadline:
+                return False
+            self.claimed += 1
+            return True
+
+    def client(self) -> None:
+        while self.claim():
+            try:
+                answer = accept_one(self.path)
+                error = None if answer == ACCEPT_ANSWER else f"answer {answer!r}"
+            except OSError as e:  # socket.timeout included
+                error = f"{type(e).__name__}: {e}"
+            with self.lock:
+                if error is None:
+                    self.answered += 1
+                else:
+                    self.failed += 1
+                    self.errors.append(error)
+
+    def run(self, clients: int, stack: Stack) -> AcceptRun:
+        threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
+        started = time.monotonic()
+        self.deadline = started + self.seconds
+        for thread in threads:
+            thread.start()
+        peak: int | None = None
+        if clients > 1:
+            peak = 0
+            while any(thread.is_alive() for thread in threads):
+                peak = max(peak, len(instance_cgroups(stack)))
+                time.sleep(0.01)
+        hard_deadline = self.deadline + CLIENT_TIMEOUT + 5
+        for thread in threads:
+            thread.join(max(0.0, hard_deadline - time.monotonic()))
+        elapsed = time.monotonic() - started
+        if any(thread.is_alive() for thread in threads):
+            problem(f"accept mode: a client thread still runs {elapsed:.0f} s after the phase began")
+        for error in sorted(set(self.errors)):
+            problem(f"accept mode, {clients} client(s): {self.errors.count(error)} connection(s) failed: {error}")
+        return AcceptRun(clients, self.answered, self.failed, elapsed, peak)
+
+
+def instance_cgroups(stack: Stack) -> list[str]:
+    """The per-connection cgroups (SERVICE@N) of the stack now."""
+    try:
+        return [entry.name for entry in os.scandir(instance_cgroup(stack)) if "@" in entry.name and entry.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def accept_mode(root: Path, seconds: float, budgets: dict[int, int], logs: Path) -> list[AcceptRun]:
+    stack = make_accept_stack(root)
+    results = []
+    with running(lambda: spawn_sandboxd(stack, logs)) as run:
+        wait_summary(run)
+        time.sleep(ON_DEMAND_SETTLE)
+        ClientPhase(stack.paths[0], seconds, 20).run(1, stack)  # warm-up, not counted
+        for clients, budget in budgets.items():
+            time.sleep(0.3)
+            result = ClientPhase(stack.paths[0], seconds, budget).run(clients, stack)
+            results.append(result)
+            check_alive(run)
+            peak = f", at most {result.peak_cgroups} per-connection cgroups at once" if result.peak_cgroups is not None else ""
+            note(f"  {clients} client(s): {result.answered} answered, {result.failed} failed in {result.seconds:.2f} s{peak}")
+        deadline = time.monotonic() + GONE_TIMEOUT
+        while (remaining := instance_cgroups(stack)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if remaining:
+            problem(f"accept mode: {len(remaining)} per-connection cgroups still there {GONE_TIMEOUT:g} s after the last client")
+        _, code = stop(run)
+    check_clean_after(stack, code)
+    return results
+
+
 # ───────────────────────────── report ─────────────────────────────
 
 
@@ -624,6 +930,42 @@ def memory_lines(mem: Memory) -> list[str]:
     ]
 
 
+def ms_stats(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ms" if values else "—"
+
+
+def on_demand_lines(found: OnDemand) -> list[str]:
+    def row(label: str, values: list[float], target: str = "") -> str:
+        spread = f"{min(values):.1f}–{max(values):.1f}" if values else "—"
+        return f"  {label:<40}{ms_stats(values):<11}{len(values):<6}{spread:<14}{target}".rstrip()
+
+    part = statistics.median(found.on_demand) - statistics.median(found.own) if found.on_demand and found.own else None
+    part_text = f"{part:.1f} ms" if part is not None else "—"
+    return [
+        f"first connection (connect to first byte, median; program: {' '.join(FIRST_COMMAND)} on a unix socket)",
+        f"  {'case':<40}{'median':<11}{'runs':<6}{'min–max ms':<14}target",
+        row("on-demand, first connection (fresh up)", found.on_demand),
+        row("already running (eager)", found.eager),
+        row("program's own start, no sandbox", found.own),
+        f"  {'sandboxd part (on-demand - own start)':<40}{part_text:<31}≤ {TARGET_ON_DEMAND_MS:g} ms",
+    ]
+
+
+def accept_lines(runs: list[AcceptRun], seconds: float) -> list[str]:
+    what = f"sh -c 'echo ok >&3' on a unix socket, max_connections {ACCEPT_MAX_CONNECTIONS}, up to {seconds:g} s a phase"
+    lines = [
+        f"accept mode (connections per second, a sandbox and cgroup of its own each; {what})",
+        f"  {'clients':<9}{'answered':<10}{'failed':<8}{'seconds':<9}{'per second':<12}{'peak cgroups':<14}target",
+    ]
+    for run in runs:
+        peak = str(run.peak_cgroups) if run.peak_cgroups is not None else "—"
+        target = f"≥ {TARGET_ACCEPT_RATE[run.clients]:g}/s" if run.clients in TARGET_ACCEPT_RATE else ""
+        rate = f"{run.rate:.0f}/s"
+        lines.append(f"  {run.clients:<9}{run.answered:<10}{run.failed:<8}{run.seconds:<9.2f}{rate:<12}{peak:<14}{target}".rstrip())
+    lines.append(f"  (for comparison: {ACCEPT_COMPARISON})")
+    return lines
+
+
 def leftovers() -> list[str]:
     found = [str(path) for path in (RUNTIME_ROOT, own_cgroup() / "sandboxd") if path.exists()]
     return found
@@ -634,7 +976,11 @@ def leftovers() -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="N = 10 and 50 only, 1 repetition, 5 latency runs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="N = 10 and 50 only, 1 repetition, 5 latency runs, 3 on-demand runs, 2 s accept-mode phases",
+    )
     parser.add_argument("--sizes", help="comma-separated service counts (default 10,50,100)")
     parser.add_argument("--reps", type=int, help="repetitions of each parallel start (default 3)")
     parser.add_argument("--latency-runs", type=int, help="runs of the 1-service stack (default 15)")
@@ -642,6 +988,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10, 50] if args.quick else [10, 50, 100])
     args.reps = args.reps or (1 if args.quick else 3)
     args.latency_runs = args.latency_runs or (5 if args.quick else 15)
+    args.on_demand_runs = 3 if args.quick else 10
+    args.eager_runs = 20 if args.quick else 50
+    args.accept_seconds = 2.0 if args.quick else 5.0
+    args.accept_budgets = {1: 200, ACCEPT_CLIENTS: 800} if args.quick else {1: 500, ACCEPT_CLIENTS: 2000}
     return args
 
 
@@ -662,8 +1012,19 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
     latencies = launch_latency(stacks[1], args.latency_runs, logs)
     note(f"memory, N={MEMORY_N}")
     mem = memory(stacks[MEMORY_N], logs)
+    note(f"first connection: on-demand and own start, {args.on_demand_runs} runs; eager, {args.eager_runs} connections")
+    first = on_demand(root, args.on_demand_runs, args.eager_runs, logs)
+    note(f"accept mode: 1 client, then {ACCEPT_CLIENTS}, up to {args.accept_seconds:g} s each")
+    accepted = accept_mode(root, args.accept_seconds, args.accept_budgets, logs)
     tables = [*start_table(rows, args.reps), *network_table(rows, args.reps)]
-    return [header(), *tables, latency_line(latencies, args.latency_runs), *memory_lines(mem)]
+    return [
+        header(),
+        *tables,
+        latency_line(latencies, args.latency_runs),
+        *memory_lines(mem),
+        *on_demand_lines(first),
+        *accept_lines(accepted, args.accept_seconds),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -684,6 +1045,9 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("problems seen:")
         print("\n".join(f"  - {p}" for p in problems))
+    if odd_lines:
+        print("sandboxd stderr lines worth a look (numbers folded to N):")
+        print("\n".join(f"  {count}x {line}" for line, count in sorted(odd_lines.items(), key=lambda item: -item[1])))
     return 0
 
 

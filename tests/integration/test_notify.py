@@ -171,3 +171,25 @@ def test_fd_store_keeps_a_clients_connection_open_across_a_restart(run_stack, sp
     assert stack.wait_lines("svc", 2) == ["stored", "resumed with svc:client"]
     assert "svc: running -> backoff: exited with code 1" in stack.err
     assert stack.stop() == 0
+
+
+def test_health_check_runs_inside_the_sandbox_and_restarts_an_unhealthy_service(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        ready: {exec: [test, -f, /tmp/ready], interval: 200ms, timeout: 2s, retries: 2}
+        restart_delay: 50ms
+        command: [sh, -c, "sleep 0.3; touch /tmp/ready; echo touched; sleep 1; rm /tmp/ready; echo removed; exec sleep 1000"]
+        """,
+    )
+    stack = run_stack(spec_dir)
+    # /tmp/ready exists only in the sandbox's private /tmp: the check ran inside it.
+    stack.wait_for("svc: running -> ready: health check passed", "err")
+    assert not Path("/tmp/ready").exists()
+    stack.wait_for("unhealthy: health check failed 2 times in a row", "err")
+    stack.wait_for("restart #1", "err")
+    assert "svc: health check failed (exited with code 1), 1 of 2" in stack.err
+    assert "-> backoff: unhealthy: health check failed 2 times in a row; killed by SIGTERM" in stack.err
+    assert stack.stop() == 0

@@ -931,16 +931,16 @@ def memory_lines(mem: Memory) -> list[str]:
 
 
 def ms_stats(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ms" if values else "—"
+    return f"{statistics.median(values):.2f} ms" if values else "—"
 
 
 def on_demand_lines(found: OnDemand) -> list[str]:
     def row(label: str, values: list[float], target: str = "") -> str:
-        spread = f"{min(values):.1f}–{max(values):.1f}" if values else "—"
+        spread = f"{min(values):.2f}–{max(values):.2f}" if values else "—"
         return f"  {label:<40}{ms_stats(values):<11}{len(values):<6}{spread:<14}{target}".rstrip()
 
     part = statistics.median(found.on_demand) - statistics.median(found.own) if found.on_demand and found.own else None
-    part_text = f"{part:.1f} ms" if part is not None else "—"
+    part_text = f"{part:.2f} ms" if part is not None else "—"
     return [
         f"first connection (connect to first byte, median; program: {' '.join(FIRST_COMMAND)} on a unix socket)",
         f"  {'case':<40}{'median':<11}{'runs':<6}{'min–max ms':<14}target",

@@ -21,11 +21,15 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import HostError
+
+if TYPE_CHECKING:
+    from .spec import Limits
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -40,10 +44,97 @@ class CgroupHost:
     mode: CgroupMode
     v2_mount: Path  # where cgroup2 is mounted
     own_v2: str  # this process's cgroup2 path, e.g. "/" or "/user.slice/session-1.scope"
+    v1: dict[str, Path] = field(default_factory=dict)  # hybrid: controller -> this process's v1 cgroup dir
 
     @property
     def base(self) -> Path:
         return self.v2_mount / self.own_v2.lstrip("/") / "sandboxd"
+
+    def v2_controllers(self) -> set[str]:
+        try:
+            return set((self.v2_mount / self.own_v2.lstrip("/") / "cgroup.controllers").read_text().split())
+        except OSError:
+            return set()
+
+
+# Where each limit goes: (v1 controller, v1 file) on a hybrid host, (v2 controller, v2 file) on a unified one.
+LIMIT_FILES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "memory": (("memory", "memory.limit_in_bytes"), ("memory", "memory.max")),
+    "memory_high": (("memory", "memory.soft_limit_in_bytes"), ("memory", "memory.high")),
+    "swap": (("memory", "memory.memsw.limit_in_bytes"), ("memory", "memory.swap.max")),
+    "pids": (("pids", "pids.max"), ("pids", "pids.max")),
+    "cpu": (("cpu", "cpu.cfs_quota_us"), ("cpu", "cpu.max")),
+    "cpu_weight": (("cpu", "cpu.shares"), ("cpu", "cpu.weight")),
+    "io_weight": (("blkio", "blkio.bfq.weight"), ("io", "io.weight")),
+}
+CPU_PERIOD_US = 100_000
+# A file that exists in sandboxd's own v1 cgroup (even the root one) when the limit can be set below it.
+V1_PROBES = {
+    "memory": "memory.limit_in_bytes",
+    "memory_high": "memory.soft_limit_in_bytes",
+    "swap": "memory.memsw.usage_in_bytes",
+    "pids": "cgroup.procs",
+    "cpu": "cpu.cfs_quota_us",
+    "cpu_weight": "cpu.shares",
+    "io_weight": "blkio.bfq.io_serviced",
+}
+V1_MISSING = {
+    "memory": "no memory controller",
+    "memory_high": "no soft limits",
+    "swap": "swap accounting is off; boot with swapaccount=1",
+    "pids": "no pids controller",
+    "cpu": "CFS bandwidth control is off",
+    "cpu_weight": "no CPU shares",
+    "io_weight": "the BFQ I/O scheduler is not in use",
+}
+
+
+def limit_values(limits: Limits, mode: CgroupMode) -> dict[str, str]:
+    """The file contents that set `limits`, keyed by limit name."""
+    values: dict[str, str] = {}
+    if limits.memory is not None:
+        values["memory"] = str(limits.memory)
+    if limits.memory_high is not None:
+        values["memory_high"] = str(limits.memory_high)
+    if limits.swap is not None:  # v1 counts memory and swap together; v2 counts swap alone
+        values["swap"] = str((limits.memory or 0) + limits.swap if mode is CgroupMode.HYBRID else limits.swap)
+    if limits.pids is not None:
+        values["pids"] = str(limits.pids)
+    if limits.cpu is not None:
+        quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
+        values["cpu"] = str(quota) if mode is CgroupMode.HYBRID else f"{quota} {CPU_PERIOD_US}"
+    if limits.cpu_weight is not None:
+        values["cpu_weight"] = str(max(2, limits.cpu_weight * 1024 // 100)) if mode is CgroupMode.HYBRID else str(limits.cpu_weight)
+    if limits.io_weight is not None:
+        values["io_weight"] = str(limits.io_weight if mode is CgroupMode.UNIFIED else max(1, min(1000, limits.io_weight // 10)))
+    return values
+
+
+def unenforceable(host: CgroupHost, limits: Limits) -> list[str]:
+    """The limits this host cannot enforce, each with the reason."""
+    problems = []
+    controllers = host.v2_controllers() if host.mode is CgroupMode.UNIFIED else set(host.v1)
+    for name in limits.given():
+        v1, v2 = LIMIT_FILES[name]
+        controller, file = v1 if host.mode is CgroupMode.HYBRID else v2
+        if controller not in controllers:
+            problems.append(f"{name}: the {controller} controller is not available on this host ({host.mode.value} cgroups)")
+        elif host.mode is CgroupMode.HYBRID and not (host.v1[controller] / V1_PROBES[name]).exists():
+            problems.append(f"{name}: this kernel cannot set {file} ({V1_PROBES[name]} is missing: {V1_MISSING[name]})")
+    return problems
+
+
+def _cgroup1_mounts(mountinfo: str) -> dict[str, Path]:
+    """controller -> mount point of its v1 hierarchy."""
+    found: dict[str, Path] = {}
+    for line in mountinfo.splitlines():
+        pre, _, post = line.partition(" - ")
+        fields = post.split()
+        if fields and fields[0] == "cgroup":
+            for option in fields[-1].split(","):
+                if option in ("memory", "pids", "cpu", "cpuacct", "blkio", "cpuset", "devices", "freezer"):
+                    found[option] = Path(pre.split()[4])
+    return found
 
 
 def _cgroup2_mounts(mountinfo: str) -> list[Path]:
@@ -80,20 +171,72 @@ def detect(
         raise HostError("this process has no cgroup2 entry in /proc/self/cgroup", "check that cgroup2 is mounted")
     own = own.strip() or "/"
     own = own.removesuffix(" (deleted)")
-    return CgroupHost(mode, v2, own)
+    v1: dict[str, Path] = {}
+    if mode is CgroupMode.HYBRID:
+        mounts1 = _cgroup1_mounts(mountinfo)
+        for line in self_cgroup.splitlines():
+            _number, controllers, path = line.split(":", 2)
+            for controller in controllers.split(","):
+                if controller in mounts1:
+                    v1[controller] = mounts1[controller] / path.strip().lstrip("/")
+    return CgroupHost(mode, v2, own, v1)
 
 
 class Cgroup:
-    """One service's cgroup."""
+    """One service's cgroup: a v2 directory, and on a hybrid host the v1 directories of its limits."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, v1: dict[str, Path] | None = None) -> None:
         self.path = path
+        self.v1 = v1 or {}
         self.killed = False
+        self.baseline: dict[str, int] = {}
 
     @property
     def extra_procs_files(self) -> tuple[str, ...]:
-        """cgroup.procs files of other hierarchies to join besides the v2 one (v1 limits, later)."""
-        return ()
+        """cgroup.procs files of the v1 hierarchies to join besides the v2 one (limits on a hybrid host)."""
+        return tuple(str(path / "cgroup.procs") for path in self.v1.values())
+
+    def _read_int(self, path: Path, key: str | None = None) -> int:
+        try:
+            text = path.read_text()
+        except OSError:
+            return 0
+        if key is None:
+            return int(text.split()[0]) if text.split() else 0
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+        return 0
+
+    def stats(self) -> dict[str, int]:
+        """Memory now and at peak (bytes), CPU time (µs), processes, OOM kills and pids-limit hits."""
+        result = {"cpu_usec": self.cpu_usage_usec(), "processes": len(self.pids())}
+        if "memory" in self.v1:
+            memory = self.v1["memory"]
+            result["memory_current"] = self._read_int(memory / "memory.usage_in_bytes")
+            result["memory_peak"] = self._read_int(memory / "memory.max_usage_in_bytes")
+            result["oom_kills"] = self._read_int(memory / "memory.oom_control", "oom_kill")
+        elif (self.path / "memory.current").exists():
+            result["memory_current"] = self._read_int(self.path / "memory.current")
+            result["memory_peak"] = self._read_int(self.path / "memory.peak")
+            result["oom_kills"] = self._read_int(self.path / "memory.events", "oom_kill")
+        pids_events = (self.v1["pids"] if "pids" in self.v1 else self.path) / "pids.events"
+        result["pids_limit_hits"] = self._read_int(pids_events, "max")
+        return result
+
+    def mark(self) -> None:
+        """Remember the counters now, so that `why_failed` sees only what happened since."""
+        self.baseline = self.stats()
+
+    def why_failed(self) -> str:
+        """"oom-killed" or "pids limit reached" if that happened since `mark`, else ""."""
+        now = self.stats()
+        if now.get("oom_kills", 0) > self.baseline.get("oom_kills", 0):
+            return "oom-killed"
+        if now.get("pids_limit_hits", 0) > self.baseline.get("pids_limit_hits", 0):
+            return "pids limit reached"
+        return ""
 
     def pids(self) -> list[int]:
         try:
@@ -160,22 +303,25 @@ class Cgroup:
         if self.killed:
             self.remove()
             self.path.mkdir()
+            for path in self.v1.values():
+                path.mkdir(exist_ok=True)
             self.killed = False
 
     def remove(self, timeout: float = 5.0) -> None:
-        """Kill what is left, wait until empty, and remove the directory."""
+        """Kill what is left, wait until empty, and remove the directory (and its v1 directories)."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                os.rmdir(self.path)
-                return
-            except FileNotFoundError:
-                return
-            except OSError as e:
-                if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-            self.kill()
-            time.sleep(0.002)
+        for path in [self.path, *self.v1.values()]:
+            while True:
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise
+                self.kill()
+                time.sleep(0.002)
 
 
 class CgroupManager:
@@ -192,11 +338,57 @@ class CgroupManager:
         except PermissionError as e:
             raise HostError(f"cannot create {self.instance_path}: {e.strerror}", "run sandboxd as root") from None
 
-    def create(self, name: str) -> Cgroup:
+    def create(self, name: str, limits: Limits | None = None) -> Cgroup:
+        """A service's cgroup with its limits set; on a hybrid host limits go to v1 hierarchies."""
+        values = limit_values(limits, self.host.mode) if limits else {}
         cg = Cgroup(self.instance_path / name)
         cg.path.mkdir(exist_ok=True)
         self.created.append(cg)
+        if self.host.mode is CgroupMode.HYBRID:
+            for limit in values:
+                controller = LIMIT_FILES[limit][0][0]
+                if controller not in cg.v1:
+                    cg.v1[controller] = self._v1_dir(controller) / name
+                    cg.v1[controller].mkdir(exist_ok=True)
+        else:
+            self._enable_controllers({LIMIT_FILES[limit][1][0] for limit in values})
+        try:
+            self._write_limits(cg, values)
+        except OSError as e:
+            raise HostError(f"cannot set the limits of {name}: {e.strerror} ({e.filename})", "check the limits against the host, or use limits_optional: true") from None
         return cg
+
+    def _v1_dir(self, controller: str) -> Path:
+        base = self.host.v1[controller] / "sandboxd" / self.instance_path.name
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+
+    def _write_limits(self, cg: Cgroup, values: dict[str, str]) -> None:
+        # Order matters on v1: the memory limit before memsw (which must stay >= it); the CPU period first.
+        for limit in ("memory", "swap", "memory_high", "pids", "cpu", "cpu_weight", "io_weight"):
+            if limit not in values:
+                continue
+            v1, v2 = LIMIT_FILES[limit]
+            directory = cg.v1[v1[0]] if self.host.mode is CgroupMode.HYBRID else cg.path
+            if limit == "cpu" and self.host.mode is CgroupMode.HYBRID:
+                (directory / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (directory / (v1[1] if self.host.mode is CgroupMode.HYBRID else v2[1])).write_text(values[limit])
+
+    def _enable_controllers(self, controllers: set[str]) -> None:
+        """Unified host: enable controllers in cgroup.subtree_control along sandboxd's own subtree."""
+        if not controllers:
+            return
+        own = self.host.v2_mount / self.host.own_v2.lstrip("/")
+        for directory in (own, self.host.base, self.instance_path):
+            missing = controllers - set((directory / "cgroup.subtree_control").read_text().split())
+            if missing:
+                try:
+                    (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(missing)))
+                except OSError as e:
+                    raise HostError(
+                        f"cannot enable {', '.join(sorted(missing))} in {directory}/cgroup.subtree_control: {e.strerror}",
+                        "run sandboxd in a cgroup of its own (e.g. systemd-run --scope -p Delegate=yes sandboxd up DIR)",
+                    ) from None
 
     def remove(self, cgroup: Cgroup) -> None:
         """Remove one cgroup before the end (a per-connection instance that ended)."""
@@ -209,6 +401,9 @@ class CgroupManager:
         self.created.clear()
         remove_empty(self.instance_path)
         remove_empty(self.host.base)
+        for controller in self.host.v1:
+            remove_empty(self.host.v1[controller] / "sandboxd" / self.instance_path.name)
+            remove_empty(self.host.v1[controller] / "sandboxd")
 
 
 def remove_empty(path: Path) -> None:

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import HostError, SandboxdError, SpecErrors
 
@@ -34,6 +35,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
     host = detect()
+    limits = _enforceable_limits(stack, host)
     clean_stale()
     from .launcher import ForkServer
 
@@ -41,7 +43,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     fork_server = ForkServer.start()
     from .supervisor import Supervisor
 
-    return Supervisor(stack, plans, host, instance, fork_server=fork_server).run()
+    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits).run()
+
+
+def _enforceable_limits(stack: Any, host: Any) -> dict[str, Any]:
+    """Each service's limits; a limit the host cannot enforce is a spec error (a warning with limits_optional)."""
+    import dataclasses
+
+    from .cgroups import unenforceable
+    from .errors import SpecError
+
+    errors, result = [], {}
+    for service in stack.services:
+        limits = service.limits
+        problems = unenforceable(host, limits)
+        if problems and not service.limits_optional:
+            errors += [SpecError(service.file, service.line, "limits", f"{p}; remove it, or set limits_optional: true") for p in problems]
+        for problem in problems if service.limits_optional else []:
+            print(f"sandboxd: warning: {service.name}: limit not enforced: {problem}", file=sys.stderr)
+            limits = dataclasses.replace(limits, **{problem.split(":")[0]: None})
+        result[service.name] = limits
+    if errors:
+        raise SpecErrors(errors)
+    return result
 
 
 def cmd_config(args: argparse.Namespace) -> int:

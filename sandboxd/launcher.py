@@ -148,6 +148,15 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
             case "sysfs":
                 # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
                 linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            case "mask":
+                if os.path.isdir(target):
+                    linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "size=0")
+                elif os.path.lexists(target):
+                    linux.mount("/dev/null", target, None, linux.MS_BIND)
+            case "readonly":
+                if os.path.lexists(target):
+                    linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
+                    linux.mount_setattr(target, READONLY)
             case "dev":
                 _mount_dev(target)
             case "tmpfs":
@@ -242,6 +251,10 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         os.closerange(3 + len(socket_fds), keep[0])
         os.closerange(keep[0] + 1, keep[1])
         os.closerange(keep[1] + 1, 1 << 20)
+        step.name = "drop capabilities"
+        linux.keep_only_capabilities(set(plan.capabilities))
+        if plan.no_new_privs:
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         _report(channel, {"exec": time.monotonic_ns()})
         step.name = f"execute {plan.argv[2] if len(plan.argv) > 2 else plan.argv[0]}"
         os.execve(init_fd, list(plan.argv), dict(plan.env))
@@ -287,6 +300,8 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
             for target_fd in (0, 1, 2):
                 os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
             os.closerange(3, 1 << 20)
+            linux.keep_only_capabilities(set(request.get("capabilities", ())))
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
             argv = request["argv"]
             os.execvpe(argv[0], argv, dict(request["env"]))
         _, status = os.waitpid(pid, 0)
@@ -496,11 +511,29 @@ class ForkServer:
         ours.setblocking(False)
         return ours
 
-    def send_exec(self, launch_id: int, init_pid: int, cgroup: str, argv: list[str], env: dict[str, str], workdir: str, output_fd: int = -1) -> socket.socket:
+    def send_exec(
+        self,
+        launch_id: int,
+        init_pid: int,
+        cgroup: str,
+        argv: list[str],
+        env: dict[str, str],
+        workdir: str,
+        capabilities: tuple[int, ...] = (),
+        output_fd: int = -1,
+    ) -> socket.socket:
         """Run a command inside a running sandbox (its init's namespaces and its cgroup)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        request = {"id": launch_id, "exec_into": init_pid, "cgroup": cgroup, "argv": argv, "env": list(env.items()), "workdir": workdir}
+        request = {
+            "id": launch_id,
+            "exec_into": init_pid,
+            "cgroup": cgroup,
+            "argv": argv,
+            "env": list(env.items()),
+            "workdir": workdir,
+            "capabilities": list(capabilities),
+        }
         null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         try:
             socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd if output_fd >= 0 else null])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import SpecError, SpecErrors
-from .linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
+from .linux import CAPABILITIES, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 
 if TYPE_CHECKING:  # the fork server imports this module and should stay small: no YAML in it
     from .spec import Service, Stack
@@ -36,7 +36,7 @@ SERVICE_PID_IN_SANDBOX = 2
 TMPFS_DIRS = ("/tmp", "/run")
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
-MountKind = Literal["rbind-root", "tmpfs-root", "mountpoint", "proc", "sysfs", "tmpfs", "dev", "bind"]
+MountKind = Literal["rbind-root", "tmpfs-root", "mountpoint", "proc", "sysfs", "mask", "readonly", "tmpfs", "dev", "bind"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class LaunchPlan:
     # namespace sandboxd made for this service before it started (networks, sockets bound inside).
     net: NetMode = "private"
     per_connection: bool = False  # fed by accept: true sockets: one sandbox per connection
+    capabilities: tuple[int, ...] = ()  # kept in every set; everything else is dropped before exec
+    no_new_privs: bool = True
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +90,8 @@ class LaunchPlan:
             fd_sockets=tuple((s, i) for s, i in data["fd_sockets"]),
             net=data["net"],
             per_connection=data["per_connection"],
+            capabilities=tuple(data["capabilities"]),
+            no_new_privs=data["no_new_privs"],
         )
 
 
@@ -192,6 +196,12 @@ def _under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
+# As runc does: files of /proc and /sys that say too much about the host, or change it, are hidden
+# (/dev/null over files, an empty read-only tmpfs over directories) or made read-only.
+MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats", "/proc/acpi", "/proc/scsi", "/sys/firmware")
+READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+
+
 def _base_mounts() -> list[MountOp]:
     return [
         MountOp("proc", "/proc"),
@@ -293,6 +303,8 @@ def plan_service(
     if net != "host":
         # Its own sysfs shows the sandbox's links; with the host's network the host's stays.
         mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, MountOp("sysfs", "/sys"))
+    at = mounts.index(MountOp("dev", "/dev"))
+    mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC]
     if uses_notify(service):
         user_mounts.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))
     if service.attachments:
@@ -336,6 +348,8 @@ def plan_service(
         fd_sockets=tuple(fd_sockets),
         net=net,
         per_connection=any(sock.accept for sock in stack.sockets_of(service.name)),
+        capabilities=tuple(sorted(CAPABILITIES[name] for name in service.capabilities)),
+        no_new_privs=service.no_new_privs,
     )
 
 

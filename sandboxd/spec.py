@@ -164,6 +164,22 @@ class Network:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Resource limits of one service; None means no limit."""
+
+    memory: int | None = None  # bytes
+    memory_high: int | None = None  # bytes: throttling above it (v2), the soft limit (v1)
+    swap: int | None = None  # bytes of swap on top of memory
+    pids: int | None = None
+    cpu: float | None = None  # fraction of one CPU: 0.5 = half a CPU, 2 = two CPUs
+    cpu_weight: int | None = None  # 1..10000, 100 = the default share
+    io_weight: int | None = None  # 1..10000
+
+    def given(self) -> list[str]:
+        return [name for name in ("memory", "memory_high", "swap", "pids", "cpu", "cpu_weight", "io_weight") if getattr(self, name) is not None]
+
+
+@dataclass(frozen=True)
 class HealthCheck:
     """A command run inside the sandbox: ready once it succeeds; unhealthy after `retries` failures."""
 
@@ -220,6 +236,10 @@ class Service:
     idle_stop: float
     after: tuple[Dependency, ...]
     fdstore_max: int
+    capabilities: tuple[str, ...]
+    no_new_privs: bool
+    limits: Limits
+    limits_optional: bool
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -588,6 +608,60 @@ def _start_limit(node: Node, folder: Path) -> StartLimit:
     return StartLimit(**_with_defaults(values, _START_LIMIT_KEYS, ""))
 
 
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `256M`, `1.5G`, `512MiB`, `1024k` or a plain number of bytes (binary units)."""
+    if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+        return int(float(match[1]) * _UNITS[match[2].lower()])
+    if _is_int(value) and value >= 0:
+        return value
+    raise ValueError(f"expected a size like 256M, 1G or a number of bytes, got {_describe(value)}")
+
+
+def _positive_size(value: object) -> int:
+    size = parse_size(value)
+    if size < 1 << 20:
+        raise ValueError(f"expected at least 1M, got {_describe(value)}")
+    return size
+
+
+_LIMIT_KEYS = {
+    "memory": _Key(_scalar(_positive_size), None),
+    "memory_high": _Key(_scalar(_positive_size), None),
+    "swap": _Key(_scalar(parse_size), None),
+    "pids": _Key(_checked(lambda v: _is_int(v) and v >= 1, "a whole number of 1 or more"), None),
+    "cpu": _Key(
+        _checked(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.01 <= v <= 1024, "a number of CPUs from 0.01 up, like 0.5", float),
+        None,
+    ),
+    "cpu_weight": _Key(_checked(lambda v: _is_int(v) and 1 <= v <= 10000, "a whole number from 1 to 10000"), None),
+    "io_weight": _Key(_checked(lambda v: _is_int(v) and 1 <= v <= 10000, "a whole number from 1 to 10000"), None),
+}
+
+
+def _limits(node: Node, folder: Path) -> Limits:
+    values, problems = _read_keys(node, _LIMIT_KEYS, folder, "a mapping of limits: memory, memory_high, swap, pids, cpu, cpu_weight, io_weight")
+    if "swap" in values and "memory" not in values:
+        problems.append((node, ".swap", "swap needs memory: it is swap on top of the memory limit"))
+    if problems:
+        raise _Invalid(*problems)
+    return Limits(**values)
+
+
+def _capability(value: object) -> str:
+    from .linux import CAPABILITIES
+
+    name = str(value).upper().removeprefix("CAP_") if isinstance(value, str) else ""
+    if name not in CAPABILITIES:
+        close = difflib.get_close_matches(name, list(CAPABILITIES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"expected a capability name like NET_BIND_SERVICE, got {_describe(value)}{hint}")
+    return name
+
+
 _HEALTH_KEYS = {
     "exec": _Key(lambda node, folder: _command(node, folder), _Required("the command to run inside the sandbox")),
     "interval": _Key(_scalar(parse_duration), 5.0),
@@ -656,6 +730,10 @@ _SERVICE_KEYS = {
     "watchdog": _Key(_scalar(parse_duration), 0.0),
     "start": _Key(_checked(lambda v: v in ("eager", "on-demand"), "eager or on-demand"), "eager"),
     "idle_stop": _Key(_scalar(parse_duration), 0.0),
+    "capabilities": _Key(lambda node, folder: _list(_scalar(_capability), "a list of capability names like NET_BIND_SERVICE")(node, folder), ()),
+    "no_new_privs": _Key(_boolean, True),
+    "limits": _Key(lambda node, folder: _limits(node, folder), Limits()),
+    "limits_optional": _Key(_boolean, False),
     "fdstore_max": _Key(_checked(lambda v: _is_int(v) and 0 <= v <= 4096, "a whole number from 0 to 4096"), 0),
     "after": _Key(lambda node, folder: _list(_dependency, "a list of service names or {service, condition} mappings", single=True)(node, folder), ()),
 }

@@ -82,9 +82,11 @@ def remove_recorded(directory: Path) -> None:
             os.rmdir(path)
         except OSError:
             pass
-    for path in data.get("cgroups", [])[:1]:
-        # The first entry is the instance's cgroup; its parent is the shared "sandboxd" one.
-        remove_empty(Path(path).parent)
+    for path in data.get("cgroups", []):
+        # The shared "sandboxd" cgroups (v2, and v1 on a hybrid host) go once no stack uses them.
+        for ancestor in (Path(path).parent, Path(path).parent.parent):
+            if ancestor.name == "sandboxd":
+                remove_empty(ancestor)
     _remove_tree(directory)
 
 

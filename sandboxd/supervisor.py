@@ -52,7 +52,7 @@ from .notify import Message, NotifySocket, host_pid, main_pid_of
 from .plan import LaunchPlan, NetworkPlan, uses_notify
 from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
 from .sockets import BoundSocket, bind_sockets, close_sockets
-from .spec import Dependency, HealthCheck, Service, Stack
+from .spec import Dependency, HealthCheck, Limits, Service, Stack
 from .state import RUNTIME_ROOT, StateRecord, _alive
 
 if TYPE_CHECKING:
@@ -152,6 +152,7 @@ class Supervisor:
         instance: str,
         console: Console | None = None,
         fork_server: ForkServer | None = None,
+        limits: dict[str, Limits] | None = None,
     ) -> None:
         self.stack = stack
         self.plans = plans
@@ -162,6 +163,7 @@ class Supervisor:
         self.console = console or Console([s.name for s in stack.services])
         self.record: StateRecord | None = None
         self.fork_server = fork_server
+        self.limits = limits if limits is not None else {s.name: s.limits for s in stack.services}
         self.sockets: dict[tuple[str, int], BoundSocket] = {}
         self.services: dict[str, ServiceRuntime] = {}
         self.by_launch: dict[int, ServiceRuntime] = {}
@@ -207,8 +209,12 @@ class Supervisor:
             self._prepare_networks(joined)
         self.sockets = bind_sockets(self.stack.sockets, self.record, self._inside)
         for service in self.stack.services:
-            cgroup = self.cgroups.create(service.name)
+            cgroup = self.cgroups.create(service.name, self.limits.get(service.name))
             self.record.add("cgroups", str(cgroup.path))
+            for path in cgroup.v1.values():
+                if str(path.parent) not in self.record.cgroups:
+                    self.record.add("cgroups", str(path.parent))
+                self.record.add("cgroups", str(path))
             r, w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(r, False)
             self.services[service.name] = ServiceRuntime(service, self.plans[service.name], cgroup, r, w)
@@ -345,6 +351,7 @@ class Supervisor:
             rt.limiter = StartLimiter(rt.spec)
         rt.limiter.record(time.monotonic())
         rt.cgroup.renew()
+        rt.cgroup.mark()
         rt.launch_id = self.fork_server.next_id()
         self.by_launch[rt.launch_id] = rt
         fds = [self.sockets[key].sock.fileno() for key in rt.plan.fd_sockets]
@@ -434,6 +441,10 @@ class Supervisor:
             rt.cgroup.kill()  # the namespace's init is gone; make sure nothing else is left either
         self._disarm_timers(rt)
         outcome, text = classify(status)
+        why = rt.cgroup.why_failed()
+        if why:
+            text = f"{why}; {text}"
+        usage = self._usage(rt)
         if rt.launch_error is not None:
             outcome, text = "exit-code", f"could not start: {rt.launch_error.step}: {rt.launch_error.detail}"
         if rt.kill_reason is not None:
@@ -454,8 +465,17 @@ class Supervisor:
                 self._after_unexpected_exit(rt, outcome, text)
             case _:
                 pass
+        if rt.state in (State.STOPPED, State.EXITED, State.FAILED):
+            self.console.note(f"{rt.spec.name}: used {usage}")
         rt.settled.set()
         self._check_done()
+
+    def _usage(self, rt: ServiceRuntime) -> str:
+        stats = rt.cgroup.stats()
+        parts = [f"cpu {stats['cpu_usec'] / 1e6:.2f} s"]
+        if "memory_peak" in stats:
+            parts.append(f"memory peak {stats['memory_peak'] / (1 << 20):.1f} MiB")
+        return ", ".join(parts)
 
     def _after_unexpected_exit(self, rt: ServiceRuntime, outcome: Outcome, text: str) -> None:
         final = State.EXITED if outcome == "success" else State.FAILED
@@ -554,7 +574,7 @@ class Supervisor:
         rt.health_running = True
         launch_id = self.fork_server.next_id()
         env = {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
-        channel = self.fork_server.send_exec(launch_id, rt.pid, str(rt.cgroup.path), list(check.exec), env, rt.spec.workdir)
+        channel = self.fork_server.send_exec(launch_id, rt.pid, str(rt.cgroup.path), list(check.exec), env, rt.spec.workdir, rt.plan.capabilities)
         timeout = asyncio.get_running_loop().call_later(check.timeout, self._health_timed_out, launch_id)
         self.health_checks[launch_id] = (rt, channel, timeout)
 

@@ -967,8 +967,8 @@ def accept_lines(runs: list[AcceptRun], seconds: float) -> list[str]:
 
 
 def leftovers() -> list[str]:
-    found = [str(path) for path in (RUNTIME_ROOT, own_cgroup() / "sandboxd") if path.exists()]
-    return found
+    places = dict.fromkeys([RUNTIME_ROOT, CGROUP_V2 / "sandboxd", own_cgroup() / "sandboxd"])
+    return [str(path) for path in places if path.exists()]
 
 
 # ───────────────────────────── main ─────────────────────────────

@@ -66,6 +66,10 @@ def _pids_in_sandboxd_cgroups() -> list[int]:
 
 def leftovers(socket_dir: Path | None = None) -> list[str]:
     found: list[str] = []
+    for controller in ("memory", "pids", "cpu", "blkio"):
+        root = Path("/sys/fs/cgroup") / controller
+        if root.is_dir() and not (root / "cgroup.controllers").exists():
+            found += [f"v1 cgroup {p}" for p in root.glob("**/sandboxd") if p.is_dir()]
     if CGROUP_BASE.exists():
         found += [f"cgroup {p}" for p in CGROUP_BASE.rglob("*") if p.is_dir()] or [f"cgroup {CGROUP_BASE}"]
     for line in Path("/proc/self/mountinfo").read_text().splitlines():

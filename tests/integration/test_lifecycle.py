@@ -171,7 +171,7 @@ def test_client_connecting_before_service_is_ready_waits_and_is_answered(run_sta
     connected_at = time.monotonic()
     assert c.makefile().readline() == "ok\n"
     c.close()
-    ready_at = float(next(l for l in stack.lines("slow") if l.startswith("ready")).split()[1])
+    ready_at = float(next(l for l in stack.wait_lines("slow", 2) if l.startswith("ready")).split()[1])
     assert connected_at < ready_at
     assert stack.stop() == 0
 
@@ -303,7 +303,8 @@ def test_after_waits_for_a_migration_to_complete_and_for_readiness(run_stack, sp
         kind: service
         name: db
         ready: notify
-        command: [sh, -c, "sleep 0.3; systemd-notify --ready --pid=$$; exec sleep 1000"]
+        notify_access: all
+        command: [sh, -c, "sleep 0.3; systemd-notify --ready; exec sleep 1000"]
         ---
         kind: service
         name: app

@@ -16,7 +16,8 @@ def test_systemd_notify_marks_the_service_ready_with_its_status(run_stack, spec_
         """
         kind: service
         ready: notify
-        command: [sh, -c, 'sleep 0.2; systemd-notify --ready --status="warmed up" --pid=$$; exec sleep 1000']
+        notify_access: all  # systemd-notify is a child of the shell, not the main process
+        command: [sh, -c, 'sleep 0.2; systemd-notify --ready --status="warmed up"; exec sleep 1000']
         """,
     )
     stack = run_stack(spec_dir)
@@ -94,10 +95,11 @@ def test_missed_watchdog_fails_the_service_and_restarts_it(run_stack, spec_dir: 
         """
         kind: service
         ready: notify
+        notify_access: all
         watchdog: 300ms
         restart: on-watchdog
         restart_delay: 50ms
-        command: [sh, -c, 'systemd-notify --ready --pid=$$; echo "watchdog every $WATCHDOG_USEC us"; exec sleep 1000']
+        command: [sh, -c, 'systemd-notify --ready; echo "watchdog every $WATCHDOG_USEC us"; exec sleep 1000']
         """,
     )
     stack = run_stack(spec_dir)
@@ -115,8 +117,9 @@ def test_watchdog_kept_alive_by_the_service_never_fires(run_stack, spec_dir: Pat
         """
         kind: service
         ready: notify
+        notify_access: all
         watchdog: 300ms
-        command: [sh, -c, 'systemd-notify --ready --pid=$$; for i in $(seq 12); do systemd-notify WATCHDOG=1 --pid=$$; sleep 0.1; done; echo survived; exec sleep 1000']
+        command: [sh, -c, 'systemd-notify --ready; for i in $(seq 12); do systemd-notify WATCHDOG=1; sleep 0.1; done; echo survived; exec sleep 1000']
         """,
     )
     stack = run_stack(spec_dir)

@@ -53,3 +53,35 @@ def test_manager_creates_and_removes_service_cgroups_in_a_fake_v2_tree(tmp_path)
     manager.teardown()
     assert not (tmp_path / "svc.scope/sandboxd").exists()
     assert (tmp_path / "svc.scope").is_dir()  # our own cgroup is never removed
+
+
+def test_limits_the_host_cannot_enforce_are_named_with_the_reason(tmp_path):
+    from sandboxd.cgroups import CgroupHost, unenforceable
+    from sandboxd.spec import Limits
+
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    (memory / "memory.limit_in_bytes").write_text("max")
+    host = CgroupHost(CgroupMode.HYBRID, tmp_path / "unified", "/", {"memory": memory})
+    assert unenforceable(host, Limits(memory=64 << 20)) == []
+    assert unenforceable(host, Limits(memory=64 << 20, swap=0, pids=10)) == [
+        "swap: this kernel cannot set memory.memsw.limit_in_bytes (memory.memsw.usage_in_bytes is missing: swap accounting is off; boot with swapaccount=1)",
+        "pids: the pids controller is not available on this host (hybrid cgroups)",
+    ]
+
+
+def test_unified_host_enables_controllers_along_sandboxds_subtree(tmp_path):
+    from sandboxd.spec import Limits
+
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
+    manager = CgroupManager(host, "stack")
+    manager.setup()
+    for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
+        (directory / "cgroup.subtree_control").write_text("")
+    web = manager.create("web", Limits(memory=64 << 20, pids=32, cpu=0.5))
+    assert (web.path / "memory.max").read_text() == str(64 << 20)
+    assert (web.path / "pids.max").read_text() == "32"
+    assert (web.path / "cpu.max").read_text() == "50000 100000"
+    assert (tmp_path / "sandboxd/cgroup.subtree_control").read_text() == "+cpu +memory +pids"

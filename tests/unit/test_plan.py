@@ -77,8 +77,11 @@ def test_every_service_gets_mount_uts_ipc_and_net_namespaces(tmp_path):
 
 def test_existing_targets_use_the_host_root_bound_read_only(tmp_path):
     p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /srv/data}]\n")["a"]
-    kinds = [(m.kind, m.target) for m in p.mounts]
+    kinds = [(m.kind, m.target) for m in p.mounts if m.kind not in ("mask", "readonly")]
     assert kinds == [("rbind-root", "/"), ("proc", "/proc"), ("sysfs", "/sys"), ("dev", "/dev"), ("tmpfs", "/tmp"), ("tmpfs", "/run"), ("bind", "/srv/data")]
+    masked = [m.target for m in p.mounts if m.kind == "mask"]
+    assert "/proc/kcore" in masked and "/sys/firmware" in masked
+    assert [m.target for m in p.mounts if m.kind == "readonly"] == ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"]
     assert p.mounts[-1].readonly is True
     assert p.mounts[-1].source == str(tmp_path / "data")
 

@@ -14,6 +14,7 @@ from sandboxd.spec import (
     Address,
     Mount,
     Service,
+    Limits,
     Socket,
     StartLimit,
     load_stack,
@@ -453,6 +454,10 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             idle_stop=0.0,
             after=(),
             fdstore_max=0,
+            capabilities=(),
+            no_new_privs=True,
+            limits=Limits(),
+            limits_optional=False,
         ),
     )
     assert stack.sockets == (

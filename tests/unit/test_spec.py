@@ -12,9 +12,9 @@ import pytest
 from sandboxd.errors import SpecErrors
 from sandboxd.spec import (
     Address,
+    Limits,
     Mount,
     Service,
-    Limits,
     Socket,
     StartLimit,
     load_stack,

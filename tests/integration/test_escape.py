@@ -1,0 +1,145 @@
+"""Escape attempts from a service with the default settings: each one must fail.
+
+One sandbox runs a probe that tries everything and reports; each attempt is then a test of its
+own, reading the probe's report (the probe's stack runs within the first test, so nothing outlives
+a test). Not covered yet, and said so in the README: ptrace of the sandbox's own init and other
+calls that a seccomp filter would refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Stack, write
+
+PROBE = r'''
+import ctypes, errno, json, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+
+def attempt(name, fn):
+    try:
+        result = fn()
+        out[name] = "ESCAPED: " + repr(result)[:80]
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+    except Exception as e:
+        out[name] = type(e).__name__
+
+def call(fn, *args):
+    def run():
+        if fn(*args) != 0:
+            raise OSError(ctypes.get_errno(), "")
+        return "returned 0"
+    return run
+
+def write(path, data="x"):
+    def run():
+        with open(path, "w") as f:
+            f.write(data)
+        return path
+    return run
+
+HOST_PID = int(sys.argv[1])
+SPEC = sys.argv[2]
+attempt("see_host_process", lambda: os.stat(f"/proc/{HOST_PID}") and HOST_PID)
+attempt("signal_host_process", lambda: os.kill(HOST_PID, 0))
+attempt("write_root", write("/escape"))
+attempt("write_etc", write("/etc/escape"))
+attempt("write_usr", write("/usr/escape"))
+attempt("write_spec_folder", write(os.path.join(SPEC, "escape")))
+attempt("mount_tmpfs", call(libc.mount, b"none", b"/mnt", b"tmpfs", 0, None))
+attempt("umount_proc", call(libc.umount2, b"/proc", 2))
+attempt("unshare_mount_ns", call(libc.unshare, 0x00020000))
+attempt("setns_host_net", lambda: libc.setns(os.open("/proc/1/ns/net", os.O_RDONLY), 0) == 0 and os.stat("/proc/" + str(HOST_PID)) or (_ for _ in ()).throw(OSError(ctypes.get_errno() or errno.ENOENT, "")))
+attempt("proc_1_root_escape", lambda: os.stat(f"/proc/1/root/proc/{HOST_PID}") and "host pid visible through /proc/1/root")
+attempt("load_kernel_module", call(libc.syscall, 175, None, 0, b""))
+attempt("reboot", call(libc.reboot, 0x4321FEDC))
+attempt("sethostname_host", call(libc.sethostname, b"pwned", 5))
+attempt("settime", lambda: call(libc.clock_settime, 0, ctypes.byref((ctypes.c_long * 2)(0, 0)))())
+attempt("raw_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+attempt("packet_socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0))
+attempt("move_to_other_cgroup", write("/sys/fs/cgroup/unified/cgroup.procs", str(os.getpid())))
+attempt("raise_own_limits", write("/sys/fs/cgroup/pids/pids.max", "max"))
+attempt("read_kcore", lambda: len(open("/proc/kcore", "rb").read(16)) or (_ for _ in ()).throw(OSError(errno.ENODATA, "")))
+attempt("write_sysrq_trigger", write("/proc/sysrq-trigger", "h"))
+attempt("write_proc_sys", write("/proc/sys/kernel/domainname", "pwned"))
+def ping():
+    import shutil
+    if not shutil.which("ping"):
+        return "cannot check: ping is not installed (scripts/test installs iputils-ping)"
+    if os.system("ping -c1 -W1 127.0.0.1 >/dev/null 2>&1") != 0:
+        raise OSError(errno.EPERM, "ping could not open its raw socket")
+    return "ping worked"
+attempt("setuid_binary_gains_nothing", ping)
+attempt("mknod_disk", lambda: os.mknod("/tmp/sda", 0o600 | 0o060000, os.makedev(8, 0)) or "made a block device")
+print("ESCAPE " + json.dumps(out), flush=True)
+'''
+
+ATTEMPTS = [
+    "see_host_process",
+    "signal_host_process",
+    "write_root",
+    "write_etc",
+    "write_usr",
+    "write_spec_folder",
+    "mount_tmpfs",
+    "umount_proc",
+    "unshare_mount_ns",
+    "setns_host_net",
+    "proc_1_root_escape",
+    "load_kernel_module",
+    "reboot",
+    "sethostname_host",
+    "settime",
+    "raw_socket",
+    "packet_socket",
+    "move_to_other_cgroup",
+    "raise_own_limits",
+    "read_kcore",
+    "write_sysrq_trigger",
+    "write_proc_sys",
+    "setuid_binary_gains_nothing",
+    "mknod_disk",
+]
+_report: dict[str, str] = {}
+
+
+def _probe(tmp_path: Path) -> dict[str, str]:
+    if not _report:
+        spec = tmp_path / "escape"
+        spec.mkdir()
+        write(spec, "probe.py", PROBE)
+        write(
+            spec,
+            "probe.yaml",
+            f"""
+            kind: service
+            restart: "no"
+            command: [python3, /t/probe.py, "{os.getpid()}", "{spec}"]
+            mounts: [{{source: ., target: /t}}]
+            """,
+        )
+        stack = Stack(spec)
+        assert stack.wait_exit() == 0, stack.err
+        line = next(line for line in stack.lines("probe") if line.startswith("ESCAPE "))
+        _report.update(json.loads(line[len("ESCAPE "):]))
+    return _report
+
+
+@pytest.mark.parametrize("attempt", ATTEMPTS)
+def test_escape_attempt_fails(attempt: str, tmp_path: Path) -> None:
+    result = _probe(tmp_path)[attempt]
+    assert not result.startswith("ESCAPED"), f"{attempt}: {result}"
+
+
+def test_host_is_unchanged_after_the_escape_attempts(tmp_path: Path) -> None:
+    _probe(tmp_path)
+    assert os.uname().nodename != "pwned"
+    assert not Path("/escape").exists() and not Path("/etc/escape").exists() and not Path("/usr/escape").exists()
+    assert Path("/proc/sys/kernel/domainname").read_text().strip() != "pwned"
+    assert subprocess.run(["true"]).returncode == 0

@@ -198,6 +198,20 @@ def _place_fds(output_fd: int, socket_fds: list[int]) -> None:
         os.dup2(fd, 3 + index)  # dup2 clears close-on-exec on the new descriptor
 
 
+def _confine(seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: bool, step: _Step) -> None:
+    """The last steps before exec: the seccomp filter (while CAP_SYS_ADMIN still allows it without
+    no_new_privs), then the capabilities, then no_new_privs."""
+    if seccomp_filter:
+        step.name = "install the seccomp filter"
+        if no_new_privs:
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        linux.install_seccomp(bytes.fromhex(seccomp_filter))
+    step.name = "drop capabilities"
+    linux.keep_only_capabilities(set(capabilities))
+    if no_new_privs:
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+
+
 def _report(channel: socket.socket, message: dict[str, Any]) -> None:
     try:
         channel.send(json.dumps(message).encode())
@@ -251,10 +265,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         os.closerange(3 + len(socket_fds), keep[0])
         os.closerange(keep[0] + 1, keep[1])
         os.closerange(keep[1] + 1, 1 << 20)
-        step.name = "drop capabilities"
-        linux.keep_only_capabilities(set(plan.capabilities))
-        if plan.no_new_privs:
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        _confine(plan.seccomp_filter, plan.capabilities, plan.no_new_privs, step)
         _report(channel, {"exec": time.monotonic_ns()})
         step.name = f"execute {plan.argv[2] if len(plan.argv) > 2 else plan.argv[0]}"
         os.execve(init_fd, list(plan.argv), dict(plan.env))
@@ -300,8 +311,7 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
             for target_fd in (0, 1, 2):
                 os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
             os.closerange(3, 1 << 20)
-            linux.keep_only_capabilities(set(request.get("capabilities", ())))
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+            _confine(request.get("seccomp_filter", ""), tuple(request.get("capabilities", ())), True, _Step())
             argv = request["argv"]
             os.execvpe(argv[0], argv, dict(request["env"]))
         _, status = os.waitpid(pid, 0)
@@ -520,6 +530,7 @@ class ForkServer:
         env: dict[str, str],
         workdir: str,
         capabilities: tuple[int, ...] = (),
+        seccomp_filter: str = "",
         output_fd: int = -1,
     ) -> socket.socket:
         """Run a command inside a running sandbox (its init's namespaces and its cgroup)."""
@@ -533,6 +544,7 @@ class ForkServer:
             "env": list(env.items()),
             "workdir": workdir,
             "capabilities": list(capabilities),
+            "seccomp_filter": seccomp_filter,
         }
         null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         try:

@@ -72,6 +72,7 @@ class LaunchPlan:
     per_connection: bool = False  # fed by accept: true sockets: one sandbox per connection
     capabilities: tuple[int, ...] = ()  # kept in every set; everything else is dropped before exec
     no_new_privs: bool = True
+    seccomp_filter: str = ""  # hex of the BPF program; "" = unconfined
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +93,7 @@ class LaunchPlan:
             per_connection=data["per_connection"],
             capabilities=tuple(data["capabilities"]),
             no_new_privs=data["no_new_privs"],
+            seccomp_filter=data["seccomp_filter"],
         )
 
 
@@ -264,6 +266,18 @@ def _command_error(service: Service, path_var: str, binds: list[MountOp], exists
     return SpecError(service.file, service.line, "command", f"program {program!r} not found {where}")
 
 
+def _seccomp_filter(service: Service) -> str:
+    from .seccomp import SeccompUnsupported, build_filter
+
+    if service.seccomp == "unconfined":
+        return ""
+    allow = frozenset(service.seccomp) if isinstance(service.seccomp, tuple) else frozenset()
+    try:
+        return build_filter(allow).hex()
+    except SeccompUnsupported as e:
+        raise SpecErrors([SpecError(service.file, service.line, "seccomp", f"{e}; set seccomp: unconfined")]) from None
+
+
 def plan_service(
     stack: Stack,
     service: Service,
@@ -350,6 +364,7 @@ def plan_service(
         per_connection=any(sock.accept for sock in stack.sockets_of(service.name)),
         capabilities=tuple(sorted(CAPABILITIES[name] for name in service.capabilities)),
         no_new_privs=service.no_new_privs,
+        seccomp_filter=_seccomp_filter(service),
     )
 
 

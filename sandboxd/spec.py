@@ -240,6 +240,7 @@ class Service:
     no_new_privs: bool
     limits: Limits
     limits_optional: bool
+    seccomp: Literal["default", "unconfined"] | tuple[str, ...]
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -651,6 +652,25 @@ def _limits(node: Node, folder: Path) -> Limits:
     return Limits(**values)
 
 
+def _seccomp(node: Node, folder: Path) -> Literal["default", "unconfined"] | tuple[str, ...]:
+    from .seccomp import known_calls
+
+    if isinstance(node, ScalarNode):
+        value = _value(node)
+        if value in ("default", "unconfined"):
+            return value
+        raise _fail(node, f"expected default, unconfined or a list of system calls to allow, got {_describe(value)}")
+
+    def call(value: object) -> str:
+        if not isinstance(value, str) or value not in known_calls():
+            close = difflib.get_close_matches(str(value), sorted(known_calls()), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; the filter refuses only: {', '.join(sorted(known_calls()))}"
+            raise ValueError(f"{_describe(value)} is not refused by the default filter{hint}")
+        return value
+
+    return _list(_scalar(call), "a list of system call names")(node, folder)
+
+
 def _capability(value: object) -> str:
     from .linux import CAPABILITIES
 
@@ -734,6 +754,7 @@ _SERVICE_KEYS = {
     "no_new_privs": _Key(_boolean, True),
     "limits": _Key(lambda node, folder: _limits(node, folder), Limits()),
     "limits_optional": _Key(_boolean, False),
+    "seccomp": _Key(lambda node, folder: _seccomp(node, folder), "default"),
     "fdstore_max": _Key(_checked(lambda v: _is_int(v) and 0 <= v <= 4096, "a whole number from 0 to 4096"), 0),
     "after": _Key(lambda node, folder: _list(_dependency, "a list of service names or {service, condition} mappings", single=True)(node, folder), ()),
 }

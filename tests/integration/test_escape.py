@@ -55,6 +55,17 @@ attempt("write_spec_folder", write(os.path.join(SPEC, "escape")))
 attempt("mount_tmpfs", call(libc.mount, b"none", b"/mnt", b"tmpfs", 0, None))
 attempt("umount_proc", call(libc.umount2, b"/proc", 2))
 attempt("unshare_mount_ns", call(libc.unshare, 0x00020000))
+attempt("unshare_user_ns", call(libc.unshare, 0x10000000))
+def clone_userns():
+    pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)  # clone(CLONE_NEWUSER | SIGCHLD)
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "")
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return "cloned into a new user namespace"
+attempt("clone_new_user_ns", clone_userns)
+attempt("ptrace_the_init", call(libc.ptrace, 16, 1, None, None))
 attempt("setns_host_net", lambda: libc.setns(os.open("/proc/1/ns/net", os.O_RDONLY), 0) == 0 and os.stat("/proc/" + str(HOST_PID)) or (_ for _ in ()).throw(OSError(ctypes.get_errno() or errno.ENOENT, "")))
 attempt("proc_1_root_escape", lambda: os.stat(f"/proc/1/root/proc/{HOST_PID}") and "host pid visible through /proc/1/root")
 attempt("load_kernel_module", call(libc.syscall, 175, None, 0, b""))
@@ -90,6 +101,9 @@ ATTEMPTS = [
     "mount_tmpfs",
     "umount_proc",
     "unshare_mount_ns",
+    "unshare_user_ns",
+    "clone_new_user_ns",
+    "ptrace_the_init",
     "setns_host_net",
     "proc_1_root_escape",
     "load_kernel_module",
@@ -143,3 +157,13 @@ def test_host_is_unchanged_after_the_escape_attempts(tmp_path: Path) -> None:
     assert not Path("/escape").exists() and not Path("/etc/escape").exists() and not Path("/usr/escape").exists()
     assert Path("/proc/sys/kernel/domainname").read_text().strip() != "pwned"
     assert subprocess.run(["true"]).returncode == 0
+
+
+def test_the_seccomp_filter_is_what_refuses_user_namespaces(run_stack, spec_dir: Path) -> None:
+    probe = "import ctypes, os\\nlibc = ctypes.CDLL(None, use_errno=True)\\nprint('unshare', libc.unshare(0x10000000), os.strerror(ctypes.get_errno()))"
+    write(spec_dir, "default.yaml", f'kind: service\nrestart: "no"\ncommand: [python3, -c, "{probe}"]\n')
+    write(spec_dir, "loose.yaml", f'kind: service\nrestart: "no"\nseccomp: [unshare]\ncommand: [python3, -c, "{probe}"]\n')
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 0
+    assert stack.lines("default") == ["unshare -1 Operation not permitted"]
+    assert stack.lines("loose") == ["unshare 0 Success"]

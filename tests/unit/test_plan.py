@@ -156,3 +156,22 @@ def test_program_inside_a_bind_mount_is_found_through_its_source(tmp_path):
     finally:
         HOST_PATHS.discard(str(tmp_path / "data" / "run.sh"))
     assert p["a"].argv[2] == "/app/run.sh"
+
+
+def test_default_seccomp_filter_is_planned_and_can_be_relaxed(tmp_path):
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the seccomp table covers x86_64 only")  # the CI machine is x86_64
+    strict = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"].seccomp_filter
+    loose = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nseccomp: [ptrace, mount]\n")["a"].seccomp_filter
+    off = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nseccomp: unconfined\n")["a"].seccomp_filter
+    assert off == ""
+    assert len(bytes.fromhex(strict)) == len(bytes.fromhex(loose)) + 16  # two comparisons fewer, 8 bytes each
+    assert len(bytes.fromhex(strict)) % 8 == 0
+
+
+def test_seccomp_names_a_call_the_filter_does_not_refuse(tmp_path):
+    with pytest.raises(SpecErrors) as e:
+        plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nseccomp: [mout]\n")
+    assert e.value.errors[0].message == "'mout' is not refused by the default filter; did you mean 'mount'?"

@@ -458,6 +458,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             no_new_privs=True,
             limits=Limits(),
             limits_optional=False,
+            seccomp="default",
         ),
     )
     assert stack.sockets == (

@@ -159,8 +159,10 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
                     linux.mount_setattr(target, READONLY)
             case "dev":
                 _mount_dev(target)
-            case "tmpfs":
+            case "tmpfs" if op.target in ("/tmp", "/run"):
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
+            case "tmpfs":
+                binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root
             case "bind":
                 # Open the source on the host now; bind it after pivot_root so that the target's
                 # path (and any symlink in it) resolves inside the sandbox, never on the host.
@@ -173,6 +175,11 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
     linux.pivot_root(".", OLD_ROOT.lstrip("/"))
     os.chdir("/")
     for op, fd in binds:
+        if op.kind == "tmpfs":
+            step.name = f"mount tmpfs on {op.target}"
+            _ensure_mountpoint(op.target, is_dir=True)
+            linux.mount("tmpfs", op.target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
+            continue
         step.name = f"bind {op.source} on {op.target}"
         # A symlink target (/etc/resolv.conf -> /run/...) is followed inside the sandbox, where it
         # may lead onto the private /run: the mount point is made there.
@@ -198,15 +205,24 @@ def _place_fds(output_fd: int, socket_fds: list[int]) -> None:
         os.dup2(fd, 3 + index)  # dup2 clears close-on-exec on the new descriptor
 
 
-def _confine(seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: bool, step: _Step) -> None:
-    """The last steps before exec: the seccomp filter (while CAP_SYS_ADMIN still allows it without
-    no_new_privs), then the capabilities, then no_new_privs."""
+def _confine(seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: bool, step: _Step, uid: int = 0, gid: int = 0) -> None:
+    """The last steps before exec, in the order the kernel allows them: the seccomp filter (with
+    CAP_SYS_ADMIN, or after no_new_privs), the bounding set (needs CAP_SETPCAP), the user, then
+    the remaining capability sets, which setuid would otherwise clear."""
     if seccomp_filter:
         step.name = "install the seccomp filter"
         if no_new_privs:
             linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         linux.install_seccomp(bytes.fromhex(seccomp_filter))
     step.name = "drop capabilities"
+    linux.drop_bounding_set(set(capabilities))
+    if uid or gid:
+        step.name = f"become uid {uid} gid {gid}"
+        linux.prctl(linux.PR_SET_KEEPCAPS, 1)  # permitted capabilities survive setuid; effective are set again below
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(uid)
+    step.name = "set capabilities"
     linux.keep_only_capabilities(set(capabilities))
     if no_new_privs:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
@@ -265,7 +281,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         os.closerange(3 + len(socket_fds), keep[0])
         os.closerange(keep[0] + 1, keep[1])
         os.closerange(keep[1] + 1, 1 << 20)
-        _confine(plan.seccomp_filter, plan.capabilities, plan.no_new_privs, step)
+        _confine(plan.seccomp_filter, plan.capabilities, plan.no_new_privs, step, plan.uid, plan.gid)
         _report(channel, {"exec": time.monotonic_ns()})
         step.name = f"execute {plan.argv[2] if len(plan.argv) > 2 else plan.argv[0]}"
         os.execve(init_fd, list(plan.argv), dict(plan.env))
@@ -311,7 +327,7 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
             for target_fd in (0, 1, 2):
                 os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
             os.closerange(3, 1 << 20)
-            _confine(request.get("seccomp_filter", ""), tuple(request.get("capabilities", ())), True, _Step())
+            _confine(request.get("seccomp_filter", ""), tuple(request.get("capabilities", ())), True, _Step(), request.get("uid", 0), request.get("gid", 0))
             argv = request["argv"]
             os.execvpe(argv[0], argv, dict(request["env"]))
         _, status = os.waitpid(pid, 0)
@@ -531,6 +547,8 @@ class ForkServer:
         workdir: str,
         capabilities: tuple[int, ...] = (),
         seccomp_filter: str = "",
+        uid: int = 0,
+        gid: int = 0,
         output_fd: int = -1,
     ) -> socket.socket:
         """Run a command inside a running sandbox (its init's namespaces and its cgroup)."""
@@ -545,6 +563,8 @@ class ForkServer:
             "workdir": workdir,
             "capabilities": list(capabilities),
             "seccomp_filter": seccomp_filter,
+            "uid": uid,
+            "gid": gid,
         }
         null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         try:

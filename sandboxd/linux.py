@@ -50,6 +50,7 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -210,12 +211,16 @@ def last_cap() -> int:
         return int(f.read())
 
 
-def keep_only_capabilities(keep: set[int]) -> None:
-    """Drop every capability not in `keep` from the bounding set, and make `keep` exactly the
-    permitted, effective, inheritable and ambient sets, so that they survive exec as root or not."""
+def drop_bounding_set(keep: set[int]) -> None:
+    """Drop every capability not in `keep` from the bounding set (needs CAP_SETPCAP: before setuid)."""
     for cap in range(last_cap() + 1):
         if cap not in keep:
             _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+def keep_only_capabilities(keep: set[int]) -> None:
+    """Make `keep` exactly the permitted, effective, inheritable and ambient sets, so that they
+    survive exec whether the process is root or not. Call after `drop_bounding_set`."""
     mask = sum(1 << cap for cap in keep)
     data = (_CapData * 2)()
     for word in (0, 1):

@@ -73,6 +73,8 @@ class LaunchPlan:
     capabilities: tuple[int, ...] = ()  # kept in every set; everything else is dropped before exec
     no_new_privs: bool = True
     seccomp_filter: str = ""  # hex of the BPF program; "" = unconfined
+    uid: int = 0
+    gid: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +96,8 @@ class LaunchPlan:
             capabilities=tuple(data["capabilities"]),
             no_new_privs=data["no_new_privs"],
             seccomp_filter=data["seccomp_filter"],
+            uid=data["uid"],
+            gid=data["gid"],
         )
 
 
@@ -266,6 +270,34 @@ def _command_error(service: Service, path_var: str, binds: list[MountOp], exists
     return SpecError(service.file, service.line, "command", f"program {program!r} not found {where}")
 
 
+def _identity(service: Service) -> tuple[int, int, list[SpecError]]:
+    """uid and gid from `user:`/`group:` (numbers, or names looked up in the image's passwd/group)."""
+    import grp
+    import pwd
+
+    uid = gid = 0
+    errors = []
+    if service.user:
+        if service.user.isdigit():
+            uid = int(service.user)
+            gid = uid
+        else:
+            try:
+                entry = pwd.getpwnam(service.user)
+                uid, gid = entry.pw_uid, entry.pw_gid
+            except KeyError:
+                errors.append(SpecError(service.file, service.line, "user", f"no user '{service.user}' in the image's /etc/passwd; use a name from it or a number"))
+    if service.group:
+        if service.group.isdigit():
+            gid = int(service.group)
+        else:
+            try:
+                gid = grp.getgrnam(service.group).gr_gid
+            except KeyError:
+                errors.append(SpecError(service.file, service.line, "group", f"no group '{service.group}' in the image's /etc/group; use a name from it or a number"))
+    return uid, gid, errors
+
+
 def _seccomp_filter(service: Service) -> str:
     from .seccomp import SeccompUnsupported, build_filter
 
@@ -298,6 +330,14 @@ def plan_service(
 
     for index, m in enumerate(service.mounts):
         add_bind(str(m.source), m.target, m.readonly, m.line, f"mounts[{index}].target")
+    uid, gid, who_errors = _identity(service)
+    errors.extend(who_errors)
+    for index, target in enumerate(service.tmpfs):
+        found, top = _mount_target_errors(service, target, service.line, f"tmpfs[{index}]", exists)
+        errors.extend(found)
+        if top is not None:
+            new_tops[top] = True
+        user_mounts.append(MountOp("tmpfs", target, readonly=False, options=f"mode=0755,uid={uid},gid={gid}"))
     for name in service.uses:
         for address in next(s for s in stack.sockets if s.name == name).listen:
             if address.path and not address.is_abstract:
@@ -365,6 +405,8 @@ def plan_service(
         capabilities=tuple(sorted(CAPABILITIES[name] for name in service.capabilities)),
         no_new_privs=service.no_new_privs,
         seccomp_filter=_seccomp_filter(service),
+        uid=uid,
+        gid=gid,
     )
 
 

@@ -241,6 +241,9 @@ class Service:
     limits: Limits
     limits_optional: bool
     seccomp: Literal["default", "unconfined"] | tuple[str, ...]
+    user: str  # a name (looked up in the image) or a number; "" = root
+    group: str
+    tmpfs: tuple[str, ...]
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -755,6 +758,9 @@ _SERVICE_KEYS = {
     "limits": _Key(lambda node, folder: _limits(node, folder), Limits()),
     "limits_optional": _Key(_boolean, False),
     "seccomp": _Key(lambda node, folder: _seccomp(node, folder), "default"),
+    "user": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a user name or a uid", str), ""),
+    "group": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a group name or a gid", str), ""),
+    "tmpfs": _Key(lambda node, folder: _list(_absolute, "an absolute path or a list of them", single=True)(node, folder), ()),
     "fdstore_max": _Key(_checked(lambda v: _is_int(v) and 0 <= v <= 4096, "a whole number from 0 to 4096"), 0),
     "after": _Key(lambda node, folder: _list(_dependency, "a list of service names or {service, condition} mappings", single=True)(node, folder), ()),
 }

@@ -167,3 +167,35 @@ def test_the_seccomp_filter_is_what_refuses_user_namespaces(run_stack, spec_dir:
     assert stack.wait_exit() == 0
     assert stack.lines("default") == ["unshare -1 Operation not permitted"]
     assert stack.lines("loose") == ["unshare 0 Success"]
+
+
+def test_unprivileged_user_keeps_exactly_the_capabilities_asked_for(run_stack, spec_dir: Path) -> None:
+    write(
+        spec_dir,
+        "probe.py",
+        """
+        import os, socket
+        caps = dict(line.split(":") for line in open("/proc/self/status") if line.startswith("Cap"))
+        s = socket.socket()
+        s.bind(("127.0.0.1", 80))  # a privileged port: needs NET_BIND_SERVICE
+        open("/scratch/x", "w").write("ok")  # the tmpfs belongs to the service's user
+        print(os.getuid(), os.getgid(), caps["CapEff"].strip(), caps["CapBnd"].strip(), caps["CapAmb"].strip(), "bound 80")
+        """,
+    )
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        restart: "no"
+        user: nobody
+        group: nogroup
+        capabilities: [NET_BIND_SERVICE]
+        tmpfs: [/scratch]
+        command: [python3, /t/probe.py]
+        mounts: [{source: ., target: /t}]
+        """,
+    )
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 0, stack.err
+    assert stack.lines("svc") == ["65534 65534 0000000000000400 0000000000000400 0000000000000400 bound 80"]

@@ -459,6 +459,9 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             limits=Limits(),
             limits_optional=False,
             seccomp="default",
+            user="",
+            group="",
+            tmpfs=(),
         ),
     )
     assert stack.sockets == (

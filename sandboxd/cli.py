@@ -6,6 +6,7 @@ Only what a verb needs is imported when it runs, so quick verbs stay quick.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -31,9 +32,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     stack = load_stack(Path(args.dir))
     instance = instance_name(stack, args.project_name)
-    plans = plan_stack(stack, HostFacts(init_path(), str(RUNTIME_ROOT / instance)))
+    facts = HostFacts(init_path(), str(RUNTIME_ROOT / instance))
+    plans = plan_stack(stack, facts)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
+    if any(service.userns for service in stack.services):
+        from .subids import userns_range
+
+        plans = plan_stack(stack, dataclasses.replace(facts, userns_range=userns_range()))
     host = detect()
     limits = _enforceable_limits(stack, host)
     clean_stale()
@@ -48,8 +54,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _enforceable_limits(stack: Any, host: Any) -> dict[str, Any]:
     """Each service's limits; a limit the host cannot enforce is a spec error (a warning with limits_optional)."""
-    import dataclasses
-
     from .cgroups import unenforceable
     from .errors import SpecError
 

@@ -124,7 +124,7 @@ def _seal(root: str, pending: bool) -> None:
         linux.mount_setattr(root, READONLY)
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
+def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: dict[str, int]) -> None:
     """Make the sandbox's filesystem and pivot into it (bubblewrap's order of steps)."""
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -166,7 +166,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step) -> None:
             case "bind":
                 # Open the source on the host now; bind it after pivot_root so that the target's
                 # path (and any symlink in it) resolves inside the sandbox, never on the host.
-                binds.append((op, os.open(op.source, os.O_PATH | os.O_CLOEXEC)))
+                binds.append((op, os.dup(sources[op.source])))
     step.name = f"pivot_root into {root}"
     # The old root stays reachable on the sandbox's own /run until the binds are made: a bind
     # source must still be attached to this namespace's tree when it is mounted.
@@ -259,13 +259,23 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
         os.setsid()
+        # Bind sources are opened now, in the new mount namespace but still with the host's ids:
+        # in a user namespace root inside may not reach them by path; a descriptor works.
+        step.name = "open the sources of bind mounts"
+        sources = {op.source: os.open(op.source, os.O_PATH | os.O_CLOEXEC) for op in plan.mounts if op.kind == "bind"}
+        if plan.userns:
+            # Still the host's root by id; become root of the new user namespace (the mapped ids).
+            step.name = "become root of the user namespace"
+            os.setgroups([])
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
         # The init is opened on the host's file system: wherever sandboxd is installed (even below
         # /tmp, which the sandbox replaces), it is executed through this descriptor.
         step.name = f"open the init {plan.argv[0]}"
         opened = os.open(plan.argv[0], os.O_PATH | os.O_CLOEXEC)
         init_fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
         os.close(opened)
-        _build_root(request["root"], plan.mounts, step)
+        _build_root(request["root"], plan.mounts, step, sources)
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -396,6 +406,13 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
     cgroup_fd = -1
     try:
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        userns = request["plan"].get("userns") if "plan" in request else None
+        if userns:
+            pid = _fork_in_user_namespace(request, cgroup_fd, tuple(userns))
+            if pid == 0:
+                run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd)
+            children[pid] = request["id"]
+            return
         if "exec_into" in request:
             pid = linux.fork_into_cgroup(cgroup_fd)
             if pid == 0:
@@ -411,6 +428,42 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
         for fd in [*fds, cgroup_fd]:
             if fd >= 0:
                 os.close(fd)
+
+
+def _fork_in_user_namespace(request: dict[str, Any], cgroup_fd: int, userns: tuple[int, ...]) -> int:
+    """Fork the sandbox's init into a new user and pid namespace, born in its cgroup.
+
+    The child may not do anything as root-inside before its uid and gid maps exist, and only a
+    process outside (this one, root in the parent namespace) may write maps that name other ids
+    than its own. So the child waits on a pipe while this process writes the maps, moves it into
+    the v1 cgroups of its limits (which the child could no longer do itself), and then lets it go.
+    """
+    first, count = userns
+    wait_r, wait_w = os.pipe2(os.O_CLOEXEC)
+    pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
+    if pid == 0:
+        os.close(wait_w)
+        if os.read(wait_r, 1) != b"1":
+            os._exit(EXIT_SETUP_FAILED)  # the fork server could not set it up; it says why
+        os.close(wait_r)
+        request["cgroup_procs"] = []
+        return 0
+    os.close(wait_r)
+    try:
+        # /proc here is the host's: it knows the child by its host pid, which the pidfd tells.
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            host_pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{host_pid}/{kind}", "w") as f:
+                f.write(f"0 {first} {count}\n")
+        for procs in request["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write(str(host_pid))
+        os.write(wait_w, b"1")
+    finally:
+        os.close(wait_w)
+        os.close(pidfd)
+    return pid
 
 
 _clone3_works = True

@@ -160,7 +160,14 @@ def prctl(option: int, arg2: int = 0) -> None:
     _check(_libc.prctl(option, arg2, 0, 0, 0), "prctl")
 
 
+CLONE_PIDFD = 0x1000
+
+
 def fork_into_cgroup(cgroup_fd: int, flags: int = 0) -> int:
+    return fork_into_cgroup_with_pidfd(cgroup_fd, flags, want_pidfd=False)[0]
+
+
+def fork_into_cgroup_with_pidfd(cgroup_fd: int, flags: int = 0, want_pidfd: bool = True) -> tuple[int, int]:
     """fork(), with the child born in the cgroup2 directory `cgroup_fd` (clone3 CLONE_INTO_CGROUP).
 
     Moving a process into a cgroup by writing cgroup.procs takes a global lock whose first writer
@@ -171,17 +178,21 @@ def fork_into_cgroup(cgroup_fd: int, flags: int = 0) -> int:
     """
     import signal
 
+    pidfd = ctypes.c_int(-1)
     args = _CloneArgs(flags=flags | CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    if want_pidfd:
+        args.flags |= CLONE_PIDFD
+        args.pidfd = ctypes.addressof(pidfd)
     ctypes.pythonapi.PyOS_BeforeFork()
     pid = _libc_gil.syscall(SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
     if pid == 0:
         ctypes.pythonapi.PyOS_AfterFork_Child()
-        return 0
+        return 0, -1
     err = ctypes.get_errno()
     ctypes.pythonapi.PyOS_AfterFork_Parent()
     if pid < 0:
         raise OSError(err, f"clone3: {os.strerror(err)}")
-    return int(pid)
+    return int(pid), pidfd.value
 
 
 def loopback_up() -> None:

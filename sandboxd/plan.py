@@ -75,6 +75,7 @@ class LaunchPlan:
     seccomp_filter: str = ""  # hex of the BPF program; "" = unconfined
     uid: int = 0
     gid: int = 0
+    userns: tuple[int, ...] = ()  # (first host id, count) that ids 0.. inside map to; () = no user namespace
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +99,7 @@ class LaunchPlan:
             seccomp_filter=data["seccomp_filter"],
             uid=data["uid"],
             gid=data["gid"],
+            userns=tuple(data["userns"]),
         )
 
 
@@ -105,6 +107,7 @@ class LaunchPlan:
 class HostFacts:
     init_path: str  # the small init that runs as pid 1 of each sandbox (dumb-init)
     runtime_dir: str = "/run/sandboxd/stack"  # where the stack's generated files (hosts) live
+    userns_range: tuple[int, ...] = (100000, 65536)  # host ids for `userns: true` (from /etc/subuid)
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,10 @@ def plan_service(
 
     env: dict[str, str] = {"PATH": DEFAULT_PATH}
     env.update(dict(service.environment))
+    if service.userns and net == "join":
+        raise SpecErrors(
+            [SpecError(service.file, service.line, "userns", "userns: true does not work with networks or sockets bound in the service's namespace yet")]
+        )
     command_error = _command_error(service, env["PATH"], user_mounts, exists)
     if command_error:
         raise SpecErrors([command_error])
@@ -407,6 +414,7 @@ def plan_service(
         seccomp_filter=_seccomp_filter(service),
         uid=uid,
         gid=gid,
+        userns=facts.userns_range if service.userns else (),
     )
 
 

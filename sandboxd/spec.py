@@ -241,6 +241,7 @@ class Service:
     limits: Limits
     limits_optional: bool
     seccomp: Literal["default", "unconfined"] | tuple[str, ...]
+    userns: bool
     user: str  # a name (looked up in the image) or a number; "" = root
     group: str
     tmpfs: tuple[str, ...]
@@ -758,6 +759,7 @@ _SERVICE_KEYS = {
     "limits": _Key(lambda node, folder: _limits(node, folder), Limits()),
     "limits_optional": _Key(_boolean, False),
     "seccomp": _Key(lambda node, folder: _seccomp(node, folder), "default"),
+    "userns": _Key(_boolean, False),
     "user": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a user name or a uid", str), ""),
     "group": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a group name or a gid", str), ""),
     "tmpfs": _Key(lambda node, folder: _list(_absolute, "an absolute path or a list of them", single=True)(node, folder), ()),

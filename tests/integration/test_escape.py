@@ -199,3 +199,53 @@ def test_unprivileged_user_keeps_exactly_the_capabilities_asked_for(run_stack, s
     stack = run_stack(spec_dir)
     assert stack.wait_exit() == 0, stack.err
     assert stack.lines("svc") == ["65534 65534 0000000000000400 0000000000000400 0000000000000400 bound 80"]
+
+
+USERNS_PROBE = """
+import os, socket
+print("map", open("/proc/self/uid_map").read().split(), os.getuid(), flush=True)
+open("/data/written", "w").write("by root inside")
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"served from a user namespace\\n")
+    c.close()
+"""
+
+
+def test_user_namespace_maps_root_inside_to_an_unprivileged_host_uid(run_stack, spec_dir: Path, socket_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)
+    write(spec_dir, "probe.py", USERNS_PROBE)
+    write(
+        spec_dir,
+        "svc.yaml",
+        f"""
+        kind: service
+        userns: true
+        command: [python3, /t/probe.py]
+        mounts: [{{source: ., target: /t}}, {{source: {data}, target: /data, readonly: false}}]
+        ---
+        kind: socket
+        listen: unix:{socket_dir}/svc.sock
+        """,
+    )
+    stack = run_stack(spec_dir)
+    lines = stack.wait_lines("svc", 1)
+    assert lines, stack.err
+    line = lines[0]
+    first = next(int(l.split(":")[1]) for l in Path("/etc/subuid").read_text().splitlines() if l.startswith("sandboxd:"))
+    assert line == f"map ['0', '{first}', '65536'] 0"
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(10)
+    c.connect(str(socket_dir / "svc.sock"))
+    assert c.makefile().readline() == "served from a user namespace\n"  # sockets are still passed in
+    c.close()
+    assert (data / "written").stat().st_uid == first  # root inside is nobody special outside
+    service_pids = Path("/sys/fs/cgroup/unified/sandboxd/stack/svc/cgroup.procs").read_text().split()
+    uids = {next(l.split()[1] for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("Uid:")) for pid in service_pids}
+    assert uids == {str(first)}
+    assert stack.stop() == 0

@@ -459,6 +459,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             limits=Limits(),
             limits_optional=False,
             seccomp="default",
+            userns=False,
             user="",
             group="",
             tmpfs=(),

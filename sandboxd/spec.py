@@ -242,6 +242,7 @@ class Service:
     limits_optional: bool
     seccomp: Literal["default", "unconfined"] | tuple[str, ...]
     userns: bool
+    readonly_root: bool
     user: str  # a name (looked up in the image) or a number; "" = root
     group: str
     tmpfs: tuple[str, ...]
@@ -760,6 +761,13 @@ _SERVICE_KEYS = {
     "limits_optional": _Key(_boolean, False),
     "seccomp": _Key(lambda node, folder: _seccomp(node, folder), "default"),
     "userns": _Key(_boolean, False),
+    "readonly_root": _Key(
+        _checked(
+            lambda v: v is True,
+            "true (a writable root needs an image with an overlay layer, which images will bring; use tmpfs: or mounts: for what must be written)",
+        ),
+        True,
+    ),
     "user": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a user name or a uid", str), ""),
     "group": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a group name or a gid", str), ""),
     "tmpfs": _Key(lambda node, folder: _list(_absolute, "an absolute path or a list of them", single=True)(node, folder), ()),

@@ -460,6 +460,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             limits_optional=False,
             seccomp="default",
             userns=False,
+            readonly_root=True,
             user="",
             group="",
             tmpfs=(),

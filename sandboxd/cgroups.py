@@ -221,9 +221,18 @@ class Cgroup:
             result["memory_current"] = self._read_int(self.path / "memory.current")
             result["memory_peak"] = self._read_int(self.path / "memory.peak")
             result["oom_kills"] = self._read_int(self.path / "memory.events", "oom_kill")
+        else:  # no memory controller for this service: the resident memory of its processes
+            result["memory_current"] = sum(self._rss(pid) for pid in self.pids())
         pids_events = (self.v1["pids"] if "pids" in self.v1 else self.path) / "pids.events"
         result["pids_limit_hits"] = self._read_int(pids_events, "max")
         return result
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def mark(self) -> None:
         """Remember the counters now, so that `why_failed` sees only what happened since."""

@@ -25,12 +25,18 @@ def _load(folder: str) -> tuple[object, object]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.detach:
+        return _up_detached(args)
+    return _up(args)
+
+
+def _up(args: argparse.Namespace) -> int:
     from .cgroups import detect
     from .plan import HostFacts, init_path, plan_stack
     from .spec import load_stack
     from .state import RUNTIME_ROOT, clean_stale, instance_name
 
-    stack = load_stack(Path(args.dir))
+    stack = _with_env(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
     facts = HostFacts(init_path(), str(RUNTIME_ROOT / instance))
     plans = plan_stack(stack, facts)
@@ -49,7 +55,201 @@ def cmd_up(args: argparse.Namespace) -> int:
     fork_server = ForkServer.start()
     from .supervisor import Supervisor
 
-    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits).run()
+    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon).run()
+
+
+def _with_env(stack: Any, overrides: list[str]) -> Any:
+    """The stack with `SERVICE:KEY=VALUE` environment overrides applied (tests use these)."""
+    from .errors import SpecError
+
+    services = {s.name: s for s in stack.services}
+    for override in overrides:
+        name, _, assignment = override.partition(":")
+        key, eq, value = assignment.partition("=")
+        if name not in services or not eq or not key:
+            raise SpecErrors([SpecError(stack.folder, 0, "--env", f"expected SERVICE:KEY=VALUE with a service of the stack, got {override!r}")])
+        env = dict(services[name].environment)
+        env[key] = value
+        services[name] = dataclasses.replace(services[name], environment=tuple(env.items()))
+    return dataclasses.replace(stack, services=tuple(services[s.name] for s in stack.services))
+
+
+def _up_detached(args: argparse.Namespace) -> int:
+    """Validate here (errors come back at once, exit 2), then start the supervisor in a session of
+    its own and return once every eager service has started (or is ready, with --wait)."""
+    import subprocess
+    import tempfile
+    import time
+
+    from .client import choose_stack, request, running_stacks
+    from .plan import HostFacts, init_path, plan_stack
+    from .spec import load_stack
+    from .state import RUNTIME_ROOT, instance_name
+
+    stack = _with_env(load_stack(Path(args.dir)), args.env)
+    instance = instance_name(stack, args.project_name)
+    plan_stack(stack, HostFacts(init_path(), str(RUNTIME_ROOT / instance)))
+    if instance in running_stacks():
+        raise HostError(f"a stack named {instance!r} is already running", "stop it with sandboxd down -p NAME, or pick another name with -p")
+    log = tempfile.TemporaryFile()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "sandboxd", "up", "--daemon", "-p", instance, *(f"--env={e}" for e in args.env), str(Path(args.dir).resolve())],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            return daemon.returncode or 1
+        try:
+            status = request(choose_stack(instance), {"cmd": "status"}, timeout=5)
+        except SandboxdError:
+            time.sleep(0.02)
+            continue
+        waiting_for = {"starting"} | ({"running"} if args.wait else set())
+        pending = [s for s in status["services"] if s["state"] in waiting_for and not (s["state"] == "running" and s["ready"])]
+        if not pending:
+            _print_status(status, sys.stdout)
+            return 0
+        time.sleep(0.02)
+    raise HostError(f"stack {instance!r} did not come up within {args.timeout:g} s", f"see: sandboxd logs -p {instance}")
+
+
+def _print_status(status: dict[str, Any], out: Any) -> None:
+    rows = [("SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "MEMORY", "CPU", "SOCKETS / STATUS")]
+    for svc in status["services"]:
+        socks = " ".join(s["address"] for s in svc["sockets"])
+        extra = f"{socks} {svc['status_text']}".strip()
+        state = svc["state"] + (" (ready)" if svc["ready"] and svc["state"] != "ready" and svc["state"] == "running" else "")
+        rows.append(
+            (
+                svc["name"],
+                state,
+                str(svc["pid"] or "-"),
+                f"{svc['uptime']:.0f}s" if svc["uptime"] else "-",
+                str(svc["restarts"]),
+                f"{svc['memory'] / (1 << 20):.1f}M" if svc["memory"] else "-",
+                f"{svc['cpu_seconds']:.2f}s",
+                extra,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    out.write(f"stack {status['stack']} ({status['folder']})\n")
+    for row in rows:
+        out.write("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1] + "\n")
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import choose_stack, request
+
+    status = request(choose_stack(args.project_name), {"cmd": "status", "services": args.services})
+    if args.json:
+        status.pop("ok", None)
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status, sys.stdout)
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from .client import choose_stack, request
+
+    message: dict[str, Any] = {"cmd": args.verb, "services": args.services}
+    if args.verb == "kill":
+        message["signal"] = args.signal
+    request(choose_stack(args.project_name), message)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    import time
+
+    from .client import choose_stack, request, running_stacks
+    from .state import clean_stale
+
+    name = args.project_name or (Path(args.dir).resolve().name if args.dir else None)
+    cleaned = clean_stale()  # a stack whose supervisor died: remove what it left
+    if name and name not in running_stacks():
+        if name in cleaned:
+            print(f"stack {name!r} was dead; removed what it left behind")
+            return 0
+        raise SandboxdError(f"no stack named {name!r} is running")
+    stack = choose_stack(name)
+    pid = running_stacks()[stack]
+    request(stack, {"cmd": "down"})
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(0.02)
+    print(f"stack {stack!r} is down")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import running_stacks
+    from .state import clean_stale
+
+    if os.geteuid() == 0:
+        clean_stale()
+    stacks = running_stacks()
+    if args.json:
+        print(json.dumps([{"name": name, "pid": pid} for name, pid in stacks.items()]))
+    else:
+        for name, pid in stacks.items():
+            print(f"{name}\tpid {pid}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from . import logs
+    from .client import RUNTIME_ROOT, choose_stack, running_stacks
+
+    stack = choose_stack(args.project_name)
+    directory = RUNTIME_ROOT / stack / "logs"
+    names = args.services or sorted(p.name[: -len(".log")] for p in directory.glob("*.log") if p.name != "sandboxd.log")
+    width = max((len(n) for n in names), default=0)
+    lines = sorted((stamp, name, text) for name in names for stamp, text in logs.read(directory, name))
+    if args.since:
+        lines = [line for line in lines if line[0] >= args.since]
+    if args.tail is not None:
+        lines = lines[-args.tail :] if args.tail else []
+    for _stamp, name, text in lines:
+        print(f"{name.ljust(width)} | {text}", flush=True)
+    if args.follow:
+        pid = running_stacks()[stack]
+        try:
+            for name, _stamp, text in logs.follow(directory, names, lambda: Path(f"/proc/{pid}").exists()):
+                print(f"{name.ljust(width)} | {text}", flush=True)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from .client import choose_stack, request
+
+    stack = choose_stack(args.project_name)
+    try:
+        while True:
+            status = request(stack, {"cmd": "status", "services": args.services})
+            if not args.once:
+                sys.stdout.write("\033[H\033[2J" if sys.stdout.isatty() else "")
+            print(f"{'SERVICE':20} {'STATE':10} {'MEMORY':>10} {'CPU':>10} {'PROCS':>6}")
+            for svc in status["services"]:
+                print(f"{svc['name']:20} {svc['state']:10} {svc['memory'] / (1 << 20):9.1f}M {svc['cpu_seconds']:9.2f}s {svc['processes']:6}")
+            if args.once:
+                return 0
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _enforceable_limits(stack: Any, host: Any) -> dict[str, Any]:
@@ -95,10 +295,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sandboxd", description="Run isolated services with sockets bound by sandboxd.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
-    up = verbs.add_parser("up", help="validate a spec folder and run its services in the foreground")
+    up = verbs.add_parser("up", help="validate a spec folder and run its services (in the foreground, or -d)")
     up.add_argument("dir", help="folder of *.yaml unit specs")
     up.add_argument("-p", "--project-name", help="name of the stack (default: the folder's name)")
+    up.add_argument("-d", "--detach", action="store_true", help="run in the background; return once every eager service has started")
+    up.add_argument("--wait", action="store_true", help="with -d: return once every eager service is ready")
+    up.add_argument("--timeout", type=float, default=60.0, help="with -d: give up after this many seconds")
+    up.add_argument("-e", "--env", action="append", default=[], metavar="SERVICE:KEY=VALUE", help="override a service's environment")
+    up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
     up.set_defaults(func=cmd_up)
+    for verb, text in (("ps", "show the services of a running stack"), ("status", "the same as ps")):
+        ps = verbs.add_parser(verb, help=text)
+        ps.add_argument("services", nargs="*")
+        ps.add_argument("-p", "--project-name")
+        ps.add_argument("--json", action="store_true")
+        ps.set_defaults(func=cmd_ps)
+    for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
+        control = verbs.add_parser(verb, help=text)
+        control.add_argument("services", nargs="+")
+        control.add_argument("-p", "--project-name")
+        control.set_defaults(func=cmd_control)
+    kill = verbs.add_parser("kill", help="send a signal to services (default SIGTERM)")
+    kill.add_argument("services", nargs="+")
+    kill.add_argument("-s", "--signal", default="SIGTERM")
+    kill.add_argument("-p", "--project-name")
+    kill.set_defaults(func=cmd_control)
+    logs = verbs.add_parser("logs", help="show what services printed")
+    logs.add_argument("services", nargs="*")
+    logs.add_argument("-p", "--project-name")
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--since", help="only lines at or after this UTC time, like 2026-11-26T06:00:00")
+    logs.add_argument("--tail", type=int, help="only the last N lines")
+    logs.set_defaults(func=cmd_logs)
+    stats = verbs.add_parser("stats", help="live resource use of a running stack")
+    stats.add_argument("services", nargs="*")
+    stats.add_argument("-p", "--project-name")
+    stats.add_argument("--once", action="store_true", help="print once instead of refreshing every second")
+    stats.set_defaults(func=cmd_stats)
+    down = verbs.add_parser("down", help="stop a running stack and remove everything it made")
+    down.add_argument("dir", nargs="?", help="the spec folder (its name is the stack's name)")
+    down.add_argument("-p", "--project-name")
+    down.set_defaults(func=cmd_down)
+    ls = verbs.add_parser("ls", help="list the stacks running on this host")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
     config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
     config.add_argument("dir")
     config.set_defaults(func=cmd_config)
@@ -120,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except SpecErrors as e:
-        print(f"sandboxd: {len(e.errors)} problem{'s' if len(e.errors) != 1 else ''} in {args.dir}:", file=sys.stderr)
+        print(f"sandboxd: {len(e.errors)} problem{'s' if len(e.errors) != 1 else ''} in {getattr(args, 'dir', '')}:", file=sys.stderr)
         for err in e.errors:
             print(f"  {err}", file=sys.stderr)
         return e.exit_code
@@ -129,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `sandboxd ps --json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import TextIO
 
+from .logs import LogFiles
+
 _COLOURS = (36, 33, 32, 35, 34, 96, 93, 92, 95, 94)
 
 
@@ -18,6 +20,8 @@ class Console:
     def __init__(self, names: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
         self.out = out
         self.err = err
+        self.logs: LogFiles | None = None  # also kept in files, when the stack has a runtime directory
+        self.quiet = False  # detached: nobody reads the terminal; the files are the record
         self.width = max((len(n) for n in names), default=0)
         colour = out.isatty() and "NO_COLOR" not in os.environ
         self.prefix = {}
@@ -29,9 +33,15 @@ class Console:
 
     def line(self, name: str, data: bytes) -> None:
         text = data.decode("utf-8", errors="replace").rstrip("\r\n")
-        self.out.write(self.prefix.get(name, f"{name} | ") + text + "\n")
-        self.out.flush()
+        if self.logs is not None:
+            self.logs.write(name, text)
+        if not self.quiet:
+            self.out.write(self.prefix.get(name, f"{name} | ") + text + "\n")
+            self.out.flush()
 
     def note(self, text: str) -> None:
-        self.err.write(f"sandboxd: {text}\n")
-        self.err.flush()
+        if self.logs is not None:
+            self.logs.write("sandboxd", text)
+        if not self.quiet:
+            self.err.write(f"sandboxd: {text}\n")
+            self.err.flush()

@@ -46,8 +46,10 @@ from typing import TYPE_CHECKING
 
 from .cgroups import Cgroup, CgroupHost, CgroupManager
 from .console import Console
+from .control import ControlServer
 from .errors import HostError, LaunchError
 from .launcher import ForkServer, read_status
+from .logs import LogFiles
 from .notify import Message, NotifySocket, host_pid, main_pid_of
 from .plan import LaunchPlan, NetworkPlan, uses_notify
 from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
@@ -153,6 +155,7 @@ class Supervisor:
         console: Console | None = None,
         fork_server: ForkServer | None = None,
         limits: dict[str, Limits] | None = None,
+        detached: bool = False,
     ) -> None:
         self.stack = stack
         self.plans = plans
@@ -164,6 +167,10 @@ class Supervisor:
         self.record: StateRecord | None = None
         self.fork_server = fork_server
         self.limits = limits if limits is not None else {s.name: s.limits for s in stack.services}
+        self.detached = detached
+        self.control: ControlServer | None = None
+        self.stop_requested: asyncio.Event | None = None
+        self.started_wall = time.time()
         self.sockets: dict[tuple[str, int], BoundSocket] = {}
         self.services: dict[str, ServiceRuntime] = {}
         self.by_launch: dict[int, ServiceRuntime] = {}
@@ -202,6 +209,8 @@ class Supervisor:
         self.root_dir.mkdir(exist_ok=True)
         self.record = StateRecord(self.runtime_dir)
         self.record.save()
+        self.console.logs = LogFiles(self.runtime_dir / "logs")
+        self.console.quiet = self.detached
         self.cgroups.setup()
         self.record.add("cgroups", str(self.cgroups.instance_path))
         joined = [name for name, plan in self.plans.items() if plan.net == "join"]
@@ -274,6 +283,10 @@ class Supervisor:
             for stored in rt.fdstore:
                 os.close(stored.fd)
             rt.fdstore.clear()
+        if self.console.logs is not None:
+            self.console.logs.close()
+        shutil.rmtree(self.runtime_dir / "logs", ignore_errors=True)
+        (self.runtime_dir / "control.sock").unlink(missing_ok=True)
         shutil.rmtree(self.runtime_dir / "etc", ignore_errors=True)
         shutil.rmtree(self.runtime_dir / "notify", ignore_errors=True)
         for directory in (self.root_dir, self.runtime_dir, RUNTIME_ROOT):
@@ -291,6 +304,9 @@ class Supervisor:
             rt.settled = asyncio.Event()
         self.done = asyncio.Event()
         stop_requested = asyncio.Event()
+        self.stop_requested = stop_requested
+        self.control = ControlServer(self, self.runtime_dir / "control.sock")
+        await self.control.start()
 
         def on_signal() -> None:
             if stop_requested.is_set():
@@ -328,6 +344,7 @@ class Supervisor:
         if stop_requested.is_set():
             self.console.note("stopping all services")
         await self._stop_all()
+        await self.control.close()
         for rt in self.services.values():
             self._drain_output(rt)
         loop.remove_reader(self.fork_server.conn)
@@ -757,6 +774,9 @@ class Supervisor:
                 self._launch(rt)
 
     def _check_done(self) -> None:
+        if self.detached:
+            return  # a detached stack runs until `sandboxd down`, even with every service stopped
+
         def finished(rt: ServiceRuntime) -> bool:
             pending = rt.state is State.STOPPED and bool(rt.spec.after) and rt.limiter is None
             return rt.state in FINAL and not pending
@@ -812,6 +832,46 @@ class Supervisor:
             if rt.state is State.WAITING:
                 self._transition(rt, State.STOPPED, "stop requested")
         await asyncio.gather(*(self._stop(rt) for rt in self.services.values()), self._stop_instances())
+
+    # ── control plane ──
+
+    def status(self, names: list[str]) -> dict[str, object]:
+        chosen = [self.services[n] for n in names] if names else list(self.services.values())
+        return {
+            "stack": self.instance,
+            "folder": str(self.stack.folder),
+            "pid": os.getpid(),
+            "started": self.started_wall,
+            "services": [_status_of(self, rt) for rt in chosen],
+        }
+
+    async def stop_service(self, name: str) -> None:
+        rt = self.services[name]
+        self._unwatch(rt)
+        if rt.state is State.WAITING:
+            self._transition(rt, State.STOPPED, "stop requested")
+            return
+        await self._stop(rt)
+
+    def start_service(self, name: str) -> None:
+        rt = self.services[name]
+        if rt.state not in (State.STOPPED, State.EXITED, State.FAILED) or self.stopping:
+            return
+        rt.limiter = None  # a start by hand begins a new start-limit interval
+        if rt.per_connection or rt.spec.start == "on-demand":
+            self._wait_for_connection(rt)
+        else:
+            self._launch(rt)
+
+    def kill_service(self, name: str, signame: str) -> None:
+        rt = self.services[name]
+        sig = signal.Signals[signame if signame.startswith("SIG") else f"SIG{signame}"]
+        if rt.state in ALIVE:
+            self._signal_init(rt, sig)
+
+    def request_down(self) -> None:
+        if self.stop_requested is not None:
+            self.stop_requested.set()
 
     # ── activation: on the first connection, or one sandbox per connection ──
 
@@ -1038,6 +1098,32 @@ class Supervisor:
         for name, line in self.held_output:
             self.console.line(name, line)
         self.held_output.clear()
+
+
+# ── the control plane's operations (control.py calls these) ──
+
+
+def _status_of(sup: Supervisor, rt: ServiceRuntime) -> dict[str, object]:
+    sockets = []
+    for key in rt.plan.fd_sockets:
+        unit = next(s for s in sup.stack.sockets if s.name == key[0])
+        sockets.append({"socket": unit.name, "address": sup.sockets[key].real_address(), "fdname": unit.fdname, "netns": unit.netns})
+    stats = rt.cgroup.stats()
+    alive = rt.state in (State.RUNNING, State.READY, State.RELOADING, State.STOPPING)
+    return {
+        "name": rt.spec.name,
+        "state": rt.state.value,
+        "pid": rt.pid if alive else 0,
+        "uptime": round(time.monotonic() - rt.started_at, 3) if alive else 0,
+        "restarts": rt.restarts,
+        "ready": rt.state in (State.READY,) or (rt.state is State.RUNNING and rt.spec.ready == "started"),
+        "status_text": rt.status_text,
+        "sockets": sockets,
+        "memory": stats.get("memory_current", 0),
+        "cpu_seconds": round(stats["cpu_usec"] / 1e6, 3),
+        "processes": stats["processes"],
+        "instances": rt.instances,
+    }
 
 
 def runtime_path(instance: str) -> Path:

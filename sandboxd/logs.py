@@ -1,0 +1,95 @@
+"""Per-service log files: what each service printed, kept in the stack's runtime directory.
+
+One file per service (`logs/NAME.log`, and `logs/sandboxd.log` for sandboxd's own messages),
+each line stamped with the UTC time it was read, rotated by size (1 MiB, three old files kept),
+so logs survive a restart of the service and `sandboxd logs` can read them without asking the
+supervisor anything. Standard library only: the CLI imports this module to read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+MAX_BYTES = 1 << 20
+KEEP = 3
+
+
+class LogFiles:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, tuple[int, int]] = {}  # name -> (fd, size)
+
+    def write(self, name: str, text: str) -> None:
+        fd, size = self.files.get(name, (-1, 0))
+        if fd < 0:
+            fd = os.open(self.directory / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            size = os.fstat(fd).st_size
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        data = f"{stamp} {text}\n".encode("utf-8", errors="replace")
+        os.write(fd, data)
+        size += len(data)
+        if size >= MAX_BYTES:
+            os.close(fd)
+            self._rotate(name)
+            fd, size = -1, 0
+        self.files[name] = (fd, size)
+
+    def _rotate(self, name: str) -> None:
+        base = self.directory / f"{name}.log"
+        for index in range(KEEP - 1, 0, -1):
+            older = Path(f"{base}.{index}")
+            if older.exists():
+                os.replace(older, f"{base}.{index + 1}")
+        os.replace(base, f"{base}.1")
+
+    def close(self) -> None:
+        for fd, _size in self.files.values():
+            if fd >= 0:
+                os.close(fd)
+        self.files.clear()
+
+
+def read(directory: Path, name: str) -> list[tuple[str, str]]:
+    """(timestamp, text) of every line kept for `name`, oldest first (rotated files included)."""
+    lines: list[tuple[str, str]] = []
+    for index in range(KEEP, -1, -1):
+        path = directory / (f"{name}.log.{index}" if index else f"{name}.log")
+        try:
+            content = path.read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        for line in content.splitlines():
+            stamp, _, text = line.partition(" ")
+            lines.append((stamp, text))
+    return lines
+
+
+def follow(directory: Path, names: list[str], alive: Callable[[], bool]) -> Iterator[tuple[str, str, str]]:
+    """New lines of the given logs as they are written: (name, timestamp, text), until not alive()."""
+    offsets = {name: (directory / f"{name}.log").stat().st_size if (directory / f"{name}.log").exists() else 0 for name in names}
+    while alive():
+        quiet = True
+        for name in names:
+            path = directory / f"{name}.log"
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size < offsets[name]:
+                offsets[name] = 0  # rotated
+            if size > offsets[name]:
+                with path.open("rb") as f:
+                    f.seek(offsets[name])
+                    data = f.read()
+                offsets[name] += len(data)
+                quiet = False
+                for line in data.decode(errors="replace").splitlines():
+                    stamp, _, text = line.partition(" ")
+                    yield name, stamp, text
+        if quiet:
+            time.sleep(0.1)

@@ -1,0 +1,130 @@
+"""The control plane: detached stacks and every verb against a running one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import write
+
+SERVER = r'''
+import os, socket, sys
+s = socket.socket(fileno=3)
+print("serving", os.environ.get("GREETING", "hello"), flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall((os.environ.get("GREETING", "hello") + "\n").encode())
+    c.close()
+'''
+
+
+def sbd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "sandboxd", *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def _stack(folder: Path) -> None:
+    write(folder, "server.py", SERVER)
+    write(
+        folder,
+        "api.yaml",
+        """
+        kind: service
+        command: [python3, /t/server.py]
+        mounts: [{source: ., target: /t}]
+        ---
+        kind: socket
+        listen: tcp:127.0.0.1:0
+        """,
+    )
+    write(folder, "worker.yaml", "kind: service\ncommand: sleep 1000\n")
+
+
+def _ask(address: str) -> str:
+    host, _, port = address.removeprefix("tcp:").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as c:
+        return c.makefile().readline().strip()
+
+
+def test_every_verb_against_a_detached_stack(spec_dir: Path) -> None:
+    _stack(spec_dir)
+    up = sbd("up", "-d", "-p", "ctl", str(spec_dir))
+    assert "api" in up.stdout and "worker" in up.stdout
+    try:
+        status = json.loads(sbd("ps", "--json", "-p", "ctl").stdout)
+        assert status["stack"] == "ctl"
+        services = {s["name"]: s for s in status["services"]}
+        assert services["api"]["state"] == "running" and services["api"]["pid"] > 0
+        address = services["api"]["sockets"][0]["address"]
+        assert address.startswith("tcp:127.0.0.1:") and not address.endswith(":0")
+        assert _ask(address) == "hello"
+        assert {"uptime", "restarts", "ready", "status_text", "memory", "cpu_seconds"} <= set(services["api"])
+
+        sbd("stop", "-p", "ctl", "worker")
+        assert json.loads(sbd("status", "--json", "-p", "ctl", "worker").stdout)["services"][0]["state"] == "stopped"
+        sbd("start", "-p", "ctl", "worker")
+        assert json.loads(sbd("ps", "--json", "-p", "ctl", "worker").stdout)["services"][0]["state"] == "running"
+
+        old_pid = services["api"]["pid"]
+        sbd("restart", "-p", "ctl", "api")
+        after = json.loads(sbd("ps", "--json", "-p", "ctl", "api").stdout)["services"][0]
+        assert after["pid"] != old_pid and _ask(address) == "hello"  # the same socket, a new sandbox
+
+        sbd("kill", "-s", "SIGKILL", "-p", "ctl", "api")
+        deadline = time.monotonic() + 10
+        while json.loads(sbd("ps", "--json", "-p", "ctl", "api").stdout)["services"][0]["restarts"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _ask(address) == "hello"
+
+        logs = sbd("logs", "-p", "ctl", "api").stdout.splitlines()
+        assert logs.count("api | serving hello") >= 3  # kept across restarts
+        assert sbd("logs", "-p", "ctl", "--tail", "1", "api").stdout.strip() == "api | serving hello"
+        assert "api" in sbd("stats", "--once", "-p", "ctl").stdout
+        assert [s["name"] for s in json.loads(sbd("ls", "--json").stdout)] == ["ctl"]
+    finally:
+        sbd("down", "-p", "ctl")
+    assert not Path("/run/sandboxd/ctl").exists()
+
+
+def test_two_stacks_from_one_folder_under_different_names(spec_dir: Path) -> None:
+    _stack(spec_dir)
+    sbd("up", "-d", "-p", "one", "-e", "api:GREETING=one", str(spec_dir))
+    sbd("up", "-d", "-p", "two", "-e", "api:GREETING=two", str(spec_dir))
+    try:
+        for name in ("one", "two"):
+            status = json.loads(sbd("ps", "--json", "-p", name, "api").stdout)
+            assert _ask(status["services"][0]["sockets"][0]["address"]) == name
+        assert sorted(s["name"] for s in json.loads(sbd("ls", "--json").stdout)) == ["one", "two"]
+        refused = sbd("up", "-d", "-p", "one", str(spec_dir), check=False)
+        assert refused.returncode == 1 and "already running" in refused.stderr
+    finally:
+        sbd("down", "-p", "one")
+        sbd("down", "-p", "two")
+
+
+def test_sigkill_of_a_detached_stack_then_down_leaves_nothing(spec_dir: Path) -> None:
+    _stack(spec_dir)
+    sbd("up", "-d", "-p", "doomed", str(spec_dir))
+    status = json.loads(sbd("ps", "--json", "-p", "doomed").stdout)
+    service_pids = [s["pid"] for s in status["services"]]
+    os.kill(status["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{p}").exists() for p in [status["pid"], *service_pids]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(Path(f"/proc/{p}").exists() for p in service_pids)  # no service outlives sandboxd
+    result = sbd("down", "-p", "doomed")
+    assert "removed what it left behind" in result.stdout
+
+
+def test_invalid_spec_is_reported_by_up_d_at_once(spec_dir: Path) -> None:
+    write(spec_dir, "bad.yaml", "kind: service\ncommand: [sleep, 1]\nrestart: sometimes\n")
+    result = sbd("up", "-d", str(spec_dir), check=False)
+    assert result.returncode == 2 and "restart: expected one of" in result.stderr

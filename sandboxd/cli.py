@@ -167,6 +167,17 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    from .client import choose_stack, request
+    from .execute import exec_in
+
+    command = [a for a in args.command if a != "--"] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise SandboxdError("nothing to run: sandboxd exec SERVICE -- COMMAND [ARG…]")
+    info = request(choose_stack(args.project_name), {"cmd": "exec_info", "services": [args.service]})
+    return exec_in(info, command)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     import time
 
@@ -310,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         ps.add_argument("-p", "--project-name")
         ps.add_argument("--json", action="store_true")
         ps.set_defaults(func=cmd_ps)
-    for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
+    for verb, text in (
+        ("stop", "stop services"),
+        ("start", "start stopped services"),
+        ("restart", "stop and start services"),
+        ("reload", "the services' own reload: reload_signal (SIGHUP); with ready: notify, until READY=1 again"),
+    ):
         control = verbs.add_parser(verb, help=text)
         control.add_argument("services", nargs="+")
         control.add_argument("-p", "--project-name")
@@ -320,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("-s", "--signal", default="SIGTERM")
     kill.add_argument("-p", "--project-name")
     kill.set_defaults(func=cmd_control)
+    execute = verbs.add_parser("exec", help="run a command inside a running service's sandbox")
+    execute.add_argument("service")
+    execute.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG…]")
+    execute.add_argument("-p", "--project-name")
+    execute.set_defaults(func=cmd_exec)
     logs = verbs.add_parser("logs", help="show what services printed")
     logs.add_argument("services", nargs="*")
     logs.add_argument("-p", "--project-name")

@@ -80,6 +80,12 @@ class ControlServer:
                     sup.kill_service(name, str(request.get("signal", "SIGTERM")))
             case "down":
                 sup.request_down()
+            case "exec_info":
+                return {"ok": True, **sup.exec_info(names[0])}
+            case "reload":
+                errors = await asyncio.gather(*(sup.reload_service(n) for n in names))
+                if any(errors):
+                    return {"ok": False, "error": "; ".join(e for e in errors if e)}
             case _:
                 return {"ok": False, "error": f"unknown command {cmd!r}"}
         return {"ok": True}

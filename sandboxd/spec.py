@@ -224,6 +224,7 @@ class Service:
     restart_max_delay: float
     start_limit: StartLimit
     stop_signal: int
+    reload_signal: int
     stop_timeout: float
     mounts: tuple[Mount, ...]
     uses: tuple[str, ...]
@@ -745,6 +746,7 @@ _SERVICE_KEYS = {
     "restart_max_delay": _Key(_scalar(parse_duration), 5.0),
     "start_limit": _Key(lambda node, folder: _start_limit(node, folder), StartLimit(5, 10.0)),
     "stop_signal": _Key(_scalar(_signal_number), int(signal.SIGTERM)),
+    "reload_signal": _Key(_scalar(_signal_number), int(signal.SIGHUP)),
     "stop_timeout": _Key(_scalar(parse_duration), 10.0),
     "mounts": _Key(_list(_mount, "a list of mappings with source, target and readonly"), ()),
     "uses": _Key(_list(_name, "a socket name or a list of them", single=True), ()),

@@ -869,6 +869,44 @@ class Supervisor:
         if rt.state in ALIVE:
             self._signal_init(rt, sig)
 
+    def exec_info(self, name: str) -> dict[str, object]:
+        rt = self.services[name]
+        if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not rt.pid:
+            raise KeyError(f"service {name!r} is not running ({rt.state.value})")
+        env = [(k, v) for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))]
+        return {
+            "init_pid": rt.pid,
+            "cgroup": str(rt.cgroup.path),
+            "capabilities": list(rt.plan.capabilities),
+            "seccomp_filter": rt.plan.seccomp_filter,
+            "uid": rt.plan.uid,
+            "gid": rt.plan.gid,
+            "env": env,
+            "workdir": rt.spec.workdir,
+        }
+
+    async def reload_service(self, name: str) -> str:
+        """The service's own reload: its reload_signal to the main process; with ready: notify, wait
+        for RELOADING=1 and READY=1 (up to start_timeout). Returns an error text, or ""."""
+        rt = self.services[name]
+        if rt.state not in (State.RUNNING, State.READY):
+            return f"{name} is not running ({rt.state.value})"
+        self.console.note(f"{name}: reload: sending {signal.Signals(rt.spec.reload_signal).name}")
+        self._signal_init(rt, rt.spec.reload_signal)
+        if rt.spec.ready != "notify":
+            return ""
+        deadline = time.monotonic() + rt.spec.start_timeout
+        seen_reloading = False
+        while time.monotonic() < deadline:
+            state = self.services[name].state  # changes while we wait
+            seen_reloading = seen_reloading or state is State.RELOADING
+            if seen_reloading and state is State.READY:
+                return ""
+            if state not in (State.READY, State.RELOADING):
+                return f"{name} stopped while reloading ({state.value})"
+            await asyncio.sleep(0.01)
+        return f"{name} did not finish reloading within {rt.spec.start_timeout:g} s"
+
     def request_down(self) -> None:
         if self.stop_requested is not None:
             self.stop_requested.set()

@@ -128,3 +128,49 @@ def test_invalid_spec_is_reported_by_up_d_at_once(spec_dir: Path) -> None:
     write(spec_dir, "bad.yaml", "kind: service\ncommand: [sleep, 1]\nrestart: sometimes\n")
     result = sbd("up", "-d", str(spec_dir), check=False)
     assert result.returncode == 2 and "restart: expected one of" in result.stderr
+
+
+RELOADER = r'''
+import os, signal, socket, time
+from systemd import daemon
+generation = 0
+def on_hup(*_):
+    global generation
+    daemon.notify("RELOADING=1")
+    generation += 1
+    time.sleep(0.1)
+    daemon.notify("READY=1\nSTATUS=generation %d" % generation)
+signal.signal(signal.SIGHUP, on_hup)
+daemon.notify("READY=1\nSTATUS=generation 0")
+while True:
+    time.sleep(1)
+'''
+
+
+def test_exec_runs_inside_the_sandbox_and_reload_waits_for_ready(spec_dir: Path) -> None:
+    write(spec_dir, "reloader.py", RELOADER)
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        ready: notify
+        hostname: inside
+        command: [python3, /t/reloader.py]
+        mounts: [{source: ., target: /t}]
+        """,
+    )
+    sbd("up", "-d", "--wait", "-p", "execs", str(spec_dir))
+    try:
+        inside = sbd("exec", "-p", "execs", "svc", "--", "sh", "-c", "hostname; ls /proc | grep -c '^[0-9]'; touch /etc/x 2>&1 || true")
+        lines = inside.stdout.splitlines()
+        assert lines[0] == "inside"
+        assert int(lines[1]) <= 6  # its init, the service, and the command's own few: not the host's
+        assert "Read-only file system" in lines[2]
+        failed = sbd("exec", "-p", "execs", "svc", "--", "sh", "-c", "exit 7", check=False)
+        assert failed.returncode == 7
+        sbd("reload", "-p", "execs", "svc")
+        status = json.loads(sbd("ps", "--json", "-p", "execs").stdout)["services"][0]
+        assert status["state"] == "ready" and status["status_text"] == "generation 1"
+    finally:
+        sbd("down", "-p", "execs")

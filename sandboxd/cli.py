@@ -25,9 +25,35 @@ def _load(folder: str) -> tuple[object, object]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if not args.daemon:
+        from .client import running_stacks
+        from .state import clean_name
+
+        name = clean_name(args.project_name or Path(args.dir).resolve().name)
+        if name in running_stacks():
+            return _reload_stack(name, args)
     if args.detach:
         return _up_detached(args)
     return _up(args)
+
+
+def _reload_stack(name: str, args: argparse.Namespace) -> int:
+    """`sandboxd up DIR` against a running stack: apply the difference (a reload)."""
+    from .client import request
+
+    answer = request(name, {"cmd": "apply", "folder": str(Path(args.dir).resolve()), "env": args.env}, timeout=300)
+    changes = [f"{what}: {', '.join(answer[what])}" for what in ("added", "removed", "changed", "sockets_replaced") if answer[what]]
+    print(f"stack {name!r} reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    return 0
+
+
+def cmd_reload_stack(args: argparse.Namespace) -> int:
+    from .client import choose_stack, request
+
+    stack = choose_stack(args.project_name)
+    folder = args.dir or request(stack, {"cmd": "status"})["folder"]
+    args.dir, args.env = folder, []
+    return _reload_stack(stack, args)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -321,16 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
         ps.add_argument("-p", "--project-name")
         ps.add_argument("--json", action="store_true")
         ps.set_defaults(func=cmd_ps)
-    for verb, text in (
-        ("stop", "stop services"),
-        ("start", "start stopped services"),
-        ("restart", "stop and start services"),
-        ("reload", "the services' own reload: reload_signal (SIGHUP); with ready: notify, until READY=1 again"),
-    ):
+    for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
         control = verbs.add_parser(verb, help=text)
         control.add_argument("services", nargs="+")
         control.add_argument("-p", "--project-name")
         control.set_defaults(func=cmd_control)
+    reload = verbs.add_parser(
+        "reload",
+        help="SERVICE…: the services' own reload (reload_signal; with ready: notify until READY=1 again); "
+        "no service: apply the changed spec to the running stack",
+    )
+    reload.add_argument("services", nargs="*")
+    reload.add_argument("-p", "--project-name")
+    reload.add_argument("--dir", help="with no service: the spec folder to apply (default: the one the stack came from)")
+    reload.set_defaults(func=lambda a: cmd_control(a) if a.services else cmd_reload_stack(a))
     kill = verbs.add_parser("kill", help="send a signal to services (default SIGTERM)")
     kill.add_argument("services", nargs="+")
     kill.add_argument("-s", "--signal", default="SIGTERM")

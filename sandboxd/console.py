@@ -31,6 +31,10 @@ class Console:
                 label = f"\033[{_COLOURS[index % len(_COLOURS)]}m{label}\033[0m"
             self.prefix[name] = f"{label} | "
 
+    def prefix_for(self, name: str) -> None:
+        """A prefix for a service that joined the stack later (a reload)."""
+        self.prefix.setdefault(name, f"{name.ljust(self.width)} | ")
+
     def line(self, name: str, data: bytes) -> None:
         text = data.decode("utf-8", errors="replace").rstrip("\r\n")
         if self.logs is not None:

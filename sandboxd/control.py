@@ -4,6 +4,7 @@
     {"cmd": "stop"|"start"|"restart", "services": [...]}
     {"cmd": "kill", "services": [...], "signal": "SIGHUP"}
     {"cmd": "down"}
+    {"cmd": "apply", "folder": DIR, "env": [...]}   -> what was added, removed, changed (a reload)
 
 The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
 (a non-root user gets a clear refusal from the CLI before it even connects).
@@ -47,8 +48,8 @@ class ControlServer:
             while line := await reader.readline():
                 try:
                     answer = await self.handle(json.loads(line))
-                except (ValueError, KeyError, TypeError) as e:
-                    answer = {"ok": False, "error": f"bad request: {e}"}
+                except (ValueError, KeyError, TypeError, OSError) as e:
+                    answer = {"ok": False, "error": str(e) if isinstance(e, (ValueError, OSError)) else f"bad request: {e}"}
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
@@ -80,6 +81,8 @@ class ControlServer:
                     sup.kill_service(name, str(request.get("signal", "SIGTERM")))
             case "down":
                 sup.request_down()
+            case "apply":
+                return {"ok": True, **await sup.apply_folder(request["folder"], request.get("env", []))}
             case "exec_info":
                 return {"ok": True, **sup.exec_info(names[0])}
             case "reload":

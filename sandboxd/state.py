@@ -46,9 +46,12 @@ class StateRecord:
 
 
 def instance_name(stack: Stack, project: str | None) -> str:
-    name = project or stack.name
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "stack"
-    return cleaned
+    return clean_name(project or stack.name)
+
+
+def clean_name(name: str) -> str:
+    """A stack name usable as a directory and cgroup name."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "stack"
 
 
 def _alive(pid: int) -> bool:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from .cgroups import Cgroup, CgroupHost, CgroupManager
 from .console import Console
 from .control import ControlServer
-from .errors import HostError, LaunchError
+from .errors import HostError, LaunchError, SpecErrors
 from .launcher import ForkServer, read_status
 from .logs import LogFiles
 from .notify import Message, NotifySocket, host_pid, main_pid_of
@@ -218,19 +218,90 @@ class Supervisor:
             self._prepare_networks(joined)
         self.sockets = bind_sockets(self.stack.sockets, self.record, self._inside)
         for service in self.stack.services:
-            cgroup = self.cgroups.create(service.name, self.limits.get(service.name))
-            self.record.add("cgroups", str(cgroup.path))
-            for path in cgroup.v1.values():
-                if str(path.parent) not in self.record.cgroups:
-                    self.record.add("cgroups", str(path.parent))
-                self.record.add("cgroups", str(path))
-            r, w = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(r, False)
-            self.services[service.name] = ServiceRuntime(service, self.plans[service.name], cgroup, r, w)
-        for rt in self.services.values():
-            if uses_notify(rt.spec):
-                (self.runtime_dir / "notify").mkdir(exist_ok=True)
-                rt.notify = NotifySocket(self.runtime_dir / "notify" / rt.spec.name)
+            self._add_runtime(service)
+
+    def _add_runtime(self, service: Service) -> ServiceRuntime:
+        """A service's cgroup (with its limits), output pipe and notify socket."""
+        assert self.record is not None
+        cgroup = self.cgroups.create(service.name, self.limits.get(service.name))
+        self.record.add("cgroups", str(cgroup.path))
+        for path in cgroup.v1.values():
+            if str(path.parent) not in self.record.cgroups:
+                self.record.add("cgroups", str(path.parent))
+            self.record.add("cgroups", str(path))
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(r, False)
+        rt = ServiceRuntime(service, self.plans[service.name], cgroup, r, w)
+        if uses_notify(rt.spec):
+            (self.runtime_dir / "notify").mkdir(exist_ok=True)
+            rt.notify = NotifySocket(self.runtime_dir / "notify" / rt.spec.name)
+        self.services[service.name] = rt
+        return rt
+
+    def _drop_runtime(self, rt: ServiceRuntime) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(rt.output_r)
+        self._drain_output(rt)
+        if rt.notify is not None:
+            loop.remove_reader(rt.notify.sock)
+            rt.notify.close()
+        for stored in rt.fdstore:
+            os.close(stored.fd)
+        for fd in (rt.output_r, rt.output_w):
+            os.close(fd)
+        self.cgroups.remove(rt.cgroup)
+        del self.services[rt.spec.name]
+
+    async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]:
+        """Load, validate and plan the folder again (as `up` does), then apply the difference."""
+        from .cli import _enforceable_limits, _with_env
+        from .plan import HostFacts, init_path, plan_stack
+        from .spec import load_stack
+
+        try:
+            stack = _with_env(load_stack(Path(folder)), env)
+            plans = plan_stack(stack, HostFacts(init_path(), str(self.runtime_dir)))
+            limits = _enforceable_limits(stack, self.cgroups.host)
+        except SpecErrors as e:
+            raise ValueError("the new spec has problems:\n  " + "\n  ".join(str(err) for err in e.errors)) from None
+        if stack.name != self.stack.name and Path(folder).resolve() != self.stack.folder:
+            self.console.note(f"reload from another folder: {folder}")
+        return await self.apply(stack, plans, limits)
+
+    async def apply(self, stack: Stack, plans: dict[str, LaunchPlan], limits: dict[str, Limits]) -> dict[str, list[str]]:
+        """Bring the running stack to a new spec: unchanged services keep running, changed ones
+        restart, removed ones stop, new ones start; unchanged sockets keep their descriptors."""
+        from .reload import diff, refusal
+
+        change = diff(self.stack, stack)
+        why = refusal(self.stack, stack, change)
+        if why:
+            raise ValueError(f"cannot apply this change to the running stack: {why}; use sandboxd down and up")
+        assert self.record is not None
+        for name in change.changed + change.removed:
+            await self.stop_service(name)
+        for name in change.removed:
+            self.console.note(f"{name}: removed from the stack")
+            self._drop_runtime(self.services[name])
+        for name in change.changed:
+            self._drop_runtime(self.services[name])
+        replaced = set(change.sockets_replaced)
+        for key in [k for k in self.sockets if k[0] in replaced]:
+            self.sockets.pop(key).sock.close()
+        self.stack, self.limits = stack, limits
+        self.plans = plans
+        fresh = bind_sockets(tuple(s for s in stack.sockets if s.name in replaced), self.record, self._inside)
+        self.sockets.update(fresh)
+        loop = asyncio.get_running_loop()
+        for name in change.changed + change.added:
+            rt = self._add_runtime(stack.service(name))
+            rt.settled = asyncio.Event()
+            loop.add_reader(rt.output_r, self._on_output, rt)
+            if rt.notify is not None:
+                loop.add_reader(rt.notify.sock, self._on_notify, rt)
+            self.console.prefix_for(name)
+            self.start_service(name)
+        return {"added": change.added, "removed": change.removed, "changed": change.changed, "sockets_replaced": change.sockets_replaced}
 
     def _prepare_networks(self, joined: list[str]) -> None:
         from .network import Namespaces, allocation_lock, build_networks, choose_subnets

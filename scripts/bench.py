@@ -60,6 +60,23 @@ What is measured, and how:
    stack's cgroup dir is polled for per-connection cgroups (the most seen at once is reported),
    and afterwards none may remain.
 
+7. The control plane. A 10-service stack (each service `sleep 1000` fed by its own unix socket
+   unit) is brought up detached with `sandboxd up -d --wait -p NAME`; then `sandboxd ps --json -p
+   NAME` is timed as a whole process, the venv's `sandboxd` console script run by subprocess.run
+   (output captured), 20 times, in the environment the bench was given; then the same with
+   bytecode cached (PYTHONDONTWRITEBYTECODE removed, PYTHONPYCACHEPREFIX a temporary dir filled by
+   one unrecorded run), as an installed copy would have it (an editable checkout without
+   __pycache__ under PYTHONDONTWRITEBYTECODE=1 compiles sandboxd's modules every run); beside
+   them, the floor: `python -c pass` with the same interpreter, as often; interleaved. Where the
+   time of ps goes: `python -X importtime -m sandboxd ps --json -p NAME`, 3 runs, the 5 imports
+   with the largest median cumulative time. The stack is brought down with `sandboxd down -p
+   NAME`, and its runtime and cgroup dirs must be gone when that returns. Then the Python API:
+   `with sandboxd.testing.Stack(folder, name=unique) as stack: stack.wait_ready()` and leaving the
+   block, for the same 10 services; up = entering the block through wait_ready, down = leaving it
+   (its `sandboxd down`); medians of 5 runs, after one unrecorded warm-up. The import of
+   sandboxd.testing (it imports pytest) is timed once and not counted. sandboxd.log of each of
+   these stacks is read before the down and scanned as below.
+
 Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
 not", warnings, SIGKILL); they are listed at the end, numbers folded, with a count.
 
@@ -72,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -89,6 +107,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 SANDBOXD = Path(sys.executable).parent / "sandboxd"
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what a sandbox gets
@@ -117,6 +136,13 @@ TARGET_ACCEPT_RATE = {1: 300.0, 8: 500.0}  # connections/s in accept mode, by cl
 ACCEPT_COMPARISON = "nsjail 228/s sequential; systemd-socket-activate + unshare(1) 238 and 447; + bubblewrap 105 and 184"
 
 CLIENT_TIMEOUT = 30.0  # any one client connection, connect to EOF
+
+CONTROL_N = 10  # services in the control-plane stacks
+TARGET_PS_MS = 100.0  # `sandboxd ps --json`, the whole process
+TARGET_API_S = 0.5  # Stack up, wait_ready and down through the Python API
+CONTROL_TIMEOUT = 60.0  # any one sandboxd CLI call of the control-plane part
+IMPORTTIME_RUNS = 3
+IMPORTTIME_TOP = 5
 ON_DEMAND_SETTLE = 0.2  # after sandboxd's summary, before the timed connection
 ACCEPT_CLIENTS = 8
 ACCEPT_MAX_CONNECTIONS = 64
@@ -836,6 +862,168 @@ def accept_mode(root: Path, seconds: float, budgets: dict[int, int], logs: Path)
     return results
 
 
+# ───────────────────────────── control plane: ps and the Python API ─────────────────────────────
+
+
+def make_sleep_stack(root: Path, tag: str, n: int = CONTROL_N) -> Stack:
+    """n services `sleep 1000`, each fed by a unix socket of its own (the program never accepts)."""
+    spec_dir, sock_dir = root / f"stack-{tag}", root / f"sock-{tag}"
+    spec_dir.mkdir()
+    sock_dir.mkdir()
+    paths = []
+    for i in range(n):
+        path = f"{sock_dir}/s{i}.sock"
+        paths.append(path)
+        (spec_dir / f"s{i}.yaml").write_text(f"kind: service\ncommand: sleep 1000\n---\nkind: socket\nlisten: unix:{path}\n")
+    return Stack(f"sbdbench-{tag}", spec_dir, tuple(paths))
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "PATH": SANDBOX_PATH}
+    result = subprocess.run(
+        [str(SANDBOXD), *args], check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=CONTROL_TIMEOUT
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"sandboxd {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def scan_log(stack: Stack) -> None:
+    """A detached stack's own messages (logs/sandboxd.log), scanned like a foreground stderr."""
+    try:
+        text = (RUNTIME_ROOT / stack.name / "logs" / "sandboxd.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        if ODD_LINE.search(line):
+            key = re.sub(r"\d+", "N", line.strip())
+            odd_lines[key] = odd_lines.get(key, 0) + 1
+
+
+def ensure_down(stack: Stack, what: str) -> None:
+    """After a detached stack should be down: its dirs must be gone; if not, a problem, and down again."""
+    if wait_gone(stack) is not None:
+        for path in stack.paths:
+            if os.path.lexists(path):
+                problem(f"{what}: left behind after the down: {path}")
+        return
+    left = [str(path) for path in stack_dirs(stack) if os.path.lexists(path)]
+    problem(f"{what}: still there {GONE_TIMEOUT:g} s after the down: {', '.join(left)}")
+    if (RUNTIME_ROOT / stack.name).exists():
+        result = cli("down", "-p", stack.name, check=False)
+        if result.returncode != 0:
+            problem(f"{what}: sandboxd down -p {stack.name} exited {result.returncode}: {result.stderr.strip()}")
+        wait_gone(stack)
+
+
+def process_ms(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
+    """Wall time of one whole process, spawn to reaped, output captured; it must exit 0."""
+    started = time.perf_counter()
+    result = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True, env=env)
+    elapsed = (time.perf_counter() - started) * 1000
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+IMPORT_LINE = re.compile(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|( *)(\S+)")
+
+
+def import_times(argv: Sequence[str], runs: int) -> list[tuple[str, int, float]]:
+    """(module, nesting depth, median cumulative ms) of -X importtime over `runs` runs, largest first."""
+    found: dict[tuple[str, int], list[int]] = {}
+    for _ in range(runs):
+        argv_x = [sys.executable, "-X", "importtime", *argv]
+        result = subprocess.run(argv_x, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        for match in IMPORT_LINE.finditer(result.stderr):
+            depth = (len(match[3]) - 1) // 2
+            found.setdefault((match[4], depth), []).append(int(match[2]))
+    ranked = [(name, depth, statistics.median(us) / 1000) for (name, depth), us in found.items()]
+    return sorted(ranked, key=lambda item: -item[2])
+
+
+@dataclass(frozen=True)
+class Control:
+    ps: list[float]  # ms, `sandboxd ps --json`
+    ps_cached: list[float]  # ms, the same with bytecode cached (PYTHONPYCACHEPREFIX)
+    floor: list[float]  # ms, `python -c pass`
+    imports: list[tuple[str, int, float]]  # top cumulative imports of ps
+    api_up: list[float]  # s, Stack entered through wait_ready
+    api_down: list[float]  # s, leaving the block
+    api_import: float  # s, import of sandboxd.testing
+
+
+def ps_latency(stack: Stack, runs: int, pycache: Path) -> tuple[list[float], list[float], list[float], list[tuple[str, int, float]]]:
+    """ps --json as the environment is, ps --json with bytecode cached under `pycache`, the floor (ms)."""
+    ps_argv = [str(SANDBOXD), "ps", "--json", "-p", stack.name]
+    floor_argv = [sys.executable, "-c", "pass"]
+    cached_env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    cached_env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    try:
+        cli("up", "-d", "--wait", "-p", stack.name, str(stack.spec_dir))
+        check_ps = json.loads(cli("ps", "--json", "-p", stack.name).stdout)
+        if len(check_ps["services"]) != len(stack.paths) or not all(s["ready"] for s in check_ps["services"]):
+            problem(f"ps: expected {len(stack.paths)} ready services, got {[(s['name'], s['state']) for s in check_ps['services']]}")
+        process_ms(ps_argv)  # warm-up, not counted
+        process_ms(ps_argv, cached_env)  # writes the bytecode under `pycache`
+        process_ms(floor_argv)
+        ps, cached, floor = [], [], []
+        for _ in range(runs):
+            ps.append(process_ms(ps_argv))
+            cached.append(process_ms(ps_argv, cached_env))
+            floor.append(process_ms(floor_argv))
+        imports = import_times(["-m", "sandboxd", "ps", "--json", "-p", stack.name], IMPORTTIME_RUNS)
+        scan_log(stack)
+    finally:
+        if (RUNTIME_ROOT / stack.name).exists():
+            result = cli("down", "-p", stack.name, check=False)
+            if result.returncode != 0:
+                problem(f"sandboxd down -p {stack.name} exited {result.returncode}: {result.stderr.strip()}")
+        ensure_down(stack, f"ps stack {stack.name}")
+    return ps, cached, floor, imports
+
+
+def api_once(stack: Stack, testing: ModuleType) -> tuple[float, float]:
+    """(up, down) seconds of one `with Stack(...) as s: s.wait_ready()` under a fresh name."""
+    name = f"{stack.name}-{time.monotonic_ns() % 10**9}"
+    named = Stack(name, stack.spec_dir, stack.paths)
+    api = testing.Stack(stack.spec_dir, name=name)
+    try:
+        started = time.perf_counter()
+        with api:
+            api.wait_ready()
+            up = time.perf_counter() - started
+            scan_log(named)
+            leaving = time.perf_counter()
+        down = time.perf_counter() - leaving
+    finally:
+        ensure_down(named, f"API stack {name}")
+    return up, down
+
+
+def control_plane(root: Path, ps_runs: int, api_runs: int) -> Control:
+    note(f"  ps --json: {CONTROL_N} services, {ps_runs} runs")
+    ps, cached, floor, imports = ps_latency(make_sleep_stack(root, "ps"), ps_runs, root / "pycache")
+    note(
+        f"  ps --json: median {statistics.median(ps):.1f} ms, bytecode cached {statistics.median(cached):.1f} ms, "
+        f"python -c pass {statistics.median(floor):.1f} ms"
+    )
+    started = time.perf_counter()
+    from sandboxd import testing
+
+    api_import = time.perf_counter() - started
+    stack = make_sleep_stack(root, "api")
+    api_once(stack, testing)  # warm-up, not counted
+    ups, downs = [], []
+    for rep in range(api_runs):
+        time.sleep(0.3)
+        up, down = api_once(stack, testing)
+        ups.append(up)
+        downs.append(down)
+        note(f"  API #{rep + 1}: up {up:.3f} s, down {down:.3f} s")
+    return Control(ps, cached, floor, imports, ups, downs, api_import)
+
+
 # ───────────────────────────── report ─────────────────────────────
 
 
@@ -966,6 +1154,39 @@ def accept_lines(runs: list[AcceptRun], seconds: float) -> list[str]:
     return lines
 
 
+def control_lines(found: Control) -> list[str]:
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.1f}–{max(values):.1f}" if values else "—"
+
+    def med(values: list[float], unit: str = "ms", digits: int = 1) -> str:
+        return f"{statistics.median(values):.{digits}f} {unit}" if values else "—"
+
+    totals = [u + d for u, d in zip(found.api_up, found.api_down)]
+    lines = [
+        f"control plane ({CONTROL_N} services `sleep 1000`, a unix socket each; whole processes, wall clock)",
+        f"  {'case':<40}{'median':<11}{'runs':<6}{'min–max ms':<14}target",
+        f"  {'sandboxd ps --json -p NAME':<40}{med(found.ps):<11}{len(found.ps):<6}{spread(found.ps):<14}≤ {TARGET_PS_MS:g} ms",
+        f"  {'  the same, bytecode cached (see below)':<40}{med(found.ps_cached):<11}{len(found.ps_cached):<6}"
+        + f"{spread(found.ps_cached):<14}≤ {TARGET_PS_MS:g} ms",
+        f"  {'python -c pass (the floor)':<40}{med(found.floor):<11}{len(found.floor):<6}{spread(found.floor):<14}",
+        f"  (PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r} here; with it set and no __pycache__ in the"
+        + " editable checkout, every run compiles sandboxd's modules; cached = PYTHONPYCACHEPREFIX in a temporary dir, as an"
+        + " installed copy would have)",
+        f"  ps imports (-X importtime, environment as is, median of {IMPORTTIME_RUNS}, top {IMPORTTIME_TOP} cumulative;"
+        + " depth 0 = top level):",
+    ]
+    lines += [f"    {ms:6.1f} ms  {'  ' * depth}{name} (depth {depth})" for name, depth, ms in found.imports[:IMPORTTIME_TOP]]
+    lines += [
+        f"  Python API: with Stack(...) as s: s.wait_ready(), then leaving the block (median of {len(totals)})",
+        f"  {'up':<10}{'down':<10}{'total':<10}{'min–max total':<16}target",
+        f"  {med(found.api_up, 's', 2):<10}{med(found.api_down, 's', 2):<10}{med(totals, 's', 2):<10}"
+        + (f"{min(totals):.2f}–{max(totals):.2f} s" if totals else "—").ljust(16)
+        + f"< {TARGET_API_S:g} s",
+        f"  (import of sandboxd.testing, pytest included, once, not counted: {found.api_import * 1000:.0f} ms)",
+    ]
+    return lines
+
+
 def leftovers() -> list[str]:
     places = dict.fromkeys([RUNTIME_ROOT, CGROUP_V2 / "sandboxd", own_cgroup() / "sandboxd"])
     return [str(path) for path in places if path.exists()]
@@ -979,7 +1200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="N = 10 and 50 only, 1 repetition, 5 latency runs, 3 on-demand runs, 2 s accept-mode phases",
+        help="N = 10 and 50 only, 1 repetition, 5 latency runs, 3 on-demand runs, 2 s accept-mode phases, 2 API runs",
     )
     parser.add_argument("--sizes", help="comma-separated service counts (default 10,50,100)")
     parser.add_argument("--reps", type=int, help="repetitions of each parallel start (default 3)")
@@ -992,6 +1213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.eager_runs = 20 if args.quick else 50
     args.accept_seconds = 2.0 if args.quick else 5.0
     args.accept_budgets = {1: 200, ACCEPT_CLIENTS: 800} if args.quick else {1: 500, ACCEPT_CLIENTS: 2000}
+    args.ps_runs = 20
+    args.api_runs = 2 if args.quick else 5
     return args
 
 
@@ -1016,6 +1239,8 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
     first = on_demand(root, args.on_demand_runs, args.eager_runs, logs)
     note(f"accept mode: 1 client, then {ACCEPT_CLIENTS}, up to {args.accept_seconds:g} s each")
     accepted = accept_mode(root, args.accept_seconds, args.accept_budgets, logs)
+    note(f"control plane: ps --json, {args.ps_runs} runs; Python API up and down, {args.api_runs} runs")
+    control = control_plane(root, args.ps_runs, args.api_runs)
     tables = [*start_table(rows, args.reps), *network_table(rows, args.reps)]
     return [
         header(),
@@ -1024,6 +1249,7 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
         *memory_lines(mem),
         *on_demand_lines(first),
         *accept_lines(accepted, args.accept_seconds),
+        *control_lines(control),
     ]
 
 

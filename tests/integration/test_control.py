@@ -103,8 +103,8 @@ def test_two_stacks_from_one_folder_under_different_names(spec_dir: Path) -> Non
             status = json.loads(sbd("ps", "--json", "-p", name, "api").stdout)
             assert _ask(status["services"][0]["sockets"][0]["address"]) == name
         assert sorted(s["name"] for s in json.loads(sbd("ls", "--json").stdout)) == ["one", "two"]
-        refused = sbd("up", "-d", "-p", "one", str(spec_dir), check=False)
-        assert refused.returncode == 1 and "already running" in refused.stderr
+        again = sbd("up", "-d", "-p", "one", "-e", "api:GREETING=one", str(spec_dir))  # a reload: nothing to do
+        assert again.stdout.strip() == "stack 'one' reloaded: nothing changed"
     finally:
         sbd("down", "-p", "one")
         sbd("down", "-p", "two")
@@ -174,3 +174,45 @@ def test_exec_runs_inside_the_sandbox_and_reload_waits_for_ready(spec_dir: Path)
         assert status["state"] == "ready" and status["status_text"] == "generation 1"
     finally:
         sbd("down", "-p", "execs")
+
+
+def test_reload_applies_only_the_difference_and_refuses_no_connection(spec_dir: Path) -> None:
+    import threading
+
+    _stack(spec_dir)
+    write(spec_dir, "api.yaml", (spec_dir / "api.yaml").read_text().replace("command:", "environment: {GREETING: old}\ncommand:"))
+    sbd("up", "-d", "--wait", "-p", "live", str(spec_dir))
+    try:
+        before = {s["name"]: s for s in json.loads(sbd("ps", "--json", "-p", "live").stdout)["services"]}
+        address = before["api"]["sockets"][0]["address"]
+        answers: list[str] = []
+        errors: list[str] = []
+        done = threading.Event()
+
+        def client() -> None:
+            while not done.is_set() and len(answers) < 5000:
+                try:
+                    answers.append(_ask(address))
+                except OSError as e:
+                    errors.append(repr(e))
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        time.sleep(0.3)
+        write(spec_dir, "api.yaml", (spec_dir / "api.yaml").read_text().replace("GREETING: old", "GREETING: new"))
+        (spec_dir / "worker.yaml").unlink()
+        write(spec_dir, "extra.yaml", "kind: service\ncommand: sleep 1000\n")
+        result = sbd("up", "-d", "-p", "live", str(spec_dir))  # against a running stack: a reload
+        assert "added: extra" in result.stdout and "removed: worker" in result.stdout and "changed: api" in result.stdout
+        deadline = time.monotonic() + 10
+        while (not answers or answers[-1] != "new") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done.set()
+        thread.join()
+        assert errors == []  # no connection refused or reset during the reload
+        assert answers[0] == "old" and answers[-1] == "new"
+        after = {s["name"]: s for s in json.loads(sbd("ps", "--json", "-p", "live").stdout)["services"]}
+        assert sorted(after) == ["api", "extra"]
+        assert after["api"]["sockets"][0]["address"] == address  # the same socket, kept
+    finally:
+        sbd("down", "-p", "live")

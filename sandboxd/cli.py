@@ -6,7 +6,6 @@ Only what a verb needs is imported when it runs, so quick verbs stay quick.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -69,6 +68,8 @@ def _up(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
     if any(service.userns for service in stack.services):
+        import dataclasses
+
         from .subids import userns_range
 
         plans = plan_stack(stack, dataclasses.replace(facts, userns_range=userns_range()))
@@ -86,6 +87,8 @@ def _up(args: argparse.Namespace) -> int:
 
 def _with_env(stack: Any, overrides: list[str]) -> Any:
     """The stack with `SERVICE:KEY=VALUE` environment overrides applied (tests use these)."""
+    import dataclasses
+
     from .errors import SpecError
 
     services = {s.name: s for s in stack.services}
@@ -103,7 +106,6 @@ def _with_env(stack: Any, overrides: list[str]) -> Any:
 def _up_detached(args: argparse.Namespace) -> int:
     """Validate here (errors come back at once, exit 2), then start the supervisor in a session of
     its own and return once every eager service has started (or is ready, with --wait)."""
-    import subprocess
     import tempfile
     import time
 
@@ -118,19 +120,32 @@ def _up_detached(args: argparse.Namespace) -> int:
     if instance in running_stacks():
         raise HostError(f"a stack named {instance!r} is already running", "stop it with sandboxd down -p NAME, or pick another name with -p")
     log = tempfile.TemporaryFile()
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "sandboxd", "up", "--daemon", "-p", instance, *(f"--env={e}" for e in args.env), str(Path(args.dir).resolve())],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
+    # The supervisor is this process, forked into a session of its own: no second interpreter
+    # start, no second validation. Its early errors go to `log`, which this side shows.
+    daemon = os.fork()
+    if daemon == 0:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        args.daemon, args.project_name = True, instance
+        code = 1
+        try:
+            code = _up(args)
+        except SandboxdError as e:
+            print(f"sandboxd: {e}", file=sys.stderr)
+            code = e.exit_code
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        if daemon.poll() is not None:
+        finished, wait_status = os.waitpid(daemon, os.WNOHANG)
+        if finished:
             log.seek(0)
             sys.stderr.write(log.read().decode(errors="replace"))
-            return daemon.returncode or 1
+            return os.waitstatus_to_exitcode(wait_status) or 1
         try:
             status = request(choose_stack(instance), {"cmd": "status"}, timeout=5)
         except SandboxdError:
@@ -207,7 +222,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     import time
 
-    from .client import choose_stack, request, running_stacks
+    from .client import _alive, choose_stack, request, running_stacks
     from .state import clean_stale
 
     name = args.project_name or (Path(args.dir).resolve().name if args.dir else None)
@@ -220,8 +235,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     stack = choose_stack(name)
     pid = running_stacks()[stack]
     request(stack, {"cmd": "down"})
-    while Path(f"/proc/{pid}").exists():
-        time.sleep(0.02)
+    while _alive(pid):  # a zombie counts as gone: its parent (init, after `up -d`) reaps it when it can
+        time.sleep(0.01)
     print(f"stack {stack!r} is down")
     return 0
 
@@ -245,7 +260,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from . import logs
-    from .client import RUNTIME_ROOT, choose_stack, running_stacks
+    from .client import RUNTIME_ROOT, _alive, choose_stack, running_stacks
 
     stack = choose_stack(args.project_name)
     directory = RUNTIME_ROOT / stack / "logs"
@@ -261,7 +276,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.follow:
         pid = running_stacks()[stack]
         try:
-            for name, _stamp, text in logs.follow(directory, names, lambda: Path(f"/proc/{pid}").exists()):
+            for name, _stamp, text in logs.follow(directory, names, lambda: _alive(pid)):
                 print(f"{name.ljust(width)} | {text}", flush=True)
         except KeyboardInterrupt:
             pass
@@ -291,6 +306,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def _enforceable_limits(stack: Any, host: Any) -> dict[str, Any]:
     """Each service's limits; a limit the host cannot enforce is a spec error (a warning with limits_optional)."""
+    import dataclasses
+
     from .cgroups import unenforceable
     from .errors import SpecError
 

@@ -11,8 +11,10 @@ The user never sees a traceback for any of these.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class SandboxdError(Exception):
@@ -21,14 +23,28 @@ class SandboxdError(Exception):
     exit_code = 1
 
 
-@dataclass(frozen=True)
 class SpecError:
-    """One problem in one spec file. `line` is 1-based; 0 when the whole file is meant."""
+    """One problem in one spec file. `line` is 1-based; 0 when the whole file is meant.
 
-    file: Path
-    line: int
-    key: str
-    message: str
+    A plain class, not a dataclass: the CLI imports this module for every verb, and quick verbs
+    like `ps` should not pay for importing dataclasses."""
+
+    __slots__ = ("file", "key", "line", "message")
+
+    def __init__(self, file: Path, line: int, key: str, message: str) -> None:
+        self.file = file
+        self.line = line
+        self.key = key
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SpecError) and (self.file, self.line, self.key, self.message) == (other.file, other.line, other.key, other.message)
+
+    def __hash__(self) -> int:
+        return hash((self.file, self.line, self.key, self.message))
+
+    def __repr__(self) -> str:
+        return f"SpecError({self.file!r}, {self.line}, {self.key!r}, {self.message!r})"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else f"{self.file}"

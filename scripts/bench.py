@@ -1166,12 +1166,12 @@ def control_lines(found: Control) -> list[str]:
         f"control plane ({CONTROL_N} services `sleep 1000`, a unix socket each; whole processes, wall clock)",
         f"  {'case':<40}{'median':<11}{'runs':<6}{'min–max ms':<14}target",
         f"  {'sandboxd ps --json -p NAME':<40}{med(found.ps):<11}{len(found.ps):<6}{spread(found.ps):<14}≤ {TARGET_PS_MS:g} ms",
-        f"  {'  the same, bytecode cached (see below)':<40}{med(found.ps_cached):<11}{len(found.ps_cached):<6}"
+        f"  {'  the same, bytecode cached (*)':<40}{med(found.ps_cached):<11}{len(found.ps_cached):<6}"
         + f"{spread(found.ps_cached):<14}≤ {TARGET_PS_MS:g} ms",
         f"  {'python -c pass (the floor)':<40}{med(found.floor):<11}{len(found.floor):<6}{spread(found.floor):<14}",
-        f"  (PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r} here; with it set and no __pycache__ in the"
-        + " editable checkout, every run compiles sandboxd's modules; cached = PYTHONPYCACHEPREFIX in a temporary dir, as an"
-        + " installed copy would have)",
+        f"  (*) PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r} here: with it set, an editable checkout"
+        + " without __pycache__",
+        "      compiles sandboxd's modules on every run; cached = PYTHONPYCACHEPREFIX in a temporary dir, as an install has it",
         f"  ps imports (-X importtime, environment as is, median of {IMPORTTIME_RUNS}, top {IMPORTTIME_TOP} cumulative;"
         + " depth 0 = top level):",
     ]

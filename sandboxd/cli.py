@@ -153,7 +153,12 @@ def _up_detached(args: argparse.Namespace) -> int:
             continue
         waiting_for = {"starting"} | ({"running"} if args.wait else set())
         pending = [s for s in status["services"] if s["state"] in waiting_for and not (s["state"] == "running" and s["ready"])]
+        if sys.stderr.isatty():
+            done = len(status["services"]) - len(pending)
+            sys.stderr.write(f"\rsandboxd: {done}/{len(status['services'])} {'ready' if args.wait else 'started'}: {' '.join(s['name'] for s in pending)[:60]}\033[K")
         if not pending:
+            if sys.stderr.isatty():
+                sys.stderr.write("\r\033[K")
             _print_status(status, sys.stdout)
             return 0
         time.sleep(0.02)
@@ -234,6 +239,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         raise SandboxdError(f"no stack named {name!r} is running")
     stack = choose_stack(name)
     pid = running_stacks()[stack]
+    if sys.stderr.isatty():
+        sys.stderr.write(f"sandboxd: stopping stack {stack!r}…\r")
     request(stack, {"cmd": "down"})
     while _alive(pid):  # a zombie counts as gone: its parent (init, after `up -d`) reaps it when it can
         time.sleep(0.01)

@@ -225,6 +225,7 @@ class Service:
     start_limit: StartLimit
     stop_signal: int
     reload_signal: int
+    reload: tuple[str, ...]  # a command run inside the sandbox instead of sending reload_signal
     stop_timeout: float
     mounts: tuple[Mount, ...]
     uses: tuple[str, ...]
@@ -747,6 +748,7 @@ _SERVICE_KEYS = {
     "start_limit": _Key(lambda node, folder: _start_limit(node, folder), StartLimit(5, 10.0)),
     "stop_signal": _Key(_scalar(_signal_number), int(signal.SIGTERM)),
     "reload_signal": _Key(_scalar(_signal_number), int(signal.SIGHUP)),
+    "reload": _Key(lambda node, folder: _command(node, folder), ()),
     "stop_timeout": _Key(_scalar(parse_duration), 10.0),
     "mounts": _Key(_list(_mount, "a list of mappings with source, target and readonly"), ()),
     "uses": _Key(_list(_name, "a socket name or a list of them", single=True), ()),

@@ -182,6 +182,7 @@ class Supervisor:
         self.networks: tuple[NetworkPlan, ...] = ()
         self.instances: dict[int, Instance] = {}
         self.health_checks: dict[int, tuple[ServiceRuntime, socket.socket, asyncio.TimerHandle]] = {}
+        self.commands: dict[int, asyncio.Future[int]] = {}  # commands run inside sandboxes (reload:)
         self.no_instances = asyncio.Event()
 
     # ── set-up and tear-down (synchronous, around the event loop) ──
@@ -499,6 +500,10 @@ class Supervisor:
             return
         message = json.loads(data)
         launch_id: int = message.get("exit", message.get("failed"))
+        if launch_id in self.commands:
+            if not self.commands[launch_id].done():
+                self.commands[launch_id].set_result(message.get("status", 127 << 8))
+            return
         if launch_id in self.health_checks:
             self._on_health_result(launch_id, message.get("status", 127 << 8))
             return
@@ -962,8 +967,14 @@ class Supervisor:
         rt = self.services[name]
         if rt.state not in (State.RUNNING, State.READY):
             return f"{name} is not running ({rt.state.value})"
-        self.console.note(f"{name}: reload: sending {signal.Signals(rt.spec.reload_signal).name}")
-        self._signal_init(rt, rt.spec.reload_signal)
+        if rt.spec.reload:
+            self.console.note(f"{name}: reload: running {' '.join(rt.spec.reload)} inside its sandbox")
+            code = await self._run_inside(rt, list(rt.spec.reload), rt.spec.start_timeout)
+            if code != 0:
+                return f"{name}: the reload command failed (exit code {code})"
+        else:
+            self.console.note(f"{name}: reload: sending {signal.Signals(rt.spec.reload_signal).name}")
+            self._signal_init(rt, rt.spec.reload_signal)
         if rt.spec.ready != "notify":
             return ""
         deadline = time.monotonic() + rt.spec.start_timeout
@@ -977,6 +988,26 @@ class Supervisor:
                 return f"{name} stopped while reloading ({state.value})"
             await asyncio.sleep(0.01)
         return f"{name} did not finish reloading within {rt.spec.start_timeout:g} s"
+
+    async def _run_inside(self, rt: ServiceRuntime, argv: list[str], timeout: float) -> int:
+        """Run a command inside a running sandbox (as health checks run) and wait for its exit code."""
+        assert self.fork_server is not None
+        launch_id = self.fork_server.next_id()
+        env = {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.commands[launch_id] = done
+        channel = self.fork_server.send_exec(
+            launch_id, rt.pid, str(rt.cgroup.path), argv, env, rt.spec.workdir,
+            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, rt.output_w,
+        )
+        try:
+            status = await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            return 124
+        finally:
+            self.commands.pop(launch_id, None)
+            channel.close()
+        return os.waitstatus_to_exitcode(status)
 
     def request_down(self) -> None:
         if self.stop_requested is not None:

@@ -96,6 +96,10 @@ class Stack:
         lines = self._cli("logs", "-p", self.name, service).splitlines()
         return "\n".join(line.split("| ", 1)[1] if "| " in line else line for line in lines)
 
+    def exec(self, service: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the service's sandbox; its exit code, stdout and stderr."""
+        return subprocess.run([sys.executable, "-m", "sandboxd", "exec", "-p", self.name, service, "--", *argv], capture_output=True, text=True)
+
     def restart(self, service: str) -> None:
         self._cli("restart", "-p", self.name, service)
 

@@ -216,3 +216,23 @@ def test_reload_applies_only_the_difference_and_refuses_no_connection(spec_dir: 
         assert after["api"]["sockets"][0]["address"] == address  # the same socket, kept
     finally:
         sbd("down", "-p", "live")
+
+
+def test_reload_command_runs_inside_the_sandbox(spec_dir: Path) -> None:
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        reload: [sh, -c, "echo reloaded > /tmp/generation"]
+        command: [sleep, "1000"]
+        """,
+    )
+    sbd("up", "-d", "-p", "reloads", str(spec_dir))
+    try:
+        sbd("reload", "-p", "reloads", "svc")
+        inside = sbd("exec", "-p", "reloads", "svc", "--", "cat", "/tmp/generation")
+        assert inside.stdout.strip() == "reloaded"  # the sandbox's own /tmp: the command ran inside
+        assert not Path("/tmp/generation").exists()
+    finally:
+        sbd("down", "-p", "reloads")

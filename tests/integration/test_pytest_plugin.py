@@ -31,3 +31,5 @@ def test_fixture_brings_a_stack_up_with_overrides_and_real_addresses(sandboxd_st
     assert first.address("api") != second.address("api")
     first.restart("api")
     assert first.logs("api").splitlines().count("up") == 2
+    inside = first.exec("api", ["hostname"])
+    assert (inside.returncode, inside.stdout.strip()) == (0, "api")

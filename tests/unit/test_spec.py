@@ -443,6 +443,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             start_limit=StartLimit(5, 10.0),
             stop_signal=signal.SIGTERM,
             reload_signal=signal.SIGHUP,
+            reload=(),
             stop_timeout=10.0,
             mounts=(),
             uses=(),

@@ -65,11 +65,12 @@ print("RESULT " + json.dumps(out), flush=True)
 '''
 
 
-def test_services_on_one_network_talk_by_name_over_tcp_and_udp(run_stack, spec_dir: Path):
-    write(spec_dir, "server.py", ECHO_SERVER)
-    write(spec_dir, "client.py", CLIENT)
+def _client_server_stack(folder: Path) -> None:
+    """A server and a client on one network `back`; the client reports what it got back."""
+    write(folder, "server.py", ECHO_SERVER)
+    write(folder, "client.py", CLIENT)
     write(
-        spec_dir,
+        folder,
         "stack.yaml",
         """
         kind: network
@@ -89,6 +90,10 @@ def test_services_on_one_network_talk_by_name_over_tcp_and_udp(run_stack, spec_d
         mounts: [{source: ., target: /t}]
         """,
     )
+
+
+def test_services_on_one_network_talk_by_name_over_tcp_and_udp(run_stack, spec_dir: Path):
+    _client_server_stack(spec_dir)
     stack = run_stack(spec_dir)
     stack.wait_for("client | RESULT", "out")
     result = json.loads(next(l for l in stack.lines("client") if l.startswith("RESULT "))[7:])
@@ -222,29 +227,7 @@ def test_two_stacks_with_networks_run_side_by_side(run_stack, tmp_path: Path):
     for name in ("one", "two"):
         folder = tmp_path / name
         folder.mkdir()
-        write(folder, "server.py", ECHO_SERVER)
-        write(folder, "client.py", CLIENT)
-        write(
-            folder,
-            "stack.yaml",
-            """
-            kind: network
-            name: back
-            ---
-            kind: service
-            name: server
-            network: [back]
-            command: [python3, /t/server.py]
-            mounts: [{source: ., target: /t}]
-            ---
-            kind: service
-            name: client
-            network: [back]
-            restart: "no"
-            command: [python3, /t/client.py]
-            mounts: [{source: ., target: /t}]
-            """,
-        )
+        _client_server_stack(folder)
         folders.append(folder)
     stacks = [run_stack(folder) for folder in folders]
     subnets = []

@@ -1,0 +1,197 @@
+"""What the control socket asks of a running stack: status, stop, start, kill, exec, reload, apply a changed spec."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+from .errors import SpecErrors
+from .plan import LaunchPlan
+from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase
+from .sockets import bind_sockets
+from .spec import Limits, Stack
+
+
+class Operations(SupervisorBase):
+    # ── control plane ──
+
+    def status(self, names: list[str]) -> dict[str, object]:
+        chosen = [self.services[n] for n in names] if names else list(self.services.values())
+        return {
+            "stack": self.instance,
+            "folder": str(self.stack.folder),
+            "pid": os.getpid(),
+            "started": self.started_wall,
+            "services": [_status_of(self, rt) for rt in chosen],
+        }
+
+    async def stop_service(self, name: str) -> None:
+        rt = self.services[name]
+        self._unwatch(rt)
+        if rt.state is State.WAITING:
+            self._transition(rt, State.STOPPED, "stop requested")
+            return
+        await self._stop(rt)
+
+    def start_service(self, name: str) -> None:
+        rt = self.services[name]
+        if rt.state not in (State.STOPPED, State.EXITED, State.FAILED) or self.stopping:
+            return
+        rt.limiter = None  # a start by hand begins a new start-limit interval
+        if rt.per_connection or rt.spec.start == "on-demand":
+            self._wait_for_connection(rt)
+        else:
+            self._launch(rt)
+
+    def kill_service(self, name: str, signame: str) -> None:
+        rt = self.services[name]
+        sig = signal.Signals[signame if signame.startswith("SIG") else f"SIG{signame}"]
+        if rt.state in ALIVE:
+            self._signal_init(rt, sig)
+
+    def exec_info(self, name: str) -> dict[str, object]:
+        rt = self.services[name]
+        if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not rt.pid:
+            raise KeyError(f"service {name!r} is not running ({rt.state.value})")
+        env = [(k, v) for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))]
+        return {
+            "init_pid": rt.pid,
+            "cgroup": str(rt.cgroup.path),
+            "capabilities": list(rt.plan.capabilities),
+            "seccomp_filter": rt.plan.seccomp_filter,
+            "uid": rt.plan.uid,
+            "gid": rt.plan.gid,
+            "env": env,
+            "workdir": rt.spec.workdir,
+        }
+
+    async def reload_service(self, name: str) -> str:
+        """The service's own reload: its reload_signal to the main process; with ready: notify, wait
+        for RELOADING=1 and READY=1 (up to start_timeout). Returns an error text, or ""."""
+        rt = self.services[name]
+        if rt.state not in (State.RUNNING, State.READY):
+            return f"{name} is not running ({rt.state.value})"
+        if rt.spec.reload:
+            self.console.note(f"{name}: reload: running {' '.join(rt.spec.reload)} inside its sandbox")
+            code = await self._run_inside(rt, list(rt.spec.reload), rt.spec.start_timeout)
+            if code != 0:
+                return f"{name}: the reload command failed (exit code {code})"
+        else:
+            self.console.note(f"{name}: reload: sending {signal.Signals(rt.spec.reload_signal).name}")
+            self._signal_init(rt, rt.spec.reload_signal)
+        if rt.spec.ready != "notify":
+            return ""
+        deadline = time.monotonic() + rt.spec.start_timeout
+        seen_reloading = False
+        while time.monotonic() < deadline:
+            state = self.services[name].state  # changes while we wait
+            seen_reloading = seen_reloading or state is State.RELOADING
+            if seen_reloading and state is State.READY:
+                return ""
+            if state not in (State.READY, State.RELOADING):
+                return f"{name} stopped while reloading ({state.value})"
+            await asyncio.sleep(0.01)
+        return f"{name} did not finish reloading within {rt.spec.start_timeout:g} s"
+
+    async def _run_inside(self, rt: ServiceRuntime, argv: list[str], timeout: float) -> int:
+        """Run a command inside a running sandbox (as health checks run) and wait for its exit code."""
+        assert self.fork_server is not None
+        launch_id = self.fork_server.next_id()
+        env = {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.commands[launch_id] = done
+        channel = self.fork_server.send_exec(
+            launch_id, rt.pid, str(rt.cgroup.path), argv, env, rt.spec.workdir,
+            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, rt.output_w,
+        )
+        try:
+            status = await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            return 124
+        finally:
+            self.commands.pop(launch_id, None)
+            channel.close()
+        return os.waitstatus_to_exitcode(status)
+
+    def request_down(self) -> None:
+        if self.stop_requested is not None:
+            self.stop_requested.set()
+
+    async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]:
+        """Load, validate and plan the folder again (as `up` does), then apply the difference."""
+        from .cli import _enforceable_limits, _with_env
+        from .plan import HostFacts, init_path, plan_stack
+        from .spec import load_stack
+
+        try:
+            stack = _with_env(load_stack(Path(folder)), env)
+            plans = plan_stack(stack, HostFacts(init_path(), str(self.runtime_dir)))
+            limits = _enforceable_limits(stack, self.cgroups.host)
+        except SpecErrors as e:
+            raise ValueError("the new spec has problems:\n  " + "\n  ".join(str(err) for err in e.errors)) from None
+        if stack.name != self.stack.name and Path(folder).resolve() != self.stack.folder:
+            self.console.note(f"reload from another folder: {folder}")
+        return await self.apply(stack, plans, limits)
+
+    async def apply(self, stack: Stack, plans: dict[str, LaunchPlan], limits: dict[str, Limits]) -> dict[str, list[str]]:
+        """Bring the running stack to a new spec: unchanged services keep running, changed ones
+        restart, removed ones stop, new ones start; unchanged sockets keep their descriptors."""
+        from .reload import diff, refusal
+
+        change = diff(self.stack, stack)
+        why = refusal(self.stack, stack, change)
+        if why:
+            raise ValueError(f"cannot apply this change to the running stack: {why}; use sandboxd down and up")
+        assert self.record is not None
+        for name in change.changed + change.removed:
+            await self.stop_service(name)
+        for name in change.removed:
+            self.console.note(f"{name}: removed from the stack")
+            self._drop_runtime(self.services[name])
+        for name in change.changed:
+            self._drop_runtime(self.services[name])
+        replaced = set(change.sockets_replaced)
+        for key in [k for k in self.sockets if k[0] in replaced]:
+            self.sockets.pop(key).sock.close()
+        self.stack, self.limits = stack, limits
+        self.plans = plans
+        fresh = bind_sockets(tuple(s for s in stack.sockets if s.name in replaced), self.record, self._inside)
+        self.sockets.update(fresh)
+        loop = asyncio.get_running_loop()
+        for name in change.changed + change.added:
+            rt = self._add_runtime(stack.service(name))
+            rt.settled = asyncio.Event()
+            loop.add_reader(rt.output_r, self._on_output, rt)
+            if rt.notify is not None:
+                loop.add_reader(rt.notify.sock, self._on_notify, rt)
+            self.console.prefix_for(name)
+            self.start_service(name)
+        return {"added": change.added, "removed": change.removed, "changed": change.changed, "sockets_replaced": change.sockets_replaced}
+
+
+
+def _status_of(sup: Operations, rt: ServiceRuntime) -> dict[str, object]:
+    sockets = []
+    for key in rt.plan.fd_sockets:
+        unit = next(s for s in sup.stack.sockets if s.name == key[0])
+        sockets.append({"socket": unit.name, "address": sup.sockets[key].real_address(), "fdname": unit.fdname, "netns": unit.netns})
+    stats = rt.cgroup.stats()
+    alive = rt.state in (State.RUNNING, State.READY, State.RELOADING, State.STOPPING)
+    return {
+        "name": rt.spec.name,
+        "state": rt.state.value,
+        "pid": rt.pid if alive else 0,
+        "uptime": round(time.monotonic() - rt.started_at, 3) if alive else 0,
+        "restarts": rt.restarts,
+        "ready": rt.state in (State.READY,) or (rt.state is State.RUNNING and rt.spec.ready == "started"),
+        "status_text": rt.status_text,
+        "sockets": sockets,
+        "memory": stats.get("memory_current", 0),
+        "cpu_seconds": round(stats["cpu_usec"] / 1e6, 3),
+        "processes": stats["processes"],
+        "instances": rt.instances,
+    }
+

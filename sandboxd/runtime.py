@@ -1,0 +1,194 @@
+"""The supervisor's data: a service's state and its runtime record, and the base its parts share."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .cgroups import Cgroup, CgroupManager
+from .console import Console
+from .errors import LaunchError
+from .launcher import ForkServer
+from .notify import NotifySocket
+from .plan import LaunchPlan
+from .restart import Outcome, StartLimiter
+from .sockets import BoundSocket
+from .spec import Limits, Service, Stack
+from .state import StateRecord
+
+if TYPE_CHECKING:
+    from .network import Namespaces
+
+
+class State(Enum):
+    STOPPED = "stopped"
+    WAITING = "waiting"  # for a connection: on-demand, or one sandbox per connection
+    STARTING = "starting"
+    RUNNING = "running"
+    READY = "ready"
+    RELOADING = "reloading"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+FINAL = (State.STOPPED, State.EXITED, State.FAILED)
+FDSTORE_POLL = 1.0  # seconds between checks of the fd store for hung-up descriptors
+HEALTH_FIRST_CHECK = 0.05  # until a service is ready, its health check runs this soon and then every 0.1 s
+ALIVE = (State.STARTING, State.RUNNING, State.READY, State.RELOADING)
+
+
+@dataclass
+class ServiceRuntime:
+    spec: Service
+    plan: LaunchPlan
+    cgroup: Cgroup
+    output_r: int
+    output_w: int
+    state: State = State.STOPPED
+    launch_id: int = 0
+    pid: int = 0
+    pidfd: int = -1
+    channel: socket.socket | None = None
+    launch_error: LaunchError | None = None
+    requested_ns: int = 0
+    exec_ns: int = 0
+    started_at: float = 0.0
+    restarts: int = 0
+    limiter: StartLimiter | None = None
+    notify: NotifySocket | None = None
+    status_text: str = ""
+    errno: int = 0
+    main_pid: int = 0
+    kill_reason: tuple[Outcome, str] | None = None
+    start_timer: asyncio.TimerHandle | None = None
+    watchdog_timer: asyncio.TimerHandle | None = None
+    watching: bool = False
+    idle_stopping: bool = False
+    idle_timer: asyncio.TimerHandle | None = None
+    last_activity: float = 0.0
+    last_usage: int = -1
+    instances: int = 0
+    instance_counter: int = 0
+    fdstore: list[StoredFd] = field(default_factory=list)
+    fdstore_timer: asyncio.TimerHandle | None = None
+    health_timer: asyncio.TimerHandle | None = None
+    health_failures: int = 0
+    health_running: bool = False
+
+    @property
+    def per_connection(self) -> bool:
+        return self.plan.per_connection
+    partial: bytes = b""
+    timer: asyncio.TimerHandle | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class StoredFd:
+    """A descriptor a service gave sandboxd to keep (FDSTORE=1), handed back at its next start."""
+
+    name: str
+    fd: int
+    poll: bool  # dropped when it reports hang-up or error (unless FDPOLL=0)
+
+
+@dataclass
+class Instance:
+    """One sandbox of a per-connection service, serving one accepted connection."""
+
+    rt: ServiceRuntime
+    name: str
+    cgroup: Cgroup
+    channel: socket.socket | None = None
+    pidfd: int = -1
+
+
+
+class SupervisorBase:
+    """What the parts of the supervisor share: its state, and the core operations each part calls.
+
+    The supervisor is split by job (readiness.py, activation.py, operations.py, supervisor.py);
+    each part is a mixin on this base, and Supervisor puts them together. The methods below are
+    implemented by one of the parts; they are declared here so that every part can call them.
+    """
+
+    stack: Stack
+    plans: dict[str, LaunchPlan]
+    instance: str
+    runtime_dir: Path
+    root_dir: Path
+    record: StateRecord | None
+    console: Console
+    fork_server: ForkServer | None
+    sockets: dict[tuple[str, int], BoundSocket]
+    services: dict[str, ServiceRuntime]
+    by_launch: dict[int, ServiceRuntime]
+    instances: dict[int, Instance]
+    health_checks: dict[int, tuple[ServiceRuntime, socket.socket, asyncio.TimerHandle]]
+    commands: dict[int, asyncio.Future[int]]
+    no_instances: asyncio.Event
+    stop_requested: asyncio.Event | None
+    stopping: bool
+    detached: bool
+    started_wall: float
+    namespaces: Namespaces | None
+    cgroups: CgroupManager
+    limits: dict[str, Limits]
+
+    def _launch(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _transition(self, rt: ServiceRuntime, new: State, reason: str) -> None:
+        raise NotImplementedError
+
+    def _check_done(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _begin_stop(self, rt: ServiceRuntime, reason: str) -> None:
+        raise NotImplementedError
+
+    def _signal_init(self, rt: ServiceRuntime, sig: int) -> None:
+        raise NotImplementedError
+
+    def _disarm_timers(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _watch(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _unwatch(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _wait_for_connection(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _kill_for(self, rt: ServiceRuntime, outcome: Outcome, why: str, sig: int) -> None:
+        raise NotImplementedError
+
+    def _add_runtime(self, service: Service) -> ServiceRuntime:
+        raise NotImplementedError
+
+    def _drop_runtime(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _inside(self, service: str | None) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _on_output(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _on_notify(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _arm_idle_check(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError

@@ -210,6 +210,9 @@ def cmd_control(args: argparse.Namespace) -> int:
     if args.verb == "kill":
         message["signal"] = args.signal
     request(choose_stack(args.project_name), message)
+    done = {"stop": "stopped", "start": "started", "restart": "restarted", "kill": f"sent {args.signal if args.verb == 'kill' else ''}", "reload": "reloaded"}
+    for name in args.services:
+        print(f"{name}: {done.get(args.verb, args.verb)}")
     return 0
 
 

@@ -266,9 +266,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         if plan.userns:
             # Still the host's root by id; become root of the new user namespace (the mapped ids).
             step.name = "become root of the user namespace"
-            os.setgroups([])
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
+            become_userns_root()
         # The init is opened on the host's file system: wherever sandboxd is installed (even below
         # /tmp, which the sandbox replaces), it is executed through this descriptor.
         step.name = f"open the init {plan.argv[0]}"
@@ -307,6 +305,28 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
     raise AssertionError("unreachable")
 
 
+def join_namespaces(target: int) -> bool:
+    """Join the namespaces of process `target` (its user namespace first, if it has its own; the
+    mount namespace last, which brings its root). True if a user namespace was joined."""
+    own_user = os.stat("/proc/self/ns/user").st_ino
+    names = ["pid", "uts", "ipc", "net", "mnt"]
+    in_userns = os.stat(f"/proc/{target}/ns/user").st_ino != own_user
+    if in_userns:
+        names.insert(0, "user")
+    fds = [os.open(f"/proc/{target}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in names]
+    for fd in fds:
+        linux.setns(fd, 0)
+        os.close(fd)
+    return in_userns
+
+
+def become_userns_root() -> None:
+    """After joining a user namespace: take its root's ids (the mapped ones), as the sandbox did."""
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
 def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> NoReturn:
     """In a child born in the service's cgroup: join the namespaces of its init and run a command.
 
@@ -323,15 +343,18 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
         for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         target = int(request["exec_into"])
-        namespaces = [os.open(f"/proc/{target}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("pid", "uts", "ipc", "net", "mnt")]
-        for fd in namespaces:
-            step.name = f"join the namespaces of pid {target}"
-            linux.setns(fd, 0)
-            os.close(fd)
+        step.name = "join cgroups"
+        for procs in request.get("cgroup_procs", ()):
+            with open(procs, "w") as f:
+                f.write("0")
+        step.name = f"join the namespaces of pid {target}"
+        in_userns = join_namespaces(target)
         _report(channel, {"exec": time.monotonic_ns()})
         pid = os.fork()
         if pid == 0:
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if in_userns:
+                become_userns_root()
             os.chdir(request["workdir"])
             null = os.open("/dev/null", os.O_RDWR)
             for target_fd in (0, 1, 2):
@@ -458,7 +481,7 @@ def _fork_in_user_namespace(request: dict[str, Any], cgroup_fd: int, userns: tup
                 f.write(f"0 {first} {count}\n")
         for procs in request["cgroup_procs"]:
             with open(procs, "w") as f:
-                f.write(str(host_pid))
+                f.write(str(pid))  # cgroup.procs reads pids in the writer's pid namespace: ours
         os.write(wait_w, b"1")
     finally:
         os.close(wait_w)
@@ -603,6 +626,7 @@ class ForkServer:
         uid: int = 0,
         gid: int = 0,
         output_fd: int = -1,
+        cgroup_procs: tuple[str, ...] = (),
     ) -> socket.socket:
         """Run a command inside a running sandbox (its init's namespaces and its cgroup)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -618,6 +642,7 @@ class ForkServer:
             "seccomp_filter": seccomp_filter,
             "uid": uid,
             "gid": gid,
+            "cgroup_procs": list(cgroup_procs),
         }
         null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         try:

@@ -84,6 +84,7 @@ def build_networks(namespaces: Namespaces, networks: tuple[NetworkPlan, ...]) ->
     """Create each network's bridge in a namespace of its own and a veth pair into each member."""
     try:
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
     except ImportError:
         raise HostError("pyroute2 is not installed; sandboxd needs it for networks", "pip install pyroute2") from None
     service_links: dict[str, IPRoute] = {}
@@ -114,7 +115,7 @@ def build_networks(namespaces: Namespaces, networks: tuple[NetworkPlan, ...]) ->
                         flags = IFA_F_NODAD if ":" in ip else 0
                         inside.addr("add", index=member.ifindex, address=ip, prefixlen=int(prefix), flags=flags)
                     inside.link("set", index=member.ifindex, state="up")
-    except OSError as e:
+    except (OSError, NetlinkError) as e:
         raise HostError(f"cannot set up networks: {e}", "check that veth and bridge links are available (modprobe veth bridge)") from None
     finally:
         for links in service_links.values():

@@ -60,6 +60,7 @@ class Operations(SupervisorBase):
         return {
             "init_pid": rt.pid,
             "cgroup": str(rt.cgroup.path),
+            "cgroup_procs": list(rt.cgroup.extra_procs_files),
             "capabilities": list(rt.plan.capabilities),
             "seccomp_filter": rt.plan.seccomp_filter,
             "uid": rt.plan.uid,
@@ -105,7 +106,7 @@ class Operations(SupervisorBase):
         self.commands[launch_id] = done
         channel = self.fork_server.send_exec(
             launch_id, rt.pid, str(rt.cgroup.path), argv, env, rt.spec.workdir,
-            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, rt.output_w,
+            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, rt.output_w, rt.cgroup.extra_procs_files,
         )
         try:
             status = await asyncio.wait_for(done, timeout)

@@ -104,7 +104,7 @@ class Readiness(SupervisorBase):
         env = {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
         channel = self.fork_server.send_exec(
             launch_id, rt.pid, str(rt.cgroup.path), list(check.exec), env, rt.spec.workdir,
-            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid,
+            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, -1, rt.cgroup.extra_procs_files,
         )
         timeout = asyncio.get_running_loop().call_later(check.timeout, self._health_timed_out, launch_id)
         self.health_checks[launch_id] = (rt, channel, timeout)

@@ -832,6 +832,8 @@ def load_stack(folder: Path) -> Stack:
         errors += _load_file(file, found)
     errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
     errors += _bad_networks(found) + _bad_netns(found) + _bad_activation(found) + _bad_dependencies(found)
+    if not found and not errors:
+        errors.append(SpecError(root, 0, "", "no units in this folder: every spec file is empty"))
     if errors:
         raise SpecErrors(errors)
     units = sorted((f.unit for f in found if f.unit is not None), key=lambda unit: unit.name)

@@ -83,6 +83,7 @@ class Supervisor(Readiness, Activation, Operations):
         self.fork_server = fork_server
         self.limits = limits if limits is not None else {s.name: s.limits for s in stack.services}
         self.detached = detached
+        self.owns_runtime = False
         self.control: ControlServer | None = None
         self.stop_requested: asyncio.Event | None = None
         self.started_wall = time.time()
@@ -113,15 +114,27 @@ class Supervisor(Readiness, Activation, Operations):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self._cleanup()
 
+    def _claim_runtime_dir(self) -> None:
+        """Make the stack's runtime directory, atomically: whoever made it owns the name. A second
+        `up` with a running stack's name must leave everything of that stack alone."""
+        RUNTIME_ROOT.mkdir(parents=True, exist_ok=True)
+        try:
+            self.runtime_dir.mkdir()
+        except FileExistsError:
+            try:
+                pid = json.loads((self.runtime_dir / "state.json").read_text()).get("pid", 0)
+            except (OSError, ValueError):
+                pid = 0
+            hint = "stop it first (sandboxd down -p NAME), or pick another name with -p NAME"
+            if pid and not _alive(pid):
+                hint = "a dead run left it behind: sandboxd down -p NAME removes it"
+            raise HostError(f"a stack named {self.instance!r} exists already (pid {pid or 'unknown'})", hint) from None
+        self.owns_runtime = True
+
     def _prepare(self) -> None:
-        existing = self.runtime_dir / "state.json"
-        if existing.exists():
-            pid = json.loads(existing.read_text()).get("pid", 0)
-            if _alive(pid):
-                raise HostError(f"a stack named {self.instance!r} is already running (pid {pid})", "stop it first, or pick another name with -p NAME")
+        self._claim_runtime_dir()
         if self.fork_server is None:  # forked first, while this process has no thread and no event loop
             self.fork_server = ForkServer.start()
-        self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.root_dir.mkdir(exist_ok=True)
         self.record = StateRecord(self.runtime_dir)
         self.record.save()
@@ -197,6 +210,8 @@ class Supervisor(Readiness, Activation, Operations):
     def _cleanup(self) -> None:
         if self.fork_server is not None:
             self.fork_server.stop()
+        if not self.owns_runtime:
+            return  # nothing of ours was made: the name belongs to another stack
         if self.namespaces is not None:
             self.namespaces.close()  # the kernel frees the namespaces, with their links and bridges
         for rt in self.services.values():
@@ -303,7 +318,13 @@ class Supervisor(Readiness, Activation, Operations):
         if rt.limiter is None:
             rt.limiter = StartLimiter(rt.spec)
         rt.limiter.record(time.monotonic())
-        rt.cgroup.renew()
+        try:
+            rt.cgroup.renew()
+        except OSError as e:
+            self._transition(rt, State.FAILED, f"its cgroup could not be renewed: {e.strerror} ({e.filename})")
+            rt.settled.set()
+            self._check_done()
+            return
         rt.cgroup.mark()
         rt.launch_id = self.fork_server.next_id()
         self.by_launch[rt.launch_id] = rt

@@ -3,6 +3,7 @@
 import http.server
 import json
 import os
+import signal
 import socket
 import socketserver
 
@@ -32,6 +33,12 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
+def reload(*_: object) -> None:
+    """`sandboxd reload backend` sends SIGHUP: read the greeting again (here: note the reload)."""
+    print("reloaded", flush=True)
+
+
+signal.signal(signal.SIGHUP, reload)
 server = Server("", Handler, bind_and_activate=False)
 server.socket = listen_sockets()["backend"]
 print(f"back end ready as pid {os.getpid()} on host {socket.gethostname()}")

@@ -14,6 +14,7 @@ BACKEND = "/run/sbd-example/backend.sock"
 class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)  # the back end may be restarting: wait for it, but not forever
         self.sock.connect(BACKEND)
 
 

@@ -236,3 +236,29 @@ def test_reload_command_runs_inside_the_sandbox(spec_dir: Path) -> None:
         assert not Path("/tmp/generation").exists()
     finally:
         sbd("down", "-p", "reloads")
+
+
+def test_a_second_up_with_the_same_name_leaves_the_running_stack_alone(spec_dir: Path) -> None:
+    _stack(spec_dir)
+    sbd("up", "-d", "-p", "dup", str(spec_dir))
+    try:
+        second = sbd("up", "--daemon", "-p", "dup", str(spec_dir), check=False)  # bypasses the reload path
+        assert second.returncode == 1 and "a stack named 'dup' exists already" in second.stderr
+        status = json.loads(sbd("ps", "--json", "-p", "dup").stdout)  # still reachable: nothing of it was removed
+        assert {s["state"] for s in status["services"]} == {"running"}
+    finally:
+        sbd("down", "-p", "dup")
+
+
+def test_exec_is_confined_like_the_service_in_a_user_namespace_with_limits(spec_dir: Path) -> None:
+    write(spec_dir, "svc.yaml", "kind: service\nuserns: true\nlimits: {pids: 50}\ncommand: [sleep, '1000']\n")
+    sbd("up", "-d", "-p", "confined", str(spec_dir))
+    try:
+        inside = sbd("exec", "-p", "confined", "svc", "--", "sh", "-c", "cat /proc/self/uid_map; cat /proc/self/cgroup; id -u")
+        first = next(int(l.split(":")[1]) for l in Path("/etc/subuid").read_text().splitlines() if l.startswith("sandboxd:"))
+        lines = inside.stdout.split()
+        assert lines[:3] == ["0", str(first), "65536"]  # the service's user namespace, not the host's
+        assert any(":pids:/" in l and l.endswith("/sandboxd/confined/svc") for l in inside.stdout.splitlines())
+        assert lines[-1] == "0"
+    finally:
+        sbd("down", "-p", "confined")

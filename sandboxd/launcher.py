@@ -75,19 +75,24 @@ def _ensure_mountpoint(target: str, is_dir: bool) -> None:
 
 
 def _mount_dev(dev: str) -> None:
-    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
+    # The host's nodes are opened before the new /dev may cover them (in place, dev is /dev).
+    nodes: dict[str, int] = {}
     for node in DEVICE_NODES:
         try:
-            st = os.stat(f"/dev/{node}")
+            nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
+    for node, fd in nodes.items():
         try:
             # mknod costs a tenth of a bind mount; without CAP_MKNOD (a user namespace) bind instead.
-            os.mknod(f"{dev}/{node}", stat.S_IFCHR | 0o666, st.st_rdev)
+            os.mknod(f"{dev}/{node}", stat.S_IFCHR | 0o666, os.fstat(fd).st_rdev)
             os.chmod(f"{dev}/{node}", 0o666)  # mknod honours the umask
         except PermissionError:
             _ensure_mountpoint(f"{dev}/{node}", is_dir=False)
-            linux.mount(f"/dev/{node}", f"{dev}/{node}", None, linux.MS_BIND)
+            linux.mount(f"/proc/self/fd/{fd}", f"{dev}/{node}", None, linux.MS_BIND)
+        finally:
+            os.close(fd)
     os.mkdir(f"{dev}/pts")
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
@@ -125,15 +130,28 @@ def _seal(root: str, pending: bool) -> None:
 
 
 def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: dict[str, int]) -> None:
-    """Make the sandbox's filesystem and pivot into it (bubblewrap's order of steps)."""
+    """Make the sandbox's file system.
+
+    With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
+    copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
+    /tmp and /run are mounted over it; no copy of the tree, no pivot_root, no detaching of the old
+    root (about 1 ms less per sandbox). Otherwise (a user namespace, whose /dev must bind the host's
+    nodes from a mount without nodev; or new top-level mount points, `tmpfs-root`) a root is built at
+    `root` and pivoted into (bubblewrap's order of steps).
+    """
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    in_place = mounts[0].kind == "rbind-root" and mounts[0].options == "in-place"
+    if in_place:
+        root = ""
     binds: list[tuple[MountOp, int]] = []
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
     for op in mounts:
-        target = root + op.target if op.target != "/" else root
+        target = root + op.target if op.target != "/" else (root or "/")
         step.name = f"mount {op.kind} on {op.target}"
         match op.kind:
+            case "rbind-root" if in_place:
+                linux.mount_setattr("/", READONLY)
             case "rbind-root":
                 linux.mount(op.source, root, None, linux.MS_BIND | linux.MS_REC)
                 linux.mount_setattr(root, READONLY)
@@ -167,12 +185,13 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
                 # Open the source on the host now; bind it after pivot_root so that the target's
                 # path (and any symlink in it) resolves inside the sandbox, never on the host.
                 binds.append((op, os.dup(sources[op.source])))
-    step.name = f"pivot_root into {root}"
-    # The old root stays reachable on the sandbox's own /run until the binds are made: a bind
-    # source must still be attached to this namespace's tree when it is mounted.
-    os.mkdir(f"{root}{OLD_ROOT}")
-    os.chdir(root)
-    linux.pivot_root(".", OLD_ROOT.lstrip("/"))
+    if not in_place:
+        step.name = f"pivot_root into {root}"
+        # The old root stays reachable on the sandbox's own /run until the binds are made: a bind
+        # source must still be attached to this namespace's tree when it is mounted.
+        os.mkdir(f"{root}{OLD_ROOT}")
+        os.chdir(root)
+        linux.pivot_root(".", OLD_ROOT.lstrip("/"))
     os.chdir("/")
     for op, fd in binds:
         if op.kind == "tmpfs":
@@ -189,9 +208,10 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         if op.readonly:
             linux.mount_setattr(target, READONLY)
         os.close(fd)
-    step.name = "detach the host's root"
-    linux.umount2(OLD_ROOT, linux.MNT_DETACH)
-    os.rmdir(OLD_ROOT)
+    if not in_place:
+        step.name = "detach the host's root"
+        linux.umount2(OLD_ROOT, linux.MNT_DETACH)
+        os.rmdir(OLD_ROOT)
 
 
 def _place_fds(output_fd: int, socket_fds: list[int]) -> None:

@@ -354,7 +354,9 @@ def plan_service(
         mounts.append(MountOp("tmpfs-root", "/", "/", readonly=True))
         mounts += [MountOp("mountpoint", top, options="dir" if d else "file") for top, d in sorted(new_tops.items())]
     else:
-        mounts.append(MountOp("rbind-root", "/", "/", readonly=True))
+        # In place, unless a user namespace must bind device nodes (no mknod there) from a mount
+        # that the in-place set-up would already have made nodev.
+        mounts.append(MountOp("rbind-root", "/", "/", readonly=True, options="" if service.userns else "in-place"))
     mounts += _base_mounts()
     net = net_mode(stack, service)
     if net != "host":

@@ -234,13 +234,19 @@ class Cgroup:
         except (OSError, ValueError, IndexError):
             return 0
 
+    def _counters(self) -> dict[str, int]:
+        """Just the OOM-kill and pids-limit counters (cheap: read at every launch)."""
+        memory_events = self.v1["memory"] / "memory.oom_control" if "memory" in self.v1 else self.path / "memory.events"
+        pids_events = (self.v1["pids"] if "pids" in self.v1 else self.path) / "pids.events"
+        return {"oom_kills": self._read_int(memory_events, "oom_kill"), "pids_limit_hits": self._read_int(pids_events, "max")}
+
     def mark(self) -> None:
         """Remember the counters now, so that `why_failed` sees only what happened since."""
-        self.baseline = self.stats()
+        self.baseline = self._counters()
 
     def why_failed(self) -> str:
         """"oom-killed" or "pids limit reached" if that happened since `mark`, else ""."""
-        now = self.stats()
+        now = self._counters()
         if now.get("oom_kills", 0) > self.baseline.get("oom_kills", 0):
             return "oom-killed"
         if now.get("pids_limit_hits", 0) > self.baseline.get("pids_limit_hits", 0):

@@ -57,9 +57,10 @@ def cmd_reload_stack(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from .cgroups import detect
+    from .client import RUNTIME_ROOT
     from .plan import HostFacts, init_path, plan_stack
     from .spec import load_stack
-    from .state import RUNTIME_ROOT, clean_stale, instance_name
+    from .state import clean_stale, instance_name
 
     stack = _with_env(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
@@ -109,10 +110,10 @@ def _up_detached(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from .client import choose_stack, request, running_stacks
+    from .client import RUNTIME_ROOT, choose_stack, request, running_stacks
     from .plan import HostFacts, init_path, plan_stack
     from .spec import load_stack
-    from .state import RUNTIME_ROOT, instance_name
+    from .state import instance_name
 
     stack = _with_env(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
@@ -230,7 +231,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     import time
 
-    from .client import _alive, choose_stack, request, running_stacks
+    from .client import alive as _alive
+    from .client import choose_stack, request, running_stacks
     from .state import clean_stale
 
     name = args.project_name or (Path(args.dir).resolve().name if args.dir else None)
@@ -270,7 +272,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from . import logs
-    from .client import RUNTIME_ROOT, _alive, choose_stack, running_stacks
+    from .client import RUNTIME_ROOT, choose_stack, running_stacks
+    from .client import alive as _alive
 
     stack = choose_stack(args.project_name)
     directory = RUNTIME_ROOT / stack / "logs"

@@ -14,7 +14,10 @@ from .errors import HostError, SandboxdError
 RUNTIME_ROOT = Path(os.environ.get("SANDBOXD_RUNTIME_DIR", "/run/sandboxd"))
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, killed but not yet reaped, is not)."""
+    if pid <= 0:
+        return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -32,7 +35,7 @@ def running_stacks() -> dict[str, int]:
             pid = int(json.loads((directory / "state.json").read_text())["pid"])
         except (OSError, ValueError, KeyError):
             continue
-        if _alive(pid):
+        if alive(pid):
             stacks[directory.name] = pid
     return stacks
 

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import SandboxdError
+
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
@@ -48,8 +50,8 @@ class ControlServer:
             while line := await reader.readline():
                 try:
                     answer = await self.handle(json.loads(line))
-                except (ValueError, KeyError, TypeError, OSError) as e:
-                    answer = {"ok": False, "error": str(e) if isinstance(e, (ValueError, OSError)) else f"bad request: {e}"}
+                except (ValueError, KeyError, TypeError, OSError, SandboxdError) as e:
+                    answer = {"ok": False, "error": f"bad request: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)}
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
         except ConnectionError:

@@ -248,6 +248,15 @@ def _confine(seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: b
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
 
 
+def _reset_signals() -> None:
+    """What the fork server set up for itself must not reach a sandbox: handlers, SIG_IGN (which
+    survives exec), the wakeup fd, the signal mask."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def _report(channel: socket.socket, message: dict[str, Any]) -> None:
     try:
         channel.send(json.dumps(message).encode())
@@ -263,10 +272,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
     os.close(status_fd)
     try:
         step.name = "reset signals"
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _reset_signals()
         plan = LaunchPlan.from_wire(request["plan"])
         step.name = "join cgroups"
         for procs in request["cgroup_procs"]:  # further hierarchies (v1 controllers on a hybrid host)
@@ -359,9 +365,7 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
     channel = socket.socket(fileno=status_fd)
     try:
         step.name = "reset signals"
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+        _reset_signals()
         target = int(request["exec_into"])
         step.name = "join cgroups"
         for procs in request.get("cgroup_procs", ()):

@@ -30,10 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import linux
+from .client import RUNTIME_ROOT
+from .client import alive as _alive
 from .errors import HostError
 from .plan import NetworkPlan
 from .spec import Stack
-from .state import RUNTIME_ROOT, _alive
 
 IFA_F_NODAD = 0x02  # IPv6 addresses usable at once, without duplicate address detection
 BRIDGE_INDEX = 2

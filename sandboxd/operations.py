@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .errors import SpecErrors
 from .plan import LaunchPlan
-from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase
-from .sockets import bind_sockets
+from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase, command_env
+from .sockets import bind_sockets, close_socket
 from .spec import Limits, Stack
 
 
@@ -55,8 +55,8 @@ class Operations(SupervisorBase):
     def exec_info(self, name: str) -> dict[str, object]:
         rt = self.services[name]
         if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not rt.pid:
-            raise KeyError(f"service {name!r} is not running ({rt.state.value})")
-        env = [(k, v) for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))]
+            raise ValueError(f"service {name!r} is not running ({rt.state.value})")
+        env = list(command_env(rt).items())
         return {
             "init_pid": rt.pid,
             "cgroup": str(rt.cgroup.path),
@@ -77,9 +77,11 @@ class Operations(SupervisorBase):
             return f"{name} is not running ({rt.state.value})"
         if rt.spec.reload:
             self.console.note(f"{name}: reload: running {' '.join(rt.spec.reload)} inside its sandbox")
-            code = await self._run_inside(rt, list(rt.spec.reload), rt.spec.start_timeout)
-            if code != 0:
-                return f"{name}: the reload command failed (exit code {code})"
+            status = await self._run_inside(rt, list(rt.spec.reload), rt.spec.start_timeout, rt.output_w)
+            if status is None:
+                return f"{name}: the reload command did not finish within {rt.spec.start_timeout:g} s"
+            if os.waitstatus_to_exitcode(status) != 0:
+                return f"{name}: the reload command failed (exit code {os.waitstatus_to_exitcode(status)})"
         else:
             self.console.note(f"{name}: reload: sending {signal.Signals(rt.spec.reload_signal).name}")
             self._signal_init(rt, rt.spec.reload_signal)
@@ -96,26 +98,6 @@ class Operations(SupervisorBase):
                 return f"{name} stopped while reloading ({state.value})"
             await asyncio.sleep(0.01)
         return f"{name} did not finish reloading within {rt.spec.start_timeout:g} s"
-
-    async def _run_inside(self, rt: ServiceRuntime, argv: list[str], timeout: float) -> int:
-        """Run a command inside a running sandbox (as health checks run) and wait for its exit code."""
-        assert self.fork_server is not None
-        launch_id = self.fork_server.next_id()
-        env = {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.commands[launch_id] = done
-        channel = self.fork_server.send_exec(
-            launch_id, rt.pid, str(rt.cgroup.path), argv, env, rt.spec.workdir,
-            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, rt.output_w, rt.cgroup.extra_procs_files,
-        )
-        try:
-            status = await asyncio.wait_for(done, timeout)
-        except TimeoutError:
-            return 124
-        finally:
-            self.commands.pop(launch_id, None)
-            channel.close()
-        return os.waitstatus_to_exitcode(status)
 
     def request_down(self) -> None:
         if self.stop_requested is not None:
@@ -156,7 +138,7 @@ class Operations(SupervisorBase):
             self._drop_runtime(self.services[name])
         replaced = set(change.sockets_replaced)
         for key in [k for k in self.sockets if k[0] in replaced]:
-            self.sockets.pop(key).sock.close()
+            close_socket(self.sockets.pop(key))
         self.stack, self.limits = stack, limits
         self.plans = plans
         fresh = bind_sockets(tuple(s for s in stack.sockets if s.name in replaced), self.record, self._inside)

@@ -22,6 +22,7 @@ from .runtime import (
     State,
     StoredFd,
     SupervisorBase,
+    command_env,
 )
 from .spec import HealthCheck
 
@@ -96,43 +97,18 @@ class Readiness(SupervisorBase):
     def _run_health_check(self, rt: ServiceRuntime) -> None:
         rt.health_timer = None
         check = rt.spec.ready
-        assert isinstance(check, HealthCheck) and self.fork_server is not None
+        assert isinstance(check, HealthCheck)
         if rt.state not in (State.RUNNING, State.READY) or rt.health_running or not rt.pid:
             return
         rt.health_running = True
-        launch_id = self.fork_server.next_id()
-        env = {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
-        channel = self.fork_server.send_exec(
-            launch_id, rt.pid, str(rt.cgroup.path), list(check.exec), env, rt.spec.workdir,
-            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, -1, rt.cgroup.extra_procs_files,
-        )
-        timeout = asyncio.get_running_loop().call_later(check.timeout, self._health_timed_out, launch_id)
-        self.health_checks[launch_id] = (rt, channel, timeout)
+        asyncio.ensure_future(self._health_probe(rt, check))
 
-    def _health_timed_out(self, launch_id: int) -> None:
-        entry = self.health_checks.get(launch_id)
-        if entry is None:
-            return
-        _rt, channel, _timer = entry
-        try:
-            _kind, launched = read_status(channel, "health check")
-        except LaunchError:
-            launched = None
-        if launched is not None and launched.pidfd >= 0:
-            signal.pidfd_send_signal(launched.pidfd, signal.SIGKILL)  # its command dies with it
-            os.close(launched.pidfd)
-
-    def _on_health_result(self, launch_id: int, status: int) -> None:
-        rt, channel, timer = self.health_checks.pop(launch_id)
-        timer.cancel()
-        channel.close()
+    async def _health_probe(self, rt: ServiceRuntime, check: HealthCheck) -> None:
+        status = await self._run_inside(rt, list(check.exec), check.timeout)
         rt.health_running = False
-        check = rt.spec.ready
-        assert isinstance(check, HealthCheck)
         if rt.state not in (State.RUNNING, State.READY):
             return
-        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        if ok:
+        if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             rt.health_failures = 0
             if rt.state is State.RUNNING:
                 if rt.start_timer is not None:
@@ -141,13 +117,39 @@ class Readiness(SupervisorBase):
                 self._transition(rt, State.READY, f"health check passed after {time.monotonic() - rt.started_at:.3f} s")
         elif rt.state is State.READY:
             rt.health_failures += 1
-            _outcome, text = classify(status)
+            text = classify(status)[1] if status is not None else f"no answer within {check.timeout:g} s"
             self.console.note(f"{rt.spec.name}: health check failed ({text}), {rt.health_failures} of {check.retries}")
             if rt.health_failures >= check.retries:
                 self._kill_for(rt, "watchdog", f"unhealthy: health check failed {check.retries} times in a row", rt.spec.stop_signal)
                 return
         delay = check.interval if rt.state is State.READY else min(check.interval, HEALTH_FIRST_CHECK * 2)
         rt.health_timer = asyncio.get_running_loop().call_later(delay, self._run_health_check, rt)
+
+    async def _run_inside(self, rt: ServiceRuntime, argv: list[str], timeout: float, output_fd: int = -1) -> int | None:
+        """Run a command inside a running sandbox (its namespaces, cgroups and confinement) and wait
+        for its wait status; None if it did not end within `timeout` (it is then killed)."""
+        assert self.fork_server is not None
+        launch_id = self.fork_server.next_id()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.commands[launch_id] = done
+        channel = self.fork_server.send_exec(
+            launch_id, rt.pid, str(rt.cgroup.path), argv, command_env(rt), rt.spec.workdir,
+            rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, output_fd, rt.cgroup.extra_procs_files,
+        )
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            try:
+                _kind, launched = read_status(channel, argv[0])
+            except LaunchError:
+                launched = None
+            if launched is not None and launched.pidfd >= 0:
+                signal.pidfd_send_signal(launched.pidfd, signal.SIGKILL)  # the command dies with it
+                os.close(launched.pidfd)
+            return None
+        finally:
+            self.commands.pop(launch_id, None)
+            channel.close()
 
     # ── the fd store ──
 

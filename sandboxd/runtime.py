@@ -131,7 +131,6 @@ class SupervisorBase:
     services: dict[str, ServiceRuntime]
     by_launch: dict[int, ServiceRuntime]
     instances: dict[int, Instance]
-    health_checks: dict[int, tuple[ServiceRuntime, socket.socket, asyncio.TimerHandle]]
     commands: dict[int, asyncio.Future[int]]
     no_instances: asyncio.Event
     stop_requested: asyncio.Event | None
@@ -192,3 +191,12 @@ class SupervisorBase:
 
     def _arm_idle_check(self, rt: ServiceRuntime) -> None:
         raise NotImplementedError
+
+    async def _run_inside(self, rt: ServiceRuntime, argv: list[str], timeout: float, output_fd: int = -1) -> int | None:
+        raise NotImplementedError
+
+
+def command_env(rt: ServiceRuntime) -> dict[str, str]:
+    """The environment of a command run inside a service's sandbox: the service's, without what
+    belongs to the service's own process (its descriptors, notify socket, watchdog)."""
+    return {k: v for k, v in rt.plan.env if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}

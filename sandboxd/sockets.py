@@ -99,6 +99,7 @@ def bind_sockets(units: tuple[Socket, ...], record: StateRecord, inside: Enter =
     `netns:` (a socket keeps the namespace it was created in, wherever it is used later).
     """
     bound: dict[tuple[str, int], BoundSocket] = {}
+    files_before, dirs_before = len(record.files), len(record.dirs)
     try:
         for unit in units:
             for index, address in enumerate(unit.listen):
@@ -106,21 +107,41 @@ def bind_sockets(units: tuple[Socket, ...], record: StateRecord, inside: Enter =
                     sock = bind_address(unit, address, record)
                 bound[(unit.name, index)] = BoundSocket(unit.name, index, address, sock)
     except BaseException:
-        close_sockets(bound, record)
+        # Only what this call made: a reload binds into a stack whose other sockets stay.
+        for b in bound.values():
+            b.sock.close()
+        _remove_paths(record.files[files_before:], record.dirs[dirs_before:])
+        del record.files[files_before:], record.dirs[dirs_before:]
+        record.save()
         raise
     return bound
 
 
 def close_sockets(bound: dict[tuple[str, int], BoundSocket], record: StateRecord) -> None:
+    """Close every socket of the stack and remove the files and directories made for them."""
     for b in bound.values():
         b.sock.close()
     bound.clear()
-    for path in record.files:
+    _remove_paths(record.files, record.dirs)
+
+
+def close_socket(b: BoundSocket) -> None:
+    """Close one socket and remove its file (a reload replaced it); its directories stay until down."""
+    b.sock.close()
+    if b.address.path and not b.address.is_abstract:
+        try:
+            os.unlink(b.address.path)
+        except FileNotFoundError:
+            pass
+
+
+def _remove_paths(files: list[str], dirs: list[str]) -> None:
+    for path in files:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    for directory in reversed(record.dirs):
+    for directory in reversed(dirs):
         try:
             os.rmdir(directory)
         except OSError:

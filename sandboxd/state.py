@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cgroups import Cgroup, remove_empty
+from .client import RUNTIME_ROOT  # shared with the light CLI side
+from .client import alive as _alive
 
 if TYPE_CHECKING:
     from .spec import Stack
 
-RUNTIME_ROOT = Path(os.environ.get("SANDBOXD_RUNTIME_DIR", "/run/sandboxd"))
+
 
 
 @dataclass
@@ -52,17 +54,6 @@ def instance_name(stack: Stack, project: str | None) -> str:
 def clean_name(name: str) -> str:
     """A stack name usable as a directory and cgroup name."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "stack"
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is a running process (a zombie, killed but not yet reaped, is not)."""
-    if pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def remove_recorded(directory: Path) -> None:

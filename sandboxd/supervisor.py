@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import time
 from collections.abc import Awaitable
@@ -42,6 +41,8 @@ from typing import TYPE_CHECKING
 
 from .activation import Activation
 from .cgroups import CgroupHost, CgroupManager
+from .client import RUNTIME_ROOT
+from .client import alive as _alive
 from .console import Console
 from .control import ControlServer
 from .errors import HostError, LaunchError
@@ -55,7 +56,7 @@ from .restart import Outcome, StartLimiter, classify, restart_delay, should_rest
 from .runtime import ALIVE, FINAL, Instance, ServiceRuntime, State
 from .sockets import BoundSocket, bind_sockets, close_sockets
 from .spec import Dependency, Limits, Service, Stack
-from .state import RUNTIME_ROOT, StateRecord, _alive
+from .state import StateRecord
 
 if TYPE_CHECKING:
     from .network import Namespaces
@@ -97,8 +98,7 @@ class Supervisor(Readiness, Activation, Operations):
         self.namespaces: Namespaces | None = None
         self.networks: tuple[NetworkPlan, ...] = ()
         self.instances: dict[int, Instance] = {}
-        self.health_checks: dict[int, tuple[ServiceRuntime, socket.socket, asyncio.TimerHandle]] = {}
-        self.commands: dict[int, asyncio.Future[int]] = {}  # commands run inside sandboxes (reload:)
+        self.commands: dict[int, asyncio.Future[int]] = {}  # commands run inside sandboxes (health checks, reload:)
         self.no_instances = asyncio.Event()
 
     # ── set-up and tear-down (synchronous, around the event loop) ──
@@ -225,9 +225,6 @@ class Supervisor(Readiness, Activation, Operations):
         self.cgroups.teardown()
         for path in (self.runtime_dir / "state.json", self.runtime_dir / "state.json.tmp"):
             path.unlink(missing_ok=True)
-        for _rt, channel, _timer in self.health_checks.values():
-            channel.close()
-        self.health_checks.clear()
         for rt in self.services.values():
             if rt.notify is not None:
                 rt.notify.close()
@@ -388,9 +385,6 @@ class Supervisor(Readiness, Activation, Operations):
         if launch_id in self.commands:
             if not self.commands[launch_id].done():
                 self.commands[launch_id].set_result(message.get("status", 127 << 8))
-            return
-        if launch_id in self.health_checks:
-            self._on_health_result(launch_id, message.get("status", 127 << 8))
             return
         instance = self.instances.pop(launch_id, None)
         if instance is not None:

@@ -66,7 +66,8 @@ def clone_userns():
     return "cloned into a new user namespace"
 attempt("clone_new_user_ns", clone_userns)
 attempt("ptrace_the_init", call(libc.ptrace, 16, 1, None, None))
-attempt("setns_host_net", lambda: libc.setns(os.open("/proc/1/ns/net", os.O_RDONLY), 0) == 0 and os.stat("/proc/" + str(HOST_PID)) or (_ for _ in ()).throw(OSError(ctypes.get_errno() or errno.ENOENT, "")))
+# The only namespaces it can name are its init's; being allowed to setns at all is the escape route.
+attempt("setns_into_a_namespace", lambda: call(libc.setns, os.open("/proc/1/ns/mnt", os.O_RDONLY), 0)())
 attempt("proc_1_root_escape", lambda: os.stat(f"/proc/1/root/proc/{HOST_PID}") and "host pid visible through /proc/1/root")
 attempt("load_kernel_module", call(libc.syscall, 175, None, 0, b""))
 attempt("reboot", call(libc.reboot, 0x4321FEDC))
@@ -104,7 +105,7 @@ ATTEMPTS = [
     "unshare_user_ns",
     "clone_new_user_ns",
     "ptrace_the_init",
-    "setns_host_net",
+    "setns_into_a_namespace",
     "proc_1_root_escape",
     "load_kernel_module",
     "reboot",

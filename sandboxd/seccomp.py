@@ -3,7 +3,7 @@
 Why our own: the maintained libseccomp bindings for Python are the ones in libseccomp's source
 tree (Debian's python3-seccomp), which need the system interpreter or a build against
 libseccomp-dev; the PyPI alternatives are unmaintained ctypes wrappers. A deny list needs no more
-than a chain of comparisons, so this module builds it directly (about 60 lines) and the escape
+than a chain of comparisons, so this module builds it directly (under 100 lines) and the escape
 suite checks it against the real kernel.
 
 The filter, in the spirit of docker's and podman's default profile:

@@ -196,3 +196,31 @@ def test_health_check_runs_inside_the_sandbox_and_restarts_an_unhealthy_service(
     assert "svc: health check failed (exited with code 1), 1 of 2" in stack.err
     assert "-> backoff: unhealthy: health check failed 2 times in a row; killed by SIGTERM" in stack.err
     assert stack.stop() == 0
+
+
+def test_a_health_check_that_outlives_its_timeout_is_killed(run_stack, spec_dir: Path):
+    write(
+        spec_dir,
+        "svc.yaml",
+        """
+        kind: service
+        ready: {exec: [sleep, "30"], interval: 10s, timeout: 200ms}
+        command: [sleep, "1000"]
+        """,
+    )
+    stack = run_stack(spec_dir)
+    stack.wait_up()
+    import time
+
+    procs = Path("/sys/fs/cgroup/unified/sandboxd/stack/svc/cgroup.procs")
+    deadline = time.monotonic() + 5
+    seen_check = False
+    while time.monotonic() < deadline:
+        count = len(procs.read_text().split())
+        seen_check = seen_check or count > 2  # the check ran: its helper and `sleep 30` joined the cgroup
+        if seen_check and count == 2:
+            break
+        time.sleep(0.02)
+    assert seen_check and len(procs.read_text().split()) == 2  # killed after 200 ms, not after 30 s
+    assert "-> ready" not in stack.err
+    assert stack.stop() == 0

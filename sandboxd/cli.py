@@ -15,12 +15,11 @@ from .errors import HostError, SandboxdError, SpecErrors
 
 
 def _load(folder: str) -> tuple[object, object]:
-    from .plan import HostFacts, init_path, plan_stack
+    from .prepare import make_plans
     from .spec import load_stack
 
     stack = load_stack(Path(folder))
-    plans = plan_stack(stack, HostFacts(init_path()))
-    return stack, plans
+    return stack, make_plans(stack)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -58,22 +57,17 @@ def cmd_reload_stack(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from .cgroups import detect
     from .client import RUNTIME_ROOT
-    from .plan import HostFacts, init_path, plan_stack
+    from .prepare import make_plans
     from .spec import load_stack
     from .state import clean_stale, instance_name
+    from .volumes import create
 
     stack = _with_env(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
-    facts = HostFacts(init_path(), str(RUNTIME_ROOT / instance))
-    plans = plan_stack(stack, facts)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
-    if any(service.userns for service in stack.services):
-        import dataclasses
-
-        from .subids import userns_range
-
-        plans = plan_stack(stack, dataclasses.replace(facts, userns_range=userns_range()))
+    plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, subids=True)
+    create(stack, plans)
     host = detect()
     limits = _enforceable_limits(stack, host)
     clean_stale()
@@ -111,13 +105,13 @@ def _up_detached(args: argparse.Namespace) -> int:
     import time
 
     from .client import RUNTIME_ROOT, choose_stack, request, running_stacks
-    from .plan import HostFacts, init_path, plan_stack
+    from .prepare import make_plans
     from .spec import load_stack
     from .state import instance_name
 
     stack = _with_env(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
-    plan_stack(stack, HostFacts(init_path(), str(RUNTIME_ROOT / instance)))
+    make_plans(stack, str(RUNTIME_ROOT / instance))  # builds images here, where their output is seen
     if instance in running_stacks():
         raise HostError(f"a stack named {instance!r} is already running", "stop it with sandboxd down -p NAME, or pick another name with -p")
     log = tempfile.TemporaryFile()

@@ -123,6 +123,24 @@ def _host_root_on_tmpfs(root: str) -> None:
             linux.mount(entry.path, path, None, linux.MS_BIND)
 
 
+def _image_root(root: str, rootfs: str) -> None:
+    """The image's tree as the lower layer of an overlay on `root`, the upper layer on a tmpfs of
+    this mount namespace (systemd-nspawn's --volatile=overlay): writes are charged to the
+    sandbox's memory cgroup and vanish with the namespace, with nothing to clean up."""
+    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
+    os.mkdir(f"{root}/upper", 0o755)
+    os.mkdir(f"{root}/work", 0o700)
+    options = f"lowerdir={rootfs},upperdir={root}/upper,workdir={root}/work"
+    linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
+    # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
+    for top in _FRESH_IN_SANDBOX | {"sys"}:
+        path = f"{root}/{top}"
+        if os.path.islink(path):
+            raise OSError(errno.ELOOP, "is a symlink in the image; sandboxd mounts a directory there", f"/{top}")
+        if not os.path.isdir(path):
+            os.mkdir(path, 0o755)
+
+
 def _seal(root: str, pending: bool) -> None:
     """Make a tmpfs-based root and everything bound into it read-only, once its mount points exist."""
     if pending:
@@ -144,6 +162,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
     in_place = mounts[0].kind == "rbind-root" and mounts[0].options == "in-place"
     if in_place:
         root = ""
+    seal_image = mounts[0].kind == "image-root" and mounts[0].readonly
     binds: list[tuple[MountOp, int]] = []
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
     for op in mounts:
@@ -157,6 +176,8 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
                 linux.mount_setattr(root, READONLY)
             case "tmpfs-root":
                 _host_root_on_tmpfs(root)
+            case "image-root":
+                _image_root(root, op.source)
             case "mountpoint":
                 _ensure_mountpoint(target, is_dir=op.options == "dir")
             case "proc":
@@ -208,6 +229,10 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         if op.readonly:
             linux.mount_setattr(target, READONLY)
         os.close(fd)
+    if seal_image:
+        step.name = "make the image's root read-only"
+        # Only the overlay itself: the mounts on it (/tmp, /run, writable binds) keep their flags.
+        linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
     if not in_place:
         step.name = "detach the host's root"
         linux.umount2(OLD_ROOT, linux.MNT_DETACH)
@@ -317,7 +342,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         os.closerange(keep[1] + 1, 1 << 20)
         _confine(plan.seccomp_filter, plan.capabilities, plan.no_new_privs, step, plan.uid, plan.gid)
         _report(channel, {"exec": time.monotonic_ns()})
-        step.name = f"execute {plan.argv[2] if len(plan.argv) > 2 else plan.argv[0]}"
+        step.name = f"execute {plan.argv[plan.argv.index('--') + 1] if '--' in plan.argv else plan.argv[0]}"
         os.execve(init_fd, list(plan.argv), dict(plan.env))
     except OSError as e:
         detail = e.strerror or str(e)

@@ -66,7 +66,7 @@ class Operations(SupervisorBase):
             "uid": rt.plan.uid,
             "gid": rt.plan.gid,
             "env": env,
-            "workdir": rt.spec.workdir,
+            "workdir": rt.plan.workdir,
         }
 
     async def reload_service(self, name: str) -> str:
@@ -106,15 +106,17 @@ class Operations(SupervisorBase):
     async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]:
         """Load, validate and plan the folder again (as `up` does), then apply the difference."""
         from .cli import _enforceable_limits, _with_env
-        from .plan import HostFacts, init_path, plan_stack
+        from .prepare import make_plans
         from .spec import load_stack
+        from .volumes import create
 
         try:
             stack = _with_env(load_stack(Path(folder)), env)
-            plans = plan_stack(stack, HostFacts(init_path(), str(self.runtime_dir)))
+            plans = make_plans(stack, str(self.runtime_dir), echo=False, subids=True)
             limits = _enforceable_limits(stack, self.cgroups.host)
         except SpecErrors as e:
             raise ValueError("the new spec has problems:\n  " + "\n  ".join(str(err) for err in e.errors)) from None
+        create(stack, plans)
         if stack.name != self.stack.name and Path(folder).resolve() != self.stack.folder:
             self.console.note(f"reload from another folder: {folder}")
         return await self.apply(stack, plans, limits)

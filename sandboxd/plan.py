@@ -23,6 +23,7 @@ from .errors import SpecError, SpecErrors
 from .linux import CAPABILITIES, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 
 if TYPE_CHECKING:  # the fork server imports this module and should stay small: no YAML in it
+    from .images import Image
     from .spec import Service, Stack
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -36,7 +37,7 @@ SERVICE_PID_IN_SANDBOX = 2
 TMPFS_DIRS = ("/tmp", "/run")
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
-MountKind = Literal["rbind-root", "tmpfs-root", "mountpoint", "proc", "sysfs", "mask", "readonly", "tmpfs", "dev", "bind"]
+MountKind = Literal["rbind-root", "tmpfs-root", "image-root", "mountpoint", "proc", "sysfs", "mask", "readonly", "tmpfs", "dev", "bind"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class HostFacts:
     init_path: str  # the small init that runs as pid 1 of each sandbox (dumb-init)
     runtime_dir: str = "/run/sandboxd/stack"  # where the stack's generated files (hosts) live
     userns_range: tuple[int, ...] = (100000, 65536)  # host ids for `userns: true` (from /etc/subuid)
+    volumes_dir: str = "/var/lib/sandboxd/volumes"
+    static_init_path: str = ""  # the init of sandboxes on an image: linked statically (tini-static)
+    images: dict[str, Image] = field(default_factory=dict)  # by the spec's `image:` value (a name or a folder)
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,8 @@ def _mount_target_errors(service: Service, target: str, line: int, key: str, exi
     """Check one mount target; returns (errors, top-level directory to create in the root or None)."""
     if target in ("/", "/proc", "/dev", "/sys") or any(_under(target, d) for d in ("/proc", "/dev")):
         return [SpecError(service.file, line, key, f"cannot mount over {target}: sandboxd manages it")], None
-    if any(_under(target, d) for d in TMPFS_DIRS):
-        return [], None
+    if any(_under(target, d) for d in TMPFS_DIRS) or service.image != "host":
+        return [], None  # an image's root is an overlay: mount points are made in its upper layer
     missing = _first_missing(target, exists)
     if missing is None:
         return [], None
@@ -252,52 +256,66 @@ def _mount_target_errors(service: Service, target: str, line: int, key: str, exi
     ], None
 
 
-def _host_path(path: str, binds: list[MountOp]) -> str:
+def _host_path(path: str, binds: list[MountOp], rootfs: str = "") -> str:
     """Where a path inside the sandbox comes from on the host (the deepest bind that covers it)."""
     for bind in sorted(binds, key=lambda b: -len(b.target)):
         if _under(path, bind.target):
             return bind.source + path[len(bind.target) :]
-    return path
+    return rootfs + path
 
 
-def _command_error(service: Service, path_var: str, binds: list[MountOp], exists: Callable[[str], bool]) -> SpecError | None:
+def _command_error(service: Service, argv: tuple[str, ...], workdir: str, path_var: str, binds: list[MountOp], rootfs: str, exists: Callable[[str], bool]) -> SpecError | None:
     """The program must exist in the sandbox: a typo is a validation error, not a restart loop."""
-    program = service.command[0]
+    program = argv[0]
     if "/" in program:
-        candidates = [posixpath.normpath(posixpath.join(service.workdir, program))]
+        candidates = [posixpath.normpath(posixpath.join(workdir, program))]
     else:
         candidates = [posixpath.join(d, program) for d in path_var.split(":") if d.startswith("/")]
-    if any(exists(_host_path(c, binds)) for c in candidates):
+    if any(exists(_host_path(c, binds, rootfs)) for c in candidates):
         return None
     where = f"in PATH ({path_var})" if "/" not in program else "in the sandbox"
-    return SpecError(service.file, service.line, "command", f"program {program!r} not found {where}")
+    image = f" of image '{service.image}'" if rootfs else ""
+    return SpecError(service.file, service.line, "command", f"program {program!r} not found {where}{image}")
 
 
-def _identity(service: Service) -> tuple[int, int, list[SpecError]]:
-    """uid and gid from `user:`/`group:` (numbers, or names looked up in the image's passwd/group)."""
-    import grp
-    import pwd
+def _id_table(path: str) -> dict[str, tuple[int, int]]:
+    """name -> (id, primary group id) from a passwd file; name -> (gid, gid) from a group file."""
+    table: dict[str, tuple[int, int]] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 3 and fields[2].isdigit():
+                    primary = fields[3] if len(fields) >= 4 and fields[3].isdigit() else fields[2]
+                    table.setdefault(fields[0], (int(fields[2]), int(primary)))
+    except OSError:
+        pass
+    return table
 
+
+def _identity(service: Service, rootfs: str, image_user: str = "") -> tuple[int, int, list[SpecError]]:
+    """uid and gid from `user:`/`group:` (numbers, or names looked up in the root's passwd/group);
+    without them, from the image's User (`name`, `uid`, `name:group` or `uid:gid`)."""
+    user, group = service.user, service.group
+    if not user and not group and image_user:
+        user, _, group = image_user.partition(":")
     uid = gid = 0
     errors = []
-    if service.user:
-        if service.user.isdigit():
-            uid = int(service.user)
-            gid = uid
+    where = f"image '{service.image}'" if rootfs else "host"
+    if user:
+        if user.isdigit():
+            uid = gid = int(user)
+        elif (found := _id_table(f"{rootfs}/etc/passwd").get(user)) is not None:
+            uid, gid = found
         else:
-            try:
-                entry = pwd.getpwnam(service.user)
-                uid, gid = entry.pw_uid, entry.pw_gid
-            except KeyError:
-                errors.append(SpecError(service.file, service.line, "user", f"no user '{service.user}' in the image's /etc/passwd; use a name from it or a number"))
-    if service.group:
-        if service.group.isdigit():
-            gid = int(service.group)
+            errors.append(SpecError(service.file, service.line, "user", f"no user '{user}' in the {where}'s /etc/passwd; use a name from it or a number"))
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        elif (found := _id_table(f"{rootfs}/etc/group").get(group)) is not None:
+            gid = found[0]
         else:
-            try:
-                gid = grp.getgrnam(service.group).gr_gid
-            except KeyError:
-                errors.append(SpecError(service.file, service.line, "group", f"no group '{service.group}' in the image's /etc/group; use a name from it or a number"))
+            errors.append(SpecError(service.file, service.line, "group", f"no group '{group}' in the {where}'s /etc/group; use a name from it or a number"))
     return uid, gid, errors
 
 
@@ -323,20 +341,30 @@ def plan_service(
     errors: list[SpecError] = []
     user_mounts: list[MountOp] = []
     new_tops: dict[str, bool] = {}  # top-level directories the root must gain, and whether each is a dir
+    image = facts.images.get(service.image) if service.image != "host" else None
+    if service.image != "host" and image is None:
+        raise SpecErrors([SpecError(service.file, service.line, "image", f"image '{service.image}' is not known")])
+    rootfs = str(image.rootfs) if image else ""
 
-    def add_bind(source: str, target: str, readonly: bool, line: int, key: str) -> None:
-        found, top = _mount_target_errors(service, target, line, key, exists)
+    def in_root(path: str) -> bool:
+        return exists(rootfs + path)
+
+    def add_bind(source: str, target: str, readonly: bool, line: int, key: str, directory: bool = False) -> None:
+        found, top = _mount_target_errors(service, target, line, key, in_root)
         errors.extend(found)
         if top is not None:
-            new_tops[top] = new_tops.get(top, False) or top != target or is_dir(source)
+            new_tops[top] = new_tops.get(top, False) or top != target or directory or is_dir(source)
         user_mounts.append(MountOp("bind", target, source, readonly=readonly))
 
     for index, m in enumerate(service.mounts):
-        add_bind(str(m.source), m.target, m.readonly, m.line, f"mounts[{index}].target")
-    uid, gid, who_errors = _identity(service)
+        if m.volume:
+            add_bind(f"{facts.volumes_dir}/{m.volume}", m.target, m.readonly, m.line, f"mounts[{index}].target", directory=True)
+        else:
+            add_bind(str(m.source), m.target, m.readonly, m.line, f"mounts[{index}].target")
+    uid, gid, who_errors = _identity(service, rootfs, image.config.user if image else "")
     errors.extend(who_errors)
     for index, target in enumerate(service.tmpfs):
-        found, top = _mount_target_errors(service, target, service.line, f"tmpfs[{index}]", exists)
+        found, top = _mount_target_errors(service, target, service.line, f"tmpfs[{index}]", in_root)
         errors.extend(found)
         if top is not None:
             new_tops[top] = True
@@ -348,7 +376,11 @@ def plan_service(
     if errors:
         raise SpecErrors(errors)
     mounts: list[MountOp] = []
-    if new_tops:
+    if image is not None:
+        # The image's tree as the read-only lower layer of an overlay whose upper layer is a tmpfs
+        # of this sandbox's own: writes vanish with it; with readonly_root the overlay is sealed.
+        mounts.append(MountOp("image-root", "/", rootfs, readonly=service.readonly_root))
+    elif new_tops:
         # The host's root has no place for these targets: build the root on a tmpfs instead, with
         # the host's top-level entries bound into it read-only, and the new mount points beside them.
         mounts.append(MountOp("tmpfs-root", "/", "/", readonly=True))
@@ -375,17 +407,27 @@ def plan_service(
     fd_names: list[str] = []
     fd_sockets: list[tuple[str, int]] = []
     for sock in stack.sockets_of(service.name):
+        if sock.proxy is not None:
+            continue  # served by sandboxd's proxy, not handed to the program
         for index, _ in enumerate(sock.listen):
             fd_names.append(sock.fdname)
             fd_sockets.append((sock.name, index))
 
     env: dict[str, str] = {"PATH": DEFAULT_PATH}
+    if image is not None:
+        env.update(dict(image.config.env))
     env.update(dict(service.environment))
+    argv = service.command
+    if image is not None:  # as docker: command replaces the image's Cmd; its Entrypoint stays
+        argv = image.config.entrypoint + (service.command or image.config.cmd)
+    if not argv:
+        raise SpecErrors([SpecError(service.file, service.line, "command", f"image '{service.image}' has no Entrypoint or Cmd; give the program to run with command:")])
+    workdir = service.workdir or (image.config.workdir if image else "") or "/"
     if service.userns and net == "join":
         raise SpecErrors(
             [SpecError(service.file, service.line, "userns", "userns: true does not work with networks or sockets bound in the service's namespace yet")]
         )
-    command_error = _command_error(service, env["PATH"], user_mounts, exists)
+    command_error = _command_error(service, argv, workdir, env["PATH"], user_mounts, rootfs, exists)
     if command_error:
         raise SpecErrors([command_error])
     if uses_notify(service):
@@ -400,11 +442,12 @@ def plan_service(
 
     return LaunchPlan(
         service=service.name,
-        # "--" ends dumb-init's own options, so a command may start with "-".
-        argv=(facts.init_path, "--", *service.command),
+        # "--" ends the init's own options, so a command may start with "-". tini's -g forwards
+        # signals to the service's process group, as dumb-init does by default.
+        argv=(facts.init_path, "--", *argv) if image is None else (facts.static_init_path, "-g", "--", *argv),
         env=tuple(env.items()),
         hostname=service.hostname,
-        workdir=service.workdir,
+        workdir=workdir,
         clone_flags=CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (CLONE_NEWNET if net in ("private", "none") else 0),
         mounts=tuple(mounts),
         fd_names=tuple(fd_names),
@@ -453,3 +496,16 @@ def init_path() -> str:
     from .errors import HostError
 
     raise HostError("dumb-init, the init sandboxd runs as pid 1 of each sandbox, is not installed", "pip install dumb-init")
+
+
+def static_init_path() -> str:
+    """The init of sandboxes on an image. The image has its own C library or none, so the init
+    must need none: dumb-init's wheel links glibc dynamically; Debian's tini-static does not."""
+    import shutil
+
+    found = shutil.which("tini-static") or ("/usr/bin/tini-static" if os.path.exists("/usr/bin/tini-static") else None)
+    if found:
+        return found
+    from .errors import HostError
+
+    raise HostError("services with image: need a statically linked init (tini-static), which is not installed", "apt-get install tini")

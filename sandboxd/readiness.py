@@ -133,7 +133,7 @@ class Readiness(SupervisorBase):
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.commands[launch_id] = done
         channel = self.fork_server.send_exec(
-            launch_id, rt.pid, str(rt.cgroup.path), argv, command_env(rt), rt.spec.workdir,
+            launch_id, rt.pid, str(rt.cgroup.path), argv, command_env(rt), rt.plan.workdir,
             rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, output_fd, rt.cgroup.extra_procs_files,
         )
         try:

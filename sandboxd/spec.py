@@ -139,10 +139,11 @@ def parse_duration(value: object) -> float:
 
 @dataclass(frozen=True)
 class Mount:
-    source: Path
+    source: Path | None  # a host path; None for a volume
     target: str
     readonly: bool
     line: int
+    volume: str = ""  # a `kind: volume` unit's name, instead of source
 
 
 @dataclass(frozen=True)
@@ -214,9 +215,9 @@ class Service:
     name: str
     file: Path
     line: int
-    command: tuple[str, ...]
+    command: tuple[str, ...]  # () = the image's (Entrypoint and Cmd)
     environment: tuple[tuple[str, str], ...]
-    workdir: str
+    workdir: str  # "" = the image's WorkingDir, or /
     hostname: str
     restart: Restart
     restart_delay: float
@@ -248,6 +249,7 @@ class Service:
     user: str  # a name (looked up in the image) or a number; "" = root
     group: str
     tmpfs: tuple[str, ...]
+    image: str  # "host", an absolute path to a root file system folder, or an image name
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -268,7 +270,17 @@ class Socket:
     netns: str  # "host", or the service in whose network namespace sandboxd binds it
     accept: bool  # one sandbox of the service per accepted connection (systemd's Accept=yes)
     max_connections: int
+    proxy: Address | None  # forward each connection to this address inside the service's sandbox
 
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A named directory that outlives the stack: /var/lib/sandboxd/volumes/NAME until `volume rm`."""
+
+    name: str
+    file: Path
+    line: int
 
 
 @dataclass(frozen=True)
@@ -278,6 +290,7 @@ class Stack:
     services: tuple[Service, ...]
     sockets: tuple[Socket, ...]
     networks: tuple[Network, ...] = ()
+    volumes: tuple[Volume, ...] = ()
 
     def network(self, name: str) -> Network:
         for network in self.networks:
@@ -530,17 +543,24 @@ def _with_defaults(values: dict[str, Any], table: Mapping[str, _Key], name: str)
 
 
 _MOUNT_KEYS = {
-    "source": _Key(_source, _Required("a path on the host, absolute or relative to the spec folder")),
+    "source": _Key(_source, None),
+    "volume": _Key(_name, ""),
     "target": _Key(_absolute, _Required("an absolute path inside the sandbox")),
-    "readonly": _Key(_boolean, True),
+    "readonly": _Key(_boolean, None),
 }
 
 
 def _mount(node: Node, folder: Path) -> Mount:
-    values, problems = _read_keys(node, _MOUNT_KEYS, folder, "a mapping with source, target and readonly")
+    values, problems = _read_keys(node, _MOUNT_KEYS, folder, "a mapping with source (or volume), target and readonly")
+    if ("source" in values) == ("volume" in values) and not any(key in (".source", ".volume") for _, key, _ in problems):
+        given = "both" if "source" in values else "neither"
+        problems.append((node, ".source", f"expected either source (a host path) or volume (a volume's name), got {given}"))
     if problems:
         raise _Invalid(*problems)
-    return Mount(line=_line(node), **_with_defaults(values, _MOUNT_KEYS, ""))
+    values = _with_defaults(values, _MOUNT_KEYS, "")
+    if values["readonly"] is None:  # a volume is for data that is written; a host path is read-only unless asked
+        values["readonly"] = not values["volume"]
+    return Mount(line=_line(node), **values)
 
 
 def _ip(text: str) -> str:
@@ -730,6 +750,28 @@ _internal = _checked(
 )
 
 
+def _image(node: Node, folder: Path) -> str:
+    """host, a root file system folder (absolute, or ./ ../ relative to the spec folder), or an image name."""
+    text = _text(node, folder)
+    if text == "host" or (_NAME.fullmatch(text) and "/" not in text):
+        return text
+    if text.startswith(("/", "./", "../")):
+        path = Path(os.path.normpath(folder / text))
+        if not path.is_dir():
+            raise _fail(node, f"image folder '{text}' does not exist (looked for {path})")
+        return str(path)
+    raise _fail(node, f"expected host, a folder (/path, ./path) or an image name of {_NAME_RULE}, got '{text}'")
+
+
+def _proxy_target(node: Node, folder: Path) -> Address:
+    address = _address(node, folder)
+    if address.socktype != socket.SOCK_STREAM:
+        raise _fail(node, f"expected a stream address to forward to (tcp: or unix:), got {address}")
+    if address.is_inet and address.port == 0:
+        raise _fail(node, "expected the port the program listens on, got 0")
+    return address  # type: ignore[no-any-return]
+
+
 def _listen(node: Node, folder: Path) -> tuple[Address, ...]:
     if addresses := _list(_address, "an address or a list of addresses", single=True)(node, folder):
         return addresses
@@ -737,9 +779,9 @@ def _listen(node: Node, folder: Path) -> tuple[Address, ...]:
 
 
 _SERVICE_KEYS = {
-    "command": _Key(_command, _Required("the program to run, as a list of strings or a string")),
+    "command": _Key(_command, ()),
     "environment": _Key(_environment, ()),
-    "workdir": _Key(_absolute, "/"),
+    "workdir": _Key(_absolute, ""),
     "hostname": _Key(_hostname, _UNIT_NAME),
     "restart": _Key(_restart, "on-failure"),
     "restart_delay": _Key(_scalar(parse_duration), 0.1),
@@ -765,13 +807,8 @@ _SERVICE_KEYS = {
     "limits_optional": _Key(_boolean, False),
     "seccomp": _Key(lambda node, folder: _seccomp(node, folder), "default"),
     "userns": _Key(_boolean, False),
-    "readonly_root": _Key(
-        _checked(
-            lambda v: v is True,
-            "true (a writable root needs an image with an overlay layer, which images will bring; use tmpfs: or mounts: for what must be written)",
-        ),
-        True,
-    ),
+    "readonly_root": _Key(_boolean, True),
+    "image": _Key(_image, "host"),
     "user": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a user name or a uid", str), ""),
     "group": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a group name or a gid", str), ""),
     "tmpfs": _Key(lambda node, folder: _list(_absolute, "an absolute path or a list of them", single=True)(node, folder), ()),
@@ -789,14 +826,16 @@ _SOCKET_KEYS = {
 }
 _SOCKET_KEYS["accept"] = _Key(_boolean, False)
 _SOCKET_KEYS["max_connections"] = _Key(_checked(lambda v: _is_int(v) and 1 <= v <= 65536, "a whole number from 1 to 65536"), 64)
+_SOCKET_KEYS["proxy"] = _Key(_proxy_target, None)
 _NETWORK_KEYS = {
     "subnet": _Key(_subnets, ()),
     "internal": _Key(_internal, True),
 }
-_KINDS: dict[str, tuple[type[Service | Socket | Network], dict[str, _Key]]] = {
+_KINDS: dict[str, tuple[type[Service | Socket | Network | Volume], dict[str, _Key]]] = {
     "service": (Service, _SERVICE_KEYS),
     "socket": (Socket, _SOCKET_KEYS),
     "network": (Network, _NETWORK_KEYS),
+    "volume": (Volume, {}),
 }
 
 
@@ -811,7 +850,7 @@ class _Found:
     name: str | None
     file: Path
     lines: dict[str, int]  # key path ("listen[1]") -> line; "" -> the document's line
-    unit: Service | Socket | Network | None
+    unit: Service | Socket | Network | Volume | None
 
     def key(self, key: str, index: int) -> str:
         return f"{key}[{index}]" if f"{key}[{index}]" in self.lines else key
@@ -832,6 +871,7 @@ def load_stack(folder: Path) -> Stack:
         errors += _load_file(file, found)
     errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
     errors += _bad_networks(found) + _bad_netns(found) + _bad_activation(found) + _bad_dependencies(found)
+    errors += _bad_volumes(found) + _bad_proxies(found) + _bad_roots(found)
     if not found and not errors:
         errors.append(SpecError(root, 0, "", "no units in this folder: every spec file is empty"))
     if errors:
@@ -839,7 +879,8 @@ def load_stack(folder: Path) -> Stack:
     units = sorted((f.unit for f in found if f.unit is not None), key=lambda unit: unit.name)
     services = tuple(unit for unit in units if isinstance(unit, Service))
     sockets = tuple(unit for unit in units if isinstance(unit, Socket))
-    return Stack(root, root.name, services, sockets, tuple(unit for unit in units if isinstance(unit, Network)))
+    networks = tuple(unit for unit in units if isinstance(unit, Network))
+    return Stack(root, root.name, services, sockets, networks, tuple(unit for unit in units if isinstance(unit, Volume)))
 
 
 def _spec_files(folder: Path) -> list[Path]:
@@ -885,9 +926,9 @@ def _load_file(file: Path, found: list[_Found]) -> list[SpecError]:
 
 
 def _kind(node: Node) -> str:
-    expected = "expected one of: service, socket, network"
+    expected = "expected one of: service, socket, network, volume"
     if not isinstance(node, MappingNode):
-        raise _fail(node, f"expected a unit, a mapping with 'kind: service', 'kind: socket' or 'kind: network', got {_describe(_value(node))}")
+        raise _fail(node, f"expected a unit, a mapping with 'kind: service', 'kind: socket', 'kind: network' or 'kind: volume', got {_describe(_value(node))}")
     for key_node, value_node in node.value:
         if key_node.value == "kind":
             if isinstance(kind := _value(value_node), str) and kind in _KINDS:
@@ -905,6 +946,8 @@ def _load_unit(node: MappingNode, kind: str, file: Path, count: int, found: list
         default_name = _Required(f"a name, since the file name '{file.stem}' is not a valid one")
     table = {"kind": _Key(lambda node, folder: kind, kind), "name": _Key(_name, default_name), **keys}
     values, problems = _read_keys(node, table, file.parent, "a mapping")
+    if kind == "service" and "command" not in values and values.get("image", "host") == "host" and "command" not in {str(k.value) for k, _ in node.value}:
+        problems.append((node, ".command", "missing key 'command'; expected the program to run, as a list of strings or a string"))
     name = values.get("name", default_name)
     name = name if isinstance(name, str) else None
     unit = None
@@ -1184,3 +1227,42 @@ def _find_cycle(graph: dict[str, list[str]], start: str) -> list[str] | None:
 
     cycle = visit(start)
     return cycle if cycle and cycle[0] == start else None
+
+
+def _bad_volumes(found: list[_Found]) -> list[SpecError]:
+    volumes = _first_of_each(found, "volume")
+    errors = []
+    for unit in found:
+        if isinstance(unit.unit, Service):
+            for index, mount in enumerate(unit.unit.mounts):
+                if mount.volume and mount.volume not in volumes:
+                    errors.append(unit.error(unit.key("mounts", index), f"no volume '{mount.volume}'{_suggest(mount.volume, volumes, 'volumes')}; declare it with kind: volume"))
+    return errors
+
+
+def _bad_proxies(found: list[_Found]) -> list[SpecError]:
+    """A proxied socket is served by sandboxd's forwarder, never handed to the program itself."""
+    errors = []
+    for unit in found:
+        sock = unit.unit
+        if not isinstance(sock, Socket) or sock.proxy is None:
+            continue
+        if sock.accept:
+            errors.append(unit.error("proxy", "proxy: and accept: true exclude each other: the proxy accepts the connections itself"))
+        for index, address in enumerate(sock.listen):
+            if address.socktype != socket.SOCK_STREAM:
+                errors.append(unit.error(unit.key("listen", index), f"{address} is not a stream socket; a proxy forwards tcp: or unix: connections"))
+    return errors
+
+
+def _bad_roots(found: list[_Found]) -> list[SpecError]:
+    errors = []
+    for unit in found:
+        service = unit.unit
+        if not isinstance(service, Service):
+            continue
+        if not service.readonly_root and service.image == "host":
+            errors.append(unit.error("readonly_root", "a writable root needs an image (image: NAME or a folder): the host's root stays read-only; use tmpfs: or mounts: for what must be written"))
+        if service.userns and service.image != "host":
+            errors.append(unit.error("userns", "userns: true does not work with image: yet (the image's files are owned by ids outside the namespace)"))
+    return errors

@@ -51,7 +51,7 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
         {"web.yaml": "kind: socket\nlisten: unix:/run/web.sock\nfrobnicate: 1\n"},
         (
             "web.yaml:3: frobnicate: unknown key 'frobnicate'; expected one of: "
-            "kind, name, service, listen, fdname, backlog, mode, reuseport, netns, accept, max_connections"
+            "kind, name, service, listen, fdname, backlog, mode, reuseport, netns, accept, max_connections, proxy"
         ),
     ),
     (
@@ -271,23 +271,23 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
     ),
     (
         "unknown kind",
-        {"app.yaml": SERVICE + "---\nkind: volume\n"},
-        "app.yaml:5: kind: unknown kind 'volume'; expected one of: service, socket, network",
+        {"app.yaml": SERVICE + "---\nkind: timer\n"},
+        "app.yaml:5: kind: unknown kind 'timer'; expected one of: service, socket, network, volume",
     ),
     (
         "kind that is not a string",
         {"app.yaml": "kind: [service]\ncommand: [app]\n"},
-        "app.yaml:1: kind: unknown kind a list; expected one of: service, socket, network",
+        "app.yaml:1: kind: unknown kind a list; expected one of: service, socket, network, volume",
     ),
     (
         "missing kind",
         {"app.yaml": "name: app\ncommand: [app]\n"},
-        "app.yaml:1: kind: missing key 'kind'; expected one of: service, socket, network",
+        "app.yaml:1: kind: missing key 'kind'; expected one of: service, socket, network, volume",
     ),
     (
         "document that is not a mapping",
         {"app.yaml": "- kind: service\n"},
-        "app.yaml:1: expected a unit, a mapping with 'kind: service', 'kind: socket' or 'kind: network', got a list",
+        "app.yaml:1: expected a unit, a mapping with 'kind: service', 'kind: socket', 'kind: network' or 'kind: volume', got a list",
     ),
     (
         "invalid YAML",
@@ -434,7 +434,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             line=1,
             command=("api",),
             environment=(),
-            workdir="/",
+            workdir="",
             hostname="api",
             restart="on-failure",
             restart_delay=0.1,
@@ -466,6 +466,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             user="",
             group="",
             tmpfs=(),
+            image="host",
         ),
     )
     assert stack.sockets == (
@@ -482,6 +483,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             netns="host",
             accept=False,
             max_connections=64,
+            proxy=None,
         ),
     )
 

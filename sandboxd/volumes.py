@@ -1,0 +1,67 @@
+"""Named volumes: directories under /var/lib/sandboxd/volumes that outlive the stacks using them.
+
+A `kind: volume` unit names one; the first `up` that mounts it creates it, owned by the user of the
+first service (by name) that mounts it read-write, so a server that runs as its own user (postgres,
+redis) can write its data there. Volumes are host-wide by name, as podman's are: two stacks that
+name the same volume share it. Only `sandboxd volume rm` removes one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .images import state_dir
+
+if TYPE_CHECKING:
+    from .plan import LaunchPlan
+    from .spec import Stack
+
+
+def volumes_dir() -> Path:
+    return state_dir() / "volumes"
+
+
+def owners(stack: Stack, plans: dict[str, LaunchPlan]) -> dict[str, tuple[int, int]]:
+    """Each volume of the stack and the uid/gid a new directory for it gets."""
+    found: dict[str, tuple[int, int]] = {}
+    for service in stack.services:  # sorted by name
+        for mount in service.mounts:
+            if mount.volume and not mount.readonly and service.name in plans:
+                found.setdefault(mount.volume, (plans[service.name].uid, plans[service.name].gid))
+    return {volume.name: found.get(volume.name, (0, 0)) for volume in stack.volumes}
+
+
+def create(stack: Stack, plans: dict[str, LaunchPlan]) -> list[str]:
+    """Make the volumes that do not exist yet; returns their names."""
+    made = []
+    for name, (uid, gid) in owners(stack, plans).items():
+        path = volumes_dir() / name
+        if path.is_dir():
+            continue
+        volumes_dir().mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o755)
+        os.chown(path, uid, gid)
+        made.append(name)
+    return made
+
+
+def list_volumes() -> list[tuple[str, int]]:
+    """(name, bytes used) of every volume."""
+    from .images import size_of
+
+    try:
+        paths = sorted(p for p in volumes_dir().iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+    return [(p.name, size_of(p)) for p in paths]
+
+
+def remove(name: str) -> bool:
+    path = volumes_dir() / name
+    if not path.is_dir() or "/" in name or name.startswith("."):
+        return False
+    shutil.rmtree(path)
+    return True

@@ -28,7 +28,7 @@ class Activation(SupervisorBase):
         if rt.watching or self.stopping:
             return
         loop = asyncio.get_running_loop()
-        for key in rt.plan.fd_sockets:
+        for key in rt.plan.fd_sockets + rt.plan.proxied:
             if rt.per_connection:
                 loop.add_reader(self.sockets[key].sock, self._on_accept, rt, key)
             else:
@@ -38,7 +38,7 @@ class Activation(SupervisorBase):
     def _unwatch(self, rt: ServiceRuntime) -> None:
         if rt.watching:
             loop = asyncio.get_running_loop()
-            for key in rt.plan.fd_sockets:
+            for key in rt.plan.fd_sockets + rt.plan.proxied:
                 loop.remove_reader(self.sockets[key].sock)
             rt.watching = False
 
@@ -158,7 +158,7 @@ class Activation(SupervisorBase):
             return
         now = time.monotonic()
         usage = rt.cgroup.cpu_usage_usec()
-        listening = [self.sockets[key].sock for key in rt.plan.fd_sockets]
+        listening = [self.sockets[key].sock for key in rt.plan.fd_sockets + rt.plan.proxied]
         pending = bool(select.select(listening, [], [], 0)[0])
         if pending or usage != rt.last_usage or rt.cgroup.holds_sockets_besides(listening):
             rt.last_activity, rt.last_usage = now, usage

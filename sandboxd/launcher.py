@@ -422,6 +422,50 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
         os._exit(EXIT_UNEXPECTED)
 
 
+def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int]) -> NoReturn:
+    """In a child born in the service's cgroup: start the proxy (see proxy.py) in the sandbox's pid
+    and network namespaces, with the bound sockets as fds 3.., and exit with its status.
+
+    The host's mount namespace stays (the proxy's binary and libraries are the host's, not an
+    image's); pid namespace membership makes it die with the sandbox's init.
+    """
+    step = _Step()
+    channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds)))
+    os.close(status_fd)
+    try:
+        step.name = "reset signals"
+        _reset_signals()
+        target = int(request["proxy_into"])
+        step.name = "join cgroups"
+        for procs in request.get("cgroup_procs", ()):
+            with open(procs, "w") as f:
+                f.write("0")
+        step.name = f"join the network and pid namespaces of pid {target}"
+        for name in ("net", "pid"):
+            fd = os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            linux.setns(fd, 0)
+            os.close(fd)
+        _report(channel, {"exec": time.monotonic_ns()})
+        pid = os.fork()
+        if pid == 0:
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            _place_fds(output_fd, socket_fds)
+            os.closerange(3 + len(socket_fds), 1 << 20)
+            env = {"LISTEN_FDS": str(len(socket_fds)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+            uid = int(request.get("uid", 0))
+            _confine("", tuple(request.get("capabilities", ())), True, _Step(), uid, uid)
+            argv = request["argv"]
+            os.execve(argv[0], argv, env)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    except OSError as e:
+        _report(channel, {"error": step.name, "detail": e.strerror or str(e)})
+        os._exit(EXIT_SETUP_FAILED)
+    except BaseException as e:  # noqa: BLE001
+        _report(channel, {"error": step.name, "detail": repr(e)})
+        os._exit(EXIT_UNEXPECTED)
+
+
 # ───────────────────────────── the fork server ─────────────────────────────
 
 
@@ -489,6 +533,10 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
             pid = linux.fork_into_cgroup(cgroup_fd)
             if pid == 0:
                 run_in_sandbox(request, status_fd, output_fd)
+        elif "proxy_into" in request:
+            pid = linux.fork_into_cgroup(cgroup_fd)
+            if pid == 0:
+                run_proxy(request, status_fd, output_fd, socket_fds)
         else:
             pid = _fork_sandbox_init(cgroup_fd, own_pidns)
         if pid == 0:
@@ -699,6 +747,37 @@ class ForkServer:
         finally:
             theirs.close()
             os.close(null)
+        ours.setblocking(False)
+        return ours
+
+    def send_proxy(
+        self,
+        launch_id: int,
+        init_pid: int,
+        cgroup: str,
+        cgroup_procs: tuple[str, ...],
+        argv: list[str],
+        socket_fds: list[int],
+        output_fd: int,
+        capabilities: tuple[int, ...],
+        uid: int,
+    ) -> socket.socket:
+        """Start a proxy in a running sandbox's cgroup, pid and network namespaces (see proxy.py)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        request = {
+            "id": launch_id,
+            "proxy_into": init_pid,
+            "cgroup": cgroup,
+            "cgroup_procs": list(cgroup_procs),
+            "argv": argv,
+            "capabilities": list(capabilities),
+            "uid": uid,
+        }
+        try:
+            socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd, *socket_fds])
+        finally:
+            theirs.close()
         ours.setblocking(False)
         return ours
 

@@ -160,9 +160,12 @@ class Operations(SupervisorBase):
 
 def _status_of(sup: Operations, rt: ServiceRuntime) -> dict[str, object]:
     sockets = []
-    for key in rt.plan.fd_sockets:
+    for key in rt.plan.fd_sockets + rt.plan.proxied:
         unit = next(s for s in sup.stack.sockets if s.name == key[0])
-        sockets.append({"socket": unit.name, "address": sup.sockets[key].real_address(), "fdname": unit.fdname, "netns": unit.netns})
+        entry = {"socket": unit.name, "address": sup.sockets[key].real_address(), "fdname": unit.fdname, "netns": unit.netns}
+        if unit.proxy is not None:
+            entry["proxy"] = str(unit.proxy)
+        sockets.append(entry)
     stats = rt.cgroup.stats()
     alive = rt.state in (State.RUNNING, State.READY, State.RELOADING, State.STOPPING)
     return {

@@ -67,6 +67,7 @@ class LaunchPlan:
     mounts: tuple[MountOp, ...]
     fd_names: tuple[str, ...]
     fd_sockets: tuple[tuple[str, int], ...] = field(default=())  # (socket unit, listen index) per fd
+    proxied: tuple[tuple[str, int], ...] = ()  # sockets served by sandboxd's proxy (not passed as fds)
     # private: a fresh namespace with lo up; none: fresh, lo down; host: the host's; join: the
     # namespace sandboxd made for this service before it started (networks, sockets bound inside).
     net: NetMode = "private"
@@ -93,6 +94,7 @@ class LaunchPlan:
             mounts=tuple(MountOp(**m) for m in data["mounts"]),
             fd_names=tuple(data["fd_names"]),
             fd_sockets=tuple((s, i) for s, i in data["fd_sockets"]),
+            proxied=tuple((s, i) for s, i in data["proxied"]),
             net=data["net"],
             per_connection=data["per_connection"],
             capabilities=tuple(data["capabilities"]),
@@ -406,9 +408,11 @@ def plan_service(
 
     fd_names: list[str] = []
     fd_sockets: list[tuple[str, int]] = []
+    proxied: list[tuple[str, int]] = []
     for sock in stack.sockets_of(service.name):
-        if sock.proxy is not None:
-            continue  # served by sandboxd's proxy, not handed to the program
+        if sock.proxy is not None:  # served by sandboxd's proxy, not handed to the program
+            proxied += [(sock.name, index) for index in range(len(sock.listen))]
+            continue
         for index, _ in enumerate(sock.listen):
             fd_names.append(sock.fdname)
             fd_sockets.append((sock.name, index))
@@ -452,6 +456,7 @@ def plan_service(
         mounts=tuple(mounts),
         fd_names=tuple(fd_names),
         fd_sockets=tuple(fd_sockets),
+        proxied=tuple(proxied),
         net=net,
         per_connection=any(sock.accept for sock in stack.sockets_of(service.name)),
         capabilities=tuple(sorted(CAPABILITIES[name] for name in service.capabilities)),

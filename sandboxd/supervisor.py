@@ -51,6 +51,7 @@ from .logs import LogFiles
 from .notify import NotifySocket
 from .operations import Operations
 from .plan import LaunchPlan, NetworkPlan, uses_notify
+from .proxy import Proxies
 from .readiness import Readiness
 from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
 from .runtime import ALIVE, FINAL, Instance, ServiceRuntime, State
@@ -61,7 +62,7 @@ from .state import StateRecord
 if TYPE_CHECKING:
     from .network import Namespaces
 
-class Supervisor(Readiness, Activation, Operations):
+class Supervisor(Readiness, Activation, Operations, Proxies):
     def __init__(
         self,
         stack: Stack,
@@ -356,6 +357,7 @@ class Supervisor(Readiness, Activation, Operations):
                     waiting = {"notify": " (waiting for READY=1)", "started": ""}.get(str(rt.spec.ready), " (waiting for its health check)")
                     self._transition(rt, State.RUNNING, f"pid {rt.pid}{waiting}")
                     self._arm_timers(rt)
+                    self._start_proxies(rt)
                     rt.settled.set()
                 elif rt.state is State.STOPPING and rt.pid and rt.launch_error is None:
                     self._send_stop_signal(rt)
@@ -638,6 +640,8 @@ class Supervisor(Readiness, Activation, Operations):
                 sock_unit = next(s for s in self.stack.sockets if s.name == key[0])
                 inside = f" in {sock_unit.netns if sock_unit.netns != 'service' else rt.spec.name}'s namespace" if sock_unit.netns != "host" else ""
                 socks.append(f"{self.sockets[key].real_address()}{inside} (fd {fd} {rt.plan.fd_names[fd - 3]})")
+            for key in rt.plan.proxied:
+                socks.append(f"{self.sockets[key].real_address()} (forwarded to {next(s for s in self.stack.sockets if s.name == key[0]).proxy})")
             uses = [f"uses {name}" for name in rt.spec.uses]
             where = f"pid {rt.pid}" if rt.state in (State.RUNNING, State.READY) else rt.state.value
             if rt.state is State.RUNNING and rt.spec.ready != "started":

@@ -1,0 +1,160 @@
+"""Forward connections to programs that know nothing of socket activation (redis, nginx, PostgreSQL).
+
+sandboxd binds a `proxy:` socket like any other, before any service starts, but does not hand it
+to the program: the program binds its own address inside its sandbox. Once that address listens,
+sandboxd starts systemd-socket-proxyd inside the sandbox (its cgroup, its pid and network
+namespaces) with the bound socket as fd 3, and the proxy connects each accepted connection to the
+program's address. Clients that come earlier wait in the kernel's accept queue of the bound
+socket; none is refused while the program starts.
+
+Why systemd-socket-proxyd and not a proxy in the supervisor's event loop: it is a small, maintained
+C program made for exactly this, moving bytes with splice(2) between pipes and sockets, so the
+cost per request is a few system calls and no copy through Python; the supervisor's loop stays free
+for supervision. Running it inside the sandbox puts its CPU and memory on the service's account,
+and it dies with the sandbox (pid namespace) with nothing to track. It runs with the host's file
+system (the binary is not in an image) and no capabilities, as nobody for tcp targets; a unix
+target is reached through /proc/PID/root of the sandbox's init, which needs root's ptrace and
+file access checks, so then it keeps CAP_DAC_OVERRIDE and CAP_SYS_PTRACE only.
+
+Why wait for the program to listen instead of retrying connections: systemd-socket-proxyd drops a
+client whose connection to the target is refused. Whether the target listens is read from
+/proc/PID/net/{tcp,tcp6,unix} of the sandbox's init, which shows the sandbox's own network
+namespace, so no probe connection ever reaches the program (PostgreSQL would log each one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shutil
+from pathlib import Path
+
+from .errors import HostError
+from .linux import CAPABILITIES
+from .runtime import ALIVE, ServiceRuntime, SupervisorBase
+from .spec import Address, Socket
+
+_CANDIDATES = ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd")
+TCP_LISTEN = "0A"
+UNIX_LISTENING = 1 << 16  # __SO_ACCEPTCON in the Flags column of /proc/net/unix
+POLL_FIRST = 0.005  # seconds between looks while the program starts; growing to POLL_MAX
+POLL_MAX = 0.1
+NOBODY = 65534
+
+
+def proxy_binary() -> str:
+    for path in _CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which("systemd-socket-proxyd")
+    if found:
+        return found
+    raise HostError("sockets with proxy: need systemd-socket-proxyd, which is not installed", "apt-get install systemd (it ships the proxy)")
+
+
+def _hex(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """How /proc/net/tcp{,6} writes an address: host byte order within each 32-bit word."""
+    packed = ip.packed
+    return "".join(packed[i : i + 4][::-1].hex().upper() for i in range(0, len(packed), 4))
+
+
+def _listen_forms(host: str, port: int) -> dict[str, set[str]]:
+    """The local addresses, per table, of a listening socket that accepts connections to host:port:
+    the address itself, or any address (0.0.0.0, ::); for IPv4 also a dual-stack IPv6 socket."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+        v4 = {_hex(ip), _hex(ipaddress.IPv4Address(0))}
+        v6 = {_hex(mapped), _hex(ipaddress.IPv6Address(0))}
+        return {"tcp": {f"{a}:{port:04X}" for a in v4}, "tcp6": {f"{a}:{port:04X}" for a in v6}}
+    return {"tcp6": {f"{a}:{port:04X}" for a in {_hex(ip), _hex(ipaddress.IPv6Address(0))}}}
+
+
+def listening(pid: int, target: Address) -> bool:
+    """Whether `target` listens in the network namespace of process `pid`. Raises OSError once the
+    process is gone."""
+    if target.path is not None:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == target.path and int(fields[3], 16) & UNIX_LISTENING:
+                    return True
+        return False
+    assert target.host is not None and target.port is not None
+    for table, wanted in _listen_forms(target.host, target.port).items():
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == TCP_LISTEN and fields[1] in wanted:
+                        return True
+        except FileNotFoundError:
+            if not Path(f"/proc/{pid}").exists():
+                raise
+    return False
+
+
+def proxy_target(target: Address, init_pid: int) -> str:
+    """The address as systemd-socket-proxyd reads it, seen from the host's file system."""
+    if target.path is not None:
+        if target.is_abstract:
+            return target.path
+        return f"/proc/{init_pid}/root{target.path}"
+    host = f"[{target.host}]" if ":" in str(target.host) else str(target.host)
+    return f"{host}:{target.port}"
+
+
+class Proxies(SupervisorBase):
+    """Starts, for each running sandbox, one proxy per `proxy:` socket of its service."""
+
+    def _start_proxies(self, rt: ServiceRuntime) -> None:
+        for sock in self.stack.sockets_of(rt.spec.name):
+            if sock.proxy is not None:
+                asyncio.ensure_future(self._proxy_while_running(rt, sock, rt.launch_id))
+
+    def _same_sandbox(self, rt: ServiceRuntime, launch_id: int) -> bool:
+        return rt.launch_id == launch_id and rt.state in ALIVE and not self.stopping and rt.pid > 0
+
+    async def _proxy_while_running(self, rt: ServiceRuntime, sock: Socket, launch_id: int) -> None:
+        assert sock.proxy is not None
+        pid = rt.pid
+        delay = POLL_FIRST
+        while self._same_sandbox(rt, launch_id):
+            try:
+                if not listening(pid, sock.proxy):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 1.5, POLL_MAX)
+                    continue
+            except OSError:
+                return  # the sandbox is gone
+            self.console.note(f"{rt.spec.name}: {sock.proxy} listens; socket {sock.name} is forwarded to it")
+            status = await self._run_proxy(rt, sock, pid)
+            if not self._same_sandbox(rt, launch_id):
+                return
+            self.console.note(f"{rt.spec.name}: the proxy of socket {sock.name} ended (wait status {status}); starting it again")
+            await asyncio.sleep(POLL_MAX)
+            delay = POLL_FIRST
+
+    async def _run_proxy(self, rt: ServiceRuntime, sock: Socket, pid: int) -> int:
+        assert self.fork_server is not None and sock.proxy is not None
+        unix = sock.proxy.path is not None
+        argv = [proxy_binary(), f"--connections-max={sock.max_connections}", proxy_target(sock.proxy, pid)]
+        fds = [self.sockets[(sock.name, index)].sock.fileno() for index in range(len(sock.listen))]
+        caps = tuple(sorted(CAPABILITIES[name] for name in ("DAC_OVERRIDE", "SYS_PTRACE"))) if unix else ()
+        launch_id = self.fork_server.next_id()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.commands[launch_id] = done
+        channel = self.fork_server.send_proxy(
+            launch_id, pid, str(rt.cgroup.path), rt.cgroup.extra_procs_files, argv, fds, rt.output_w, caps, 0 if unix else NOBODY
+        )
+        try:
+            return await done
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self.commands.pop(launch_id, None)
+            channel.close()
+

@@ -352,6 +352,88 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from . import images
+
+    match args.action:
+        case "ls":
+            found = images.list_images()
+            if args.json:
+                import json
+
+                print(json.dumps([{"name": i.name, "source": i.source, "digest": i.digest, "created": i.created, "size": images.size_of(i.rootfs), "config": i.config.to_json()} for i in found], indent=2))
+                return 0
+            print(f"{'NAME':<24} {'SOURCE':<7} {'SIZE':>9}  {'CREATED':<20} DIGEST")
+            for image in found:
+                import time
+
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(image.created))
+                size = f"{images.size_of(image.rootfs) / (1 << 20):.1f}M"
+                print(f"{image.name:<24} {image.source:<7} {size:>9}  {created:<20} {image.digest[:19]}")
+            return 0
+        case "build":
+            _need_root("sandboxd image build")
+            for target in args.names or ["."]:
+                definition, name = _definition(target)
+                image = images.build(name, definition) if args.force else images.ensure(name, definition.parent.parent)
+                assert image is not None
+                print(f"image {image.name}: {image.rootfs} ({image.digest[:19]})")
+            return 0
+        case "rm":
+            _need_root("sandboxd image rm")
+            missing = [name for name in args.names if not images.remove(name)]
+            for name in missing:
+                print(f"sandboxd: no image '{name}'", file=sys.stderr)
+            return 1 if missing else 0
+        case "import":
+            _need_root("sandboxd image import")
+            from .oci import import_image
+
+            image = import_image(Path(args.file), args.name)
+            print(f"image {image.name}: imported from {args.file} ({image.digest[:19]})")
+            return 0
+    return 2
+
+
+def _definition(target: str) -> tuple[Path, str]:
+    """A definition folder from a path (images/NAME) or a name looked up from the current folder."""
+    from . import images
+
+    path = Path(target)
+    if (path / images.BUILD_SCRIPT).is_file():
+        return path.resolve(), path.resolve().name
+    found = images.find_definition(target, Path.cwd())
+    if found is None:
+        raise HostError(f"no image definition '{target}': expected a folder with a build script, or images/{target}/build here or above", "give the path, like sandboxd image build images/busybox")
+    return found, target
+
+
+def cmd_volume(args: argparse.Namespace) -> int:
+    from . import volumes
+
+    if args.action == "ls":
+        print(f"{'NAME':<32} {'SIZE':>9}")
+        for name, size in volumes.list_volumes():
+            print(f"{name:<32} {size / (1 << 20):>8.1f}M")
+        return 0
+    _need_root("sandboxd volume rm")
+    failed = 0
+    for name in args.names:
+        user = volumes.in_use(name)
+        if user:
+            print(f"sandboxd: volume '{name}' is in use by a sandbox (pid {user}); stop its stack first", file=sys.stderr)
+            failed = 1
+        elif not volumes.remove(name):
+            print(f"sandboxd: no volume '{name}'", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise HostError(f"{what} needs root: the store under /var/lib/sandboxd belongs to root", "run it as root")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sandboxd", description="Run isolated services with sockets bound by sandboxd.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -417,6 +499,25 @@ def build_parser() -> argparse.ArgumentParser:
     config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
     config.add_argument("dir")
     config.set_defaults(func=cmd_config)
+    image = verbs.add_parser("image", help="build, list, import and remove root file system images")
+    image_verbs = image.add_subparsers(dest="action", metavar="ACTION", required=True)
+    image_build = image_verbs.add_parser("build", help="build images from definitions (images/NAME/build), if changed")
+    image_build.add_argument("names", nargs="*", help="definition folders (images/NAME) or names found in images/ here or above")
+    image_build.add_argument("--force", action="store_true", help="build even if the definition did not change")
+    image_ls = image_verbs.add_parser("ls", help="list the stored images")
+    image_ls.add_argument("--json", action="store_true")
+    image_rm = image_verbs.add_parser("rm", help="remove stored images")
+    image_rm.add_argument("names", nargs="+")
+    image_import = image_verbs.add_parser("import", help="import an OCI image layout (folder or tar) or a docker save archive")
+    image_import.add_argument("file")
+    image_import.add_argument("--name", help="the image's name (default: its tag)")
+    image.set_defaults(func=cmd_image)
+    volume = verbs.add_parser("volume", help="list and remove named volumes")
+    volume_verbs = volume.add_subparsers(dest="action", metavar="ACTION", required=True)
+    volume_verbs.add_parser("ls", help="list volumes")
+    volume_rm = volume_verbs.add_parser("rm", help="remove volumes and their data")
+    volume_rm.add_argument("names", nargs="+")
+    volume.set_defaults(func=cmd_volume)
     return parser
 
 

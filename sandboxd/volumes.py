@@ -65,3 +65,21 @@ def remove(name: str) -> bool:
         return False
     shutil.rmtree(path)
     return True
+
+
+def in_use(name: str) -> int:
+    """A process of a sandbox that has the volume mounted, or 0."""
+    suffix = f"/volumes/{name}"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if "/sandboxd/" not in (entry / "cgroup").read_text():
+                continue
+            for line in (entry / "mountinfo").read_text().splitlines():
+                root = line.split()[3]
+                if root.endswith(suffix) or root.startswith(suffix + "/"):
+                    return int(entry.name)
+        except (OSError, IndexError):
+            continue
+    return 0

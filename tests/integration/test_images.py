@@ -1,0 +1,190 @@
+"""Services on images: the overlay root, its writable layer, volumes, building and rebuilding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import write
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sandboxd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandboxd", *args], capture_output=True, text=True, check=check, env={**os.environ, "NO_COLOR": "1"})
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store of its own for the test session, with the busybox image of images/ built once."""
+    path = tmp_path_factory.mktemp("state")
+    result = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "image", "build", str(REPO / "images" / "busybox")],
+        capture_output=True, text=True, env={**os.environ, "SANDBOXD_STATE_DIR": str(path)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return path
+
+
+@pytest.fixture
+def store(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SANDBOXD_STATE_DIR", str(state_dir))
+    return state_dir
+
+
+def test_service_runs_on_the_image_not_on_the_host(run_stack, spec_dir: Path, store: Path) -> None:
+    write(spec_dir, "box.yaml", """
+        kind: service
+        image: busybox
+        restart: no
+        command: ["sh", "-c", "cat /etc/passwd; ls /usr/bin/python3 || echo no-python; touch /x || echo read-only; echo pid=$$"]
+        """)
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 0
+    lines = stack.lines("box")
+    assert "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" in lines  # the image's passwd, not the host's
+    assert "no-python" in lines
+    assert "read-only" in lines
+    assert "pid=2" in lines  # the service is pid 2 under tini, as under dumb-init
+
+
+def test_writable_layer_is_fresh_on_every_start_and_never_reaches_the_image(run_stack, spec_dir: Path, store: Path) -> None:
+    write(spec_dir, "box.yaml", """
+        kind: service
+        image: busybox
+        readonly_root: false
+        restart: on-failure
+        restart_delay: 10ms
+        start_limit: {burst: 10, interval: 10s}
+        command: ["sh", "-c", "if [ -e /etc/marker ]; then echo stale; else echo fresh; fi; echo x > /etc/marker; mkdir -p /new/dir && echo made; exit 3"]
+        """)
+    stack = run_stack(spec_dir)
+    lines = stack.wait_lines("box", 4)
+    stack.stop()
+    assert lines[:4] == ["fresh", "made", "fresh", "made"]
+    assert not (store / "images" / "busybox" / "rootfs" / "etc" / "marker").exists()
+    assert not (store / "images" / "busybox" / "rootfs" / "new").exists()
+
+
+def test_root_file_system_folder_runs_as_an_image(run_stack, spec_dir: Path, store: Path) -> None:
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        image: {store / "images" / "busybox" / "rootfs"}
+        restart: no
+        workdir: /etc
+        command: ["/bin/sh", "-c", "pwd; cat hostname"]
+        """)
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 0
+    assert stack.lines("box") == ["/etc", "busybox"]
+
+
+def test_volume_outlives_the_stack_until_removed(run_stack, spec_dir: Path, store: Path) -> None:
+    volume = f"sbdtest-{os.getpid()}"
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        image: busybox
+        user: nobody
+        restart: no
+        mounts: [{{volume: {volume}, target: /data}}]
+        command: ["sh", "-c", "cat /data/count 2>/dev/null || echo none; echo $(( $(cat /data/count 2>/dev/null || echo 0) + 1 )) > /data/count"]
+        ---
+        kind: volume
+        name: {volume}
+        """)
+    try:
+        for expected in ("none", "1", "2"):
+            stack = run_stack(spec_dir)
+            assert stack.wait_exit() == 0, stack.err
+            assert stack.lines("box") == [expected]
+        path = store / "volumes" / volume
+        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)  # owned by the service's user
+        assert volume in sandboxd("volume", "ls").stdout
+    finally:
+        sandboxd("volume", "rm", volume, check=False)
+    assert not (store / "volumes" / volume).exists()
+
+
+def test_volume_in_use_is_not_removed(run_stack, spec_dir: Path, store: Path) -> None:
+    volume = f"sbdbusy-{os.getpid()}"
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        image: busybox
+        mounts: [{{volume: {volume}, target: /data}}]
+        command: ["sh", "-c", "echo up; exec sleep 60"]
+        ---
+        kind: volume
+        name: {volume}
+        """)
+    stack = run_stack(spec_dir)
+    try:
+        stack.wait_lines("box", 1)
+        refused = sandboxd("volume", "rm", volume, check=False)
+        assert refused.returncode == 1 and "in use" in refused.stderr
+        assert (store / "volumes" / volume).is_dir()
+    finally:
+        stack.stop()
+        sandboxd("volume", "rm", volume, check=False)
+    assert not (store / "volumes" / volume).exists()
+
+
+def test_image_is_built_on_first_up_and_rebuilt_when_its_definition_changes(run_stack, tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOXD_STATE_DIR", str(tmp_path / "own-store"))
+    definition = tmp_path / "images" / "tiny"
+    definition.mkdir(parents=True)
+    busybox = store / "images" / "busybox" / "rootfs" / "bin" / "busybox"
+    build = definition / "build"
+    build.write_text(f"#!/bin/sh\nset -e\nmkdir -p $ROOTFS/bin\ncp {busybox} $ROOTFS/bin/busybox\nln -s busybox $ROOTFS/bin/sh\nln -s busybox $ROOTFS/bin/cat\ncp version $ROOTFS/version\n")
+    build.chmod(0o755)
+    (definition / "config.json").write_text(json.dumps({"cmd": ["/bin/cat", "/version"]}))
+    (definition / "version").write_text("one\n")
+    folder = tmp_path / "specs" / "app"
+    folder.mkdir(parents=True)
+    write(folder, "app.yaml", "kind: service\nimage: tiny\nrestart: no\n")
+    stack = run_stack(folder)
+    assert stack.wait_exit() == 0
+    assert stack.lines("app") == ["one"]
+    first = json.loads(sandboxd("image", "ls", "--json").stdout)
+    (definition / "version").write_text("two\n")
+    stack = run_stack(folder)
+    assert stack.wait_exit() == 0
+    assert stack.lines("app") == ["two"]
+    second = json.loads(sandboxd("image", "ls", "--json").stdout)
+    assert [i["name"] for i in second] == ["tiny"] and first[0]["digest"] != second[0]["digest"]
+    stack = run_stack(folder)  # unchanged: not built again
+    assert stack.wait_exit() == 0
+    assert json.loads(sandboxd("image", "ls", "--json").stdout)[0]["created"] == second[0]["created"]
+    assert sandboxd("image", "rm", "tiny").returncode == 0
+    assert sandboxd("image", "ls", "--json").stdout.strip() == "[]"
+
+
+def test_failing_build_is_reported_and_nothing_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOXD_STATE_DIR", str(tmp_path / "own-store"))
+    definition = tmp_path / "images" / "broken"
+    definition.mkdir(parents=True)
+    (definition / "build").write_text("#!/bin/sh\necho cannot make it >&2\nexit 4\n")
+    (definition / "build").chmod(0o755)
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    write(folder, "app.yaml", "kind: service\nimage: broken\ncommand: [x]\n")
+    result = sandboxd("up", str(folder), check=False)
+    assert result.returncode == 1
+    assert "building image 'broken' failed" in result.stderr and "status 4" in result.stderr
+    assert not [p for p in (tmp_path / "own-store" / "images").iterdir() if p.name != ".lock"]
+
+
+def test_unknown_image_is_a_spec_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOXD_STATE_DIR", str(tmp_path / "own-store"))
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    write(folder, "app.yaml", "kind: service\nimage: nosuch\ncommand: [x]\n")
+    result = sandboxd("up", str(folder), check=False)
+    assert result.returncode == 2
+    assert "app.yaml:1: image: no image 'nosuch'" in result.stderr

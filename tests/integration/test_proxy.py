@@ -1,0 +1,141 @@
+"""proxy: programs that bind their own address get connections through sockets sandboxd bound."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+# An echo server that knows nothing of socket activation: it binds its own address, late.
+ECHO = r'''
+import os, socket, sys, threading, time
+time.sleep(float(os.environ.get("DELAY", "0")))
+family, address = (socket.AF_UNIX, sys.argv[1]) if sys.argv[1].startswith("/") else (socket.AF_INET, ("127.0.0.1", int(sys.argv[1])))
+server = socket.socket(family)
+server.bind(address)
+server.listen(64)
+print("listening", flush=True)
+def serve(conn):
+    with conn:
+        while data := conn.recv(4096):
+            conn.sendall(os.environ.get("TAG", "").encode() + data)
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+
+
+def echo_once(address: tuple[str, int] | str, payload: bytes, timeout: float = 20.0) -> bytes:
+    """Send and read the answer as request/response protocols do. (No half-close: the proxy,
+    systemd-socket-proxyd, ends a connection at the first EOF of either side.)"""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    expected = len(b"echo:" + payload)
+    with socket.socket(family) as client:
+        client.settimeout(timeout)
+        client.connect(address)
+        client.sendall(payload)
+        answer = b""
+        while len(answer) < expected and (chunk := client.recv(4096)):
+            answer += chunk
+        return answer
+
+
+def port_of(stack, socket_text: str = "tcp:127.0.0.1:") -> int:
+    return int(stack.wait_for(socket_text, "err").split(socket_text)[1].split()[0])
+
+
+def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay: str = "0") -> None:
+    (spec_dir / "echo.py").write_text(ECHO)
+    argument = target.rsplit(":", 1)[-1] if target.startswith("tcp:") else target.removeprefix("unix:")
+    service = [
+        "kind: service",
+        f'command: [python3, /app/echo.py, "{argument}"]',
+        "mounts: [{source: ., target: /app}]",
+        f'environment: {{DELAY: "{delay}", TAG: "echo:"}}',
+        *extra.splitlines(),
+    ]
+    (spec_dir / "echo.yaml").write_text("\n".join([*service, "---", "kind: socket", f"listen: {listen}", f"proxy: {target}", ""]))
+
+
+def test_clients_that_connect_before_the_program_listens_wait_and_get_through(run_stack, spec_dir: Path) -> None:
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", delay="1")
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    results: dict[int, bytes] = {}
+
+    def client(n: int) -> None:
+        results[n] = echo_once(("127.0.0.1", port), f"hello {n}".encode())
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {n: f"echo:hello {n}".encode() for n in range(20)}
+    assert time.monotonic() - started >= 0.9  # they were held until the program listened, not refused
+    assert "listens; socket echo is forwarded to it" in stack.err
+    stack.stop()
+
+
+def test_proxy_comes_back_after_the_program_restarts(run_stack, spec_dir: Path) -> None:
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", extra="restart: always\nrestart_delay: 50ms")
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    assert echo_once(("127.0.0.1", port), b"one") == b"echo:one"
+    subprocess.run([sys.executable, "-m", "sandboxd", "kill", "-p", spec_dir.name, "-s", "KILL", "echo"], check=True, capture_output=True)
+    stack.wait_for("restart #1", "err")
+    assert echo_once(("127.0.0.1", port), b"two") == b"echo:two"
+    assert stack.err.count("listens; socket echo is forwarded to it") == 2
+    stack.stop()
+
+
+def test_unix_target_inside_the_sandbox_is_reached_with_the_program_as_nobody(run_stack, spec_dir: Path, socket_dir: Path) -> None:
+    echo_stack(spec_dir, "unix:/run/echo/echo.sock", f"unix:{socket_dir}/echo.sock", extra="user: nobody\ntmpfs: /run/echo")
+    # The program, as nobody, needs its socket folder writable: a tmpfs owned by it.
+    stack = run_stack(spec_dir)
+    stack.wait_up()
+    assert echo_once(str(socket_dir / "echo.sock"), b"over unix") == b"echo:over unix"
+    stack.stop()
+
+
+def test_on_demand_service_behind_a_proxy_starts_on_the_first_connection(run_stack, spec_dir: Path) -> None:
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", extra="start: on-demand")
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    assert "listening" not in stack.out
+    assert echo_once(("127.0.0.1", port), b"wake") == b"echo:wake"
+    assert "activated by" in stack.err
+    stack.stop()
+
+
+def test_proxy_connections_are_bounded_by_max_connections(run_stack, spec_dir: Path) -> None:
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0")
+    path = spec_dir / "echo.yaml"
+    path.write_text(path.read_text().replace("proxy:", "max_connections: 2\nproxy:"))
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    assert echo_once(("127.0.0.1", port), b"first") == b"echo:first"
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        for conn in held:
+            conn.sendall(b"x")
+            assert conn.recv(16) == b"echo:x"
+        third = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with third:
+            third.sendall(b"y")
+            third.settimeout(5)
+            try:
+                answer = third.recv(16)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""  # the proxy closes connections beyond the bound
+    finally:
+        for conn in held:
+            conn.close()
+    assert echo_once(("127.0.0.1", port), b"after") == b"echo:after"
+    stack.stop()

@@ -77,6 +77,8 @@ What is measured, and how:
    sandboxd.testing (it imports pytest) is timed once and not counted. sandboxd.log of each of
    these stacks is read before the down and scanned as below.
 
+8. The proxy, and 9. images: see scripts/bench_real.py.
+
 Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
 not", warnings, SIGKILL); they are listed at the end, numbers folded, with a count.
 
@@ -1241,6 +1243,12 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
     accepted = accept_mode(root, args.accept_seconds, args.accept_budgets, logs)
     note(f"control plane: ps --json, {args.ps_runs} runs; Python API up and down, {args.api_runs} runs")
     control = control_plane(root, args.ps_runs, args.api_runs)
+    import bench_real  # sections 8 and 9: the proxy and images (see its docstring)
+
+    note("proxy overhead: nginx direct vs through the proxy, ab")
+    proxy = bench_real.proxy_section(root, args.quick, problem)
+    note("images: build and launch on an image")
+    image = bench_real.image_section(root, args.quick, problem)
     tables = [*start_table(rows, args.reps), *network_table(rows, args.reps)]
     return [
         header(),
@@ -1250,6 +1258,8 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
         *on_demand_lines(first),
         *accept_lines(accepted, args.accept_seconds),
         *control_lines(control),
+        *proxy,
+        *image,
     ]
 
 

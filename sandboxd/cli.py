@@ -67,9 +67,9 @@ def _up(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
     plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, subids=True)
-    create(stack, plans)
     host = detect()
     limits = _enforceable_limits(stack, host)
+    create(stack, plans)  # the last check is done: from here on things are made
     clean_stale()
     from .launcher import ForkServer
 

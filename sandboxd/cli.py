@@ -375,9 +375,8 @@ def cmd_image(args: argparse.Namespace) -> int:
             _need_root("sandboxd image build")
             for target in args.names or ["."]:
                 definition, name = _definition(target)
-                image = images.build(name, definition) if args.force else images.ensure(name, definition.parent.parent)
-                assert image is not None
-                print(f"image {image.name}: {image.rootfs} ({image.digest[:19]})")
+                built = images.build(name, definition) if args.force else images.build_if_changed(name, definition)
+                print(f"image {built.name}: {built.rootfs} ({built.digest[:19]})")
             return 0
         case "rm":
             _need_root("sandboxd image rm")

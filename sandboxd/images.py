@@ -124,7 +124,7 @@ def commit(name: str, staging: Path, config: ImageConfig, source: str, digest: s
         final.rename(old)
     staging.rename(final)
     if old.exists():
-        _remove_tree(old)
+        remove_tree(old)
     image = load(name)
     assert image is not None
     return image
@@ -136,11 +136,11 @@ def remove(name: str) -> bool:
         return False
     trash = store_dir() / f".{name}.rm.{os.getpid()}.{time.monotonic_ns()}"
     path.rename(trash)
-    _remove_tree(trash)
+    remove_tree(trash)
     return True
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     # Images hold read-only directories (a Debian tree has some); make them writable on the way.
     def retry(function: object, failed: str, _exc: object) -> None:
         os.chmod(os.path.dirname(failed), 0o700)
@@ -195,10 +195,10 @@ def build(name: str, definition: Path, echo: bool = True) -> Image:
     try:
         result = subprocess.run([str(script)], cwd=definition, env=env, stdout=None if echo else subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     except OSError as e:
-        _remove_tree(staging)
+        remove_tree(staging)
         raise HostError(f"cannot run {script}: {e.strerror}", f"make it executable: chmod +x {script}") from None
     if result.returncode != 0:
-        _remove_tree(staging)
+        remove_tree(staging)
         output = (result.stdout or b"").decode(errors="replace").strip().splitlines()[-5:] if not echo else []
         detail = ("; last lines: " + " | ".join(output)) if output else ""
         raise HostError(f"building image '{name}' failed: {script} exited with status {result.returncode}{detail}", "fix the build script; its output says why")
@@ -229,6 +229,10 @@ def ensure(name: str, spec_folder: Path, echo: bool = True) -> Image | None:
     definition = find_definition(name, spec_folder)
     if definition is None:
         return load(name)
+    return build_if_changed(name, definition, echo)
+
+
+def build_if_changed(name: str, definition: Path, echo: bool = True) -> Image:
     with store_lock():  # two stacks that start at once build an image once
         stored = load(name)
         if stored is not None and stored.source == "build" and stored.digest == definition_digest(definition):

@@ -228,6 +228,10 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
         if op.readonly:
             linux.mount_setattr(target, READONLY)
+        else:
+            # In place, the source was opened in this namespace's copy of the host's tree, which
+            # is read-only by now, and its bind would inherit that; nosuid and nodev stay.
+            linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
         os.close(fd)
     if seal_image:
         step.name = "make the image's root read-only"

@@ -237,7 +237,7 @@ def _first_missing(path: str, exists: Callable[[str], bool]) -> str | None:
 
 
 def _mount_target_errors(service: Service, target: str, line: int, key: str, exists: Callable[[str], bool]) -> tuple[list[SpecError], str | None]:
-    """Check one mount target; returns (errors, top-level directory to create in the root or None)."""
+    """Check one mount target; returns (errors, the mount point to make in a root of its own, or None)."""
     if target in ("/", "/proc", "/dev", "/sys") or any(_under(target, d) for d in ("/proc", "/dev")):
         return [SpecError(service.file, line, key, f"cannot mount over {target}: sandboxd manages it")], None
     if any(_under(target, d) for d in TMPFS_DIRS) or service.image != "host":
@@ -246,7 +246,7 @@ def _mount_target_errors(service: Service, target: str, line: int, key: str, exi
     if missing is None:
         return [], None
     if missing.count("/") == 1:
-        return [], missing
+        return [], target  # made, with its parents, in the root's tmpfs before it is sealed
     return [
         SpecError(
             service.file,
@@ -355,7 +355,7 @@ def plan_service(
         found, top = _mount_target_errors(service, target, line, key, in_root)
         errors.extend(found)
         if top is not None:
-            new_tops[top] = new_tops.get(top, False) or top != target or directory or is_dir(source)
+            new_tops[top] = new_tops.get(top, False) or directory or is_dir(source)
         user_mounts.append(MountOp("bind", target, source, readonly=readonly))
 
     for index, m in enumerate(service.mounts):

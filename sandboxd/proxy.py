@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .errors import HostError
 from .linux import CAPABILITIES
-from .runtime import ALIVE, ServiceRuntime, SupervisorBase
+from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase
 from .spec import Address, Socket
 
 _CANDIDATES = ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd")
@@ -124,7 +124,9 @@ class Proxies(SupervisorBase):
         delay = POLL_FIRST
         while self._same_sandbox(rt, launch_id):
             try:
-                if not listening(pid, sock.proxy):
+                # With a readiness check, connections wait for it too: a program may listen a
+                # moment before it serves (PostgreSQL: "the database system is starting up").
+                if (rt.spec.ready != "started" and rt.state is not State.READY) or not listening(pid, sock.proxy):
                     await asyncio.sleep(delay)
                     delay = min(delay * 1.5, POLL_MAX)
                     continue
@@ -141,7 +143,9 @@ class Proxies(SupervisorBase):
     async def _run_proxy(self, rt: ServiceRuntime, sock: Socket, pid: int) -> int:
         assert self.fork_server is not None and sock.proxy is not None
         unix = sock.proxy.path is not None
-        argv = [proxy_binary(), f"--connections-max={sock.max_connections}", proxy_target(sock.proxy, pid)]
+        # systemd-socket-proxyd (252) admits one connection more than --connections-max and closes
+        # those beyond it; so N-1 gives at most N open connections (for N >= 2).
+        argv = [proxy_binary(), f"--connections-max={max(1, sock.max_connections - 1)}", proxy_target(sock.proxy, pid)]
         fds = [self.sockets[(sock.name, index)].sock.fileno() for index in range(len(sock.listen))]
         caps = tuple(sorted(CAPABILITIES[name] for name in ("DAC_OVERRIDE", "SYS_PTRACE"))) if unix else ()
         launch_id = self.fork_server.next_id()

@@ -116,3 +116,34 @@ def test_service_runs_in_its_own_cgroup(run_stack, spec_dir, tmp_path):
     seen = probe(run_stack, spec_dir, tmp_path)
     v2 = next(line for line in seen["cgroup"].splitlines() if line.startswith("0::"))
     assert "/sandboxd/stack/box" in v2
+
+
+def test_writable_bind_on_an_existing_path_of_the_host_root_is_writable(run_stack, spec_dir, tmp_path):
+    """The in-place root (no new top-level directory): the bind must not inherit its read-only flag."""
+    data = tmp_path / "rw"
+    data.mkdir()
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        restart: no
+        command: [sh, -c, "echo written > /srv/file && echo ok; touch /srv2 2>/dev/null || echo root-read-only"]
+        mounts: [{{source: {data}, target: /srv, readonly: false}}]
+        """)
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 0
+    assert stack.lines("box") == ["ok", "root-read-only"]
+    assert (data / "file").read_text() == "written\n"
+
+
+def test_mount_target_below_a_new_top_level_directory_is_made(run_stack, spec_dir, tmp_path):
+    data = tmp_path / "deep"
+    data.mkdir()
+    (data / "hello").write_text("deep\n")
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        restart: no
+        command: [cat, /newtop/sub/dir/hello]
+        mounts: [{{source: {data}, target: /newtop/sub/dir}}]
+        """)
+    stack = run_stack(spec_dir)
+    assert stack.wait_exit() == 0
+    assert stack.lines("box") == ["deep"]

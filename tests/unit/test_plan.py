@@ -88,7 +88,7 @@ def test_existing_targets_use_the_host_root_bound_read_only(tmp_path):
 
 def test_new_top_level_target_builds_the_root_on_a_tmpfs(tmp_path):
     p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /app/data, readonly: false}]\n")["a"]
-    assert (p.mounts[0].kind, p.mounts[1].kind, p.mounts[1].target, p.mounts[1].options) == ("tmpfs-root", "mountpoint", "/app", "dir")
+    assert (p.mounts[0].kind, p.mounts[1].kind, p.mounts[1].target, p.mounts[1].options) == ("tmpfs-root", "mountpoint", "/app/data", "dir")  # made with its parents before the root is sealed
     assert p.mounts[-1].readonly is False
 
 

@@ -344,8 +344,20 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         os.closerange(3 + len(socket_fds), keep[0])
         os.closerange(keep[0] + 1, keep[1])
         os.closerange(keep[1] + 1, 1 << 20)
+        listener = -1
+        if plan.intercept_bind:
+            step.name = "install the bind() listener"
+            from .seccomp import bind_notify_filter
+
+            listener = linux.install_seccomp_listener(bind_notify_filter())
         _confine(plan.seccomp_filter, plan.capabilities, plan.no_new_privs, step, plan.uid, plan.gid)
-        _report(channel, {"exec": time.monotonic_ns()})
+        if listener >= 0:
+            # sandboxd answers the service's bind() calls through this descriptor (proxy.py).
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [listener]).tobytes())]
+            channel.sendmsg([json.dumps({"exec": time.monotonic_ns()}).encode()], rights)
+            os.close(listener)
+        else:
+            _report(channel, {"exec": time.monotonic_ns()})
         step.name = f"execute {plan.argv[plan.argv.index('--') + 1] if '--' in plan.argv else plan.argv[0]}"
         os.execve(init_fd, list(plan.argv), dict(plan.env))
     except OSError as e:
@@ -638,6 +650,7 @@ class Launched:
     pid: int  # the sandbox init's pid in the host's pid namespace
     pidfd: int
     exec_ns: int  # CLOCK_MONOTONIC when the child was about to exec
+    listener: int = -1  # the seccomp listener of its bind() calls, with `intercept_bind`
 
 
 ExitCallback = Callable[[int, int], None]
@@ -798,7 +811,8 @@ def read_status(channel: socket.socket, service: str) -> tuple[str, Launched | N
     """Read what a launching child said. Returns ("pending"|"done"|"error", result)."""
     creds_size = struct.calcsize("iII")
     try:
-        data, ancillary, _flags, _addr = channel.recvmsg(4096, socket.CMSG_SPACE(creds_size))
+        space = socket.CMSG_SPACE(creds_size) + socket.CMSG_SPACE(array.array("i").itemsize)
+        data, ancillary, _flags, _addr = channel.recvmsg(4096, space, socket.MSG_CMSG_CLOEXEC)
     except BlockingIOError:
         return "pending", None
     if not data:
@@ -806,14 +820,16 @@ def read_status(channel: socket.socket, service: str) -> tuple[str, Launched | N
     message = json.loads(data)
     if "error" in message:
         raise LaunchError(service, message["error"], message["detail"])
-    pid = 0
+    pid, listener = 0, -1
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
             pid = struct.unpack("iII", payload[:creds_size])[0]
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            listener = array.array("i", payload[: len(payload) - len(payload) % 4])[0]
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as e:
         if e.errno != errno.ESRCH:
             raise
         pidfd = -1
-    return "pending", Launched(pid, pidfd, message["exec"])
+    return "pending", Launched(pid, pidfd, message["exec"], listener)

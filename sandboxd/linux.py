@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import struct
+from dataclasses import dataclass
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -58,10 +59,10 @@ SYS_CLONE3 = 435  # the same on every architecture (it is newer than the unified
 
 _SYSCALLS: dict[str, dict[str, int]] = {
     # mount_setattr has the same number everywhere (it is newer than the unified table).
-    "x86_64": {"pivot_root": 155, "mount_setattr": 442},
-    "aarch64": {"pivot_root": 41, "mount_setattr": 442},
-    "riscv64": {"pivot_root": 41, "mount_setattr": 442},
-    "ppc64le": {"pivot_root": 203, "mount_setattr": 442},
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "seccomp": 317},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "seccomp": 277},
+    "riscv64": {"pivot_root": 41, "mount_setattr": 442, "seccomp": 277},
+    "ppc64le": {"pivot_root": 203, "mount_setattr": 442, "seccomp": 358},
     "s390x": {"pivot_root": 217, "mount_setattr": 442},
 }
 
@@ -267,3 +268,58 @@ def install_seccomp(program: bytes) -> None:
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
+
+
+# ── seccomp user notification: sandboxd answers a sandbox's bind() (see proxy.py, handoff) ──
+
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_ADDFD_FLAG_SETFD = 1 << 0
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1 << 0
+# _IOWR('!', 0, struct seccomp_notif), _IOWR('!', 1, struct seccomp_notif_resp),
+# _IOW('!', 2, __u64), _IOW('!', 3, struct seccomp_notif_addfd)
+_NOTIF_RECV, _NOTIF_SEND, _NOTIF_ID_VALID, _NOTIF_ADDFD = 0xC0502100, 0xC0182101, 0x40082102, 0x40182103
+_NOTIF = struct.Struct("QII" + "iIQ" + "6Q")  # id, pid, flags; seccomp_data: nr, arch, ip, args[6]
+
+
+def install_seccomp_listener(program: bytes) -> int:
+    """Load a filter whose SECCOMP_RET_USER_NOTIF calls wait for the holder of the returned fd."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    fd = _libc.syscall(_syscall_number("seccomp"), SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(fprog))
+    _check(fd, "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER)")
+    return int(fd)
+
+
+@dataclass(frozen=True)
+class Notification:
+    id: int
+    pid: int  # in the pid namespace of the receiver
+    nr: int
+    args: tuple[int, ...]
+
+
+def notif_receive(listener: int) -> Notification:
+    buffer = bytearray(_NOTIF.size)  # the kernel wants it zeroed
+    fcntl.ioctl(listener, _NOTIF_RECV, buffer, True)
+    fields = _NOTIF.unpack(buffer)
+    return Notification(fields[0], fields[1], fields[3], tuple(fields[6:12]))
+
+
+def notif_still_valid(listener: int, notification_id: int) -> bool:
+    try:
+        fcntl.ioctl(listener, _NOTIF_ID_VALID, struct.pack("Q", notification_id))
+    except OSError:
+        return False
+    return True
+
+
+def notif_install_fd(listener: int, notification_id: int, source_fd: int, target_fd: int) -> None:
+    """Put a copy of our `source_fd` at `target_fd` in the waiting process, as dup2 would."""
+    fcntl.ioctl(listener, _NOTIF_ADDFD, struct.pack("QIIII", notification_id, SECCOMP_ADDFD_FLAG_SETFD, source_fd, target_fd, 0))
+
+
+def notif_answer(listener: int, notification_id: int, value: int = 0, error: int = 0, proceed: bool = False) -> None:
+    """Finish the waiting call: it returns `value` (or fails with `error`), or runs as it was."""
+    flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE if proceed else 0
+    fcntl.ioctl(listener, _NOTIF_SEND, struct.pack("QqiI", notification_id, value, -error if error else 0, flags))

@@ -68,6 +68,7 @@ class LaunchPlan:
     fd_names: tuple[str, ...]
     fd_sockets: tuple[tuple[str, int], ...] = field(default=())  # (socket unit, listen index) per fd
     proxied: tuple[tuple[str, int], ...] = ()  # sockets served by sandboxd's proxy (not passed as fds)
+    intercept_bind: bool = False  # sandboxd answers the service's bind() calls (proxy handoff)
     # private: a fresh namespace with lo up; none: fresh, lo down; host: the host's; join: the
     # namespace sandboxd made for this service before it started (networks, sockets bound inside).
     net: NetMode = "private"
@@ -95,6 +96,7 @@ class LaunchPlan:
             fd_names=tuple(data["fd_names"]),
             fd_sockets=tuple((s, i) for s, i in data["fd_sockets"]),
             proxied=tuple((s, i) for s, i in data["proxied"]),
+            intercept_bind=data["intercept_bind"],
             net=data["net"],
             per_connection=data["per_connection"],
             capabilities=tuple(data["capabilities"]),
@@ -333,6 +335,16 @@ def _seccomp_filter(service: Service) -> str:
         raise SpecErrors([SpecError(service.file, service.line, "seccomp", f"{e}; set seccomp: unconfined")]) from None
 
 
+def _intercept_bind(stack: Stack, service: Service) -> bool:
+    """Whether a `proxy:` socket of the service may be handed to the program when it binds the
+    proxy's address (one listen address, a seccomp table for this machine)."""
+    import platform
+
+    from .spec import hands_off
+
+    return platform.machine() == "x86_64" and any(hands_off(s, service) for s in stack.sockets_of(service.name))
+
+
 def plan_service(
     stack: Stack,
     service: Service,
@@ -457,6 +469,7 @@ def plan_service(
         fd_names=tuple(fd_names),
         fd_sockets=tuple(fd_sockets),
         proxied=tuple(proxied),
+        intercept_bind=_intercept_bind(stack, service),
         net=net,
         per_connection=any(sock.accept for sock in stack.sockets_of(service.name)),
         capabilities=tuple(sorted(CAPABILITIES[name] for name in service.capabilities)),

@@ -25,15 +25,20 @@ namespace, so no probe connection ever reaches the program (PostgreSQL would log
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import shutil
+import socket
+import struct
 from pathlib import Path
 
+from . import linux
 from .errors import HostError
 from .linux import CAPABILITIES
+from .seccomp import BIND
 from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase
-from .spec import Address, Socket
+from .spec import Address, Socket, hands_off
 
 _CANDIDATES = ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd")
 TCP_LISTEN = "0A"
@@ -107,8 +112,90 @@ def proxy_target(target: Address, init_pid: int) -> str:
     return f"{host}:{target.port}"
 
 
+def _program_address(raw: bytes) -> tuple[int, str | None, int | None, str | None]:
+    """(family, host, port, path) of a struct sockaddr a program passed to bind()."""
+    family = struct.unpack_from("H", raw)[0] if len(raw) >= 2 else 0
+    if family == socket.AF_INET and len(raw) >= 8:
+        return family, socket.inet_ntop(family, raw[4:8]), struct.unpack_from("!H", raw, 2)[0], None
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return family, socket.inet_ntop(family, raw[8:24]), struct.unpack_from("!H", raw, 2)[0], None
+    if family == socket.AF_UNIX and len(raw) > 2:
+        path = raw[2:]
+        text = "@" + path[1:].decode(errors="replace") if path[:1] == b"\0" else path.split(b"\0")[0].decode(errors="replace")
+        return family, None, None, text
+    return family, None, None, None
+
+
+def _matches(target: Address, host: str | None, port: int | None, path: str | None) -> bool:
+    if target.path is not None:
+        return path == target.path
+    return host is not None and port == target.port and ipaddress.ip_address(host) == ipaddress.ip_address(str(target.host))
+
+
 class Proxies(SupervisorBase):
-    """Starts, for each running sandbox, one proxy per `proxy:` socket of its service."""
+    """Starts, for each running sandbox, one proxy per `proxy:` socket of its service; or, when the
+    program binds the proxy's address itself, gives it the bound socket instead (the handoff)."""
+
+    # ── the handoff: the program's bind() answered with sandboxd's socket ──
+
+    def _watch_binds(self, rt: ServiceRuntime, listener: int) -> None:
+        self._unwatch_binds(rt)
+        rt.bind_listener = listener
+        rt.handed_off = set()
+        asyncio.get_running_loop().add_reader(listener, self._on_bind, rt)
+
+    def _unwatch_binds(self, rt: ServiceRuntime) -> None:
+        if rt.bind_listener >= 0:
+            asyncio.get_running_loop().remove_reader(rt.bind_listener)
+            os.close(rt.bind_listener)
+            rt.bind_listener = -1
+
+    def _on_bind(self, rt: ServiceRuntime) -> None:
+        """A process of the sandbox called bind(): if it binds the address of a `proxy:` socket with
+        the socket's own family, its descriptor is replaced by a copy of sandboxd's bound socket and
+        the call succeeds; anything else proceeds as it would have. Connections then go straight to
+        the program, with no proxy in between, and those that came earlier are in the queue."""
+        listener = rt.bind_listener
+        try:
+            note = linux.notif_receive(listener)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return  # the caller was interrupted or is gone
+            self._unwatch_binds(rt)  # every process of the filter is gone (hang-up)
+            return
+        chosen = None
+        try:
+            if note.nr == BIND and (sock := self._bound_address_owner(rt, note)) is not None:
+                chosen = sock
+        except OSError:
+            chosen = None
+        try:
+            if chosen is None or not linux.notif_still_valid(listener, note.id):
+                linux.notif_answer(listener, note.id, proceed=True)
+                return
+            linux.notif_install_fd(listener, note.id, self.sockets[(chosen.name, 0)].sock.fileno(), int(note.args[0]))
+            linux.notif_answer(listener, note.id, 0)
+        except OSError:
+            return  # the caller is gone
+        rt.handed_off.add(chosen.name)
+        self.console.note(f"{rt.spec.name}: binds {chosen.proxy} itself; it gets socket {chosen.name} instead (no proxy)")
+
+    def _bound_address_owner(self, rt: ServiceRuntime, note: linux.Notification) -> Socket | None:
+        length = int(note.args[2])
+        if not 0 < length <= 128:
+            return None
+        with open(f"/proc/{note.pid}/mem", "rb", buffering=0) as mem:
+            raw = os.pread(mem.fileno(), length, int(note.args[1]))
+        family, host, port, path = _program_address(raw)
+        for sock in self.stack.sockets_of(rt.spec.name):
+            if not hands_off(sock, rt.spec) or sock.proxy is None:
+                continue
+            bound = self.sockets[(sock.name, 0)].sock
+            if bound.family == family and _matches(sock.proxy, host, port, path):
+                return sock
+        return None
+
+    # ── the proxy ──
 
     def _start_proxies(self, rt: ServiceRuntime) -> None:
         for sock in self.stack.sockets_of(rt.spec.name):
@@ -122,7 +209,7 @@ class Proxies(SupervisorBase):
         assert sock.proxy is not None
         pid = rt.pid
         delay = POLL_FIRST
-        while self._same_sandbox(rt, launch_id):
+        while self._same_sandbox(rt, launch_id) and sock.name not in rt.handed_off:
             try:
                 # With a readiness check, connections wait for it too: a program may listen a
                 # moment before it serves (PostgreSQL: "the database system is starting up").
@@ -132,6 +219,8 @@ class Proxies(SupervisorBase):
                     continue
             except OSError:
                 return  # the sandbox is gone
+            if sock.name in rt.handed_off:
+                return  # the program has the socket itself
             self.console.note(f"{rt.spec.name}: {sock.proxy} listens; socket {sock.name} is forwarded to it")
             status = await self._run_proxy(rt, sock, pid)
             if not self._same_sandbox(rt, launch_id):

@@ -81,6 +81,8 @@ class ServiceRuntime:
     health_timer: asyncio.TimerHandle | None = None
     health_failures: int = 0
     health_running: bool = False
+    bind_listener: int = -1  # seccomp listener of the sandbox's bind() calls (proxy handoff)
+    handed_off: set[str] = field(default_factory=set)  # proxy sockets the program was given itself
 
     @property
     def per_connection(self) -> bool:

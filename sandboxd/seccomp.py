@@ -22,6 +22,7 @@ import platform
 import struct
 
 SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_KILL_PROCESS = 0x80000000
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -48,6 +49,7 @@ DENIED_X86_64 = {
 }  # fmt: skip
 CLONE = 56
 CLONE3 = 435
+BIND = 49
 
 
 class SeccompUnsupported(Exception):
@@ -95,3 +97,20 @@ def build_filter(allow: frozenset[str] = frozenset()) -> bytes:
 
 def known_calls() -> set[str]:
     return set(DENIED_X86_64) | {"clone", "clone3"}
+
+
+def bind_notify_filter() -> bytes:
+    """A filter that hands every bind() of the sandbox to sandboxd (the handoff of proxy.py) and
+    allows everything else; the default filter, if any, is installed beside it."""
+    if platform.machine() != "x86_64":
+        raise SeccompUnsupported(f"sandboxd has no seccomp syscall table for {platform.machine()} yet")
+    return b"".join(
+        [
+            _insn(_LD_W_ABS, 4),  # seccomp_data.arch
+            _insn(_JEQ_K, AUDIT_ARCH_X86_64, 0, 3),
+            _insn(_LD_W_ABS, 0),  # seccomp_data.nr
+            _insn(_JEQ_K, BIND, 0, 1),
+            _insn(_RET_K, SECCOMP_RET_USER_NOTIF),
+            _insn(_RET_K, SECCOMP_RET_ALLOW),
+        ]
+    )

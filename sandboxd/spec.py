@@ -271,6 +271,8 @@ class Socket:
     accept: bool  # one sandbox of the service per accepted connection (systemd's Accept=yes)
     max_connections: int
     proxy: Address | None  # forward each connection to this address inside the service's sandbox
+    handoff: bool | None  # with proxy: a program that binds that address itself gets this socket
+    # instead; None = yes unless the service has a readiness check (see `hands_off`)
 
 
 
@@ -827,6 +829,7 @@ _SOCKET_KEYS = {
 _SOCKET_KEYS["accept"] = _Key(_boolean, False)
 _SOCKET_KEYS["max_connections"] = _Key(_checked(lambda v: _is_int(v) and 1 <= v <= 65536, "a whole number from 1 to 65536"), 64)
 _SOCKET_KEYS["proxy"] = _Key(_proxy_target, None)
+_SOCKET_KEYS["handoff"] = _Key(_boolean, None)
 _NETWORK_KEYS = {
     "subnet": _Key(_subnets, ()),
     "internal": _Key(_internal, True),
@@ -1005,6 +1008,15 @@ def _overlap(a: Address, b: Address) -> bool:
         return False
     host_a, host_b = ipaddress.ip_address(a.host or ""), ipaddress.ip_address(b.host or "")
     return host_a.version == host_b.version and (host_a == host_b or host_a.is_unspecified or host_b.is_unspecified)
+
+
+def hands_off(sock: Socket, service: Service) -> bool:
+    """Whether a program that binds the proxy address of `sock` is given the socket itself. Not by
+    default when the service has a readiness check: a handed-off socket is served from the moment
+    the program accepts, while forwarding waits until it is ready."""
+    if sock.proxy is None or len(sock.listen) != 1:
+        return False
+    return sock.handoff if sock.handoff is not None else service.ready == "started"
 
 
 def socket_namespace(sock: Socket) -> str | None:

@@ -216,7 +216,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         if self.namespaces is not None:
             self.namespaces.close()  # the kernel frees the namespaces, with their links and bridges
         for rt in self.services.values():
-            for fd in (rt.output_r, rt.output_w, rt.pidfd):
+            for fd in (rt.output_r, rt.output_w, rt.pidfd, rt.bind_listener):
                 if fd >= 0:
                     os.close(fd)
             if rt.channel is not None:
@@ -313,6 +313,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         self._transition(rt, State.STARTING, "start" if rt.restarts == 0 else f"restart #{rt.restarts}")
         rt.launch_error = None
         rt.pid, rt.exec_ns = 0, 0
+        rt.handed_off = set()
         if rt.limiter is None:
             rt.limiter = StartLimiter(rt.spec)
         rt.limiter.record(time.monotonic())
@@ -348,6 +349,8 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
                 if launched is None:
                     return  # nothing more to read yet
                 rt.pid, rt.pidfd, rt.exec_ns = launched.pid, launched.pidfd, launched.exec_ns
+                if launched.listener >= 0:
+                    self._watch_binds(rt, launched.listener)
                 continue
             if kind == "done":
                 self._close_channel(rt)
@@ -408,6 +411,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         if rt.pidfd >= 0:
             os.close(rt.pidfd)
             rt.pidfd = -1
+        self._unwatch_binds(rt)
         if rt.timer is not None:
             rt.timer.cancel()
             rt.timer = None

@@ -19,13 +19,16 @@ server = socket.socket(family)
 server.bind(address)
 server.listen(64)
 print("listening", flush=True)
-def serve(conn):
+def serve(conn, peer):
+    # With SHOWPEER the answer starts with the client's port as the program sees it: the client's
+    # own with a handoff, the proxy's with forwarding.
+    tag = f"{peer[1]}:" if os.environ.get("SHOWPEER") else os.environ.get("TAG", "")
     with conn:
         while data := conn.recv(4096):
-            conn.sendall(os.environ.get("TAG", "").encode() + data)
+            conn.sendall(tag.encode() + data)
 while True:
-    conn, _ = server.accept()
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    conn, peer = server.accept()
+    threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
 '''
 
 
@@ -48,17 +51,20 @@ def port_of(stack, socket_text: str = "tcp:127.0.0.1:") -> int:
     return int(stack.wait_for(socket_text, "err").split(socket_text)[1].split()[0])
 
 
-def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay: str = "0") -> None:
+def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay: str = "0", handoff: bool = False, showpeer: bool = False) -> None:
+    """An echo program behind a proxy socket; forwarding unless `handoff`."""
     (spec_dir / "echo.py").write_text(ECHO)
+    peer = ', SHOWPEER: "1"' if showpeer else ""
     argument = target.rsplit(":", 1)[-1] if target.startswith("tcp:") else target.removeprefix("unix:")
     service = [
         "kind: service",
         f'command: [python3, /app/echo.py, "{argument}"]',
         "mounts: [{source: ., target: /app}]",
-        f'environment: {{DELAY: "{delay}", TAG: "echo:"}}',
+        f'environment: {{DELAY: "{delay}", TAG: "echo:"{peer}}}',
         *extra.splitlines(),
     ]
-    (spec_dir / "echo.yaml").write_text("\n".join([*service, "---", "kind: socket", f"listen: {listen}", f"proxy: {target}", ""]))
+    sock = ["kind: socket", f"listen: {listen}", f"proxy: {target}", f"handoff: {str(handoff).lower()}"]
+    (spec_dir / "echo.yaml").write_text("\n".join([*service, "---", *sock, ""]))
 
 
 def test_clients_that_connect_before_the_program_listens_wait_and_get_through(run_stack, spec_dir: Path) -> None:
@@ -138,4 +144,55 @@ def test_proxy_connections_are_bounded_by_max_connections(run_stack, spec_dir: P
         for conn in held:
             conn.close()
     assert echo_once(("127.0.0.1", port), b"after") == b"echo:after"
+    stack.stop()
+
+
+def test_program_that_binds_the_proxy_address_gets_the_socket_itself(run_stack, spec_dir: Path) -> None:
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", delay="0.5", handoff=True, showpeer=True)
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:  # before the program binds
+        client.sendall(b"direct")
+        answer = b""
+        while not answer.endswith(b"direct"):
+            answer += client.recv(64)
+        own_port = client.getsockname()[1]
+    assert answer == f"{own_port}:direct".encode()  # no proxy in between: the program sees the client itself
+    assert "binds tcp:127.0.0.1:7000 itself; it gets socket echo instead (no proxy)" in stack.err
+    assert "is forwarded to it" not in stack.err
+    stack.stop()
+
+
+def test_handoff_happens_again_after_a_restart(run_stack, spec_dir: Path) -> None:
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", extra="restart: always\nrestart_delay: 50ms", handoff=True)
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    assert echo_once(("127.0.0.1", port), b"one") == b"echo:one"
+    subprocess.run([sys.executable, "-m", "sandboxd", "kill", "-p", spec_dir.name, "-s", "KILL", "echo"], check=True, capture_output=True)
+    stack.wait_for("restart #1", "err")
+    assert echo_once(("127.0.0.1", port), b"two") == b"echo:two"
+    assert stack.err.count("it gets socket echo instead") == 2
+    stack.stop()
+
+
+def test_program_binding_another_family_than_the_socket_is_forwarded_to(run_stack, spec_dir: Path, socket_dir: Path) -> None:
+    """A unix socket on the host cannot stand in for the program's tcp socket: forwarding then."""
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", f"unix:{socket_dir}/echo.sock", handoff=True)
+    stack = run_stack(spec_dir)
+    stack.wait_up()
+    assert echo_once(str(socket_dir / "echo.sock"), b"across") == b"echo:across"
+    assert "listens; socket echo is forwarded to it" in stack.err
+    assert "instead (no proxy)" not in stack.err
+    stack.stop()
+
+
+def test_other_binds_of_the_program_proceed_unchanged(run_stack, spec_dir: Path) -> None:
+    """A bind of an address that is no proxy target is the program's own, as without sandboxd."""
+    echo_stack(spec_dir, "tcp:127.0.0.1:7001", "tcp:127.0.0.1:0", handoff=True)
+    path = spec_dir / "echo.yaml"
+    # The program binds 7000 (its own socket, inside its sandbox); the proxy waits for 7001.
+    path.write_text(path.read_text().replace('"7001"', '"7000"'))
+    stack = run_stack(spec_dir)
+    stack.wait_for("listening", "out")
+    assert "instead (no proxy)" not in stack.err
     stack.stop()

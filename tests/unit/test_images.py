@@ -182,3 +182,12 @@ def test_listening_forms_cover_any_address_and_dual_stack() -> None:
 def test_proxy_reaches_unix_targets_through_the_sandbox_root() -> None:
     assert proxy_target(parse_address("unix:/run/redis.sock"), 42) == "/proc/42/root/run/redis.sock"
     assert proxy_target(parse_address("tcp:[::1]:80"), 42) == "[::1]:80"
+
+
+def test_bind_is_intercepted_for_a_handoff_unless_the_service_waits_for_readiness(tmp_path: Path) -> None:
+    base = "kind: service\nname: a\nimage: web\ncommand: [serve]\n{extra}---\nkind: socket\nname: a\nlisten: tcp:127.0.0.1:8080\nproxy: tcp:127.0.0.1:80\n{sock}"
+    assert plan_with(tmp_path, base.format(extra="", sock="")).intercept_bind is True
+    assert plan_with(tmp_path, base.format(extra="", sock="handoff: false\n")).intercept_bind is False
+    health = "ready: {exec: [serve, --check]}\n"
+    assert plan_with(tmp_path, base.format(extra=health, sock="")).intercept_bind is False
+    assert plan_with(tmp_path, base.format(extra=health, sock="handoff: true\n")).intercept_bind is True

@@ -51,7 +51,7 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
         {"web.yaml": "kind: socket\nlisten: unix:/run/web.sock\nfrobnicate: 1\n"},
         (
             "web.yaml:3: frobnicate: unknown key 'frobnicate'; expected one of: "
-            "kind, name, service, listen, fdname, backlog, mode, reuseport, netns, accept, max_connections, proxy"
+            "kind, name, service, listen, fdname, backlog, mode, reuseport, netns, accept, max_connections, proxy, handoff"
         ),
     ),
     (
@@ -484,6 +484,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             accept=False,
             max_connections=64,
             proxy=None,
+            handoff=None,
         ),
     )
 

@@ -1,16 +1,18 @@
 """Benchmark parts for images and the proxy, run by scripts/bench.py (section 8 and 9 there).
 
-8. Proxy overhead. One nginx (Debian's) runs in a sandbox with `network: host`, listening on
-   127.0.0.1:P itself; a socket unit of the same service listens on 127.0.0.1:Q with `proxy:
-   tcp:127.0.0.1:P`. So the same server, in the same run, is reached directly (P) and through
-   sandboxd's proxy (Q); the only difference is the proxy hop. nginx answers every GET with a
-   3-byte body (`return 200 "ok\n"`), one worker, no access log. Load: ApacheBench (`ab`, Debian's
-   apache2-utils, a C client, so the client's own cost is small), four shapes: one client with
-   keep-alive (latency per request), 8 clients with keep-alive (throughput), and both again with
-   a new connection per request. Each shape runs direct, proxy, direct, proxy, ... (ROUNDS times
-   each, after one unrecorded warm-up), each run a fixed number of requests; the medians of
-   requests/s and of ab's mean time per request are reported, and overhead = 1 - proxy/direct
-   throughput.
+8. Proxy overhead. One nginx (Debian's) runs in a sandbox with `network: host` and listens on two
+   addresses it binds itself, 127.0.0.1:P and 127.0.0.1:H. Two socket units of the same service:
+   one on 127.0.0.1:F with `proxy: tcp:127.0.0.1:P` and `handoff: false` (forwarding through
+   systemd-socket-proxyd), one on 127.0.0.1:S with `proxy: tcp:127.0.0.1:H` (the handoff: nginx's
+   bind of H is answered with sandboxd's socket S, so nginx accepts on S itself). So the same
+   server, in the same run, is reached directly (P), through sandboxd's socket by handoff (S), and
+   through the forwarding proxy (F). nginx answers every GET with a 3-byte body (`return 200
+   "ok\n"`), one worker, no access log. Load: ApacheBench (`ab`, Debian's apache2-utils, a C
+   client, so the client's own cost is small), four shapes: one client with keep-alive (latency
+   per request), 8 clients with keep-alive (throughput), and both again with a new connection per
+   request. Each shape runs direct, handoff, forwarded, direct, ... (ROUNDS times each, after one
+   unrecorded warm-up), each run a fixed number of requests; the medians of requests/s and of
+   ab's mean time per request are reported; overhead = 1 - (requests/s) / (direct requests/s).
 9. Images. Build: `sandboxd image build --force images/busybox` timed as a whole process
    (fetching the package with apt-get download included), into a store of its own. Mount: a
    1-service stack `sh -c 'exec sleep 1000'` is brought up and stopped repeatedly, on the host's
@@ -56,6 +58,7 @@ http {{
     keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
+        listen 127.0.0.1:{handoff};
         location / {{ return 200 "ok\\n"; }}
     }}
 }}
@@ -121,8 +124,8 @@ def proxy_section(root: Path, quick: bool, problem: object) -> list[str]:
     requests = {True: 5000 if quick else 20000, False: 1000 if quick else 4000}
     folder = root / "proxy-stack"
     folder.mkdir()
-    direct, proxied = _free_port(), _free_port()
-    (folder / "nginx.conf").write_text(NGINX_CONF.format(port=direct))
+    direct, inner, forwarded, handed = _free_port(), _free_port(), _free_port(), _free_port()
+    (folder / "nginx.conf").write_text(NGINX_CONF.format(port=direct, handoff=inner))
     (folder / "web.yaml").write_text(
         "kind: service\n"
         "network: host\n"
@@ -131,21 +134,32 @@ def proxy_section(root: Path, quick: bool, problem: object) -> list[str]:
         "user: www-data\n"
         "---\n"
         "kind: socket\n"
-        f"listen: tcp:127.0.0.1:{proxied}\n"
+        "name: forwarded\n"
+        "service: web\n"
+        f"listen: tcp:127.0.0.1:{forwarded}\n"
         f"proxy: tcp:127.0.0.1:{direct}\n"
+        "handoff: false\n"
         "max_connections: 256\n"
+        "---\n"
+        "kind: socket\n"
+        "name: handoff\n"
+        "service: web\n"
+        f"listen: tcp:127.0.0.1:{handed}\n"
+        f"proxy: tcp:127.0.0.1:{inner}\n"
     )
     log = root / "proxy-sandboxd.log"
     proc = _spawn([str(SANDBOXD), "up", str(folder), "-p", "sbdbench-proxy"], log)
     rows = []
     try:
         _wait_text(log, "is forwarded to it", proc)
-        for port in (direct, proxied):  # warm-up, not counted
+        _wait_text(log, "instead \\(no proxy\\)", proc)
+        ports = {"direct": direct, "handoff": handed, "forwarded": forwarded}
+        for port in ports.values():  # warm-up, not counted
             _ab(port, 8, 2000, True)
         for name, clients, keepalive in SHAPES:
-            found: dict[str, list[tuple[float, float]]] = {"direct": [], "proxy": []}
+            found: dict[str, list[tuple[float, float]]] = {kind: [] for kind in ports}
             for _ in range(rounds):
-                for kind, port in (("direct", direct), ("proxy", proxied)):
+                for kind, port in ports.items():
                     rate, per, trouble = _ab(port, clients, requests[keepalive], keepalive)
                     if trouble:
                         report(f"proxy bench, {name}, {kind}: {trouble}")
@@ -156,18 +170,24 @@ def proxy_section(root: Path, quick: bool, problem: object) -> list[str]:
         if code != 0:
             report(f"proxy bench: sandboxd exited {code}: {log.read_text(errors='replace')[-500:]}")
     lines = [
-        f"proxy overhead: nginx in a sandbox, direct on 127.0.0.1 vs through sandboxd's proxy (systemd-socket-proxyd), "
-        f"ab, median of {rounds} runs each, {requests[True]} requests per keep-alive run, {requests[False]} otherwise",
-        f"  {'load':<32}{'direct req/s':>13}{'proxy req/s':>13}{'overhead':>10}{'direct ms':>11}{'proxy ms':>10}   target",
+        f"proxy overhead: nginx in a sandbox; direct on 127.0.0.1, through sandboxd's socket by handoff, and forwarded by the proxy "
+        f"(systemd-socket-proxyd); ab, median of {rounds} runs each, {requests[True]} requests per keep-alive run, {requests[False]} otherwise",
+        f"  {'load':<32}{'direct':>9}{'handoff':>9}{'overhead':>9}{'forwarded':>11}{'overhead':>9}   target   (requests/s)",
     ]
+    latency = []
     for name, found in rows:
-        d_rate = statistics.median(r for r, _ in found["direct"])
-        p_rate = statistics.median(r for r, _ in found["proxy"])
-        d_ms = statistics.median(p for _, p in found["direct"])
-        p_ms = statistics.median(p for _, p in found["proxy"])
-        overhead = (1 - p_rate / d_rate) * 100 if d_rate else float("nan")
-        lines.append(f"  {name:<32}{d_rate:>13.0f}{p_rate:>13.0f}{overhead:>9.1f}%{d_ms:>11.3f}{p_ms:>10.3f}   < 15 %")
-    lines.append("  (ms = ab's mean time per request across all clients; overhead = 1 - proxy/direct requests per second)")
+        rate = {kind: statistics.median(r for r, _ in runs) for kind, runs in found.items()}
+        per = {kind: statistics.median(p for _, p in runs) for kind, runs in found.items()}
+
+        def overhead(kind: str) -> str:
+            return f"{(1 - rate[kind] / rate['direct']) * 100:.1f}%" if rate["direct"] else "—"
+
+        lines.append(
+            f"  {name:<32}{rate['direct']:>9.0f}{rate['handoff']:>9.0f}{overhead('handoff'):>9}{rate['forwarded']:>11.0f}{overhead('forwarded'):>9}   < 15 %"
+        )
+        latency.append(f"  {name:<32}{per['direct']:>9.3f}{per['handoff']:>9.3f}{'':>9}{per['forwarded']:>11.3f}")
+    lines += ["  ab's mean time per request (ms), same runs:", *latency]
+    lines.append("  (overhead = 1 - requests/s over direct requests/s; handoff: nginx accepts on sandboxd's socket itself)")
     return lines
 
 

@@ -438,39 +438,42 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
         os._exit(EXIT_UNEXPECTED)
 
 
-def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int]) -> NoReturn:
-    """In a child born in the service's cgroup: start the proxy (see proxy.py) in the sandbox's pid
-    and network namespaces, with the bound sockets as fds 3.., and exit with its status.
+def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list[int]) -> NoReturn:
+    """In a child born in the service's cgroup: start the proxy (see proxy.py) in the sandbox's
+    network namespace, with the bound sockets as fds 3.., and exit with its status.
 
-    The host's mount namespace stays (the proxy's binary and libraries are the host's, not an
-    image's); pid namespace membership makes it die with the sandbox's init.
+    `fds` is the sandbox init's pidfd, then (for a unix target) an O_PATH descriptor of the
+    program's socket file, then the bound sockets. The proxy joins the network namespace only: not
+    the sandbox's pid namespace (a process there of the same uid could open /proc/PID/root of the
+    proxy, which is the host's root), not its mount namespace (the proxy is the host's program). It
+    ends with the sandbox through the cgroup, and with this process (PR_SET_PDEATHSIG).
     """
     step = _Step()
-    channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds)))
+    channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)))
     os.close(status_fd)
     try:
         step.name = "reset signals"
         _reset_signals()
-        target = int(request["proxy_into"])
+        pidfd, *rest = fds
+        target = rest.pop(0) if request.get("unix_target") else -1
         step.name = "join cgroups"
         for procs in request.get("cgroup_procs", ()):
             with open(procs, "w") as f:
                 f.write("0")
-        step.name = f"join the network and pid namespaces of pid {target}"
-        for name in ("net", "pid"):
-            fd = os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            linux.setns(fd, 0)
-            os.close(fd)
+        step.name = "join the sandbox's network namespace"
+        linux.setns(pidfd, linux.CLONE_NEWNET)
         _report(channel, {"exec": time.monotonic_ns()})
         pid = os.fork()
         if pid == 0:
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            _place_fds(output_fd, socket_fds)
-            os.closerange(3 + len(socket_fds), 1 << 20)
-            env = {"LISTEN_FDS": str(len(socket_fds)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-            uid = int(request.get("uid", 0))
-            _confine("", tuple(request.get("capabilities", ())), True, _Step(), uid, uid)
-            argv = request["argv"]
+            _place_fds(output_fd, rest + ([target] if target >= 0 else []))
+            kept = 3 + len(rest) + (1 if target >= 0 else 0)
+            os.closerange(kept, 1 << 20)
+            env = {"LISTEN_FDS": str(len(rest)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+            argv = list(request["argv"])
+            if target >= 0:
+                argv[-1] = f"/proc/self/fd/{3 + len(rest)}"  # the socket file, opened inside the sandbox's root
+            _confine("", (), True, _Step(), int(request["uid"]), int(request["gid"]))
             os.execve(argv[0], argv, env)
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
@@ -770,29 +773,32 @@ class ForkServer:
     def send_proxy(
         self,
         launch_id: int,
-        init_pid: int,
+        pidfd: int,
         cgroup: str,
         cgroup_procs: tuple[str, ...],
         argv: list[str],
         socket_fds: list[int],
         output_fd: int,
-        capabilities: tuple[int, ...],
         uid: int,
+        gid: int,
+        target_fd: int = -1,
     ) -> socket.socket:
-        """Start a proxy in a running sandbox's cgroup, pid and network namespaces (see proxy.py)."""
+        """Start a proxy in a running sandbox's cgroup and network namespace (see proxy.py)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         request = {
             "id": launch_id,
-            "proxy_into": init_pid,
+            "proxy_into": True,
             "cgroup": cgroup,
             "cgroup_procs": list(cgroup_procs),
             "argv": argv,
-            "capabilities": list(capabilities),
             "uid": uid,
+            "gid": gid,
+            "unix_target": target_fd >= 0,
         }
+        fds = [theirs.fileno(), output_fd, pidfd, *([target_fd] if target_fd >= 0 else []), *socket_fds]
         try:
-            socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd, *socket_fds])
+            socket.send_fds(self.conn, [json.dumps(request).encode()], fds)
         finally:
             theirs.close()
         ours.setblocking(False)

@@ -59,10 +59,10 @@ SYS_CLONE3 = 435  # the same on every architecture (it is newer than the unified
 
 _SYSCALLS: dict[str, dict[str, int]] = {
     # mount_setattr has the same number everywhere (it is newer than the unified table).
-    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "seccomp": 317},
-    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "seccomp": 277},
-    "riscv64": {"pivot_root": 41, "mount_setattr": 442, "seccomp": 277},
-    "ppc64le": {"pivot_root": 203, "mount_setattr": 442, "seccomp": 358},
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "seccomp": 317, "openat2": 437, "pidfd_getfd": 438},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "seccomp": 277, "openat2": 437, "pidfd_getfd": 438},
+    "riscv64": {"pivot_root": 41, "mount_setattr": 442, "seccomp": 277, "openat2": 437, "pidfd_getfd": 438},
+    "ppc64le": {"pivot_root": 203, "mount_setattr": 442, "seccomp": 358, "openat2": 437, "pidfd_getfd": 438},
     "s390x": {"pivot_root": 217, "mount_setattr": 442},
 }
 
@@ -314,12 +314,37 @@ def notif_still_valid(listener: int, notification_id: int) -> bool:
     return True
 
 
-def notif_install_fd(listener: int, notification_id: int, source_fd: int, target_fd: int) -> None:
-    """Put a copy of our `source_fd` at `target_fd` in the waiting process, as dup2 would."""
-    fcntl.ioctl(listener, _NOTIF_ADDFD, struct.pack("QIIII", notification_id, SECCOMP_ADDFD_FLAG_SETFD, source_fd, target_fd, 0))
+def notif_install_fd(listener: int, notification_id: int, source_fd: int, target_fd: int, cloexec: bool) -> None:
+    """Put a copy of our `source_fd` at `target_fd` in the waiting process, as dup3 would."""
+    flags = os.O_CLOEXEC if cloexec else 0
+    fcntl.ioctl(listener, _NOTIF_ADDFD, struct.pack("QIIII", notification_id, SECCOMP_ADDFD_FLAG_SETFD, source_fd, target_fd, flags))
 
 
 def notif_answer(listener: int, notification_id: int, value: int = 0, error: int = 0, proceed: bool = False) -> None:
     """Finish the waiting call: it returns `value` (or fails with `error`), or runs as it was."""
     flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE if proceed else 0
     fcntl.ioctl(listener, _NOTIF_SEND, struct.pack("QqiI", notification_id, value, -error if error else 0, flags))
+
+
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_in_root(root_fd: int, path: str, flags: int) -> int:
+    """Open `path` as if `root_fd` were `/`: absolute symlinks and `..` stay inside (openat2 with
+    RESOLVE_IN_ROOT), and no /proc magic link is followed. For paths inside a sandbox's tree."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(_syscall_number("openat2"), ctypes.c_int(root_fd), _b(path.lstrip("/") or "."), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    _check(fd, "openat2", path)
+    return int(fd)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A copy of descriptor `target_fd` of the process behind `pidfd` (close-on-exec)."""
+    fd = _libc.syscall(_syscall_number("pidfd_getfd"), ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0))
+    _check(fd, "pidfd_getfd")
+    return int(fd)

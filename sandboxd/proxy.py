@@ -26,16 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import ipaddress
 import os
+import select
 import shutil
+import signal
 import socket
+import stat
 import struct
 from pathlib import Path
 
 from . import linux
-from .errors import HostError
-from .linux import CAPABILITIES
+from .errors import HostError, LaunchError
+from .launcher import read_status
 from .seccomp import BIND
 from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase
 from .spec import Address, Socket, hands_off
@@ -45,6 +49,7 @@ TCP_LISTEN = "0A"
 UNIX_LISTENING = 1 << 16  # __SO_ACCEPTCON in the Flags column of /proc/net/unix
 POLL_FIRST = 0.005  # seconds between looks while the program starts; growing to POLL_MAX
 POLL_MAX = 0.1
+WARN_AFTER = 30.0  # seconds without anything listening on a proxy address before saying so
 NOBODY = 65534
 
 
@@ -151,34 +156,54 @@ class Proxies(SupervisorBase):
             rt.bind_listener = -1
 
     def _on_bind(self, rt: ServiceRuntime) -> None:
-        """A process of the sandbox called bind(): if it binds the address of a `proxy:` socket with
-        the socket's own family, its descriptor is replaced by a copy of sandboxd's bound socket and
-        the call succeeds; anything else proceeds as it would have. Connections then go straight to
-        the program, with no proxy in between, and those that came earlier are in the queue."""
+        """A process of the sandbox called bind(): if it binds the address of a `proxy:` socket, with
+        a socket of the same family and type, its descriptor is replaced by a copy of sandboxd's
+        bound socket (with the caller's close-on-exec and non-blocking flags) and the call succeeds;
+        anything else proceeds as it would have. Connections then go straight to the program, with
+        no proxy in between, and those that came earlier are in the queue."""
         listener = rt.bind_listener
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        events = poller.poll(0)
+        if not events:
+            return
+        if not events[0][1] & select.POLLIN:
+            self._unwatch_binds(rt)  # every process of the filter is gone
+            return
         try:
             note = linux.notif_receive(listener)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return  # the caller was interrupted or is gone
-            self._unwatch_binds(rt)  # every process of the filter is gone (hang-up)
-            return
-        chosen = None
-        try:
-            if note.nr == BIND and (sock := self._bound_address_owner(rt, note)) is not None:
-                chosen = sock
         except OSError:
-            chosen = None
+            return  # the caller was interrupted or is gone
         try:
+            chosen = self._bound_address_owner(rt, note) if note.nr == BIND else None
             if chosen is None or not linux.notif_still_valid(listener, note.id):
                 linux.notif_answer(listener, note.id, proceed=True)
                 return
-            linux.notif_install_fd(listener, note.id, self.sockets[(chosen.name, 0)].sock.fileno(), int(note.args[0]))
+            target_fd = int(note.args[0])
+            cloexec, nonblocking = self._caller_flags(note.pid, target_fd)
+            ours = self.sockets[(chosen.name, 0)].sock
+            flags = fcntl.fcntl(ours.fileno(), fcntl.F_GETFL)
+            fcntl.fcntl(ours.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK if nonblocking else flags & ~os.O_NONBLOCK)
+            linux.notif_install_fd(listener, note.id, ours.fileno(), target_fd, cloexec)
             linux.notif_answer(listener, note.id, 0)
-        except OSError:
-            return  # the caller is gone
+        except Exception as e:  # noqa: BLE001 - a bind left unanswered would hang the program
+            try:
+                linux.notif_answer(listener, note.id, error=e.errno if isinstance(e, OSError) and e.errno else errno.EIO)
+            except OSError:
+                pass
+            return
         rt.handed_off.add(chosen.name)
         self.console.note(f"{rt.spec.name}: binds {chosen.proxy} itself; it gets socket {chosen.name} instead (no proxy)")
+
+    @staticmethod
+    def _caller_flags(pid: int, fd: int) -> tuple[bool, bool]:
+        """(close-on-exec, non-blocking) of the caller's descriptor, from /proc/PID/fdinfo."""
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    value = int(line.split()[1], 8)
+                    return bool(value & os.O_CLOEXEC), bool(value & os.O_NONBLOCK)
+        return False, False
 
     def _bound_address_owner(self, rt: ServiceRuntime, note: linux.Notification) -> Socket | None:
         length = int(note.args[2])
@@ -192,15 +217,34 @@ class Proxies(SupervisorBase):
                 continue
             bound = self.sockets[(sock.name, 0)].sock
             if bound.family == family and _matches(sock.proxy, host, port, path):
-                return sock
+                return sock if self._caller_type(note.pid, int(note.args[0])) == bound.type else None
         return None
+
+    @staticmethod
+    def _caller_type(pid: int, fd: int) -> int:
+        """The type (SOCK_STREAM, SOCK_DGRAM, ...) of the socket the caller binds: a UDP server on
+        the proxy's address and port keeps its own socket."""
+        pidfd = os.pidfd_open(pid)
+        try:
+            copy = linux.pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
+        with socket.socket(fileno=copy) as theirs:
+            return int(theirs.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE))
 
     # ── the proxy ──
 
     def _start_proxies(self, rt: ServiceRuntime) -> None:
         for sock in self.stack.sockets_of(rt.spec.name):
             if sock.proxy is not None:
-                asyncio.ensure_future(self._proxy_while_running(rt, sock, rt.launch_id))
+                task = asyncio.ensure_future(self._proxy_while_running(rt, sock, rt.launch_id))
+                self.proxy_tasks.add(task)
+                task.add_done_callback(self._proxy_task_done)
+
+    def _proxy_task_done(self, task: asyncio.Future[None]) -> None:
+        self.proxy_tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.console.note(f"the proxy watch failed: {error!r}")
 
     def _same_sandbox(self, rt: ServiceRuntime, launch_id: int) -> bool:
         return rt.launch_id == launch_id and rt.state in ALIVE and not self.stopping and rt.pid > 0
@@ -208,46 +252,80 @@ class Proxies(SupervisorBase):
     async def _proxy_while_running(self, rt: ServiceRuntime, sock: Socket, launch_id: int) -> None:
         assert sock.proxy is not None
         pid = rt.pid
-        delay = POLL_FIRST
+        delay, waited, warned, failures = POLL_FIRST, 0.0, False, 0
         while self._same_sandbox(rt, launch_id) and sock.name not in rt.handed_off:
             try:
                 # With a readiness check, connections wait for it too: a program may listen a
                 # moment before it serves (PostgreSQL: "the database system is starting up").
                 if (rt.spec.ready != "started" and rt.state is not State.READY) or not listening(pid, sock.proxy):
                     await asyncio.sleep(delay)
+                    waited += delay
                     delay = min(delay * 1.5, POLL_MAX)
+                    if waited > WARN_AFTER and not warned:
+                        warned = True
+                        self.console.note(f"{rt.spec.name}: not forwarding to {sock.proxy} after {WARN_AFTER:g} s (not listening, or not ready); socket {sock.name} holds its clients until then")
                     continue
             except OSError:
                 return  # the sandbox is gone
             if sock.name in rt.handed_off:
                 return  # the program has the socket itself
             self.console.note(f"{rt.spec.name}: {sock.proxy} listens; socket {sock.name} is forwarded to it")
-            status = await self._run_proxy(rt, sock, pid)
+            try:
+                status = await self._run_proxy(rt, sock, pid)
+                text = f"wait status {status}"
+            except OSError as e:
+                text = f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e)
             if not self._same_sandbox(rt, launch_id):
                 return
-            self.console.note(f"{rt.spec.name}: the proxy of socket {sock.name} ended (wait status {status}); starting it again")
-            await asyncio.sleep(POLL_MAX)
+            failures += 1
+            pause = min(POLL_MAX * 2**failures, 5.0)
+            self.console.note(f"{rt.spec.name}: the proxy of socket {sock.name} ended ({text}); starting it again in {pause:g} s")
+            await asyncio.sleep(pause)
             delay = POLL_FIRST
 
     async def _run_proxy(self, rt: ServiceRuntime, sock: Socket, pid: int) -> int:
         assert self.fork_server is not None and sock.proxy is not None
-        unix = sock.proxy.path is not None
         # systemd-socket-proxyd (252) admits one connection more than --connections-max and closes
         # those beyond it; so N-1 gives at most N open connections (for N >= 2).
         argv = [proxy_binary(), f"--connections-max={max(1, sock.max_connections - 1)}", proxy_target(sock.proxy, pid)]
         fds = [self.sockets[(sock.name, index)].sock.fileno() for index in range(len(sock.listen))]
-        caps = tuple(sorted(CAPABILITIES[name] for name in ("DAC_OVERRIDE", "SYS_PTRACE"))) if unix else ()
+        uid = gid = NOBODY
+        target_fd = -1
+        if sock.proxy.path is not None and not sock.proxy.is_abstract:
+            # The program's socket file, looked up inside the sandbox's root (a symlink the sandbox
+            # made cannot lead to a socket of the host's), connected to as the service's user.
+            target_fd = self._open_unix_target(rt, sock.proxy.path)
+            offset = rt.plan.userns[0] if rt.plan.userns else 0
+            uid, gid = rt.plan.uid + offset, rt.plan.gid + offset
         launch_id = self.fork_server.next_id()
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.commands[launch_id] = done
-        channel = self.fork_server.send_proxy(
-            launch_id, pid, str(rt.cgroup.path), rt.cgroup.extra_procs_files, argv, fds, rt.output_w, caps, 0 if unix else NOBODY
-        )
         try:
-            return await done
-        except asyncio.CancelledError:
-            raise
+            channel = self.fork_server.send_proxy(
+                launch_id, rt.pidfd, str(rt.cgroup.path), rt.cgroup.extra_procs_files, argv, fds, rt.output_w, uid, gid, target_fd
+            )
+        finally:
+            if target_fd >= 0:
+                os.close(target_fd)
+        try:
+            status = await done
+            try:
+                _kind, _ = read_status(channel, f"{rt.spec.name} (proxy)")
+            except LaunchError as e:
+                self.console.note(f"{rt.spec.name}: the proxy of socket {sock.name} could not start: {e.step}: {e.detail}")
+            return status
         finally:
             self.commands.pop(launch_id, None)
             channel.close()
 
+    def _open_unix_target(self, rt: ServiceRuntime, path: str) -> int:
+        root = os.open(f"/proc/{rt.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            signal.pidfd_send_signal(rt.pidfd, 0)  # still the sandbox's init: the pid was not reused
+            target = linux.open_in_root(root, path, os.O_PATH)
+        finally:
+            os.close(root)
+        if not stat.S_ISSOCK(os.fstat(target).st_mode):
+            os.close(target)
+            raise OSError(errno.ENOTSOCK, "is not a socket in the sandbox", path)
+        return target

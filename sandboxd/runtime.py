@@ -134,6 +134,7 @@ class SupervisorBase:
     by_launch: dict[int, ServiceRuntime]
     instances: dict[int, Instance]
     commands: dict[int, asyncio.Future[int]]
+    proxy_tasks: set[asyncio.Future[None]]
     no_instances: asyncio.Event
     stop_requested: asyncio.Event | None
     stopping: bool

@@ -14,6 +14,10 @@ from pathlib import Path
 ECHO = r'''
 import os, socket, sys, threading, time
 time.sleep(float(os.environ.get("DELAY", "0")))
+if os.environ.get("UDP_TOO"):  # a UDP server on the same address and port as the proxy's target
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", int(sys.argv[1])))
+    print("udp bound", udp.getsockname(), flush=True)
 family, address = (socket.AF_UNIX, sys.argv[1]) if sys.argv[1].startswith("/") else (socket.AF_INET, ("127.0.0.1", int(sys.argv[1])))
 server = socket.socket(family)
 server.bind(address)
@@ -23,6 +27,8 @@ def serve(conn, peer):
     # With SHOWPEER the answer starts with the client's port as the program sees it: the client's
     # own with a handoff, the proxy's with forwarding.
     tag = f"{peer[1]}:" if os.environ.get("SHOWPEER") else os.environ.get("TAG", "")
+    if os.environ.get("SHOWPIDS"):
+        tag = ",".join(sorted(p for p in os.listdir("/proc") if p.isdigit())) + ":"
     with conn:
         while data := conn.recv(4096):
             conn.sendall(tag.encode() + data)
@@ -51,7 +57,7 @@ def port_of(stack, socket_text: str = "tcp:127.0.0.1:") -> int:
     return int(stack.wait_for(socket_text, "err").split(socket_text)[1].split()[0])
 
 
-def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay: str = "0", handoff: bool = False, showpeer: bool = False) -> None:
+def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay: str = "0", handoff: bool = False, showpeer: bool = False, env: str = "") -> None:
     """An echo program behind a proxy socket; forwarding unless `handoff`."""
     (spec_dir / "echo.py").write_text(ECHO)
     peer = ', SHOWPEER: "1"' if showpeer else ""
@@ -60,7 +66,7 @@ def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay:
         "kind: service",
         f'command: [python3, /app/echo.py, "{argument}"]',
         "mounts: [{source: ., target: /app}]",
-        f'environment: {{DELAY: "{delay}", TAG: "echo:"{peer}}}',
+        f'environment: {{DELAY: "{delay}", TAG: "echo:"{peer}{env}}}',
         *extra.splitlines(),
     ]
     sock = ["kind: socket", f"listen: {listen}", f"proxy: {target}", f"handoff: {str(handoff).lower()}"]
@@ -196,3 +202,68 @@ def test_other_binds_of_the_program_proceed_unchanged(run_stack, spec_dir: Path)
     stack.wait_for("listening", "out")
     assert "instead (no proxy)" not in stack.err
     stack.stop()
+
+
+def test_udp_server_on_the_proxy_address_keeps_its_own_socket(run_stack, spec_dir: Path) -> None:
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", handoff=True, env=', UDP_TOO: "1"')
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    assert echo_once(("127.0.0.1", port), b"tcp") == b"echo:tcp"
+    assert any(line.startswith("udp bound ('127.0.0.1', 7000)") for line in stack.lines("echo"))
+    assert stack.err.count("it gets socket echo instead") == 1
+    stack.stop()
+
+
+def test_forwarding_proxy_is_not_visible_inside_the_sandbox(run_stack, spec_dir: Path) -> None:
+    """The proxy runs in the sandbox's network namespace only: in its pid namespace a process of
+    the same user could reach the host's root through /proc/PID/root of the proxy."""
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", extra="user: nobody", env=', SHOWPIDS: "1"')
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.sendall(b"x")
+        answer = b""
+        while not answer.endswith(b"x"):
+            answer += client.recv(64)
+    assert answer == b"1,2:x"  # the init and the program, nothing else
+    stack.stop()
+
+
+def test_unix_target_that_the_sandbox_turns_into_a_symlink_does_not_reach_the_host(run_stack, spec_dir: Path, socket_dir: Path) -> None:
+    """The program swaps its socket file for a symlink to a host socket; the proxy resolves the
+    path inside the sandbox's root, so it finds nothing there and connects nowhere."""
+    host_path = socket_dir / "host.sock"
+    host = socket.socket(socket.AF_UNIX)
+    host.bind(str(host_path))
+    host.listen(8)
+    host.settimeout(0.5)
+    swap = (
+        "import os, socket, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind('/run/echo/echo.sock'); s.listen(8)\n"
+        f"os.unlink('/run/echo/echo.sock'); os.symlink({str(host_path)!r}, '/run/echo/echo.sock')\n"
+        "print('swapped', flush=True); time.sleep(60)\n"
+    )
+    (spec_dir / "swap.py").write_text(swap)
+    (spec_dir / "echo.yaml").write_text(
+        "kind: service\ncommand: [python3, /app/swap.py]\nmounts: [{source: ., target: /app}]\ntmpfs: /run/echo\n"
+        f"---\nkind: socket\nlisten: unix:{socket_dir}/front.sock\nproxy: unix:/run/echo/echo.sock\nhandoff: false\n"
+    )
+    stack = run_stack(spec_dir)
+    try:
+        stack.wait_for("swapped", "out")
+        stack.wait_for("is forwarded to it", "err")
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(2)
+            client.connect(str(socket_dir / "front.sock"))
+            try:
+                conn, _ = host.accept()
+                conn.close()
+                reached = True
+            except TimeoutError:
+                reached = False
+        assert not reached
+        stack.wait_for("the proxy of socket echo ended", "err")
+    finally:
+        stack.stop()
+        host.close()
+        host_path.unlink()

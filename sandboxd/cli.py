@@ -19,7 +19,7 @@ def _load(folder: str) -> tuple[object, object]:
     from .spec import load_stack
 
     stack = load_stack(Path(folder))
-    return stack, make_plans(stack)
+    return stack, make_plans(stack, build=False)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -111,9 +111,11 @@ def _up_detached(args: argparse.Namespace) -> int:
 
     stack = _with_env(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
-    make_plans(stack, str(RUNTIME_ROOT / instance))  # builds images here, where their output is seen
+    if os.geteuid() != 0:
+        raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
     if instance in running_stacks():
         raise HostError(f"a stack named {instance!r} is already running", "stop it with sandboxd down -p NAME, or pick another name with -p")
+    make_plans(stack, str(RUNTIME_ROOT / instance))  # builds images here, where their output is seen
     log = tempfile.TemporaryFile()
     # The supervisor is this process, forked into a session of its own: no second interpreter
     # start, no second validation. Its early errors go to `log`, which this side shows.

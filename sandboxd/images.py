@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ from pathlib import Path
 from .errors import HostError
 
 BUILD_SCRIPT = "build"
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # as unit names: they name directories
 
 
 def state_dir() -> Path:
@@ -42,6 +45,17 @@ def state_dir() -> Path:
 
 def store_dir() -> Path:
     return state_dir() / "images"
+
+
+def private_dir(path: Path) -> Path:
+    """`path` and the state directory, made if missing, root's alone (0700): an image may hold
+    setuid files and device nodes, a volume what a sandbox's root wrote; on the host nobody else
+    may reach them (sandboxd's mounts reach them with root's rights)."""
+    for directory in (state_dir(), path):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.stat().st_mode & 0o077:
+            directory.chmod(0o700)
+    return path
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ def list_images() -> list[Image]:
 
 def staging_dir(name: str) -> Path:
     """An empty directory in the store, on the same file system, to fill before `commit`."""
-    store_dir().mkdir(parents=True, exist_ok=True)
+    private_dir(store_dir())
     staging = store_dir() / f".{name}.{os.getpid()}.{time.monotonic_ns()}"
     staging.mkdir(mode=0o755)
     return staging
@@ -131,6 +145,8 @@ def commit(name: str, staging: Path, config: ImageConfig, source: str, digest: s
 
 
 def remove(name: str) -> bool:
+    if not NAME.fullmatch(name):
+        return False
     path = store_dir() / name
     if not path.is_dir():
         return False
@@ -167,10 +183,20 @@ def size_of(path: Path) -> int:
 
 
 def find_definition(name: str, spec_folder: Path) -> Path | None:
-    """`images/NAME/` beside the spec folder or beside any folder above it; the nearest wins."""
+    """`images/NAME/` beside the spec folder or beside any folder above it; the nearest wins.
+    Its build script runs as root, so it must be root's (or the caller's) and writable by no one
+    else, as must the folders that hold it: an `images/` in /tmp made by someone else is refused."""
     for folder in [spec_folder, *spec_folder.parents]:
         candidate = folder / "images" / name
         if (candidate / BUILD_SCRIPT).is_file():
+            for path in (candidate / BUILD_SCRIPT, candidate, candidate.parent):
+                info = path.stat()
+                if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+                    raise HostError(
+                        f"refusing to run {candidate / BUILD_SCRIPT} as root: {path} is "
+                        + (f"owned by uid {info.st_uid}" if info.st_uid not in (0, os.geteuid()) else "writable by group or others"),
+                        f"make it root's and writable by root alone (chown root {path}; chmod go-w {path})",
+                    )
             return candidate
     return None
 
@@ -193,7 +219,8 @@ def build(name: str, definition: Path, echo: bool = True) -> Image:
     script = definition / BUILD_SCRIPT
     env = {**os.environ, "ROOTFS": str(rootfs), "IMAGE_NAME": name}
     try:
-        result = subprocess.run([str(script)], cwd=definition, env=env, stdout=None if echo else subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        # Its output goes to stderr, with sandboxd's own messages (stdout may be JSON).
+        result = subprocess.run([str(script)], cwd=definition, env=env, stdout=sys.stderr.fileno() if echo else subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     except OSError as e:
         remove_tree(staging)
         raise HostError(f"cannot run {script}: {e.strerror}", f"make it executable: chmod +x {script}") from None
@@ -242,7 +269,7 @@ def build_if_changed(name: str, definition: Path, echo: bool = True) -> Image:
 
 @contextmanager
 def store_lock() -> Iterator[None]:
-    store_dir().mkdir(parents=True, exist_ok=True)
+    private_dir(store_dir())
     fd = os.open(store_dir() / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

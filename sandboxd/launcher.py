@@ -215,15 +215,18 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         linux.pivot_root(".", OLD_ROOT.lstrip("/"))
     os.chdir("/")
     for op, fd in binds:
+        # A symlink on the way (/etc/resolv.conf -> /run/...) is followed inside the sandbox, where
+        # it may lead onto the private /run: the mount point is made there. One that leads to the
+        # host's root, still at OLD_ROOT here (an image can hold any symlink), is refused.
+        target = os.path.realpath(op.target)
+        if not in_place and _under_path(target, OLD_ROOT):
+            raise OSError(errno.EPERM, "leads out of the sandbox through a symlink", op.target)
         if op.kind == "tmpfs":
             step.name = f"mount tmpfs on {op.target}"
-            _ensure_mountpoint(op.target, is_dir=True)
-            linux.mount("tmpfs", op.target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
+            _ensure_mountpoint(target, is_dir=True)
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
             continue
         step.name = f"bind {op.source} on {op.target}"
-        # A symlink target (/etc/resolv.conf -> /run/...) is followed inside the sandbox, where it
-        # may lead onto the private /run: the mount point is made there.
-        target = os.path.realpath(op.target) if os.path.islink(op.target) else op.target
         _ensure_mountpoint(target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
         linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
         if op.readonly:
@@ -241,6 +244,10 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         step.name = "detach the host's root"
         linux.umount2(OLD_ROOT, linux.MNT_DETACH)
         os.rmdir(OLD_ROOT)
+
+
+def _under_path(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _place_fds(output_fd: int, socket_fds: list[int]) -> None:

@@ -57,7 +57,7 @@ from typing import IO, Any
 from . import images
 from .errors import HostError
 
-NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+NAME = images.NAME
 TOP_DIRECTORIES = ("proc", "sys", "dev", "tmp", "run", "etc")
 
 _DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]{64}|[0-9a-f]{128})")

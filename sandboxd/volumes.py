@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .images import state_dir
+from .images import private_dir, state_dir
 
 if TYPE_CHECKING:
     from .plan import LaunchPlan
@@ -30,7 +30,9 @@ def owners(stack: Stack, plans: dict[str, LaunchPlan]) -> dict[str, tuple[int, i
     for service in stack.services:  # sorted by name
         for mount in service.mounts:
             if mount.volume and not mount.readonly and service.name in plans:
-                found.setdefault(mount.volume, (plans[service.name].uid, plans[service.name].gid))
+                plan = plans[service.name]
+                offset = plan.userns[0] if plan.userns else 0  # in a user namespace: the mapped ids
+                found.setdefault(mount.volume, (plan.uid + offset, plan.gid + offset))
     return {volume.name: found.get(volume.name, (0, 0)) for volume in stack.volumes}
 
 
@@ -39,10 +41,11 @@ def create(stack: Stack, plans: dict[str, LaunchPlan]) -> list[str]:
     made = []
     for name, (uid, gid) in owners(stack, plans).items():
         path = volumes_dir() / name
-        if path.is_dir():
-            continue
-        volumes_dir().mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o755)
+        private_dir(volumes_dir())
+        try:
+            path.mkdir(mode=0o755)
+        except FileExistsError:
+            continue  # there already, or made by another stack a moment ago
         os.chown(path, uid, gid)
         made.append(name)
     return made

@@ -188,3 +188,25 @@ def test_unknown_image_is_a_spec_error(tmp_path: Path, monkeypatch: pytest.Monke
     result = sandboxd("up", str(folder), check=False)
     assert result.returncode == 2
     assert "app.yaml:1: image: no image 'nosuch'" in result.stderr
+
+
+def test_symlink_in_an_image_does_not_lead_a_mount_onto_the_host(run_stack, spec_dir: Path, store: Path, tmp_path: Path) -> None:
+    """The image's /data points at the host's root as it is reachable while the sandbox is built;
+    the bind is refused and nothing is made on the host."""
+    rootfs = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", str(store / "images" / "busybox" / "rootfs"), str(rootfs)], check=True)
+    escaped = tmp_path / "escaped"
+    (rootfs / "data").symlink_to(f"/run/.sbd-oldroot{escaped}")
+    source = tmp_path / "src"
+    source.mkdir()
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        image: {rootfs}
+        restart: no
+        command: ["true"]
+        mounts: [{{source: {source}, target: /data/inner}}]
+        """)
+    stack = run_stack(spec_dir)
+    stack.wait_exit()
+    assert "leads out of the sandbox through a symlink" in stack.err
+    assert not escaped.exists()

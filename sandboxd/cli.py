@@ -377,7 +377,11 @@ def cmd_image(args: argparse.Namespace) -> int:
             _need_root("sandboxd image build")
             for target in args.names or ["."]:
                 definition, name = _definition(target)
-                built = images.build(name, definition) if args.force else images.build_if_changed(name, definition)
+                if args.force:
+                    with images.store_lock():
+                        built = images.build(name, definition)
+                else:
+                    built = images.build_if_changed(name, definition)
                 print(f"image {built.name}: {built.rootfs} ({built.digest[:19]})")
             return 0
         case "rm":

@@ -104,8 +104,8 @@ def load(name: str) -> Image | None:
         data = json.loads(_meta_path(name).read_text())
     except (OSError, ValueError):
         return None
-    rootfs = store_dir() / name / "rootfs"
-    if not rootfs.is_dir():
+    rootfs = store_dir() / name / "trees" / str(data.get("tree", ""))
+    if not data.get("tree") or not rootfs.is_dir():
         return None
     return Image(name, rootfs, ImageConfig.from_json(data.get("config") or {}), data.get("source", ""), data.get("digest", ""), data.get("created", 0.0))
 
@@ -121,38 +121,80 @@ def list_images() -> list[Image]:
 def staging_dir(name: str) -> Path:
     """An empty directory in the store, on the same file system, to fill before `commit`."""
     private_dir(store_dir())
+    _sweep_staging()
     staging = store_dir() / f".{name}.{os.getpid()}.{time.monotonic_ns()}"
     staging.mkdir(mode=0o755)
     return staging
 
 
+def _sweep_staging() -> None:
+    """Remove staging directories of builds and imports whose process is gone (killed midway)."""
+    for path in store_dir().glob(".*.*.*"):
+        _, pid, stamp = path.name.rsplit(".", 2)
+        if path.is_dir() and pid.isdigit() and stamp.isdigit() and not Path(f"/proc/{pid}").exists():
+            remove_tree(path)
+
+
 def commit(name: str, staging: Path, config: ImageConfig, source: str, digest: str) -> Image:
-    """Make the filled `staging` directory the image `name`, replacing an older one atomically:
-    a sandbox that runs on the old tree keeps it (its overlay holds the directory)."""
-    (staging / "image.json").write_text(
-        json.dumps({"name": name, "source": source, "digest": digest, "created": time.time(), "config": config.to_json()}, indent=1)
-    )
+    """Make `staging/rootfs` the image `name`. Each version is a tree of its own under
+    images/NAME/trees/, and image.json (replaced atomically) names the current one: sandboxes that
+    run on an older tree keep it whole, and it is removed once no sandbox has it mounted."""
     final = store_dir() / name
-    old = store_dir() / f".{name}.old.{os.getpid()}.{time.monotonic_ns()}"
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    if old.exists():
-        remove_tree(old)
+    (final / "trees").mkdir(parents=True, exist_ok=True)
+    tree = f"{int(time.time())}-{os.getpid()}-{time.monotonic_ns()}"
+    (staging / "rootfs").rename(final / "trees" / tree)
+    meta = {"name": name, "source": source, "digest": digest, "created": time.time(), "tree": tree, "config": config.to_json()}
+    (final / "image.json.tmp").write_text(json.dumps(meta, indent=1))
+    (final / "image.json.tmp").rename(final / "image.json")
+    remove_tree(staging)
+    collect(name)
     image = load(name)
     assert image is not None
     return image
 
 
+def trees_in_use() -> set[str]:
+    """The image trees that a sandbox has mounted (its overlay's lowerdir), on this host."""
+    used: set[str] = set()
+    marker = f"lowerdir={store_dir()}/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if "/sandboxd/" not in (entry / "cgroup").read_text():
+                continue
+            for line in (entry / "mountinfo").read_text().splitlines():
+                for option in line.rsplit(" ", 1)[-1].split(","):
+                    if option.startswith(marker):
+                        used.add(option.removeprefix("lowerdir="))
+        except OSError:
+            continue
+    return used
+
+
+def collect(name: str) -> None:
+    """Remove the trees of image `name` that are neither current nor mounted by a sandbox."""
+    current = load(name)
+    used = trees_in_use()
+    for tree in (store_dir() / name / "trees").glob("*"):
+        if (current is None or tree != current.rootfs) and str(tree) not in used:
+            remove_tree(tree)
+
+
 def remove(name: str) -> bool:
+    """Remove image `name`; refused (HostError) while a sandbox runs on it."""
     if not NAME.fullmatch(name):
         return False
     path = store_dir() / name
     if not path.is_dir():
         return False
-    trash = store_dir() / f".{name}.rm.{os.getpid()}.{time.monotonic_ns()}"
-    path.rename(trash)
-    remove_tree(trash)
+    with store_lock():
+        used = [tree for tree in trees_in_use() if tree.startswith(f"{path}/")]
+        if used:
+            raise HostError(f"image '{name}' is in use by a running sandbox", "stop the stacks that use it first")
+        trash = store_dir() / f".{name}.rm.{os.getpid()}.{time.monotonic_ns()}"
+        path.rename(trash)
+        remove_tree(trash)
     return True
 
 

@@ -39,6 +39,12 @@ def store(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return state_dir
 
 
+def busybox_root(store: Path) -> Path:
+    """The current tree of the busybox image (images/busybox/trees/VERSION, named in image.json)."""
+    meta = json.loads((store / "images" / "busybox" / "image.json").read_text())
+    return store / "images" / "busybox" / "trees" / meta["tree"]
+
+
 def test_service_runs_on_the_image_not_on_the_host(run_stack, spec_dir: Path, store: Path) -> None:
     write(spec_dir, "box.yaml", """
         kind: service
@@ -69,14 +75,14 @@ def test_writable_layer_is_fresh_on_every_start_and_never_reaches_the_image(run_
     lines = stack.wait_lines("box", 4)
     stack.stop()
     assert lines[:4] == ["fresh", "made", "fresh", "made"]
-    assert not (store / "images" / "busybox" / "rootfs" / "etc" / "marker").exists()
-    assert not (store / "images" / "busybox" / "rootfs" / "new").exists()
+    assert not (busybox_root(store) / "etc" / "marker").exists()
+    assert not (busybox_root(store) / "new").exists()
 
 
 def test_root_file_system_folder_runs_as_an_image(run_stack, spec_dir: Path, store: Path) -> None:
     write(spec_dir, "box.yaml", f"""
         kind: service
-        image: {store / "images" / "busybox" / "rootfs"}
+        image: {busybox_root(store)}
         restart: no
         workdir: /etc
         command: ["/bin/sh", "-c", "pwd; cat hostname"]
@@ -139,7 +145,7 @@ def test_image_is_built_on_first_up_and_rebuilt_when_its_definition_changes(run_
     monkeypatch.setenv("SANDBOXD_STATE_DIR", str(tmp_path / "own-store"))
     definition = tmp_path / "images" / "tiny"
     definition.mkdir(parents=True)
-    busybox = store / "images" / "busybox" / "rootfs" / "bin" / "busybox"
+    busybox = busybox_root(store) / "bin" / "busybox"
     build = definition / "build"
     build.write_text(f"#!/bin/sh\nset -e\nmkdir -p $ROOTFS/bin\ncp {busybox} $ROOTFS/bin/busybox\nln -s busybox $ROOTFS/bin/sh\nln -s busybox $ROOTFS/bin/cat\ncp version $ROOTFS/version\n")
     build.chmod(0o755)
@@ -194,7 +200,7 @@ def test_symlink_in_an_image_does_not_lead_a_mount_onto_the_host(run_stack, spec
     """The image's /data points at the host's root as it is reachable while the sandbox is built;
     the bind is refused and nothing is made on the host."""
     rootfs = tmp_path / "rootfs"
-    subprocess.run(["cp", "-a", str(store / "images" / "busybox" / "rootfs"), str(rootfs)], check=True)
+    subprocess.run(["cp", "-a", str(busybox_root(store)), str(rootfs)], check=True)
     escaped = tmp_path / "escaped"
     (rootfs / "data").symlink_to(f"/run/.sbd-oldroot{escaped}")
     source = tmp_path / "src"
@@ -210,3 +216,29 @@ def test_symlink_in_an_image_does_not_lead_a_mount_onto_the_host(run_stack, spec
     stack.wait_exit()
     assert "leads out of the sandbox through a symlink" in stack.err
     assert not escaped.exists()
+
+
+def test_rebuilt_image_keeps_the_tree_a_running_sandbox_uses_until_it_stops(run_stack, tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOXD_STATE_DIR", str(tmp_path / "own-store"))
+    definition = tmp_path / "images" / "tiny"
+    definition.mkdir(parents=True)
+    build = definition / "build"
+    build.write_text(f"#!/bin/sh\nset -e\nmkdir -p $ROOTFS/bin\ncp {busybox_root(store) / 'bin' / 'busybox'} $ROOTFS/bin/busybox\nln -s busybox $ROOTFS/bin/sh\ncp version $ROOTFS/version\n")
+    build.chmod(0o755)
+    (definition / "version").write_text("one\n")
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    write(folder, "app.yaml", "kind: service\nimage: tiny\ncommand: [/bin/busybox, sh, -c, 'echo ready; while sleep 0.05; do /bin/busybox cat /version; done']\n")
+    stack = run_stack(folder)
+    stack.wait_lines("app", 2)
+    (definition / "version").write_text("two\n")
+    assert sandboxd("image", "build", str(definition)).returncode == 0  # rebuilt while the sandbox runs on "one"
+    refused = sandboxd("image", "rm", "tiny", check=False)
+    assert refused.returncode == 1 and "in use by a running sandbox" in refused.stderr
+    count = len(stack.lines("app"))
+    lines = stack.wait_lines("app", count + 3)
+    assert lines[-1] == "one"  # its tree was kept whole
+    assert len(list((tmp_path / "own-store" / "images" / "tiny" / "trees").iterdir())) == 2
+    stack.stop()
+    assert sandboxd("image", "rm", "tiny").returncode == 0
+    assert not (tmp_path / "own-store" / "images" / "tiny").exists()

@@ -136,7 +136,7 @@ def test_layout_folder_becomes_stored_image_with_manifest_digest(tmp_path: Path,
     digest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
     image = oci.import_image(layout, "two")
     assert image == images.load("two")
-    assert (image.source, image.digest, image.rootfs) == ("import", digest, store / "two" / "rootfs")
+    assert (image.source, image.digest, image.rootfs.parent) == ("import", digest, store / "two" / "trees")
     assert staging_dirs(store) == []
 
 

@@ -112,7 +112,8 @@ class Operations(SupervisorBase):
 
         try:
             stack = _with_env(load_stack(Path(folder)), env)
-            plans = make_plans(stack, str(self.runtime_dir), echo=False, subids=True)
+            # In a thread: an image build may take a while, and the loop supervises meanwhile.
+            plans = await asyncio.to_thread(make_plans, stack, str(self.runtime_dir), False, True)
             limits = _enforceable_limits(stack, self.cgroups.host)
         except SpecErrors as e:
             raise ValueError("the new spec has problems:\n  " + "\n  ".join(str(err) for err in e.errors)) from None

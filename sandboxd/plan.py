@@ -282,11 +282,26 @@ def _command_error(service: Service, argv: tuple[str, ...], workdir: str, path_v
     return SpecError(service.file, service.line, "command", f"program {program!r} not found {where}{image}")
 
 
-def _id_table(path: str) -> dict[str, tuple[int, int]]:
-    """name -> (id, primary group id) from a passwd file; name -> (gid, gid) from a group file."""
+def _id_table(rootfs: str, path: str) -> dict[str, tuple[int, int]]:
+    """name -> (id, primary group id) from an image's passwd file; name -> (gid, gid) from a group
+    file. Read inside the image's tree (its symlinks cannot lead onto the host's files), a regular
+    file of at most 4 MiB."""
+    import stat
+
+    from .linux import open_in_root
+
     table: dict[str, tuple[int, int]] = {}
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = open_in_root(root, path, os.O_RDONLY | os.O_NOFOLLOW)
+        finally:
+            os.close(root)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 4 << 20:
+            os.close(fd)
+            return table
+        with open(fd, encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.rstrip("\n").split(":")
                 if len(fields) >= 3 and fields[2].isdigit():
@@ -295,6 +310,32 @@ def _id_table(path: str) -> dict[str, tuple[int, int]]:
     except OSError:
         pass
     return table
+
+
+def _user(name: str, rootfs: str) -> tuple[int, int] | None:
+    """uid and primary gid of a user: the host's through NSS (LDAP, sssd and the like too), an
+    image's from its /etc/passwd."""
+    if rootfs:
+        return _id_table(rootfs, "/etc/passwd").get(name)
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _group(name: str, rootfs: str) -> int | None:
+    if rootfs:
+        found = _id_table(rootfs, "/etc/group").get(name)
+        return found[0] if found else None
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
 
 
 def _identity(service: Service, rootfs: str, image_user: str = "") -> tuple[int, int, list[SpecError]]:
@@ -309,15 +350,15 @@ def _identity(service: Service, rootfs: str, image_user: str = "") -> tuple[int,
     if user:
         if user.isdigit():
             uid = gid = int(user)
-        elif (found := _id_table(f"{rootfs}/etc/passwd").get(user)) is not None:
+        elif (found := _user(user, rootfs)) is not None:
             uid, gid = found
         else:
             errors.append(SpecError(service.file, service.line, "user", f"no user '{user}' in the {where}'s /etc/passwd; use a name from it or a number"))
     if group:
         if group.isdigit():
             gid = int(group)
-        elif (found := _id_table(f"{rootfs}/etc/group").get(group)) is not None:
-            gid = found[0]
+        elif (found_gid := _group(group, rootfs)) is not None:
+            gid = found_gid
         else:
             errors.append(SpecError(service.file, service.line, "group", f"no group '{group}' in the {where}'s /etc/group; use a name from it or a number"))
     return uid, gid, errors

@@ -153,23 +153,30 @@ def commit(name: str, staging: Path, config: ImageConfig, source: str, digest: s
     return image
 
 
-def trees_in_use() -> set[str]:
-    """The image trees that a sandbox has mounted (its overlay's lowerdir), on this host."""
-    used: set[str] = set()
-    marker = f"lowerdir={store_dir()}/"
+def sandbox_mounts() -> Iterator[tuple[int, str]]:
+    """(pid, mountinfo line) of every mount that a process in a sandboxd cgroup sees."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if "/sandboxd/" not in (entry / "cgroup").read_text():
                 continue
-            for line in (entry / "mountinfo").read_text().splitlines():
-                for option in line.rsplit(" ", 1)[-1].split(","):
-                    if option.startswith(marker):
-                        used.add(option.removeprefix("lowerdir="))
+            lines = (entry / "mountinfo").read_text().splitlines()
         except OSError:
             continue
-    return used
+        for line in lines:
+            yield int(entry.name), line
+
+
+def trees_in_use() -> set[str]:
+    """The image trees that a sandbox has mounted (its overlay's lowerdir), on this host."""
+    marker = f"lowerdir={store_dir()}/"
+    return {
+        option.removeprefix("lowerdir=")
+        for _pid, line in sandbox_mounts()
+        for option in line.rsplit(" ", 1)[-1].split(",")
+        if option.startswith(marker)
+    }
 
 
 def collect(name: str) -> None:

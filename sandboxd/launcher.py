@@ -401,40 +401,27 @@ def become_userns_root() -> None:
     os.setresuid(0, 0, 0)
 
 
-def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> NoReturn:
-    """In a child born in the service's cgroup: join the namespaces of its init and run a command.
-
-    Used for health checks (and, later, `sandboxd exec`). Joining a pid namespace takes effect for
-    children only, so this process joins, forks the command into the sandbox's pid namespace,
-    waits, and exits with its status. The command dies with this process (PR_SET_PDEATHSIG), so
-    a supervisor that kills this process for a timeout ends the command too.
-    """
+def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callable[[], bool], run: Callable[[bool], None]) -> NoReturn:
+    """The shape of running something inside a running sandbox, in a child born in its cgroup:
+    join further cgroups, `join` namespaces (True if a user namespace was joined), report, fork
+    `run` (a joined pid namespace takes effect for children only), wait, exit with its status.
+    What runs dies with this process (PR_SET_PDEATHSIG), so killing this process ends it too."""
     step = _Step()
-    channel = socket.socket(fileno=status_fd)
     try:
         step.name = "reset signals"
         _reset_signals()
-        target = int(request["exec_into"])
         step.name = "join cgroups"
         for procs in request.get("cgroup_procs", ()):
             with open(procs, "w") as f:
                 f.write("0")
-        step.name = f"join the namespaces of pid {target}"
-        in_userns = join_namespaces(target)
+        step.name = "join the sandbox's namespaces"
+        in_userns = join()
         _report(channel, {"exec": time.monotonic_ns()})
         pid = os.fork()
         if pid == 0:
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if in_userns:
-                become_userns_root()
-            os.chdir(request["workdir"])
-            null = os.open("/dev/null", os.O_RDWR)
-            for target_fd in (0, 1, 2):
-                os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
-            os.closerange(3, 1 << 20)
-            _confine(request.get("seccomp_filter", ""), tuple(request.get("capabilities", ())), True, _Step(), request.get("uid", 0), request.get("gid", 0))
-            argv = request["argv"]
-            os.execvpe(argv[0], argv, dict(request["env"]))
+            run(in_userns)
+            os._exit(EXIT_UNEXPECTED)
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
     except OSError as e:
@@ -445,9 +432,28 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
         os._exit(EXIT_UNEXPECTED)
 
 
+def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> NoReturn:
+    """Run a command in all the namespaces of a running sandbox's init, confined like the service.
+    Used for health checks, `reload:` commands and `sandboxd exec`."""
+
+    def run(in_userns: bool) -> None:
+        if in_userns:
+            become_userns_root()
+        os.chdir(request["workdir"])
+        null = os.open("/dev/null", os.O_RDWR)
+        for target_fd in (0, 1, 2):
+            os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
+        os.closerange(3, 1 << 20)
+        _confine(request.get("seccomp_filter", ""), tuple(request.get("capabilities", ())), True, _Step(), request.get("uid", 0), request.get("gid", 0))
+        argv = request["argv"]
+        os.execvpe(argv[0], argv, dict(request["env"]))
+
+    _join_then_run(request, socket.socket(fileno=status_fd), lambda: join_namespaces(int(request["exec_into"])), run)
+
+
 def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list[int]) -> NoReturn:
-    """In a child born in the service's cgroup: start the proxy (see proxy.py) in the sandbox's
-    network namespace, with the bound sockets as fds 3.., and exit with its status.
+    """Start the proxy (see proxy.py) in a running sandbox's network namespace, with the bound
+    sockets as fds 3.., and exit with its status.
 
     `fds` is the sandbox init's pidfd, then (for a unix target) an O_PATH descriptor of the
     program's socket file, then the bound sockets. The proxy joins the network namespace only: not
@@ -455,41 +461,26 @@ def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list
     proxy, which is the host's root), not its mount namespace (the proxy is the host's program). It
     ends with the sandbox through the cgroup, and with this process (PR_SET_PDEATHSIG).
     """
-    step = _Step()
     channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)))
     os.close(status_fd)
-    try:
-        step.name = "reset signals"
-        _reset_signals()
-        pidfd, *rest = fds
-        target = rest.pop(0) if request.get("unix_target") else -1
-        step.name = "join cgroups"
-        for procs in request.get("cgroup_procs", ()):
-            with open(procs, "w") as f:
-                f.write("0")
-        step.name = "join the sandbox's network namespace"
+    pidfd, *rest = fds
+    target = rest.pop(0) if request.get("unix_target") else -1
+
+    def join() -> bool:
         linux.setns(pidfd, linux.CLONE_NEWNET)
-        _report(channel, {"exec": time.monotonic_ns()})
-        pid = os.fork()
-        if pid == 0:
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            _place_fds(output_fd, rest + ([target] if target >= 0 else []))
-            kept = 3 + len(rest) + (1 if target >= 0 else 0)
-            os.closerange(kept, 1 << 20)
-            env = {"LISTEN_FDS": str(len(rest)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-            argv = list(request["argv"])
-            if target >= 0:
-                argv[-1] = f"/proc/self/fd/{3 + len(rest)}"  # the socket file, opened inside the sandbox's root
-            _confine("", (), True, _Step(), int(request["uid"]), int(request["gid"]))
-            os.execve(argv[0], argv, env)
-        _, status = os.waitpid(pid, 0)
-        os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-    except OSError as e:
-        _report(channel, {"error": step.name, "detail": e.strerror or str(e)})
-        os._exit(EXIT_SETUP_FAILED)
-    except BaseException as e:  # noqa: BLE001
-        _report(channel, {"error": step.name, "detail": repr(e)})
-        os._exit(EXIT_UNEXPECTED)
+        return False
+
+    def run(_in_userns: bool) -> None:
+        _place_fds(output_fd, rest + ([target] if target >= 0 else []))
+        os.closerange(3 + len(rest) + (1 if target >= 0 else 0), 1 << 20)
+        env = {"LISTEN_FDS": str(len(rest)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        argv = list(request["argv"])
+        if target >= 0:
+            argv[-1] = f"/proc/self/fd/{3 + len(rest)}"  # the socket file, opened inside the sandbox's root
+        _confine("", (), True, _Step(), int(request["uid"]), int(request["gid"]))
+        os.execve(argv[0], argv, env)
+
+    _join_then_run(request, channel, join, run)
 
 
 # ───────────────────────────── the fork server ─────────────────────────────
@@ -753,8 +744,6 @@ class ForkServer:
         cgroup_procs: tuple[str, ...] = (),
     ) -> socket.socket:
         """Run a command inside a running sandbox (its init's namespaces and its cgroup)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         request = {
             "id": launch_id,
             "exec_into": init_pid,
@@ -770,10 +759,18 @@ class ForkServer:
         }
         null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         try:
-            socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), output_fd if output_fd >= 0 else null])
+            return self._send(request, [output_fd if output_fd >= 0 else null])
+        finally:
+            os.close(null)
+
+    def _send(self, request: dict[str, Any], fds: list[int]) -> socket.socket:
+        """Send a request with its descriptors after a new status channel; returns our end of it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        try:
+            socket.send_fds(self.conn, [json.dumps(request).encode()], [theirs.fileno(), *fds])
         finally:
             theirs.close()
-            os.close(null)
         ours.setblocking(False)
         return ours
 
@@ -791,8 +788,6 @@ class ForkServer:
         target_fd: int = -1,
     ) -> socket.socket:
         """Start a proxy in a running sandbox's cgroup and network namespace (see proxy.py)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         request = {
             "id": launch_id,
             "proxy_into": True,
@@ -803,13 +798,7 @@ class ForkServer:
             "gid": gid,
             "unix_target": target_fd >= 0,
         }
-        fds = [theirs.fileno(), output_fd, pidfd, *([target_fd] if target_fd >= 0 else []), *socket_fds]
-        try:
-            socket.send_fds(self.conn, [json.dumps(request).encode()], fds)
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        return ours
+        return self._send(request, [output_fd, pidfd, *([target_fd] if target_fd >= 0 else []), *socket_fds])
 
     def stop(self) -> None:
         """Close our end: the fork server exits, and with it anything still in its namespace."""

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .images import private_dir, state_dir
+from .images import private_dir, sandbox_mounts, state_dir
 
 if TYPE_CHECKING:
     from .plan import LaunchPlan
@@ -73,16 +73,8 @@ def remove(name: str) -> bool:
 def in_use(name: str) -> int:
     """A process of a sandbox that has the volume mounted, or 0."""
     suffix = f"/volumes/{name}"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if "/sandboxd/" not in (entry / "cgroup").read_text():
-                continue
-            for line in (entry / "mountinfo").read_text().splitlines():
-                root = line.split()[3]
-                if root.endswith(suffix) or root.startswith(suffix + "/"):
-                    return int(entry.name)
-        except (OSError, IndexError):
-            continue
+    for pid, line in sandbox_mounts():
+        fields = line.split()
+        if len(fields) > 3 and (fields[3].endswith(suffix) or fields[3].startswith(suffix + "/")):
+            return pid
     return 0

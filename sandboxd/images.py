@@ -1,10 +1,11 @@
 """Root file system images: a store of flattened trees, built from definitions or imported.
 
     /var/lib/sandboxd/                  (or $SANDBOXD_STATE_DIR)
-      images/NAME/rootfs/               the tree a service with `image: NAME` runs on (read-only lower
-                                        layer of its overlay)
-      images/NAME/image.json            where it came from, the digest of its definition, and the
-                                        defaults of an OCI config (env, entrypoint, cmd, workdir, user)
+      images/NAME/trees/VERSION/        the trees a service with `image: NAME` runs on (read-only lower
+                                        layer of its overlay); older versions stay while mounted
+      images/NAME/image.json            the current version, where it came from, the digest of its
+                                        definition, and the defaults of an OCI config (env,
+                                        entrypoint, cmd, workdir, user)
       volumes/NAME/                     named volumes (see volumes.py)
 
 A definition is a folder `images/NAME/` with an executable `build` that fills `$ROOTFS`. It is found
@@ -24,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import re
 import subprocess
 import sys
 import time
@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HostError
+from .spec import NAME  # image names follow the rule of unit names: they name directories
 
 BUILD_SCRIPT = "build"
-NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # as unit names: they name directories
+TOP_DIRECTORIES = ("proc", "sys", "dev", "tmp", "run", "etc")  # every image gets these (sandboxd mounts on them)
 
 
 def state_dir() -> Path:
@@ -278,7 +279,7 @@ def build(name: str, definition: Path, echo: bool = True) -> Image:
         output = (result.stdout or b"").decode(errors="replace").strip().splitlines()[-5:] if not echo else []
         detail = ("; last lines: " + " | ".join(output)) if output else ""
         raise HostError(f"building image '{name}' failed: {script} exited with status {result.returncode}{detail}", "fix the build script; its output says why")
-    for top in ("proc", "sys", "dev", "tmp", "run", "etc"):
+    for top in TOP_DIRECTORIES:
         (rootfs / top).mkdir(mode=0o755, exist_ok=True)
     return commit(name, staging, _config_of(definition), "build", definition_digest(definition))
 

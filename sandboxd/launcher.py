@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, LaunchPlan, MountOp
+from .plan import DEVICE_NODES, LaunchPlan, MountOp, is_under
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -219,7 +219,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         # it may lead onto the private /run: the mount point is made there. One that leads to the
         # host's root, still at OLD_ROOT here (an image can hold any symlink), is refused.
         target = os.path.realpath(op.target)
-        if not in_place and _under_path(target, OLD_ROOT):
+        if not in_place and is_under(target, OLD_ROOT):
             raise OSError(errno.EPERM, "leads out of the sandbox through a symlink", op.target)
         if op.kind == "tmpfs":
             step.name = f"mount tmpfs on {op.target}"
@@ -244,10 +244,6 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         step.name = "detach the host's root"
         linux.umount2(OLD_ROOT, linux.MNT_DETACH)
         os.rmdir(OLD_ROOT)
-
-
-def _under_path(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _place_fds(output_fd: int, socket_fds: list[int]) -> None:

@@ -56,9 +56,9 @@ from typing import IO, Any
 
 from . import images
 from .errors import HostError
+from .spec import NAME  # image names follow the rule of unit names
 
-NAME = images.NAME
-TOP_DIRECTORIES = ("proc", "sys", "dev", "tmp", "run", "etc")
+TOP_DIRECTORIES = images.TOP_DIRECTORIES
 
 _DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]{64}|[0-9a-f]{128})")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -209,7 +209,8 @@ def hosts_file(service: Service, networks: tuple[NetworkPlan, ...]) -> str:
 RESOLV_CONF = "# sandboxd: this sandbox reaches no DNS server; names of its networks are in /etc/hosts\nnameserver 127.0.0.1\noptions ndots:0 attempts:1 timeout:1\n"
 
 
-def _under(path: str, directory: str) -> bool:
+def is_under(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies below it (as strings: both normalised)."""
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
@@ -240,9 +241,9 @@ def _first_missing(path: str, exists: Callable[[str], bool]) -> str | None:
 
 def _mount_target_errors(service: Service, target: str, line: int, key: str, exists: Callable[[str], bool]) -> tuple[list[SpecError], str | None]:
     """Check one mount target; returns (errors, the mount point to make in a root of its own, or None)."""
-    if target in ("/", "/proc", "/dev", "/sys") or any(_under(target, d) for d in ("/proc", "/dev")):
+    if target in ("/", "/proc", "/dev", "/sys") or any(is_under(target, d) for d in ("/proc", "/dev")):
         return [SpecError(service.file, line, key, f"cannot mount over {target}: sandboxd manages it")], None
-    if any(_under(target, d) for d in TMPFS_DIRS) or service.image != "host":
+    if any(is_under(target, d) for d in TMPFS_DIRS) or service.image != "host":
         return [], None  # an image's root is an overlay: mount points are made in its upper layer
     missing = _first_missing(target, exists)
     if missing is None:
@@ -263,7 +264,7 @@ def _mount_target_errors(service: Service, target: str, line: int, key: str, exi
 def _host_path(path: str, binds: list[MountOp], rootfs: str = "") -> str:
     """Where a path inside the sandbox comes from on the host (the deepest bind that covers it)."""
     for bind in sorted(binds, key=lambda b: -len(b.target)):
-        if _under(path, bind.target):
+        if is_under(path, bind.target):
             return bind.source + path[len(bind.target) :]
     return rootfs + path
 

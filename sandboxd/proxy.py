@@ -1,20 +1,24 @@
-"""Forward connections to programs that know nothing of socket activation (redis, nginx, PostgreSQL).
+"""Reach programs that know nothing of socket activation (redis, nginx, PostgreSQL) through a
+`proxy:` socket that sandboxd bound before any service started. The socket is not handed to the
+program as LISTEN_FDS; the program binds its own address, and sandboxd reaches it one of two ways.
 
-sandboxd binds a `proxy:` socket like any other, before any service starts, but does not hand it
-to the program: the program binds its own address inside its sandbox. Once that address listens,
-sandboxd starts systemd-socket-proxyd inside the sandbox (its cgroup, its pid and network
-namespaces) with the bound socket as fd 3, and the proxy connects each accepted connection to the
-program's address. Clients that come earlier wait in the kernel's accept queue of the bound
-socket; none is refused while the program starts.
+The handoff: the sandbox runs with a seccomp filter that passes every bind() to sandboxd (the
+listener comes back with the launch status). When the address is the proxy's and the caller's
+socket has the bound socket's family and type, sandboxd puts a copy of its socket at the caller's
+descriptor (SECCOMP_IOCTL_NOTIF_ADDFD with SETFD, the caller's close-on-exec and non-blocking flags
+kept) and lets bind() return 0; every other bind proceeds. The program then accepts on sandboxd's
+socket itself: nothing in between, and clients that came early are in its queue.
 
-Why systemd-socket-proxyd and not a proxy in the supervisor's event loop: it is a small, maintained
-C program made for exactly this, moving bytes with splice(2) between pipes and sockets, so the
-cost per request is a few system calls and no copy through Python; the supervisor's loop stays free
-for supervision. Running it inside the sandbox puts its CPU and memory on the service's account,
-and it dies with the sandbox (pid namespace) with nothing to track. It runs with the host's file
-system (the binary is not in an image) and no capabilities, as nobody for tcp targets; a unix
-target is reached through /proc/PID/root of the sandbox's init, which needs root's ptrace and
-file access checks, so then it keeps CAP_DAC_OVERRIDE and CAP_SYS_PTRACE only.
+Forwarding, otherwise: once the address listens (and the service is ready, with a readiness check),
+sandboxd starts systemd-socket-proxyd in the sandbox's cgroup and network namespace with the bound
+socket as fd 3, and the proxy connects each accepted connection to the program's address. Why it and
+not a proxy in the supervisor's event loop: a small, maintained C program made for exactly this,
+moving bytes with splice(2); the supervisor's loop stays out of the data path, and the proxy's CPU
+counts against the service. Not in the sandbox's pid namespace (a process there of the same uid
+could open /proc/PID/root of the proxy, which is the host's root), not in its mount namespace (the
+proxy is the host's program, so any image works); it ends with the sandbox's cgroup. It never has
+capabilities: nobody for tcp targets; for a unix target the service's user, connecting through a
+descriptor sandboxd opened inside the sandbox's root (so a symlink there leads nowhere on the host).
 
 Why wait for the program to listen instead of retrying connections: systemd-socket-proxyd drops a
 client whose connection to the target is refused. Whether the target listens is read from
@@ -304,6 +308,9 @@ class Proxies(SupervisorBase):
             channel = self.fork_server.send_proxy(
                 launch_id, rt.pidfd, str(rt.cgroup.path), rt.cgroup.extra_procs_files, argv, fds, rt.output_w, uid, gid, target_fd
             )
+        except OSError:
+            self.commands.pop(launch_id, None)
+            raise
         finally:
             if target_fd >= 0:
                 os.close(target_fd)

@@ -381,10 +381,10 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _NAME_RULE = "1 to 63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit (names become cgroup and file names)"
 _HOSTNAME = re.compile(r"(?=.{1,64}$)([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.|$))+")
-_name = _checked(lambda v: isinstance(v, str) and _NAME.fullmatch(v), f"a name of {_NAME_RULE}")
+_name = _checked(lambda v: isinstance(v, str) and NAME.fullmatch(v), f"a name of {_NAME_RULE}")
 _hostname = _checked(
     lambda v: isinstance(v, str) and _HOSTNAME.fullmatch(v),
     "a hostname of letters, digits, '-' and '.', at most 64 long",
@@ -755,7 +755,7 @@ _internal = _checked(
 def _image(node: Node, folder: Path) -> str:
     """host, a root file system folder (absolute, or ./ ../ relative to the spec folder), or an image name."""
     text = _text(node, folder)
-    if text == "host" or (_NAME.fullmatch(text) and "/" not in text):
+    if text == "host" or (NAME.fullmatch(text) and "/" not in text):
         return text
     if text.startswith(("/", "./", "../")):
         path = Path(os.path.normpath(folder / text))
@@ -824,7 +824,7 @@ _SOCKET_KEYS = {
     "backlog": _Key(_backlog, socket.SOMAXCONN),
     "mode": _Key(_scalar(_mode), 0o666),
     "reuseport": _Key(_boolean, False),
-    "netns": _Key(_checked(lambda v: isinstance(v, str) and (_NAME.fullmatch(v)), "host, service, or a service name"), "host"),
+    "netns": _Key(_checked(lambda v: isinstance(v, str) and (NAME.fullmatch(v)), "host, service, or a service name"), "host"),
 }
 _SOCKET_KEYS["accept"] = _Key(_boolean, False)
 _SOCKET_KEYS["max_connections"] = _Key(_checked(lambda v: _is_int(v) and 1 <= v <= 65536, "a whole number from 1 to 65536"), 64)
@@ -945,7 +945,7 @@ def _load_unit(node: MappingNode, kind: str, file: Path, count: int, found: list
     default_name: object = file.stem
     if count > 1:
         default_name = _Required(f"a name, since {file.name} holds more than one {kind}")
-    elif not _NAME.fullmatch(file.stem):
+    elif not NAME.fullmatch(file.stem):
         default_name = _Required(f"a name, since the file name '{file.stem}' is not a valid one")
     table = {"kind": _Key(lambda node, folder: kind, kind), "name": _Key(_name, default_name), **keys}
     values, problems = _read_keys(node, table, file.parent, "a mapping")

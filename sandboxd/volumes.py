@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .images import private_dir, sandbox_mounts, state_dir
+from .spec import NAME
 
 if TYPE_CHECKING:
     from .plan import LaunchPlan
@@ -64,7 +65,7 @@ def list_volumes() -> list[tuple[str, int]]:
 
 def remove(name: str) -> bool:
     path = volumes_dir() / name
-    if not path.is_dir() or "/" in name or name.startswith("."):
+    if not NAME.fullmatch(name) or not path.is_dir():
         return False
     shutil.rmtree(path)
     return True

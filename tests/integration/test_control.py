@@ -185,32 +185,39 @@ def test_reload_applies_only_the_difference_and_refuses_no_connection(spec_dir: 
     try:
         before = {s["name"]: s for s in json.loads(sbd("ps", "--json", "-p", "live").stdout)["services"]}
         address = before["api"]["sockets"][0]["address"]
-        answers: list[str] = []
+        # Counted, not timed: the client asks until it has seen the new answer (or a bound on
+        # the number of questions is reached, which the assertions then report), and the reload
+        # starts only once it has been answered, whatever the machine's speed.
+        first: list[str] = []
+        last: list[str] = [""]
+        asked = [0]
         errors: list[str] = []
-        done = threading.Event()
+        answered = threading.Event()
 
         def client() -> None:
-            while not done.is_set() and len(answers) < 5000:
+            while last[0] != "new" and asked[0] < 1_000_000:
+                asked[0] += 1
                 try:
-                    answers.append(_ask(address))
+                    answer = _ask(address)
                 except OSError as e:
                     errors.append(repr(e))
+                    continue
+                if not first:
+                    first.append(answer)
+                    answered.set()
+                last[0] = answer
 
         thread = threading.Thread(target=client)
         thread.start()
-        time.sleep(0.3)
+        assert answered.wait(30)
         write(spec_dir, "api.yaml", (spec_dir / "api.yaml").read_text().replace("GREETING: old", "GREETING: new"))
         (spec_dir / "worker.yaml").unlink()
         write(spec_dir, "extra.yaml", "kind: service\ncommand: sleep 1000\n")
         result = sbd("up", "-d", "-p", "live", str(spec_dir))  # against a running stack: a reload
         assert "added: extra" in result.stdout and "removed: worker" in result.stdout and "changed: api" in result.stdout
-        deadline = time.monotonic() + 10
-        while (not answers or answers[-1] != "new") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        done.set()
         thread.join()
         assert errors == []  # no connection refused or reset during the reload
-        assert answers[0] == "old" and answers[-1] == "new"
+        assert first == ["old"] and last == ["new"]
         after = {s["name"]: s for s in json.loads(sbd("ps", "--json", "-p", "live").stdout)["services"]}
         assert sorted(after) == ["api", "extra"]
         assert after["api"]["sockets"][0]["address"] == address  # the same socket, kept

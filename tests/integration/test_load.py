@@ -71,9 +71,14 @@ def test_two_thousand_connections_while_the_service_restarts_twenty_times(run_st
     replies: list[str] = []
     errors: list[str] = []
     lock = threading.Lock()
+    kills_done = threading.Event()
 
-    def client(count: int) -> None:
-        for _ in range(count):
+    def client(minimum: int) -> None:
+        # Counted, not timed: each client makes at least `minimum` connections and goes on until
+        # the killer has made all its kills, so on any machine the kills fall among the connections.
+        made = 0
+        while made < minimum or not kills_done.is_set():
+            made += 1
             try:
                 with socket.socket(socket.AF_UNIX) as c:
                     c.settimeout(20)
@@ -84,24 +89,30 @@ def test_two_thousand_connections_while_the_service_restarts_twenty_times(run_st
             except OSError as e:
                 with lock:
                     errors.append(repr(e))
+            if made > 20 * minimum:
+                break  # bounded: the killer is stuck; the assertions below say so
 
     def killer() -> None:
         cgroup = Path("/sys/fs/cgroup/unified/sandboxd/stack/srv")
         kills = 0
-        deadline = time.monotonic() + 60
-        while kills < 20 and time.monotonic() < deadline:
-            with lock:
-                progress = len(replies) + len(errors)
-                served_by = sum(1 for line in replies if line.split()[2] == "1")  # instances that answered
-            # Kill again only once the instance started after the last kill has answered someone.
-            if progress >= (kills + 1) * 90 and served_by > kills:
-                pid = _init_pid(cgroup)
-                if pid:
-                    os.kill(pid, signal.SIGTERM)  # the init forwards it to the service
-                    kills += 1
-                    time.sleep(0.03)
-            time.sleep(0.002)
-        killed.append(kills)
+        try:
+            while kills < 20:
+                with lock:
+                    progress = len(replies) + len(errors)
+                    served_by = sum(1 for line in replies if line.split()[2] == "1")  # instances that answered
+                    if progress > 20 * 2000:
+                        break
+                # Kill again only once the instance started after the last kill has answered
+                # someone, and every 90 connections: the restarts are spread over the load.
+                if progress >= (kills + 1) * 90 and served_by > kills:
+                    pid = _init_pid(cgroup)
+                    if pid:
+                        os.kill(pid, signal.SIGTERM)  # the init forwards it to the service
+                        kills += 1
+                time.sleep(0.002)
+        finally:
+            killed.append(kills)
+            kills_done.set()
 
     killed: list[int] = []
     threads = [threading.Thread(target=client, args=(250,)) for _ in range(8)] + [threading.Thread(target=killer)]
@@ -110,7 +121,7 @@ def test_two_thousand_connections_while_the_service_restarts_twenty_times(run_st
     for t in threads:
         t.join()
     assert errors == []
-    assert len(replies) == 2000
+    assert len(replies) >= 2000
     assert killed == [20]
     # Each instance counts from 1: at least 21 instances served (the first and one per restart).
     assert sum(1 for line in replies if line.split()[2] == "1") >= 21

@@ -5,6 +5,7 @@
     {"cmd": "kill", "services": [...], "signal": "SIGHUP"}
     {"cmd": "down"}
     {"cmd": "apply", "folder": DIR, "env": [...]}   -> what was added, removed, changed (a reload)
+    {"cmd": "exec_info", "services": [NAME], "user": "USER[:GROUP]"} -> pid, cgroups, confinement
 
 The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
 (a non-root user gets a clear refusal from the CLI before it even connects).
@@ -86,7 +87,7 @@ class ControlServer:
             case "apply":
                 return {"ok": True, **await sup.apply_folder(request["folder"], request.get("env", []))}
             case "exec_info":
-                return {"ok": True, **sup.exec_info(names[0])}
+                return {"ok": True, **sup.exec_info(names[0], str(request.get("user", "")))}
             case "reload":
                 errors = await asyncio.gather(*(sup.reload_service(n) for n in names))
                 if any(errors):

@@ -436,7 +436,8 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
         if in_userns:
             become_userns_root()
         os.chdir(request["workdir"])
-        null = os.open("/dev/null", os.O_RDWR)
+        root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        null = linux.open_null_in_root(root)  # the sandbox's: a host descriptor could be reopened
         for target_fd in (0, 1, 2):
             os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
         os.closerange(3, 1 << 20)
@@ -530,7 +531,8 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
-    status_fd, output_fd, *socket_fds = fds
+    status_fd, *socket_fds = fds
+    output_fd = socket_fds.pop(0) if request.get("output", True) else -1
     netns_fd = socket_fds.pop() if request.get("netns") else -1
     cgroup_fd = -1
     try:
@@ -753,11 +755,10 @@ class ForkServer:
             "gid": gid,
             "cgroup_procs": list(cgroup_procs),
         }
-        null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            return self._send(request, [output_fd if output_fd >= 0 else null])
-        finally:
-            os.close(null)
+        # Without an output, none is sent: the command gets the sandbox's own /dev/null, not a
+        # descriptor of the host's that a process of the service could reopen through /proc.
+        request["output"] = output_fd >= 0
+        return self._send(request, [output_fd] if output_fd >= 0 else [])
 
     def _send(self, request: dict[str, Any], fds: list[int]) -> socket.socket:
         """Send a request with its descriptors after a new status channel; returns our end of it."""

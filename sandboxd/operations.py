@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import SpecErrors
-from .plan import LaunchPlan
+from .plan import LaunchPlan, lookup_identity
 from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase, command_env
 from .sockets import bind_sockets, close_socket
 from .spec import Limits, Stack
@@ -52,10 +52,20 @@ class Operations(SupervisorBase):
         if rt.state in ALIVE:
             self._signal_init(rt, sig)
 
-    def exec_info(self, name: str) -> dict[str, object]:
+    def exec_info(self, name: str, user: str = "") -> dict[str, object]:
+        """What `sandboxd exec` needs to run a command confined as the service is. With `user`
+        (`sandboxd exec -u USER[:GROUP]`), its ids, names looked up as the spec's `user:` is."""
         rt = self.services[name]
         if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not rt.pid:
             raise ValueError(f"service {name!r} is not running ({rt.state.value})")
+        uid, gid = rt.plan.uid, rt.plan.gid
+        if user:
+            root = rt.plan.mounts[0] if rt.plan.mounts else None
+            rootfs = root.source if root is not None and root.kind == "image-root" else ""
+            name_part, _, group_part = user.partition(":")
+            uid, gid, problems = lookup_identity(name_part, group_part, rootfs, f"image '{rt.spec.image}'" if rootfs else "host")
+            if problems:
+                raise ValueError(f"{name}: -u {user}: " + "; ".join(message for _key, message in problems))
         env = list(command_env(rt).items())
         return {
             "init_pid": rt.pid,
@@ -63,8 +73,8 @@ class Operations(SupervisorBase):
             "cgroup_procs": list(rt.cgroup.extra_procs_files),
             "capabilities": list(rt.plan.capabilities),
             "seccomp_filter": rt.plan.seccomp_filter,
-            "uid": rt.plan.uid,
-            "gid": rt.plan.gid,
+            "uid": uid,
+            "gid": gid,
             "env": env,
             "workdir": rt.plan.workdir,
         }

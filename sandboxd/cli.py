@@ -214,19 +214,22 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from .client import choose_stack, request
+    from .client import ask, choose_stack, connect
     from .execute import ExecOptions, exec_in, plan_exec, wants_tty
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise SandboxdError("nothing to run: sandboxd exec [OPTIONS] SERVICE -- COMMAND [ARG…]")
     options = ExecOptions(tuple(command), args.tty, args.user or "", args.workdir or "", tuple(args.env))
-    message: dict[str, Any] = {"cmd": "exec_info", "services": [args.service]}
+    message: dict[str, Any] = {"cmd": "exec_info", "services": [args.service], "session": True}
     if options.user:
         message["user"] = options.user
-    info = request(choose_stack(args.project_name), message)
-    tty = wants_tty(options.tty, os.isatty(0), os.isatty(1))
-    return exec_in(plan_exec(args.service, info, options, os.environ, tty))
+    # The connection stays open while the command runs: when it closes, however this process
+    # ends (SIGKILL too), the stack ends what is left of the command (see execute.py).
+    with connect(choose_stack(args.project_name)) as session:
+        info = ask(session, message)
+        tty = wants_tty(options.tty, os.isatty(0), os.isatty(1))
+        return exec_in(plan_exec(args.service, info, options, os.environ, tty))
 
 
 def _exec_user(text: str) -> str:

@@ -8,41 +8,43 @@ line typed at the host's shell long after exec returned. So the command gets a p
 allocated from the sandbox's own devpts (`-t`) or pipes (`-T`), and the CLI, which stays outside
 the sandbox's pid namespace, copies bytes between them and its own terminal (relay.py).
 
-Why a pid namespace of its own per exec: when the CLI ends, even by SIGKILL, nothing of the
-command may go on running in the sandbox, not even a background child that ignores SIGHUP. The
-command runs as pid 2 of a pid namespace nested in the sandbox's, behind a small init (pid 1)
-that gets SIGKILL when the CLI dies (PR_SET_PDEATHSIG), and exits when the command does; when
-the init of a pid namespace dies, the kernel kills everything in it. The command still sees the
-sandbox's /proc: a nested namespace's processes have pids in the sandbox's namespace too.
-A cgroup of its own per exec would need someone alive to kill it; the namespace needs no one.
+Why a cgroup of its own per exec: when the CLI ends, even by SIGKILL, nothing of the command may
+go on running in the sandbox, not even a background child that ignores SIGHUP or a daemon that
+left its session. The stack creates `<service's cgroup>/sbd-exec-N` for the CLI's control
+connection; the command is born in it (clone3 CLONE_INTO_CGROUP) and nothing in a sandbox can
+leave it. When the command exits, the CLI kills what is left in it (cgroup.kill); when the
+connection closes, however the CLI ended, the stack sends SIGHUP to what is left, kills it after
+HANGUP_GRACE and removes the cgroup. (A stack that dies takes its sandboxes with it, exec'd
+commands included: they are in the sandbox's pid namespace.)
 
-    CLI (host pid ns; stays outside)       joiner (sandbox's pid ns)       exec init (pid 1)     command (pid 2)
-    ────────────────────────────────       ─────────────────────────       ─────────────────     ───────────────
-    pidfd_open(init), check its cgroup;
-    open the cgroup.procs files;
-    setns(pidfd, PID|MNT); a pty from
-    its /dev/pts/ptmx (or pipes)
-    fork ────────────────────────────────▶ fds 0-2 := pty slave or pipes,
-    setns back into its own mnt, pid ns    nothing else; setsid; join the
-                                           cgroups; setns(pidfd, [USER|]
-                                           UTS|IPC|NET); become userns root
-                                           clone3(NEWPID|PARENT) ────────▶ PDEATHSIG(SIGKILL)
-           ◀── {"init": pid} + its pidfd ── _exit(0)
-    reap the joiner; "go" ───────────────────────────────────────────────▶ fork ───────────────▶ setsid; TIOCSCTTY
-                                                                           pass signals on;      chdir; confine
-                                                                           reap orphans          (seccomp, caps, ids)
-           ◀── EOF (the channel is close-on-exec) ──────────────────────────────────────────── execve(CMD)
-               or {"error": step, "detail": ..., "exit": 125|126|127} ─────────────────────── _exit(code)
-    copy bytes, SIGWINCH -> TIOCSWINSZ,                                    exit with the
-    signals -> the exec init                                               command's code
-           ◀── waitid(pidfd): the exec init's exit code, the command's (128+N if killed by N)
+Why not a pid namespace nested in the sandbox's, with an init of its own that dies with the CLI
+(which the kernel would clean up with no one's help): a command in it could not signal the
+service's processes (a child namespace cannot name its parent's), and /proc, the sandbox's,
+would number its own processes differently from getpid(): `kill 2` typed after `ps` showed the
+service as 2 would hit the exec'd shell itself. The command here is in the sandbox's own pid
+namespace, as `docker exec` runs one, and `ps`, `kill` and /proc mean what they say.
 
-The joiner is the only process that is briefly in the sandbox's pid namespace with a host
-descriptor (inherited from the CLI): it replaces fds 0-2 and closes the rest first, and it is
-root with every capability, which no process of the service has, so the kernel refuses the
-service /proc/PID/fd and ptrace of it (and of the exec init) throughout. The CLI does its work
-in the sandbox's mount namespace only for the pty, with every module imported before: Python
-code found in a sandbox's tree is never run by anything of sandboxd's.
+    CLI (host pid ns; stays outside)                        command (sandbox's pid ns)
+    ────────────────────────────────                        ──────────────────────────
+    control connection: exec_info + session ─▶ the stack makes sbd-exec-N
+    pidfd_open(init), check its cgroup; open cgroup.procs (v1), sbd-exec-N's cgroup.kill
+    setns(pidfd, PID|MNT); a pty from its /dev/pts/ptmx (or pipes)
+    clone3 into sbd-exec-N ────────────────────────────────▶ fds 0-2 := pty slave or pipes, nothing else;
+    setns back into its own mnt and pid ns                  setsid; join the v1 cgroups; setns(pidfd,
+                                                            [USER|]UTS|IPC|NET); become userns root;
+                                                            TIOCSCTTY; chdir; confine (seccomp, caps, ids)
+           ◀── EOF on the channel (close-on-exec) ────────── execve(CMD)
+               or {"error": step, "detail": ..., "exit": 125|126|127}; _exit(code)
+    copy bytes; SIGWINCH -> TIOCSWINSZ; signals -> the command
+           ◀── waitid(pidfd): its exit code (128+N if killed by N); cgroup.kill for what it left
+    exit: the connection closes ─▶ the stack: SIGHUP, HANGUP_GRACE, SIGKILL, rmdir sbd-exec-N
+
+Until it has replaced fds 0-2 and closed the rest (its first step), the command's process holds
+the CLI's descriptors; it is root with every capability then, which no process of the service
+has, so the kernel refuses the service /proc/PID/fd and ptrace of it until it is confined, by
+when it holds nothing of the host's. The CLI does its work in the sandbox's mount namespace only
+for the pty, with every module imported before: Python code found in a sandbox's tree is never
+run by anything of sandboxd's.
 
 Exit codes follow `docker exec`: the command's own, 125 when sandboxd could not set it up, 126
 when the command could not be executed, 127 when it was not found.
@@ -50,7 +52,6 @@ when the command could not be executed, 127 when it was not found.
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import json
@@ -99,7 +100,8 @@ class ExecPlan:
     tty: bool
     init_pid: int
     cgroup: str  # the service's cgroup2 directory: its init must be in it
-    cgroup_procs: tuple[str, ...]  # every cgroup.procs file the command joins
+    exec_cgroup: str  # the command's own cgroup2 directory, below the service's (sbd-exec-N)
+    cgroup_procs: tuple[str, ...]  # the v1 cgroup.procs files the command joins too (hybrid host)
 
 
 def wants_tty(flag: bool | None, stdin_is_tty: bool, stdout_is_tty: bool) -> bool:
@@ -137,7 +139,8 @@ def plan_exec(service: str, info: Mapping[str, Any], options: ExecOptions, calle
         tty=tty,
         init_pid=int(info["init_pid"]),
         cgroup=str(info["cgroup"]),
-        cgroup_procs=(os.path.join(str(info["cgroup"]), "cgroup.procs"), *(str(p) for p in info["cgroup_procs"])),
+        exec_cgroup=str(info["exec_cgroup"]),
+        cgroup_procs=tuple(str(p) for p in info["cgroup_procs"]),
     )
 
 
@@ -162,16 +165,21 @@ def exit_code(wait_status: int) -> int:
 
 
 def exec_in(plan: ExecPlan) -> int:
-    """Run the planned command and relay its terminal or pipes; its exit code."""
+    """Run the planned command and relay its terminal or pipes; its exit code. The caller holds
+    the control connection that `exec_cgroup` belongs to until this returns."""
     _open_standard_descriptors()
     pidfd = _open_init(plan)
     step = _Step()
     procs: list[int] = []
     ours_stdio: list[int] = []
     their_stdio: list[int] = []
+    kill_fd = events_fd = exec_cgroup = -1
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # close-on-exec, as every socket
     try:
         step.name = "open the cgroups"
+        exec_cgroup = os.open(plan.exec_cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        kill_fd = os.open("cgroup.kill", os.O_WRONLY | os.O_CLOEXEC, dir_fd=exec_cgroup)
+        events_fd = os.open("cgroup.events", os.O_RDONLY | os.O_CLOEXEC, dir_fd=exec_cgroup)
         procs = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in plan.cgroup_procs]
         step.name = "read the sandbox's user namespace"
         in_userns = os.stat(f"/proc/{plan.init_pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
@@ -195,30 +203,26 @@ def exec_in(plan: ExecPlan) -> int:
                     read_end, write_end = os.pipe2(os.O_CLOEXEC)
                     ours_stdio.append(read_end)
                     their_stdio.append(write_end)
-            step.name = "fork"
-            joiner = os.fork()
-            if joiner == 0:
-                _joiner(plan, pidfd, procs, theirs, their_stdio, in_userns)
+            step.name = "fork into the command's cgroup"
+            command, command_pidfd = linux.fork_into_cgroup_with_pidfd(exec_cgroup)
+            if command == 0:
+                _command(plan, pidfd, procs, theirs, their_stdio, in_userns)
     except OSError as e:
-        for fd in ours_stdio:
-            os.close(fd)
+        for fd in [*ours_stdio, kill_fd, events_fd]:
+            if fd >= 0:
+                os.close(fd)
         ours.close()
         raise _ExecSetupFailed(plan.service, f"exec: {step.name}", _detail(e)) from None
     finally:
         theirs.close()
-        for fd in {*their_stdio, *procs, pidfd}:
-            os.close(fd)
-    try:
-        init_pidfd = _wait_for_exec_init(ours, joiner, plan.service)
-    except BaseException:
-        for fd in ours_stdio:
-            os.close(fd)
-        ours.close()
-        raise
-    ours.send(b"go")
-    code, failure = Relay(init_pidfd, ours, tty=plan.tty, our_ends=ours_stdio).run()
+        for fd in {*their_stdio, *procs, pidfd, exec_cgroup}:
+            if fd >= 0:
+                os.close(fd)
+    relay = Relay(command_pidfd, ours, tty=plan.tty, our_ends=ours_stdio, cgroup_kill=kill_fd, cgroup_events=events_fd)
+    code, failure = relay.run()
     if failure is not None:
         print(f"sandboxd: {plan.service}: exec: {failure.get('error')}: {failure.get('detail')}", file=sys.stderr)
+        code = int(failure.get("exit", code))
     return code
 
 
@@ -282,27 +286,6 @@ def _give_terminal(slave: int, plan: ExecPlan, id_maps: list[str]) -> None:
     os.fchmod(slave, 0o600)
 
 
-def _wait_for_exec_init(channel: socket.socket, joiner: int, service: str) -> int:
-    """The exec init's pidfd, as the joiner sends it; the joiner reaped (so it is not counted in
-    the sandbox's /proc once the command runs). A failure is raised with the step it names."""
-    fds = array.array("i")
-    try:
-        data, ancillary, _flags, _addr = channel.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC)
-    finally:
-        _, status = os.waitpid(joiner, 0)
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    message = json.loads(data) if data else {}
-    if "init" in message and fds:
-        return fds[0]
-    for fd in fds:
-        os.close(fd)
-    if "error" in message:
-        raise _ExecSetupFailed(service, str(message["error"]), str(message["detail"]))
-    raise _ExecSetupFailed(service, "start the command", f"the joining process ended ({exit_code(status)})")
-
-
 class _ExecSetupFailed(LaunchError):
     exit_code = EXIT_SETUP_FAILED
 
@@ -327,9 +310,10 @@ def _report(channel: socket.socket, step: str, e: BaseException, code: int) -> N
         os._exit(code)
 
 
-def _joiner(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socket, stdio: list[int], in_userns: bool) -> NoReturn:
-    """The CLI's child, born in the sandbox's pid and mount namespaces: gives up every host
-    descriptor, joins the rest of the sandbox, and starts the exec init (see the diagram)."""
+def _command(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socket, stdio: list[int], in_userns: bool) -> NoReturn:
+    """The CLI's child, born in the command's cgroup and the sandbox's pid and mount namespaces:
+    gives up every host descriptor, joins the rest of the sandbox, takes the pty as its
+    controlling terminal (job control, ^C), is confined as the service is, and executes."""
     step = _Step()
     try:
         step.name = "set up descriptors"
@@ -343,9 +327,10 @@ def _joiner(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socket
         os.closerange(start, 1 << 20)
         step.name = "reset signals"
         _reset_signals()
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
         step.name = "start a session"
-        os.setsid()  # out of the caller's session and terminal, for good
+        os.setsid()  # out of the caller's session and terminal
         step.name = "join cgroups"
         for fd in procs:
             os.write(fd, b"0")
@@ -357,62 +342,6 @@ def _joiner(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socket
         if in_userns:
             step.name = "become root of the user namespace"
             become_userns_root()
-        step.name = "start the exec init"
-        pid, init_pidfd = linux.fork_sibling_in_new_pid_namespace()
-        if pid == 0:
-            _exec_init(plan, channel)
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [init_pidfd]).tobytes())]
-        channel.sendmsg([json.dumps({"init": pid}).encode()], rights)
-        os._exit(0)
-    except BaseException as e:  # noqa: BLE001 - never unwind into the CLI's code
-        _report(channel, step.name, e, EXIT_SETUP_FAILED)
-
-
-def _exec_init(plan: ExecPlan, channel: socket.socket) -> NoReturn:
-    """Pid 1 of the command's own pid namespace: dies with the CLI, waits for "go" (which the CLI
-    sends once the joiner is reaped), forks the command, passes signals on to it, reaps what is
-    left to it, and exits with the command's code, which ends whatever else still runs there."""
-    step = _Step()
-    step.name = "start the exec init"
-    try:
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # its parent is the CLI (CLONE_PARENT)
-        if channel.recv(16) != b"go":
-            os._exit(EXIT_SETUP_FAILED)  # the CLI went away before PR_SET_PDEATHSIG could catch it
-        command = 0
-
-        def forward(sig: int, _frame: object) -> None:
-            if command:
-                try:
-                    os.kill(command, sig)
-                except ProcessLookupError:
-                    pass
-
-        # Before the fork: an init drops every signal it has no handler for.
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, forward)
-        command = os.fork()
-        if command == 0:
-            _command(plan, channel)
-        channel.close()
-        while True:
-            pid, status = os.waitpid(-1, 0)
-            if pid == command:
-                os._exit(exit_code(status))
-    except BaseException as e:  # noqa: BLE001
-        _report(channel, step.name, e, EXIT_SETUP_FAILED)
-
-
-def _command(plan: ExecPlan, channel: socket.socket) -> NoReturn:
-    """Pid 2: a session of its own with the pty as its controlling terminal (job control, ^C),
-    then confined as the service is, then the command."""
-    step = _Step()
-    try:
-        step.name = "reset signals"
-        _reset_signals()
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        step.name = "start a session"
-        os.setsid()
         if plan.tty:
             step.name = "take the terminal"
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -421,7 +350,7 @@ def _command(plan: ExecPlan, channel: socket.socket) -> NoReturn:
         _confine(plan.seccomp_filter, plan.capabilities, True, step, plan.uid, plan.gid)
         step.name = f"execute {plan.argv[0]}"
         os.execvpe(plan.argv[0], list(plan.argv), dict(plan.env))
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:  # noqa: BLE001 - never unwind into the CLI's code
         if not step.name.startswith("execute "):
             _report(channel, step.name, e, EXIT_SETUP_FAILED)
         if isinstance(e, OSError):

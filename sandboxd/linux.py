@@ -183,21 +183,9 @@ def fork_into_cgroup_with_pidfd(cgroup_fd: int, flags: int = 0, want_pidfd: bool
     return _clone3(flags | CLONE_INTO_CGROUP, cgroup_fd, want_pidfd)
 
 
-CLONE_PARENT = 0x8000
-
-
-def fork_sibling_in_new_pid_namespace() -> tuple[int, int]:
-    """fork() a child that is pid 1 of a new pid namespace (nested in the caller's) and a child of
-    the caller's parent, not of the caller (CLONE_PARENT): the caller may exit at once and the
-    new init stays tied to the parent (its PR_SET_PDEATHSIG, its wait). Returns (pid, pidfd) in
-    the caller, (0, -1) in the child."""
-    return _clone3(CLONE_NEWPID | CLONE_PARENT, -1, True)
-
-
 def _clone3(flags: int, cgroup_fd: int, want_pidfd: bool) -> tuple[int, int]:
     pidfd = ctypes.c_int(-1)
-    # With CLONE_PARENT the child signals our parent as we would (clone3 insists on 0 here).
-    args = _CloneArgs(flags=flags, exit_signal=0 if flags & CLONE_PARENT else signal.SIGCHLD, cgroup=max(cgroup_fd, 0))
+    args = _CloneArgs(flags=flags, exit_signal=signal.SIGCHLD, cgroup=max(cgroup_fd, 0))
     if want_pidfd:
         args.flags |= CLONE_PIDFD
         args.pidfd = ctypes.addressof(pidfd)

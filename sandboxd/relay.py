@@ -12,12 +12,11 @@ as it would on a terminal of its own. The caller's settings are restored on ever
 
 The caller's terminal hanging up (SIGHUP, or its stdin or stdout failing) hangs up the command's:
 the pty master is closed (the kernel sends SIGHUP to the command's session), SIGHUP goes to the
-command through the exec init, and HANGUP_GRACE seconds later the exec init gets SIGKILL, which
-ends everything left in the command's pid namespace. SIGINT, SIGQUIT, SIGTERM, SIGUSR1 and
-SIGUSR2 sent to the CLI go to the command. When the exec init exits, everything of the command
-is gone (the kernel kills a pid namespace with its init): what its pipes or pty still hold is
-copied out, without waiting for an end of file that a process of the service, holding a copy of
-the command's descriptor, could withhold.
+command, and HANGUP_GRACE seconds later everything in the command's cgroup is killed. SIGINT,
+SIGQUIT, SIGTERM, SIGUSR1 and SIGUSR2 sent to the CLI go to the command. When the command exits,
+what it left running (background children) is killed through its cgroup, and what its pipes or
+pty still hold is copied out, without waiting for an end of file that a process of the service,
+holding a copy of the command's descriptor, could withhold.
 
 One thread, one poll loop. The caller's descriptors are never made non-blocking (that flag
 belongs to the open file, which the caller's shell shares); only ours are.
@@ -39,6 +38,7 @@ from typing import Any
 
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 HANGUP_GRACE = 2.0  # seconds between the command's SIGHUP and SIGKILL when the caller's terminal is gone
+LEFTOVERS_TIMEOUT = 5.0  # at most this long for the killed rest of the command to be gone
 CHUNK = 65536
 _READABLE = select.POLLIN | select.POLLHUP | select.POLLERR
 _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR
@@ -60,10 +60,26 @@ class _Copy:
 
 
 class Relay:
-    """Copy, resize and pass signals on until the exec init has exited; then the exit code."""
+    """Copy, resize and pass signals on until the command has exited; then its exit code.
 
-    def __init__(self, init_pidfd: int, channel: socket.socket, tty: bool, our_ends: list[int], stdin: int = 0, stdout: int = 1, stderr: int = 2) -> None:
-        self.init_pidfd = init_pidfd
+    `cgroup_kill` and `cgroup_events` are the command's cgroup's files (cgroup.kill, cgroup.events);
+    the relay closes every descriptor it is given."""
+
+    def __init__(
+        self,
+        command_pidfd: int,
+        channel: socket.socket,
+        tty: bool,
+        our_ends: list[int],
+        cgroup_kill: int,
+        cgroup_events: int,
+        stdin: int = 0,
+        stdout: int = 1,
+        stderr: int = 2,
+    ) -> None:
+        self.command_pidfd = command_pidfd
+        self.cgroup_kill = cgroup_kill
+        self.cgroup_events = cgroup_events
         self.channel: socket.socket | None = channel
         self.tty = tty
         self.ours = list(our_ends)  # [master] or [stdin_w, stdout_r, stderr_r]
@@ -88,12 +104,13 @@ class Relay:
             with self._signals() as wake, self._raw_terminal():
                 self._resize()
                 code = self._loop(wake)
+                self._end_leftovers()
                 self._drain()
         finally:
-            for fd in self.ours:
+            for fd in [*self.ours, self.cgroup_kill, self.cgroup_events]:
                 if fd >= 0:
                     os.close(fd)
-            os.close(self.init_pidfd)
+            os.close(self.command_pidfd)
             if self.channel is not None:
                 self.channel.close()
         return code, self.failure
@@ -102,7 +119,7 @@ class Relay:
 
     def _loop(self, wake: int) -> int:
         while True:
-            interest: dict[int, int] = {wake: select.POLLIN, self.init_pidfd: select.POLLIN}
+            interest: dict[int, int] = {wake: select.POLLIN, self.command_pidfd: select.POLLIN}
             if self.channel is not None:
                 interest[self.channel.fileno()] = select.POLLIN
             for copy in (self.input, *self.outputs):
@@ -116,7 +133,7 @@ class Relay:
             timeout = None if self.kill_at is None else max(0.0, self.kill_at - time.monotonic()) * 1000
             ready = dict(poller.poll(timeout))
             if self.kill_at is not None and time.monotonic() >= self.kill_at:
-                self._signal_init(signal.SIGKILL)
+                self._kill_cgroup()
                 self.kill_at = None
             if ready.get(wake):
                 self._on_signals(wake)
@@ -127,7 +144,7 @@ class Relay:
                     self._write(copy)
                 elif copy.reading and not copy.pending and ready.get(copy.source, 0) & _READABLE:
                     self._read(copy)
-            if ready.get(self.init_pidfd):
+            if ready.get(self.command_pidfd):
                 return self._exit_code()
 
     def _read(self, copy: _Copy) -> None:
@@ -146,7 +163,7 @@ class Relay:
                 self._hang_up()  # the caller's terminal is gone
             elif not self.tty:
                 self._close_ours(self.input.target)  # the command reads its end of file
-        # An output's end needs nothing: the exec init's exit ends the loop.
+        # An output's end needs nothing: the command's exit ends the loop.
 
     def _write(self, copy: _Copy) -> None:
         try:
@@ -181,7 +198,7 @@ class Relay:
         self.input.reading = False
         if self.tty:
             self._close_ours(self.ours[0])  # the kernel hangs up the pty: SIGHUP to its session
-        self._signal_init(signal.SIGHUP)
+        self._signal_command(signal.SIGHUP)
         self.kill_at = time.monotonic() + HANGUP_GRACE
 
     def _on_signals(self, wake: int) -> None:
@@ -195,7 +212,7 @@ class Relay:
             elif sig == signal.SIGHUP:
                 self._hang_up()
             else:
-                self._signal_init(sig)
+                self._signal_command(sig)
 
     def _on_message(self) -> bool:
         """Read one message from the command's set-up; False if there is none to read now."""
@@ -216,19 +233,40 @@ class Relay:
             self.failure = message
         return True
 
-    def _signal_init(self, sig: int) -> None:
+    def _signal_command(self, sig: int) -> None:
         try:
-            signal.pidfd_send_signal(self.init_pidfd, sig)
+            signal.pidfd_send_signal(self.command_pidfd, sig)
         except ProcessLookupError:
             pass
 
+    def _kill_cgroup(self) -> None:
+        try:
+            os.write(self.cgroup_kill, b"1")
+        except OSError:
+            pass  # gone already (the sandbox ended and its cgroups with it)
+
     def _exit_code(self) -> int:
-        result = os.waitid(os.P_PIDFD, self.init_pidfd, os.WEXITED)
+        result = os.waitid(os.P_PIDFD, self.command_pidfd, os.WEXITED)
         assert result is not None
         return result.si_status if result.si_code == os.CLD_EXITED else 128 + result.si_status
 
+    def _end_leftovers(self) -> None:
+        """Kill what the command left running (background children, daemons) and wait until its
+        cgroup is empty, so that nothing of it runs once exec has returned."""
+        self._kill_cgroup()
+        deadline = time.monotonic() + LEFTOVERS_TIMEOUT
+        poller = select.poll()
+        poller.register(self.cgroup_events, select.POLLPRI)  # kernfs wakes it when the file changes
+        while time.monotonic() < deadline:
+            try:
+                if b"populated 0" in os.pread(self.cgroup_events, 4096, 0):
+                    return
+            except OSError:
+                return
+            poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+
     def _drain(self) -> None:
-        """Everything of the command has exited: copy out what its pipes or pty still hold, and
+        """The command's processes have exited: copy out what its pipes or pty still hold, and
         read the last thing its set-up may have said."""
         for copy in self.outputs:
             while copy.pending or copy.reading:

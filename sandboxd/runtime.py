@@ -143,6 +143,7 @@ class SupervisorBase:
     namespaces: Namespaces | None
     cgroups: CgroupManager
     limits: dict[str, Limits]
+    exec_count: int  # `sandboxd exec` commands so far: each gets a cgroup sbd-exec-N of its own
 
     def _launch(self, rt: ServiceRuntime) -> None:
         raise NotImplementedError

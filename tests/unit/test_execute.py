@@ -15,6 +15,7 @@ from sandboxd.plan import lookup_identity
 INFO: dict[str, Any] = {
     "init_pid": 4242,
     "cgroup": "/sys/fs/cgroup/unified/sandboxd/st/svc",
+    "exec_cgroup": "/sys/fs/cgroup/unified/sandboxd/st/svc/sbd-exec-1",
     "cgroup_procs": ["/sys/fs/cgroup/pids/sandboxd/st/svc/cgroup.procs"],
     "capabilities": [10],
     "seccomp_filter": "abcd",
@@ -36,7 +37,8 @@ def test_a_terminal_by_default_only_when_stdin_and_stdout_are_terminals() -> Non
 def test_plan_keeps_the_service_confinement_and_takes_the_options() -> None:
     plan = plan_exec("svc", INFO, ExecOptions(("sh",)), {}, tty=False)
     assert (plan.uid, plan.gid, plan.capabilities, plan.seccomp_filter, plan.workdir) == (1000, 1001, (10,), "abcd", "/srv")
-    assert plan.cgroup_procs == ("/sys/fs/cgroup/unified/sandboxd/st/svc/cgroup.procs", "/sys/fs/cgroup/pids/sandboxd/st/svc/cgroup.procs")
+    assert plan.exec_cgroup == "/sys/fs/cgroup/unified/sandboxd/st/svc/sbd-exec-1"
+    assert plan.cgroup_procs == ("/sys/fs/cgroup/pids/sandboxd/st/svc/cgroup.procs",)
     assert plan_exec("svc", INFO, ExecOptions(("sh",), workdir="/tmp"), {}, tty=False).workdir == "/tmp"
 
 

@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, LaunchPlan, MountOp, is_under
+from .plan import DEVICE_NODES, SANDBOX_TMPFS, LaunchPlan, MountOp, is_under
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -96,8 +96,7 @@ def _mount_dev(dev: str) -> None:
     os.mkdir(f"{dev}/pts")
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
-    os.mkdir(f"{dev}/shm")
-    linux.mount("tmpfs", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
+    os.mkdir(f"{dev}/shm")  # its tmpfs, capped, is a mount of the plan's own
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
 
@@ -198,7 +197,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
                     linux.mount_setattr(target, READONLY)
             case "dev":
                 _mount_dev(target)
-            case "tmpfs" if op.target in ("/tmp", "/run"):
+            case "tmpfs" if op.target in SANDBOX_TMPFS:
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
             case "tmpfs":
                 binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root

@@ -208,6 +208,7 @@ class Cgroup:
         self.joined = joined or {}  # controller -> its service's v1 directory (not removed with it)
         self.killed = False
         self.baseline: dict[str, int] = {}
+        self.settings: list[tuple[Path, str]] = []  # the limit files written, in order
 
     @property
     def extra_procs_files(self) -> tuple[str, ...]:
@@ -328,33 +329,38 @@ class Cgroup:
                 pass
 
     def renew(self) -> None:
-        """Give a killed cgroup a fresh directory before a process is born in it again.
+        """Give a killed cgroup a fresh v2 directory before a process is born in it again, with
+        the limits that were written there (a unified host's); v1 directories keep theirs.
 
         Linux 6.x (seen on 6.18) kills a child that clone3 places (CLONE_INTO_CGROUP) into a cgroup
         that was ever killed through cgroup.kill, so a cgroup is used again only if never killed.
         """
         if self.killed:
-            self.remove()
+            self._rmdir(self.path, time.monotonic() + 5.0)
             self.path.mkdir()
-            for path in self.v1.values():
-                path.mkdir(exist_ok=True)
+            for file, value in self.settings:
+                if file.parent == self.path:
+                    file.write_text(value)
             self.killed = False
 
     def remove(self, timeout: float = 5.0) -> None:
         """Kill what is left, wait until empty, and remove the directory (and its v1 directories)."""
         deadline = time.monotonic() + timeout
         for path in [self.path, *self.v1.values()]:
-            while True:
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise
-                self.kill()
-                time.sleep(0.002)
+            self._rmdir(path, deadline)
+
+    def _rmdir(self, path: Path, deadline: float) -> None:
+        while True:
+            try:
+                os.rmdir(path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+            self.kill()
+            time.sleep(0.002)
 
 
 class CgroupManager:
@@ -438,9 +444,12 @@ class CgroupManager:
                 continue
             v1, v2 = LIMIT_FILES[limit]
             directory = cg.v1[v1[0]] if self.host.mode is CgroupMode.HYBRID else cg.path
+            writes = [(directory / (v1[1] if self.host.mode is CgroupMode.HYBRID else v2[1]), values[limit])]
             if limit == "cpu" and self.host.mode is CgroupMode.HYBRID:
-                (directory / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-            (directory / (v1[1] if self.host.mode is CgroupMode.HYBRID else v2[1])).write_text(values[limit])
+                writes.insert(0, (directory / "cpu.cfs_period_us", str(CPU_PERIOD_US)))
+            for file, value in writes:
+                file.write_text(value)
+                cg.settings.append((file, value))
 
     def _enable_controllers(self, controllers: set[str]) -> None:
         """Unified host: enable controllers in cgroup.subtree_control along sandboxd's own subtree."""

@@ -294,6 +294,8 @@ def test_per_connection_instances_are_accounted_and_held_by_their_services_memor
 BOMB = r'''
 import errno, os, signal, socket, sys
 count, why = 0, "no limit"
+if "stubborn" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopped only by the kill of its cgroup
 while count < int(sys.argv[1]):
     try:
         pid = os.fork()
@@ -357,4 +359,15 @@ def test_limits_pids_replaces_the_default(run_stack, spec_dir: Path):
     stack = run_stack(spec_dir)
     stack.wait_for("forked", "out", timeout=60)
     assert stack.lines("bomb") == ["forked 38: EAGAIN"]
+    assert stack.stop() == 0
+
+
+def test_the_process_limit_holds_again_after_the_cgroup_was_killed_and_the_service_restarted(run_stack, spec_dir: Path):
+    write(spec_dir, "bomb.py", BOMB)
+    write(spec_dir, "bomb.yaml", "kind: service\nlimits: {pids: 40}\nstop_timeout: 200ms\ncommand: [python3, /t/bomb.py, '100', stubborn]\nmounts: [{source: ., target: /t}]\n")
+    stack = run_stack(spec_dir)
+    stack.wait_for("forked", "out", timeout=60)
+    subprocess.run([sys.executable, "-m", "sandboxd", "restart", "-p", "stack", "bomb"], check=True, capture_output=True)
+    assert "bomb: did not stop within 0.2 s; killing its cgroup" in stack.err
+    assert stack.wait_lines("bomb", 2, timeout=60) == ["forked 38: EAGAIN", "forked 38: EAGAIN"]
     assert stack.stop() == 0

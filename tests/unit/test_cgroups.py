@@ -159,3 +159,31 @@ def test_unified_host_that_cannot_enable_controllers_warns_and_sets_no_default(t
     assert [w.split(" (")[0] for w in warnings] == ["the memory services use is not accounted to each", "services get no default process limit"]
     assert "cannot enable memory in" in warnings[0]
     assert not (manager.create("web").path / "pids.max").exists()
+
+
+def test_a_renewed_cgroup_keeps_its_limits(tmp_path):
+    manager = CgroupManager(_hybrid(tmp_path), "stack")
+    manager.setup()
+    web = manager.create("web")
+    web.killed = True  # as after cgroup.kill: the v2 directory is made anew before the next launch
+    web.renew()
+    assert web.path.is_dir() and not web.killed
+    assert (web.v1["pids"] / "pids.max").read_text() == str(DEFAULT_PIDS)
+
+
+def test_a_renewed_cgroup_on_a_unified_host_gets_its_limits_written_again(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
+    manager = CgroupManager(host, "stack")
+    for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
+        directory.mkdir(parents=True)
+        (directory / "cgroup.subtree_control").write_text("")
+    manager.setup()
+    web = manager.create("web", Limits(memory=64 << 20))
+    for file in web.path.iterdir():  # the kernel removes a cgroup's files with it; a fake tree must be emptied
+        file.unlink()
+    web.killed = True
+    web.renew()
+    assert (web.path / "memory.max").read_text() == str(64 << 20)
+    assert (web.path / "pids.max").read_text() == str(DEFAULT_PIDS)

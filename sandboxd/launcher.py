@@ -562,7 +562,9 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
     try:
         if "plan" in request:
             sources = [op["source"] for op in request["plan"]["mounts"] if op["kind"] == "bind"]
-            for fd, source in zip(held, sources, strict=True):
+            if len(held) != len(sources):  # the kernel cut the descriptors short (more than MAX_FDS)
+                raise OSError(errno.EMSGSIZE, f"{len(sources)} bind sources, {len(held)} descriptors received", request["plan"]["service"])
+            for fd, source in zip(held, sources):
                 doing = f"copy the mount of {source}"
                 trees.append(detached_bind(fd, source))
             doing = "fork"

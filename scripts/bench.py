@@ -165,6 +165,7 @@ CGROUP_V2 = Path("/sys/fs/cgroup/unified") if Path("/sys/fs/cgroup/unified/cgrou
 STOP_GRACE = 30.0  # SIGINT, then SIGKILL after this long
 READY_TIMEOUT = 120.0
 CONNECT_RETRY = 0.002
+WATCH_EVERY = 2.0  # how often a launcher's programs are checked while the clients wait (1000 reads of /proc)
 SETTLE = 1.0  # before reading memory figures
 MEMORY_N = 100
 MIB = 1024.0
@@ -418,11 +419,14 @@ def try_connect(path: str) -> socket.socket | None:
     return sock
 
 
-def wait_accepting(run: Running, paths: Sequence[str]) -> float:
-    """Seconds from the spawn of `run` until every socket in `paths` has sent a client its byte."""
+def wait_accepting(run: Running, paths: Sequence[str], watch: Callable[[], None] | None = None) -> float:
+    """Seconds from the spawn of `run` until every socket in `paths` has sent a client its byte.
+
+    `watch`, called every WATCH_EVERY s while waiting, raises to give up early."""
     selector = selectors.DefaultSelector()
     pending, remaining = list(paths), len(paths)
     deadline = run.started + READY_TIMEOUT
+    watched = time.monotonic()
     try:
         while remaining:
             pending = [path for path in pending if not register(selector, path)]
@@ -438,6 +442,9 @@ def wait_accepting(run: Running, paths: Sequence[str]) -> float:
             if remaining and time.monotonic() > deadline:
                 raise TimeoutError(f"{run.kind}: {remaining} of {len(paths)} sockets silent after {READY_TIMEOUT:g} s")
             check_alive(run)
+            if watch is not None and time.monotonic() - watched > WATCH_EVERY:
+                watch()
+                watched = time.monotonic()
         return time.monotonic() - run.started
     finally:
         for key in list(selector.get_map().values()):
@@ -687,12 +694,15 @@ def start_baseline(stack: Stack, logs: Path) -> StartRun:
     return StartRun(seconds, stop_seconds)
 
 
-def start_peer(tool: str, stack: Stack, logs: Path) -> StartRun:
+def start_peer(tool: str, stack: Stack, logs: Path) -> StartRun | None:
     """The launcher with every service under `tool`, until all answered; then stopped, and every
-    process that was below it must be gone."""
+    process that was below it must be gone. None (and a problem) if the peer failed."""
+    seconds: float | None = None
     with running(lambda: spawn_launcher(tool, stack, logs)) as run:
         try:
-            seconds = wait_accepting(run, stack.paths)
+            seconds = wait_accepting(run, stack.paths, lambda: check_programs(run))
+        except (RuntimeError, TimeoutError) as e:
+            problem(f"{tool}, N={len(stack.paths)}: {e}")
         finally:
             said = len(run.stderr())  # what a wrapper says once its child is killed is not worth a look
             below = [who for pid in descendants(run.proc.pid) if (who := identity(pid)) is not None]
@@ -701,7 +711,18 @@ def start_peer(tool: str, stack: Stack, logs: Path) -> StartRun:
     if code != 0:
         problem(f"{tool} launcher exited {code}:\n{run.tail()}")
     scan_peer_stderr(tool, run.stderr()[:said])
-    return StartRun(seconds, stop_seconds)
+    return StartRun(seconds, stop_seconds) if seconds is not None else None
+
+
+def check_programs(run: Running) -> None:
+    """A program (or the peer in front of it) of the launcher that has exited is a zombie until
+    the launcher's stop: one is enough to say the run failed."""
+    for pid in children(run.proc.pid):
+        try:
+            if stat_fields(pid)[0] == "Z":
+                raise RuntimeError(f"pid {pid} ({run.kind}) exited before all answered:\n{run.tail()}")
+        except FileNotFoundError:
+            continue
 
 
 def check_peer_gone(tool: str, below: list[tuple[int, int]]) -> None:
@@ -762,15 +783,18 @@ def parallel_start(stack: Stack, net_stack: Stack | None, tools: Sequence[str], 
         time.sleep(pause)
         row.runs["sandboxd"].append(start_sandboxd(stack, logs))
         time.sleep(pause)
+        this_round: dict[str, StartRun | None] = {}
         for tool in tools:
-            row.runs[tool].append(start_peer(tool, stack, logs))
+            this_round[tool] = start_peer(tool, stack, logs)
+            if (peer := this_round[tool]) is not None:
+                row.runs[tool].append(peer)
             time.sleep(pause)
         if net_stack is not None:
             row.runs["network"].append(start_sandboxd(net_stack, logs))
             time.sleep(pause)
         s, b = row.sandboxd[-1], row.baseline[-1]
         cpu = f", cpu {s.supervisor_cpu * 1000 / row.n:.1f} ms/svc" if s.supervisor_cpu is not None else ""
-        others = "".join(f", {tool} {row.runs[tool][-1].seconds:.3f} s" for tool in tools)
+        others = "".join(f", {tool} {fmt_s(r.seconds, 3) if (r := this_round[tool]) else 'failed'}" for tool in tools)
         net = ""
         if net_stack is not None:
             n = row.network[-1]

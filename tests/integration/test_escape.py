@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Stack, write
+from conftest import Stack, wait_until, write
 
 PROBE = r'''
 import ctypes, errno, json, os, socket, sys
@@ -404,6 +404,8 @@ def test_a_reload_pins_changed_services_anew_and_unchanged_ones_keep_theirs(tmp_
         assert "changed: changed" in result.stdout and "kept" not in result.stdout, result.stdout
         _restart("pinreload", "kept")
         assert _inside("pinreload", "kept", "cat /d/marker") == "kept before\n"  # held since the stack started
+        # The reload answers once the changed service's launch is under way: exec needs it running.
+        wait_until(lambda: _service("pinreload", "changed")["state"] == "running", "the changed service to run again")
         assert _inside("pinreload", "changed", "cat /d/marker") == "changed after\n"  # pinned anew by the reload
     finally:
         _sbd("down", "-p", "pinreload")

@@ -1,4 +1,4 @@
-"""Benchmark sandboxd against the same services started without isolation and under its peers, in one invocation.
+"""Benchmark sandboxd against the same services without isolation and under its peers, in one invocation.
 
 This is a benchmark, not a test: it prints figures, ratios and the targets beside them, and
 asserts nothing. It needs root, as `sandboxd up` does. Standard library only. The peers

@@ -221,6 +221,10 @@ KERNEL_SURFACE = [
 ]
 MASKED_FILES = ["/sys/kernel/vmcoreinfo", "/sys/kernel/boot_params/data", "/proc/config.gz", "/proc/interrupts", "/sys/dev/block"]
 ROOTS = ["probe", "inplace"]  # the root on a tmpfs (a new top-level mount point), the host's in place
+# The same in a user namespace. With the host's root bound whole (no new top-level directory) the
+# kernel locks the host's mounts under /proc, /sys and /dev to the tree: they cannot be detached
+# there and stay listed in mountinfo (see launcher._detach_covered), so only the init is checked.
+USERNS_ROOTS = ["userns", "userns_bound"]
 
 IMAGE_PROBE = """
 echo "exe=$(busybox readlink /proc/1/exe || echo refused)"
@@ -250,13 +254,14 @@ def _probe(tmp_path: Path) -> dict[str, dict[str, object]]:
         spec = tmp_path / "escape"
         spec.mkdir()
         write(spec, "probe.py", PROBE)
-        for name, target in (("probe", "/t"), ("inplace", "/tmp/t")):
+        for name, target, userns in (("probe", "/t", False), ("inplace", "/tmp/t", False), ("userns", "/t", True), ("userns_bound", "/tmp/t", True)):
             write(
                 spec,
                 f"{name}.yaml",
                 f"""
                 kind: service
                 restart: "no"
+                userns: {str(userns).lower()}
                 command: [python3, {target}/probe.py, "{os.getpid()}", "{spec}"]
                 mounts: [{{source: ., target: {target}}}]
                 """,
@@ -265,7 +270,7 @@ def _probe(tmp_path: Path) -> dict[str, dict[str, object]]:
         write(spec, "image.yaml", f'kind: service\nrestart: "no"\nimage: {rootfs}\ncommand: [sh, -c, {json.dumps(IMAGE_PROBE)}]\n')
         stack = Stack(spec)
         assert stack.wait_exit() == 0, stack.err
-        for name in ROOTS:
+        for name in ROOTS + USERNS_ROOTS:
             line = next(line for line in stack.lines(name) if line.startswith("ESCAPE "))
             _report[name] = json.loads(line[len("ESCAPE "):])
         lines = stack.lines("image")
@@ -279,7 +284,7 @@ def test_escape_attempt_fails(attempt: str, tmp_path: Path) -> None:
     assert not result.startswith("ESCAPED"), f"{attempt}: {result}"
 
 
-@pytest.mark.parametrize("root", ROOTS)
+@pytest.mark.parametrize("root", ROOTS + USERNS_ROOTS)
 @pytest.mark.parametrize("attempt", INIT_ATTEMPTS)
 def test_the_init_is_out_of_reach(attempt: str, root: str, tmp_path: Path) -> None:
     result = str(_probe(tmp_path)[root][attempt])
@@ -308,7 +313,7 @@ def _host_mounts_sandboxd_covers() -> set[tuple[str, str, str]]:
     return found
 
 
-@pytest.mark.parametrize("root", [*ROOTS, "image"])
+@pytest.mark.parametrize("root", [*ROOTS, "userns", "image"])
 def test_mountinfo_shows_none_of_the_host_mounts_the_sandbox_covers(root: str, tmp_path: Path) -> None:
     covered = _host_mounts_sandboxd_covers()
     assert any(mount.startswith("/sys/fs/cgroup") for _, _, mount in covered), "the host should have cgroup mounts; the test would prove nothing"

@@ -13,9 +13,11 @@ outlives sandboxd.
     supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)      sandbox init (pid 1 of its own ns)
     ────────────────────              ───────────────────────────────────────      ──────────────────────────────────
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
-    launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds...]
+    launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds..., held bind sources...]
+                                      open_tree: a detached copy of each source (detached_bind)
                                       unshare(NEWPID), fork, setns back ──fork───▶ join cgroup; unshare(mnt,uts,ipc,net)
-                                                                                    setsid; mounts; pivot_root; hostname
+                                                                                    setsid; mounts; pivot_root; move_mount
+                                                                                    the copies; hostname
                                                                                     lo up; fds 0,1,2 and 3..; chdir
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── {"exec": t_ns} (creds carry its host pid)
             ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execveat(sealed copy of dumb-init, -- command...)
@@ -158,21 +160,45 @@ def _seal(root: str, pending: bool) -> None:
         linux.mount_setattr(root, READONLY)
 
 
-def _detach_covered(target: str, keep_below: list[str], locked: bool) -> None:
+def detached_bind(held_fd: int, source: str) -> int:
+    """In the fork server, for one launch: a detached copy of the mount tree that a held source
+    descriptor names (pins.py), private (no mount or unmount propagates into or out of it), for
+    the sandbox to attach with `_attach_bind`. Made here, in the host's mount namespace, because
+    open_tree may copy only mounts of the caller's own namespace, which a sandbox has left."""
+    tree = linux.clone_mount_tree(held_fd, source)
+    try:
+        linux.mount_setattr(tree, 0, propagation=linux.MS_PRIVATE, name=source)
+    except OSError:
+        os.close(tree)
+        raise
+    return tree
+
+
+def _attach_bind(tree: int, target: str, readonly: bool) -> None:
+    """In the sandbox: attach a detached copy from `detached_bind` on `target`. The copy has the
+    flags of the host's mount it came from: it is made read-only, or writable, and nosuid and
+    nodev either way."""
+    _ensure_mountpoint(target, is_dir=stat.S_ISDIR(os.fstat(tree).st_mode))
+    linux.move_mount(tree, target)
+    if readonly:
+        linux.mount_setattr(target, READONLY)
+    else:
+        linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
+
+
+def _detach_covered(target: str, locked: bool) -> None:
     """Detach the host's mount at `target` (and everything below it) just before sandboxd mounts
     its own there, so that /proc/self/mountinfo lists only the sandbox's mount, not the host's
     /proc, /sys (with every cgroup hierarchy), /dev (shm, pts, mqueue), /tmp and /run subtrees.
 
     Only ever in the sandbox's own mount namespace, after `/` was made private recursively: the
-    host's mounts are untouched. A mount with a bind source below it (`keep_below`) stays until
-    that bind is made (a bind needs its source attached to this namespace), and so stays listed.
-    In a user namespace the kernel locks the mounts it copied from the host to the ones around
-    them (MNT_LOCKED): umount2 refuses them (EINVAL, or EPERM), and they stay listed too.
+    host's mounts are untouched. Bind sources are detached copies already (`detached_bind`), so
+    nothing below these mounts is still needed. In a user namespace the kernel locks the mounts it
+    copied from the host to the ones around them (MNT_LOCKED): umount2 refuses them (EINVAL, or
+    EPERM), and they stay listed.
     """
     if os.stat(target).st_dev == os.stat(os.path.dirname(target)).st_dev:
         return  # no mount of its own here (or a bind of the parent's file system, left as it is)
-    if any(is_under(path, target) for path in keep_below):
-        return
     try:
         linux.umount2(target, linux.MNT_DETACH)
     except OSError as e:
@@ -180,8 +206,9 @@ def _detach_covered(target: str, keep_below: list[str], locked: bool) -> None:
             raise
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: dict[str, int], locked: bool = False) -> None:
-    """Make the sandbox's file system.
+def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False) -> None:
+    """Make the sandbox's file system. `trees` are the detached copies of the bind sources
+    (`detached_bind`), one per bind in the order of `mounts`.
 
     With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
     copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
@@ -198,15 +225,15 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         root = ""
     seal_image = mounts[0].kind == "image-root" and mounts[0].readonly
     binds: list[tuple[MountOp, int]] = []
+    unattached = iter(trees)
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
     fresh = _FRESH_IN_SANDBOX | ({"sys"} if any(op.kind == "sysfs" for op in mounts) else set())
-    # A root bound from the host's has the host's mounts where sandboxd mounts its own: detach
-    # them first. (A root on a tmpfs or an image has plain directories there.)
-    keep_below = [os.readlink(f"/proc/self/fd/{fd}") for fd in sources.values()]
 
     def detach_covered(target: str) -> None:
+        # A root bound from the host's has the host's mounts where sandboxd mounts its own: they
+        # go first. (A root on a tmpfs or an image has plain directories there.)
         if mounts[0].kind == "rbind-root":
-            _detach_covered(target, keep_below, locked)
+            _detach_covered(target, locked)
 
     for op in mounts:
         target = root + op.target if op.target != "/" else (root or "/")
@@ -250,13 +277,13 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
             case "tmpfs":
                 binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root
             case "bind":
-                # Open the source on the host now; bind it after pivot_root so that the target's
-                # path (and any symlink in it) resolves inside the sandbox, never on the host.
-                binds.append((op, os.dup(sources[op.source])))
+                # Attached after pivot_root, so that the target's path (and any symlink in it)
+                # resolves inside the sandbox, never on the host.
+                binds.append((op, next(unattached)))
     if not in_place:
         step.name = f"pivot_root into {root}"
-        # The old root stays reachable on the sandbox's own /run until the binds are made: a bind
-        # source must still be attached to this namespace's tree when it is mounted.
+        # The old root stays on the sandbox's own /run until the binds are made, so that a target
+        # that leads into it through a symlink is seen, and refused, below.
         os.mkdir(f"{root}{OLD_ROOT}")
         os.chdir(root)
         linux.pivot_root(".", OLD_ROOT.lstrip("/"))
@@ -274,14 +301,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
             continue
         step.name = f"bind {op.source} on {op.target}"
-        _ensure_mountpoint(target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
-        linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
-        if op.readonly:
-            linux.mount_setattr(target, READONLY)
-        else:
-            # In place, the source was opened in this namespace's copy of the host's tree, which
-            # is read-only by now, and its bind would inherit that; nosuid and nodev stay.
-            linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
+        _attach_bind(fd, target, op.readonly)
         os.close(fd)
     if seal_image:
         step.name = "make the image's root read-only"
@@ -343,9 +363,10 @@ def _report(channel: socket.socket, message: dict[str, Any]) -> None:
         pass
 
 
-def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], init_fd: int, netns_fd: int = -1) -> NoReturn:
+def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], init_fd: int, netns_fd: int = -1, trees: list[int] | None = None) -> NoReturn:
     """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init
-    (`init_fd`, the fork server's sealed copy of it)."""
+    (`init_fd`, the fork server's sealed copy of it). `trees`: the detached copies of its bind
+    sources (`detached_bind`), in the plan's order."""
     step = _Step()
     # Out of the way of fds 3.. that the sockets will take.
     channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds)))
@@ -365,10 +386,6 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
         os.setsid()
-        # Bind sources are opened now, in the new mount namespace but still with the host's ids:
-        # in a user namespace root inside may not reach them by path; a descriptor works.
-        step.name = "open the sources of bind mounts"
-        sources = {op.source: os.open(op.source, os.O_PATH | os.O_CLOEXEC) for op in plan.mounts if op.kind == "bind"}
         if plan.userns:
             # Still the host's root by id; become root of the new user namespace (the mapped ids).
             step.name = "become root of the user namespace"
@@ -377,7 +394,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         # /proc/1/exe is that memfd, never a file of the host's, wherever sandboxd is installed.
         step.name = f"take the sealed copy of the init {plan.argv[0]}"
         init_fd = fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
-        _build_root(request["root"], plan.mounts, step, sources, locked=bool(plan.userns))
+        _build_root(request["root"], plan.mounts, step, trees or [], locked=bool(plan.userns))
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -625,20 +642,33 @@ def sealed_copy(path: str) -> int:
 
 
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
+    """Fork what a request asks for. A sandbox's descriptors are [status, output, sockets...,
+    held bind sources..., netns?]; each source becomes a detached copy here, before the fork."""
     status_fd, output_fd, *socket_fds = fds
     netns_fd = socket_fds.pop() if request.get("netns") else -1
+    first_source = len(socket_fds) - request.get("sources", 0)
+    held, socket_fds = socket_fds[first_source:], socket_fds[:first_source]
     cgroup_fd = -1
+    trees: list[int] = []
+    doing = "fork"
     try:
-        try:
-            init_fd = sealed_copy(request["plan"]["argv"][0]) if "plan" in request else -1
-        except OSError as e:
-            raise OSError(e.errno, f"a sealed copy of the init: {e.strerror}", e.filename) from None
+        init_fd = -1
+        if "plan" in request:
+            doing = f"make a sealed copy of the init {request['plan']['argv'][0]}"
+            init_fd = sealed_copy(request["plan"]["argv"][0])
+            sources = [op["source"] for op in request["plan"]["mounts"] if op["kind"] == "bind"]
+            if len(held) != len(sources):  # the kernel cut the descriptors short (more than MAX_FDS)
+                raise OSError(errno.EMSGSIZE, f"{len(sources)} bind sources, {len(held)} descriptors received", request["plan"]["service"])
+            for fd, source in zip(held, sources):
+                doing = f"copy the mount of {source}"
+                trees.append(detached_bind(fd, source))
+            doing = "fork"
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         userns = request["plan"].get("userns") if "plan" in request else None
         if userns:
             pid = _fork_in_user_namespace(request, cgroup_fd, tuple(userns))
             if pid == 0:
-                run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd)
+                run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
             children[pid] = request["id"]
             return
         if "exec_into" in request:
@@ -652,12 +682,12 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
         else:
             pid = _fork_sandbox_init(cgroup_fd, own_pidns)
         if pid == 0:
-            run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd)
+            run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
         children[pid] = request["id"]
     except OSError as e:
-        conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
+        conn.send(json.dumps({"failed": request["id"], "detail": f"{doing}: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
     finally:
-        for fd in [*fds, cgroup_fd]:
+        for fd in [*fds, *trees, cgroup_fd]:
             if fd >= 0:
                 os.close(fd)
 
@@ -799,12 +829,15 @@ class ForkServer:
         output_fd: int,
         socket_fds: list[int],
         netns_fd: int = -1,
+        source_fds: list[int] | None = None,
     ) -> socket.socket:
         """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_procs`.
 
         With `netns_fd`, the sandbox joins that network namespace instead of creating one.
-        Returns the supervisor's end of its status channel.
+        `source_fds` are the held descriptors of its bind sources (pins.py), one per bind in the
+        order of the plan's mounts. Returns the supervisor's end of its status channel.
         """
+        sources = list(source_fds or [])
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         request = {
@@ -814,8 +847,9 @@ class ForkServer:
             "cgroup_procs": list(cgroup_procs),
             "root": root,
             "netns": netns_fd >= 0,
+            "sources": len(sources),
         }
-        fds = [theirs.fileno(), output_fd, *socket_fds] + ([netns_fd] if netns_fd >= 0 else [])
+        fds = [theirs.fileno(), output_fd, *socket_fds, *sources] + ([netns_fd] if netns_fd >= 0 else [])
         try:
             socket.send_fds(self.conn, [json.dumps(request).encode()], fds)
         finally:

@@ -2,10 +2,12 @@
 
 One stack runs a probe that tries everything and reports; each attempt is then a test of its
 own, reading the probe's report (the probe's stack runs within the first test, so nothing outlives
-a test). The probe runs twice, on both kinds of host root: `probe` mounts its folder at a new
-top-level directory (/t), which builds the root on a tmpfs; `inplace` mounts it below /tmp, which
-keeps the host's root in place. A third service, `image`, runs on a folder image (busybox) under
-tini and checks what it can reach of its init.
+a test). The probe runs on both kinds of host root: `probe` mounts its folder at a new top-level
+directory (/t), which builds the root on a tmpfs; `inplace` mounts it below /tmp, which keeps the
+host's root in place; `userns` and `userns_bound` do the same in a user namespace. One more
+service, `image`, runs on a folder image (busybox) under tini and checks what it can reach of its
+init. The tests after those are about sandboxd's own mechanisms (pinned bind mounts, the allow
+list of the seccomp filter, user namespaces).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -459,3 +462,175 @@ def test_each_new_rule_is_lifted_by_naming_its_call(run_stack, spec_dir: Path) -
     refused = ["io_uring_setup Operation not permitted", "personality Operation not permitted", "vsock Operation not permitted", "pidfd_getfd Operation not permitted"]
     assert stack.lines("default") == refused
     assert stack.lines("loose") == ["io_uring_setup allowed", "personality allowed", "vsock allowed", "pidfd_getfd allowed"]
+
+
+# ── bind mounts are pinned: what a path names when the stack starts is what every restart mounts ──
+
+
+def _sbd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "sandboxd", *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def _service(stack: str, name: str) -> dict[str, object]:
+    status = json.loads(_sbd("ps", "--json", "-p", stack).stdout)
+    return next(s for s in status["services"] if s["name"] == name)
+
+
+def _restart(stack: str, name: str) -> None:
+    """Restart a service by hand and return once its new sandbox runs (counted in checks, not timed)."""
+    old = _service(stack, name)["pid"]
+    _sbd("restart", "-p", stack, name)
+    for _ in range(2000):
+        now = _service(stack, name)
+        if now["state"] == "running" and now["pid"] not in (0, old):
+            return
+    raise AssertionError(f"{name} of {stack} did not run again: {now}")
+
+
+def _inside(stack: str, name: str, script: str) -> str:
+    return _sbd("exec", "-p", stack, name, "--", "sh", "-c", script).stdout
+
+
+def _folder(path: Path, mode: int = 0o755, **files: str) -> Path:
+    path.mkdir()
+    path.chmod(mode)  # writable folders are 0777: whoever the service is on the host, it may write them
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_a_restart_mounts_the_original_folder_after_another_stack_swapped_it_for_a_symlink(tmp_path: Path) -> None:
+    shared = _folder(tmp_path / "shared", 0o777)
+    _folder(shared / "sub", 0o777, marker="original\n")
+    victim = _folder(tmp_path / "victim", 0o777, marker="victim\n")  # another host path, never to be written
+    for stack, source in (("pinb", shared / "sub"), ("pina", shared)):
+        folder = _folder(tmp_path / stack)
+        write(folder, "svc.yaml", f"kind: service\ncommand: sleep 1000\nmounts: [{{source: {source}, target: /data, readonly: false}}]\n")
+    _sbd("up", "-d", str(tmp_path / "pinb"))
+    try:
+        _sbd("up", "-d", str(tmp_path / "pina"))
+        try:
+            # The attacker, inside stack pina, has the parent folder writable: it swaps the folder
+            # stack pinb mounts for a symlink to another host path.
+            _inside("pina", "svc", f"mv /data/sub /data/sub.old && ln -s {victim} /data/sub")
+            assert (shared / "sub").is_symlink()
+            _restart("pinb", "svc")
+            seen = _inside("pinb", "svc", "cat /data/marker; echo written > /data/written || true")
+        finally:
+            _sbd("down", "-p", "pina")
+    finally:
+        _sbd("down", "-p", "pinb")
+    assert seen.splitlines()[0] == "original"
+    assert sorted(p.name for p in victim.iterdir()) == ["marker"]  # nothing was written there
+    assert (shared / "sub.old" / "written").read_text() == "written\n"  # the write went to the pinned folder
+
+
+def test_a_service_cannot_redirect_its_own_nested_mount_with_a_symlink(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "nested")
+    data = _folder(folder / "data", 0o777)
+    _folder(data / "x", 0o777, marker="original\n")
+    victim = _folder(tmp_path / "victim", 0o777, marker="victim\n")
+    write(
+        folder,
+        "svc.yaml",
+        "kind: service\ncommand: sleep 1000\nmounts:\n  - {source: ./data, target: /data, readonly: false}\n  - {source: ./data/x, target: /x, readonly: false}\n",
+    )
+    _sbd("up", "-d", str(folder))
+    try:
+        _inside("nested", "svc", f"mv /data/x /data/x.old && ln -s {victim} /data/x")
+        _restart("nested", "svc")
+        seen = _inside("nested", "svc", "cat /x/marker; echo written > /x/written || true")
+    finally:
+        _sbd("down", "-p", "nested")
+    assert seen.splitlines()[0] == "original"
+    assert sorted(p.name for p in victim.iterdir()) == ["marker"]
+    assert (data / "x.old" / "written").read_text() == "written\n"
+
+
+def _refused(verb: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """`sandboxd up` or `config` on a folder it must refuse: exit 2, nothing started (the fixture
+    checks that nothing is left behind)."""
+    result = subprocess.run([sys.executable, "-m", "sandboxd", verb, str(folder)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "launched" not in result.stderr
+    return result
+
+
+@pytest.mark.parametrize("how", ["symlink", "dotdot"])
+def test_a_relative_source_that_leads_out_of_the_spec_folder_is_refused(spec_dir: Path, how: str) -> None:
+    if how == "symlink":
+        (spec_dir / "link").symlink_to("/etc")
+        source = "./link"
+    else:
+        source = "../" * (len(spec_dir.parts) - 1) + "etc"  # as many as it takes to reach / and then /etc
+    write(spec_dir, "svc.yaml", f"kind: service\ncommand: 'true'\nmounts:\n  - {{source: '{source}', target: /hostetc}}\nrestart: 'no'\n")
+    for verb in ("up", "config"):
+        result = _refused(verb, spec_dir)
+        assert f"{spec_dir / 'svc.yaml'}:4: mounts[0].source: mount source '{source}' leads out of the spec folder" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["folder 0777", "folder owned by another user", "spec file 0666", "parent writable, not sticky"])
+def test_a_spec_folder_that_others_can_change_is_refused(tmp_path: Path, how: str) -> None:
+    parent = _folder(tmp_path / "parent")
+    folder = _folder(parent / "stack")
+    spec = write(folder, "svc.yaml", "kind: service\ncommand: 'true'\nrestart: 'no'\n")
+    match how:
+        case "folder 0777":
+            folder.chmod(0o777)
+            culprit, fix = folder, f"chmod go-w {folder}"
+        case "folder owned by another user":
+            os.chown(folder, 65534, 65534)
+            culprit, fix = folder, f"chown root {folder}"
+        case "spec file 0666":
+            spec.chmod(0o666)
+            culprit, fix = spec, f"chmod go-w {spec}"
+        case _:
+            parent.chmod(0o777)
+            culprit, fix = parent, f"chmod go-w {parent}"
+    result = _refused("up", folder)
+    assert f"{culprit} is " in result.stderr and fix in result.stderr, result.stderr
+    parent.chmod(0o1777)  # sticky, as /tmp: others may not rename or remove what is not theirs
+    if how == "parent writable, not sticky":
+        assert subprocess.run([sys.executable, "-m", "sandboxd", "config", str(folder)], capture_output=True).returncode == 0
+
+
+def test_a_reload_pins_changed_services_anew_and_unchanged_ones_keep_theirs(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "pinreload")
+    for name in ("kept", "changed"):
+        _folder(folder / name, marker=f"{name} before\n")
+        write(folder, f"{name}.yaml", f"kind: service\ncommand: sleep 1000\nmounts: [{{source: ./{name}, target: /d}}]\n")
+    _sbd("up", "-d", str(folder))
+    try:
+        for name in ("kept", "changed"):  # the admin puts new folders in place of the old ones
+            (folder / name).rename(folder / f"{name}.old")
+            _folder(folder / name, marker=f"{name} after\n")
+        write(folder, "changed.yaml", (folder / "changed.yaml").read_text() + "environment: {EDITED: '1'}\n")
+        result = _sbd("up", "-d", str(folder))  # against the running stack: a reload
+        assert "changed: changed" in result.stdout and "kept" not in result.stdout, result.stdout
+        _restart("pinreload", "kept")
+        assert _inside("pinreload", "kept", "cat /d/marker") == "kept before\n"  # held since the stack started
+        assert _inside("pinreload", "changed", "cat /d/marker") == "changed after\n"  # pinned anew by the reload
+    finally:
+        _sbd("down", "-p", "pinreload")
+
+
+def test_a_client_reaches_a_socket_made_anew_by_a_reload_after_its_restart(tmp_path: Path, socket_dir: Path) -> None:
+    folder = _folder(tmp_path / "pinsock")
+    server = "import socket\ns = socket.socket(fileno=3)\nwhile True:\n    c, _ = s.accept(); c.sendall(b'hi\\n'); c.close()\n"
+    write(folder, "server.py", server)
+    write(folder, "api.yaml", f"kind: service\ncommand: [python3, /t/server.py]\nmounts: [{{source: ., target: /t}}]\n---\nkind: socket\nlisten: unix:{socket_dir}/api.sock\n")
+    write(folder, "client.yaml", "kind: service\ncommand: sleep 1000\nuses: [api]\n")
+    ask = f"python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); s.connect('{socket_dir}/api.sock'); print(s.makefile().readline().strip())\""
+    _sbd("up", "-d", "--wait", str(folder))
+    try:
+        assert _inside("pinsock", "client", ask) == "hi\n"
+        write(folder, "api.yaml", (folder / "api.yaml").read_text() + "backlog: 64\n")
+        result = _sbd("up", "-d", str(folder))
+        assert "sockets_replaced: api" in result.stdout and "client" not in result.stdout, result.stdout
+        _restart("pinsock", "client")
+        assert _inside("pinsock", "client", ask) == "hi\n"  # the new socket file, not the one it held before
+    finally:
+        _sbd("down", "-p", "pinsock")

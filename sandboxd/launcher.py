@@ -20,12 +20,16 @@ outlives sandboxd.
                                                                                     the copies; hostname
                                                                                     lo up; fds 0,1,2 and 3..; chdir
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── {"exec": t_ns} (creds carry its host pid)
-            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execve(dumb-init -- command...)
+            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execveat(sealed copy of dumb-init, -- command...)
                                                                                   or {"error": step, "detail": ...}; _exit(127)
             ◀──{"exit": id, "status": wstatus}── waitpid()
 
 The child never touches asyncio or the supervisor's logging; it reports one structured message
 and exits with a distinct code on failure.
+
+The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
+server copies it once into a sealed, execute-only memfd (`sealed_copy`), and every sandbox
+executes that descriptor, as runc does with its own binary since CVE-2019-5736.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def _ensure_mountpoint(target: str, is_dir: bool) -> None:
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
-def _mount_dev(dev: str) -> None:
+def _mount_dev(dev: str, detach_covered: Callable[[str], None]) -> None:
     # The host's nodes are opened before the new /dev may cover them (in place, dev is /dev).
     nodes: dict[str, int] = {}
     for node in DEVICE_NODES:
@@ -84,6 +88,7 @@ def _mount_dev(dev: str) -> None:
             nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
+    detach_covered(dev)
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for node, fd in nodes.items():
         try:
@@ -108,8 +113,10 @@ _FRESH_IN_SANDBOX = {"proc", "dev", "tmp", "run"}
 OLD_ROOT = "/run/.sbd-oldroot"  # on the sandbox's own /run tmpfs, removed before exec
 
 
-def _host_root_on_tmpfs(root: str) -> None:
-    """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it."""
+def _host_root_on_tmpfs(root: str, fresh: set[str]) -> None:
+    """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it,
+    except those in `fresh` (sandboxd mounts its own there: the host's would only be covered, and
+    still listed in /proc/self/mountinfo)."""
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=64k")
     for entry in os.scandir("/"):
         path = f"{root}/{entry.name}"
@@ -117,7 +124,7 @@ def _host_root_on_tmpfs(root: str) -> None:
             os.symlink(os.readlink(entry.path), path)
         elif entry.is_dir():
             os.mkdir(path)
-            if entry.name not in _FRESH_IN_SANDBOX:
+            if entry.name not in fresh:
                 linux.mount(entry.path, path, None, linux.MS_BIND | linux.MS_REC)
         else:
             _ensure_mountpoint(path, is_dir=False)
@@ -131,7 +138,11 @@ def _image_root(root: str, rootfs: str) -> None:
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
     os.mkdir(f"{root}/upper", 0o755)
     os.mkdir(f"{root}/work", 0o700)
-    options = f"lowerdir={rootfs},upperdir={root}/upper,workdir={root}/work"
+    # The overlay's options show in /proc/self/mountinfo as they are written: the upper layers
+    # are named relative to the tmpfs, not by sandboxd's runtime paths. The lower layer keeps its
+    # path in the image store: that is how images.trees_in_use tells which trees are mounted.
+    os.chdir(root)
+    options = f"lowerdir={rootfs},upperdir=upper,workdir=work"
     linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
     # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
     for top in _FRESH_IN_SANDBOX | {"sys"}:
@@ -174,16 +185,37 @@ def _attach_bind(tree: int, target: str, readonly: bool) -> None:
         linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int]) -> None:
+def _detach_covered(target: str, locked: bool) -> None:
+    """Detach the host's mount at `target` (and everything below it) just before sandboxd mounts
+    its own there, so that /proc/self/mountinfo lists only the sandbox's mount, not the host's
+    /proc, /sys (with every cgroup hierarchy), /dev (shm, pts, mqueue), /tmp and /run subtrees.
+
+    Only ever in the sandbox's own mount namespace, after `/` was made private recursively: the
+    host's mounts are untouched. Bind sources are detached copies already (`detached_bind`), so
+    nothing below these mounts is still needed. In a user namespace the kernel locks the mounts it
+    copied from the host to the ones around them (MNT_LOCKED): umount2 refuses them (EINVAL, or
+    EPERM), and they stay listed.
+    """
+    if os.stat(target).st_dev == os.stat(os.path.dirname(target)).st_dev:
+        return  # no mount of its own here (or a bind of the parent's file system, left as it is)
+    try:
+        linux.umount2(target, linux.MNT_DETACH)
+    except OSError as e:
+        if not (locked and e.errno in (errno.EINVAL, errno.EPERM)):
+            raise
+
+
+def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False) -> None:
     """Make the sandbox's file system. `trees` are the detached copies of the bind sources
     (`detached_bind`), one per bind in the order of `mounts`.
 
     With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
     copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
-    /tmp and /run are mounted over it; no copy of the tree, no pivot_root, no detaching of the old
-    root (about 1 ms less per sandbox). Otherwise (a user namespace, whose /dev must bind the host's
-    nodes from a mount without nodev; or new top-level mount points, `tmpfs-root`) a root is built at
-    `root` and pivoted into (bubblewrap's order of steps).
+    /tmp and /run are mounted over it, each after the host's mount there is detached; no copy of
+    the tree, no pivot_root, no detaching of the old root (about 1 ms less per sandbox). Otherwise
+    (a user namespace, whose /dev must bind the host's nodes from a mount without nodev; or new
+    top-level mount points, `tmpfs-root`) a root is built at `root` and pivoted into (bubblewrap's
+    order of steps). `locked`: in a user namespace (see _detach_covered).
     """
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -194,6 +226,14 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
     binds: list[tuple[MountOp, int]] = []
     unattached = iter(trees)
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
+    fresh = _FRESH_IN_SANDBOX | ({"sys"} if any(op.kind == "sysfs" for op in mounts) else set())
+
+    def detach_covered(target: str) -> None:
+        # A root bound from the host's has the host's mounts where sandboxd mounts its own: they
+        # go first. (A root on a tmpfs or an image has plain directories there.)
+        if mounts[0].kind == "rbind-root":
+            _detach_covered(target, locked)
+
     for op in mounts:
         target = root + op.target if op.target != "/" else (root or "/")
         step.name = f"mount {op.kind} on {op.target}"
@@ -204,7 +244,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
                 linux.mount(op.source, root, None, linux.MS_BIND | linux.MS_REC)
                 linux.mount_setattr(root, READONLY)
             case "tmpfs-root":
-                _host_root_on_tmpfs(root)
+                _host_root_on_tmpfs(root, fresh)
             case "image-root":
                 _image_root(root, op.source)
             case "mountpoint":
@@ -212,22 +252,26 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
             case "proc":
                 _seal(root, pending_seal)
                 pending_seal = False
+                detach_covered(target)
                 linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "sysfs":
                 # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
+                detach_covered(target)
                 linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "mask":
                 if os.path.isdir(target):
                     linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "size=0")
                 elif os.path.lexists(target):
-                    linux.mount("/dev/null", target, None, linux.MS_BIND)
+                    # The sandbox's own /dev/null (made before the masks), as runc does.
+                    linux.mount(f"{root}/dev/null", target, None, linux.MS_BIND)
             case "readonly":
                 if os.path.lexists(target):
                     linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
                     linux.mount_setattr(target, READONLY)
             case "dev":
-                _mount_dev(target)
+                _mount_dev(target, detach_covered)
             case "tmpfs" if op.target in SANDBOX_TMPFS:
+                detach_covered(target)
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
             case "tmpfs":
                 binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root
@@ -318,9 +362,10 @@ def _report(channel: socket.socket, message: dict[str, Any]) -> None:
         pass
 
 
-def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], netns_fd: int = -1, trees: list[int] | None = None) -> NoReturn:
-    """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init.
-    `trees`: the detached copies of its bind sources (`detached_bind`), in the plan's order."""
+def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], init_fd: int, netns_fd: int = -1, trees: list[int] | None = None) -> NoReturn:
+    """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init
+    (`init_fd`, the fork server's sealed copy of it). `trees`: the detached copies of its bind
+    sources (`detached_bind`), in the plan's order."""
     step = _Step()
     # Out of the way of fds 3.. that the sockets will take.
     channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds)))
@@ -344,13 +389,11 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
             # Still the host's root by id; become root of the new user namespace (the mapped ids).
             step.name = "become root of the user namespace"
             become_userns_root()
-        # The init is opened on the host's file system: wherever sandboxd is installed (even below
-        # /tmp, which the sandbox replaces), it is executed through this descriptor.
-        step.name = f"open the init {plan.argv[0]}"
-        opened = os.open(plan.argv[0], os.O_PATH | os.O_CLOEXEC)
-        init_fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
-        os.close(opened)
-        _build_root(request["root"], plan.mounts, step, trees or [])
+        # The init is the fork server's sealed copy (sealed_copy), executed through its descriptor:
+        # /proc/1/exe is that memfd, never a file of the host's, wherever sandboxd is installed.
+        step.name = f"take the sealed copy of the init {plan.argv[0]}"
+        init_fd = fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
+        _build_root(request["root"], plan.mounts, step, trees or [], locked=bool(plan.userns))
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -548,6 +591,55 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
+# MFD_EXEC (Linux 6.3): executable even where vm.memfd_noexec makes memfds non-executable by default.
+MFD_EXEC = 0x0010
+_sealed_inits: dict[str, int] = {}  # the fork server's sealed copies, by path on the host
+
+
+def sealed_copy(path: str) -> int:
+    """The fork server's read-only, sealed, execute-only copy of the init at `path`, made at its
+    first launch and shared by every sandbox after it (no copy per launch).
+
+    Why: an init executed from its file on the host leaves that file in reach through /proc/1/exe;
+    uid 0 in the sandbox owns it, and with the root built on a tmpfs its mount is writable: only
+    ETXTBSY, which ends with the init, stood between a write and the host's binary (runc's
+    CVE-2019-5736). A memfd sealed against writes, growth and shrinking (and against unsealing)
+    cannot be changed by anyone, root included, and is no path of the host's.
+
+    Mode 0111: no one in a sandbox can read it either, and the kernel makes a process that execs a
+    file it cannot read non-dumpable. So, without CAP_SYS_PTRACE (which docker withholds too), no
+    process of the sandbox reaches its init's /proc/1/mem (read or write), environ, exe, fd/,
+    root or map_files, nor its memory through process_vm_readv/writev, nor its descriptors
+    through pidfd_getfd. What this does not cover: a service given CAP_DAC_OVERRIDE or
+    CAP_DAC_READ_SEARCH reads the copy, so its init stays dumpable; a host with
+    fs.suid_dumpable=1 makes every such process dumpable; the service's own processes reach one
+    another as processes of one uid always do (ptrace itself is refused by seccomp).
+    """
+    fd = _sealed_inits.get(path)
+    if fd is not None:
+        return fd
+    with open(path, "rb") as source:
+        if source.read(4) != b"\x7fELF":
+            raise OSError(errno.ENOEXEC, "not an ELF binary: sandboxd runs its init from a sealed copy, executed by descriptor", path)
+        source.seek(0)
+        try:
+            fd = os.memfd_create("sbd-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | MFD_EXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel before MFD_EXEC, where memfds are executable
+                raise OSError(e.errno, f"memfd_create: {e.strerror} (vm.memfd_noexec=2 forbids executable memfds)", path) from None
+            fd = os.memfd_create("sbd-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            while chunk := source.read(1 << 20):
+                os.write(fd, chunk)
+            os.fchmod(fd, 0o111)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+    _sealed_inits[path] = fd
+    return fd
+
+
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
     """Fork what a request asks for. A sandbox's descriptors are [status, output, sockets...,
     held bind sources..., netns?]; each source becomes a detached copy here, before the fork."""
@@ -559,7 +651,10 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
     trees: list[int] = []
     doing = "fork"
     try:
+        init_fd = -1
         if "plan" in request:
+            doing = f"make a sealed copy of the init {request['plan']['argv'][0]}"
+            init_fd = sealed_copy(request["plan"]["argv"][0])
             sources = [op["source"] for op in request["plan"]["mounts"] if op["kind"] == "bind"]
             if len(held) != len(sources):  # the kernel cut the descriptors short (more than MAX_FDS)
                 raise OSError(errno.EMSGSIZE, f"{len(sources)} bind sources, {len(held)} descriptors received", request["plan"]["service"])
@@ -572,7 +667,7 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
         if userns:
             pid = _fork_in_user_namespace(request, cgroup_fd, tuple(userns))
             if pid == 0:
-                run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd, trees)
+                run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
             children[pid] = request["id"]
             return
         if "exec_into" in request:
@@ -586,7 +681,7 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
         else:
             pid = _fork_sandbox_init(cgroup_fd, own_pidns)
         if pid == 0:
-            run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd, trees)
+            run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
         children[pid] = request["id"]
     except OSError as e:
         conn.send(json.dumps({"failed": request["id"], "detail": f"{doing}: {e.strerror} ({e.filename or request['cgroup']})"}).encode())

@@ -216,9 +216,20 @@ def is_under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-# As runc does: files of /proc and /sys that say too much about the host, or change it, are hidden
-# (/dev/null over files, an empty read-only tmpfs over directories) or made read-only.
-MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats", "/proc/acpi", "/proc/scsi", "/sys/firmware")
+# As runc, docker and podman do: files of /proc and /sys that say too much about the host, or
+# change it, are hidden (the sandbox's /dev/null over files, an empty read-only tmpfs over
+# directories) or made read-only. MASKED is the union of runc's, docker's and podman's lists
+# (containers-common's adds /proc/interrupts, /sys/dev/block and /sys/fs/selinux; docker's
+# /sys/devices/virtual/powercap; runc's /sys/devices/virtual/tpm), and the files that describe
+# the host's kernel and memory layout to an attacker: vmcoreinfo (symbol addresses for a crash
+# dump), boot_params (the boot loader's data, the memory map) and config.gz (the kernel's build
+# options). Paths that do not exist on the host are skipped.
+MASKED = (
+    "/proc/acpi", "/proc/asound", "/proc/config.gz", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+    "/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list", "/proc/timer_stats",
+    "/sys/dev/block", "/sys/devices/virtual/powercap", "/sys/devices/virtual/tpm", "/sys/firmware",
+    "/sys/fs/selinux", "/sys/kernel/boot_params", "/sys/kernel/vmcoreinfo",
+)  # fmt: skip
 READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
 
 
@@ -471,7 +482,8 @@ def plan_service(
     if net != "host":
         # Its own sysfs shows the sandbox's links; with the host's network the host's stays.
         mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, MountOp("sysfs", "/sys"))
-    at = mounts.index(MountOp("dev", "/dev"))
+    # After /dev: files are masked with the sandbox's own /dev/null.
+    at = mounts.index(MountOp("dev", "/dev")) + 1
     mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC]
     if uses_notify(service):
         user_mounts.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))

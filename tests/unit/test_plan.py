@@ -224,3 +224,11 @@ def test_seccomp_names_a_call_the_filter_does_not_refuse(tmp_path):
     with pytest.raises(SpecErrors) as e:
         plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nseccomp: [mout]\n")
     assert e.value.errors[0].message == "'mout' is not refused by the default filter; did you mean 'mount'?"
+
+
+def test_masks_come_after_dev_and_hide_what_describes_the_host_kernel(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"]
+    kinds = [m.kind for m in p.mounts]
+    assert kinds.index("dev") < kinds.index("mask")  # files are masked with the sandbox's own /dev/null
+    masked = {m.target for m in p.mounts if m.kind == "mask"}
+    assert {"/sys/kernel/vmcoreinfo", "/sys/kernel/boot_params", "/proc/config.gz", "/proc/interrupts", "/sys/dev/block"} <= masked

@@ -52,7 +52,7 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, LaunchPlan, MountOp, is_under
+from .plan import DEVICE_NODES, SANDBOX_TMPFS, LaunchPlan, MountOp, is_under
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -103,8 +103,7 @@ def _mount_dev(dev: str, detach_covered: Callable[[str], None]) -> None:
     os.mkdir(f"{dev}/pts")
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
-    os.mkdir(f"{dev}/shm")
-    linux.mount("tmpfs", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
+    os.mkdir(f"{dev}/shm")  # its tmpfs, capped, is a mount of the plan's own
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
 
@@ -271,7 +270,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
                     linux.mount_setattr(target, READONLY)
             case "dev":
                 _mount_dev(target, detach_covered)
-            case "tmpfs" if op.target in ("/tmp", "/run"):
+            case "tmpfs" if op.target in SANDBOX_TMPFS:
                 detach_covered(target)
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
             case "tmpfs":

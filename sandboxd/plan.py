@@ -35,6 +35,8 @@ SERVICE_PID_IN_SANDBOX = 2
 
 # Directories that are a fresh tmpfs in every sandbox: mount targets below them need not exist.
 TMPFS_DIRS = ("/tmp", "/run")
+# The tmpfs every sandbox has of its own, each capped (tmpfs_size, shm_size), mounted before pivot_root.
+SANDBOX_TMPFS = (*TMPFS_DIRS, "/dev/shm")
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 MountKind = Literal["rbind-root", "tmpfs-root", "image-root", "mountpoint", "proc", "sysfs", "mask", "readonly", "tmpfs", "dev", "bind"]
@@ -231,12 +233,24 @@ MASKED = (
 READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
 
 
-def _base_mounts() -> list[MountOp]:
+def tmpfs_options(size: int, mode: str, owner: tuple[int, int] | None = None) -> str:
+    """Mount options of a capped tmpfs. Besides its size, one inode per 4 KiB of it: a file with
+    data takes a page at least, so that never limits files that hold data, and it caps what empty
+    files, directories and links cost the kernel (about 1 KiB each), which tmpfs would otherwise
+    allow by the million (half of the host's RAM in pages)."""
+    options = f"mode={mode},size={size},nr_inodes={max(size // 4096, 1024)}"
+    return options + (f",uid={owner[0]},gid={owner[1]}" if owner is not None else "")
+
+
+def _base_mounts(service: Service, own: dict[str, MountOp]) -> list[MountOp]:
+    """/proc, /dev, and the sandbox's own capped /tmp, /run and /dev/shm (or the spec's `tmpfs:`
+    entry at /tmp or /run in place of the default one)."""
     return [
         MountOp("proc", "/proc"),
         MountOp("dev", "/dev"),
-        MountOp("tmpfs", "/tmp", options="mode=1777"),
-        MountOp("tmpfs", "/run", options="mode=0755"),
+        MountOp("tmpfs", "/dev/shm", options=tmpfs_options(service.shm_size or service.tmpfs_size, "1777")),
+        own.get("/tmp") or MountOp("tmpfs", "/tmp", options=tmpfs_options(service.tmpfs_size, "1777")),
+        own.get("/run") or MountOp("tmpfs", "/run", options=tmpfs_options(service.tmpfs_size, "0755")),
     ]
 
 
@@ -430,12 +444,19 @@ def plan_service(
             add_bind(str(m.source), m.target, m.readonly, m.line, f"mounts[{index}].target")
     uid, gid, who_errors = _identity(service, rootfs, image.config.user if image else "")
     errors.extend(who_errors)
-    for index, target in enumerate(service.tmpfs):
-        found, top = _mount_target_errors(service, target, service.line, f"tmpfs[{index}]", in_root)
+    own_tmpfs: dict[str, MountOp] = {}  # the spec's entries at /tmp or /run, instead of the sandbox's own
+    for index, entry in enumerate(service.tmpfs):
+        # Owned by the service's user, so that it can write there even without capabilities; a
+        # /tmp stays sticky and open to all, as a /tmp is.
+        options = tmpfs_options(entry.size or service.tmpfs_size, "1777" if entry.path == "/tmp" else "0755", (uid, gid))
+        if entry.path in TMPFS_DIRS:
+            own_tmpfs[entry.path] = MountOp("tmpfs", entry.path, options=options)
+            continue
+        found, top = _mount_target_errors(service, entry.path, entry.line, f"tmpfs[{index}]", in_root)
         errors.extend(found)
         if top is not None:
             new_tops[top] = True
-        user_mounts.append(MountOp("tmpfs", target, readonly=False, options=f"mode=0755,uid={uid},gid={gid}"))
+        user_mounts.append(MountOp("tmpfs", entry.path, readonly=False, options=options))
     for name in service.uses:
         for address in next(s for s in stack.sockets if s.name == name).listen:
             if address.path and not address.is_abstract:
@@ -456,7 +477,7 @@ def plan_service(
         # In place, unless a user namespace must bind device nodes (no mknod there) from a mount
         # that the in-place set-up would already have made nodev.
         mounts.append(MountOp("rbind-root", "/", "/", readonly=True, options="" if service.userns else "in-place"))
-    mounts += _base_mounts()
+    mounts += _base_mounts(service, own_tmpfs)
     net = net_mode(stack, service)
     if net != "host":
         # Its own sysfs shows the sandbox's links; with the host's network the host's stays.

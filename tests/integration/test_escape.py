@@ -438,6 +438,65 @@ def test_user_namespace_maps_root_inside_to_an_unprivileged_host_uid(run_stack, 
     assert stack.stop() == 0
 
 
+# ── what a service prints cannot steer the admin's terminal ──
+
+SHOUT = r"""
+import os, socket, sys
+sys.stdout.buffer.write(b"title\x1b]0;pwned\x07 clear\x1b[2J csi\xc2\x9b2J bad\xff tab\tend\n")
+sys.stdout.flush()
+s = socket.socket(fileno=3)
+while True:
+    s.accept()[0].close()
+"""
+RAW_LINE = b"title\x1b]0;pwned\x07 clear\x1b[2J csi\xc2\x9b2J bad\xff tab\tend"
+SHOWN_LINE = b"title\\x1b]0;pwned\\x07 clear\\x1b[2J csi\\xc2\\x9b2J bad\\xff tab\tend"
+
+
+def _read_pty(master: int, until: bytes, timeout: float = 20.0) -> bytes:
+    import select
+    import time
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    while until not in data and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                data += os.read(master, 65536)
+            except OSError:  # EIO: the other side closed
+                break
+    return data
+
+
+def test_control_characters_a_service_prints_reach_a_terminal_escaped_and_its_log_file_raw(spec_dir: Path, socket_dir: Path) -> None:
+    import signal
+
+    write(spec_dir, "shout.py", SHOUT)
+    write(spec_dir, "shout.yaml", f"kind: service\ncommand: [python3, /t/shout.py]\nmounts: [{{source: ., target: /t}}]\n---\nkind: socket\nlisten: unix:{socket_dir}/shout.sock\n")
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}  # no colour codes of sandboxd's own
+    master, terminal = os.openpty()
+    up = subprocess.Popen([sys.executable, "-m", "sandboxd", "up", str(spec_dir)], stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, env=env)
+    os.close(terminal)
+    try:
+        shown = _read_pty(master, b"end")
+        assert b"shout | " + SHOWN_LINE in shown, shown
+        assert b"\x1b" not in shown and b"\x9b" not in shown and b"\xff" not in shown
+        log = Path("/run/sandboxd/stack/logs/shout.log").read_bytes()
+        assert log.endswith(b" " + RAW_LINE + b"\n")  # the file keeps the bytes as printed
+
+        logs_master, logs_terminal = os.openpty()
+        subprocess.run([sys.executable, "-m", "sandboxd", "logs", "-p", "stack", "shout"], stdout=logs_terminal, check=True, env=env)
+        os.close(logs_terminal)
+        assert b"shout | " + SHOWN_LINE in _read_pty(logs_master, b"end")
+        os.close(logs_master)
+        piped = subprocess.run([sys.executable, "-m", "sandboxd", "logs", "-p", "stack", "shout"], capture_output=True, check=True, env=env).stdout
+        assert piped == b"shout | " + RAW_LINE + b"\n"  # not a terminal: the bytes
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+        up.stderr.close()  # type: ignore[union-attr]
+        os.close(master)
+
+
 LOOSE_PROBE = """
 import ctypes, os, socket
 libc = ctypes.CDLL(None, use_errno=True)

@@ -77,14 +77,14 @@ class Activation(SupervisorBase):
         if isinstance(peer, tuple):
             env += [("REMOTE_ADDR", str(peer[0])), ("REMOTE_PORT", str(peer[1]))]
         plan = dataclasses.replace(rt.plan, service=name, env=tuple(env), fd_names=("connection",), fd_sockets=())
-        cgroup = self.cgroups.create(name)
+        cgroup = self.cgroups.create(name, parent=rt.cgroup)
         launch_id = self.fork_server.next_id()
         instance = Instance(rt, name, cgroup)
         self.instances[launch_id] = instance
         netns = self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
         try:
             instance.channel = self.fork_server.send_launch(
-                launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(self.root_dir), rt.output_w, [conn.fileno()], netns
+                launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(self.root_dir), rt.output_w, [conn.fileno()], netns, self._source_fds(rt)
             )
         finally:
             conn.close()  # the fork server holds its own copy now

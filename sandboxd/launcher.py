@@ -13,17 +13,23 @@ outlives sandboxd.
     supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)      sandbox init (pid 1 of its own ns)
     ────────────────────              ───────────────────────────────────────      ──────────────────────────────────
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
-    launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds...]
+    launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds..., held bind sources...]
+                                      open_tree: a detached copy of each source (detached_bind)
                                       unshare(NEWPID), fork, setns back ──fork───▶ join cgroup; unshare(mnt,uts,ipc,net)
-                                                                                    setsid; mounts; pivot_root; hostname
+                                                                                    setsid; mounts; pivot_root; move_mount
+                                                                                    the copies; hostname
                                                                                     lo up; fds 0,1,2 and 3..; chdir
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── {"exec": t_ns} (creds carry its host pid)
-            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execve(dumb-init -- command...)
+            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execveat(sealed copy of dumb-init, -- command...)
                                                                                   or {"error": step, "detail": ...}; _exit(127)
             ◀──{"exit": id, "status": wstatus}── waitpid()
 
 The child never touches asyncio or the supervisor's logging; it reports one structured message
 and exits with a distinct code on failure.
+
+The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
+server copies it once into a sealed, execute-only memfd (`sealed_copy`), and every sandbox
+executes that descriptor, as runc does with its own binary since CVE-2019-5736.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, LaunchPlan, MountOp, is_under
+from .plan import DEVICE_NODES, SANDBOX_TMPFS, LaunchPlan, MountOp, is_under
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -74,7 +80,7 @@ def _ensure_mountpoint(target: str, is_dir: bool) -> None:
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
-def _mount_dev(dev: str) -> None:
+def _mount_dev(dev: str, detach_covered: Callable[[str], None]) -> None:
     # The host's nodes are opened before the new /dev may cover them (in place, dev is /dev).
     nodes: dict[str, int] = {}
     for node in DEVICE_NODES:
@@ -82,6 +88,7 @@ def _mount_dev(dev: str) -> None:
             nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
+    detach_covered(dev)
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for node, fd in nodes.items():
         try:
@@ -96,8 +103,7 @@ def _mount_dev(dev: str) -> None:
     os.mkdir(f"{dev}/pts")
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
-    os.mkdir(f"{dev}/shm")
-    linux.mount("tmpfs", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
+    os.mkdir(f"{dev}/shm")  # its tmpfs, capped, is a mount of the plan's own
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
 
@@ -107,8 +113,10 @@ _FRESH_IN_SANDBOX = {"proc", "dev", "tmp", "run"}
 OLD_ROOT = "/run/.sbd-oldroot"  # on the sandbox's own /run tmpfs, removed before exec
 
 
-def _host_root_on_tmpfs(root: str) -> None:
-    """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it."""
+def _host_root_on_tmpfs(root: str, fresh: set[str]) -> None:
+    """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it,
+    except those in `fresh` (sandboxd mounts its own there: the host's would only be covered, and
+    still listed in /proc/self/mountinfo)."""
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=64k")
     for entry in os.scandir("/"):
         path = f"{root}/{entry.name}"
@@ -116,7 +124,7 @@ def _host_root_on_tmpfs(root: str) -> None:
             os.symlink(os.readlink(entry.path), path)
         elif entry.is_dir():
             os.mkdir(path)
-            if entry.name not in _FRESH_IN_SANDBOX:
+            if entry.name not in fresh:
                 linux.mount(entry.path, path, None, linux.MS_BIND | linux.MS_REC)
         else:
             _ensure_mountpoint(path, is_dir=False)
@@ -130,7 +138,11 @@ def _image_root(root: str, rootfs: str) -> None:
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
     os.mkdir(f"{root}/upper", 0o755)
     os.mkdir(f"{root}/work", 0o700)
-    options = f"lowerdir={rootfs},upperdir={root}/upper,workdir={root}/work"
+    # The overlay's options show in /proc/self/mountinfo as they are written: the upper layers
+    # are named relative to the tmpfs, not by sandboxd's runtime paths. The lower layer keeps its
+    # path in the image store: that is how images.trees_in_use tells which trees are mounted.
+    os.chdir(root)
+    options = f"lowerdir={rootfs},upperdir=upper,workdir=work"
     linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
     # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
     for top in _FRESH_IN_SANDBOX | {"sys"}:
@@ -147,15 +159,63 @@ def _seal(root: str, pending: bool) -> None:
         linux.mount_setattr(root, READONLY)
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: dict[str, int]) -> None:
-    """Make the sandbox's file system.
+def detached_bind(held_fd: int, source: str) -> int:
+    """In the fork server, for one launch: a detached copy of the mount tree that a held source
+    descriptor names (pins.py), private (no mount or unmount propagates into or out of it), for
+    the sandbox to attach with `_attach_bind`. Made here, in the host's mount namespace, because
+    open_tree may copy only mounts of the caller's own namespace, which a sandbox has left."""
+    tree = linux.clone_mount_tree(held_fd, source)
+    try:
+        linux.mount_setattr(tree, 0, propagation=linux.MS_PRIVATE, name=source)
+    except OSError:
+        os.close(tree)
+        raise
+    return tree
+
+
+def _attach_bind(tree: int, target: str, readonly: bool) -> None:
+    """In the sandbox: attach a detached copy from `detached_bind` on `target`. The copy has the
+    flags of the host's mount it came from: it is made read-only, or writable, and nosuid and
+    nodev either way."""
+    _ensure_mountpoint(target, is_dir=stat.S_ISDIR(os.fstat(tree).st_mode))
+    linux.move_mount(tree, target)
+    if readonly:
+        linux.mount_setattr(target, READONLY)
+    else:
+        linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
+
+
+def _detach_covered(target: str, locked: bool) -> None:
+    """Detach the host's mount at `target` (and everything below it) just before sandboxd mounts
+    its own there, so that /proc/self/mountinfo lists only the sandbox's mount, not the host's
+    /proc, /sys (with every cgroup hierarchy), /dev (shm, pts, mqueue), /tmp and /run subtrees.
+
+    Only ever in the sandbox's own mount namespace, after `/` was made private recursively: the
+    host's mounts are untouched. Bind sources are detached copies already (`detached_bind`), so
+    nothing below these mounts is still needed. In a user namespace the kernel locks the mounts it
+    copied from the host to the ones around them (MNT_LOCKED): umount2 refuses them (EINVAL, or
+    EPERM), and they stay listed.
+    """
+    if os.stat(target).st_dev == os.stat(os.path.dirname(target)).st_dev:
+        return  # no mount of its own here (or a bind of the parent's file system, left as it is)
+    try:
+        linux.umount2(target, linux.MNT_DETACH)
+    except OSError as e:
+        if not (locked and e.errno in (errno.EINVAL, errno.EPERM)):
+            raise
+
+
+def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False) -> None:
+    """Make the sandbox's file system. `trees` are the detached copies of the bind sources
+    (`detached_bind`), one per bind in the order of `mounts`.
 
     With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
     copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
-    /tmp and /run are mounted over it; no copy of the tree, no pivot_root, no detaching of the old
-    root (about 1 ms less per sandbox). Otherwise (a user namespace, whose /dev must bind the host's
-    nodes from a mount without nodev; or new top-level mount points, `tmpfs-root`) a root is built at
-    `root` and pivoted into (bubblewrap's order of steps).
+    /tmp and /run are mounted over it, each after the host's mount there is detached; no copy of
+    the tree, no pivot_root, no detaching of the old root (about 1 ms less per sandbox). Otherwise
+    (a user namespace, whose /dev must bind the host's nodes from a mount without nodev; or new
+    top-level mount points, `tmpfs-root`) a root is built at `root` and pivoted into (bubblewrap's
+    order of steps). `locked`: in a user namespace (see _detach_covered).
     """
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -164,7 +224,16 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
         root = ""
     seal_image = mounts[0].kind == "image-root" and mounts[0].readonly
     binds: list[tuple[MountOp, int]] = []
+    unattached = iter(trees)
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
+    fresh = _FRESH_IN_SANDBOX | ({"sys"} if any(op.kind == "sysfs" for op in mounts) else set())
+
+    def detach_covered(target: str) -> None:
+        # A root bound from the host's has the host's mounts where sandboxd mounts its own: they
+        # go first. (A root on a tmpfs or an image has plain directories there.)
+        if mounts[0].kind == "rbind-root":
+            _detach_covered(target, locked)
+
     for op in mounts:
         target = root + op.target if op.target != "/" else (root or "/")
         step.name = f"mount {op.kind} on {op.target}"
@@ -175,7 +244,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
                 linux.mount(op.source, root, None, linux.MS_BIND | linux.MS_REC)
                 linux.mount_setattr(root, READONLY)
             case "tmpfs-root":
-                _host_root_on_tmpfs(root)
+                _host_root_on_tmpfs(root, fresh)
             case "image-root":
                 _image_root(root, op.source)
             case "mountpoint":
@@ -183,33 +252,37 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
             case "proc":
                 _seal(root, pending_seal)
                 pending_seal = False
+                detach_covered(target)
                 linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "sysfs":
                 # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
+                detach_covered(target)
                 linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "mask":
                 if os.path.isdir(target):
                     linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "size=0")
                 elif os.path.lexists(target):
-                    linux.mount("/dev/null", target, None, linux.MS_BIND)
+                    # The sandbox's own /dev/null (made before the masks), as runc does.
+                    linux.mount(f"{root}/dev/null", target, None, linux.MS_BIND)
             case "readonly":
                 if os.path.lexists(target):
                     linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
                     linux.mount_setattr(target, READONLY)
             case "dev":
-                _mount_dev(target)
-            case "tmpfs" if op.target in ("/tmp", "/run"):
+                _mount_dev(target, detach_covered)
+            case "tmpfs" if op.target in SANDBOX_TMPFS:
+                detach_covered(target)
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
             case "tmpfs":
                 binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root
             case "bind":
-                # Open the source on the host now; bind it after pivot_root so that the target's
-                # path (and any symlink in it) resolves inside the sandbox, never on the host.
-                binds.append((op, os.dup(sources[op.source])))
+                # Attached after pivot_root, so that the target's path (and any symlink in it)
+                # resolves inside the sandbox, never on the host.
+                binds.append((op, next(unattached)))
     if not in_place:
         step.name = f"pivot_root into {root}"
-        # The old root stays reachable on the sandbox's own /run until the binds are made: a bind
-        # source must still be attached to this namespace's tree when it is mounted.
+        # The old root stays on the sandbox's own /run until the binds are made, so that a target
+        # that leads into it through a symlink is seen, and refused, below.
         os.mkdir(f"{root}{OLD_ROOT}")
         os.chdir(root)
         linux.pivot_root(".", OLD_ROOT.lstrip("/"))
@@ -227,14 +300,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
             continue
         step.name = f"bind {op.source} on {op.target}"
-        _ensure_mountpoint(target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
-        linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
-        if op.readonly:
-            linux.mount_setattr(target, READONLY)
-        else:
-            # In place, the source was opened in this namespace's copy of the host's tree, which
-            # is read-only by now, and its bind would inherit that; nosuid and nodev stay.
-            linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
+        _attach_bind(fd, target, op.readonly)
         os.close(fd)
     if seal_image:
         step.name = "make the image's root read-only"
@@ -296,8 +362,10 @@ def _report(channel: socket.socket, message: dict[str, Any]) -> None:
         pass
 
 
-def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], netns_fd: int = -1) -> NoReturn:
-    """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init."""
+def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], init_fd: int, netns_fd: int = -1, trees: list[int] | None = None) -> NoReturn:
+    """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init
+    (`init_fd`, the fork server's sealed copy of it). `trees`: the detached copies of its bind
+    sources (`detached_bind`), in the plan's order."""
     step = _Step()
     # Out of the way of fds 3.. that the sockets will take.
     channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds)))
@@ -317,21 +385,15 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
         os.setsid()
-        # Bind sources are opened now, in the new mount namespace but still with the host's ids:
-        # in a user namespace root inside may not reach them by path; a descriptor works.
-        step.name = "open the sources of bind mounts"
-        sources = {op.source: os.open(op.source, os.O_PATH | os.O_CLOEXEC) for op in plan.mounts if op.kind == "bind"}
         if plan.userns:
             # Still the host's root by id; become root of the new user namespace (the mapped ids).
             step.name = "become root of the user namespace"
             become_userns_root()
-        # The init is opened on the host's file system: wherever sandboxd is installed (even below
-        # /tmp, which the sandbox replaces), it is executed through this descriptor.
-        step.name = f"open the init {plan.argv[0]}"
-        opened = os.open(plan.argv[0], os.O_PATH | os.O_CLOEXEC)
-        init_fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
-        os.close(opened)
-        _build_root(request["root"], plan.mounts, step, sources)
+        # The init is the fork server's sealed copy (sealed_copy), executed through its descriptor:
+        # /proc/1/exe is that memfd, never a file of the host's, wherever sandboxd is installed.
+        step.name = f"take the sealed copy of the init {plan.argv[0]}"
+        init_fd = fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
+        _build_root(request["root"], plan.mounts, step, trees or [], locked=bool(plan.userns))
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -430,7 +492,7 @@ def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callab
 
 def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> NoReturn:
     """Run a command in all the namespaces of a running sandbox's init, confined like the service.
-    Used for health checks, `reload:` commands and `sandboxd exec`."""
+    Used for health checks and `reload:` commands (`sandboxd exec` joins from the CLI: execute.py)."""
 
     def run(in_userns: bool) -> None:
         if in_userns:
@@ -530,18 +592,85 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
+# MFD_EXEC (Linux 6.3): executable even where vm.memfd_noexec makes memfds non-executable by default.
+MFD_EXEC = 0x0010
+_sealed_inits: dict[str, int] = {}  # the fork server's sealed copies, by path on the host
+
+
+def sealed_copy(path: str) -> int:
+    """The fork server's read-only, sealed, execute-only copy of the init at `path`, made at its
+    first launch and shared by every sandbox after it (no copy per launch).
+
+    Why: an init executed from its file on the host leaves that file in reach through /proc/1/exe;
+    uid 0 in the sandbox owns it, and with the root built on a tmpfs its mount is writable: only
+    ETXTBSY, which ends with the init, stood between a write and the host's binary (runc's
+    CVE-2019-5736). A memfd sealed against writes, growth and shrinking (and against unsealing)
+    cannot be changed by anyone, root included, and is no path of the host's.
+
+    Mode 0111: no one in a sandbox can read it either, and the kernel makes a process that execs a
+    file it cannot read non-dumpable. So, without CAP_SYS_PTRACE (which docker withholds too), no
+    process of the sandbox reaches its init's /proc/1/mem (read or write), environ, exe, fd/,
+    root or map_files, nor its memory through process_vm_readv/writev, nor its descriptors
+    through pidfd_getfd. What this does not cover: a service given CAP_DAC_OVERRIDE or
+    CAP_DAC_READ_SEARCH reads the copy, so its init stays dumpable; a host with
+    fs.suid_dumpable=1 makes every such process dumpable; the service's own processes reach one
+    another as processes of one uid always do (ptrace itself is refused by seccomp).
+    """
+    fd = _sealed_inits.get(path)
+    if fd is not None:
+        return fd
+    with open(path, "rb") as source:
+        if source.read(4) != b"\x7fELF":
+            raise OSError(errno.ENOEXEC, "not an ELF binary: sandboxd runs its init from a sealed copy, executed by descriptor", path)
+        source.seek(0)
+        try:
+            fd = os.memfd_create("sbd-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | MFD_EXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel before MFD_EXEC, where memfds are executable
+                raise OSError(e.errno, f"memfd_create: {e.strerror} (vm.memfd_noexec=2 forbids executable memfds)", path) from None
+            fd = os.memfd_create("sbd-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            while chunk := source.read(1 << 20):
+                os.write(fd, chunk)
+            os.fchmod(fd, 0o111)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+    _sealed_inits[path] = fd
+    return fd
+
+
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
+    """Fork what a request asks for. A sandbox's descriptors are [status, output, sockets...,
+    held bind sources..., netns?]; each source becomes a detached copy here, before the fork. A
+    command's may lack the output (`"output": false`): it gets the sandbox's own /dev/null."""
     status_fd, *socket_fds = fds
     output_fd = socket_fds.pop(0) if request.get("output", True) else -1
     netns_fd = socket_fds.pop() if request.get("netns") else -1
+    first_source = len(socket_fds) - request.get("sources", 0)
+    held, socket_fds = socket_fds[first_source:], socket_fds[:first_source]
     cgroup_fd = -1
+    trees: list[int] = []
+    doing = "fork"
     try:
+        init_fd = -1
+        if "plan" in request:
+            doing = f"make a sealed copy of the init {request['plan']['argv'][0]}"
+            init_fd = sealed_copy(request["plan"]["argv"][0])
+            sources = [op["source"] for op in request["plan"]["mounts"] if op["kind"] == "bind"]
+            if len(held) != len(sources):  # the kernel cut the descriptors short (more than MAX_FDS)
+                raise OSError(errno.EMSGSIZE, f"{len(sources)} bind sources, {len(held)} descriptors received", request["plan"]["service"])
+            for fd, source in zip(held, sources):
+                doing = f"copy the mount of {source}"
+                trees.append(detached_bind(fd, source))
+            doing = "fork"
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         userns = request["plan"].get("userns") if "plan" in request else None
         if userns:
             pid = _fork_in_user_namespace(request, cgroup_fd, tuple(userns))
             if pid == 0:
-                run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd)
+                run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
             children[pid] = request["id"]
             return
         if "exec_into" in request:
@@ -555,12 +684,12 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
         else:
             pid = _fork_sandbox_init(cgroup_fd, own_pidns)
         if pid == 0:
-            run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd)
+            run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
         children[pid] = request["id"]
     except OSError as e:
-        conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
+        conn.send(json.dumps({"failed": request["id"], "detail": f"{doing}: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
     finally:
-        for fd in [*fds, cgroup_fd]:
+        for fd in [*fds, *trees, cgroup_fd]:
             if fd >= 0:
                 os.close(fd)
 
@@ -702,12 +831,15 @@ class ForkServer:
         output_fd: int,
         socket_fds: list[int],
         netns_fd: int = -1,
+        source_fds: list[int] | None = None,
     ) -> socket.socket:
         """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_procs`.
 
         With `netns_fd`, the sandbox joins that network namespace instead of creating one.
-        Returns the supervisor's end of its status channel.
+        `source_fds` are the held descriptors of its bind sources (pins.py), one per bind in the
+        order of the plan's mounts. Returns the supervisor's end of its status channel.
         """
+        sources = list(source_fds or [])
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         request = {
@@ -717,8 +849,9 @@ class ForkServer:
             "cgroup_procs": list(cgroup_procs),
             "root": root,
             "netns": netns_fd >= 0,
+            "sources": len(sources),
         }
-        fds = [theirs.fileno(), output_fd, *socket_fds] + ([netns_fd] if netns_fd >= 0 else [])
+        fds = [theirs.fileno(), output_fd, *socket_fds, *sources] + ([netns_fd] if netns_fd >= 0 else [])
         try:
             socket.send_fds(self.conn, [json.dumps(request).encode()], fds)
         finally:

@@ -4,8 +4,8 @@ Nothing else in sandboxd imports ctypes. Every wrapper raises `OSError(errno, st
 naming the path or the call, so a failure in a sandbox's set-up says exactly what failed.
 
 Python 3.12 has `os.unshare` and `os.setns`; we support 3.11, so both go through libc here.
-`pivot_root` and `mount_setattr` have no glibc wrapper on every distribution we support and go
-through `syscall(2)` with the architecture's number.
+`pivot_root`, `mount_setattr`, `open_tree`, `move_mount` and `openat2` have no glibc wrapper on
+every distribution we support and go through `syscall(2)` with the architecture's number.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ MS_SLAVE = 1 << 19
 
 MNT_DETACH = 0x2
 
+AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -58,7 +59,10 @@ PR_SET_KEEPCAPS = 8
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
-SYS_CLONE3 = 435  # the same on every architecture (it is newer than the unified table)
+# The same on every architecture: they are newer than the unified syscall table.
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_CLONE3 = 435
 
 _SYSCALLS: dict[str, dict[str, int]] = {
     # mount_setattr has the same number everywhere (it is newer than the unified table).
@@ -148,16 +152,44 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(nr, _b(new_root), _b(put_old)), "pivot_root", new_root)
 
 
-def mount_setattr(path: str, attr_set: int, attr_clr: int = 0, recursive: bool = True) -> None:
-    """Change mount attributes of `path` (and, with `recursive`, every mount below it) in one call."""
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+AT_FDCWD = -100
+
+
+def mount_setattr(path: str | int, attr_set: int, attr_clr: int = 0, recursive: bool = True, propagation: int = 0, name: str = "") -> None:
+    """Change mount attributes of `path` (and, with `recursive`, every mount below it) in one call.
+    `path` may be a descriptor of a mount (a detached one from `clone_mount_tree`); `propagation`
+    is MS_PRIVATE, MS_SLAVE ... or 0 to leave it; `name` is what an error names (else `path`)."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
     nr = _syscall_number("mount_setattr")
-    at_fdcwd = -100
     flags = AT_RECURSIVE if recursive else 0
+    dirfd, where = (path, "") if isinstance(path, int) else (AT_FDCWD, path)
+    if isinstance(path, int):
+        flags |= AT_EMPTY_PATH
     result = _libc.syscall(
-        nr, ctypes.c_int(at_fdcwd), _b(path), ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))
+        nr, ctypes.c_int(dirfd), _b(where), ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))
     )
-    _check(result, "mount_setattr", path)
+    _check(result, "mount_setattr", name or str(path))
+
+
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def clone_mount_tree(fd: int, name: str = "") -> int:
+    """A detached copy of the mount tree at descriptor `fd` (a bind mount not yet attached
+    anywhere, with every mount below it): open_tree(OPEN_TREE_CLONE | AT_RECURSIVE). It is
+    freed when its last descriptor closes, unless `move_mount` attached it first."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE
+    result = _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(fd), b"", ctypes.c_uint(flags))
+    _check(result, "open_tree", name or None)
+    return int(result)
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` on `target` (a path in the caller's mount namespace)."""
+    result = _libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD), _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    _check(result, "move_mount", target)
 
 
 def prctl(option: int, arg2: int = 0) -> None:
@@ -331,8 +363,9 @@ def notif_answer(listener: int, notification_id: int, value: int = 0, error: int
     fcntl.ioctl(listener, _NOTIF_SEND, struct.pack("QqiI", notification_id, value, -error if error else 0, flags))
 
 
-RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 
@@ -340,14 +373,26 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+def _openat2(dir_fd: int, path: str, flags: int, resolve: int, name: str) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    fd = _libc.syscall(_syscall_number("openat2"), ctypes.c_int(dir_fd), _b(path), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    _check(fd, "openat2", name)
+    return int(fd)
+
+
 def open_in_root(root_fd: int, path: str, flags: int, resolve: int = 0) -> int:
     """Open `path` as if `root_fd` were `/`: absolute symlinks and `..` stay inside (openat2 with
     RESOLVE_IN_ROOT), and no /proc magic link is followed. For paths inside a sandbox's tree.
     `resolve` adds RESOLVE_ flags (RESOLVE_NO_SYMLINKS)."""
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | resolve)
-    fd = _libc.syscall(_syscall_number("openat2"), ctypes.c_int(root_fd), _b(path.lstrip("/") or "."), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-    _check(fd, "openat2", path)
-    return int(fd)
+    return _openat2(root_fd, path.lstrip("/") or ".", flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | resolve, path)
+
+
+def open_beneath(dir_fd: int, path: str, flags: int, symlinks: bool = True, name: str = "") -> int:
+    """Open the relative `path` below `dir_fd`, refusing (EXDEV) any step that leaves it: a `..`
+    above it, an absolute symlink, a relative one that leads out (openat2 with RESOLVE_BENEATH);
+    no /proc magic link is followed, and without `symlinks` no symlink at all (ELOOP)."""
+    resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | (0 if symlinks else RESOLVE_NO_SYMLINKS)
+    return _openat2(dir_fd, path, flags, resolve, name or path)
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:

@@ -35,6 +35,8 @@ SERVICE_PID_IN_SANDBOX = 2
 
 # Directories that are a fresh tmpfs in every sandbox: mount targets below them need not exist.
 TMPFS_DIRS = ("/tmp", "/run")
+# The tmpfs every sandbox has of its own, each capped (tmpfs_size, shm_size), mounted before pivot_root.
+SANDBOX_TMPFS = (*TMPFS_DIRS, "/dev/shm")
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 MountKind = Literal["rbind-root", "tmpfs-root", "image-root", "mountpoint", "proc", "sysfs", "mask", "readonly", "tmpfs", "dev", "bind"]
@@ -214,18 +216,41 @@ def is_under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-# As runc does: files of /proc and /sys that say too much about the host, or change it, are hidden
-# (/dev/null over files, an empty read-only tmpfs over directories) or made read-only.
-MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats", "/proc/acpi", "/proc/scsi", "/sys/firmware")
+# As runc, docker and podman do: files of /proc and /sys that say too much about the host, or
+# change it, are hidden (the sandbox's /dev/null over files, an empty read-only tmpfs over
+# directories) or made read-only. MASKED is the union of runc's, docker's and podman's lists
+# (containers-common's adds /proc/interrupts, /sys/dev/block and /sys/fs/selinux; docker's
+# /sys/devices/virtual/powercap; runc's /sys/devices/virtual/tpm), and the files that describe
+# the host's kernel and memory layout to an attacker: vmcoreinfo (symbol addresses for a crash
+# dump), boot_params (the boot loader's data, the memory map) and config.gz (the kernel's build
+# options). Paths that do not exist on the host are skipped.
+MASKED = (
+    "/proc/acpi", "/proc/asound", "/proc/config.gz", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+    "/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list", "/proc/timer_stats",
+    "/sys/dev/block", "/sys/devices/virtual/powercap", "/sys/devices/virtual/tpm", "/sys/firmware",
+    "/sys/fs/selinux", "/sys/kernel/boot_params", "/sys/kernel/vmcoreinfo",
+)  # fmt: skip
 READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
 
 
-def _base_mounts() -> list[MountOp]:
+def tmpfs_options(size: int, mode: str, owner: tuple[int, int] | None = None) -> str:
+    """Mount options of a capped tmpfs. Besides its size, one inode per 4 KiB of it: a file with
+    data takes a page at least, so that never limits files that hold data, and it caps what empty
+    files, directories and links cost the kernel (about 1 KiB each), which tmpfs would otherwise
+    allow by the million (half of the host's RAM in pages)."""
+    options = f"mode={mode},size={size},nr_inodes={max(size // 4096, 1024)}"
+    return options + (f",uid={owner[0]},gid={owner[1]}" if owner is not None else "")
+
+
+def _base_mounts(service: Service, own: dict[str, MountOp]) -> list[MountOp]:
+    """/proc, /dev, and the sandbox's own capped /tmp, /run and /dev/shm (or the spec's `tmpfs:`
+    entry at /tmp or /run in place of the default one)."""
     return [
         MountOp("proc", "/proc"),
         MountOp("dev", "/dev"),
-        MountOp("tmpfs", "/tmp", options="mode=1777"),
-        MountOp("tmpfs", "/run", options="mode=0755"),
+        MountOp("tmpfs", "/dev/shm", options=tmpfs_options(service.shm_size or service.tmpfs_size, "1777")),
+        own.get("/tmp") or MountOp("tmpfs", "/tmp", options=tmpfs_options(service.tmpfs_size, "1777")),
+        own.get("/run") or MountOp("tmpfs", "/run", options=tmpfs_options(service.tmpfs_size, "0755")),
     ]
 
 
@@ -429,12 +454,19 @@ def plan_service(
             add_bind(str(m.source), m.target, m.readonly, m.line, f"mounts[{index}].target")
     uid, gid, who_errors = _identity(service, rootfs, image.config.user if image else "")
     errors.extend(who_errors)
-    for index, target in enumerate(service.tmpfs):
-        found, top = _mount_target_errors(service, target, service.line, f"tmpfs[{index}]", in_root)
+    own_tmpfs: dict[str, MountOp] = {}  # the spec's entries at /tmp or /run, instead of the sandbox's own
+    for index, entry in enumerate(service.tmpfs):
+        # Owned by the service's user, so that it can write there even without capabilities; a
+        # /tmp stays sticky and open to all, as a /tmp is.
+        options = tmpfs_options(entry.size or service.tmpfs_size, "1777" if entry.path == "/tmp" else "0755", (uid, gid))
+        if entry.path in TMPFS_DIRS:
+            own_tmpfs[entry.path] = MountOp("tmpfs", entry.path, options=options)
+            continue
+        found, top = _mount_target_errors(service, entry.path, entry.line, f"tmpfs[{index}]", in_root)
         errors.extend(found)
         if top is not None:
             new_tops[top] = True
-        user_mounts.append(MountOp("tmpfs", target, readonly=False, options=f"mode=0755,uid={uid},gid={gid}"))
+        user_mounts.append(MountOp("tmpfs", entry.path, readonly=False, options=options))
     for name in service.uses:
         for address in next(s for s in stack.sockets if s.name == name).listen:
             if address.path and not address.is_abstract:
@@ -455,12 +487,13 @@ def plan_service(
         # In place, unless a user namespace must bind device nodes (no mknod there) from a mount
         # that the in-place set-up would already have made nodev.
         mounts.append(MountOp("rbind-root", "/", "/", readonly=True, options="" if service.userns else "in-place"))
-    mounts += _base_mounts()
+    mounts += _base_mounts(service, own_tmpfs)
     net = net_mode(stack, service)
     if net != "host":
         # Its own sysfs shows the sandbox's links; with the host's network the host's stays.
         mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, MountOp("sysfs", "/sys"))
-    at = mounts.index(MountOp("dev", "/dev"))
+    # After /dev: files are masked with the sandbox's own /dev/null.
+    at = mounts.index(MountOp("dev", "/dev")) + 1
     mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC]
     if uses_notify(service):
         user_mounts.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))

@@ -11,11 +11,13 @@ documents, and every document is one unit, a mapping with `kind: service` or `ki
 naming file, line and key. YAML is read as nodes, not plain values, so that a problem can point at its
 line. Each kind has a table of keys, each with a parser and a default; a parser raises `_Invalid` with all
 problems of its value. Checks between units (names, addresses, `uses`) run once every file is read.
-Reading the files and looking whether mount sources exist is the only I/O done here.
+Reading the files, checking that nobody but root can change them (trust.py), and opening mount
+sources to see what they name (pins.py) is the only I/O done here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -139,11 +141,33 @@ def parse_duration(value: object) -> float:
 
 @dataclass(frozen=True)
 class Mount:
-    source: Path | None  # a host path; None for a volume
+    source: Path | None  # the host path it names (symlinks resolved, as validation found it); None for a volume
     target: str
     readonly: bool
     line: int
     volume: str = ""  # a `kind: volume` unit's name, instead of source
+    given: str = ""  # the source as written: absolute, or relative to the spec folder (pins.py opens it)
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    """A private, writable tmpfs the spec asks for; at /tmp or /run it takes the place of the
+    sandbox's own one there."""
+
+    path: str
+    size: int | None  # bytes; None = the service's tmpfs_size
+    line: int
+
+
+# Every tmpfs of a sandbox is capped unless the spec says otherwise: docker's /dev/shm size, which
+# holds what these directories are for (sockets, pid files, locks, small temporary files) and keeps
+# a service without limits from taking the host's memory through them.
+DEFAULT_TMPFS_SIZE = 64 << 20
+# The default process limit of a service (podman's). systemd's 15 % of pid_max would be 4915 tasks
+# on a host with the classic pid_max of 32768 and 629145 on one with 4194304, too many to stop a
+# fork bomb from taking the host's memory; 2048 is far above what servers need (PostgreSQL with
+# 100 connections runs about 110) and keeps a bomb to about 40 MiB of kernel memory.
+DEFAULT_PIDS = 2048
 
 
 @dataclass(frozen=True)
@@ -178,6 +202,10 @@ class Limits:
 
     def given(self) -> list[str]:
         return [name for name in ("memory", "memory_high", "swap", "pids", "cpu", "cpu_weight", "io_weight") if getattr(self, name) is not None]
+
+    def with_defaults(self) -> Limits:
+        """The limits a service gets: these, and the default process limit unless pids is given."""
+        return self if self.pids is not None else dataclasses.replace(self, pids=DEFAULT_PIDS)
 
 
 @dataclass(frozen=True)
@@ -248,7 +276,9 @@ class Service:
     readonly_root: bool
     user: str  # a name (looked up in the image) or a number; "" = root
     group: str
-    tmpfs: tuple[str, ...]
+    tmpfs: tuple[Tmpfs, ...]
+    tmpfs_size: int  # bytes: the cap of /tmp, /run, /dev/shm and tmpfs entries without a size of their own
+    shm_size: int | None  # bytes: /dev/shm's cap; None = tmpfs_size
     image: str  # "host", an absolute path to a root file system folder, or an image name
 
     @property
@@ -499,11 +529,20 @@ def _environment(node: Node, folder: Path) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _source(node: Node, folder: Path) -> Path:
-    path = Path(os.path.normpath(folder / (text := _text(node, folder))))
-    if not os.path.exists(path):
-        raise _fail(node, f"mount source '{text}' does not exist (looked for {path})")
-    return path
+def _source(node: Node, folder: Path) -> tuple[Path, str]:
+    """The host path a source names, and the source as written. A relative one must stay inside
+    the spec folder: a `..` or a symlink that leads out is refused (pins.py says how)."""
+    from .pins import open_source, real_path, source_problem
+
+    text = _text(node, folder)
+    try:
+        fd = open_source(folder, text)
+    except OSError as e:
+        raise _fail(node, source_problem(folder, text, e)) from None
+    try:
+        return real_path(fd), text
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -562,6 +601,7 @@ def _mount(node: Node, folder: Path) -> Mount:
     values = _with_defaults(values, _MOUNT_KEYS, "")
     if values["readonly"] is None:  # a volume is for data that is written; a host path is read-only unless asked
         values["readonly"] = not values["volume"]
+    values["source"], values["given"] = values["source"] or (None, "")
     return Mount(line=_line(node), **values)
 
 
@@ -656,6 +696,47 @@ def _positive_size(value: object) -> int:
     if size < 1 << 20:
         raise ValueError(f"expected at least 1M, got {_describe(value)}")
     return size
+
+
+def _tmpfs_size(value: object) -> int:
+    size = parse_size(value)
+    if size < 4096:
+        why = "; a tmpfs of size 0 would have no cap at all" if size == 0 else ""
+        raise ValueError(f"expected a size of at least 4K (one page), like 64M, got {_describe(value)}{why}")
+    return size
+
+
+_TMPFS_KEYS = {
+    "path": _Key(_absolute, _Required("the absolute path to mount it on")),
+    "size": _Key(_scalar(_tmpfs_size), None),
+}
+
+
+def _tmpfs(node: Node, folder: Path) -> Tmpfs:
+    if isinstance(node, ScalarNode):
+        path, size = _absolute(node, folder), None
+    else:
+        values, problems = _read_keys(node, _TMPFS_KEYS, folder, "an absolute path or a mapping with path and size")
+        if problems:
+            raise _Invalid(*problems)
+        path, size = values["path"], values.get("size")
+    if path == "/dev/shm":
+        raise _fail(node, "/dev/shm is the sandbox's own tmpfs already; set its size with shm_size")
+    return Tmpfs(path, size, _line(node))
+
+
+def _tmpfs_list(node: Node, folder: Path) -> tuple[Tmpfs, ...]:
+    entries = _list(_tmpfs, "an absolute path, a mapping with path and size, or a list of them", single=True)(node, folder)
+    first: dict[str, int] = {}
+    problems: list[_Problem] = []
+    for index, entry in enumerate(entries):
+        if entry.path in first:
+            item = node.value[index] if isinstance(node, SequenceNode) else node
+            problems.append((item, f"[{index}]", f"{entry.path} is in tmpfs[{first[entry.path]}] already"))
+        first.setdefault(entry.path, index)
+    if problems:
+        raise _Invalid(*problems)
+    return entries
 
 
 _LIMIT_KEYS = {
@@ -813,7 +894,9 @@ _SERVICE_KEYS = {
     "image": _Key(_image, "host"),
     "user": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a user name or a uid", str), ""),
     "group": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a group name or a gid", str), ""),
-    "tmpfs": _Key(lambda node, folder: _list(_absolute, "an absolute path or a list of them", single=True)(node, folder), ()),
+    "tmpfs": _Key(lambda node, folder: _tmpfs_list(node, folder), ()),
+    "tmpfs_size": _Key(_scalar(_tmpfs_size), DEFAULT_TMPFS_SIZE),
+    "shm_size": _Key(_scalar(_tmpfs_size), None),
     "fdstore_max": _Key(_checked(lambda v: _is_int(v) and 0 <= v <= 4096, "a whole number from 0 to 4096"), 0),
     "after": _Key(lambda node, folder: _list(_dependency, "a list of service names or {service, condition} mappings", single=True)(node, folder), ()),
 }
@@ -870,7 +953,13 @@ def load_stack(folder: Path) -> Stack:
     root = Path(folder).resolve()
     errors: list[SpecError] = []
     found: list[_Found] = []
-    for file in _spec_files(root):
+    files = _spec_files(root)
+    if (distrusted := _distrusted(root, "this spec folder")) is not None:
+        raise SpecErrors([distrusted])  # what its files say does not count
+    for file in files:
+        if (distrusted := _distrusted(file, "this spec file")) is not None:
+            errors.append(distrusted)
+            continue
         errors += _load_file(file, found)
     errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
     errors += _bad_networks(found) + _bad_netns(found) + _bad_activation(found) + _bad_dependencies(found)
@@ -884,6 +973,27 @@ def load_stack(folder: Path) -> Stack:
     sockets = tuple(unit for unit in units if isinstance(unit, Socket))
     networks = tuple(unit for unit in units if isinstance(unit, Network))
     return Stack(root, root.name, services, sockets, networks, tuple(unit for unit in units if isinstance(unit, Volume)))
+
+
+def _distrusted(path: Path, what: str) -> SpecError | None:
+    """A spec folder says what runs as root with which host paths: only root may be able to
+    change it, or its files, or a folder above them (trust.py)."""
+    from .trust import untrusted
+
+    # A file is checked with its folder (strict=2): a sticky spec folder is no better than any other.
+    try:
+        found = untrusted(path, strict=1 if path.is_dir() else 2)
+    except OSError as e:
+        return SpecError(path, 0, "", f"cannot check who may change {what}: {e.strerror}")
+    if found is None:
+        return None
+    return SpecError(
+        path,
+        0,
+        "",
+        f"refusing {what}: {found.path} is {found.why}, so someone besides root could change what sandboxd runs as root; "
+        f"make it root's and writable by root alone: {found.fix}",
+    )
 
 
 def _spec_files(folder: Path) -> list[Path]:

@@ -60,7 +60,8 @@ import signal
 import socket
 import sys
 import termios
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -250,27 +251,23 @@ def _open_init(plan: ExecPlan) -> int:
     return pidfd
 
 
-class _in_sandbox_mount_and_pid_namespace:
+@contextmanager
+def _in_sandbox_mount_and_pid_namespace(pidfd: int) -> Iterator[None]:
     """Within the block, the CLI is in the sandbox's mount namespace (its / is the sandbox's, for
     the pty) and forks into its pid namespace; afterwards it is back in its own, with its cwd."""
-
-    def __init__(self, pidfd: int) -> None:
-        self.pidfd = pidfd
-        self.saved: list[int] = []
-
-    def __enter__(self) -> None:
-        self.saved = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in ("/proc/self/ns/mnt", "/proc/self/ns/pid", ".")]
-        linux.setns(self.pidfd, linux.CLONE_NEWNS | linux.CLONE_NEWPID)
-
-    def __exit__(self, *exc: object) -> None:
-        mnt, pid, cwd = self.saved
+    saved = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in ("/proc/self/ns/mnt", "/proc/self/ns/pid", ".")]
+    try:
+        linux.setns(pidfd, linux.CLONE_NEWNS | linux.CLONE_NEWPID)
         try:
+            yield
+        finally:
+            mnt, pid, cwd = saved
             linux.setns(mnt, linux.CLONE_NEWNS)
             linux.setns(pid, linux.CLONE_NEWPID)
             os.fchdir(cwd)
-        finally:
-            for fd in self.saved:
-                os.close(fd)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 def _give_terminal(slave: int, plan: ExecPlan, id_maps: list[str]) -> None:

@@ -394,6 +394,22 @@ def test_closing_the_terminal_hangs_up_the_command_and_ends_it(spec_dir: Path, a
         sbd("down", "-p", stack)
 
 
+def test_down_ends_a_running_exec(spec_dir: Path) -> None:
+    stack = "downexec"
+    _up(spec_dir, stack, "kind: service\ncommand: [sleep, '1000']\n")
+    cli = subprocess.Popen([sys.executable, "-m", "sandboxd", "exec", "-p", stack, "svc", "--", "sh", "-c", "echo started; exec sleep 1000"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert cli.stdout is not None and cli.stdout.readline() == b"started\n"
+        sbd("down", "-p", stack)
+        assert cli.wait(DEADLINE) == 128 + signal.SIGKILL  # the command died with its sandbox
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.communicate()
+        sbd("down", "-p", stack, check=False)
+
+
 # ── without a terminal: pipes ──
 
 

@@ -100,3 +100,33 @@ def test_lookup_identity_reads_an_images_own_files(tmp_path: Any) -> None:
     assert lookup_identity("app", "", str(tmp_path), "image 'x'") == (500, 600, [])
     assert lookup_identity("app", "staff", str(tmp_path), "image 'x'") == (500, 700, [])
     assert lookup_identity("nobody", "", str(tmp_path), "image 'x'")[2][0][1].startswith("no user 'nobody' in the image 'x''s")
+
+
+def test_relay_copies_pipes_both_ways_and_returns_the_exit_code(tmp_path: Any) -> None:
+    """The CLI's half without a sandbox: a child of ours stands for the command."""
+    import socket
+    import subprocess
+
+    from sandboxd.relay import Relay
+
+    theirs = [os.pipe() for _ in range(3)]  # the command's stdin, stdout, stderr
+    proc = subprocess.Popen(["sh", "-c", "cat; echo err >&2; exit 3"], stdin=theirs[0][0], stdout=theirs[1][1], stderr=theirs[2][1])
+    for fd in (theirs[0][0], theirs[1][1], theirs[2][1]):
+        os.close(fd)
+    caller_in_r, caller_in_w = os.pipe()
+    caller_out_r, caller_out_w = os.pipe()
+    caller_err_r, caller_err_w = os.pipe()
+    os.write(caller_in_w, b"hello\n")
+    os.close(caller_in_w)
+    (tmp_path / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+    events = os.open(tmp_path / "cgroup.events", os.O_RDONLY)
+    kill = os.open(os.devnull, os.O_WRONLY)
+    ours, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    other.close()  # the command "executed": its end of the channel is closed
+    relay = Relay(os.pidfd_open(proc.pid), ours, tty=False, our_ends=[theirs[0][1], theirs[1][0], theirs[2][0]],
+                  cgroup_kill=kill, cgroup_events=events, stdin=caller_in_r, stdout=caller_out_w, stderr=caller_err_w)
+    assert relay.run() == (3, None)
+    for fd in (caller_in_r, caller_out_w, caller_err_w):
+        os.close(fd)
+    assert os.read(caller_out_r, 100) == b"hello\n"
+    assert os.read(caller_err_r, 100) == b"err\n"

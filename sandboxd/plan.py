@@ -230,7 +230,9 @@ MASKED = (
     "/sys/dev/block", "/sys/devices/virtual/powercap", "/sys/devices/virtual/tpm", "/sys/firmware",
     "/sys/fs/selinux", "/sys/kernel/boot_params", "/sys/kernel/vmcoreinfo",
 )  # fmt: skip
-READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+# /proc/pressure: a PSI trigger is a kernel allocation per descriptor, and a read-only view still
+# lets a service read its pressure.
+READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/pressure")
 
 
 def tmpfs_options(size: int, mode: str, owner: tuple[int, int] | None = None) -> str:
@@ -422,6 +424,24 @@ def _intercept_bind(stack: Stack, service: Service) -> bool:
     return platform.machine() == "x86_64" and any(hands_off(s, service) for s in stack.sockets_of(service.name))
 
 
+def _unused_socket_files(stack: Stack, service: Service) -> list[str]:
+    """The stack's unix socket files that `service` does not `uses:`, where its root shows them
+    (the host's root outside /tmp and /run): hidden, since a read-only mount does not stop a
+    connect(). What a service is fed it gets as a descriptor; what it uses is bound in."""
+    if service.image != "host":
+        return []
+    used = set(service.uses)
+    return sorted(
+        {
+            posixpath.normpath(address.path)
+            for sock in stack.sockets
+            if sock.name not in used
+            for address in sock.listen
+            if address.path and not address.is_abstract and not any(is_under(posixpath.normpath(address.path), d) for d in TMPFS_DIRS)
+        }
+    )
+
+
 def plan_service(
     stack: Stack,
     service: Service,
@@ -495,6 +515,7 @@ def plan_service(
     # After /dev: files are masked with the sandbox's own /dev/null.
     at = mounts.index(MountOp("dev", "/dev")) + 1
     mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC]
+    mounts[at:at] = [MountOp("mask", path) for path in _unused_socket_files(stack, service)]
     if uses_notify(service):
         user_mounts.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))
     if service.attachments:

@@ -13,7 +13,7 @@ from sandboxd.plan import HostFacts, LaunchPlan, plan_stack
 from sandboxd.spec import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
-HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x"}
+HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}
 
 
 def host_exists(path: str) -> bool:
@@ -81,7 +81,7 @@ def test_existing_targets_use_the_host_root_bound_read_only(tmp_path):
     assert kinds == [("rbind-root", "/"), ("proc", "/proc"), ("sysfs", "/sys"), ("dev", "/dev"), ("tmpfs", "/dev/shm"), ("tmpfs", "/tmp"), ("tmpfs", "/run"), ("bind", "/srv/data")]
     masked = [m.target for m in p.mounts if m.kind == "mask"]
     assert "/proc/kcore" in masked and "/sys/firmware" in masked
-    assert [m.target for m in p.mounts if m.kind == "readonly"] == ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"]
+    assert [m.target for m in p.mounts if m.kind == "readonly"] == ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/pressure"]
     assert p.mounts[-1].readonly is True
     assert p.mounts[-1].source == str(tmp_path / "data")
 
@@ -179,6 +179,37 @@ def test_used_unix_socket_is_bound_writable_at_the_same_path(tmp_path):
     bind = p["client"].mounts[-1]
     assert (bind.kind, bind.source, bind.target, bind.readonly) == ("bind", "/run/db/db.sock", "/run/db/db.sock", False)
     assert not any(m.kind == "bind" for m in p["db"].mounts)
+
+
+def test_socket_files_a_service_does_not_use_are_hidden_from_it(tmp_path):
+    p = plans(
+        tmp_path,
+        """
+        kind: service
+        name: client
+        command: [x]
+        uses: [db]
+        ---
+        kind: service
+        name: db
+        command: [y]
+        ---
+        kind: service
+        name: other
+        command: [x]
+        ---
+        kind: socket
+        name: db
+        listen: [unix:/srv/data/db.sock, unix:/tmp/db.sock]
+        ---
+        kind: socket
+        name: other
+        listen: ["unix:@abstract", tcp:127.0.0.1:5]
+        """,
+    )
+    masks = {name: [m.target for m in plan.mounts if m.kind == "mask" and m.target.endswith(".sock")] for name, plan in p.items()}
+    # Under /tmp and /run the sandbox has its own tmpfs; an abstract name or an address has no file.
+    assert masks == {"client": [], "db": ["/srv/data/db.sock"], "other": ["/srv/data/db.sock"]}
 
 
 def test_plan_survives_the_wire_format(tmp_path):

@@ -344,8 +344,15 @@ class Cgroup:
             self.killed = False
 
     def remove(self, timeout: float = 5.0) -> None:
-        """Kill what is left, wait until empty, and remove the directory (and its v1 directories)."""
+        """Kill what is left, wait until empty, and remove the directory (and its v1 directories),
+        child cgroups first (those of `sandboxd exec` commands)."""
         deadline = time.monotonic() + timeout
+        try:
+            children = [entry.path for entry in os.scandir(self.path) if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            children = []
+        for child in children:
+            Cgroup(Path(child)).remove(max(0.0, deadline - time.monotonic()))
         for path in [self.path, *self.v1.values()]:
             self._rmdir(path, deadline)
 

@@ -224,14 +224,42 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from .client import choose_stack, request
-    from .execute import exec_in
+    from .client import ask, choose_stack, connect
+    from .execute import ExecOptions, exec_in, plan_exec, wants_tty
 
-    command = [a for a in args.command if a != "--"] if args.command[:1] == ["--"] else args.command
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        raise SandboxdError("nothing to run: sandboxd exec SERVICE -- COMMAND [ARG…]")
-    info = request(choose_stack(args.project_name), {"cmd": "exec_info", "services": [args.service]})
-    return exec_in(info, command)
+        raise SandboxdError("nothing to run: sandboxd exec [OPTIONS] SERVICE -- COMMAND [ARG…]")
+    options = ExecOptions(tuple(command), args.tty, args.user or "", args.workdir or "", tuple(args.env))
+    message: dict[str, Any] = {"cmd": "exec_info", "services": [args.service], "session": True}
+    if options.user:
+        message["user"] = options.user
+    # The connection stays open while the command runs: when it closes, however this process
+    # ends (SIGKILL too), the stack ends what is left of the command (see execute.py).
+    with connect(choose_stack(args.project_name)) as session:
+        info = ask(session, message)
+        tty = wants_tty(options.tty, os.isatty(0), os.isatty(1))
+        return exec_in(plan_exec(args.service, info, options, os.environ, tty))
+
+
+def _exec_user(text: str) -> str:
+    user, sep, group = text.partition(":")
+    if not user or (sep and not group):
+        raise argparse.ArgumentTypeError(f"expected USER or USER:GROUP (names or numbers), got {text!r}")
+    return text
+
+
+def _exec_workdir(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected an absolute path inside the sandbox, got {text!r}")
+    return text
+
+
+def _exec_env(text: str) -> str:
+    key = text.partition("=")[0]
+    if not key or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE or KEY, got {text!r}")
+    return text
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -502,10 +530,24 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("-s", "--signal", default="SIGTERM")
     kill.add_argument("-p", "--project-name")
     kill.set_defaults(func=cmd_control)
-    execute = verbs.add_parser("exec", help="run a command inside a running service's sandbox")
+    execute = verbs.add_parser(
+        "exec",
+        help="run a command inside a running service's sandbox",
+        description="Run a command in SERVICE's namespaces, cgroup and root, confined as the service is, "
+        "with a terminal allocated inside the sandbox or with pipes: never the caller's own descriptors. "
+        "Options come before SERVICE.",
+    )
     execute.add_argument("service")
     execute.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG…]")
     execute.add_argument("-p", "--project-name")
+    terminal = execute.add_mutually_exclusive_group()
+    terminal.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None,
+                          help="a terminal inside the sandbox (default when stdin and stdout are terminals)")
+    terminal.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False, help="pipes, no terminal")
+    execute.add_argument("-u", "--user", type=_exec_user, help="USER[:GROUP], names or numbers (default: the service's)")
+    execute.add_argument("-w", "--workdir", type=_exec_workdir, help="absolute working directory (default: the service's)")
+    execute.add_argument("-e", "--env", action="append", default=[], type=_exec_env, metavar="KEY=VALUE",
+                         help="set a variable (repeatable); KEY alone passes the caller's value")
     execute.set_defaults(func=cmd_exec)
     logs = verbs.add_parser("logs", help="show what services printed")
     logs.add_argument("services", nargs="*")

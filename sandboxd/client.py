@@ -53,24 +53,37 @@ def choose_stack(name: str | None) -> str:
     raise SandboxdError(f"several stacks are running ({', '.join(stacks)}); choose one with -p NAME")
 
 
-def request(stack: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+def connect(stack: str, timeout: float = 60.0) -> socket.socket:
+    """A connection to the stack's control socket. `sandboxd exec` holds one for as long as its
+    command runs: when it closes (however the CLI ends), the stack ends what is left of it."""
     path = RUNTIME_ROOT / stack / "control.sock"
     if os.geteuid() != 0 and not os.access(path, os.W_OK):
         raise HostError(f"the control socket of stack {stack!r} belongs to root (mode 0600)", "run sandboxd as root (e.g. sudo sandboxd ...)")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise SandboxdError(f"stack {stack!r} does not answer on {path}; is it still starting or stopping?") from None
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise SandboxdError(f"stack {stack!r} does not answer on {path}; is it still starting or stopping?") from None
+    return sock
+
+
+def ask(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
+    """One request on an open connection, and its answer (raised as SandboxdError if refused)."""
+    sock.sendall(json.dumps(message).encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
     answer: dict[str, Any] = json.loads(data)
     if not answer.get("ok"):
         raise SandboxdError(str(answer.get("error", "the stack refused the request")))
     return answer
+
+
+def request(stack: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    with connect(stack, timeout) as sock:
+        return ask(sock, message)

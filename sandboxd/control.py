@@ -5,6 +5,10 @@
     {"cmd": "kill", "services": [...], "signal": "SIGHUP"}
     {"cmd": "down"}
     {"cmd": "apply", "folder": DIR, "env": [...]}   -> what was added, removed, changed (a reload)
+    {"cmd": "exec_info", "services": [NAME], "user": "USER[:GROUP]", "session": true}
+                                               -> pid, cgroups, confinement; with session, a cgroup
+                                                  of the command's own, emptied and removed when
+                                                  this connection closes
 
 The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
 (a non-root user gets a clear refusal from the CLI before it even connects).
@@ -46,10 +50,11 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        execs: list[str] = []  # cgroups of `sandboxd exec` commands whose CLI holds this connection
         try:
             while line := await reader.readline():
                 try:
-                    answer = await self.handle(json.loads(line))
+                    answer = await self.handle(json.loads(line), execs)
                 except (ValueError, KeyError, TypeError, OSError, SandboxdError) as e:
                     answer = {"ok": False, "error": f"bad request: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)}
                 writer.write(json.dumps(answer).encode() + b"\n")
@@ -58,8 +63,11 @@ class ControlServer:
             pass
         finally:
             writer.close()
+            # The connection closes when the CLI ends, however it ends (the kernel closes it).
+            for path in execs:
+                await self.supervisor.end_exec(path)
 
-    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, request: dict[str, Any], execs: list[str] | None = None) -> dict[str, Any]:
         sup = self.supervisor
         cmd = request["cmd"]
         names = request.get("services") or []
@@ -86,7 +94,10 @@ class ControlServer:
             case "apply":
                 return {"ok": True, **await sup.apply_folder(request["folder"], request.get("env", []))}
             case "exec_info":
-                return {"ok": True, **sup.exec_info(names[0])}
+                info = sup.exec_info(names[0], str(request.get("user", "")), session=bool(request.get("session")) and execs is not None)
+                if "exec_cgroup" in info and execs is not None:
+                    execs.append(str(info["exec_cgroup"]))
+                return {"ok": True, **info}
             case "reload":
                 errors = await asyncio.gather(*(sup.reload_service(n) for n in names))
                 if any(errors):

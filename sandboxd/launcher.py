@@ -492,13 +492,14 @@ def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callab
 
 def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> NoReturn:
     """Run a command in all the namespaces of a running sandbox's init, confined like the service.
-    Used for health checks, `reload:` commands and `sandboxd exec`."""
+    Used for health checks and `reload:` commands (`sandboxd exec` joins from the CLI: execute.py)."""
 
     def run(in_userns: bool) -> None:
         if in_userns:
             become_userns_root()
         os.chdir(request["workdir"])
-        null = os.open("/dev/null", os.O_RDWR)
+        root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        null = linux.open_null_in_root(root)  # the sandbox's: a host descriptor could be reopened
         for target_fd in (0, 1, 2):
             os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
         os.closerange(3, 1 << 20)
@@ -642,8 +643,10 @@ def sealed_copy(path: str) -> int:
 
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
     """Fork what a request asks for. A sandbox's descriptors are [status, output, sockets...,
-    held bind sources..., netns?]; each source becomes a detached copy here, before the fork."""
-    status_fd, output_fd, *socket_fds = fds
+    held bind sources..., netns?]; each source becomes a detached copy here, before the fork. A
+    command's may lack the output (`"output": false`): it gets the sandbox's own /dev/null."""
+    status_fd, *socket_fds = fds
+    output_fd = socket_fds.pop(0) if request.get("output", True) else -1
     netns_fd = socket_fds.pop() if request.get("netns") else -1
     first_source = len(socket_fds) - request.get("sources", 0)
     held, socket_fds = socket_fds[first_source:], socket_fds[:first_source]
@@ -885,11 +888,10 @@ class ForkServer:
             "gid": gid,
             "cgroup_procs": list(cgroup_procs),
         }
-        null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            return self._send(request, [output_fd if output_fd >= 0 else null])
-        finally:
-            os.close(null)
+        # Without an output, none is sent: the command gets the sandbox's own /dev/null, not a
+        # descriptor of the host's that a process of the service could reopen through /proc.
+        request["output"] = output_fd >= 0
+        return self._send(request, [output_fd] if output_fd >= 0 else [])
 
     def _send(self, request: dict[str, Any], fds: list[int]) -> socket.socket:
         """Send a request with its descriptors after a new status channel; returns our end of it."""

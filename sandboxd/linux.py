@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import platform
+import signal
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -209,10 +212,12 @@ def fork_into_cgroup_with_pidfd(cgroup_fd: int, flags: int = 0, want_pidfd: bool
     `flags` may add namespace flags (CLONE_NEWPID). Python's own fork bookkeeping runs around the
     call, as os.fork does it. Raises OSError (ENOSYS before Linux 5.7).
     """
-    import signal
+    return _clone3(flags | CLONE_INTO_CGROUP, cgroup_fd, want_pidfd)
 
+
+def _clone3(flags: int, cgroup_fd: int, want_pidfd: bool) -> tuple[int, int]:
     pidfd = ctypes.c_int(-1)
-    args = _CloneArgs(flags=flags | CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    args = _CloneArgs(flags=flags, exit_signal=signal.SIGCHLD, cgroup=max(cgroup_fd, 0))
     if want_pidfd:
         args.flags |= CLONE_PIDFD
         args.pidfd = ctypes.addressof(pidfd)
@@ -375,10 +380,11 @@ def _openat2(dir_fd: int, path: str, flags: int, resolve: int, name: str) -> int
     return int(fd)
 
 
-def open_in_root(root_fd: int, path: str, flags: int) -> int:
+def open_in_root(root_fd: int, path: str, flags: int, resolve: int = 0) -> int:
     """Open `path` as if `root_fd` were `/`: absolute symlinks and `..` stay inside (openat2 with
-    RESOLVE_IN_ROOT), and no /proc magic link is followed. For paths inside a sandbox's tree."""
-    return _openat2(root_fd, path.lstrip("/") or ".", flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS, path)
+    RESOLVE_IN_ROOT), and no /proc magic link is followed. For paths inside a sandbox's tree.
+    `resolve` adds RESOLVE_ flags (RESOLVE_NO_SYMLINKS)."""
+    return _openat2(root_fd, path.lstrip("/") or ".", flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | resolve, path)
 
 
 def open_beneath(dir_fd: int, path: str, flags: int, symlinks: bool = True, name: str = "") -> int:
@@ -394,3 +400,47 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     fd = _libc.syscall(_syscall_number("pidfd_getfd"), ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0))
     _check(fd, "pidfd_getfd")
     return int(fd)
+
+
+# ── pseudo-terminals inside a sandbox (sandboxd exec -t) ──
+
+TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int)
+TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int)
+TIOCGPTPEER = 0x5441  # _IO('T', 0x41)
+PTMX_DEVICE = os.makedev(5, 2)
+NULL_DEVICE = os.makedev(1, 3)
+
+
+def open_pty_in_root(root_fd: int) -> tuple[int, int]:
+    """A new pseudo-terminal from the devpts instance at `dev/pts` below `root_fd` (a sandbox's
+    own): (master, slave), both close-on-exec, neither our controlling terminal.
+
+    The master is `dev/pts/ptmx` itself, reached without following any symlink (a sandbox may
+    have replaced its `/dev/ptmx` link), and must be the ptmx device; the slave is opened from
+    the master (TIOCGPTPEER), never by a path the sandbox could swap.
+    """
+    path = "dev/pts/ptmx"
+    master = open_in_root(root_fd, path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK, RESOLVE_NO_SYMLINKS)
+    try:
+        info = os.fstat(master)
+        if not stat.S_ISCHR(info.st_mode) or info.st_rdev != PTMX_DEVICE:
+            raise OSError(errno.ENOTTY, "not the ptmx device of a devpts file system", "/" + path)
+        fcntl.ioctl(master, TIOCGPTN, struct.pack("I", 0))  # only a pty master answers this
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        os.close(master)
+        raise OSError(e.errno, f"allocate a pty: {e.strerror}", e.filename or "/" + path) from None
+    os.set_blocking(master, True)
+    return master, int(slave)
+
+
+def open_null_in_root(root_fd: int) -> int:
+    """`dev/null` below `root_fd`, for reading and writing, close-on-exec; refused unless it is the
+    null device (a sandbox may have put a fifo or a link there)."""
+    fd = open_in_root(root_fd, "dev/null", os.O_RDWR | os.O_NONBLOCK, RESOLVE_NO_SYMLINKS)
+    info = os.fstat(fd)
+    if not stat.S_ISCHR(info.st_mode) or info.st_rdev != NULL_DEVICE:
+        os.close(fd)
+        raise OSError(errno.ENODEV, "is not the null device", "/dev/null")
+    return fd

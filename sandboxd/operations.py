@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from .errors import SpecErrors
+from .cgroups import Cgroup
 from .pins import SourceFds, close_all
-from .plan import LaunchPlan
+from .plan import LaunchPlan, lookup_identity
 from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase, command_env
 from .sockets import bind_sockets, close_socket
 from .spec import Limits, Stack
@@ -53,22 +54,66 @@ class Operations(SupervisorBase):
         if rt.state in ALIVE:
             self._signal_init(rt, sig)
 
-    def exec_info(self, name: str) -> dict[str, object]:
+    def exec_info(self, name: str, user: str = "", session: bool = False) -> dict[str, object]:
+        """What `sandboxd exec` needs to run a command confined as the service is. With `user`
+        (`sandboxd exec -u USER[:GROUP]`), its ids, names looked up as the spec's `user:` is.
+        With `session`, a cgroup of the command's own below the service's (`exec_cgroup`), which
+        `end_exec` empties and removes when the asking connection closes."""
         rt = self.services[name]
         if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not rt.pid:
             raise ValueError(f"service {name!r} is not running ({rt.state.value})")
+        uid, gid = rt.plan.uid, rt.plan.gid
+        if user:
+            root = rt.plan.mounts[0] if rt.plan.mounts else None
+            rootfs = root.source if root is not None and root.kind == "image-root" else ""
+            name_part, _, group_part = user.partition(":")
+            uid, gid, problems = lookup_identity(name_part, group_part, rootfs, f"image '{rt.spec.image}'" if rootfs else "host")
+            if problems:
+                raise ValueError(f"{name}: -u {user}: " + "; ".join(message for _key, message in problems))
         env = list(command_env(rt).items())
+        extra: dict[str, object] = {}
+        if session:
+            self.exec_count += 1
+            exec_cgroup = rt.cgroup.path / f"sbd-exec-{self.exec_count}"
+            exec_cgroup.mkdir()
+            extra["exec_cgroup"] = str(exec_cgroup)
         return {
+            **extra,
             "init_pid": rt.pid,
             "cgroup": str(rt.cgroup.path),
             "cgroup_procs": list(rt.cgroup.extra_procs_files),
             "capabilities": list(rt.plan.capabilities),
             "seccomp_filter": rt.plan.seccomp_filter,
-            "uid": rt.plan.uid,
-            "gid": rt.plan.gid,
+            "uid": uid,
+            "gid": gid,
             "env": env,
             "workdir": rt.plan.workdir,
         }
+
+    async def end_exec(self, path: str) -> None:
+        """The CLI of a `sandboxd exec` is gone (it ended, or was killed, even by SIGKILL): what
+        is left of its command gets SIGHUP, and whatever is still there after HANGUP_GRACE is
+        killed; then its cgroup is removed. Nothing of the command outlives its CLI by more."""
+        from .relay import HANGUP_GRACE
+
+        cgroup = Cgroup(Path(path))
+        if cgroup.populated():
+            for pid in cgroup.pids():
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + HANGUP_GRACE
+            while cgroup.populated() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        cgroup.kill()
+        deadline = time.monotonic() + 5.0
+        while cgroup.populated() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        try:
+            cgroup.remove()
+        except OSError as e:
+            self.console.note(f"exec: could not remove {path}: {e.strerror}")
 
     async def reload_service(self, name: str) -> str:
         """The service's own reload: its reload_signal to the main process; with ready: notify, wait

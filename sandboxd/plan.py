@@ -372,24 +372,34 @@ def _identity(service: Service, rootfs: str, image_user: str = "") -> tuple[int,
     user, group = service.user, service.group
     if not user and not group and image_user:
         user, _, group = image_user.partition(":")
-    uid = gid = 0
-    errors = []
     where = f"image '{service.image}'" if rootfs else "host"
+    uid, gid, problems = lookup_identity(user, group, rootfs, where)
+    return uid, gid, [SpecError(service.file, service.line, key, message) for key, message in problems]
+
+
+def lookup_identity(user: str, group: str, rootfs: str, where: str) -> tuple[int, int, list[tuple[str, str]]]:
+    """uid and gid of `user` and `group`, each a number or a name: the host's through NSS when
+    `rootfs` is "", else looked up in the passwd and group files of that tree. A number as user
+    is also the gid, unless `group` says otherwise. Problems come back as (key, message), `where`
+    naming the root in them ("host", "image 'busybox'"). The spec's `user:` and `sandboxd exec
+    -u` both go through here, so a name means the same to both."""
+    uid = gid = 0
+    problems: list[tuple[str, str]] = []
     if user:
         if user.isdigit():
             uid = gid = int(user)
         elif (found := _user(user, rootfs)) is not None:
             uid, gid = found
         else:
-            errors.append(SpecError(service.file, service.line, "user", f"no user '{user}' in the {where}'s /etc/passwd; use a name from it or a number"))
+            problems.append(("user", f"no user '{user}' in the {where}'s /etc/passwd; use a name from it or a number"))
     if group:
         if group.isdigit():
             gid = int(group)
         elif (found_gid := _group(group, rootfs)) is not None:
             gid = found_gid
         else:
-            errors.append(SpecError(service.file, service.line, "group", f"no group '{group}' in the {where}'s /etc/group; use a name from it or a number"))
-    return uid, gid, errors
+            problems.append(("group", f"no group '{group}' in the {where}'s /etc/group; use a name from it or a number"))
+    return uid, gid, problems
 
 
 def _seccomp_filter(service: Service) -> str:

@@ -144,6 +144,7 @@ class SupervisorBase:
     namespaces: Namespaces | None
     cgroups: CgroupManager
     limits: dict[str, Limits]
+    exec_count: int  # `sandboxd exec` commands so far: each gets a cgroup sbd-exec-N of its own
     pinned: dict[str, dict[str, int]]  # bind sources opened at validation, until their service's runtime takes them
 
     def _launch(self, rt: ServiceRuntime) -> None:

@@ -103,6 +103,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         self.networks: tuple[NetworkPlan, ...] = ()
         self.instances: dict[int, Instance] = {}
         self.commands: dict[int, asyncio.Future[int]] = {}  # commands run inside sandboxes (health checks, reload:)
+        self.exec_count = 0
         self.proxy_tasks: set[asyncio.Future[None]] = set()  # watches that start proxies (proxy.py)
         self.no_instances = asyncio.Event()
 

@@ -97,8 +97,10 @@ class Stack:
         return "\n".join(line.split("| ", 1)[1] if "| " in line else line for line in lines)
 
     def exec(self, service: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the service's sandbox; its exit code, stdout and stderr."""
-        return subprocess.run([sys.executable, "-m", "sandboxd", "exec", "-p", self.name, service, "--", *argv], capture_output=True, text=True)
+        """Run a command inside the service's sandbox (pipes, no terminal, nothing on its stdin);
+        its exit code, stdout and stderr."""
+        argv = [sys.executable, "-m", "sandboxd", "exec", "-T", "-p", self.name, service, "--", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
     def restart(self, service: str) -> None:
         self._cli("restart", "-p", self.name, service)

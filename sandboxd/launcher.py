@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, LaunchPlan, MountOp, is_under
+from .plan import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -74,25 +74,47 @@ def _ensure_mountpoint(target: str, is_dir: bool) -> None:
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
-def _mount_dev(dev: str) -> None:
-    # The host's nodes are opened before the new /dev may cover them (in place, dev is /dev).
+def _device_node_trees() -> dict[str, int]:
+    """In a user namespace there is no mknod: the host's nodes are attached instead, from detached
+    copies taken before anything of this mount namespace is made nodev (a bind of a nodev mount
+    is nodev, and a user namespace may not clear that)."""
     nodes: dict[str, int] = {}
     for node in DEVICE_NODES:
         try:
-            nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
+            fd = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
+        try:
+            nodes[node] = linux.clone_mount_tree(fd, f"/dev/{node}")
+        finally:
+            os.close(fd)
+    return nodes
+
+
+def _mount_dev(dev: str, node_trees: dict[str, int] | None) -> None:
+    """A tmpfs with the few device nodes a service needs, its own devpts and /dev/shm. The nodes
+    are made with mknod (a tenth of the cost of a bind), or attached from `node_trees`."""
+    nodes: dict[str, int] = {}
+    if node_trees is None:
+        # The host's nodes are opened before the new /dev may cover them (in place, dev is /dev).
+        for node in DEVICE_NODES:
+            try:
+                nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for node, fd in nodes.items():
         try:
-            # mknod costs a tenth of a bind mount; without CAP_MKNOD (a user namespace) bind instead.
             os.mknod(f"{dev}/{node}", stat.S_IFCHR | 0o666, os.fstat(fd).st_rdev)
             os.chmod(f"{dev}/{node}", 0o666)  # mknod honours the umask
-        except PermissionError:
-            _ensure_mountpoint(f"{dev}/{node}", is_dir=False)
-            linux.mount(f"/proc/self/fd/{fd}", f"{dev}/{node}", None, linux.MS_BIND)
         finally:
             os.close(fd)
+    for node, tree in (node_trees or {}).items():
+        try:
+            _ensure_mountpoint(f"{dev}/{node}", is_dir=False)
+            linux.move_mount(tree, f"{dev}/{node}")
+        finally:
+            os.close(tree)
     os.mkdir(f"{dev}/pts")
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
@@ -123,14 +145,17 @@ def _host_root_on_tmpfs(root: str) -> None:
             linux.mount(entry.path, path, None, linux.MS_BIND)
 
 
-def _image_root(root: str, rootfs: str) -> None:
-    """The image's tree as the lower layer of an overlay on `root`, the upper layer on a tmpfs of
-    this mount namespace (systemd-nspawn's --volatile=overlay): writes are charged to the
-    sandbox's memory cgroup and vanish with the namespace, with nothing to clean up."""
+def _image_root(root: str, tree: int) -> None:
+    """The image's tree (`tree`: a detached copy from the fork server, idmapped in a user
+    namespace) as the lower layer of an overlay on `root`, the upper layer on a tmpfs of this mount
+    namespace (systemd-nspawn's --volatile=overlay): writes are charged to the sandbox's memory
+    cgroup and vanish with the namespace, with nothing to clean up."""
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
-    os.mkdir(f"{root}/upper", 0o755)
-    os.mkdir(f"{root}/work", 0o700)
-    options = f"lowerdir={rootfs},upperdir={root}/upper,workdir={root}/work"
+    for name, mode in (("upper", 0o755), ("work", 0o700), ("lower", 0o755)):
+        os.mkdir(f"{root}/{name}", mode)
+    linux.move_mount(tree, f"{root}/lower")
+    os.close(tree)
+    options = f"lowerdir={root}/lower,upperdir={root}/upper,workdir={root}/work"
     linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
     # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
     for top in _FRESH_IN_SANDBOX | {"sys"}:
@@ -147,25 +172,33 @@ def _seal(root: str, pending: bool) -> None:
         linux.mount_setattr(root, READONLY)
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: dict[str, int]) -> None:
+def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: dict[int, int], in_userns: bool, sysfs_tree: int = -1) -> None:
     """Make the sandbox's file system.
 
     With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
     copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
     /tmp and /run are mounted over it; no copy of the tree, no pivot_root, no detaching of the old
-    root (about 1 ms less per sandbox). Otherwise (a user namespace, whose /dev must bind the host's
-    nodes from a mount without nodev; or new top-level mount points, `tmpfs-root`) a root is built at
-    `root` and pivoted into (bubblewrap's order of steps).
+    root (about 1 ms less per sandbox). With new top-level mount points (`tmpfs-root`) or an image,
+    a root is built at `root` and pivoted into (bubblewrap's order of steps).
+
+    Binds and an image's tree come as detached mounts made by the fork server (`trees`, by the
+    index of their op: their flags, and in a user namespace their idmapping, are set already); so
+    does the sysfs of a network namespace sandboxd made, in a user namespace (`sysfs_tree`).
     """
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     in_place = mounts[0].kind == "rbind-root" and mounts[0].options == "in-place"
     if in_place:
         root = ""
+    node_trees = None
+    if in_userns:
+        step.name = "copy the host's device nodes"
+        node_trees = _device_node_trees()
     seal_image = mounts[0].kind == "image-root" and mounts[0].readonly
     binds: list[tuple[MountOp, int]] = []
+    masks_to_seal: list[str] = []
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
-    for op in mounts:
+    for index, op in enumerate(mounts):
         target = root + op.target if op.target != "/" else (root or "/")
         step.name = f"mount {op.kind} on {op.target}"
         match op.kind:
@@ -177,19 +210,26 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
             case "tmpfs-root":
                 _host_root_on_tmpfs(root)
             case "image-root":
-                _image_root(root, op.source)
+                _image_root(root, trees.pop(index))
             case "mountpoint":
                 _ensure_mountpoint(target, is_dir=op.options == "dir")
             case "proc":
                 _seal(root, pending_seal)
                 pending_seal = False
                 linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            case "sysfs" if op.options == SYSFS_OF_NETNS:
+                linux.move_mount(sysfs_tree, target)
             case "sysfs":
                 # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
                 linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            case "mask" if op.options == MASK_WITH_MOUNTPOINTS:
+                if os.path.isdir(target):
+                    # Writable until the mounts below it have their mount points, then sealed.
+                    linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=0755,size=64k")
+                    masks_to_seal.append(op.target)
             case "mask":
                 if os.path.isdir(target):
-                    linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "size=0")
+                    linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=0755,size=0")
                 elif os.path.lexists(target):
                     linux.mount("/dev/null", target, None, linux.MS_BIND)
             case "readonly":
@@ -197,24 +237,23 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
                     linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
                     linux.mount_setattr(target, READONLY)
             case "dev":
-                _mount_dev(target)
+                _mount_dev(target, node_trees)
             case "tmpfs" if op.target in ("/tmp", "/run"):
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
             case "tmpfs":
                 binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root
             case "bind":
-                # Open the source on the host now; bind it after pivot_root so that the target's
-                # path (and any symlink in it) resolves inside the sandbox, never on the host.
-                binds.append((op, os.dup(sources[op.source])))
+                # Attached after pivot_root, so that the target's path (and any symlink in it)
+                # resolves inside the sandbox, never on the host.
+                binds.append((op, trees.pop(index)))
     if not in_place:
         step.name = f"pivot_root into {root}"
-        # The old root stays reachable on the sandbox's own /run until the binds are made: a bind
-        # source must still be attached to this namespace's tree when it is mounted.
+        # The old root stays reachable on the sandbox's own /run until the binds are made.
         os.mkdir(f"{root}{OLD_ROOT}")
         os.chdir(root)
         linux.pivot_root(".", OLD_ROOT.lstrip("/"))
     os.chdir("/")
-    for op, fd in binds:
+    for op, tree in binds:
         # A symlink on the way (/etc/resolv.conf -> /run/...) is followed inside the sandbox, where
         # it may lead onto the private /run: the mount point is made there. One that leads to the
         # host's root, still at OLD_ROOT here (an image can hold any symlink), is refused.
@@ -227,15 +266,12 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, sources: di
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
             continue
         step.name = f"bind {op.source} on {op.target}"
-        _ensure_mountpoint(target, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
-        linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND | linux.MS_REC)
-        if op.readonly:
-            linux.mount_setattr(target, READONLY)
-        else:
-            # In place, the source was opened in this namespace's copy of the host's tree, which
-            # is read-only by now, and its bind would inherit that; nosuid and nodev stay.
-            linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
-        os.close(fd)
+        _ensure_mountpoint(target, is_dir=stat.S_ISDIR(os.fstat(tree).st_mode))
+        linux.move_mount(tree, target)
+        os.close(tree)
+    for path in masks_to_seal:
+        step.name = f"make {path} read-only"
+        linux.mount_setattr(path, READONLY, recursive=False)  # the mounts on it keep their flags
     if seal_image:
         step.name = "make the image's root read-only"
         # Only the overlay itself: the mounts on it (/tmp, /run, writable binds) keep their flags.
@@ -317,21 +353,20 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
         os.setsid()
-        # Bind sources are opened now, in the new mount namespace but still with the host's ids:
-        # in a user namespace root inside may not reach them by path; a descriptor works.
-        step.name = "open the sources of bind mounts"
-        sources = {op.source: os.open(op.source, os.O_PATH | os.O_CLOEXEC) for op in plan.mounts if op.kind == "bind"}
-        if plan.userns:
-            # Still the host's root by id; become root of the new user namespace (the mapped ids).
-            step.name = "become root of the user namespace"
-            become_userns_root()
         # The init is opened on the host's file system: wherever sandboxd is installed (even below
-        # /tmp, which the sandbox replaces), it is executed through this descriptor.
+        # /tmp, which the sandbox replaces), it is executed through this descriptor. In a user
+        # namespace this is still done with the host's root's ids (unmapped there), which any
+        # folder on the way lets through by its owner bits.
         step.name = f"open the init {plan.argv[0]}"
         opened = os.open(plan.argv[0], os.O_PATH | os.O_CLOEXEC)
         init_fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
         os.close(opened)
-        _build_root(request["root"], plan.mounts, step, sources)
+        if plan.userns:
+            # Become root of the new user namespace (the mapped ids): what it makes from now on
+            # (mount points, the tmpfs roots) is owned by root inside.
+            step.name = "become root of the user namespace"
+            become_userns_root()
+        _build_root(request["root"], plan.mounts, step, request["trees"], plan.userns is not None, request.get("sysfs_tree", -1))
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -376,13 +411,15 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
 
 
 def join_namespaces(target: int) -> bool:
-    """Join the namespaces of process `target` (its user namespace first, if it has its own; the
-    mount namespace last, which brings its root). True if a user namespace was joined."""
+    """Join the namespaces of process `target`: pid, uts, ipc, net, then mnt (which brings its
+    root), and its user namespace last, if it has its own. Last, because joining it drops every
+    capability in the host's user namespace, and the network namespace of a service on a network
+    belongs to the host's. True if a user namespace was joined."""
     own_user = os.stat("/proc/self/ns/user").st_ino
     names = ["pid", "uts", "ipc", "net", "mnt"]
     in_userns = os.stat(f"/proc/{target}/ns/user").st_ino != own_user
     if in_userns:
-        names.insert(0, "user")
+        names.append("user")
     fds = [os.open(f"/proc/{target}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in names]
     for fd in fds:
         linux.setns(fd, 0)
@@ -492,6 +529,7 @@ def serve(conn: socket.socket) -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -505,7 +543,7 @@ def serve(conn: socket.socket) -> NoReturn:
                     msg, fds = _recv_with_fds(conn)
                     if not msg:
                         os._exit(0)  # the supervisor is gone or done: our exit ends every sandbox
-                    _fork_sandbox(conn, json.loads(msg), fds, own_pidns, children)
+                    _fork_sandbox(conn, json.loads(msg), fds, own_pidns, own_netns, children)
                 else:
                     try:
                         os.read(wake_r, 4096)
@@ -529,19 +567,24 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
-def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
+def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, own_netns: int, children: dict[int, int]) -> None:
     status_fd, output_fd, *socket_fds = fds
     netns_fd = socket_fds.pop() if request.get("netns") else -1
     cgroup_fd = -1
+    trees: dict[int, int] = {}
     try:
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        userns = request["plan"].get("userns") if "plan" in request else None
-        if userns:
-            pid = _fork_in_user_namespace(request, cgroup_fd, tuple(userns))
-            if pid == 0:
-                run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd)
-            children[pid] = request["id"]
-            return
+        plan = request.get("plan")
+        if plan is not None:
+            ids = plan["userns"]
+            trees = _detached_trees(plan["mounts"], _storage_userns(ids) if ids else -1)
+            request["trees"] = trees  # the child inherits the descriptors, and this map
+            if ids:
+                pid = _fork_in_user_namespace(request, cgroup_fd, netns_fd, own_netns, ids)
+                if pid == 0:
+                    run_sandbox(request, status_fd, output_fd, socket_fds)
+                children[pid] = request["id"]
+                return
         if "exec_into" in request:
             pid = linux.fork_into_cgroup(cgroup_fd)
             if pid == 0:
@@ -558,44 +601,154 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
     except OSError as e:
         conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
     finally:
-        for fd in [*fds, cgroup_fd]:
+        for fd in [*fds, cgroup_fd, *trees.values()]:
             if fd >= 0:
                 os.close(fd)
 
 
-def _fork_in_user_namespace(request: dict[str, Any], cgroup_fd: int, userns: tuple[int, ...]) -> int:
-    """Fork the sandbox's init into a new user and pid namespace, born in its cgroup.
+def _detached_trees(mounts: list[dict[str, Any]], store_userns: int) -> dict[int, int]:
+    """Detached copies (open_tree) of the sources of a plan's binds and of its image's tree, by
+    the index of their op, with their mount flags set: read-only, or nosuid and nodev. Those the
+    plan stores with STORE_IDS are idmapped through `store_userns` now; those with HOST_IDS once
+    the sandbox's own user namespace exists (`_fork_in_user_namespace`). Made here, by root of the
+    host's user namespace: only it may idmap a mount of the host's file systems, and the child
+    inherits the descriptors at its fork."""
+    trees: dict[int, int] = {}
+    try:
+        for index, op in enumerate(mounts):
+            if op["kind"] not in ("bind", "image-root"):
+                continue
+            source = os.open(op["source"], os.O_PATH | os.O_CLOEXEC)
+            try:
+                trees[index] = tree = linux.clone_mount_tree(source, op["source"])
+            finally:
+                os.close(source)
+            # Writable keeps what the host's mount says: a source on a read-only mount stays so.
+            flags = READONLY if op["readonly"] or op["kind"] == "image-root" else linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
+            if op["options"] != STORE_IDS:
+                linux.mount_setattr(tree, flags, name=op["source"])
+                continue
+            try:
+                linux.mount_setattr(tree, flags | linux.MOUNT_ATTR_IDMAP, userns_fd=store_userns, name=op["source"])
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                raise OSError(e.errno, "its file system cannot be idmapped (a user namespace needs that for volumes and binds; userns: false does not)", op["source"]) from None
+    except BaseException:
+        for tree in trees.values():
+            os.close(tree)
+        raise
+    return trees
+
+
+def _host_pid(pid: int, pidfd: int = -1) -> int:
+    """The host's pid of a child (`pid` is its pid in this process's namespace): /proc here is the
+    host's, and a pidfd's fdinfo tells the pid as the /proc it is read through numbers it."""
+    own = pidfd < 0
+    if own:
+        pidfd = os.pidfd_open(pid)
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+    finally:
+        if own:
+            os.close(pidfd)
+
+
+_store_userns: dict[tuple[int, ...], int] = {}
+
+
+def _storage_userns(ids: dict[str, int]) -> int:
+    """A user namespace whose ids store_uid.. are the stack's uid.. (plan.UserNamespace): an
+    idmapped mount through it shows a file stored as store_uid + N as owned by N inside. Made once
+    per stack's ids by a child that unshares it and waits while its maps are written; held by
+    descriptor here for the life of the fork server."""
+    key = (ids["store_uid"], ids["store_gid"], ids["uid"], ids["gid"], ids["count"])
+    if key in _store_userns:
+        return _store_userns[key]
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(done_w)  # else the read below never sees the end
+            os.close(ready_r)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(errno.EPERM, "unshare(CLONE_NEWUSER) failed", "the storage user namespace")
+        host_pid = _host_pid(pid)
+        for kind, inside, outside in (("uid_map", ids["store_uid"], ids["uid"]), ("gid_map", ids["store_gid"], ids["gid"])):
+            with open(f"/proc/{host_pid}/{kind}", "w") as f:
+                f.write(f"{inside} {outside} {ids['count']}\n")
+        _store_userns[key] = os.open(f"/proc/{host_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
+    return _store_userns[key]
+
+
+def _fork_in_user_namespace(request: dict[str, Any], cgroup_fd: int, netns_fd: int, own_netns: int, ids: dict[str, int]) -> int:
+    """Fork the sandbox's init into a new user and pid namespace, born in its cgroup, and in the
+    service's network namespace if sandboxd made one (`netns_fd`).
 
     The child may not do anything as root-inside before its uid and gid maps exist, and only a
     process outside (this one, root in the parent namespace) may write maps that name other ids
-    than its own. So the child waits on a pipe while this process writes the maps, moves it into
+    than its own. So the child waits on a pipe while this process writes the maps, idmaps the
+    trees that keep the host's ids (HOST_IDS) through the child's user namespace, moves it into
     the v1 cgroups of its limits (which the child could no longer do itself), and then lets it go.
+
+    A child in a new user namespace may not join a network namespace of the host's user namespace,
+    nor mount a sysfs for it: so this process joins it for the moment of the clone (the child is
+    born there) and makes the sysfs there, detached, for the child to attach.
     """
-    first, count = userns
     wait_r, wait_w = os.pipe2(os.O_CLOEXEC)
-    pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
-    if pid == 0:
-        os.close(wait_w)
-        if os.read(wait_r, 1) != b"1":
-            os._exit(EXIT_SETUP_FAILED)  # the fork server could not set it up; it says why
-        os.close(wait_r)
-        request["cgroup_procs"] = []
-        return 0
-    os.close(wait_r)
+    pid, pidfd, sysfs = -1, -1, -1
     try:
-        # /proc here is the host's: it knows the child by its host pid, which the pidfd tells.
-        with open(f"/proc/self/fdinfo/{pidfd}") as f:
-            host_pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
-        for kind in ("uid_map", "gid_map"):
+        if netns_fd >= 0:
+            linux.setns(netns_fd, linux.CLONE_NEWNET)
+        try:
+            if netns_fd >= 0 and any(op["kind"] == "sysfs" and op["options"] == SYSFS_OF_NETNS for op in request["plan"]["mounts"]):
+                sysfs = request["sysfs_tree"] = linux.detached_mount("sysfs", READONLY | linux.MOUNT_ATTR_NOEXEC)
+            pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
+        finally:
+            if netns_fd >= 0 and pid != 0:
+                linux.setns(own_netns, linux.CLONE_NEWNET)
+        if pid == 0:
+            os.close(wait_w)
+            if os.read(wait_r, 1) != b"1":
+                os._exit(EXIT_SETUP_FAILED)  # the fork server could not set it up; it says why
+            os.close(wait_r)
+            request["cgroup_procs"] = []
+            return 0
+        host_pid = _host_pid(pid, pidfd)
+        for kind, first in (("uid_map", ids["uid"]), ("gid_map", ids["gid"])):
             with open(f"/proc/{host_pid}/{kind}", "w") as f:
-                f.write(f"0 {first} {count}\n")
+                f.write(f"0 {first} {ids['count']}\n")
+        host_ids = [index for index, op in enumerate(request["plan"]["mounts"]) if op["options"] == HOST_IDS]
+        if host_ids:
+            userns = os.open(f"/proc/{host_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for index in host_ids:
+                    linux.mount_setattr(request["trees"][index], linux.MOUNT_ATTR_IDMAP, userns_fd=userns, name=request["plan"]["mounts"][index]["source"])
+            finally:
+                os.close(userns)
         for procs in request["cgroup_procs"]:
             with open(procs, "w") as f:
                 f.write(str(pid))  # cgroup.procs reads pids in the writer's pid namespace: ours
         os.write(wait_w, b"1")
     finally:
-        os.close(wait_w)
-        os.close(pidfd)
+        if pid != 0:
+            for fd in (wait_r, wait_w, pidfd, sysfs):
+                if fd >= 0:
+                    os.close(fd)
     return pid
 
 

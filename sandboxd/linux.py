@@ -4,8 +4,8 @@ Nothing else in sandboxd imports ctypes. Every wrapper raises `OSError(errno, st
 naming the path or the call, so a failure in a sandbox's set-up says exactly what failed.
 
 Python 3.12 has `os.unshare` and `os.setns`; we support 3.11, so both go through libc here.
-`pivot_root` and `mount_setattr` have no glibc wrapper on every distribution we support and go
-through `syscall(2)` with the architecture's number.
+`pivot_root`, `mount_setattr`, `open_tree`, `move_mount` and the fsopen family have no glibc
+wrapper on every distribution we support and go through `syscall(2)` with the architecture's number.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ MS_SLAVE = 1 << 19
 
 MNT_DETACH = 0x2
 
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_IDMAP = 0x100000
 
 CLONE_INTO_CGROUP = 0x200000000
 
@@ -55,7 +59,13 @@ PR_SET_KEEPCAPS = 8
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
-SYS_CLONE3 = 435  # the same on every architecture (it is newer than the unified table)
+# The same on every architecture: they are newer than the unified syscall table.
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+SYS_CLONE3 = 435
 
 _SYSCALLS: dict[str, dict[str, int]] = {
     # mount_setattr has the same number everywhere (it is newer than the unified table).
@@ -145,16 +155,60 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(nr, _b(new_root), _b(put_old)), "pivot_root", new_root)
 
 
-def mount_setattr(path: str, attr_set: int, attr_clr: int = 0, recursive: bool = True) -> None:
-    """Change mount attributes of `path` (and, with `recursive`, every mount below it) in one call."""
-    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+def mount_setattr(path: str | int, attr_set: int, attr_clr: int = 0, recursive: bool = True, userns_fd: int = -1, name: str = "") -> None:
+    """Change mount attributes of `path` (and, with `recursive`, every mount below it) in one call.
+    `path` may be a descriptor of a mount (a detached one from `clone_mount_tree`). With
+    `userns_fd` (and MOUNT_ATTR_IDMAP in `attr_set`) the mount becomes idmapped: a file owned by
+    id N on disk is seen as owned by what N maps to in that user namespace. `name` is what an
+    error names (else `path`)."""
+    attr = _MountAttr(attr_set, attr_clr, 0, max(userns_fd, 0))
     nr = _syscall_number("mount_setattr")
-    at_fdcwd = -100
     flags = AT_RECURSIVE if recursive else 0
+    dirfd, where = (path, "") if isinstance(path, int) else (AT_FDCWD, path)
+    if isinstance(path, int):
+        flags |= AT_EMPTY_PATH
     result = _libc.syscall(
-        nr, ctypes.c_int(at_fdcwd), _b(path), ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))
+        nr, ctypes.c_int(dirfd), _b(where), ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))
     )
-    _check(result, "mount_setattr", path)
+    _check(result, "mount_setattr", name or str(path))
+
+
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+FSCONFIG_CMD_CREATE = 6
+FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 0x1
+
+
+def clone_mount_tree(fd: int, name: str = "") -> int:
+    """A detached copy of the mount tree at descriptor `fd` (a bind mount not yet attached
+    anywhere, with every mount below it): open_tree(OPEN_TREE_CLONE | AT_RECURSIVE). It is
+    freed when its last descriptor closes, unless `move_mount` attached it first."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE
+    result = _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(fd), b"", ctypes.c_uint(flags))
+    _check(result, "open_tree", name or None)
+    return int(result)
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` on `target` (a path in the caller's mount namespace)."""
+    result = _libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD), _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    _check(result, "move_mount", target)
+
+
+def detached_mount(fstype: str, attrs: int) -> int:
+    """A new, detached instance of file system `fstype` with mount attributes `attrs` (fsopen,
+    fsconfig CREATE, fsmount). Its namespaces are the caller's at this moment: a sysfs made while
+    in a network namespace shows that namespace's links wherever it is attached later."""
+    fs = _libc.syscall(SYS_FSOPEN, _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC))
+    _check(fs, "fsopen", fstype)
+    try:
+        _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0)), "fsconfig", fstype)
+        mnt = _libc.syscall(SYS_FSMOUNT, ctypes.c_int(fs), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
+        _check(mnt, "fsmount", fstype)
+    finally:
+        os.close(fs)
+    return int(mnt)
 
 
 def prctl(option: int, arg2: int = 0) -> None:

@@ -25,6 +25,7 @@ class Operations(SupervisorBase):
             "folder": str(self.stack.folder),
             "pid": os.getpid(),
             "started": self.started_wall,
+            "userns": self.record.userns if self.record is not None else {},  # root inside is host uid `uid`
             "services": [_status_of(self, rt) for rt in chosen],
         }
 
@@ -113,7 +114,8 @@ class Operations(SupervisorBase):
         try:
             stack = _with_env(load_stack(Path(folder)), env)
             # In a thread: an image build may take a while, and the loop supervises meanwhile.
-            plans = await asyncio.to_thread(make_plans, stack, str(self.runtime_dir), False, True)
+            userns = self._stack_userns(stack)
+            plans = await asyncio.to_thread(make_plans, stack, str(self.runtime_dir), False, userns, True)
             limits = _enforceable_limits(stack, self.cgroups.host)
         except SpecErrors as e:
             raise ValueError("the new spec has problems:\n  " + "\n  ".join(str(err) for err in e.errors)) from None

@@ -14,8 +14,15 @@ outlives sandboxd.
     ────────────────────              ───────────────────────────────────────      ──────────────────────────────────
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
     launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds...]
-                                      unshare(NEWPID), fork, setns back ──fork───▶ join cgroup; unshare(mnt,uts,ipc,net)
-                                                                                    setsid; mounts; pivot_root; hostname
+                                      detached trees of binds and the image
+                                      (open_tree; flags; idmap: stored ids)
+                                      clone3(NEWPID[, NEWUSER]) into the ──clone──▶ [userns: wait on a pipe]
+                                      cgroup [userns: in the service's
+                                      netns, with its sysfs made there]
+                                      [userns: uid/gid maps, idmap trees ──pipe───▶ become root inside]
+                                       of host ids, v1 cgroup.procs]                join cgroups; unshare(mnt,uts,ipc,net)
+                                                                                    setsid; mounts (attach the trees);
+                                                                                    pivot_root; hostname
                                                                                     lo up; fds 0,1,2 and 3..; chdir
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── {"exec": t_ns} (creds carry its host pid)
             ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execve(dumb-init -- command...)
@@ -46,7 +53,7 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under
+from .plan import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under, swapped_id_map
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -145,17 +152,21 @@ def _host_root_on_tmpfs(root: str) -> None:
             linux.mount(entry.path, path, None, linux.MS_BIND)
 
 
-def _image_root(root: str, tree: int) -> None:
-    """The image's tree (`tree`: a detached copy from the fork server, idmapped in a user
-    namespace) as the lower layer of an overlay on `root`, the upper layer on a tmpfs of this mount
-    namespace (systemd-nspawn's --volatile=overlay): writes are charged to the sandbox's memory
-    cgroup and vanish with the namespace, with nothing to clean up."""
+def _image_root(root: str, tree: int, source: str) -> None:
+    """The image's tree (`tree`: a detached copy of `source` from the fork server, idmapped in a
+    user namespace) as the lower layer of an overlay on `root`, the upper layer on a tmpfs of this
+    mount namespace (systemd-nspawn's --volatile=overlay): writes are charged to the sandbox's
+    memory cgroup and vanish with the namespace, with nothing to clean up. The copy is attached at
+    a path ending with `source`, so the overlay's options (in mountinfo) still name the tree that
+    a sandbox uses (images.trees_in_use)."""
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
-    for name, mode in (("upper", 0o755), ("work", 0o700), ("lower", 0o755)):
-        os.mkdir(f"{root}/{name}", mode)
-    linux.move_mount(tree, f"{root}/lower")
+    lower = f"{root}/lower{source}"
+    os.mkdir(f"{root}/upper", 0o755)
+    os.mkdir(f"{root}/work", 0o700)
+    os.makedirs(lower, 0o755)
+    linux.move_mount(tree, lower)
     os.close(tree)
-    options = f"lowerdir={root}/lower,upperdir={root}/upper,workdir={root}/work"
+    options = f"lowerdir={lower},upperdir={root}/upper,workdir={root}/work"
     linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
     # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
     for top in _FRESH_IN_SANDBOX | {"sys"}:
@@ -210,7 +221,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: dict
             case "tmpfs-root":
                 _host_root_on_tmpfs(root)
             case "image-root":
-                _image_root(root, trees.pop(index))
+                _image_root(root, trees.pop(index), op.source)
             case "mountpoint":
                 _ensure_mountpoint(target, is_dir=op.options == "dir")
             case "proc":
@@ -434,11 +445,22 @@ def become_userns_root() -> None:
     os.setresuid(0, 0, 0)
 
 
-def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callable[[], bool], run: Callable[[bool], None]) -> NoReturn:
+def _die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG, set after the last change of credentials (which clears it: becoming root
+    of a user namespace, or the service's user). `parent` is what getppid() said right after the
+    fork (0 when the parent is outside a pid namespace joined); if the parent died before this,
+    the child was given to another and getppid() says so."""
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(EXIT_UNEXPECTED)
+
+
+def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callable[[], bool], run: Callable[[bool, int], None]) -> NoReturn:
     """The shape of running something inside a running sandbox, in a child born in its cgroup:
     join further cgroups, `join` namespaces (True if a user namespace was joined), report, fork
     `run` (a joined pid namespace takes effect for children only), wait, exit with its status.
-    What runs dies with this process (PR_SET_PDEATHSIG), so killing this process ends it too."""
+    What runs dies with this process (`_die_with_parent`, which `run` calls last before exec), so
+    killing this process ends it too."""
     step = _Step()
     try:
         step.name = "reset signals"
@@ -452,8 +474,7 @@ def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callab
         _report(channel, {"exec": time.monotonic_ns()})
         pid = os.fork()
         if pid == 0:
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            run(in_userns)
+            run(in_userns, os.getppid())
             os._exit(EXIT_UNEXPECTED)
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
@@ -469,7 +490,7 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
     """Run a command in all the namespaces of a running sandbox's init, confined like the service.
     Used for health checks, `reload:` commands and `sandboxd exec`."""
 
-    def run(in_userns: bool) -> None:
+    def run(in_userns: bool, parent: int) -> None:
         if in_userns:
             become_userns_root()
         os.chdir(request["workdir"])
@@ -478,6 +499,7 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
             os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
         os.closerange(3, 1 << 20)
         _confine(request.get("seccomp_filter", ""), tuple(request.get("capabilities", ())), True, _Step(), request.get("uid", 0), request.get("gid", 0))
+        _die_with_parent(parent)
         argv = request["argv"]
         os.execvpe(argv[0], argv, dict(request["env"]))
 
@@ -503,7 +525,7 @@ def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list
         linux.setns(pidfd, linux.CLONE_NEWNET)
         return False
 
-    def run(_in_userns: bool) -> None:
+    def run(_in_userns: bool, parent: int) -> None:
         _place_fds(output_fd, rest + ([target] if target >= 0 else []))
         os.closerange(3 + len(rest) + (1 if target >= 0 else 0), 1 << 20)
         env = {"LISTEN_FDS": str(len(rest)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -511,6 +533,7 @@ def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list
         if target >= 0:
             argv[-1] = f"/proc/self/fd/{3 + len(rest)}"  # the socket file, opened inside the sandbox's root
         _confine("", (), True, _Step(), int(request["uid"]), int(request["gid"]))
+        _die_with_parent(parent)
         os.execve(argv[0], argv, env)
 
     _join_then_run(request, channel, join, run)
@@ -577,7 +600,7 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
         plan = request.get("plan")
         if plan is not None:
             ids = plan["userns"]
-            trees = _detached_trees(plan["mounts"], _storage_userns(ids) if ids else -1)
+            trees = _detached_trees(plan["mounts"], ids)
             request["trees"] = trees  # the child inherits the descriptors, and this map
             if ids:
                 pid = _fork_in_user_namespace(request, cgroup_fd, netns_fd, own_netns, ids)
@@ -606,14 +629,15 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
                 os.close(fd)
 
 
-def _detached_trees(mounts: list[dict[str, Any]], store_userns: int) -> dict[int, int]:
+def _detached_trees(mounts: list[dict[str, Any]], ids: dict[str, int] | None) -> dict[int, int]:
     """Detached copies (open_tree) of the sources of a plan's binds and of its image's tree, by
     the index of their op, with their mount flags set: read-only, or nosuid and nodev. Those the
-    plan stores with STORE_IDS are idmapped through `store_userns` now; those with HOST_IDS once
-    the sandbox's own user namespace exists (`_fork_in_user_namespace`). Made here, by root of the
-    host's user namespace: only it may idmap a mount of the host's file systems, and the child
-    inherits the descriptors at its fork."""
+    plan stores with STORE_IDS are idmapped through the stack's storage user namespace now; those
+    with HOST_IDS once the sandbox's own user namespace exists (`_fork_in_user_namespace`). Made
+    here, by root of the host's user namespace: only it may idmap a mount of the host's file
+    systems, and the child inherits the descriptors at its fork."""
     trees: dict[int, int] = {}
+    store_userns = _storage_userns(ids) if ids and any(op["options"] == STORE_IDS for op in mounts) else -1
     try:
         for index, op in enumerate(mounts):
             if op["kind"] not in ("bind", "image-root"):
@@ -625,7 +649,7 @@ def _detached_trees(mounts: list[dict[str, Any]], store_userns: int) -> dict[int
                 os.close(source)
             # Writable keeps what the host's mount says: a source on a read-only mount stays so.
             flags = READONLY if op["readonly"] or op["kind"] == "image-root" else linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
-            if op["options"] != STORE_IDS:
+            if op["options"] != STORE_IDS or store_userns < 0:
                 linux.mount_setattr(tree, flags, name=op["source"])
                 continue
             try:
@@ -659,10 +683,13 @@ _store_userns: dict[tuple[int, ...], int] = {}
 
 
 def _storage_userns(ids: dict[str, int]) -> int:
-    """A user namespace whose ids store_uid.. are the stack's uid.. (plan.UserNamespace): an
-    idmapped mount through it shows a file stored as store_uid + N as owned by N inside. Made once
-    per stack's ids by a child that unshares it and waits while its maps are written; held by
-    descriptor here for the life of the fork server."""
+    """The user namespace that volumes and binds are idmapped through (plan.swapped_id_map): a
+    file stored as store_uid + N is the sandbox's own N inside, everything else keeps its host
+    owner. -1 when the stack runs as the stored block itself (a single block): no idmap needed.
+    Made once per stack's ids by a child that unshares it and waits while its maps are written;
+    held by descriptor here for the life of the fork server."""
+    if (ids["store_uid"], ids["store_gid"]) == (ids["uid"], ids["gid"]):
+        return -1
     key = (ids["store_uid"], ids["store_gid"], ids["uid"], ids["gid"], ids["count"])
     if key in _store_userns:
         return _store_userns[key]
@@ -684,9 +711,9 @@ def _storage_userns(ids: dict[str, int]) -> int:
         if os.read(ready_r, 1) != b"1":
             raise OSError(errno.EPERM, "unshare(CLONE_NEWUSER) failed", "the storage user namespace")
         host_pid = _host_pid(pid)
-        for kind, inside, outside in (("uid_map", ids["store_uid"], ids["uid"]), ("gid_map", ids["store_gid"], ids["gid"])):
+        for kind, stored, running in (("uid_map", ids["store_uid"], ids["uid"]), ("gid_map", ids["store_gid"], ids["gid"])):
             with open(f"/proc/{host_pid}/{kind}", "w") as f:
-                f.write(f"{inside} {outside} {ids['count']}\n")
+                f.write(swapped_id_map(stored, running, ids["count"]))
         _store_userns[key] = os.open(f"/proc/{host_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(ready_r)

@@ -78,6 +78,21 @@ class UserNamespace:
     store_gid: int
 
 
+MAX_ID = 4294967295  # (uid_t)-1 is no id: the ids are 0 .. MAX_ID - 1
+
+
+def swapped_id_map(stored: int, running: int, count: int) -> str:
+    """A uid_map (or gid_map) of the user namespace that volumes and binds are idmapped through:
+    every host id as it is, but for the stored block and the running block, swapped. Through it,
+    a file stored as `stored` + N is `running` + N (the sandbox's own N inside); a file of the
+    host's (root's, a user's) keeps its owner, which the sandbox does not own, as on the host's
+    root; and every id on disk maps to something, so the kernel lets the sandbox write wherever
+    the mode bits let it (a mount refuses writes to files whose owner it cannot map)."""
+    low, high = sorted((stored, running))
+    extents = [(0, 0, low), (low, high, count), (low + count, low + count, high - low - count), (high, low, count), (high + count, high + count, MAX_ID - high - count)]
+    return "".join(f"{inside} {outside} {length}\n" for inside, outside, length in extents if length > 0)
+
+
 NetMode = Literal["private", "none", "host", "join"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -78,6 +78,7 @@ What is measured, and how:
    these stacks is read before the down and scanned as below.
 
 8. The proxy, and 9. images: see scripts/bench_real.py.
+10. The cost of the default user namespace per launch: see scripts/bench_userns.py.
 
 Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
 not", warnings, SIGKILL); they are listed at the end, numbers folded, with a count.
@@ -1207,6 +1208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", help="comma-separated service counts (default 10,50,100)")
     parser.add_argument("--reps", type=int, help="repetitions of each parallel start (default 3)")
     parser.add_argument("--latency-runs", type=int, help="runs of the 1-service stack (default 15)")
+    parser.add_argument("--only", choices=["userns"], help="run this section alone")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10, 50] if args.quick else [10, 50, 100])
     args.reps = args.reps or (1 if args.quick else 3)
@@ -1221,6 +1223,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench(args: argparse.Namespace, root: Path) -> list[str]:
+    import bench_userns  # section 10: what the default user namespace costs per launch
+
+    if args.only == "userns":
+        note("user namespaces: launches with and without, alternating")
+        return [header(), *bench_userns.userns_section(root, args.quick, problem)]
     logs = root / "logs"
     stacks = {n: make_stack(root, n) for n in sorted({*args.sizes, 1, MEMORY_N})}
     net_stacks = {n: make_stack(root, n, network=True) for n in args.sizes}
@@ -1249,6 +1256,8 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
     proxy = bench_real.proxy_section(root, args.quick, problem)
     note("images: build and launch on an image")
     image = bench_real.image_section(root, args.quick, problem)
+    note("user namespaces: launches with and without, alternating")
+    userns = bench_userns.userns_section(root, args.quick, problem)
     tables = [*start_table(rows, args.reps), *network_table(rows, args.reps)]
     return [
         header(),
@@ -1260,6 +1269,7 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
         *control_lines(control),
         *proxy,
         *image,
+        *userns,
     ]
 
 

@@ -263,3 +263,16 @@ def test_a_user_namespace_on_a_network_attaches_a_sysfs_made_in_its_namespace(tm
     assert joined.net == "join" and MountOp("sysfs", "/sys", options=SYSFS_OF_NETNS) in joined.mounts
     private = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"]
     assert MountOp("sysfs", "/sys") in private.mounts  # its own namespace: it mounts its own
+
+
+def test_volumes_are_idmapped_with_only_the_stored_and_running_blocks_swapped():
+    from sandboxd.plan import MAX_ID, swapped_id_map
+
+    lines = [tuple(map(int, line.split())) for line in swapped_id_map(100000, 296608, 65536).splitlines()]
+    assert lines == [(0, 0, 100000), (100000, 296608, 65536), (165536, 165536, 131072), (296608, 100000, 65536), (362144, 362144, MAX_ID - 362144)]
+    inside = sorted((a, a + n) for a, _, n in lines)
+    outside = sorted((b, b + n) for _, b, n in lines)
+    for ranges in (inside, outside):  # every id once, on both sides: a bijection of 0 .. MAX_ID - 1
+        assert ranges[0][0] == 0 and ranges[-1][1] == MAX_ID
+        assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+    assert swapped_id_map(100000, 165536, 65536).splitlines()[2] == "165536 100000 65536"  # adjacent blocks

@@ -65,11 +65,12 @@ class UserNamespace:
     """The ids a stack's sandboxes get: 0..count-1 inside are the host's uid.. and gid.. (a block
     of the `sandboxd` user's subordinate ids that no other running stack has, see subids.py).
 
-    What sandboxes write to volumes and writable binds is stored under store_uid.. and store_gid..
-    on the host (a block no sandbox runs as), whatever block the stack got: those mounts are
-    idmapped so that ids store_uid.. on disk are 0.. inside. A volume therefore reads the same in
-    every stack and after any restart, and a file a sandbox wrote there is nobody's to every other
-    sandbox that sees it through the host's root."""
+    What sandboxes write to volumes and binds is stored under store_uid.. and store_gid.. on the
+    host (a block no sandbox runs as, unless there is only one), whatever block the stack got:
+    those mounts are idmapped so that ids store_uid.. on disk are 0.. inside, and every other id
+    is the host's (`swapped_id_map`). A volume therefore reads the same in every stack and after
+    any restart, and a file a sandbox wrote there is nobody's to every other sandbox that sees it
+    through the host's root."""
 
     uid: int
     gid: int

@@ -72,8 +72,8 @@ def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> l
 
     runs = QUICK_RUNS if quick else RUNS
     folder = Path(tempfile.mkdtemp(prefix="sbdbench-userns-", dir=root))
-    (folder / "default.yaml").write_text("kind: service\ncommand: [true]\nmounts: [{source: ., target: /tmp/b}]\n")
-    (folder / "host.yaml").write_text("kind: service\ncommand: [true]\nuserns: false\nmounts: [{source: ., target: /tmp/b}]\n")
+    (folder / "default.yaml").write_text("kind: service\ncommand: ['true']\nmounts: [{source: ., target: /tmp/b}]\n")
+    (folder / "host.yaml").write_text("kind: service\ncommand: ['true']\nuserns: false\nmounts: [{source: ., target: /tmp/b}]\n")
     instance = "sbdbench-userns"
     ids = lease(instance)
     cgroups = CgroupManager(detect(), instance)

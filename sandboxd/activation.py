@@ -84,7 +84,7 @@ class Activation(SupervisorBase):
         netns = self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
         try:
             instance.channel = self.fork_server.send_launch(
-                launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(self.root_dir), rt.output_w, [conn.fileno()], netns
+                launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(self.root_dir), rt.output_w, [conn.fileno()], netns, self._source_fds(rt)
             )
         finally:
             conn.close()  # the fork server holds its own copy now

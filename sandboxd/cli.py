@@ -60,7 +60,7 @@ def _up(args: argparse.Namespace) -> int:
     from .prepare import make_plans
     from .spec import load_stack
     from .state import clean_stale, instance_name
-    from .volumes import create
+    from .volumes import create, volumes_dir
 
     stack = _with_env(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
@@ -79,11 +79,19 @@ def _up(args: argparse.Namespace) -> int:
     clean_stale()
     from .launcher import ForkServer
 
+    from .pins import pin_mounts
+
     # Before the supervisor's imports (asyncio): every sandbox is a fork of this smaller process.
     fork_server = ForkServer.start()
+    try:
+        # After the fork, so that the fork server holds none of them: the supervisor sends them along.
+        pinned = pin_mounts(stack, volumes_dir())
+    except BaseException:
+        fork_server.stop()
+        raise
     from .supervisor import Supervisor
 
-    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, ids=lease).run()
+    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, pinned=pinned, ids=lease).run()
 
 
 def _with_env(stack: Any, overrides: list[str]) -> Any:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .errors import HostError
 from .spec import NAME  # image names follow the rule of unit names: they name directories
+from .trust import untrusted
 
 BUILD_SCRIPT = "build"
 TOP_DIRECTORIES = ("proc", "sys", "dev", "tmp", "run", "etc")  # every image gets these (sandboxd mounts on them)
@@ -237,18 +238,17 @@ def size_of(path: Path) -> int:
 def find_definition(name: str, spec_folder: Path) -> Path | None:
     """`images/NAME/` beside the spec folder or beside any folder above it; the nearest wins.
     Its build script runs as root, so it must be root's (or the caller's) and writable by no one
-    else, as must the folders that hold it: an `images/` in /tmp made by someone else is refused."""
+    else, as must the folders that hold it (`images/NAME`, `images/`, and those above them, as
+    trust.py says): an `images/` in /tmp made by someone else is refused."""
     for folder in [spec_folder, *spec_folder.parents]:
         candidate = folder / "images" / name
         if (candidate / BUILD_SCRIPT).is_file():
-            for path in (candidate / BUILD_SCRIPT, candidate, candidate.parent):
-                info = path.stat()
-                if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
-                    raise HostError(
-                        f"refusing to run {candidate / BUILD_SCRIPT} as root: {path} is "
-                        + (f"owned by uid {info.st_uid}" if info.st_uid not in (0, os.geteuid()) else "writable by group or others"),
-                        f"make it root's and writable by root alone (chown root {path}; chmod go-w {path})",
-                    )
+            found = untrusted(candidate / BUILD_SCRIPT, strict=3)
+            if found is not None:
+                raise HostError(
+                    f"refusing to run {candidate / BUILD_SCRIPT} as root: {found.path} is {found.why}",
+                    f"make it root's and writable by root alone ({found.fix})",
+                )
             return candidate
     return None
 

@@ -13,24 +13,28 @@ outlives sandboxd.
     supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)      sandbox init (pid 1 of its own ns)
     ────────────────────              ───────────────────────────────────────      ──────────────────────────────────
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
-    launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds...]
-                                      detached trees of binds and the image
-                                      (open_tree; flags; idmap: stored ids)
+    launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds..., held bind sources...]
+                                      open_tree: a detached copy of each source (detached_bind)
+                                      and of the image; idmap those stored through the stack's ids
                                       clone3(NEWPID[, NEWUSER]) into the ──clone──▶ [userns: wait on a pipe]
                                       cgroup [userns: in the service's
                                       netns, with its sysfs made there]
-                                      [userns: uid/gid maps, idmap trees ──pipe───▶ become root inside]
-                                       of host ids, v1 cgroup.procs]                join cgroups; unshare(mnt,uts,ipc,net)
-                                                                                    setsid; mounts (attach the trees);
-                                                                                    pivot_root; hostname
+                                      [userns: uid/gid maps, idmap copies ─pipe──▶ become root inside]
+                                       of host ids, v1 cgroup.procs]                join cgroup; unshare(mnt,uts,ipc,net)
+                                                                                    setsid; mounts; pivot_root; move_mount
+                                                                                    the copies; hostname
                                                                                     lo up; fds 0,1,2 and 3..; chdir
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── {"exec": t_ns} (creds carry its host pid)
-            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execve(dumb-init -- command...)
+            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execveat(sealed copy of dumb-init, -- command...)
                                                                                   or {"error": step, "detail": ...}; _exit(127)
             ◀──{"exit": id, "status": wstatus}── waitpid()
 
 The child never touches asyncio or the supervisor's logging; it reports one structured message
 and exits with a distinct code on failure.
+
+The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
+server copies it once into a sealed, execute-only memfd (`sealed_copy`), and every sandbox
+executes that descriptor, as runc does with its own binary since CVE-2019-5736.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def _device_node_trees() -> dict[str, int]:
     return nodes
 
 
-def _mount_dev(dev: str, node_trees: dict[str, int] | None) -> None:
+def _mount_dev(dev: str, detach_covered: Callable[[str], None], node_trees: dict[str, int] | None) -> None:
     """A tmpfs with the few device nodes a service needs, its own devpts and /dev/shm. The nodes
     are made with mknod (a tenth of the cost of a bind), or attached from `node_trees`."""
     nodes: dict[str, int] = {}
@@ -109,6 +113,7 @@ def _mount_dev(dev: str, node_trees: dict[str, int] | None) -> None:
                 nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
+    detach_covered(dev)
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for node, fd in nodes.items():
         try:
@@ -136,8 +141,10 @@ _FRESH_IN_SANDBOX = {"proc", "dev", "tmp", "run"}
 OLD_ROOT = "/run/.sbd-oldroot"  # on the sandbox's own /run tmpfs, removed before exec
 
 
-def _host_root_on_tmpfs(root: str) -> None:
-    """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it."""
+def _host_root_on_tmpfs(root: str, fresh: set[str]) -> None:
+    """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it,
+    except those in `fresh` (sandboxd mounts its own there: the host's would only be covered, and
+    still listed in /proc/self/mountinfo)."""
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=64k")
     for entry in os.scandir("/"):
         path = f"{root}/{entry.name}"
@@ -145,7 +152,7 @@ def _host_root_on_tmpfs(root: str) -> None:
             os.symlink(os.readlink(entry.path), path)
         elif entry.is_dir():
             os.mkdir(path)
-            if entry.name not in _FRESH_IN_SANDBOX:
+            if entry.name not in fresh:
                 linux.mount(entry.path, path, None, linux.MS_BIND | linux.MS_REC)
         else:
             _ensure_mountpoint(path, is_dir=False)
@@ -156,17 +163,19 @@ def _image_root(root: str, tree: int, source: str) -> None:
     """The image's tree (`tree`: a detached copy of `source` from the fork server, idmapped in a
     user namespace) as the lower layer of an overlay on `root`, the upper layer on a tmpfs of this
     mount namespace (systemd-nspawn's --volatile=overlay): writes are charged to the sandbox's
-    memory cgroup and vanish with the namespace, with nothing to clean up. The copy is attached at
-    a path ending with `source`, so the overlay's options (in mountinfo) still name the tree that
-    a sandbox uses (images.trees_in_use)."""
+    memory cgroup and vanish with the namespace, with nothing to clean up."""
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
-    lower = f"{root}/lower{source}"
     os.mkdir(f"{root}/upper", 0o755)
     os.mkdir(f"{root}/work", 0o700)
-    os.makedirs(lower, 0o755)
-    linux.move_mount(tree, lower)
+    # The overlay's options show in /proc/self/mountinfo as they are written: the layers are named
+    # relative to the tmpfs, not by sandboxd's runtime paths. The copy of the tree is attached at a
+    # path ending with the tree's own in the image store: that is how images.trees_in_use tells
+    # which trees are mounted.
+    os.makedirs(f"{root}/lower{source}", 0o755)
+    linux.move_mount(tree, f"{root}/lower{source}")
     os.close(tree)
-    options = f"lowerdir={lower},upperdir={root}/upper,workdir={root}/work"
+    os.chdir(root)
+    options = f"lowerdir=lower{source},upperdir=upper,workdir=work"
     linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
     # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
     for top in _FRESH_IN_SANDBOX | {"sys"}:
@@ -183,18 +192,66 @@ def _seal(root: str, pending: bool) -> None:
         linux.mount_setattr(root, READONLY)
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: dict[int, int], in_userns: bool, sysfs_tree: int = -1) -> None:
-    """Make the sandbox's file system.
+def detached_bind(held_fd: int, source: str) -> int:
+    """In the fork server, for one launch: a detached copy of the mount tree that a held source
+    descriptor names (pins.py), private (no mount or unmount propagates into or out of it), for
+    the sandbox to attach with `_attach_bind`. Made here, in the host's mount namespace, because
+    open_tree may copy only mounts of the caller's own namespace, which a sandbox has left."""
+    tree = linux.clone_mount_tree(held_fd, source)
+    try:
+        linux.mount_setattr(tree, 0, propagation=linux.MS_PRIVATE, name=source)
+    except OSError:
+        os.close(tree)
+        raise
+    return tree
+
+
+def _attach_bind(tree: int, target: str, readonly: bool) -> None:
+    """In the sandbox: attach a detached copy from `detached_bind` on `target`. The copy has the
+    flags of the host's mount it came from: it is made read-only, or writable, and nosuid and
+    nodev either way."""
+    _ensure_mountpoint(target, is_dir=stat.S_ISDIR(os.fstat(tree).st_mode))
+    linux.move_mount(tree, target)
+    if readonly:
+        linux.mount_setattr(target, READONLY)
+    else:
+        linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
+
+
+def _detach_covered(target: str, locked: bool) -> None:
+    """Detach the host's mount at `target` (and everything below it) just before sandboxd mounts
+    its own there, so that /proc/self/mountinfo lists only the sandbox's mount, not the host's
+    /proc, /sys (with every cgroup hierarchy), /dev (shm, pts, mqueue), /tmp and /run subtrees.
+
+    Only ever in the sandbox's own mount namespace, after `/` was made private recursively: the
+    host's mounts are untouched. Bind sources are detached copies already (`detached_bind`), so
+    nothing below these mounts is still needed. In a user namespace the kernel locks the mounts it
+    copied from the host to the ones around them (MNT_LOCKED): umount2 refuses them (EINVAL, or
+    EPERM), and they stay listed.
+    """
+    if os.stat(target).st_dev == os.stat(os.path.dirname(target)).st_dev:
+        return  # no mount of its own here (or a bind of the parent's file system, left as it is)
+    try:
+        linux.umount2(target, linux.MNT_DETACH)
+    except OSError as e:
+        if not (locked and e.errno in (errno.EINVAL, errno.EPERM)):
+            raise
+
+
+def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False, image_tree: int = -1, sysfs_tree: int = -1) -> None:
+    """Make the sandbox's file system. `trees` are the detached copies of the bind sources
+    (`detached_bind`), one per bind in the order of `mounts`; `image_tree` the image's, and
+    `sysfs_tree` a sysfs the fork server made in the service's network namespace (a user
+    namespace cannot mount one for a namespace the host's user namespace owns).
 
     With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
     copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
-    /tmp and /run are mounted over it; no copy of the tree, no pivot_root, no detaching of the old
-    root (about 1 ms less per sandbox). With new top-level mount points (`tmpfs-root`) or an image,
-    a root is built at `root` and pivoted into (bubblewrap's order of steps).
-
-    Binds and an image's tree come as detached mounts made by the fork server (`trees`, by the
-    index of their op: their flags, and in a user namespace their idmapping, are set already); so
-    does the sysfs of a network namespace sandboxd made, in a user namespace (`sysfs_tree`).
+    /tmp and /run are mounted over it, each after the host's mount there is detached; no copy of
+    the tree, no pivot_root, no detaching of the old root (about 1 ms less per sandbox). Otherwise
+    (a user namespace, whose /dev must bind the host's nodes from a mount without nodev; or new
+    top-level mount points, `tmpfs-root`) a root is built at `root` and pivoted into (bubblewrap's
+    order of steps). `locked`: in a user namespace (see _detach_covered), where the host's device
+    nodes are attached from detached copies taken before the tree is made nodev (no mknod there).
     """
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -202,14 +259,23 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: dict
     if in_place:
         root = ""
     node_trees = None
-    if in_userns:
+    if locked:
         step.name = "copy the host's device nodes"
         node_trees = _device_node_trees()
     seal_image = mounts[0].kind == "image-root" and mounts[0].readonly
     binds: list[tuple[MountOp, int]] = []
     masks_to_seal: list[str] = []
+    unattached = iter(trees)
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
-    for index, op in enumerate(mounts):
+    fresh = _FRESH_IN_SANDBOX | ({"sys"} if any(op.kind == "sysfs" for op in mounts) else set())
+
+    def detach_covered(target: str) -> None:
+        # A root bound from the host's has the host's mounts where sandboxd mounts its own: they
+        # go first. (A root on a tmpfs or an image has plain directories there.)
+        if mounts[0].kind == "rbind-root":
+            _detach_covered(target, locked)
+
+    for op in mounts:
         target = root + op.target if op.target != "/" else (root or "/")
         step.name = f"mount {op.kind} on {op.target}"
         match op.kind:
@@ -219,19 +285,22 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: dict
                 linux.mount(op.source, root, None, linux.MS_BIND | linux.MS_REC)
                 linux.mount_setattr(root, READONLY)
             case "tmpfs-root":
-                _host_root_on_tmpfs(root)
+                _host_root_on_tmpfs(root, fresh)
             case "image-root":
-                _image_root(root, trees.pop(index), op.source)
+                _image_root(root, image_tree, op.source)
             case "mountpoint":
                 _ensure_mountpoint(target, is_dir=op.options == "dir")
             case "proc":
                 _seal(root, pending_seal)
                 pending_seal = False
+                detach_covered(target)
                 linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "sysfs" if op.options == SYSFS_OF_NETNS:
+                detach_covered(target)
                 linux.move_mount(sysfs_tree, target)
             case "sysfs":
                 # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
+                detach_covered(target)
                 linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
             case "mask" if op.options == MASK_WITH_MOUNTPOINTS:
                 if os.path.isdir(target):
@@ -242,29 +311,32 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: dict
                 if os.path.isdir(target):
                     linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=0755,size=0")
                 elif os.path.lexists(target):
-                    linux.mount("/dev/null", target, None, linux.MS_BIND)
+                    # The sandbox's own /dev/null (made before the masks), as runc does.
+                    linux.mount(f"{root}/dev/null", target, None, linux.MS_BIND)
             case "readonly":
                 if os.path.lexists(target):
                     linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
                     linux.mount_setattr(target, READONLY)
             case "dev":
-                _mount_dev(target, node_trees)
+                _mount_dev(target, detach_covered, node_trees)
             case "tmpfs" if op.target in ("/tmp", "/run"):
+                detach_covered(target)
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
             case "tmpfs":
                 binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root
             case "bind":
                 # Attached after pivot_root, so that the target's path (and any symlink in it)
                 # resolves inside the sandbox, never on the host.
-                binds.append((op, trees.pop(index)))
+                binds.append((op, next(unattached)))
     if not in_place:
         step.name = f"pivot_root into {root}"
-        # The old root stays reachable on the sandbox's own /run until the binds are made.
+        # The old root stays on the sandbox's own /run until the binds are made, so that a target
+        # that leads into it through a symlink is seen, and refused, below.
         os.mkdir(f"{root}{OLD_ROOT}")
         os.chdir(root)
         linux.pivot_root(".", OLD_ROOT.lstrip("/"))
     os.chdir("/")
-    for op, tree in binds:
+    for op, fd in binds:
         # A symlink on the way (/etc/resolv.conf -> /run/...) is followed inside the sandbox, where
         # it may lead onto the private /run: the mount point is made there. One that leads to the
         # host's root, still at OLD_ROOT here (an image can hold any symlink), is refused.
@@ -277,9 +349,8 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: dict
             linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
             continue
         step.name = f"bind {op.source} on {op.target}"
-        _ensure_mountpoint(target, is_dir=stat.S_ISDIR(os.fstat(tree).st_mode))
-        linux.move_mount(tree, target)
-        os.close(tree)
+        _attach_bind(fd, target, op.readonly)
+        os.close(fd)
     for path in masks_to_seal:
         step.name = f"make {path} read-only"
         linux.mount_setattr(path, READONLY, recursive=False)  # the mounts on it keep their flags
@@ -343,8 +414,10 @@ def _report(channel: socket.socket, message: dict[str, Any]) -> None:
         pass
 
 
-def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], netns_fd: int = -1) -> NoReturn:
-    """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init."""
+def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_fds: list[int], init_fd: int, netns_fd: int = -1, trees: list[int] | None = None) -> NoReturn:
+    """In the forked child (pid 1 of a fresh pid namespace): become the sandbox and exec its init
+    (`init_fd`, the fork server's sealed copy of it). `trees`: the detached copies of its bind
+    sources (`detached_bind`), in the plan's order."""
     step = _Step()
     # Out of the way of fds 3.. that the sockets will take.
     channel = socket.socket(fileno=fcntl.fcntl(status_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds)))
@@ -364,20 +437,15 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
         os.setsid()
-        # The init is opened on the host's file system: wherever sandboxd is installed (even below
-        # /tmp, which the sandbox replaces), it is executed through this descriptor. In a user
-        # namespace this is still done with the host's root's ids (unmapped there), which any
-        # folder on the way lets through by its owner bits.
-        step.name = f"open the init {plan.argv[0]}"
-        opened = os.open(plan.argv[0], os.O_PATH | os.O_CLOEXEC)
-        init_fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
-        os.close(opened)
         if plan.userns:
-            # Become root of the new user namespace (the mapped ids): what it makes from now on
-            # (mount points, the tmpfs roots) is owned by root inside.
+            # Still the host's root by id; become root of the new user namespace (the mapped ids).
             step.name = "become root of the user namespace"
             become_userns_root()
-        _build_root(request["root"], plan.mounts, step, request["trees"], plan.userns is not None, request.get("sysfs_tree", -1))
+        # The init is the fork server's sealed copy (sealed_copy), executed through its descriptor:
+        # /proc/1/exe is that memfd, never a file of the host's, wherever sandboxd is installed.
+        step.name = f"take the sealed copy of the init {plan.argv[0]}"
+        init_fd = fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
+        _build_root(request["root"], plan.mounts, step, trees or [], bool(plan.userns), request.get("image_tree", -1), request.get("sysfs_tree", -1))
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -590,24 +658,107 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
+# MFD_EXEC (Linux 6.3): executable even where vm.memfd_noexec makes memfds non-executable by default.
+MFD_EXEC = 0x0010
+_sealed_inits: dict[str, int] = {}  # the fork server's sealed copies, by path on the host
+
+
+def sealed_copy(path: str) -> int:
+    """The fork server's read-only, sealed, execute-only copy of the init at `path`, made at its
+    first launch and shared by every sandbox after it (no copy per launch).
+
+    Why: an init executed from its file on the host leaves that file in reach through /proc/1/exe;
+    uid 0 in the sandbox owns it, and with the root built on a tmpfs its mount is writable: only
+    ETXTBSY, which ends with the init, stood between a write and the host's binary (runc's
+    CVE-2019-5736). A memfd sealed against writes, growth and shrinking (and against unsealing)
+    cannot be changed by anyone, root included, and is no path of the host's.
+
+    Mode 0111: no one in a sandbox can read it either, and the kernel makes a process that execs a
+    file it cannot read non-dumpable. So, without CAP_SYS_PTRACE (which docker withholds too), no
+    process of the sandbox reaches its init's /proc/1/mem (read or write), environ, exe, fd/,
+    root or map_files, nor its memory through process_vm_readv/writev, nor its descriptors
+    through pidfd_getfd. What this does not cover: a service given CAP_DAC_OVERRIDE or
+    CAP_DAC_READ_SEARCH reads the copy, so its init stays dumpable; a host with
+    fs.suid_dumpable=1 makes every such process dumpable; the service's own processes reach one
+    another as processes of one uid always do (ptrace itself is refused by seccomp).
+    """
+    fd = _sealed_inits.get(path)
+    if fd is not None:
+        return fd
+    with open(path, "rb") as source:
+        if source.read(4) != b"\x7fELF":
+            raise OSError(errno.ENOEXEC, "not an ELF binary: sandboxd runs its init from a sealed copy, executed by descriptor", path)
+        source.seek(0)
+        try:
+            fd = os.memfd_create("sbd-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | MFD_EXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel before MFD_EXEC, where memfds are executable
+                raise OSError(e.errno, f"memfd_create: {e.strerror} (vm.memfd_noexec=2 forbids executable memfds)", path) from None
+            fd = os.memfd_create("sbd-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            while chunk := source.read(1 << 20):
+                os.write(fd, chunk)
+            os.fchmod(fd, 0o111)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+    _sealed_inits[path] = fd
+    return fd
+
+
 def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, own_netns: int, children: dict[int, int]) -> None:
+    """Fork what a request asks for. A sandbox's descriptors are [status, output, sockets...,
+    held bind sources..., netns?]; each source becomes a detached copy here, before the fork, and
+    so does the image's tree. In a user namespace those stored through the stack's ids are
+    idmapped here too (STORE_IDS), those seen with the host's ids once the sandbox's own user
+    namespace exists (HOST_IDS, in `_fork_in_user_namespace`): only root of the host's user
+    namespace may idmap a mount of the host's file systems."""
     status_fd, output_fd, *socket_fds = fds
     netns_fd = socket_fds.pop() if request.get("netns") else -1
+    first_source = len(socket_fds) - request.get("sources", 0)
+    held, socket_fds = socket_fds[first_source:], socket_fds[:first_source]
     cgroup_fd = -1
-    trees: dict[int, int] = {}
+    trees: list[int] = []
+    host_id_trees: list[tuple[int, str]] = []
+    doing = "fork"
     try:
+        init_fd = -1
+        if "plan" in request:
+            plan = request["plan"]
+            doing = f"make a sealed copy of the init {plan['argv'][0]}"
+            init_fd = sealed_copy(plan["argv"][0])
+            binds = [op for op in plan["mounts"] if op["kind"] == "bind"]
+            if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
+                raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", plan["service"])
+            store = _storage_userns(plan["userns"]) if plan["userns"] and any(op["options"] == STORE_IDS for op in binds) else -1
+            for fd, op in zip(held, binds):
+                doing = f"copy the mount of {op['source']}"
+                trees.append(detached_bind(fd, op["source"]))
+                if op["options"] == STORE_IDS and store >= 0:
+                    _idmap(trees[-1], store, op["source"])
+                elif op["options"] == HOST_IDS:
+                    host_id_trees.append((trees[-1], op["source"]))
+            if plan["mounts"][0]["kind"] == "image-root":
+                rootfs = plan["mounts"][0]["source"]
+                doing = f"copy the mount of the image {rootfs}"
+                held_root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    request["image_tree"] = image_tree = detached_bind(held_root, rootfs)
+                finally:
+                    os.close(held_root)
+                trees.append(image_tree)
+                if plan["mounts"][0]["options"] == HOST_IDS:
+                    host_id_trees.append((image_tree, rootfs))
+            doing = "fork"
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        plan = request.get("plan")
-        if plan is not None:
-            ids = plan["userns"]
-            trees = _detached_trees(plan["mounts"], ids)
-            request["trees"] = trees  # the child inherits the descriptors, and this map
-            if ids:
-                pid = _fork_in_user_namespace(request, cgroup_fd, netns_fd, own_netns, ids)
-                if pid == 0:
-                    run_sandbox(request, status_fd, output_fd, socket_fds)
-                children[pid] = request["id"]
-                return
+        userns = request["plan"].get("userns") if "plan" in request else None
+        if userns:
+            pid = _fork_in_user_namespace(request, cgroup_fd, netns_fd, own_netns, userns, host_id_trees)
+            if pid == 0:
+                run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, -1, trees)
+            children[pid] = request["id"]
+            return
         if "exec_into" in request:
             pid = linux.fork_into_cgroup(cgroup_fd)
             if pid == 0:
@@ -619,50 +770,24 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
         else:
             pid = _fork_sandbox_init(cgroup_fd, own_pidns)
         if pid == 0:
-            run_sandbox(request, status_fd, output_fd, socket_fds, netns_fd)
+            run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
         children[pid] = request["id"]
     except OSError as e:
-        conn.send(json.dumps({"failed": request["id"], "detail": f"fork: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
+        conn.send(json.dumps({"failed": request["id"], "detail": f"{doing}: {e.strerror} ({e.filename or request['cgroup']})"}).encode())
     finally:
-        for fd in [*fds, cgroup_fd, *trees.values()]:
+        for fd in [*fds, *trees, cgroup_fd]:
             if fd >= 0:
                 os.close(fd)
 
 
-def _detached_trees(mounts: list[dict[str, Any]], ids: dict[str, int] | None) -> dict[int, int]:
-    """Detached copies (open_tree) of the sources of a plan's binds and of its image's tree, by
-    the index of their op, with their mount flags set: read-only, or nosuid and nodev. Those the
-    plan stores with STORE_IDS are idmapped through the stack's storage user namespace now; those
-    with HOST_IDS once the sandbox's own user namespace exists (`_fork_in_user_namespace`). Made
-    here, by root of the host's user namespace: only it may idmap a mount of the host's file
-    systems, and the child inherits the descriptors at its fork."""
-    trees: dict[int, int] = {}
-    store_userns = _storage_userns(ids) if ids and any(op["options"] == STORE_IDS for op in mounts) else -1
+def _idmap(tree: int, userns: int, source: str) -> None:
+    """Idmap a detached copy through `userns`; say plainly when its file system cannot be."""
     try:
-        for index, op in enumerate(mounts):
-            if op["kind"] not in ("bind", "image-root"):
-                continue
-            source = os.open(op["source"], os.O_PATH | os.O_CLOEXEC)
-            try:
-                trees[index] = tree = linux.clone_mount_tree(source, op["source"])
-            finally:
-                os.close(source)
-            # Writable keeps what the host's mount says: a source on a read-only mount stays so.
-            flags = READONLY if op["readonly"] or op["kind"] == "image-root" else linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
-            if op["options"] != STORE_IDS or store_userns < 0:
-                linux.mount_setattr(tree, flags, name=op["source"])
-                continue
-            try:
-                linux.mount_setattr(tree, flags | linux.MOUNT_ATTR_IDMAP, userns_fd=store_userns, name=op["source"])
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                raise OSError(e.errno, "its file system cannot be idmapped (a user namespace needs that for volumes and binds; userns: false does not)", op["source"]) from None
-    except BaseException:
-        for tree in trees.values():
-            os.close(tree)
-        raise
-    return trees
+        linux.mount_setattr(tree, linux.MOUNT_ATTR_IDMAP, userns_fd=userns, name=source)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise OSError(e.errno, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source) from None
 
 
 def _host_pid(pid: int, pidfd: int = -1) -> int:
@@ -722,7 +847,9 @@ def _storage_userns(ids: dict[str, int]) -> int:
     return _store_userns[key]
 
 
-def _fork_in_user_namespace(request: dict[str, Any], cgroup_fd: int, netns_fd: int, own_netns: int, ids: dict[str, int]) -> int:
+def _fork_in_user_namespace(
+    request: dict[str, Any], cgroup_fd: int, netns_fd: int, own_netns: int, ids: dict[str, int], host_id_trees: list[tuple[int, str]]
+) -> int:
     """Fork the sandbox's init into a new user and pid namespace, born in its cgroup, and in the
     service's network namespace if sandboxd made one (`netns_fd`).
 
@@ -759,12 +886,11 @@ def _fork_in_user_namespace(request: dict[str, Any], cgroup_fd: int, netns_fd: i
         for kind, first in (("uid_map", ids["uid"]), ("gid_map", ids["gid"])):
             with open(f"/proc/{host_pid}/{kind}", "w") as f:
                 f.write(f"0 {first} {ids['count']}\n")
-        host_ids = [index for index, op in enumerate(request["plan"]["mounts"]) if op["options"] == HOST_IDS]
-        if host_ids:
+        if host_id_trees:
             userns = os.open(f"/proc/{host_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                for index in host_ids:
-                    linux.mount_setattr(request["trees"][index], linux.MOUNT_ATTR_IDMAP, userns_fd=userns, name=request["plan"]["mounts"][index]["source"])
+                for tree, source in host_id_trees:
+                    _idmap(tree, userns, source)
             finally:
                 os.close(userns)
         for procs in request["cgroup_procs"]:
@@ -880,12 +1006,15 @@ class ForkServer:
         output_fd: int,
         socket_fds: list[int],
         netns_fd: int = -1,
+        source_fds: list[int] | None = None,
     ) -> socket.socket:
         """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_procs`.
 
         With `netns_fd`, the sandbox joins that network namespace instead of creating one.
-        Returns the supervisor's end of its status channel.
+        `source_fds` are the held descriptors of its bind sources (pins.py), one per bind in the
+        order of the plan's mounts. Returns the supervisor's end of its status channel.
         """
+        sources = list(source_fds or [])
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         request = {
@@ -895,8 +1024,9 @@ class ForkServer:
             "cgroup_procs": list(cgroup_procs),
             "root": root,
             "netns": netns_fd >= 0,
+            "sources": len(sources),
         }
-        fds = [theirs.fileno(), output_fd, *socket_fds] + ([netns_fd] if netns_fd >= 0 else [])
+        fds = [theirs.fileno(), output_fd, *socket_fds, *sources] + ([netns_fd] if netns_fd >= 0 else [])
         try:
             socket.send_fds(self.conn, [json.dumps(request).encode()], fds)
         finally:

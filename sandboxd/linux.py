@@ -4,8 +4,8 @@ Nothing else in sandboxd imports ctypes. Every wrapper raises `OSError(errno, st
 naming the path or the call, so a failure in a sandbox's set-up says exactly what failed.
 
 Python 3.12 has `os.unshare` and `os.setns`; we support 3.11, so both go through libc here.
-`pivot_root`, `mount_setattr`, `open_tree`, `move_mount` and the fsopen family have no glibc
-wrapper on every distribution we support and go through `syscall(2)` with the architecture's number.
+`pivot_root`, `mount_setattr`, `open_tree`, `move_mount`, the fsopen family and `openat2` have no
+glibc wrapper on every distribution we support and go through `syscall(2)` with the architecture's number.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ MS_SLAVE = 1 << 19
 
 MNT_DETACH = 0x2
 
-AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
@@ -155,13 +154,18 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(nr, _b(new_root), _b(put_old)), "pivot_root", new_root)
 
 
-def mount_setattr(path: str | int, attr_set: int, attr_clr: int = 0, recursive: bool = True, userns_fd: int = -1, name: str = "") -> None:
+AT_FDCWD = -100
+
+
+def mount_setattr(
+    path: str | int, attr_set: int, attr_clr: int = 0, recursive: bool = True, propagation: int = 0, name: str = "", userns_fd: int = -1
+) -> None:
     """Change mount attributes of `path` (and, with `recursive`, every mount below it) in one call.
-    `path` may be a descriptor of a mount (a detached one from `clone_mount_tree`). With
-    `userns_fd` (and MOUNT_ATTR_IDMAP in `attr_set`) the mount becomes idmapped: a file owned by
-    id N on disk is seen as owned by what N maps to in that user namespace. `name` is what an
-    error names (else `path`)."""
-    attr = _MountAttr(attr_set, attr_clr, 0, max(userns_fd, 0))
+    `path` may be a descriptor of a mount (a detached one from `clone_mount_tree`); `propagation`
+    is MS_PRIVATE, MS_SLAVE ... or 0 to leave it; `name` is what an error names (else `path`).
+    With `userns_fd` (and MOUNT_ATTR_IDMAP in `attr_set`) the mount becomes idmapped: a file owned
+    by id N on disk is seen as owned by what N maps to in that user namespace."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, max(userns_fd, 0))
     nr = _syscall_number("mount_setattr")
     flags = AT_RECURSIVE if recursive else 0
     dirfd, where = (path, "") if isinstance(path, int) else (AT_FDCWD, path)
@@ -381,6 +385,8 @@ def notif_answer(listener: int, notification_id: int, value: int = 0, error: int
 
 
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 
@@ -388,13 +394,25 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+def _openat2(dir_fd: int, path: str, flags: int, resolve: int, name: str) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    fd = _libc.syscall(_syscall_number("openat2"), ctypes.c_int(dir_fd), _b(path), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    _check(fd, "openat2", name)
+    return int(fd)
+
+
 def open_in_root(root_fd: int, path: str, flags: int) -> int:
     """Open `path` as if `root_fd` were `/`: absolute symlinks and `..` stay inside (openat2 with
     RESOLVE_IN_ROOT), and no /proc magic link is followed. For paths inside a sandbox's tree."""
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(_syscall_number("openat2"), ctypes.c_int(root_fd), _b(path.lstrip("/") or "."), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-    _check(fd, "openat2", path)
-    return int(fd)
+    return _openat2(root_fd, path.lstrip("/") or ".", flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS, path)
+
+
+def open_beneath(dir_fd: int, path: str, flags: int, symlinks: bool = True, name: str = "") -> int:
+    """Open the relative `path` below `dir_fd`, refusing (EXDEV) any step that leaves it: a `..`
+    above it, an absolute symlink, a relative one that leads out (openat2 with RESOLVE_BENEATH);
+    no /proc magic link is followed, and without `symlinks` no symlink at all (ELOOP)."""
+    resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | (0 if symlinks else RESOLVE_NO_SYMLINKS)
+    return _openat2(dir_fd, path, flags, resolve, name or path)
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:

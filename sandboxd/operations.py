@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import SpecErrors
+from .pins import SourceFds, close_all
 from .plan import LaunchPlan
 from .runtime import ALIVE, ServiceRuntime, State, SupervisorBase, command_env
 from .sockets import bind_sockets, close_socket
@@ -107,9 +108,10 @@ class Operations(SupervisorBase):
     async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]:
         """Load, validate and plan the folder again (as `up` does), then apply the difference."""
         from .cli import _enforceable_limits, _with_env
+        from .pins import pin_mounts
         from .prepare import make_plans
         from .spec import load_stack
-        from .volumes import create
+        from .volumes import create, volumes_dir
 
         try:
             stack = _with_env(load_stack(Path(folder)), env)
@@ -117,20 +119,27 @@ class Operations(SupervisorBase):
             userns = self._stack_userns(stack)
             plans = await asyncio.to_thread(make_plans, stack, str(self.runtime_dir), False, userns, True)
             limits = _enforceable_limits(stack, self.cgroups.host)
+            create(stack, plans)
+            pinned = pin_mounts(stack, volumes_dir())
         except SpecErrors as e:
             raise ValueError("the new spec has problems:\n  " + "\n  ".join(str(err) for err in e.errors)) from None
-        create(stack, plans)
         if stack.name != self.stack.name and Path(folder).resolve() != self.stack.folder:
             self.console.note(f"reload from another folder: {folder}")
-        return await self.apply(stack, plans, limits)
+        return await self.apply(stack, plans, limits, pinned)
 
-    async def apply(self, stack: Stack, plans: dict[str, LaunchPlan], limits: dict[str, Limits]) -> dict[str, list[str]]:
+    async def apply(self, stack: Stack, plans: dict[str, LaunchPlan], limits: dict[str, Limits], pinned: dict[str, SourceFds] | None = None) -> dict[str, list[str]]:
         """Bring the running stack to a new spec: unchanged services keep running, changed ones
-        restart, removed ones stop, new ones start; unchanged sockets keep their descriptors."""
+        restart, removed ones stop, new ones start; unchanged sockets keep their descriptors.
+        `pinned` holds the new spec's bind sources (pins.py): changed and new services take
+        theirs; unchanged ones keep what they held, whatever is at those paths now."""
         from .reload import diff, refusal
 
+        pinned = pinned if pinned is not None else {}
         change = diff(self.stack, stack)
         why = refusal(self.stack, stack, change)
+        taken = set() if why else set(change.changed + change.added)
+        for name in [n for n in pinned if n not in taken]:
+            close_all(pinned.pop(name))
         if why:
             raise ValueError(f"cannot apply this change to the running stack: {why}; use sandboxd down and up")
         assert self.record is not None
@@ -146,8 +155,13 @@ class Operations(SupervisorBase):
             close_socket(self.sockets.pop(key))
         self.stack, self.limits = stack, limits
         self.plans = plans
+        self.pinned.update(pinned)
         fresh = bind_sockets(tuple(s for s in stack.sockets if s.name in replaced), self.record, self._inside)
         self.sockets.update(fresh)
+        # Socket files made anew: services that keep running mount the new file at their next start.
+        remade = {a.path for s in stack.sockets if s.name in replaced for a in s.listen if a.path and not a.is_abstract}
+        for rt in self.services.values():
+            self._pin_own(rt, remade & rt.sources.keys())
         loop = asyncio.get_running_loop()
         for name in change.changed + change.added:
             rt = self._add_runtime(stack.service(name))

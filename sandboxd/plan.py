@@ -261,9 +261,20 @@ def is_under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-# As runc does: files of /proc and /sys that say too much about the host, or change it, are hidden
-# (/dev/null over files, an empty read-only tmpfs over directories) or made read-only.
-MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats", "/proc/acpi", "/proc/scsi", "/sys/firmware")
+# As runc, docker and podman do: files of /proc and /sys that say too much about the host, or
+# change it, are hidden (the sandbox's /dev/null over files, an empty read-only tmpfs over
+# directories) or made read-only. MASKED is the union of runc's, docker's and podman's lists
+# (containers-common's adds /proc/interrupts, /sys/dev/block and /sys/fs/selinux; docker's
+# /sys/devices/virtual/powercap; runc's /sys/devices/virtual/tpm), and the files that describe
+# the host's kernel and memory layout to an attacker: vmcoreinfo (symbol addresses for a crash
+# dump), boot_params (the boot loader's data, the memory map) and config.gz (the kernel's build
+# options). Paths that do not exist on the host are skipped.
+MASKED = (
+    "/proc/acpi", "/proc/asound", "/proc/config.gz", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+    "/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list", "/proc/timer_stats",
+    "/sys/dev/block", "/sys/devices/virtual/powercap", "/sys/devices/virtual/tpm", "/sys/firmware",
+    "/sys/fs/selinux", "/sys/kernel/boot_params", "/sys/kernel/vmcoreinfo",
+)  # fmt: skip
 READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
 
 
@@ -528,7 +539,8 @@ def plan_service(
         # namespace owns it): the fork server makes that one, inside it, for the sandbox to attach.
         sysfs = MountOp("sysfs", "/sys", options=SYSFS_OF_NETNS if service.userns and net == "join" else "")
         mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, sysfs)
-    at = mounts.index(MountOp("dev", "/dev"))
+    # After /dev: files are masked with the sandbox's own /dev/null.
+    at = mounts.index(MountOp("dev", "/dev")) + 1
     hidden = _hidden_mounts(facts.hidden, [m.target for m in user_mounts]) if image is None else []
     mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC] + hidden
     if uses_notify(service):

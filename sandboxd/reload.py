@@ -14,13 +14,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import Socket, Stack
+from .spec import Mount, Service, Socket, Stack
 
 
 def _content(unit: Any) -> Any:
-    """A unit as comparable data, without its file and line numbers."""
+    """A unit as comparable data, without its file and line numbers. A mount counts by its source
+    as written, not by the path it names now: what someone did on disk since the stack started
+    neither restarts a service nor changes what it mounts (pins.py)."""
     if dataclasses.is_dataclass(unit) and not isinstance(unit, type):
-        return tuple((f.name, _content(getattr(unit, f.name))) for f in dataclasses.fields(unit) if f.name not in ("file", "line"))
+        skip = ("file", "line", "source") if isinstance(unit, Mount) else ("file", "line")
+        return tuple((f.name, _content(getattr(unit, f.name))) for f in dataclasses.fields(unit) if f.name not in skip)
     if isinstance(unit, tuple):
         return tuple(_content(item) for item in unit)
     return unit
@@ -56,9 +59,14 @@ def diff(old: Stack, new: Stack) -> StackDiff:
             result.removed.append(name)
         elif name not in old_services:
             result.added.append(name)
-        elif _content(old_services[name]) != _content(new_services[name]) or name in touched:
+        elif _content(old_services[name]) != _content(new_services[name]) or name in touched or _moved(old, new, new_services[name]):
             result.changed.append(name)
     return result
+
+
+def _moved(old: Stack, new: Stack, service: Service) -> bool:
+    """Whether the service's relative mount sources now name places in another spec folder."""
+    return old.folder != new.folder and any(m.given and not m.given.startswith("/") for m in service.mounts)
 
 
 def refusal(old: Stack, new: Stack, change: StackDiff) -> str:

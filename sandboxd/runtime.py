@@ -82,6 +82,7 @@ class ServiceRuntime:
     health_failures: int = 0
     health_running: bool = False
     bind_listener: int = -1  # seccomp listener of the sandbox's bind() calls (proxy handoff)
+    sources: dict[str, int] = field(default_factory=dict)  # held bind sources by the plan's source path (pins.py)
     handed_off: set[str] = field(default_factory=set)  # proxy sockets the program was given itself
 
     @property
@@ -143,6 +144,7 @@ class SupervisorBase:
     namespaces: Namespaces | None
     cgroups: CgroupManager
     limits: dict[str, Limits]
+    pinned: dict[str, dict[str, int]]  # bind sources opened at validation, until their service's runtime takes them
 
     def _launch(self, rt: ServiceRuntime) -> None:
         raise NotImplementedError
@@ -184,6 +186,12 @@ class SupervisorBase:
         raise NotImplementedError
 
     def _drop_runtime(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _pin_own(self, rt: ServiceRuntime, paths: set[str] | None = None) -> None:
+        raise NotImplementedError
+
+    def _source_fds(self, rt: ServiceRuntime) -> list[int]:
         raise NotImplementedError
 
     def _inside(self, service: str | None) -> AbstractContextManager[None]:

@@ -3,16 +3,32 @@
 Why our own: the maintained libseccomp bindings for Python are the ones in libseccomp's source
 tree (Debian's python3-seccomp), which need the system interpreter or a build against
 libseccomp-dev; the PyPI alternatives are unmaintained ctypes wrappers. A deny list needs no more
-than a chain of comparisons, so this module builds it directly (under 100 lines) and the escape
-suite checks it against the real kernel.
+than a chain of comparisons, so this module builds it directly and the escape suite checks it
+against the real kernel (the unit tests run it through a small BPF interpreter).
 
 The filter, in the spirit of docker's and podman's default profile:
   - a foreign architecture (or the x32 ABI on x86_64) is refused outright;
   - the calls in DENIED get EPERM: mounting, namespaces, modules, kexec, reboot, swap, the clock,
-    bpf, perf, keyrings, ptrace, handle-based opens, and so on;
+    bpf, perf, keyrings, ptrace and the other ways into another process's memory or descriptors
+    (process_vm_readv/writev, pidfd_getfd, kcmp), handle-based opens, and io_uring, whose ring
+    operations no seccomp filter sees (IORING_OP_BIND would get past the handoff's bind()
+    interception), and so on;
   - clone3 gets ENOSYS (so libc falls back to clone, whose flags a filter can see), and clone
     with any CLONE_NEW* flag gets EPERM;
+  - socket() and socketpair() with AF_VSOCK get EPERM: its port space is the VM's, not the
+    network namespace's (socketpair cannot make vsock sockets anyway; refusing it keeps the
+    family's code out of reach altogether);
+  - personality() gets EPERM except for the values docker's profile allows: PER_LINUX (0),
+    PER_LINUX32 (8), UNAME26 (0x20000), both (0x20008) and the query (0xffffffff); the flags
+    that turn off address space randomisation or make data executable are refused;
   - everything else is allowed.
+
+Arguments are compared on their low 32 bits (x86_64 is little-endian: args[0] starts at offset
+16 of `struct seccomp_data`): the kernel itself reads socket's family, personality's persona and
+the CLONE_NEW* flags as 32-bit values, so the high half cannot change what the call does.
+
+`allow` names calls a service may make after all (`seccomp: [ptrace, personality]`): each name
+removes its rule, argument checks included (`socket` lets AF_VSOCK through).
 """
 
 from __future__ import annotations
@@ -28,6 +44,14 @@ SECCOMP_RET_KILL_PROCESS = 0x80000000
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
 CLONE_NEW_FLAGS = 0x7E020080  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWTIME
+AF_VSOCK = 40
+# docker's default profile: PER_LINUX, PER_LINUX32, UNAME26, UNAME26 | PER_LINUX32, and the query.
+PERSONALITIES_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
+
+# Offsets in struct seccomp_data
+NR_OFFSET = 0
+ARCH_OFFSET = 4
+ARG0_LOW_OFFSET = 16
 
 # BPF opcodes
 _LD_W_ABS = 0x20
@@ -35,6 +59,7 @@ _JEQ_K = 0x15
 _JGE_K = 0x35
 _JSET_K = 0x45
 _RET_K = 0x06
+_JUMPS = (_JEQ_K, _JGE_K, _JSET_K)
 
 # x86_64 numbers of the calls the default filter refuses.
 DENIED_X86_64 = {
@@ -45,11 +70,18 @@ DENIED_X86_64 = {
     "settimeofday": 164, "adjtimex": 159, "clock_adjtime": 305, "acct": 163, "iopl": 172, "ioperm": 173,
     "lookup_dcookie": 212, "quotactl": 179, "syslog": 103, "userfaultfd": 323, "vhangup": 153,
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "mount_setattr": 442, "process_vm_writev": 311, "kcmp": 312,
+    "mount_setattr": 442, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "pidfd_getfd": 438,
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
 }  # fmt: skip
 CLONE = 56
 CLONE3 = 435
 BIND = 49
+SOCKET = 41
+SOCKETPAIR = 53
+PERSONALITY = 135
+
+# Calls the filter looks at the arguments of: (name, number), in the order they are checked.
+_ARGUMENT_RULES = (("socket", SOCKET), ("socketpair", SOCKETPAIR), ("personality", PERSONALITY), ("clone", CLONE))
 
 
 class SeccompUnsupported(Exception):
@@ -60,57 +92,97 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k)
 
 
-def build_filter(allow: frozenset[str] = frozenset()) -> bytes:
-    """The default filter as packed `struct sock_filter` instructions, minus the calls in `allow`."""
-    if platform.machine() != "x86_64":
-        raise SeccompUnsupported(f"sandboxd has no seccomp syscall table for {platform.machine()} yet")
-    denied = sorted(nr for name, nr in DENIED_X86_64.items() if name not in allow)
-    eperm = SECCOMP_RET_ERRNO | errno.EPERM
-    body: list[tuple[int, int, str, str]] = []  # (code, k, true target, false target) with symbolic targets
-    body.append((_LD_W_ABS, 4, "", ""))  # seccomp_data.arch
-    body.append((_JEQ_K, AUDIT_ARCH_X86_64, "next", "kill"))
-    body.append((_LD_W_ABS, 0, "", ""))  # seccomp_data.nr
-    body.append((_JGE_K, X32_SYSCALL_BIT, "kill", "next"))
-    for nr in denied:
-        body.append((_JEQ_K, nr, "eperm", "next"))
-    if "clone3" not in allow:
-        body.append((_JEQ_K, CLONE3, "enosys", "next"))
-    if "clone" not in allow:
-        body.append((_JEQ_K, CLONE, "next", "allow"))
-        body.append((_LD_W_ABS, 16, "", ""))  # the low half of clone's flags (args[0])
-        body.append((_JSET_K, CLONE_NEW_FLAGS, "eperm", "allow"))
-    labels = {"allow": len(body), "eperm": len(body) + 1, "enosys": len(body) + 2, "kill": len(body) + 3}
-    program = b""
-    for index, (code, k, true, false) in enumerate(body):
-        if code in (_JEQ_K, _JGE_K, _JSET_K):
-            jt = 0 if true == "next" else labels[true] - index - 1
-            jf = 0 if false == "next" else labels[false] - index - 1
-            program += _insn(code, k, jt, jf)
+# A program as written below: instructions (code, k, label if true, label if false) and label
+# definitions (a bare string). "next" is the instruction that follows.
+_Line = tuple[int, int, str, str] | str
+
+
+def _assemble(lines: list[_Line]) -> bytes:
+    """Resolve the labels into the forward jump offsets classic BPF has (0-255 instructions)."""
+    labels: dict[str, int] = {}
+    index = 0
+    for line in lines:
+        if isinstance(line, str):
+            labels[line] = index
         else:
-            program += _insn(code, k)
-    program += _insn(_RET_K, SECCOMP_RET_ALLOW)
-    program += _insn(_RET_K, eperm)
-    program += _insn(_RET_K, SECCOMP_RET_ERRNO | errno.ENOSYS)
-    program += _insn(_RET_K, SECCOMP_RET_KILL_PROCESS)
+            index += 1
+    program = b""
+    index = 0
+    for line in lines:
+        if isinstance(line, str):
+            continue
+        code, k, true, false = line
+        offsets = []
+        for target in (true, false):
+            offset = 0 if target in ("next", "") else labels[target] - index - 1
+            if not 0 <= offset <= 255:
+                raise ValueError(f"seccomp filter: jump to {target} out of range ({offset})")
+            offsets.append(offset)
+        program += _insn(code, k, *offsets) if code in _JUMPS else _insn(code, k)
+        index += 1
     return program
 
 
+def _check_arch() -> None:
+    if platform.machine() != "x86_64":
+        raise SeccompUnsupported(f"sandboxd has no seccomp syscall table for {platform.machine()} yet")
+
+
+def build_filter(allow: frozenset[str] = frozenset()) -> bytes:
+    """The default filter as packed `struct sock_filter` instructions, minus the calls in `allow`."""
+    _check_arch()
+    lines: list[_Line] = [
+        (_LD_W_ABS, ARCH_OFFSET, "", ""),
+        (_JEQ_K, AUDIT_ARCH_X86_64, "next", "kill"),
+        (_LD_W_ABS, NR_OFFSET, "", ""),
+        (_JGE_K, X32_SYSCALL_BIT, "kill", "next"),
+    ]
+    lines += [(_JEQ_K, nr, "eperm", "next") for nr in sorted(nr for name, nr in DENIED_X86_64.items() if name not in allow)]
+    if "clone3" not in allow:
+        lines.append((_JEQ_K, CLONE3, "enosys", "next"))
+    checked = [(name, nr) for name, nr in _ARGUMENT_RULES if name not in allow]
+    lines += [(_JEQ_K, nr, name, "next") for name, nr in checked]
+    lines.append((_RET_K, SECCOMP_RET_ALLOW, "", ""))
+    for name, _nr in checked:
+        lines.append(name)
+        lines.append((_LD_W_ABS, ARG0_LOW_OFFSET, "", ""))
+        if name in ("socket", "socketpair"):
+            lines.append((_JEQ_K, AF_VSOCK, "eperm", "allow"))
+        elif name == "personality":
+            lines += [(_JEQ_K, persona, "allow", "next") for persona in PERSONALITIES_ALLOWED]
+            lines.append((_RET_K, SECCOMP_RET_ERRNO | errno.EPERM, "", ""))
+        else:  # clone
+            lines.append((_JSET_K, CLONE_NEW_FLAGS, "eperm", "allow"))
+    lines += [
+        "allow",
+        (_RET_K, SECCOMP_RET_ALLOW, "", ""),
+        "eperm",
+        (_RET_K, SECCOMP_RET_ERRNO | errno.EPERM, "", ""),
+        "enosys",
+        (_RET_K, SECCOMP_RET_ERRNO | errno.ENOSYS, "", ""),
+        "kill",
+        (_RET_K, SECCOMP_RET_KILL_PROCESS, "", ""),
+    ]
+    return _assemble(lines)
+
+
 def known_calls() -> set[str]:
-    return set(DENIED_X86_64) | {"clone", "clone3"}
+    """The names `seccomp: [...]` accepts: every call the default filter refuses or checks."""
+    return set(DENIED_X86_64) | {"clone3"} | {name for name, _ in _ARGUMENT_RULES}
 
 
 def bind_notify_filter() -> bytes:
     """A filter that hands every bind() of the sandbox to sandboxd (the handoff of proxy.py) and
     allows everything else; the default filter, if any, is installed beside it."""
-    if platform.machine() != "x86_64":
-        raise SeccompUnsupported(f"sandboxd has no seccomp syscall table for {platform.machine()} yet")
-    return b"".join(
+    _check_arch()
+    return _assemble(
         [
-            _insn(_LD_W_ABS, 4),  # seccomp_data.arch
-            _insn(_JEQ_K, AUDIT_ARCH_X86_64, 0, 3),
-            _insn(_LD_W_ABS, 0),  # seccomp_data.nr
-            _insn(_JEQ_K, BIND, 0, 1),
-            _insn(_RET_K, SECCOMP_RET_USER_NOTIF),
-            _insn(_RET_K, SECCOMP_RET_ALLOW),
+            (_LD_W_ABS, ARCH_OFFSET, "", ""),
+            (_JEQ_K, AUDIT_ARCH_X86_64, "next", "allow"),
+            (_LD_W_ABS, NR_OFFSET, "", ""),
+            (_JEQ_K, BIND, "next", "allow"),
+            (_RET_K, SECCOMP_RET_USER_NOTIF, "", ""),
+            "allow",
+            (_RET_K, SECCOMP_RET_ALLOW, "", ""),
         ]
     )

@@ -11,7 +11,8 @@ documents, and every document is one unit, a mapping with `kind: service` or `ki
 naming file, line and key. YAML is read as nodes, not plain values, so that a problem can point at its
 line. Each kind has a table of keys, each with a parser and a default; a parser raises `_Invalid` with all
 problems of its value. Checks between units (names, addresses, `uses`) run once every file is read.
-Reading the files and looking whether mount sources exist is the only I/O done here.
+Reading the files, checking that nobody but root can change them (trust.py), and opening mount
+sources to see what they name (pins.py) is the only I/O done here.
 """
 
 from __future__ import annotations
@@ -139,11 +140,12 @@ def parse_duration(value: object) -> float:
 
 @dataclass(frozen=True)
 class Mount:
-    source: Path | None  # a host path; None for a volume
+    source: Path | None  # the host path it names (symlinks resolved, as validation found it); None for a volume
     target: str
     readonly: bool
     line: int
     volume: str = ""  # a `kind: volume` unit's name, instead of source
+    given: str = ""  # the source as written: absolute, or relative to the spec folder (pins.py opens it)
 
 
 @dataclass(frozen=True)
@@ -499,11 +501,20 @@ def _environment(node: Node, folder: Path) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _source(node: Node, folder: Path) -> Path:
-    path = Path(os.path.normpath(folder / (text := _text(node, folder))))
-    if not os.path.exists(path):
-        raise _fail(node, f"mount source '{text}' does not exist (looked for {path})")
-    return path
+def _source(node: Node, folder: Path) -> tuple[Path, str]:
+    """The host path a source names, and the source as written. A relative one must stay inside
+    the spec folder: a `..` or a symlink that leads out is refused (pins.py says how)."""
+    from .pins import open_source, real_path, source_problem
+
+    text = _text(node, folder)
+    try:
+        fd = open_source(folder, text)
+    except OSError as e:
+        raise _fail(node, source_problem(folder, text, e)) from None
+    try:
+        return real_path(fd), text
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -562,6 +573,7 @@ def _mount(node: Node, folder: Path) -> Mount:
     values = _with_defaults(values, _MOUNT_KEYS, "")
     if values["readonly"] is None:  # a volume is for data that is written; a host path is read-only unless asked
         values["readonly"] = not values["volume"]
+    values["source"], values["given"] = values["source"] or (None, "")
     return Mount(line=_line(node), **values)
 
 
@@ -870,7 +882,13 @@ def load_stack(folder: Path) -> Stack:
     root = Path(folder).resolve()
     errors: list[SpecError] = []
     found: list[_Found] = []
-    for file in _spec_files(root):
+    files = _spec_files(root)
+    if (distrusted := _distrusted(root, "this spec folder")) is not None:
+        raise SpecErrors([distrusted])  # what its files say does not count
+    for file in files:
+        if (distrusted := _distrusted(file, "this spec file")) is not None:
+            errors.append(distrusted)
+            continue
         errors += _load_file(file, found)
     errors += _duplicate_names(found) + _missing_services(found) + _address_clashes(found) + _bad_uses(found)
     errors += _bad_networks(found) + _bad_netns(found) + _bad_activation(found) + _bad_dependencies(found)
@@ -884,6 +902,27 @@ def load_stack(folder: Path) -> Stack:
     sockets = tuple(unit for unit in units if isinstance(unit, Socket))
     networks = tuple(unit for unit in units if isinstance(unit, Network))
     return Stack(root, root.name, services, sockets, networks, tuple(unit for unit in units if isinstance(unit, Volume)))
+
+
+def _distrusted(path: Path, what: str) -> SpecError | None:
+    """A spec folder says what runs as root with which host paths: only root may be able to
+    change it, or its files, or a folder above them (trust.py)."""
+    from .trust import untrusted
+
+    # A file is checked with its folder (strict=2): a sticky spec folder is no better than any other.
+    try:
+        found = untrusted(path, strict=1 if path.is_dir() else 2)
+    except OSError as e:
+        return SpecError(path, 0, "", f"cannot check who may change {what}: {e.strerror}")
+    if found is None:
+        return None
+    return SpecError(
+        path,
+        0,
+        "",
+        f"refusing {what}: {found.path} is {found.why}, so someone besides root could change what sandboxd runs as root; "
+        f"make it root's and writable by root alone: {found.fix}",
+    )
 
 
 def _spec_files(folder: Path) -> list[Path]:

@@ -51,6 +51,7 @@ from .launcher import ForkServer, read_status
 from .logs import LogFiles
 from .notify import NotifySocket
 from .operations import Operations
+from .pins import SourceFds, close_all, pin_own
 from .plan import LaunchPlan, NetworkPlan, UserNamespace, uses_notify
 from .proxy import Proxies
 from .readiness import Readiness
@@ -75,11 +76,13 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         fork_server: ForkServer | None = None,
         limits: dict[str, Limits] | None = None,
         detached: bool = False,
+        pinned: dict[str, SourceFds] | None = None,
         ids: Lease | None = None,
     ) -> None:
         self.stack = stack
         self.ids = ids  # the block of subordinate ids the stack's user namespaces map to
         self.plans = plans
+        self.pinned = pinned if pinned is not None else {}
         self.instance = instance
         self.runtime_dir = RUNTIME_ROOT / instance
         self.root_dir = self.runtime_dir / "root"
@@ -169,11 +172,32 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
         rt = ServiceRuntime(service, self.plans[service.name], cgroup, r, w)
+        rt.sources = self.pinned.pop(service.name, {})
         if uses_notify(rt.spec):
             (self.runtime_dir / "notify").mkdir(exist_ok=True)
             rt.notify = NotifySocket(self.runtime_dir / "notify" / rt.spec.name)
         self.services[service.name] = rt
+        self._pin_own(rt)
         return rt
+
+    def _pin_own(self, rt: ServiceRuntime, paths: set[str] | None = None) -> None:
+        """Hold the bind sources sandboxd made for the service itself (its notify socket, the
+        hosts and resolv.conf of its networks, the socket files it uses), once they exist: those
+        of `paths` anew (made anew by a reload), and every one not held yet."""
+        for op in rt.plan.mounts:
+            if op.kind != "bind" or (op.source in rt.sources and (paths is None or op.source not in paths)):
+                continue
+            try:
+                fd = pin_own(op.source)
+            except OSError as e:
+                raise HostError(f"{rt.spec.name}: cannot open {op.source}, which sandboxd made for it: {e.strerror}", "is something else removing files there?") from None
+            if op.source in rt.sources:
+                os.close(rt.sources[op.source])
+            rt.sources[op.source] = fd
+
+    def _source_fds(self, rt: ServiceRuntime) -> list[int]:
+        """The held source of each bind mount of the service, in the order of its plan."""
+        return [rt.sources[op.source] for op in rt.plan.mounts if op.kind == "bind"]
 
     def _drop_runtime(self, rt: ServiceRuntime) -> None:
         loop = asyncio.get_running_loop()
@@ -186,6 +210,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
             os.close(stored.fd)
         for fd in (rt.output_r, rt.output_w):
             os.close(fd)
+        close_all(rt.sources)
         self.cgroups.remove(rt.cgroup)
         del self.services[rt.spec.name]
 
@@ -229,6 +254,8 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
     def _cleanup(self) -> None:
         if self.fork_server is not None:
             self.fork_server.stop()
+        for fds in self.pinned.values():
+            close_all(fds)
         if not self.owns_runtime:
             return  # nothing of ours was made: the name belongs to another stack
         if self.namespaces is not None:
@@ -239,6 +266,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
                     os.close(fd)
             if rt.channel is not None:
                 rt.channel.close()
+            close_all(rt.sources)
         if self.record is not None:
             close_sockets(self.sockets, self.record)
         self.cgroups.teardown()
@@ -351,7 +379,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         rt.requested_ns = time.monotonic_ns()
         netns = self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
         rt.channel = self.fork_server.send_launch(
-            rt.launch_id, plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, str(self.root_dir), rt.output_w, fds, netns
+            rt.launch_id, plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, str(self.root_dir), rt.output_w, fds, netns, self._source_fds(rt)
         )
         asyncio.get_running_loop().add_reader(rt.channel, self._on_status, rt)
 

@@ -1,30 +1,53 @@
-"""Benchmark sandboxd against the same services started without isolation, in one invocation.
+"""Benchmark sandboxd against the same services without isolation and under its peers, in one invocation.
 
 This is a benchmark, not a test: it prints figures, ratios and the targets beside them, and
-asserts nothing. It needs root, as `sandboxd up` does. Standard library only.
+asserts nothing. It needs root, as `sandboxd up` does. Standard library only. The peers
+(bubblewrap, unshare(1), nsjail, systemd-socket-activate) and exactly how each is run:
+scripts/bench_peers.py; a peer that is not installed is left out, and said so.
 
 What is measured, and how:
 
-1. Parallel start. For each N (10, 50, 100) a temporary spec folder gets N services, each
-   `python3 /b/svc.py` (svc.py mounted read-only at /b) fed by its own unix socket unit. svc.py
-   sleeps 0.2 s, then accepts on its socket and sends every client one byte. The clock starts
-   just before `sandboxd up DIR` is spawned and stops when all N sockets have delivered their
-   byte to a client: the client connects as soon as a socket file exists (a connect failing with
-   ENOENT/ECONNREFUSED/EAGAIN is retried every 2 ms) and waits for the bytes with selectors. Then
-   sandboxd gets SIGINT; the time until it exits is the "stop" figure, and it must exit 0.
-   Baseline: a small Python launcher, spawned the same way (so both pay one interpreter start),
-   binds the N sockets itself and starts the N programs with subprocess.Popen(pass_fds), no
-   isolation. svc.py takes its socket from the fd named by SVC_FD (default 3, what sandboxd
-   gives); the launcher sets SVC_FD, LISTEN_FDS=1 and LISTEN_FDNAMES, but not LISTEN_PID, which
-   cannot be known before the spawn without a preexec_fn (svc.py does not read it). Runs
-   alternate sandboxd, baseline, sandboxd on a network (see 2), ... and the median of the
-   repetitions is reported, after one unrecorded warm-up of each (page cache). The services run
-   the same interpreter in all: the `python3` found on the PATH sandboxd gives its sandboxes.
-2. Services on a network, and teardown. In each repetition of 1, after the baseline, the same N
-   services are brought up once more, all attached to one `kind: network` unit `net` (each gets a
-   veth into the network's bridge; the sockets stay unix sockets bound on the host, so the clients
-   and the "until all accept" clock are the same). Reported beside the private run of 1 (every
-   service in a network namespace of its own, no link), with the ratio network/private. Teardown:
+1. Parallel start, side by side. For each N (10, 50, 100, 1000) a temporary spec folder gets N
+   services, each `python3 /b/svc.py` (the folder mounted read-only at /b) fed by its own unix
+   socket unit. svc.py sleeps 0.2 s, then accepts on its socket and sends every client one byte.
+   From N = 1000 (SMALL_FROM) the program is `perl /b/svc.pl` instead, the same steps in perl
+   (Debian's perl-base, always installed; measured by hand on the development machine, one copy
+   alone: 3.1 MiB PSS against 5.1 MiB for python3 with svc.py's imports, and a whole `perl -e 1`
+   2.4 ms against 27 ms), so that 1000 of them fit beside the other work on the machine; every
+   tool runs the same program at a given N. The clock starts just before `sandboxd up DIR` is
+   spawned and stops when all N sockets have delivered their byte to a client: the client connects
+   as soon as a socket file exists (checked with a stat every 2 ms; a connect failing with
+   ECONNREFUSED/EAGAIN is retried as often) and waits for the bytes with selectors. Then sandboxd
+   gets SIGINT; the time until it exits is the "stop" figure, and it must exit 0. At the moment
+   all answered, the CPU time of `sandboxd up` and its fork server is read: "cpu/svc" is their sum
+   / N, sandboxd's start-up included. Of each, the larger of two lower bounds is taken: utime +
+   stime + cutime + cstime (the children it reaped) from /proc/PID/stat, which counts whole ticks
+   (10 ms here) and rounds each field down, and the run time of its live threads from
+   /proc/PID/task/*/schedstat, to the nanosecond but without ended threads and reaped children.
+   "init/svc" is the run time (schedstat) of the sandboxes' inits (the children of the fork
+   server: the forked set-up before exec, then dumb-init) / N. Baseline ("no isolation") and
+   peers: bench_peers.LAUNCHER, a small Python launcher spawned the same way (so every tool pays
+   one interpreter start), binds the N sockets itself and starts the N programs one after another,
+   each with its socket at fd 3 (SVC_FD=3, LISTEN_FDS=1, LISTEN_FDNAMES, not LISTEN_PID: svc.py
+   does not read it), under nothing for the baseline, else under bwrap, unshare or nsjail; same
+   clock, same client. Each peer's launcher is stopped by killing what runs below each wrapper
+   (its stop is not timed), and every process that was below it must be gone afterwards. Each
+   round runs baseline, sandboxd, bubblewrap, unshare, nsjail, then sandboxd on a network (see 2),
+   with a pause of 0.3 s + 1 ms per service after each run (the kernel frees network namespaces in
+   the background, 1000 of them take a while); the median of the rounds is reported, after one
+   unrecorded warm-up of each (page cache). Two tables: sandboxd against the baseline (with stop,
+   sandboxd's own "launched in", cpu/svc and init/svc), and every tool side by side with its ratio
+   to no isolation and sandboxd's ratio to it, and to the fastest isolating peer. The services run
+   the same interpreter in all: the one found on the PATH sandboxd gives its sandboxes. Before an
+   N runs, the bench checks that the host has room for it (RLIMIT_NOFILE, which it raises for
+   itself and its children, pid_max and threads-max against the tasks running, MemAvailable); an N
+   without room is left out, and said so.
+2. Services on a network, and teardown. In each round of 1 up to N = 100 (NETWORK_MAX_N), after
+   the peers, the same N services are brought up once more, all attached to one `kind: network`
+   unit `net` (each gets a veth into the network's bridge; the sockets stay unix sockets bound on
+   the host, so the clients and the "until all accept" clock are the same). Reported beside the
+   private run of 1 (every service in a network namespace of its own, no link), with the ratio
+   network/private. Teardown:
    the clock starts at the SIGINT to sandboxd and stops when sandboxd has exited and both its
    runtime dir (/run/sandboxd/STACK) and its cgroup dir (CGROUP/sandboxd/STACK) are gone, polled
    every 2 ms for up to 5 s ("gone"); it is taken for every sandboxd run and reported for the
@@ -32,13 +55,20 @@ What is measured, and how:
    stop time; "beyond" is the difference.
 3. Launch latency (request to exec): sandboxd prints `N services launched in T ms, median
    launch M ms` on stderr; a 1-service stack is brought up and stopped repeatedly and the median
-   of M is reported.
-4. Memory with 100 services running (sandboxd, then separately the baseline, each until all
-   100 accept, then after a 1 s settle): sandboxd's own RSS (VmRSS of `sandboxd up` plus its fork
-   server, the direct child running sandboxd.launcher's serve_fd) and PSS (smaps_rollup). Extra
-   memory per sandbox: the mean PSS of the sandbox inits (dumb-init, the children of the fork
-   server), and the sum of PSS of every process in the stack's service cgroups / N minus the sum
-   of PSS of the baseline's N programs / N.
+   of M is reported. Beside it, whole processes, spawn to reaped (subprocess.run, output
+   captured), 3 of each after every one of those runs, after one unrecorded warm-up: /bin/true,
+   `unshare -fpmnui --mount-proc /bin/true`, bwrap and `nsjail -Mo` with the isolation options of
+   1 running /bin/true; with sandboxd's median over each one's. (sandboxd's figure is its own
+   clock from the launch request to the exec; theirs includes the spawn, the exec of /bin/true
+   and its exit: they are not the same span, the issue's target compares them as they are.)
+4. Memory with 100 services running (sandboxd, then separately the baseline and each peer, each
+   until all 100 accept, then after a 1 s settle): sandboxd's own RSS (VmRSS) and PSS
+   (smaps_rollup), of `sandboxd up` (the supervisor) and of its fork server (its direct child, a
+   fork of it or the lean interpreter running sandboxd.launcher's serve_fd) each, and both
+   together. Extra memory per sandbox: the mean PSS of the sandbox inits (dumb-init, the children
+   of the fork server), and the sum of PSS of every process in the stack's service cgroups / N
+   minus the sum of PSS of the baseline's N programs / N; for each peer, the sum of PSS of every
+   process below its launcher (its wrappers and the programs) / N minus the same baseline.
 5. First-connection latency of an on-demand service. The program is first.py, run as
    `python3 -S /b/first.py` in every case: it accepts on its socket (fd 3, or SVC_FD) and sends
    every client one byte, with no sleep. The clock starts just before a client connects to the
@@ -51,14 +81,20 @@ What is measured, and how:
    with subprocess.Popen(pass_fds) and no sandbox, and times until the byte. Runs alternate
    on-demand and own start; medians are reported, after one unrecorded warm-up of each.
    sandboxd's part = median on-demand - median own start.
-6. Connections per second in accept mode: a service fed by a unix socket with `accept: true`,
-   `max_connections: 64`, its program `sh -c 'echo ok >&3'` (each connection gets a sandbox and
-   a cgroup of its own and the answer "ok"). Clients connect, read until EOF and close (each
-   answer must be "ok\n"), one client sequentially, then 8 client threads at once, each phase
-   for a fixed time or a number of connections, whichever comes first; rate = answered
-   connections / seconds from the first connect to the last EOF. During the concurrent phase the
-   stack's cgroup dir is polled for per-connection cgroups (the most seen at once is reported),
-   and afterwards none may remain.
+6. Connections per second in accept mode, one sandbox per connection, side by side. sandboxd:
+   a service fed by a tcp socket on 127.0.0.1 with `accept: true`, `max_connections: 64`, its
+   program `sh -c 'echo ok >&3'` (each connection gets a sandbox and a cgroup of its own, the
+   connection at fd 3, and the answer "ok"). Beside it, at the same time, each on a port of its
+   own: `nsjail -Ml` and `systemd-socket-activate --inetd -a` with bwrap, running
+   `sh -c 'echo ok'` with the connection as stdin and stdout (bench_peers.accept_argv); all
+   three servers run through the whole section. Clients connect over tcp, read until EOF and
+   close (each answer must be "ok\n"), one client sequentially, then 8 client threads at once,
+   each phase for a fixed time or a number of connections, whichever comes first; rate =
+   answered connections / seconds from the first connect to the last EOF. After 20 unrecorded
+   connections to each, every round runs, per client count, one phase against sandboxd, nsjail,
+   systemd-socket-activate in turn; medians of the rounds. During sandboxd's concurrent phases
+   the stack's cgroup dir is polled for per-connection cgroups (the most seen at once is
+   reported), and afterwards none may remain; nor may any peer's per-connection process.
 
 7. The control plane. A 10-service stack (each service `sleep 1000` fed by its own unix socket
    unit) is brought up detached with `sandboxd up -d --wait -p NAME`; then `sandboxd ps --json -p
@@ -81,21 +117,28 @@ What is measured, and how:
 10. The cost of the default user namespace per launch: see scripts/bench_userns.py.
 
 Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
-not", warnings, SIGKILL); they are listed at the end, numbers folded, with a count.
+not", warnings, SIGKILL); every line a peer or its launcher writes on stderr is kept too, the
+tool's name in front; they are listed at the end, numbers folded, with a count.
+
+`--only SECTIONS` runs some of these (start = 1 and 2, latency, memory, on-demand, accept,
+control, proxy, images, userns; peers = start, latency, memory, accept); --quick runs N = 10 and 50
+only.
 
 Every process started is stopped in a finally (SIGINT, then SIGKILL after 30 s), only by its
-pid (the baseline launcher also by its own process group); temporary folders are removed.
-Progress goes to stderr, the table to stdout.
+pid (a launcher or peer that did not exit 0 also by its own process group); temporary folders are
+removed. Progress goes to stderr, the table to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -107,36 +150,50 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import bench_peers as peers  # scripts/ is on sys.path: this file runs as a script
+
 SANDBOXD = Path(sys.executable).parent / "sandboxd"
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what a sandbox gets
 SERVICE_PYTHON = shutil.which("python3", path=SANDBOX_PATH) or "/usr/bin/python3"
+SERVICE_PERL = shutil.which("perl", path=SANDBOX_PATH) or "/usr/bin/perl"
 RUNTIME_ROOT = Path("/run/sandboxd")
 CGROUP_V2 = Path("/sys/fs/cgroup/unified") if Path("/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup")
 
 STOP_GRACE = 30.0  # SIGINT, then SIGKILL after this long
 READY_TIMEOUT = 120.0
 CONNECT_RETRY = 0.002
+WATCH_EVERY = 2.0  # how often a launcher's programs are checked while the clients wait (1000 reads of /proc)
 SETTLE = 1.0  # before reading memory figures
 MEMORY_N = 100
 MIB = 1024.0
+SMALL_FROM = 1000  # from this N on, every tool runs the small service (svc.pl) instead of svc.py
+NETWORK_MAX_N = 100  # the network variant of the parallel start runs up to this N
+NOFILE_WANTED = 65536  # RLIMIT_NOFILE the bench asks for itself (sandboxd and the launchers inherit it)
+FDS_PER_SERVICE = 8  # what a parallel start may hold open per service in one process, at most (a guess with room)
+TASKS_PER_SERVICE = 4  # processes a parallel start runs per service, at most (bwrap: 3)
+MEMORY_PER_SERVICE_KIB = 8 * 1024  # MemAvailable wanted per service before a parallel start
+TRUE_PER_ROUND = 3  # whole-process runs of each peer per launch-latency run
+PAUSE_S, PAUSE_PER_SERVICE_S = 0.3, 0.001  # between two parallel starts: 0.3 s, 1.3 s at N = 1000
 
 GONE_TIMEOUT = 5.0  # after sandboxd exited, for its runtime and cgroup dirs to vanish
 GONE_POLL = 0.002
 
 TARGET_RATIO = {50: 1.10}
+TARGET_PEER_RATIO = {50: 1.00, 100: 1.00}  # sandboxd / the best isolating peer
+TARGET_NONE_RATIO = {1000: 1.20}  # sandboxd / no isolation, in the side-by-side table
+TARGET_CPU_MS = 1.0  # the supervisor's CPU per launched service
 TARGET_NETWORK_RATIO = {100: 1.30}  # network / private
 TARGET_TEARDOWN_S = 1.0  # gone (network) beyond stop (private)
 TARGET_LATENCY_MS = 9.0
-TARGET_RSS_MIB = 40.0
-TARGET_PER_SANDBOX_MIB = 2.0
+TARGET_RSS_MIB = 30.0  # sandboxd's own (supervisor and fork server), with MEMORY_N services
+TARGET_PER_SANDBOX_MIB = 0.2
 TARGET_ON_DEMAND_MS = 15.0  # on-demand first connection minus the program's own start
-TARGET_ACCEPT_RATE = {1: 300.0, 8: 500.0}  # connections/s in accept mode, by client count
-ACCEPT_COMPARISON = "nsjail 228/s sequential; systemd-socket-activate + unshare(1) 238 and 447; + bubblewrap 105 and 184"
+TARGET_ACCEPT_RATIO = 1.00  # sandboxd's connections/s over nsjail -Ml's, both client counts
 
 CLIENT_TIMEOUT = 30.0  # any one client connection, connect to EOF
 
@@ -151,6 +208,7 @@ ACCEPT_CLIENTS = 8
 ACCEPT_MAX_CONNECTIONS = 64
 ACCEPT_ANSWER = b"ok\n"
 ACCEPT_MAX_FAILURES = 5  # a client phase stops after this many failed connections
+ACCEPT_WARM_UP = 20  # connections to each accept-mode server before the rounds, not counted
 
 SUMMARY = re.compile(r"services launched in (\d+) ms(?:, median launch ([0-9.]+) ms)?")
 
@@ -162,6 +220,13 @@ while True:
     conn, _ = sock.accept()
     conn.sendall(b"!")
     conn.close()
+"""
+
+SVC_SMALL = """\
+select(undef, undef, undef, 0.2);
+open(my $sock, "+<&=", $ENV{SVC_FD} // 3) or die "svc.pl: fd: $!";
+while (accept(my $conn, $sock)) { syswrite($conn, "!"); close($conn); }
+die "svc.pl: accept: $!";
 """
 
 FIRST = """\
@@ -176,38 +241,6 @@ FIRST_COMMAND = ("python3", "-S", "/b/first.py")  # in the sandbox; without one:
 
 ODD_LINE = re.compile(r"Traceback|[Ee]rror|[Ee]xception|could not|cannot|[Ww]arning|SIGKILL|second interrupt|leftover|stale")
 
-LAUNCHER = """\
-import os, signal, socket, subprocess, sys
-python, script, *paths = sys.argv[1:]
-signal.signal(signal.SIGTERM, signal.default_int_handler)
-signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (a background job)
-socks, procs = [], []
-try:
-    for path in paths:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        sock.listen(socket.SOMAXCONN)
-        socks.append(sock)
-    for path, sock in zip(paths, socks):
-        fd = sock.fileno()
-        name = os.path.basename(path).removesuffix(".sock")
-        env = {"PATH": os.environ["PATH"], "SVC_FD": str(fd), "LISTEN_FDS": "1", "LISTEN_FDNAMES": name}
-        procs.append(subprocess.Popen([python, script], env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL))
-    while True:
-        signal.pause()
-except KeyboardInterrupt:
-    pass
-finally:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.wait()
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-"""
 
 problems: list[str] = []
 odd_lines: dict[str, int] = {}  # sandboxd stderr lines worth a look, numbers folded, with a count
@@ -231,22 +264,32 @@ class Stack:
     spec_dir: Path
     paths: tuple[str, ...]  # one unix socket per service, in service order
     network: bool = False  # all services attached to one network unit
+    small: bool = False  # the services run svc.pl (perl) instead of svc.py
 
     @property
     def script(self) -> Path:
-        return self.spec_dir / "svc.py"
+        return self.spec_dir / ("svc.pl" if self.small else "svc.py")
+
+    @property
+    def interpreter(self) -> str:
+        """The program's interpreter outside sandboxd (sandboxd finds the same one on its PATH)."""
+        return SERVICE_PERL if self.small else SERVICE_PYTHON
 
 
 def make_stack(root: Path, n: int, network: bool = False) -> Stack:
     """A spec folder of n services s0..s{n-1}, each fed by the socket root/sock-n/sI.sock.
 
     With `network`, a network unit `net` too, and every service attached to it (a veth each).
+    From SMALL_FROM services on, the program is svc.pl instead of svc.py.
     """
     tag = f"net-{n}" if network else str(n)
+    small = n >= SMALL_FROM
     spec_dir, sock_dir = root / f"stack-{tag}", root / f"sock-{tag}"
     spec_dir.mkdir()
     sock_dir.mkdir()
     (spec_dir / "svc.py").write_text(SVC)
+    (spec_dir / "svc.pl").write_text(SVC_SMALL)
+    command = "perl /b/svc.pl" if small else "python3 /b/svc.py"
     attach = "network: [net]\n" if network else ""
     if network:
         (spec_dir / "net.yaml").write_text("kind: network\nname: net\n")
@@ -255,10 +298,10 @@ def make_stack(root: Path, n: int, network: bool = False) -> Stack:
         path = f"{sock_dir}/s{i}.sock"
         paths.append(path)
         (spec_dir / f"s{i}.yaml").write_text(
-            f"kind: service\ncommand: python3 /b/svc.py\nmounts: [{{source: ., target: /b}}]\n{attach}"
+            f"kind: service\ncommand: {command}\nmounts: [{{source: ., target: /b}}]\n{attach}"
             f"---\nkind: socket\nlisten: unix:{path}\n"
         )
-    return Stack(f"sbdbench-{tag}", spec_dir, tuple(paths), network)
+    return Stack(f"sbdbench-{tag}", spec_dir, tuple(paths), network, small)
 
 
 # ───────────────────────────── processes ─────────────────────────────
@@ -282,11 +325,11 @@ class Running:
         return "\n".join(self.stderr().splitlines()[-lines:])
 
 
-def spawn(kind: str, argv: Sequence[str], logs: Path) -> Running:
+def spawn(kind: str, argv: Sequence[str], logs: Path, extra_env: dict[str, str] | None = None) -> Running:
     """Start argv in a session of its own, stdin from /dev/null, output to files in `logs`."""
     logs.mkdir(exist_ok=True)
     stamp = f"{kind}-{time.monotonic_ns()}"
-    env = {**os.environ, "NO_COLOR": "1", "PATH": SANDBOX_PATH}
+    env = {**os.environ, "NO_COLOR": "1", "PATH": SANDBOX_PATH, **(extra_env or {})}
     with open(logs / f"{stamp}.out", "wb") as out, open(logs / f"{stamp}.err", "wb") as err:
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True)
@@ -297,11 +340,20 @@ def spawn_sandboxd(stack: Stack, logs: Path) -> Running:
     return spawn("sandboxd", [str(SANDBOXD), "up", str(stack.spec_dir), "-p", stack.name], logs)
 
 
-def spawn_baseline(stack: Stack, logs: Path) -> Running:
+def spawn_launcher(tool: str, stack: Stack, logs: Path) -> Running:
+    """The launcher of bench_peers: binds the stack's sockets, starts its N programs under `tool`
+    ("none": without isolation, the baseline), each with its socket at fd 3."""
     launcher = logs.parent / "launcher.py"
     if not launcher.exists():
-        launcher.write_text(LAUNCHER)
-    return spawn("baseline", [SERVICE_PYTHON, str(launcher), SERVICE_PYTHON, str(stack.script), *stack.paths], logs)
+        launcher.write_text(peers.LAUNCHER)
+    argv = peers.service_argv(tool, stack.interpreter, stack.script)
+    stop_mode = "term" if tool == "none" else "kill-inside"
+    kind = "baseline" if tool == "none" else tool
+    return spawn(kind, [SERVICE_PYTHON, str(launcher), json.dumps(argv), stop_mode, *stack.paths], logs)
+
+
+def spawn_baseline(stack: Stack, logs: Path) -> Running:
+    return spawn_launcher("none", stack, logs)
 
 
 def stop(run: Running) -> tuple[float, int]:
@@ -316,8 +368,8 @@ def stop(run: Running) -> tuple[float, int]:
         run.proc.kill()
         code = run.proc.wait()
     elapsed = time.monotonic() - started
-    if run.kind == "baseline" and code != 0:
-        kill_group(run.proc.pid)  # the launcher could not reap its programs: kill them by its group
+    if run.kind != "sandboxd" and code != 0:
+        kill_group(run.proc.pid)  # a launcher or peer that could not reap its programs: kill them by its group
     if run.kind == "sandboxd" and not run.scanned:
         run.scanned = True
         scan_stderr(run)
@@ -357,6 +409,8 @@ def check_alive(run: Running) -> None:
 
 
 def try_connect(path: str) -> socket.socket | None:
+    if not os.path.lexists(path):
+        return None  # not bound yet: a stat is cheaper than a socket and a failed connect, times N
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -367,11 +421,14 @@ def try_connect(path: str) -> socket.socket | None:
     return sock
 
 
-def wait_accepting(run: Running, paths: Sequence[str]) -> float:
-    """Seconds from the spawn of `run` until every socket in `paths` has sent a client its byte."""
+def wait_accepting(run: Running, paths: Sequence[str], watch: Callable[[], None] | None = None) -> float:
+    """Seconds from the spawn of `run` until every socket in `paths` has sent a client its byte.
+
+    `watch`, called every WATCH_EVERY s while waiting, raises to give up early."""
     selector = selectors.DefaultSelector()
     pending, remaining = list(paths), len(paths)
     deadline = run.started + READY_TIMEOUT
+    watched = time.monotonic()
     try:
         while remaining:
             pending = [path for path in pending if not register(selector, path)]
@@ -387,6 +444,9 @@ def wait_accepting(run: Running, paths: Sequence[str]) -> float:
             if remaining and time.monotonic() > deadline:
                 raise TimeoutError(f"{run.kind}: {remaining} of {len(paths)} sockets silent after {READY_TIMEOUT:g} s")
             check_alive(run)
+            if watch is not None and time.monotonic() - watched > WATCH_EVERY:
+                watch()
+                watched = time.monotonic()
         return time.monotonic() - run.started
     finally:
         for key in list(selector.get_map().values()):
@@ -447,80 +507,52 @@ def check_clean_after(stack: Stack, code: int) -> None:
             problem(f"left behind after sandboxd exited: {path}")
 
 
-@dataclass(frozen=True)
-class StartRun:
-    seconds: float
-    stop_seconds: float
-    launch_all_ms: float | None = None
-    gone_seconds: float | None = None  # SIGINT until exited and the stack's dirs are gone
+# ───────────────────────────── /proc ─────────────────────────────
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
-    with running(lambda: spawn_sandboxd(stack, logs)) as run:
-        seconds = wait_accepting(run, stack.paths)
-        match = SUMMARY.search(run.stderr())
-        stop_seconds, code = stop(run)
-        after_exit = wait_gone(stack)
-    gone = stop_seconds + after_exit if after_exit is not None else None
-    check_clean_after(stack, code)
-    return StartRun(seconds, stop_seconds, float(match[1]) if match else None, gone)
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: index 0 is field 3 (state) of proc(5)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def start_baseline(stack: Stack, logs: Path) -> StartRun:
-    with running(lambda: spawn_baseline(stack, logs)) as run:
-        seconds = wait_accepting(run, stack.paths)
-        stop_seconds, code = stop(run)
-    if code != 0:
-        problem(f"baseline launcher exited {code}:\n{run.tail()}")
-    return StartRun(seconds, stop_seconds)
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid`, all its threads, and cutime + cstime (the children it has waited
+    for), each in whole clock ticks (1/CLK_TCK s)."""
+    fields = stat_fields(pid)
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLOCK_TICKS
 
 
-@dataclass(frozen=True)
-class StartRow:
-    n: int
-    sandboxd: list[StartRun]
-    baseline: list[StartRun]
-    network: list[StartRun]  # the same services, all on one network
-
-    def median(self, runs: list[StartRun], pick: Callable[[StartRun], float | None]) -> float | None:
-        values = [v for v in map(pick, runs) if v is not None]
-        return statistics.median(values) if values else None
-
-
-def parallel_start(stack: Stack, net_stack: Stack, reps: int, logs: Path) -> StartRow:
-    """Per repetition: sandboxd (private), baseline, sandboxd with every service on a network."""
-    row = StartRow(len(stack.paths), [], [], [])
-    for rep in range(reps):
-        row.sandboxd.append(start_sandboxd(stack, logs))
-        time.sleep(0.3)
-        row.baseline.append(start_baseline(stack, logs))
-        time.sleep(0.3)
-        row.network.append(start_sandboxd(net_stack, logs))
-        time.sleep(0.3)
-        s, b, n = row.sandboxd[-1], row.baseline[-1], row.network[-1]
-        note(
-            f"  N={row.n} #{rep + 1}: sandboxd {s.seconds:.3f} s (stop {s.stop_seconds:.3f} s), baseline {b.seconds:.3f} s, "
-            f"network {n.seconds:.3f} s (stop {n.stop_seconds:.3f} s, gone {fmt_s(n.gone_seconds, 3)})"
-        )
-    return row
+def run_seconds(pid: int) -> float:
+    """Time the live threads of `pid` have run on a CPU, to the nanosecond (schedstat): not the
+    threads that have ended, nor reaped children, but without cpu_seconds' rounding."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        except FileNotFoundError:
+            continue
+    return total / 1e9
 
 
-def launch_latency(stack: Stack, runs: int, logs: Path) -> list[float]:
-    """Median request→exec of a 1-service stack, as sandboxd reports it, once per run."""
-    found = []
-    for _ in range(runs):
-        with running(lambda: spawn_sandboxd(stack, logs)) as run:
-            match = wait_summary(run)
-            _, code = stop(run)
-        check_clean_after(stack, code)
-        if match[2] is not None:
-            found.append(float(match[2]))
-        else:
-            problem(f"the summary line has no median launch figure: {match[0]!r}")
-    return found
+def own_cpu_seconds(pid: int) -> float:
+    """The CPU time of `pid`, the larger of two lower bounds: cpu_seconds, each field rounded
+    down to a tick (up to 40 ms low here), and run_seconds, exact but for ended threads and
+    reaped children."""
+    return max(cpu_seconds(pid), run_seconds(pid))
 
 
-# ───────────────────────────── memory ─────────────────────────────
+def identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time): a process that is still this one, not a reuse of its pid."""
+    try:
+        return pid, int(stat_fields(pid)[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def alive(who: tuple[int, int]) -> bool:
+    return identity(who[0]) == who
 
 
 def status_kib(pid: int, field: str = "VmRSS") -> int:
@@ -538,15 +570,27 @@ def pss_kib(pid: int) -> int:
 
 
 def children(parent: int) -> list[int]:
+    """The children of every thread of `parent` (/proc/PID/task/TID/children)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                found.append(int(entry.name))
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+    except FileNotFoundError:
+        return []
+    for task in tasks:
+        try:
+            found += [int(pid) for pid in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def descendants(parent: int) -> list[int]:
+    found: list[int] = []
+    todo = [parent]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
     return found
 
 
@@ -560,6 +604,11 @@ def is_fork_server(pid: int, sandboxd: int) -> bool:
     return own == cmdline(sandboxd) or b"sandboxd.launcher import serve_fd" in own
 
 
+def sandboxd_processes(run: Running) -> list[int]:
+    """`sandboxd up` and its fork server: sandboxd's own processes."""
+    return [run.proc.pid, *(c for c in children(run.proc.pid) if is_fork_server(c, run.proc.pid))]
+
+
 def cgroup_pids(stack: Stack) -> list[int]:
     pids = []
     for procs in sorted(instance_cgroup(stack).glob("*/cgroup.procs")):
@@ -567,21 +616,255 @@ def cgroup_pids(stack: Stack) -> list[int]:
     return pids
 
 
+def tasks_now() -> int:
+    """Tasks (threads included) on the machine now: the 4th field of /proc/loadavg."""
+    return int(Path("/proc/loadavg").read_text().split()[3].split("/")[1])
+
+
+def raise_nofile() -> int:
+    """Raise this process's RLIMIT_NOFILE (sandboxd and the launchers inherit it); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    for wanted in (max(hard, min(NOFILE_WANTED, nr_open)), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def room_for(n: int) -> str | None:
+    """Why a parallel start of n services would hit a limit of this host, or None if it fits."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile < FDS_PER_SERVICE * n + 256:
+        return f"RLIMIT_NOFILE is {nofile}, below {FDS_PER_SERVICE * n + 256}"
+    tasks_max = min(int(Path("/proc/sys/kernel/pid_max").read_text()), int(Path("/proc/sys/kernel/threads-max").read_text()))
+    if tasks_now() + TASKS_PER_SERVICE * n + 1000 > tasks_max:
+        return f"{tasks_now()} tasks running, {TASKS_PER_SERVICE * n} more would come near the limit of {tasks_max}"
+    available = meminfo_kib("MemAvailable")
+    if available < MEMORY_PER_SERVICE_KIB * n:
+        return f"MemAvailable {available // 1024} MiB, below {MEMORY_PER_SERVICE_KIB * n // 1024} MiB"
+    return None
+
+
+def meminfo_kib(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+# ───────────────────────────── parallel start ─────────────────────────────
+
+
+@dataclass(frozen=True)
+class StartRun:
+    seconds: float
+    stop_seconds: float
+    launch_all_ms: float | None = None
+    gone_seconds: float | None = None  # SIGINT until exited and the stack's dirs are gone
+    supervisor_cpu: float | None = None  # s, sandboxd up and its fork server, until all answered
+    init_cpu: float | None = None  # s, all sandbox inits (the set-up before exec, then dumb-init)
+
+
+def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
+    with running(lambda: spawn_sandboxd(stack, logs)) as run:
+        seconds = wait_accepting(run, stack.paths)
+        own = sandboxd_processes(run)
+        supervisor_cpu = sum(own_cpu_seconds(pid) for pid in own)
+        init_cpu = sum(run_seconds(pid) for server in own[1:] for pid in children(server))
+        if len(own) != 2:
+            problem(f"expected sandboxd and one fork server, found pids {own}")
+        try:
+            match: re.Match[str] | None = wait_summary(run)  # with many services it may come after the last answer
+        except TimeoutError:
+            match = None
+        stop_seconds, code = stop(run)
+        after_exit = wait_gone(stack)
+    gone = stop_seconds + after_exit if after_exit is not None else None
+    check_clean_after(stack, code)
+    return StartRun(seconds, stop_seconds, float(match[1]) if match else None, gone, supervisor_cpu, init_cpu)
+
+
+def start_baseline(stack: Stack, logs: Path) -> StartRun:
+    with running(lambda: spawn_baseline(stack, logs)) as run:
+        seconds = wait_accepting(run, stack.paths)
+        stop_seconds, code = stop(run)
+    if code != 0:
+        problem(f"baseline launcher exited {code}:\n{run.tail()}")
+    return StartRun(seconds, stop_seconds)
+
+
+def start_peer(tool: str, stack: Stack, logs: Path) -> StartRun | None:
+    """The launcher with every service under `tool`, until all answered; then stopped, and every
+    process that was below it must be gone. None (and a problem) if the peer failed."""
+    seconds: float | None = None
+    with running(lambda: spawn_launcher(tool, stack, logs)) as run:
+        try:
+            seconds = wait_accepting(run, stack.paths, lambda: check_programs(run))
+        except (RuntimeError, TimeoutError) as e:
+            problem(f"{tool}, N={len(stack.paths)}: {e}")
+        finally:
+            said = len(run.stderr())  # what a wrapper says once its child is killed is not worth a look
+            below = [who for pid in descendants(run.proc.pid) if (who := identity(pid)) is not None]
+            stop_seconds, code = stop(run)
+            check_peer_gone(tool, below)
+    if code != 0:
+        problem(f"{tool} launcher exited {code}:\n{run.tail()}")
+    scan_peer_stderr(tool, run.stderr()[:said])
+    return StartRun(seconds, stop_seconds) if seconds is not None else None
+
+
+def check_programs(run: Running) -> None:
+    """A program (or the peer in front of it) of the launcher that has exited is a zombie until
+    the launcher's stop: one is enough to say the run failed."""
+    for pid in children(run.proc.pid):
+        try:
+            if stat_fields(pid)[0] == "Z":
+                raise RuntimeError(f"pid {pid} ({run.kind}) exited before all answered:\n{run.tail()}")
+        except FileNotFoundError:
+            continue
+
+
+def check_peer_gone(tool: str, below: list[tuple[int, int]]) -> None:
+    """After a peer's launcher exited: none of the processes that were below it may remain."""
+    deadline = time.monotonic() + GONE_TIMEOUT
+    while (left := [who for who in below if alive(who)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if left:
+        problem(f"{tool}: {len(left)} process(es) outlived the launcher; SIGKILL to pids {[pid for pid, _ in left]}")
+        for pid, _ in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def scan_peer_stderr(tool: str, text: str) -> None:
+    """A peer's lines worth a look (all it says), with the tool's name in front, among sandboxd's."""
+    for line in text.splitlines():
+        if line.strip():
+            key = f"[{tool}] " + re.sub(r"\d+", "N", line.strip())
+            odd_lines[key] = odd_lines.get(key, 0) + 1
+
+
+@dataclass(frozen=True)
+class StartRow:
+    n: int
+    runs: dict[str, list[StartRun]]  # by tool: "none", "sandboxd", "network" (sandboxd on a network), the peers
+
+    @property
+    def sandboxd(self) -> list[StartRun]:
+        return self.runs["sandboxd"]
+
+    @property
+    def baseline(self) -> list[StartRun]:
+        return self.runs["none"]
+
+    @property
+    def network(self) -> list[StartRun]:
+        return self.runs.get("network", [])
+
+    def median(self, runs: list[StartRun], pick: Callable[[StartRun], float | None]) -> float | None:
+        values = [v for v in map(pick, runs) if v is not None]
+        return statistics.median(values) if values else None
+
+    def seconds(self, tool: str) -> float | None:
+        return self.median(self.runs.get(tool, []), lambda r: r.seconds)
+
+
+def parallel_start(stack: Stack, net_stack: Stack | None, tools: Sequence[str], reps: int, logs: Path) -> StartRow:
+    """Per repetition: baseline, sandboxd (private), each peer, sandboxd with every service on a network."""
+    row = StartRow(len(stack.paths), {"none": [], "sandboxd": [], **{tool: [] for tool in tools}})
+    pause = PAUSE_S + row.n * PAUSE_PER_SERVICE_S  # the kernel frees the last run's namespaces in the background
+    if net_stack is not None:
+        row.runs["network"] = []
+    for rep in range(reps):
+        row.runs["none"].append(start_baseline(stack, logs))
+        time.sleep(pause)
+        row.runs["sandboxd"].append(start_sandboxd(stack, logs))
+        time.sleep(pause)
+        this_round: dict[str, StartRun | None] = {}
+        for tool in tools:
+            this_round[tool] = start_peer(tool, stack, logs)
+            if (peer := this_round[tool]) is not None:
+                row.runs[tool].append(peer)
+            time.sleep(pause)
+        if net_stack is not None:
+            row.runs["network"].append(start_sandboxd(net_stack, logs))
+            time.sleep(pause)
+        s, b = row.sandboxd[-1], row.baseline[-1]
+        cpu = f", cpu {s.supervisor_cpu * 1000 / row.n:.1f} ms/svc" if s.supervisor_cpu is not None else ""
+        others = "".join(f", {tool} {fmt_s(r.seconds, 3) if (r := this_round[tool]) else 'failed'}" for tool in tools)
+        net = ""
+        if net_stack is not None:
+            n = row.network[-1]
+            net = f", network {n.seconds:.3f} s (stop {n.stop_seconds:.3f} s, gone {fmt_s(n.gone_seconds, 3)})"
+        note(f"  N={row.n} #{rep + 1}: baseline {b.seconds:.3f} s, sandboxd {s.seconds:.3f} s (stop {s.stop_seconds:.3f} s{cpu}){others}{net}")
+    return row
+
+
+# ───────────────────────────── launch latency ─────────────────────────────
+
+
+@dataclass(frozen=True)
+class Latency:
+    launches: list[float]  # ms, sandboxd's own median launch, one per 1-service stack
+    runs: int
+    whole: dict[str, list[float]]  # ms, whole processes by label (bench_peers.TRUE_ARGV)
+
+
+def launch_latency(stack: Stack, runs: int, logs: Path) -> Latency:
+    """Median request→exec of a 1-service stack, as sandboxd reports it, once per run; after each
+    run, TRUE_PER_ROUND of each whole-process peer run (spawn to reaped)."""
+    whole = {label: argv for label in peers.TRUE_ARGV if (argv := peers.true_argv(label)) is not None}
+    for label in peers.TRUE_ARGV:
+        if label not in whole:
+            problem(f"launch latency: {label} not run, its tool is not installed")
+    found = Latency([], runs, {label: [] for label in whole})
+    for argv in whole.values():
+        process_ms(argv)  # warm-up, not counted
+    for _ in range(runs):
+        with running(lambda: spawn_sandboxd(stack, logs)) as run:
+            match = wait_summary(run)
+            _, code = stop(run)
+        check_clean_after(stack, code)
+        if match[2] is not None:
+            found.launches.append(float(match[2]))
+        else:
+            problem(f"the summary line has no median launch figure: {match[0]!r}")
+        for _ in range(TRUE_PER_ROUND):
+            for label, argv in whole.items():
+                try:
+                    found.whole[label].append(process_ms(argv))
+                except RuntimeError as e:
+                    problem(f"launch latency: {e}")
+    return found
+
+
+# ───────────────────────────── memory ─────────────────────────────
+
+
 @dataclass(frozen=True)
 class Memory:
-    rss_kib: int
+    rss_kib: int  # sandboxd's own processes
     pss_kib: int
+    supervisor_kib: tuple[int, int]  # (RSS, PSS) of `sandboxd up`
+    fork_server_kib: tuple[int, int]  # (RSS, PSS) of its fork server
     init_pss_kib: float
     sandbox_pss_kib: float  # all processes of all sandboxes / N
     baseline_pss_kib: float  # the baseline's N programs / N
+    peer_pss_kib: dict[str, float]  # tool -> all processes below its launcher / N
 
 
-def sandboxd_memory(stack: Stack, logs: Path) -> tuple[int, int, float, float]:
+def sandboxd_memory(stack: Stack, logs: Path) -> tuple[list[tuple[int, int]], float, float]:
+    """[(RSS, PSS) of sandboxd, of its fork server], init PSS, all processes of the sandboxes / N."""
     n = len(stack.paths)
     with running(lambda: spawn_sandboxd(stack, logs)) as run:
         wait_accepting(run, stack.paths)
         time.sleep(SETTLE)
-        own = [run.proc.pid, *(c for c in children(run.proc.pid) if is_fork_server(c, run.proc.pid))]
+        own = sandboxd_processes(run)
         if len(own) != 2:
             problem(f"expected sandboxd and one fork server, found pids {own}")
         inits = [pid for server in own[1:] for pid in children(server)]
@@ -590,31 +873,45 @@ def sandboxd_memory(stack: Stack, logs: Path) -> tuple[int, int, float, float]:
         in_sandboxes = cgroup_pids(stack)
         if len(in_sandboxes) != 2 * n:
             problem(f"expected {2 * n} processes (init and service) in the stack's cgroups, found {len(in_sandboxes)}")
-        rss, pss = sum(map(status_kib, own)), sum(map(pss_kib, own))
+        each = [(status_kib(pid), pss_kib(pid)) for pid in own]
         init_pss = statistics.mean(map(pss_kib, inits)) if inits else float("nan")
         all_pss = sum(map(pss_kib, in_sandboxes)) / n
         _, code = stop(run)
     check_clean_after(stack, code)
-    return rss, pss, init_pss, all_pss
+    return each, init_pss, all_pss
 
 
-def baseline_memory(stack: Stack, logs: Path) -> float:
+def launcher_memory(tool: str, stack: Stack, logs: Path) -> float:
+    """PSS of every process below the launcher / N: the baseline's programs, or each peer's
+    programs with the peer's own processes in front of them."""
     n = len(stack.paths)
-    with running(lambda: spawn_baseline(stack, logs)) as run:
-        wait_accepting(run, stack.paths)
-        time.sleep(SETTLE)
-        programs = children(run.proc.pid)
-        if len(programs) != n:
-            problem(f"expected {n} baseline programs, found {len(programs)}")
-        per = sum(map(pss_kib, programs)) / n
-        stop(run)
+    with running(lambda: spawn_launcher(tool, stack, logs)) as run:
+        try:
+            wait_accepting(run, stack.paths)
+            time.sleep(SETTLE)
+            pids = children(run.proc.pid) if tool == "none" else descendants(run.proc.pid)
+            if tool == "none" and len(pids) != n:
+                problem(f"expected {n} baseline programs, found {len(pids)}")
+            per = sum(map(pss_kib, pids)) / n
+        finally:
+            below = [who for pid in descendants(run.proc.pid) if (who := identity(pid)) is not None]
+            stop(run)
+            check_peer_gone(tool, below)
     return per
 
 
-def memory(stack: Stack, logs: Path) -> Memory:
-    rss, pss, init_pss, all_pss = sandboxd_memory(stack, logs)
+def memory(stack: Stack, tools: Sequence[str], logs: Path) -> Memory:
+    each, init_pss, all_pss = sandboxd_memory(stack, logs)
     time.sleep(0.3)
-    return Memory(rss, pss, init_pss, all_pss, baseline_memory(stack, logs))
+    baseline = launcher_memory("none", stack, logs)
+    found: dict[str, float] = {}
+    for tool in tools:
+        time.sleep(0.3)
+        found[tool] = launcher_memory(tool, stack, logs)
+    supervisor = each[0] if each else (0, 0)
+    fork_server = each[1] if len(each) > 1 else (0, 0)
+    rss, pss = sum(r for r, _ in each), sum(p for _, p in each)
+    return Memory(rss, pss, supervisor, fork_server, init_pss, all_pss, baseline, found)
 
 
 # ───────────────────────────── on-demand start and accept mode ─────────────────────────────
@@ -636,16 +933,15 @@ def make_first_stack(root: Path, on_demand: bool) -> Stack:
     return Stack(f"sbdbench-{tag}", spec_dir, (path,))
 
 
-def make_accept_stack(root: Path) -> Stack:
-    spec_dir, sock_dir = root / "stack-accept", root / "sock-accept"
+def make_accept_stack(root: Path, port: int) -> Stack:
+    """One service `sh -c 'echo ok >&3'` fed by a tcp socket on 127.0.0.1:port with accept: true."""
+    spec_dir = root / "stack-accept"
     spec_dir.mkdir()
-    sock_dir.mkdir()
-    path = f"{sock_dir}/ok.sock"
     (spec_dir / "ok.yaml").write_text(
         'kind: service\ncommand: [sh, -c, "echo ok >&3"]\n'
-        f"---\nkind: socket\nlisten: unix:{path}\naccept: true\nmax_connections: {ACCEPT_MAX_CONNECTIONS}\n"
+        f"---\nkind: socket\nlisten: tcp:127.0.0.1:{port}\naccept: true\nmax_connections: {ACCEPT_MAX_CONNECTIONS}\n"
     )
-    return Stack("sbdbench-accept", spec_dir, (path,))
+    return Stack("sbdbench-accept", spec_dir, ())
 
 
 def read_to_eof(sock: socket.socket, limit: int = 4096) -> bytes:
@@ -765,25 +1061,30 @@ class AcceptRun:
     answered: int
     failed: int
     seconds: float
-    peak_cgroups: int | None = None  # per-connection cgroups seen at once (concurrent phase only)
+    peak_cgroups: int | None = None  # per-connection cgroups seen at once (sandboxd's concurrent phase only)
+    tool: str = "sandboxd"
 
     @property
     def rate(self) -> float:
         return self.answered / self.seconds if self.seconds > 0 else 0.0
 
 
-def accept_one(path: str) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(CLIENT_TIMEOUT)
-        sock.connect(path)
+def accept_one(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as sock:
         return read_to_eof(sock)
 
 
-class ClientPhase:
-    """Connections to `path` from some client threads until a deadline or a connection budget."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    def __init__(self, path: str, seconds: float, budget: int) -> None:
-        self.path, self.seconds, self.budget = path, seconds, budget
+
+class ClientPhase:
+    """Connections to `address` from some client threads until a deadline or a connection budget."""
+
+    def __init__(self, address: tuple[str, int], seconds: float, budget: int) -> None:
+        self.address, self.seconds, self.budget = address, seconds, budget
         self.lock = threading.Lock()
         self.claimed = self.answered = self.failed = 0
         self.errors: list[str] = []
@@ -799,7 +1100,7 @@ class ClientPhase:
     def client(self) -> None:
         while self.claim():
             try:
-                answer = accept_one(self.path)
+                answer = accept_one(self.address)
                 error = None if answer == ACCEPT_ANSWER else f"answer {answer!r}"
             except OSError as e:  # socket.timeout included
                 error = f"{type(e).__name__}: {e}"
@@ -810,14 +1111,15 @@ class ClientPhase:
                     self.failed += 1
                     self.errors.append(error)
 
-    def run(self, clients: int, stack: Stack) -> AcceptRun:
+    def run(self, clients: int, tool: str, stack: Stack | None = None) -> AcceptRun:
+        """With `stack` (sandboxd's) and more than one client, its per-connection cgroups are counted."""
         threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
         started = time.monotonic()
         self.deadline = started + self.seconds
         for thread in threads:
             thread.start()
         peak: int | None = None
-        if clients > 1:
+        if clients > 1 and stack is not None:
             peak = 0
             while any(thread.is_alive() for thread in threads):
                 peak = max(peak, len(instance_cgroups(stack)))
@@ -827,10 +1129,10 @@ class ClientPhase:
             thread.join(max(0.0, hard_deadline - time.monotonic()))
         elapsed = time.monotonic() - started
         if any(thread.is_alive() for thread in threads):
-            problem(f"accept mode: a client thread still runs {elapsed:.0f} s after the phase began")
+            problem(f"accept mode, {tool}: a client thread still runs {elapsed:.0f} s after the phase began")
         for error in sorted(set(self.errors)):
-            problem(f"accept mode, {clients} client(s): {self.errors.count(error)} connection(s) failed: {error}")
-        return AcceptRun(clients, self.answered, self.failed, elapsed, peak)
+            problem(f"accept mode, {tool}, {clients} client(s): {self.errors.count(error)} connection(s) failed: {error}")
+        return AcceptRun(clients, self.answered, self.failed, elapsed, peak, tool)
 
 
 def instance_cgroups(stack: Stack) -> list[str]:
@@ -841,26 +1143,71 @@ def instance_cgroups(stack: Stack) -> list[str]:
         return []
 
 
-def accept_mode(root: Path, seconds: float, budgets: dict[int, int], logs: Path) -> list[AcceptRun]:
-    stack = make_accept_stack(root)
-    results = []
-    with running(lambda: spawn_sandboxd(stack, logs)) as run:
-        wait_summary(run)
-        time.sleep(ON_DEMAND_SETTLE)
-        ClientPhase(stack.paths[0], seconds, 20).run(1, stack)  # warm-up, not counted
-        for clients, budget in budgets.items():
-            time.sleep(0.3)
-            result = ClientPhase(stack.paths[0], seconds, budget).run(clients, stack)
-            results.append(result)
+def wait_listening(run: Running, port: int, timeout: float = 10.0) -> None:
+    """Until a connection to 127.0.0.1:port is accepted (and answered: it runs a sandbox too)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            accept_one(("127.0.0.1", port))
+            return
+        except ConnectionRefusedError:
             check_alive(run)
-            peak = f", at most {result.peak_cgroups} per-connection cgroups at once" if result.peak_cgroups is not None else ""
-            note(f"  {clients} client(s): {result.answered} answered, {result.failed} failed in {result.seconds:.2f} s{peak}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{run.kind}: nothing listens on 127.0.0.1:{port} after {timeout:g} s:\n{run.tail()}") from None
+            time.sleep(0.01)
+
+
+def wait_no_children(tool: str, run: Running) -> None:
+    """A peer's per-connection sandboxes must end once the clients are done."""
+    deadline = time.monotonic() + GONE_TIMEOUT
+    while (left := children(run.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if left:
+        problem(f"accept mode, {tool}: {len(left)} per-connection process(es) still there {GONE_TIMEOUT:g} s after the last client")
+
+
+def accept_mode(root: Path, seconds: float, budgets: dict[int, int], rounds: int, tools: Sequence[str], logs: Path) -> list[AcceptRun]:
+    """sandboxd and each accept-mode peer serve at once, each on a port of its own; per round and
+    client count, one phase against each in turn."""
+    ports = {tool: free_port() for tool in ("sandboxd", *tools)}
+    stack = make_accept_stack(root, ports["sandboxd"])
+    quiet = {"SYSTEMD_LOG_LEVEL": "warning"}  # systemd-socket-activate: no line per connection
+    results = []
+    with ExitStack() as servers:
+        sandboxd = servers.enter_context(running(lambda: spawn_sandboxd(stack, logs)))
+        wait_summary(sandboxd)
+        time.sleep(ON_DEMAND_SETTLE)
+        runs = {"sandboxd": sandboxd}
+        for tool in tools:
+            argv = peers.accept_argv(tool, ports[tool])
+            runs[tool] = servers.enter_context(running(functools.partial(spawn, f"accept-{tool}", argv, logs, quiet)))
+            wait_listening(runs[tool], ports[tool])
+        for tool, port in ports.items():
+            ClientPhase(("127.0.0.1", port), seconds, ACCEPT_WARM_UP).run(1, tool)  # warm-up, not counted
+        for round_ in range(rounds):
+            for clients, budget in budgets.items():
+                for tool, port in ports.items():
+                    time.sleep(0.3)
+                    result = ClientPhase(("127.0.0.1", port), seconds, budget).run(clients, tool, stack if tool == "sandboxd" else None)
+                    results.append(result)
+                    check_alive(runs[tool])
+                    peak = f", at most {result.peak_cgroups} per-connection cgroups at once" if result.peak_cgroups is not None else ""
+                    note(
+                        f"  #{round_ + 1} {tool}, {clients} client(s): {result.answered} answered, {result.failed} failed"
+                        f" in {result.seconds:.2f} s, {result.rate:.0f}/s{peak}"
+                    )
         deadline = time.monotonic() + GONE_TIMEOUT
         while (remaining := instance_cgroups(stack)) and time.monotonic() < deadline:
             time.sleep(0.01)
         if remaining:
             problem(f"accept mode: {len(remaining)} per-connection cgroups still there {GONE_TIMEOUT:g} s after the last client")
-        _, code = stop(run)
+        _, code = stop(sandboxd)
+        for tool in tools:
+            wait_no_children(tool, runs[tool])
+            _, peer_code = stop(runs[tool])
+            scan_peer_stderr(tool, runs[tool].stderr())
+            if peer_code not in (0, -signal.SIGINT):
+                problem(f"accept mode, {tool} exited {peer_code} after SIGINT:\n{runs[tool].tail()}")
     check_clean_after(stack, code)
     return results
 
@@ -1055,7 +1402,9 @@ def start_table(rows: list[StartRow], reps: int) -> list[str]:
     what = f"median of {reps}" if reps > 1 else "1 run"
     lines = [
         f"parallel start (until all N accept, {what}; stop = SIGINT to exit; launch = sandboxd's own 'launched in')",
-        f"  {'N':<5}{'sandboxd':<11}{'baseline':<11}{'ratio':<8}{'stop':<9}{'base stop':<11}{'launch':<10}target",
+        f"  cpu/svc = CPU of sandboxd up and its fork server until all N answered, start-up included, / N (target ≤ {TARGET_CPU_MS:g} ms);",
+        "  init/svc = run time of the sandboxes' inits by then (the forked set-up before exec, then dumb-init) / N",
+        f"  {'N':<6}{'sandboxd':<11}{'baseline':<11}{'ratio':<8}{'stop':<9}{'base stop':<11}{'launch':<10}{'cpu/svc':<10}{'init/svc':<10}target",
     ]
     for row in rows:
         s = row.median(row.sandboxd, lambda r: r.seconds)
@@ -1063,11 +1412,48 @@ def start_table(rows: list[StartRow], reps: int) -> list[str]:
         stop_s = row.median(row.sandboxd, lambda r: r.stop_seconds)
         stop_b = row.median(row.baseline, lambda r: r.stop_seconds)
         launch = row.median(row.sandboxd, lambda r: r.launch_all_ms)
+        cpu = row.median(row.sandboxd, lambda r: r.supervisor_cpu)
+        init = row.median(row.sandboxd, lambda r: r.init_cpu)
         ratio = ratio_text(s, b)
         target = f"≤ {TARGET_RATIO[row.n]:.2f}x" if row.n in TARGET_RATIO else ""
         launch_text = f"{launch:.0f} ms" if launch is not None else "—"
-        cells = f"  {row.n:<5}{fmt_s(s):<11}{fmt_s(b):<11}{ratio:<8}{fmt_s(stop_s):<9}{fmt_s(stop_b):<11}{launch_text:<10}"
-        lines.append((cells + target).rstrip())
+        cpu_text = f"{cpu * 1000 / row.n:.2f} ms" if cpu is not None else "—"
+        init_text = f"{init * 1000 / row.n:.2f} ms" if init is not None else "—"
+        cells = f"  {row.n:<6}{fmt_s(s):<11}{fmt_s(b):<11}{ratio:<8}{fmt_s(stop_s):<9}{fmt_s(stop_b):<11}{launch_text:<10}"
+        lines.append((cells + f"{cpu_text:<10}{init_text:<10}" + target).rstrip())
+    return lines
+
+
+def peers_table(rows: list[StartRow], reps: int, tools: Sequence[str], absent: dict[str, str]) -> list[str]:
+    """Every tool at every N: its time, over no isolation's, and sandboxd's over it."""
+    what = f"median of {reps} rounds" if reps > 1 else "1 round"
+    order = " → ".join(peers.LABEL[t] for t in ("none", "sandboxd", *tools))
+    lines = [
+        f"side by side: the same N services started at once, until every one has answered ({what}; each round {order})",
+        f"  program: python3 svc.py; from N = {SMALL_FROM} perl svc.pl; sockets bound first, the socket at fd 3;"
+        + " how each peer is run: scripts/bench_peers.py",
+        f"  {'N':<6}{'tool':<15}{'time':<10}{'vs none':<9}{'sandboxd ÷ it':<36}target",
+    ]
+    for row in rows:
+        base, ours = row.seconds("none"), row.seconds("sandboxd")
+        timed = {tool: row.seconds(tool) for tool in tools}
+        best = min((t for t in tools if timed[t] is not None), key=lambda t: timed[t] or 0.0, default=None)
+        for index, tool in enumerate(("none", *tools, "sandboxd")):
+            seconds = row.seconds(tool)
+            n_text = str(row.n) if index == 0 else ""
+            over = ratio_text(ours, seconds) if tool != "sandboxd" else ""
+            target = ""
+            if tool == "sandboxd":
+                if best is not None:
+                    over = f"{ratio_text(ours, timed[best])} ÷ best peer ({peers.LABEL[best]})"
+                if row.n in TARGET_PEER_RATIO:
+                    target = f"≤ {TARGET_PEER_RATIO[row.n]:.2f}x ÷ best peer"
+                elif row.n in TARGET_NONE_RATIO:
+                    target = f"≤ {TARGET_NONE_RATIO[row.n]:.2f}x vs none"
+            text = f"  {n_text:<6}{peers.LABEL[tool]:<15}{fmt_s(seconds, 3):<10}{ratio_text(seconds, base):<9}"
+            lines.append((text + f"{over:<36}" + target).rstrip())
+    for tool, hint in absent.items():
+        lines.append(f"  ({peers.LABEL.get(tool, tool)}: not run, not installed: {hint})")
     return lines
 
 
@@ -1075,13 +1461,14 @@ def network_table(rows: list[StartRow], reps: int) -> list[str]:
     """Private vs network start, and the network stack's teardown beside the private stop."""
     what = f"median of {reps}" if reps > 1 else "1 run"
     lines = [
-        f"services on one network (a veth each) vs private namespaces (until all N accept, {what}; private = the runs above)",
+        f"services on one network (a veth each) vs private namespaces (until all N accept, {what}; private = the runs above;"
+        + f" up to N = {NETWORK_MAX_N})",
         f"  teardown: gone = SIGINT until sandboxd exited and /run/sandboxd/STACK and {CGROUP_V2}/sandboxd/STACK are gone",
         f"  {'N':<5}{'private':<10}{'network':<10}{'ratio':<8}{'target':<9}{'stop priv':<11}{'stop net':<10}"
         + f"{'gone net':<10}{'beyond':<9}target",
     ]
-    lines += [network_line(row) for row in rows]
-    if not any(row.n in TARGET_NETWORK_RATIO for row in rows):
+    lines += [network_line(row) for row in rows if row.network]
+    if not any(row.n in TARGET_NETWORK_RATIO and row.network for row in rows):
         lines.append(f"  (targets at N = {', '.join(map(str, TARGET_NETWORK_RATIO))}: not measured in this run)")
     return lines
 
@@ -1100,25 +1487,43 @@ def network_line(row: StartRow) -> str:
     return start + f"{fmt_s(stop_priv):<11}{fmt_s(stop_net):<10}{fmt_s(gone):<10}{beyond:<9}< {TARGET_TEARDOWN_S:g} s"
 
 
-def latency_line(latencies: list[float], runs: int) -> str:
+def latency_lines(found: Latency) -> list[str]:
+    latencies = found.launches
     if not latencies:
-        return "launch latency: no figures"
+        return ["launch latency: no figures"]
     spread = f"min {min(latencies):.1f}, max {max(latencies):.1f}"
-    return (
-        f"launch latency (request to exec, median of {len(latencies)} of {runs} runs): "
-        f"{statistics.median(latencies):.1f} ms ({spread})   target ≤ {TARGET_LATENCY_MS:g} ms"
-    )
+    ours = statistics.median(latencies)
+    lines = [
+        f"launch latency (request to exec, median of {len(latencies)} of {found.runs} runs): "
+        f"{ours:.1f} ms ({spread})   target ≤ {TARGET_LATENCY_MS:g} ms",
+        f"  beside it, whole processes (spawn to reaped, {TRUE_PER_ROUND} of each after every run above; options as in the side-by-side table):",
+        f"  {'process':<40}{'median':<11}{'runs':<6}{'sandboxd ÷ it':<15}target",
+    ]
+    for label, values in found.whole.items():
+        median = statistics.median(values) if values else None
+        target = "≤ 1.00x" if label.startswith("unshare") else ""
+        over = ratio_text(ours, median)
+        lines.append(f"  {label:<40}{ms_stats(values):<11}{len(values):<6}{over:<15}{target}".rstrip())
+    return lines
 
 
 def memory_lines(mem: Memory) -> list[str]:
     extra = (mem.sandbox_pss_kib - mem.baseline_pss_kib) / MIB
-    own = f"sandboxd RSS {mem.rss_kib / MIB:.1f} MiB (PSS {mem.pss_kib / MIB:.1f} MiB)"
+    own = f"sandboxd RSS {mem.rss_kib / MIB:.1f} MiB (PSS {mem.pss_kib / MIB:.1f} MiB), supervisor and fork server"
+    supervisor = f"supervisor (sandboxd up) RSS {mem.supervisor_kib[0] / MIB:.1f} MiB (PSS {mem.supervisor_kib[1] / MIB:.1f} MiB)"
+    fork_server = f"fork server RSS {mem.fork_server_kib[0] / MIB:.1f} MiB (PSS {mem.fork_server_kib[1] / MIB:.1f} MiB)"
     parts = f"{mem.sandbox_pss_kib / MIB:.2f} sandboxed - {mem.baseline_pss_kib / MIB:.2f} baseline, PSS per service"
     per = f"init PSS {mem.init_pss_kib / MIB:.2f} MiB, all-in {extra:.2f} MiB ({parts})"
-    return [
-        f"memory with {MEMORY_N} running: {own}   target ≤ {TARGET_RSS_MIB:g} MiB",
+    lines = [
+        f"memory with {MEMORY_N} running: {own}   target ≤ {TARGET_RSS_MIB:g} MiB RSS",
+        f"  {supervisor}",
+        f"  {fork_server}: what the fork server adds",
         f"  per sandbox: {per}   target ≤ {TARGET_PER_SANDBOX_MIB:g} MiB",
     ]
+    if mem.peer_pss_kib:
+        each = ", ".join(f"{peers.LABEL[tool]} {(pss - mem.baseline_pss_kib) / MIB:.2f} MiB" for tool, pss in mem.peer_pss_kib.items())
+        lines.append(f"  per sandbox, the peers (PSS of every process below the launcher / N - baseline): {each}")
+    return lines
 
 
 def ms_stats(values: list[float]) -> str:
@@ -1142,18 +1547,36 @@ def on_demand_lines(found: OnDemand) -> list[str]:
     ]
 
 
-def accept_lines(runs: list[AcceptRun], seconds: float) -> list[str]:
-    what = f"sh -c 'echo ok >&3' on a unix socket, max_connections {ACCEPT_MAX_CONNECTIONS}, up to {seconds:g} s a phase"
+def accept_lines(runs: list[AcceptRun], seconds: float, budgets: dict[int, int], absent: dict[str, str]) -> list[str]:
+    rounds = max((sum(1 for r in runs if r.tool == "sandboxd" and r.clients == c) for c in budgets), default=0)
+    what = (
+        f"sh's builtin echo writes ok, on 127.0.0.1 over tcp; up to {seconds:g} s or "
+        + " / ".join(str(b) for b in budgets.values())
+        + f" connections a phase; median of {rounds} round(s), interleaved"
+    )
     lines = [
-        f"accept mode (connections per second, a sandbox and cgroup of its own each; {what})",
-        f"  {'clients':<9}{'answered':<10}{'failed':<8}{'seconds':<9}{'per second':<12}{'peak cgroups':<14}target",
+        f"accept mode (connections per second, a sandbox of its own each, for sandboxd also a cgroup; {what})",
+        f"  sandboxd: accept: true, max_connections {ACCEPT_MAX_CONNECTIONS}, the connection at fd 3; the peers: as stdin and stdout",
+        f"  {'clients':<9}{'tool':<34}{'answered':<10}{'failed':<8}{'per second':<12}{'sandboxd ÷ it':<17}{'peak cgroups':<14}target",
     ]
-    for run in runs:
-        peak = str(run.peak_cgroups) if run.peak_cgroups is not None else "—"
-        target = f"≥ {TARGET_ACCEPT_RATE[run.clients]:g}/s" if run.clients in TARGET_ACCEPT_RATE else ""
-        rate = f"{run.rate:.0f}/s"
-        lines.append(f"  {run.clients:<9}{run.answered:<10}{run.failed:<8}{run.seconds:<9.2f}{rate:<12}{peak:<14}{target}".rstrip())
-    lines.append(f"  (for comparison: {ACCEPT_COMPARISON})")
+    for clients in budgets:
+        mine = [r for r in runs if r.clients == clients]
+        rate = {tool: statistics.median([r.rate for r in mine if r.tool == tool]) for tool in dict.fromkeys(r.tool for r in mine)}
+        for index, tool in enumerate(rate):
+            of_tool = [r for r in mine if r.tool == tool]
+            peaks = [r.peak_cgroups for r in of_tool if r.peak_cgroups is not None]
+            peak = str(max(peaks)) if peaks else "—"
+            over = ratio_text(rate.get("sandboxd"), rate[tool]) if tool != "sandboxd" else ""
+            target = f"≥ {TARGET_ACCEPT_RATIO:.2f}x nsjail" if tool == "sandboxd" else ""
+            if tool == "sandboxd" and "nsjail" in rate:
+                over = f"{ratio_text(rate['sandboxd'], rate['nsjail'])} ÷ nsjail"
+            clients_text = str(clients) if index == 0 else ""
+            answered, failed = sum(r.answered for r in of_tool), sum(r.failed for r in of_tool)
+            per_second = f"{rate[tool]:.0f}/s"
+            cells = f"  {clients_text:<9}{peers.ACCEPT_LABEL[tool]:<34}{answered:<10}{failed:<8}{per_second:<12}"
+            lines.append((cells + f"{over:<17}{peak:<14}{target}").rstrip())
+    for tool, hint in absent.items():
+        lines.append(f"  ({peers.ACCEPT_LABEL[tool]}: not run, not installed: {hint})")
     return lines
 
 
@@ -1198,19 +1621,27 @@ def leftovers() -> list[str]:
 # ───────────────────────────── main ─────────────────────────────
 
 
+SECTIONS = ("start", "latency", "memory", "on-demand", "accept", "control", "proxy", "images", "userns")
+PEER_SECTIONS = ("start", "latency", "memory", "accept")  # `--only peers`: where the peers run
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="N = 10 and 50 only, 1 repetition, 5 latency runs, 3 on-demand runs, 2 s accept-mode phases, 2 API runs",
+        help="N = 10 and 50 only, 1 repetition, 5 latency runs, 3 on-demand runs, 2 s accept-mode phases (1 round), 2 API runs",
     )
-    parser.add_argument("--sizes", help="comma-separated service counts (default 10,50,100)")
-    parser.add_argument("--reps", type=int, help="repetitions of each parallel start (default 3)")
+    parser.add_argument("--sizes", help=f"comma-separated service counts (default 10,50,100,{SMALL_FROM})")
+    parser.add_argument("--reps", type=int, help="repetitions (rounds) of each parallel start and accept-mode phase (default 3)")
     parser.add_argument("--latency-runs", type=int, help="runs of the 1-service stack (default 15)")
-    parser.add_argument("--only", choices=["userns"], help="run this section alone")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated sections to run: {', '.join(SECTIONS)}, or peers ({', '.join(PEER_SECTIONS)}); default all",
+    )
     args = parser.parse_args(argv)
-    args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([10, 50] if args.quick else [10, 50, 100])
+    default_sizes = [10, 50] if args.quick else [10, 50, 100, SMALL_FROM]
+    args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else default_sizes
     args.reps = args.reps or (1 if args.quick else 3)
     args.latency_runs = args.latency_runs or (5 if args.quick else 15)
     args.on_demand_runs = 3 if args.quick else 10
@@ -1219,58 +1650,77 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.accept_budgets = {1: 200, ACCEPT_CLIENTS: 800} if args.quick else {1: 500, ACCEPT_CLIENTS: 2000}
     args.ps_runs = 20
     args.api_runs = 2 if args.quick else 5
+    chosen = [name.strip() for name in args.only.split(",")] if args.only else list(SECTIONS)
+    unknown = [name for name in chosen if name not in (*SECTIONS, "peers")]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}, peers")
+    args.sections = {section for name in chosen for section in (PEER_SECTIONS if name == "peers" else (name,))}
     return args
 
 
 def bench(args: argparse.Namespace, root: Path) -> list[str]:
     import bench_userns  # section 10: what the default user namespace costs per launch
 
-    if args.only == "userns":
-        note("user namespaces: launches with and without, alternating")
-        return [header(), *bench_userns.userns_section(root, args.quick, problem)]
     logs = root / "logs"
-    stacks = {n: make_stack(root, n) for n in sorted({*args.sizes, 1, MEMORY_N})}
-    net_stacks = {n: make_stack(root, n, network=True) for n in args.sizes}
-    warm = min(args.sizes)
-    note(f"warm-up (N={warm}, not counted)")
-    start_sandboxd(stacks[warm], logs)
-    start_baseline(stacks[warm], logs)
-    start_sandboxd(net_stacks[warm], logs)
-    rows = []
+    on = args.sections
+    absent = peers.missing(peers.PEERS)
+    tools = [tool for tool in peers.PEERS if tool not in absent]
+    accept_absent = peers.missing(peers.ACCEPT_PEERS)
+    accept_tools = [tool for tool in peers.ACCEPT_PEERS if tool not in accept_absent]
+    for tool, hint in {**absent, **accept_absent}.items():
+        problem(f"{tool} is not installed ({hint}): not run")
+    sizes = []
     for n in args.sizes:
-        note(f"parallel start, N={n}")
-        rows.append(parallel_start(stacks[n], net_stacks[n], args.reps, logs))
-    note(f"launch latency, {args.latency_runs} runs")
-    latencies = launch_latency(stacks[1], args.latency_runs, logs)
-    note(f"memory, N={MEMORY_N}")
-    mem = memory(stacks[MEMORY_N], logs)
-    note(f"first connection: on-demand and own start, {args.on_demand_runs} runs; eager, {args.eager_runs} connections")
-    first = on_demand(root, args.on_demand_runs, args.eager_runs, logs)
-    note(f"accept mode: 1 client, then {ACCEPT_CLIENTS}, up to {args.accept_seconds:g} s each")
-    accepted = accept_mode(root, args.accept_seconds, args.accept_budgets, logs)
-    note(f"control plane: ps --json, {args.ps_runs} runs; Python API up and down, {args.api_runs} runs")
-    control = control_plane(root, args.ps_runs, args.api_runs)
-    import bench_real  # sections 8 and 9: the proxy and images (see its docstring)
+        if (why := room_for(n)) is not None:
+            problem(f"parallel start of {n} not run: {why}")
+        else:
+            sizes.append(n)
+    stacks = {n: make_stack(root, n) for n in sorted({*sizes, 1, MEMORY_N})}
+    net_stacks = {n: make_stack(root, n, network=True) for n in sizes if n <= NETWORK_MAX_N}
+    lines = [header()]
+    if "start" in on and sizes:
+        warm = min(sizes)
+        note(f"warm-up (N={warm}, not counted)")
+        start_baseline(stacks[warm], logs)
+        start_sandboxd(stacks[warm], logs)
+        for tool in tools:
+            start_peer(tool, stacks[warm], logs)
+        if warm in net_stacks:
+            start_sandboxd(net_stacks[warm], logs)
+        rows = []
+        for n in sizes:
+            note(f"parallel start, N={n}: baseline, sandboxd, {', '.join(tools)}{', network' if n in net_stacks else ''}")
+            rows.append(parallel_start(stacks[n], net_stacks.get(n), tools, args.reps, logs))
+        lines += [*start_table(rows, args.reps), *peers_table(rows, args.reps, tools, absent), *network_table(rows, args.reps)]
+    if "latency" in on:
+        note(f"launch latency, {args.latency_runs} runs, whole processes beside it")
+        lines += latency_lines(launch_latency(stacks[1], args.latency_runs, logs))
+    if "memory" in on:
+        note(f"memory, N={MEMORY_N}: sandboxd, baseline, {', '.join(tools)}")
+        lines += memory_lines(memory(stacks[MEMORY_N], tools, logs))
+    if "on-demand" in on:
+        note(f"first connection: on-demand and own start, {args.on_demand_runs} runs; eager, {args.eager_runs} connections")
+        lines += on_demand_lines(on_demand(root, args.on_demand_runs, args.eager_runs, logs))
+    if "accept" in on:
+        note(f"accept mode: sandboxd, {', '.join(accept_tools)}; 1 client, then {ACCEPT_CLIENTS}, up to {args.accept_seconds:g} s each, {args.reps} round(s)")
+        accepted = accept_mode(root, args.accept_seconds, args.accept_budgets, args.reps, accept_tools, logs)
+        lines += accept_lines(accepted, args.accept_seconds, args.accept_budgets, accept_absent)
+    if "control" in on:
+        note(f"control plane: ps --json, {args.ps_runs} runs; Python API up and down, {args.api_runs} runs")
+        lines += control_lines(control_plane(root, args.ps_runs, args.api_runs))
+    if "proxy" in on or "images" in on:
+        import bench_real  # sections 8 and 9: the proxy and images (see its docstring)
 
-    note("proxy overhead: nginx direct vs through the proxy, ab")
-    proxy = bench_real.proxy_section(root, args.quick, problem)
-    note("images: build and launch on an image")
-    image = bench_real.image_section(root, args.quick, problem)
-    note("user namespaces: launches with and without, alternating")
-    userns = bench_userns.userns_section(root, args.quick, problem)
-    tables = [*start_table(rows, args.reps), *network_table(rows, args.reps)]
-    return [
-        header(),
-        *tables,
-        latency_line(latencies, args.latency_runs),
-        *memory_lines(mem),
-        *on_demand_lines(first),
-        *accept_lines(accepted, args.accept_seconds),
-        *control_lines(control),
-        *proxy,
-        *image,
-        *userns,
-    ]
+        if "proxy" in on:
+            note("proxy overhead: nginx direct vs through the proxy, ab")
+            lines += bench_real.proxy_section(root, args.quick, problem)
+        if "images" in on:
+            note("images: build and launch on an image")
+            lines += bench_real.image_section(root, args.quick, problem)
+    if "userns" in on:
+        note("user namespaces: launches with and without, alternating")
+        lines += bench_userns.userns_section(root, args.quick, problem)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1280,6 +1730,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if before := leftovers():
         note(f"note: present before the bench started (another stack running?): {', '.join(before)}")
+    nofile = raise_nofile()
+    note(f"RLIMIT_NOFILE {nofile} (raised for the bench, sandboxd and the launchers)")
     root = Path(tempfile.mkdtemp(prefix="sbdbench-"))
     try:
         lines = bench(args, root)
@@ -1292,7 +1744,7 @@ def main(argv: list[str] | None = None) -> int:
         print("problems seen:")
         print("\n".join(f"  - {p}" for p in problems))
     if odd_lines:
-        print("sandboxd stderr lines worth a look (numbers folded to N):")
+        print("stderr lines worth a look, sandboxd's and the peers' ([tool] in front), numbers folded to N:")
         print("\n".join(f"  {count}x {line}" for line, count in sorted(odd_lines.items(), key=lambda item: -item[1])))
     return 0
 

@@ -13,13 +13,30 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 CGROUP_BASE = Path("/sys/fs/cgroup/unified/sandboxd") if Path("/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup/sandboxd")
 RUNTIME = Path("/run/sandboxd")
+# Seconds after which a wait for an event (a line, an exit, a state) gives up and fails. Only a
+# hang ever reaches it: every wait ends as soon as its event happens, so on any machine, however
+# slow or busy, the outcome is decided by events, never by this bound.
+HANG = 60.0
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = HANG) -> T:
+    """The first true value of `condition()`, asked again until it comes. Fails, naming `what` it
+    waited for, only if it never comes (a hang)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout:g} s for {what}")
+        time.sleep(0.02)
+    return value
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -91,7 +108,9 @@ def nothing_left_behind(socket_dir: Path) -> Iterator[None]:
     before = leftovers()
     assert not before, f"the machine was not clean before the test: {before}"
     yield
-    deadline = time.monotonic() + 3
+    # Objects go away a moment after sandboxd exits (a killed process is reaped, a cgroup emptied):
+    # wait for that; the bound only ends a wait that would never end.
+    deadline = time.monotonic() + HANG
     while (found := leftovers(socket_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not found, f"left behind: {found}"
@@ -148,7 +167,7 @@ class Stack:
             if data:
                 setattr(self, attr, getattr(self, attr) + data.decode(errors="replace"))
 
-    def wait_for(self, text: str, stream: str = "any", timeout: float = 15.0) -> str:
+    def wait_for(self, text: str, stream: str = "any", timeout: float = HANG) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._read()
@@ -169,14 +188,14 @@ class Stack:
         prefix = f"{service} "
         return [line.split("| ", 1)[1] for line in self.out.splitlines() if line.startswith(prefix) and "| " in line]
 
-    def wait_lines(self, service: str, count: int, timeout: float = 15.0) -> list[str]:
+    def wait_lines(self, service: str, count: int, timeout: float = HANG) -> list[str]:
         """The service's output once it has printed at least `count` lines."""
         deadline = time.monotonic() + timeout
         while len(lines := self.lines(service)) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return lines
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = HANG) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
@@ -188,7 +207,7 @@ class Stack:
         self._read()
         return self.proc.returncode
 
-    def wait_exit(self, timeout: float = 30.0) -> int:
+    def wait_exit(self, timeout: float = HANG) -> int:
         self.proc.wait(timeout)
         self._read()
         return self.proc.returncode

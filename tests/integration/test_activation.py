@@ -102,6 +102,7 @@ def test_service_failing_on_every_activation_hits_the_trigger_limit(run_stack, s
         kind: service
         start: on-demand
         restart: "no"
+        start_limit: {{burst: 5, interval: 1h}}  # longer than five activations take on any machine
         command: [sh, -c, "exit 1"]
         ---
         kind: socket

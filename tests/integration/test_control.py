@@ -8,10 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
-from conftest import write
+from conftest import HANG, wait_until, write
 
 SERVER = r'''
 import os, socket, sys
@@ -54,6 +54,26 @@ def _ask(address: str) -> str:
         return c.makefile().readline().strip()
 
 
+def _service(stack: str, name: str, verb: str = "ps") -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(sbd(verb, "--json", "-p", stack, name).stdout)["services"][0]
+    return found
+
+
+def _settled(stack: str, name: str) -> dict[str, Any]:
+    """The service's status once it is no longer starting."""
+
+    def settled() -> dict[str, Any] | None:
+        status = _service(stack, name)
+        return status if status["state"] != "starting" else None
+
+    return wait_until(settled, f"{name} to leave 'starting'")
+
+
+def _logs_with(stack: str, name: str, line: str, count: int) -> list[str] | None:
+    logs = sbd("logs", "-p", stack, name).stdout.splitlines()
+    return logs if logs.count(line) >= count else None
+
+
 def test_every_verb_against_a_detached_stack(spec_dir: Path) -> None:
     _stack(spec_dir)
     up = sbd("up", "-d", "-p", "ctl", str(spec_dir))
@@ -69,22 +89,24 @@ def test_every_verb_against_a_detached_stack(spec_dir: Path) -> None:
         assert {"uptime", "restarts", "ready", "status_text", "memory", "cpu_seconds"} <= set(services["api"])
 
         sbd("stop", "-p", "ctl", "worker")
-        assert json.loads(sbd("status", "--json", "-p", "ctl", "worker").stdout)["services"][0]["state"] == "stopped"
+        assert _service("ctl", "worker", "status")["state"] == "stopped"
+        # start and restart answer once the launch is under way, not once it is done: wait for
+        # the service to leave "starting" (see the report of issue 11's speed audit).
         sbd("start", "-p", "ctl", "worker")
-        assert json.loads(sbd("ps", "--json", "-p", "ctl", "worker").stdout)["services"][0]["state"] == "running"
+        assert _settled("ctl", "worker")["state"] == "running"
 
         old_pid = services["api"]["pid"]
         sbd("restart", "-p", "ctl", "api")
-        after = json.loads(sbd("ps", "--json", "-p", "ctl", "api").stdout)["services"][0]
-        assert after["pid"] != old_pid and _ask(address) == "hello"  # the same socket, a new sandbox
+        after = _settled("ctl", "api")
+        assert after["state"] == "running" and after["pid"] > 0 and after["pid"] != old_pid
+        assert _ask(address) == "hello"  # the same socket, a new sandbox
 
         sbd("kill", "-s", "SIGKILL", "-p", "ctl", "api")
-        deadline = time.monotonic() + 10
-        while json.loads(sbd("ps", "--json", "-p", "ctl", "api").stdout)["services"][0]["restarts"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: _service("ctl", "api")["restarts"] >= 1, "api to be restarted after SIGKILL")
         assert _ask(address) == "hello"
 
-        logs = sbd("logs", "-p", "ctl", "api").stdout.splitlines()
+        # Three sandboxes printed the line; sandboxd reads their output on its own time.
+        logs = wait_until(lambda: _logs_with("ctl", "api", "api | serving hello", 3), "three 'serving hello' lines in api's log")
         assert logs.count("api | serving hello") >= 3  # kept across restarts
         assert sbd("logs", "-p", "ctl", "--tail", "1", "api").stdout.strip() == "api | serving hello"
         assert "api" in sbd("stats", "--once", "-p", "ctl").stdout
@@ -116,10 +138,8 @@ def test_sigkill_of_a_detached_stack_then_down_leaves_nothing(spec_dir: Path) ->
     status = json.loads(sbd("ps", "--json", "-p", "doomed").stdout)
     service_pids = [s["pid"] for s in status["services"]]
     os.kill(status["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(Path(f"/proc/{p}").exists() for p in [status["pid"], *service_pids]) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(Path(f"/proc/{p}").exists() for p in service_pids)  # no service outlives sandboxd
+    # no service outlives sandboxd
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in [status["pid"], *service_pids]), "sandboxd and its services to end")
     result = sbd("down", "-p", "doomed")
     assert "removed what it left behind" in result.stdout
 
@@ -130,6 +150,8 @@ def test_invalid_spec_is_reported_by_up_d_at_once(spec_dir: Path) -> None:
     assert result.returncode == 2 and "restart: expected one of" in result.stderr
 
 
+# On SIGHUP it says RELOADING=1 and stays reloading until the test opens a gate (a file in its
+# spec folder): the test sees `sandboxd reload` wait for READY=1 for as long as it takes.
 RELOADER = r'''
 import os, signal, socket, time
 from systemd import daemon
@@ -138,7 +160,8 @@ def on_hup(*_):
     global generation
     daemon.notify("RELOADING=1")
     generation += 1
-    time.sleep(0.1)
+    while not os.path.exists("/t/reload-%d" % generation):
+        time.sleep(0.01)
     daemon.notify("READY=1\nSTATUS=generation %d" % generation)
 signal.signal(signal.SIGHUP, on_hup)
 daemon.notify("READY=1\nSTATUS=generation 0")
@@ -169,8 +192,18 @@ def test_exec_runs_inside_the_sandbox_and_reload_waits_for_ready(spec_dir: Path)
         assert "Read-only file system" in lines[2]
         failed = sbd("exec", "-p", "execs", "svc", "--", "sh", "-c", "exit 7", check=False)
         assert failed.returncode == 7
-        sbd("reload", "-p", "execs", "svc")
-        status = json.loads(sbd("ps", "--json", "-p", "execs").stdout)["services"][0]
+        reload = subprocess.Popen([sys.executable, "-m", "sandboxd", "reload", "-p", "execs", "svc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: _service("execs", "svc")["state"] == "reloading", "svc to say RELOADING=1")
+            assert reload.poll() is None  # still waiting: the service has not said READY=1 yet
+            (spec_dir / "reload-1").touch()
+            _, err = reload.communicate(timeout=HANG)
+        finally:
+            if reload.poll() is None:
+                reload.kill()
+                reload.wait()
+        assert reload.returncode == 0, err
+        status = _service("execs", "svc")
         assert status["state"] == "ready" and status["status_text"] == "generation 1"
     finally:
         sbd("down", "-p", "execs")

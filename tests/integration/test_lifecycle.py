@@ -8,7 +8,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import Stack, write
+from conftest import HANG, Stack, wait_until, write
 
 ACTIVATION_PROBE = r'''
 import json, os, socket
@@ -110,10 +110,19 @@ def test_socket_survives_service_crash_and_every_connection_is_answered(run_stac
     assert "crashy: running -> backoff: exited with code 1" in stack.err
 
 
-READY_LOGGER = r'''
-import socket, sys, time
+# Each service says it started, then becomes ready only once all six have started: each one leaves
+# a mark in a shared folder and waits for six marks (a barrier). If sandboxd held back any launch
+# until another service made progress, the barrier would never open; no sleep is assumed to be
+# long enough for the others to start.
+BARRIER_LOGGER = r'''
+import os, socket, sys, time
 print("start", time.monotonic(), flush=True)
-time.sleep(0.4)
+open(os.path.join("/marks", socket.gethostname()), "w").close()
+deadline = time.monotonic() + 60
+while len(os.listdir("/marks")) < 6:
+    if time.monotonic() > deadline:
+        sys.exit("the six services never ran at the same time")
+    time.sleep(0.01)
 sock = socket.socket(fileno=3)
 print("ready", time.monotonic(), flush=True)
 while True:
@@ -122,9 +131,25 @@ while True:
     conn.close()
 '''
 
+# Becomes ready (calls accept) only once a client waits in its queue: the client is sure to have
+# connected before the service was ready, however fast or slow the machine.
+QUEUE_LOGGER = r'''
+import select, socket, time
+sock = socket.socket(fileno=3)
+print("start", time.monotonic(), flush=True)
+select.select([sock], [], [])
+print("ready", time.monotonic(), flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.sendall(b"ok\n")
+    conn.close()
+'''
 
-def test_all_services_launched_before_any_became_ready(run_stack, spec_dir: Path, socket_dir: Path):
-    write(spec_dir, "svc.py", READY_LOGGER)
+
+def test_all_services_launched_before_any_became_ready(run_stack, spec_dir: Path, socket_dir: Path, tmp_path: Path):
+    write(spec_dir, "svc.py", BARRIER_LOGGER)
+    marks = tmp_path / "marks"
+    marks.mkdir()
     for i in range(6):
         write(
             spec_dir,
@@ -132,7 +157,7 @@ def test_all_services_launched_before_any_became_ready(run_stack, spec_dir: Path
             f"""
             kind: service
             command: [python3, /t/svc.py]
-            mounts: [{{source: ., target: /t}}]
+            mounts: [{{source: ., target: /t}}, {{source: {marks}, target: /marks, readonly: false}}]
             ---
             kind: socket
             listen: unix:{socket_dir}/s{i}.sock
@@ -146,11 +171,12 @@ def test_all_services_launched_before_any_became_ready(run_stack, spec_dir: Path
     assert len(starts) == 6 and len(readies) == 6
     # Structural, not a timing threshold: every service had started before the first was ready.
     assert max(starts) < min(readies)
+    assert sorted(p.name for p in marks.iterdir()) == [f"s{i}" for i in range(6)]
     assert stack.stop() == 0
 
 
 def test_client_connecting_before_service_is_ready_waits_and_is_answered(run_stack, spec_dir: Path, socket_dir: Path):
-    write(spec_dir, "svc.py", READY_LOGGER)
+    write(spec_dir, "svc.py", QUEUE_LOGGER)
     write(
         spec_dir,
         "slow.yaml",
@@ -166,13 +192,13 @@ def test_client_connecting_before_service_is_ready_waits_and_is_answered(run_sta
     stack = run_stack(spec_dir)
     stack.wait_up()
     c = socket.socket(socket.AF_UNIX)
-    c.settimeout(10)
+    c.settimeout(HANG)
+    connecting_at = time.monotonic()  # before connect(): the service may wake the moment it returns
     c.connect(str(socket_dir / "slow.sock"))  # before the service called accept
-    connected_at = time.monotonic()
     assert c.makefile().readline() == "ok\n"
     c.close()
     ready_at = float(next(l for l in stack.wait_lines("slow", 2) if l.startswith("ready")).split()[1])
-    assert connected_at < ready_at
+    assert connecting_at < ready_at
     assert stack.stop() == 0
 
 
@@ -215,15 +241,18 @@ def test_service_that_forks_many_processes_is_killed_as_one(run_stack, spec_dir:
 
 
 def test_restarts_give_up_after_five_failures_while_others_keep_running(run_stack, spec_dir: Path):
-    write(spec_dir, "bad.yaml", "kind: service\ncommand: [sh, -c, 'exit 3']\nrestart_delay: 10ms\n")
+    # The interval is far longer than five starts can take on any machine, so exactly the fifth
+    # start is the last (the default of 10 s is checked in tests/unit/test_spec.py).
+    write(spec_dir, "bad.yaml", "kind: service\ncommand: [sh, -c, 'exit 3']\nrestart_delay: 10ms\nstart_limit: {burst: 5, interval: 1h}\n")
     write(spec_dir, "good.yaml", "kind: service\ncommand: [sh, -c, 'echo alive; exec sleep 1000']\n")
     stack = run_stack(spec_dir)
-    stack.wait_for("gave up after 5 starts within 10 s", "err")
+    stack.wait_for("gave up after 5 starts within 3600 s", "err")
     assert stack.proc.poll() is None  # good still runs, so the stack stays up
     assert "good: running ->" not in stack.err
-    assert stack.lines("good") == ["alive"]
+    assert stack.wait_lines("good", 1) == ["alive"]  # printed by now, or a moment later
     assert stack.stop() == 0
-    assert "-> failed: exited with code 3; gave up after 5 starts within 10 s (start_limit; the others keep running)" in stack.err
+    assert stack.err.count("bad: backoff -> starting: restart #") == 4  # the first start and four restarts
+    assert "-> failed: exited with code 3; gave up after 5 starts within 3600 s (start_limit; the others keep running)" in stack.err
 
 
 def test_stack_exits_when_every_service_is_done(run_stack, spec_dir: Path):
@@ -241,10 +270,7 @@ def test_sandboxd_killed_takes_its_services_with_it_and_next_run_cleans_up(run_s
     assert pids
     stack.proc.send_signal(signal.SIGKILL)
     stack.proc.wait()
-    deadline = time.monotonic() + 5
-    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(Path(f"/proc/{p}").exists() for p in pids), "a service outlived sandboxd"
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), "the services to end with sandboxd (a service outlived it)")
     assert Path("/run/sandboxd/stack/state.json").exists()  # what the dead run left, recorded
     other = tmp_path / "other"
     other.mkdir()

@@ -24,41 +24,44 @@ def host_routes_into(net: ipaddress.IPv4Network) -> list[str]:
     return found
 
 
+# It binds its own sockets (no socket activation), UDP first: once TCP answers, UDP is bound too.
 ECHO_SERVER = r'''
 import socket, sys, threading
-def tcp():
-    s = socket.create_server(("::", 7000), family=socket.AF_INET6, dualstack_ipv6=True)
-    while True:
-        c, a = s.accept()
-        c.sendall(b"tcp hello from " + socket.gethostname().encode() + b"\n")
-        c.close()
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+u.bind(("::", 7001))
 def udp():
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", 7001))
     while True:
-        data, a = s.recvfrom(100)
-        s.sendto(b"udp " + data, a)
+        data, a = u.recvfrom(100)
+        u.sendto(b"udp " + data, a)
 threading.Thread(target=udp, daemon=True).start()
+s = socket.create_server(("::", 7000), family=socket.AF_INET6, dualstack_ipv6=True)
 print("serving", flush=True)
-tcp()
+while True:
+    c, a = s.accept()
+    c.sendall(b"tcp hello from " + socket.gethostname().encode() + b"\n")
+    c.close()
 '''
 
+# Started with the server, so it may connect before the server listens: refused until then,
+# asked again until the server listens (a bound only ends a hang).
 CLIENT = r'''
 import json, socket, time
-time.sleep(0.2)
 out = {}
+deadline = time.monotonic() + 60
 for family in (socket.AF_INET, socket.AF_INET6):
     addr = socket.getaddrinfo("server", 7000, family, socket.SOCK_STREAM)[0][4]
-    for attempt in range(50):
+    while True:
         try:
-            c = socket.create_connection(addr[:2], timeout=3)
+            c = socket.create_connection(addr[:2], timeout=30)
             break
         except ConnectionRefusedError:
-            time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
     out["tcp" + family.name] = c.makefile().readline().strip()
     u = socket.socket(family, socket.SOCK_DGRAM)
-    u.settimeout(3)
+    u.settimeout(30)
     u.sendto(b"ping", socket.getaddrinfo("server", 7001, family, socket.SOCK_DGRAM)[0][4])
     out["udp" + family.name] = u.recv(100).decode()
 print("RESULT " + json.dumps(out), flush=True)
@@ -171,7 +174,7 @@ def _namespace_socket_stack(spec_dir: Path, client_command: str) -> None:
 
 def test_socket_bound_in_a_services_namespace_is_reachable_from_the_network_only(run_stack, spec_dir: Path):
     _namespace_socket_stack(
-        spec_dir, "import socket\\nc = socket.create_connection(('api', 7100), timeout=5)\\nprint('GOT', c.makefile().readline().strip())"
+        spec_dir, "import socket\\nc = socket.create_connection(('api', 7100), timeout=30)\\nprint('GOT', c.makefile().readline().strip())"
     )
     stack = run_stack(spec_dir)
     stack.wait_for("peer | GOT", "out")
@@ -190,7 +193,7 @@ def test_restarted_service_keeps_its_address_and_in_namespace_socket(run_stack, 
         "import socket, time\\n"
         "answers = []\\n"
         "for i in range(6):\\n"
-        "    c = socket.create_connection(('10.213.77.10', 7100), timeout=10)\\n"
+        "    c = socket.create_connection(('10.213.77.10', 7100), timeout=30)\\n"
         "    answers.append(c.makefile().readline().strip())\\n"
         "print('ANSWERS', len(answers), len(set(answers)))"
     )
@@ -217,7 +220,7 @@ def test_socket_on_the_host_served_by_a_private_service_answers_from_the_host(ru
     )
     stack = run_stack(spec_dir)
     port = int(stack.wait_for("tcp:127.0.0.1:", "err").split("tcp:127.0.0.1:")[1].split()[0])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
         assert c.makefile().readline().strip() == "answer from api pid 2"
     assert stack.stop() == 0
 

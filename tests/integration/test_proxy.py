@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import HANG, wait_until
 
 
-# An echo server that knows nothing of socket activation: it binds its own address, late.
+# An echo server that knows nothing of socket activation: it binds its own address, late with
+# GATE (only once the test has made the file: after its clients connected, on any machine).
 ECHO = r'''
 import os, socket, sys, threading, time
-time.sleep(float(os.environ.get("DELAY", "0")))
+while os.environ.get("GATE") and not os.path.exists(os.environ["GATE"]):
+    time.sleep(0.01)
 if os.environ.get("UDP_TOO"):  # a UDP server on the same address and port as the proxy's target
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", int(sys.argv[1])))
@@ -40,14 +44,16 @@ while True:
 '''
 
 
-def echo_once(address: tuple[str, int] | str, payload: bytes, timeout: float = 20.0) -> bytes:
-    """Send and read the answer as request/response protocols do. (No half-close: the proxy,
-    systemd-socket-proxyd, ends a connection at the first EOF of either side.)"""
+def echo_once(address: tuple[str, int] | str, payload: bytes, timeout: float = HANG, connected: Callable[[], object] = lambda: None) -> bytes:
+    """Send and read the answer as request/response protocols do (`connected` is called once
+    connect() returned). No half-close: the proxy, systemd-socket-proxyd, ends a connection at
+    the first EOF of either side."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     expected = len(b"echo:" + payload)
     with socket.socket(family) as client:
         client.settimeout(timeout)
         client.connect(address)
+        connected()
         client.sendall(payload)
         answer = b""
         while len(answer) < expected and (chunk := client.recv(4096)):
@@ -59,16 +65,18 @@ def port_of(stack, socket_text: str = "tcp:127.0.0.1:") -> int:
     return int(stack.wait_for(socket_text, "err").split(socket_text)[1].split()[0])
 
 
-def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay: str = "0", handoff: bool = False, showpeer: bool = False, env: str = "") -> None:
-    """An echo program behind a proxy socket; forwarding unless `handoff`."""
+def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", gated: bool = False, handoff: bool = False, showpeer: bool = False, env: str = "") -> None:
+    """An echo program behind a proxy socket; forwarding unless `handoff`. With `gated` it binds
+    only once the file spec_dir/gate exists."""
     (spec_dir / "echo.py").write_text(ECHO)
     peer = ', SHOWPEER: "1"' if showpeer else ""
+    peer += ', GATE: "/app/gate"' if gated else ""
     argument = target.rsplit(":", 1)[-1] if target.startswith("tcp:") else target.removeprefix("unix:")
     service = [
         "kind: service",
         f'command: [python3, /app/echo.py, "{argument}"]',
         "mounts: [{source: ., target: /app}]",
-        f'environment: {{DELAY: "{delay}", TAG: "echo:"{peer}{env}}}',
+        f'environment: {{TAG: "echo:"{peer}{env}}}',
         *extra.splitlines(),
     ]
     sock = ["kind: socket", f"listen: {listen}", f"proxy: {target}", f"handoff: {str(handoff).lower()}"]
@@ -76,22 +84,26 @@ def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", delay:
 
 
 def test_clients_that_connect_before_the_program_listens_wait_and_get_through(run_stack, spec_dir: Path) -> None:
-    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", delay="1")
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", gated=True)
     stack = run_stack(spec_dir)
     port = port_of(stack)
     results: dict[int, bytes] = {}
+    connected = threading.Semaphore(0)
 
     def client(n: int) -> None:
-        results[n] = echo_once(("127.0.0.1", port), f"hello {n}".encode())
+        results[n] = echo_once(("127.0.0.1", port), f"hello {n}".encode(), connected=connected.release)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
-    started = time.monotonic()
     for thread in threads:
         thread.start()
+    for _ in threads:
+        assert connected.acquire(timeout=HANG)  # connected, none refused
+    # The program cannot have listened yet: it waits for the gate, opened only now.
+    assert "listening" not in stack.out and "is forwarded to it" not in stack.err
+    (spec_dir / "gate").touch()
     for thread in threads:
-        thread.join(30)
-    assert results == {n: f"echo:hello {n}".encode() for n in range(20)}
-    assert time.monotonic() - started >= 0.9  # they were held until the program listened, not refused
+        thread.join(HANG)
+    assert results == {n: f"echo:hello {n}".encode() for n in range(20)}  # held until it listened
     assert "listens; socket echo is forwarded to it" in stack.err
     stack.stop()
 
@@ -135,15 +147,17 @@ def test_proxy_connections_are_bounded_by_max_connections(run_stack, spec_dir: P
     stack = run_stack(spec_dir)
     port = port_of(stack)
     assert echo_once(("127.0.0.1", port), b"first") == b"echo:first"
-    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    # Generous timeouts: each only ends a hang (the third connection is closed by the proxy, not
+    # left waiting; were it left waiting, recv() would time out and the test fail).
+    held = [socket.create_connection(("127.0.0.1", port), timeout=HANG) for _ in range(2)]
     try:
         for conn in held:
             conn.sendall(b"x")
             assert conn.recv(16) == b"echo:x"
-        third = socket.create_connection(("127.0.0.1", port), timeout=5)
+        third = socket.create_connection(("127.0.0.1", port), timeout=HANG)
         with third:
             third.sendall(b"y")
-            third.settimeout(5)
+            third.settimeout(HANG)
             try:
                 answer = third.recv(16)
             except ConnectionResetError:
@@ -157,10 +171,12 @@ def test_proxy_connections_are_bounded_by_max_connections(run_stack, spec_dir: P
 
 
 def test_program_that_binds_the_proxy_address_gets_the_socket_itself(run_stack, spec_dir: Path) -> None:
-    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", delay="0.5", handoff=True, showpeer=True)
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", gated=True, handoff=True, showpeer=True)
     stack = run_stack(spec_dir)
     port = port_of(stack)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:  # before the program binds
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG) as client:
+        assert "listening" not in stack.out  # before the program binds: it waits for the gate
+        (spec_dir / "gate").touch()
         client.sendall(b"direct")
         answer = b""
         while not answer.endswith(b"direct"):
@@ -200,6 +216,7 @@ def test_udp_server_on_the_proxy_address_keeps_its_own_socket(run_stack, spec_di
     stack = run_stack(spec_dir)
     port = port_of(stack)
     assert echo_once(("127.0.0.1", port), b"tcp") == b"echo:tcp"
+    stack.wait_for("echo | udp bound", "out")  # printed before the answer; forwarded by sandboxd on its own time
     assert any(line.startswith("udp bound ('127.0.0.1', 7000)") for line in stack.lines("echo"))
     assert stack.err.count("it gets socket echo instead") == 1
     stack.stop()
@@ -211,7 +228,7 @@ def test_forwarding_proxy_is_not_visible_inside_the_sandbox(run_stack, spec_dir:
     echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", extra="user: nobody", env=', SHOWPIDS: "1"')
     stack = run_stack(spec_dir)
     port = port_of(stack)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG) as client:
         client.sendall(b"x")
         answer = b""
         while not answer.endswith(b"x"):
@@ -227,7 +244,7 @@ def test_unix_target_that_the_sandbox_turns_into_a_symlink_does_not_reach_the_ho
     host = socket.socket(socket.AF_UNIX)
     host.bind(str(host_path))
     host.listen(8)
-    host.settimeout(0.5)
+    host.setblocking(False)  # looked at once the proxy has tried: a connection would be queued here
     swap = (
         "import os, socket, time\n"
         "s = socket.socket(socket.AF_UNIX); s.bind('/run/echo/echo.sock'); s.listen(8)\n"
@@ -240,20 +257,24 @@ def test_unix_target_that_the_sandbox_turns_into_a_symlink_does_not_reach_the_ho
         f"---\nkind: socket\nlisten: unix:{socket_dir}/front.sock\nproxy: unix:/run/echo/echo.sock\nhandoff: false\n"
     )
     stack = run_stack(spec_dir)
+    ended = "the proxy of socket echo ended"
     try:
         stack.wait_for("swapped", "out")
         stack.wait_for("is forwarded to it", "err")
         with socket.socket(socket.AF_UNIX) as client:
-            client.settimeout(2)
+            client.settimeout(HANG)
+            tries = stack.err.count(ended)
             client.connect(str(socket_dir / "front.sock"))
+            # A start of the proxy that ends after the client connected: it had the client's
+            # connection to pass on, so anything it reached would now wait in the host's queue.
+            wait_until(lambda: stack.err.count(ended) > tries or select.select([host], [], [], 0)[0], "the proxy to try and end")
             try:
                 conn, _ = host.accept()
                 conn.close()
                 reached = True
-            except TimeoutError:
+            except BlockingIOError:
                 reached = False
         assert not reached
-        stack.wait_for("the proxy of socket echo ended", "err")
     finally:
         stack.stop()
         host.close()

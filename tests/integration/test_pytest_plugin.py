@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from conftest import write
+from conftest import wait_until, write
 
 
 def test_fixture_brings_a_stack_up_with_overrides_and_real_addresses(sandboxd_stack, spec_dir: Path) -> None:
@@ -30,6 +30,9 @@ def test_fixture_brings_a_stack_up_with_overrides_and_real_addresses(sandboxd_st
     assert answers == ["first", "default"]
     assert first.address("api") != second.address("api")
     first.restart("api")
+    first.wait_ready()  # restart returns once the new sandbox is launched, not once it runs
+    # Its "up" reaches the log a moment after it is printed: wait for it, then count exactly.
+    wait_until(lambda: first.logs("api").splitlines().count("up") >= 2, "the restarted api's 'up' in its log")
     assert first.logs("api").splitlines().count("up") == 2
     inside = first.exec("api", ["hostname"])
     assert (inside.returncode, inside.stdout.strip()) == (0, "api")

@@ -88,11 +88,12 @@ def _http(path: Path, method: str, target: str, body: bytes = b"") -> tuple[int,
 def _psql(folder: Path, sql: str) -> str:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
     argv = ["psql", "-h", str(folder), "-p", "5432", "-U", "postgres", "-d", "postgres", "-Atq", "-v", "ON_ERROR_STOP=1", "-c", sql]
-    for _ in range(100):
+    deadline = time.monotonic() + 120
+    while True:
         result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60, env=env)
-        # PostgreSQL listens a few milliseconds before it accepts sessions (after a restart, say),
-        # and the proxy forwards as soon as it listens: a session in between is refused.
-        if "starting up" not in result.stderr:
+        # PostgreSQL listens a moment before it accepts sessions (after a restart, say), and a
+        # session in between is refused: ask again until it accepts (the bound only ends a hang).
+        if "starting up" not in result.stderr or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert result.returncode == 0, f"psql failed ({result.returncode}): {result.stderr}"

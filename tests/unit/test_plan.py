@@ -240,7 +240,7 @@ def test_home_folders_state_and_ssh_keys_are_hidden_from_the_host_root(tmp_path)
     p = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nuserns: false\n")["a"]
     masks = [m for m in p.mounts if m.kind == "mask" and not m.target.startswith(("/proc", "/sys"))]
     assert masks == [MountOp("mask", path) for path in ("/root", "/home", "/var/lib/sandboxd", "/etc/ssh/ssh_host_ed25519_key")]
-    assert p.mounts.index(masks[0]) < p.mounts.index(MountOp("dev", "/dev"))
+    assert p.mounts.index(masks[0]) > p.mounts.index(MountOp("dev", "/dev"))  # files are masked with its own /dev/null
 
 
 def test_a_mount_into_a_hidden_folder_gets_its_mount_point_and_one_onto_it_unhides_it(tmp_path):
@@ -276,3 +276,11 @@ def test_volumes_are_idmapped_with_only_the_stored_and_running_blocks_swapped():
         assert ranges[0][0] == 0 and ranges[-1][1] == MAX_ID
         assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
     assert swapped_id_map(100000, 165536, 65536).splitlines()[2] == "165536 100000 65536"  # adjacent blocks
+
+
+def test_masks_come_after_dev_and_hide_what_describes_the_host_kernel(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"]
+    kinds = [m.kind for m in p.mounts]
+    assert kinds.index("dev") < kinds.index("mask")  # files are masked with the sandbox's own /dev/null
+    masked = {m.target for m in p.mounts if m.kind == "mask"}
+    assert {"/sys/kernel/vmcoreinfo", "/sys/kernel/boot_params", "/proc/config.gz", "/proc/interrupts", "/sys/dev/block"} <= masked

@@ -530,8 +530,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert (web.workdir, web.hostname, web.restart, web.restart_delay) == ("/srv/www", "web.example", "no", 0.25)
     assert (web.stop_signal, web.stop_timeout, web.uses) == (signal.SIGINT, 60.0, ("db",))
     assert web.mounts == (
-        Mount(source=folder.resolve() / "data", target="/srv/data", readonly=False, line=12),
-        Mount(source=Path("/etc/hostname"), target="/etc/hostname", readonly=True, line=15),
+        Mount(source=folder.resolve() / "data", target="/srv/data", readonly=False, line=12, given="data"),
+        Mount(source=Path("/etc/hostname"), target="/etc/hostname", readonly=True, line=15, given="/etc/hostname"),
     )
     (db,) = stack.sockets
     assert (db.line, db.fdname, db.backlog, db.mode, db.reuseport) == (18, "database", 16, 0o600, True)

@@ -85,55 +85,47 @@ def _ensure_mountpoint(target: str, is_dir: bool) -> None:
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
-def _device_node_trees() -> dict[str, int]:
-    """In a user namespace there is no mknod: the host's nodes are attached instead, from detached
-    copies taken before anything of this mount namespace is made nodev (a bind of a nodev mount
-    is nodev, and a user namespace may not clear that)."""
-    nodes: dict[str, int] = {}
-    for node in DEVICE_NODES:
-        try:
-            fd = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            nodes[node] = linux.clone_mount_tree(fd, f"/dev/{node}")
-        finally:
-            os.close(fd)
-    return nodes
+_DEVICE_NUMBERS: dict[str, int] = {}
 
 
-def _mount_dev(dev: str, detach_covered: Callable[[str], None], node_trees: dict[str, int] | None) -> None:
-    """A tmpfs with the few device nodes a service needs, its own devpts and /dev/shm. The nodes
-    are made with mknod (a tenth of the cost of a bind), or attached from `node_trees`."""
-    nodes: dict[str, int] = {}
-    if node_trees is None:
-        # The host's nodes are opened before the new /dev may cover them (in place, dev is /dev).
+def detached_dev(owner: tuple[int, int] | None) -> int:
+    """In the fork server, for one launch: the sandbox's /dev, a small tmpfs with the device nodes
+    a service needs (mknod, with the host's numbers), the mount points of its devpts and /dev/shm
+    and the usual links, detached, for the sandbox to attach (`_mount_dev`). Made here, in the
+    host's user namespace, because a tmpfs mounted in a user namespace holds no usable device node
+    (the kernel makes it nodev) and mknod there is refused; and so a sandbox attaches one mount
+    where it made some fifteen files and mounts. `owner`: the host's ids of root inside the
+    sandbox's user namespace, whose /dev it is, as it is root's in a sandbox without one."""
+    if not _DEVICE_NUMBERS:
         for node in DEVICE_NODES:
             try:
-                nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
+                _DEVICE_NUMBERS[node] = os.stat(f"/dev/{node}").st_rdev
             except FileNotFoundError:
                 continue
+    dev = linux.detached_mount("tmpfs", linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NOEXEC, (("mode", "0755"), ("size", "64k")))
+    try:
+        for node, number in _DEVICE_NUMBERS.items():
+            os.mknod(node, stat.S_IFCHR | 0o666, number, dir_fd=dev)
+            os.chmod(node, 0o666, dir_fd=dev)  # mknod honours the umask
+        for directory in ("pts", "shm"):
+            os.mkdir(directory, 0o755, dir_fd=dev)
+        for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, name, dir_fd=dev)
+        if owner is not None:
+            os.chown(".", *owner, dir_fd=dev)
+    except BaseException:
+        os.close(dev)
+        raise
+    return dev
+
+
+def _mount_dev(dev: str, detach_covered: Callable[[str], None], tree: int) -> None:
+    """Attach the sandbox's /dev (`tree`, from `detached_dev`), then its own devpts and /dev/shm."""
     detach_covered(dev)
-    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
-    for node, fd in nodes.items():
-        try:
-            os.mknod(f"{dev}/{node}", stat.S_IFCHR | 0o666, os.fstat(fd).st_rdev)
-            os.chmod(f"{dev}/{node}", 0o666)  # mknod honours the umask
-        finally:
-            os.close(fd)
-    for node, tree in (node_trees or {}).items():
-        try:
-            _ensure_mountpoint(f"{dev}/{node}", is_dir=False)
-            linux.move_mount(tree, f"{dev}/{node}")
-        finally:
-            os.close(tree)
-    os.mkdir(f"{dev}/pts")
+    linux.move_mount(tree, dev)
+    os.close(tree)
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    os.symlink("pts/ptmx", f"{dev}/ptmx")
-    os.mkdir(f"{dev}/shm")
     linux.mount("tmpfs", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"{dev}/{name}")
 
 
 READONLY = linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
@@ -238,11 +230,14 @@ def _detach_covered(target: str, locked: bool) -> None:
             raise
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False, image_tree: int = -1, sysfs_tree: int = -1) -> None:
+def _build_root(
+    root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False, image_tree: int = -1, sysfs_tree: int = -1, dev_tree: int = -1
+) -> None:
     """Make the sandbox's file system. `trees` are the detached copies of the bind sources
-    (`detached_bind`), one per bind in the order of `mounts`; `image_tree` the image's, and
-    `sysfs_tree` a sysfs the fork server made in the service's network namespace (a user
-    namespace cannot mount one for a namespace the host's user namespace owns).
+    (`detached_bind`), one per bind in the order of `mounts`; `image_tree` the image's,
+    `dev_tree` its /dev (`detached_dev`), and `sysfs_tree` a sysfs the fork server made in the
+    service's network namespace (a user namespace cannot mount one for a namespace the host's
+    user namespace owns).
 
     With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
     copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
@@ -250,18 +245,13 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
     the tree, no pivot_root, no detaching of the old root (about 1 ms less per sandbox). Otherwise
     (a user namespace, whose /dev must bind the host's nodes from a mount without nodev; or new
     top-level mount points, `tmpfs-root`) a root is built at `root` and pivoted into (bubblewrap's
-    order of steps). `locked`: in a user namespace (see _detach_covered), where the host's device
-    nodes are attached from detached copies taken before the tree is made nodev (no mknod there).
+    order of steps). `locked`: in a user namespace (see _detach_covered).
     """
     step.name = "make / private"
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     in_place = mounts[0].kind == "rbind-root" and mounts[0].options == "in-place"
     if in_place:
         root = ""
-    node_trees = None
-    if locked:
-        step.name = "copy the host's device nodes"
-        node_trees = _device_node_trees()
     seal_image = mounts[0].kind == "image-root" and mounts[0].readonly
     binds: list[tuple[MountOp, int]] = []
     masks_to_seal: list[str] = []
@@ -318,7 +308,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
                     linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
                     linux.mount_setattr(target, READONLY)
             case "dev":
-                _mount_dev(target, detach_covered, node_trees)
+                _mount_dev(target, detach_covered, dev_tree)
             case "tmpfs" if op.target in ("/tmp", "/run"):
                 detach_covered(target)
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
@@ -445,7 +435,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         # /proc/1/exe is that memfd, never a file of the host's, wherever sandboxd is installed.
         step.name = f"take the sealed copy of the init {plan.argv[0]}"
         init_fd = fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
-        _build_root(request["root"], plan.mounts, step, trees or [], bool(plan.userns), request.get("image_tree", -1), request.get("sysfs_tree", -1))
+        _build_root(request["root"], plan.mounts, step, trees or [], bool(plan.userns), request.get("image_tree", -1), request.get("sysfs_tree", -1), request["dev_tree"])
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -750,6 +740,9 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
                 trees.append(image_tree)
                 if plan["mounts"][0]["options"] == HOST_IDS:
                     host_id_trees.append((image_tree, rootfs))
+            doing = "make the sandbox's /dev"
+            request["dev_tree"] = dev_tree = detached_dev((plan["userns"]["uid"], plan["userns"]["gid"]) if plan["userns"] else None)
+            trees.append(dev_tree)
             doing = "fork"
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         userns = request["plan"].get("userns") if "plan" in request else None

@@ -180,6 +180,7 @@ def mount_setattr(
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 0x1
 
@@ -200,13 +201,17 @@ def move_mount(fd: int, target: str) -> None:
     _check(result, "move_mount", target)
 
 
-def detached_mount(fstype: str, attrs: int) -> int:
-    """A new, detached instance of file system `fstype` with mount attributes `attrs` (fsopen,
-    fsconfig CREATE, fsmount). Its namespaces are the caller's at this moment: a sysfs made while
-    in a network namespace shows that namespace's links wherever it is attached later."""
+def detached_mount(fstype: str, attrs: int, options: tuple[tuple[str, str], ...] = ()) -> int:
+    """A new, detached instance of file system `fstype` with mount attributes `attrs` and string
+    `options` (fsopen, fsconfig, fsmount); its descriptor serves as a directory for the *at calls.
+    Its namespaces are the caller's at this moment: a sysfs made while in a network namespace
+    shows that namespace's links wherever it is attached later, a tmpfs made in the host's user
+    namespace may hold device nodes that work in any."""
     fs = _libc.syscall(SYS_FSOPEN, _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC))
     _check(fs, "fsopen", fstype)
     try:
+        for key, value in options:
+            _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(FSCONFIG_SET_STRING), _b(key), _b(value), ctypes.c_int(0)), f"fsconfig {key}={value}", fstype)
         _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0)), "fsconfig", fstype)
         mnt = _libc.syscall(SYS_FSMOUNT, ctypes.c_int(fs), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
         _check(mnt, "fsmount", fstype)

@@ -38,8 +38,12 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     launch_id = fork_server.next_id()
     started = time.monotonic_ns()
-    channel = fork_server.send_launch(launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(root), out_w, [])  # type: ignore[arg-type, attr-defined]
+    # The bind's source, held as the supervisor holds it (pins.py).
+    sources = [os.open(op.source, os.O_PATH | os.O_CLOEXEC) for op in plan.mounts if op.kind == "bind"]  # type: ignore[attr-defined]
+    channel = fork_server.send_launch(launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(root), out_w, [], source_fds=sources)  # type: ignore[arg-type, attr-defined]
     os.close(out_w)
+    for fd in sources:
+        os.close(fd)
     exec_ns = 0
     try:
         while True:
@@ -53,7 +57,9 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
                 break
         while True:  # its exit, before the next launch
             message = json.loads(fork_server.conn.recv(65536))
-            if message.get("exit", message.get("failed")) == launch_id:
+            if message.get("failed") == launch_id:
+                raise RuntimeError(f"a launch failed: {message['detail']}")
+            if message.get("exit") == launch_id:
                 break
     finally:
         channel.close()

@@ -77,7 +77,7 @@ class Activation(SupervisorBase):
         if isinstance(peer, tuple):
             env += [("REMOTE_ADDR", str(peer[0])), ("REMOTE_PORT", str(peer[1]))]
         plan = dataclasses.replace(rt.plan, service=name, env=tuple(env), fd_names=("connection",), fd_sockets=())
-        cgroup = self.cgroups.create(name)
+        cgroup = self.cgroups.create(name, parent=rt.cgroup)
         launch_id = self.fork_server.next_id()
         instance = Instance(rt, name, cgroup)
         self.instances[launch_id] = instance

@@ -9,9 +9,21 @@ interface:
     LEGACY   v1 only: refused with a clear error, because without cgroup2 there is no reliable
              way to kill a whole service (cgroup.kill) or to know it is empty (cgroup.events).
 
-Layout: <own v2 cgroup>/sandboxd/<instance>/<service>. A process joins by writing "0" to each
-file in `Cgroup.procs_files` from inside the child, before exec, so nothing of the service ever
-runs outside its cgroup. Only this module knows /sys/fs/cgroup.
+Layout: <own v2 cgroup>/sandboxd/<instance>/<service>, and the per-connection instances of an
+accept service below its cgroup: <service>/<service>@N. A sandbox is born in its v2 cgroup
+(clone3 with CLONE_INTO_CGROUP); on a hybrid host it then joins its v1 cgroups by writing "0" to
+each file in `Cgroup.extra_procs_files` from inside the child, before exec, so nothing of the
+service ever runs outside its cgroups. Only this module knows /sys/fs/cgroup.
+
+Every service is accounted for, limits or not (`ACCOUNTED`): it has a memory cgroup of its own,
+so the pages it puts in its tmpfs mounts (charged to whoever first touches them) are its own, in
+`sandboxd ps` and against its memory limit, not sandboxd's; and a pids cgroup with the default
+process limit unless `limits.pids` says otherwise. On a hybrid host that is one v1 directory
+(tens of microseconds to make) and one write of cgroup.procs per hierarchy per launch: clone3 can
+place a child in a v2 cgroup only. The instances of an accept service each have a memory cgroup
+of their own below the service's, and share the service's other v1 cgroups: its limits, the
+process limit too, hold all its instances together, so that many connections cannot add up to
+the host's pid space.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from .errors import HostError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the CLI's quick verbs import this module (state.py): no YAML for them
     from .spec import Limits
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -87,6 +99,10 @@ V1_MISSING = {
     "cpu_weight": "no CPU shares",
     "io_weight": "the BFQ I/O scheduler is not in use",
 }
+
+
+# Controllers every service has a cgroup of its own in, whatever its limits.
+ACCOUNTED = ("memory", "pids")
 
 
 def limit_values(limits: Limits, mode: CgroupMode) -> dict[str, str]:
@@ -183,18 +199,21 @@ def detect(
 
 
 class Cgroup:
-    """One service's cgroup: a v2 directory, and on a hybrid host the v1 directories of its limits."""
+    """One service's cgroup: a v2 directory, and on a hybrid host its v1 directories (its own, and
+    for a per-connection instance those of its service that it joins)."""
 
-    def __init__(self, path: Path, v1: dict[str, Path] | None = None) -> None:
+    def __init__(self, path: Path, v1: dict[str, Path] | None = None, joined: dict[str, Path] | None = None) -> None:
         self.path = path
-        self.v1 = v1 or {}
+        self.v1 = v1 or {}  # controller -> a v1 directory of its own
+        self.joined = joined or {}  # controller -> its service's v1 directory (not removed with it)
         self.killed = False
         self.baseline: dict[str, int] = {}
+        self.settings: list[tuple[Path, str]] = []  # the limit files written, in order
 
     @property
     def extra_procs_files(self) -> tuple[str, ...]:
-        """cgroup.procs files of the v1 hierarchies to join besides the v2 one (limits on a hybrid host)."""
-        return tuple(str(path / "cgroup.procs") for path in self.v1.values())
+        """cgroup.procs files of the v1 hierarchies to join besides the v2 one (a hybrid host)."""
+        return tuple(str(path / "cgroup.procs") for path in [*self.v1.values(), *self.joined.values()])
 
     def _read_int(self, path: Path, key: str | None = None) -> int:
         try:
@@ -310,33 +329,38 @@ class Cgroup:
                 pass
 
     def renew(self) -> None:
-        """Give a killed cgroup a fresh directory before a process is born in it again.
+        """Give a killed cgroup a fresh v2 directory before a process is born in it again, with
+        the limits that were written there (a unified host's); v1 directories keep theirs.
 
         Linux 6.x (seen on 6.18) kills a child that clone3 places (CLONE_INTO_CGROUP) into a cgroup
         that was ever killed through cgroup.kill, so a cgroup is used again only if never killed.
         """
         if self.killed:
-            self.remove()
+            self._rmdir(self.path, time.monotonic() + 5.0)
             self.path.mkdir()
-            for path in self.v1.values():
-                path.mkdir(exist_ok=True)
+            for file, value in self.settings:
+                if file.parent == self.path:
+                    file.write_text(value)
             self.killed = False
 
     def remove(self, timeout: float = 5.0) -> None:
         """Kill what is left, wait until empty, and remove the directory (and its v1 directories)."""
         deadline = time.monotonic() + timeout
         for path in [self.path, *self.v1.values()]:
-            while True:
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise
-                self.kill()
-                time.sleep(0.002)
+            self._rmdir(path, deadline)
+
+    def _rmdir(self, path: Path, deadline: float) -> None:
+        while True:
+            try:
+                os.rmdir(path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+            self.kill()
+            time.sleep(0.002)
 
 
 class CgroupManager:
@@ -346,27 +370,62 @@ class CgroupManager:
         self.host = host
         self.instance_path = host.base / instance
         self.created: list[Cgroup] = []
+        self.accounted: set[str] = set()  # of ACCOUNTED, the controllers this host gives every service
 
-    def setup(self) -> None:
+    def setup(self) -> list[str]:
+        """Make the stack's cgroup; returns warnings for what of ACCOUNTED the host cannot give."""
         try:
             self.instance_path.mkdir(parents=True, exist_ok=True)
         except PermissionError as e:
             raise HostError(f"cannot create {self.instance_path}: {e.strerror}", "run sandboxd as root") from None
+        warnings = []
+        for controller in ACCOUNTED:
+            if self.host.mode is CgroupMode.HYBRID:
+                probe = V1_PROBES["memory" if controller == "memory" else "pids"]
+                if controller in self.host.v1 and (self.host.v1[controller] / probe).exists():
+                    self.accounted.add(controller)
+                    continue
+                why = f"no v1 {controller} hierarchy"
+            elif controller not in self.host.v2_controllers():
+                why = f"no {controller} controller in {self.host.v2_mount / self.host.own_v2.lstrip('/')}/cgroup.controllers"
+            else:
+                try:
+                    self._enable_controllers({controller})
+                    self.accounted.add(controller)
+                    continue
+                except HostError as e:
+                    why = e.message
+            what = "the memory services use is not accounted to each" if controller == "memory" else "services get no default process limit"
+            warnings.append(f"{what} ({why})")
+        return warnings
 
-    def create(self, name: str, limits: Limits | None = None) -> Cgroup:
-        """A service's cgroup with its limits set; on a hybrid host limits go to v1 hierarchies."""
-        values = limit_values(limits, self.host.mode) if limits else {}
-        cg = Cgroup(self.instance_path / name)
+    def create(self, name: str, limits: Limits | None = None, parent: Cgroup | None = None) -> Cgroup:
+        """A service's cgroup with its limits set (and the default process limit unless it has
+        one); on a hybrid host limits go to v1 hierarchies. With `parent`, a per-connection
+        instance below its service's cgroup: a memory cgroup of its own, the service's others."""
+        from .spec import Limits
+
+        if limits is None:
+            limits = Limits()
+        if "pids" in self.accounted and parent is None:
+            limits = limits.with_defaults()
+        values = limit_values(limits, self.host.mode)
+        cg = Cgroup((parent.path if parent else self.instance_path) / name)
         cg.path.mkdir(exist_ok=True)
         self.created.append(cg)
         if self.host.mode is CgroupMode.HYBRID:
-            for limit in values:
-                controller = LIMIT_FILES[limit][0][0]
-                if controller not in cg.v1:
-                    cg.v1[controller] = self._v1_dir(controller) / name
-                    cg.v1[controller].mkdir(exist_ok=True)
+            controllers = {LIMIT_FILES[limit][0][0] for limit in values} | (self.accounted & {"memory"})
+            if parent is not None:
+                cg.joined = {c: path for c, path in parent.v1.items() if c != "memory"}
+                controllers &= {"memory"}
+            for controller in sorted(controllers):
+                base = parent.v1[controller] if parent is not None else self._v1_dir(controller)
+                cg.v1[controller] = base / name
+                cg.v1[controller].mkdir(exist_ok=True)
         else:
             self._enable_controllers({LIMIT_FILES[limit][1][0] for limit in values})
+            if parent is not None:  # the instance gets what its service's siblings get
+                self._enable_below(parent.path, set((self.instance_path / "cgroup.subtree_control").read_text().split()))
         try:
             self._write_limits(cg, values)
         except OSError as e:
@@ -385,25 +444,32 @@ class CgroupManager:
                 continue
             v1, v2 = LIMIT_FILES[limit]
             directory = cg.v1[v1[0]] if self.host.mode is CgroupMode.HYBRID else cg.path
+            writes = [(directory / (v1[1] if self.host.mode is CgroupMode.HYBRID else v2[1]), values[limit])]
             if limit == "cpu" and self.host.mode is CgroupMode.HYBRID:
-                (directory / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-            (directory / (v1[1] if self.host.mode is CgroupMode.HYBRID else v2[1])).write_text(values[limit])
+                writes.insert(0, (directory / "cpu.cfs_period_us", str(CPU_PERIOD_US)))
+            for file, value in writes:
+                file.write_text(value)
+                cg.settings.append((file, value))
 
     def _enable_controllers(self, controllers: set[str]) -> None:
         """Unified host: enable controllers in cgroup.subtree_control along sandboxd's own subtree."""
-        if not controllers:
-            return
         own = self.host.v2_mount / self.host.own_v2.lstrip("/")
         for directory in (own, self.host.base, self.instance_path):
+            self._enable_below(directory, controllers)
+
+    @staticmethod
+    def _enable_below(directory: Path, controllers: set[str]) -> None:
+        if not controllers:
+            return
+        try:
             missing = controllers - set((directory / "cgroup.subtree_control").read_text().split())
             if missing:
-                try:
-                    (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(missing)))
-                except OSError as e:
-                    raise HostError(
-                        f"cannot enable {', '.join(sorted(missing))} in {directory}/cgroup.subtree_control: {e.strerror}",
-                        "run sandboxd in a cgroup of its own (e.g. systemd-run --scope -p Delegate=yes sandboxd up DIR)",
-                    ) from None
+                (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(missing)))
+        except OSError as e:
+            raise HostError(
+                f"cannot enable {', '.join(sorted(controllers))} in {directory}/cgroup.subtree_control: {e.strerror}",
+                "run sandboxd in a cgroup of its own (e.g. systemd-run --scope -p Delegate=yes sandboxd up DIR)",
+            ) from None
 
     def remove(self, cgroup: Cgroup) -> None:
         """Remove one cgroup before the end (a per-connection instance that ended)."""

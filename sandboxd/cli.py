@@ -177,10 +177,12 @@ def _up_detached(args: argparse.Namespace) -> int:
 
 
 def _print_status(status: dict[str, Any], out: Any) -> None:
+    from .console import escape_controls
+
     rows = [("SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "MEMORY", "CPU", "SOCKETS / STATUS")]
     for svc in status["services"]:
         socks = " ".join(s["address"] for s in svc["sockets"])
-        extra = f"{socks} {svc['status_text']}".strip()
+        extra = f"{socks} {escape_controls(svc['status_text'])}".strip()  # the service's STATUS=, its own text
         state = svc["state"] + (" (ready)" if svc["ready"] and svc["state"] != "ready" and svc["state"] == "running" else "")
         rows.append(
             (
@@ -295,15 +297,28 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.tail is not None:
         lines = lines[-args.tail :] if args.tail else []
     for _stamp, name, text in lines:
-        print(f"{name.ljust(width)} | {text}", flush=True)
+        _print_log_line(f"{name.ljust(width)} | {text}")
     if args.follow:
         pid = running_stacks()[stack]
         try:
             for name, _stamp, text in logs.follow(directory, names, lambda: _alive(pid)):
-                print(f"{name.ljust(width)} | {text}", flush=True)
+                _print_log_line(f"{name.ljust(width)} | {text}")
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def _print_log_line(line: str) -> None:
+    """On a terminal with control characters escaped (as `up` shows them); elsewhere (a pipe, a
+    file) the bytes as the service printed them."""
+    from .console import escape_controls
+
+    if sys.stdout.isatty():
+        sys.stdout.write(escape_controls(line) + "\n")
+        sys.stdout.flush()
+    else:
+        sys.stdout.buffer.write(line.encode("utf-8", errors="surrogateescape") + b"\n")
+        sys.stdout.buffer.flush()
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -363,6 +378,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     out = {
         "stack": dataclasses.asdict(stack),  # type: ignore[call-overload]
         "plans": {name: plan.to_wire() for name, plan in plans.items()},  # type: ignore[attr-defined]
+        # What each service's cgroup gets: its limits, and the default process limit unless it sets one.
+        "limits": {s.name: dataclasses.asdict(s.limits.with_defaults()) for s in stack.services},  # type: ignore[attr-defined]
     }
     print(json.dumps(out, indent=2, default=default))
     return 0

@@ -57,7 +57,7 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under, swapped_id_map
+from .plan import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, SANDBOX_TMPFS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under, swapped_id_map
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -120,12 +120,12 @@ def detached_dev(owner: tuple[int, int] | None) -> int:
 
 
 def _mount_dev(dev: str, detach_covered: Callable[[str], None], tree: int) -> None:
-    """Attach the sandbox's /dev (`tree`, from `detached_dev`), then its own devpts and /dev/shm."""
+    """Attach the sandbox's /dev (`tree`, from `detached_dev`), then its own devpts (its /dev/shm, a
+    capped tmpfs, is a mount of the plan's own)."""
     detach_covered(dev)
     linux.move_mount(tree, dev)
     os.close(tree)
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    linux.mount("tmpfs", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
 
 
 READONLY = linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
@@ -309,7 +309,7 @@ def _build_root(
                     linux.mount_setattr(target, READONLY)
             case "dev":
                 _mount_dev(target, detach_covered, dev_tree)
-            case "tmpfs" if op.target in ("/tmp", "/run"):
+            case "tmpfs" if op.target in SANDBOX_TMPFS:
                 detach_covered(target)
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
             case "tmpfs":

@@ -30,7 +30,8 @@ class LogFiles:
             fd = os.open(self.directory / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             size = os.fstat(fd).st_size
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        data = f"{stamp} {text}\n".encode("utf-8", errors="replace")
+        # A service's text came from its bytes by surrogateescape: the file gets those bytes back.
+        data = f"{stamp} {text}\n".encode("utf-8", errors="surrogateescape")
         os.write(fd, data)
         size += len(data)
         if size >= MAX_BYTES:
@@ -54,16 +55,24 @@ class LogFiles:
         self.files.clear()
 
 
+def _lines(data: bytes) -> list[str]:
+    """The lines of a log file's bytes, as text that encodes back to them (surrogateescape). Split
+    at newlines only: str.splitlines would also split at the control characters a service may
+    print (form feed, U+0085 and others), and the rest would be taken for a line of its own."""
+    lines = data.decode("utf-8", errors="surrogateescape").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def read(directory: Path, name: str) -> list[tuple[str, str]]:
     """(timestamp, text) of every line kept for `name`, oldest first (rotated files included)."""
     lines: list[tuple[str, str]] = []
     for index in range(KEEP, -1, -1):
         path = directory / (f"{name}.log.{index}" if index else f"{name}.log")
         try:
-            content = path.read_text(errors="replace")
+            content = path.read_bytes()
         except FileNotFoundError:
             continue
-        for line in content.splitlines():
+        for line in _lines(content):
             stamp, _, text = line.partition(" ")
             lines.append((stamp, text))
     return lines
@@ -86,9 +95,10 @@ def follow(directory: Path, names: list[str], alive: Callable[[], bool]) -> Iter
                 with path.open("rb") as f:
                     f.seek(offsets[name])
                     data = f.read()
+                data = data[: data.rfind(b"\n") + 1]  # whole lines only; the rest is read next time
                 offsets[name] += len(data)
                 quiet = False
-                for line in data.decode(errors="replace").splitlines():
+                for line in _lines(data):
                     stamp, _, text = line.partition(" ")
                     yield name, stamp, text
         if quiet:

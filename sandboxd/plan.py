@@ -35,6 +35,8 @@ SERVICE_PID_IN_SANDBOX = 2
 
 # Directories that are a fresh tmpfs in every sandbox: mount targets below them need not exist.
 TMPFS_DIRS = ("/tmp", "/run")
+# The tmpfs every sandbox has of its own, each capped (tmpfs_size, shm_size), mounted before pivot_root.
+SANDBOX_TMPFS = (*TMPFS_DIRS, "/dev/shm")
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 MountKind = Literal["rbind-root", "tmpfs-root", "image-root", "mountpoint", "proc", "sysfs", "mask", "readonly", "tmpfs", "dev", "bind"]
@@ -275,7 +277,9 @@ MASKED = (
     "/sys/dev/block", "/sys/devices/virtual/powercap", "/sys/devices/virtual/tpm", "/sys/firmware",
     "/sys/fs/selinux", "/sys/kernel/boot_params", "/sys/kernel/vmcoreinfo",
 )  # fmt: skip
-READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+# /proc/pressure: a PSI trigger is a kernel allocation per descriptor, and a read-only view still
+# lets a service read its pressure.
+READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/pressure")
 
 
 MASK_WITH_MOUNTPOINTS = "mountpoints"  # a hidden folder that mounts asked into: empty but for their mount points
@@ -293,12 +297,24 @@ def _hidden_mounts(hidden: tuple[str, ...], targets: list[str]) -> list[MountOp]
     return ops
 
 
-def _base_mounts() -> list[MountOp]:
+def tmpfs_options(size: int, mode: str, owner: tuple[int, int] | None = None) -> str:
+    """Mount options of a capped tmpfs. Besides its size, one inode per 4 KiB of it: a file with
+    data takes a page at least, so that never limits files that hold data, and it caps what empty
+    files, directories and links cost the kernel (about 1 KiB each), which tmpfs would otherwise
+    allow by the million (half of the host's RAM in pages)."""
+    options = f"mode={mode},size={size},nr_inodes={max(size // 4096, 1024)}"
+    return options + (f",uid={owner[0]},gid={owner[1]}" if owner is not None else "")
+
+
+def _base_mounts(service: Service, own: dict[str, MountOp]) -> list[MountOp]:
+    """/proc, /dev, and the sandbox's own capped /tmp, /run and /dev/shm (or the spec's `tmpfs:`
+    entry at /tmp or /run in place of the default one)."""
     return [
         MountOp("proc", "/proc"),
         MountOp("dev", "/dev"),
-        MountOp("tmpfs", "/tmp", options="mode=1777"),
-        MountOp("tmpfs", "/run", options="mode=0755"),
+        MountOp("tmpfs", "/dev/shm", options=tmpfs_options(service.shm_size or service.tmpfs_size, "1777")),
+        own.get("/tmp") or MountOp("tmpfs", "/tmp", options=tmpfs_options(service.tmpfs_size, "1777")),
+        own.get("/run") or MountOp("tmpfs", "/run", options=tmpfs_options(service.tmpfs_size, "0755")),
     ]
 
 
@@ -472,6 +488,24 @@ def _intercept_bind(stack: Stack, service: Service) -> bool:
     return platform.machine() == "x86_64" and any(hands_off(s, service) for s in stack.sockets_of(service.name))
 
 
+def _unused_socket_files(stack: Stack, service: Service) -> list[str]:
+    """The stack's unix socket files that `service` does not `uses:`, where its root shows them
+    (the host's root outside /tmp and /run): hidden, since a read-only mount does not stop a
+    connect(). What a service is fed it gets as a descriptor; what it uses is bound in."""
+    if service.image != "host":
+        return []
+    used = set(service.uses)
+    return sorted(
+        {
+            posixpath.normpath(address.path)
+            for sock in stack.sockets
+            if sock.name not in used
+            for address in sock.listen
+            if address.path and not address.is_abstract and not any(is_under(posixpath.normpath(address.path), d) for d in TMPFS_DIRS)
+        }
+    )
+
+
 def plan_service(
     stack: Stack,
     service: Service,
@@ -504,12 +538,19 @@ def plan_service(
             add_bind(str(m.source), m.target, m.readonly, m.line, f"mounts[{index}].target")
     uid, gid, who_errors = _identity(service, rootfs, image.config.user if image else "")
     errors.extend(who_errors)
-    for index, target in enumerate(service.tmpfs):
-        found, top = _mount_target_errors(service, target, service.line, f"tmpfs[{index}]", in_root, facts.hidden)
+    own_tmpfs: dict[str, MountOp] = {}  # the spec's entries at /tmp or /run, instead of the sandbox's own
+    for index, entry in enumerate(service.tmpfs):
+        # Owned by the service's user, so that it can write there even without capabilities; a
+        # /tmp stays sticky and open to all, as a /tmp is.
+        options = tmpfs_options(entry.size or service.tmpfs_size, "1777" if entry.path == "/tmp" else "0755", (uid, gid))
+        if entry.path in TMPFS_DIRS:
+            own_tmpfs[entry.path] = MountOp("tmpfs", entry.path, options=options)
+            continue
+        found, top = _mount_target_errors(service, entry.path, entry.line, f"tmpfs[{index}]", in_root, facts.hidden)
         errors.extend(found)
         if top is not None:
             new_tops[top] = True
-        user_mounts.append(MountOp("tmpfs", target, readonly=False, options=f"mode=0755,uid={uid},gid={gid}"))
+        user_mounts.append(MountOp("tmpfs", entry.path, readonly=False, options=options))
     for name in service.uses:
         for address in next(s for s in stack.sockets if s.name == name).listen:
             if address.path and not address.is_abstract:
@@ -531,7 +572,7 @@ def plan_service(
         mounts += [MountOp("mountpoint", top, options="dir" if d else "file") for top, d in sorted(new_tops.items())]
     else:
         mounts.append(MountOp("rbind-root", "/", "/", readonly=True, options="in-place"))
-    mounts += _base_mounts()
+    mounts += _base_mounts(service, own_tmpfs)
     net = net_mode(stack, service)
     if net != "host":
         # Its own sysfs shows the sandbox's links; with the host's network the host's stays. A
@@ -543,6 +584,7 @@ def plan_service(
     at = mounts.index(MountOp("dev", "/dev")) + 1
     hidden = _hidden_mounts(facts.hidden, [m.target for m in user_mounts]) if image is None else []
     mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC] + hidden
+    mounts[at:at] = [MountOp("mask", path) for path in _unused_socket_files(stack, service)]
     if uses_notify(service):
         user_mounts.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))
     if service.attachments:

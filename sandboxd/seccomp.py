@@ -71,7 +71,7 @@ DENIED_X86_64 = {
     "lookup_dcookie": 212, "quotactl": 179, "syslog": 103, "userfaultfd": 323, "vhangup": 153,
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
     "mount_setattr": 442, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "pidfd_getfd": 438,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "memfd_secret": 447,
 }  # fmt: skip
 CLONE = 56
 CLONE3 = 435

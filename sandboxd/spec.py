@@ -17,6 +17,7 @@ sources to see what they name (pins.py) is the only I/O done here.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -149,6 +150,27 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Tmpfs:
+    """A private, writable tmpfs the spec asks for; at /tmp or /run it takes the place of the
+    sandbox's own one there."""
+
+    path: str
+    size: int | None  # bytes; None = the service's tmpfs_size
+    line: int
+
+
+# Every tmpfs of a sandbox is capped unless the spec says otherwise: docker's /dev/shm size, which
+# holds what these directories are for (sockets, pid files, locks, small temporary files) and keeps
+# a service without limits from taking the host's memory through them.
+DEFAULT_TMPFS_SIZE = 64 << 20
+# The default process limit of a service (podman's). systemd's 15 % of pid_max would be 4915 tasks
+# on a host with the classic pid_max of 32768 and 629145 on one with 4194304, too many to stop a
+# fork bomb from taking the host's memory; 2048 is far above what servers need (PostgreSQL with
+# 100 connections runs about 110) and keeps a bomb to about 40 MiB of kernel memory.
+DEFAULT_PIDS = 2048
+
+
+@dataclass(frozen=True)
 class Attachment:
     """A service's place on a network: the network's name and, optionally, fixed addresses."""
 
@@ -180,6 +202,10 @@ class Limits:
 
     def given(self) -> list[str]:
         return [name for name in ("memory", "memory_high", "swap", "pids", "cpu", "cpu_weight", "io_weight") if getattr(self, name) is not None]
+
+    def with_defaults(self) -> Limits:
+        """The limits a service gets: these, and the default process limit unless pids is given."""
+        return self if self.pids is not None else dataclasses.replace(self, pids=DEFAULT_PIDS)
 
 
 @dataclass(frozen=True)
@@ -250,7 +276,9 @@ class Service:
     readonly_root: bool
     user: str  # a name (looked up in the image) or a number; "" = root
     group: str
-    tmpfs: tuple[str, ...]
+    tmpfs: tuple[Tmpfs, ...]
+    tmpfs_size: int  # bytes: the cap of /tmp, /run, /dev/shm and tmpfs entries without a size of their own
+    shm_size: int | None  # bytes: /dev/shm's cap; None = tmpfs_size
     image: str  # "host", an absolute path to a root file system folder, or an image name
 
     @property
@@ -670,6 +698,47 @@ def _positive_size(value: object) -> int:
     return size
 
 
+def _tmpfs_size(value: object) -> int:
+    size = parse_size(value)
+    if size < 4096:
+        why = "; a tmpfs of size 0 would have no cap at all" if size == 0 else ""
+        raise ValueError(f"expected a size of at least 4K (one page), like 64M, got {_describe(value)}{why}")
+    return size
+
+
+_TMPFS_KEYS = {
+    "path": _Key(_absolute, _Required("the absolute path to mount it on")),
+    "size": _Key(_scalar(_tmpfs_size), None),
+}
+
+
+def _tmpfs(node: Node, folder: Path) -> Tmpfs:
+    if isinstance(node, ScalarNode):
+        path, size = _absolute(node, folder), None
+    else:
+        values, problems = _read_keys(node, _TMPFS_KEYS, folder, "an absolute path or a mapping with path and size")
+        if problems:
+            raise _Invalid(*problems)
+        path, size = values["path"], values.get("size")
+    if path == "/dev/shm":
+        raise _fail(node, "/dev/shm is the sandbox's own tmpfs already; set its size with shm_size")
+    return Tmpfs(path, size, _line(node))
+
+
+def _tmpfs_list(node: Node, folder: Path) -> tuple[Tmpfs, ...]:
+    entries = _list(_tmpfs, "an absolute path, a mapping with path and size, or a list of them", single=True)(node, folder)
+    first: dict[str, int] = {}
+    problems: list[_Problem] = []
+    for index, entry in enumerate(entries):
+        if entry.path in first:
+            item = node.value[index] if isinstance(node, SequenceNode) else node
+            problems.append((item, f"[{index}]", f"{entry.path} is in tmpfs[{first[entry.path]}] already"))
+        first.setdefault(entry.path, index)
+    if problems:
+        raise _Invalid(*problems)
+    return entries
+
+
 _LIMIT_KEYS = {
     "memory": _Key(_scalar(_positive_size), None),
     "memory_high": _Key(_scalar(_positive_size), None),
@@ -825,7 +894,9 @@ _SERVICE_KEYS = {
     "image": _Key(_image, "host"),
     "user": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a user name or a uid", str), ""),
     "group": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a group name or a gid", str), ""),
-    "tmpfs": _Key(lambda node, folder: _list(_absolute, "an absolute path or a list of them", single=True)(node, folder), ()),
+    "tmpfs": _Key(lambda node, folder: _tmpfs_list(node, folder), ()),
+    "tmpfs_size": _Key(_scalar(_tmpfs_size), DEFAULT_TMPFS_SIZE),
+    "shm_size": _Key(_scalar(_tmpfs_size), None),
     "fdstore_max": _Key(_checked(lambda v: _is_int(v) and 0 <= v <= 4096, "a whole number from 0 to 4096"), 0),
     "after": _Key(lambda node, folder: _list(_dependency, "a list of service names or {service, condition} mappings", single=True)(node, folder), ()),
 }

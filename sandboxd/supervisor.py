@@ -151,7 +151,8 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         self.record.save()
         self.console.logs = LogFiles(self.runtime_dir / "logs")
         self.console.quiet = self.detached
-        self.cgroups.setup()
+        for warning in self.cgroups.setup():
+            self.console.note(f"warning: {warning}")
         self.record.add("cgroups", str(self.cgroups.instance_path))
         joined = [name for name, plan in self.plans.items() if plan.net == "join"]
         if joined or self.stack.networks:

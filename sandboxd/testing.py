@@ -46,7 +46,7 @@ class Stack:
         self.running = False
 
     def _cli(self, *args: str, check: bool = True) -> str:
-        result = subprocess.run([sys.executable, "-m", "sandboxd", *args], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "sandboxd", *args], capture_output=True, text=True, errors="replace")
         if check and result.returncode != 0:
             raise SandboxdError(f"sandboxd {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result.stdout

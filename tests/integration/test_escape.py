@@ -12,11 +12,14 @@ list of the seccomp filter, user namespaces).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -442,6 +445,65 @@ def test_user_namespace_maps_root_inside_to_an_unprivileged_host_uid(run_stack, 
     assert stack.stop() == 0
 
 
+# ── what a service prints cannot steer the admin's terminal ──
+
+SHOUT = r"""
+import os, socket, sys
+sys.stdout.buffer.write(b"title\x1b]0;pwned\x07 clear\x1b[2J csi\xc2\x9b2J bad\xff tab\tend\n")
+sys.stdout.flush()
+s = socket.socket(fileno=3)
+while True:
+    s.accept()[0].close()
+"""
+RAW_LINE = b"title\x1b]0;pwned\x07 clear\x1b[2J csi\xc2\x9b2J bad\xff tab\tend"
+SHOWN_LINE = b"title\\x1b]0;pwned\\x07 clear\\x1b[2J csi\\xc2\\x9b2J bad\\xff tab\tend"
+
+
+def _read_pty(master: int, until: bytes, timeout: float = 20.0) -> bytes:
+    import select
+    import time
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    while until not in data and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                data += os.read(master, 65536)
+            except OSError:  # EIO: the other side closed
+                break
+    return data
+
+
+def test_control_characters_a_service_prints_reach_a_terminal_escaped_and_its_log_file_raw(spec_dir: Path, socket_dir: Path) -> None:
+    import signal
+
+    write(spec_dir, "shout.py", SHOUT)
+    write(spec_dir, "shout.yaml", f"kind: service\ncommand: [python3, /t/shout.py]\nmounts: [{{source: ., target: /t}}]\n---\nkind: socket\nlisten: unix:{socket_dir}/shout.sock\n")
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}  # no colour codes of sandboxd's own
+    master, terminal = os.openpty()
+    up = subprocess.Popen([sys.executable, "-m", "sandboxd", "up", str(spec_dir)], stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, env=env)
+    os.close(terminal)
+    try:
+        shown = _read_pty(master, b"end")
+        assert b"shout | " + SHOWN_LINE in shown, shown
+        assert b"\x1b" not in shown and b"\x9b" not in shown and b"\xff" not in shown
+        log = Path("/run/sandboxd/stack/logs/shout.log").read_bytes()
+        assert log.endswith(b" " + RAW_LINE + b"\n")  # the file keeps the bytes as printed
+
+        logs_master, logs_terminal = os.openpty()
+        subprocess.run([sys.executable, "-m", "sandboxd", "logs", "-p", "stack", "shout"], stdout=logs_terminal, check=True, env=env)
+        os.close(logs_terminal)
+        assert b"shout | " + SHOWN_LINE in _read_pty(logs_master, b"end")
+        os.close(logs_master)
+        piped = subprocess.run([sys.executable, "-m", "sandboxd", "logs", "-p", "stack", "shout"], capture_output=True, check=True, env=env).stdout
+        assert piped == b"shout | " + RAW_LINE + b"\n"  # not a terminal: the bytes
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+        up.stderr.close()  # type: ignore[union-attr]
+        os.close(master)
+
+
 LOOSE_PROBE = """
 import ctypes, os, socket
 libc = ctypes.CDLL(None, use_errno=True)
@@ -643,3 +705,84 @@ def test_a_client_reaches_a_socket_made_anew_by_a_reload_after_its_restart(tmp_p
         assert _inside("pinsock", "client", ask) == "hi\n"  # the new socket file, not the one it held before
     finally:
         _sbd("down", "-p", "pinsock")
+
+
+# Holes found by the attack review of issue 11 (each fails until it is closed). A default service
+# is uid 0 of the host's user namespace without capabilities, on the host's root made read-only:
+# owner bits, unix sockets and per-user kernel counts still treat it as the host's root.
+
+
+@pytest.fixture
+def host_dir() -> Iterator[Path]:
+    """A folder on the host's root outside /tmp and /run (which the sandbox covers with its own)."""
+    path = Path(tempfile.mkdtemp(prefix="sbd-escape-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _output(stack: Stack, service: str) -> str:
+    assert stack.wait_exit() == 0, stack.err
+    return "\n".join(stack.lines(service))
+
+
+def test_a_service_cannot_read_a_host_file_only_root_may_read(run_stack, spec_dir: Path, host_dir: Path) -> None:
+    secret = host_dir / "secret"
+    secret.write_text("host secret\n")
+    secret.chmod(0o600)  # root's alone, as /etc/shadow, /root and /var/lib/* are
+    read = f"try:\\n    print('READ', open('{secret}').read().strip())\\nexcept OSError as e:\\n    print('REFUSED', e.errno)"
+    write(spec_dir, "svc.yaml", f'kind: service\nrestart: "no"\ncommand: [python3, -c, "{read}"]\n')
+    out = _output(run_stack(spec_dir), "svc")
+    assert "host secret" not in out and out.startswith("REFUSED"), out
+
+
+def test_a_service_cannot_connect_to_a_unix_socket_it_does_not_use(run_stack, spec_dir: Path, host_dir: Path) -> None:
+    path = host_dir / "api.sock"
+    server = "import socket\\ns = socket.socket(fileno=3)\\nwhile True:\\n    c, _ = s.accept(); c.sendall(b'hi'); c.close()"
+    write(spec_dir, "api.yaml", f'kind: service\ncommand: [python3, -c, "{server}"]\n---\nkind: socket\nlisten: unix:{path}\n')
+    ask = f"import socket\\ns = socket.socket(socket.AF_UNIX)\\ntry:\\n    s.connect('{path}'); print('ANSWER', s.recv(2))\\nexcept OSError as e:\\n    print('REFUSED', e.errno)"
+    write(spec_dir, "other.yaml", f'kind: service\nrestart: "no"\ncommand: [python3, -c, "{ask}"]\n')  # no uses: [api]
+    stack = run_stack(spec_dir)
+    out = "\n".join(stack.wait_lines("other", 1))
+    stack.stop()
+    assert out.startswith("REFUSED"), out
+
+
+def test_a_service_cannot_read_the_volume_of_another_service(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "volthief")
+    owner = "kind: service\ncommand: [sh, -c, 'echo owner data > /tmp/data/secret; exec sleep 1000']\nmounts: [{volume: sbdvolthief, target: /tmp/data}]\n"
+    write(folder, "owner.yaml", owner + "---\nkind: volume\nname: sbdvolthief\n")
+    write(folder, "thief.yaml", "kind: service\ncommand: sleep 1000\n")
+    _sbd("up", "-d", "--wait", str(folder))
+    try:
+        wait_until(lambda: Path("/var/lib/sandboxd/volumes/sbdvolthief/secret").exists(), "the owner to write its volume")
+        seen = _inside("volthief", "thief", "cat /var/lib/sandboxd/volumes/sbdvolthief/secret || true")
+    finally:
+        _sbd("down", "-p", "volthief")
+        subprocess.run([sys.executable, "-m", "sandboxd", "volume", "rm", "sbdvolthief"], capture_output=True, timeout=60)
+    assert "owner data" not in seen, seen
+
+
+def test_a_service_cannot_use_up_the_inotify_instances_of_the_hosts_root(run_stack, spec_dir: Path) -> None:
+    # The service takes every inotify instance it can and holds them; the host's root must still
+    # get one (the count is per user of a user namespace: fs.inotify.max_user_instances).
+    hold = "import ctypes, time\\nlibc = ctypes.CDLL(None)\\nn = 0\\nwhile libc.inotify_init1(0) >= 0:\\n    n += 1\\nprint('HELD', n, flush=True)\\ntime.sleep(1000)"
+    write(spec_dir, "svc.yaml", f'kind: service\ncommand: [python3, -c, "{hold}"]\n')
+    stack = run_stack(spec_dir)
+    held = stack.wait_lines("svc", 1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(0)
+    error = ctypes.get_errno()
+    stack.stop()
+    if fd >= 0:
+        os.close(fd)
+    assert fd >= 0, f"the host's root got no inotify instance ({os.strerror(error)}) while the service held {held}"
+
+
+def test_a_service_cannot_take_pages_out_of_the_kernels_direct_map_with_memfd_secret(run_stack, spec_dir: Path) -> None:
+    # memfd_secret(2) unmaps its pages from the kernel's direct map, splitting its huge pages for
+    # every process on the host; docker's default profile does not allow it either.
+    probe = "import ctypes, os\\nlibc = ctypes.CDLL(None, use_errno=True)\\nprint('memfd_secret', libc.syscall(447, 0), os.strerror(ctypes.get_errno()))"
+    write(spec_dir, "svc.yaml", f'kind: service\nrestart: "no"\ncommand: [python3, -c, "{probe}"]\n')
+    assert _output(run_stack(spec_dir), "svc") == "memfd_secret -1 Operation not permitted"

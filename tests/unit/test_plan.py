@@ -13,7 +13,7 @@ from sandboxd.plan import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_N
 from sandboxd.spec import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
-HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x"}
+HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}
 
 
 def host_exists(path: str) -> bool:
@@ -78,12 +78,61 @@ def test_every_service_gets_mount_uts_ipc_and_net_namespaces(tmp_path):
 def test_existing_targets_use_the_host_root_bound_read_only(tmp_path):
     p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /srv/data}]\n")["a"]
     kinds = [(m.kind, m.target) for m in p.mounts if m.kind not in ("mask", "readonly")]
-    assert kinds == [("rbind-root", "/"), ("proc", "/proc"), ("sysfs", "/sys"), ("dev", "/dev"), ("tmpfs", "/tmp"), ("tmpfs", "/run"), ("bind", "/srv/data")]
+    assert kinds == [("rbind-root", "/"), ("proc", "/proc"), ("sysfs", "/sys"), ("dev", "/dev"), ("tmpfs", "/dev/shm"), ("tmpfs", "/tmp"), ("tmpfs", "/run"), ("bind", "/srv/data")]
     masked = [m.target for m in p.mounts if m.kind == "mask"]
     assert "/proc/kcore" in masked and "/sys/firmware" in masked
-    assert [m.target for m in p.mounts if m.kind == "readonly"] == ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"]
+    assert [m.target for m in p.mounts if m.kind == "readonly"] == ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/pressure"]
     assert p.mounts[-1].readonly is True
     assert p.mounts[-1].source == str(tmp_path / "data")
+
+
+def _tmpfs(p: LaunchPlan) -> dict[str, str]:
+    return {m.target: m.options for m in p.mounts if m.kind == "tmpfs"}
+
+
+def test_every_tmpfs_of_a_sandbox_is_capped_by_default(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nuser: 1000\ntmpfs: [/srv/data]\n")["a"]
+    capped = "size=67108864,nr_inodes=16384"
+    assert _tmpfs(p) == {
+        "/dev/shm": f"mode=1777,{capped}",
+        "/tmp": f"mode=1777,{capped}",
+        "/run": f"mode=0755,{capped}",
+        "/srv/data": f"mode=0755,{capped},uid=1000,gid=1000",
+    }
+
+
+def test_tmpfs_sizes_come_from_the_entry_then_tmpfs_size_and_shm_size(tmp_path):
+    p = plans(
+        tmp_path,
+        """
+        kind: service
+        name: a
+        command: [x]
+        tmpfs_size: 8M
+        shm_size: 1G
+        tmpfs: [/srv/data, {path: /srv, size: 2G}]
+        """,
+    )["a"]
+    options = _tmpfs(p)
+    assert options["/dev/shm"] == "mode=1777,size=1073741824,nr_inodes=262144"
+    assert options["/tmp"] == options["/run"].replace("0755", "1777") == "mode=1777,size=8388608,nr_inodes=2048"
+    assert options["/srv/data"] == "mode=0755,size=8388608,nr_inodes=2048,uid=0,gid=0"
+    assert options["/srv"] == "mode=0755,size=2147483648,nr_inodes=524288,uid=0,gid=0"
+
+
+def test_shm_size_defaults_to_tmpfs_size_and_a_tiny_tmpfs_keeps_some_inodes(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\ntmpfs_size: 4k\n")["a"]
+    assert _tmpfs(p)["/dev/shm"] == "mode=1777,size=4096,nr_inodes=1024"
+
+
+def test_tmpfs_entry_at_tmp_or_run_takes_the_place_of_the_sandboxs_own(tmp_path):
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nuser: 1000\ntmpfs: [{path: /tmp, size: 1G}, /run]\n")["a"]
+    targets = [m.target for m in p.mounts if m.kind == "tmpfs"]
+    assert targets.count("/tmp") == 1 and targets.count("/run") == 1
+    assert targets.index("/tmp") < targets.index("/run") < len(targets)  # in the base's place, before pivot_root
+    options = _tmpfs(p)
+    assert options["/tmp"] == "mode=1777,size=1073741824,nr_inodes=262144,uid=1000,gid=1000"  # still open to all
+    assert options["/run"] == "mode=0755,size=67108864,nr_inodes=16384,uid=1000,gid=1000"  # the service's own
 
 
 def test_new_top_level_target_builds_the_root_on_a_tmpfs(tmp_path):
@@ -131,6 +180,37 @@ def test_used_unix_socket_is_bound_read_only_at_the_same_path_with_the_hosts_ids
     # connect() needs no writable mount; read-only, the service cannot chmod the host's socket file.
     assert (bind.kind, bind.source, bind.target, bind.readonly, bind.options) == ("bind", "/run/db/db.sock", "/run/db/db.sock", True, HOST_IDS)
     assert not any(m.kind == "bind" for m in p["db"].mounts)
+
+
+def test_socket_files_a_service_does_not_use_are_hidden_from_it(tmp_path):
+    p = plans(
+        tmp_path,
+        """
+        kind: service
+        name: client
+        command: [x]
+        uses: [db]
+        ---
+        kind: service
+        name: db
+        command: [y]
+        ---
+        kind: service
+        name: other
+        command: [x]
+        ---
+        kind: socket
+        name: db
+        listen: [unix:/srv/data/db.sock, unix:/tmp/db.sock]
+        ---
+        kind: socket
+        name: other
+        listen: ["unix:@abstract", tcp:127.0.0.1:5]
+        """,
+    )
+    masks = {name: [m.target for m in plan.mounts if m.kind == "mask" and m.target.endswith(".sock")] for name, plan in p.items()}
+    # Under /tmp and /run the sandbox has its own tmpfs; an abstract name or an address has no file.
+    assert masks == {"client": [], "db": ["/srv/data/db.sock"], "other": ["/srv/data/db.sock"]}
 
 
 def test_plan_survives_the_wire_format(tmp_path):

@@ -59,7 +59,7 @@ def call(name: str, *args: int, allow: frozenset[str] = frozenset()) -> int:
     return run(build_filter(allow), NR[name], args)
 
 
-@pytest.mark.parametrize("name", ["io_uring_setup", "io_uring_enter", "io_uring_register", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "ptrace", "mount"])
+@pytest.mark.parametrize("name", ["io_uring_setup", "io_uring_enter", "io_uring_register", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "ptrace", "mount", "memfd_secret"])
 def test_refused_calls_get_eperm(name: str) -> None:
     assert call(name) == EPERM
 

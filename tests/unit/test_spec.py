@@ -11,12 +11,14 @@ import pytest
 
 from sandboxd.errors import SpecErrors
 from sandboxd.spec import (
+    DEFAULT_PIDS,
     Address,
     Limits,
     Mount,
     Service,
     Socket,
     StartLimit,
+    Tmpfs,
     load_stack,
     parse_address,
     parse_duration,
@@ -322,6 +324,46 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
         {"app.yaml": SERVICE + "command: [again]\n"},
         "app.yaml:4: command: duplicate key 'command' (also at line 3)",
     ),
+    (
+        "tmpfs size of nothing",
+        {"app.yaml": SERVICE + "tmpfs:\n  - /cache\n  - {path: /scratch, size: 0}\n"},
+        "app.yaml:6: tmpfs[1].size: expected a size of at least 4K (one page), like 64M, got 0; a tmpfs of size 0 would have no cap at all",
+    ),
+    (
+        "tmpfs size that is not a size",
+        {"app.yaml": SERVICE + "tmpfs: [{path: /scratch, size: lots}]\n"},
+        "app.yaml:4: tmpfs[0].size: expected a size like 256M, 1G or a number of bytes, got 'lots'",
+    ),
+    (
+        "tmpfs entry without a path",
+        {"app.yaml": SERVICE + "tmpfs:\n  - size: 1M\n"},
+        "app.yaml:5: tmpfs[0].path: missing key 'path'; expected the absolute path to mount it on",
+    ),
+    (
+        "tmpfs entry with an unknown key",
+        {"app.yaml": SERVICE + "tmpfs: [{path: /scratch, sise: 1M}]\n"},
+        "app.yaml:4: tmpfs[0].sise: unknown key 'sise'; did you mean 'size'?",
+    ),
+    (
+        "tmpfs on /dev/shm",
+        {"app.yaml": SERVICE + "tmpfs: [{path: /dev/shm, size: 1G}]\n"},
+        "app.yaml:4: tmpfs[0]: /dev/shm is the sandbox's own tmpfs already; set its size with shm_size",
+    ),
+    (
+        "tmpfs path given twice",
+        {"app.yaml": SERVICE + "tmpfs:\n  - /tmp\n  - {path: /tmp/, size: 1G}\n"},
+        "app.yaml:6: tmpfs[1]: /tmp is in tmpfs[0] already",
+    ),
+    (
+        "shm_size below a page",
+        {"app.yaml": SERVICE + "shm_size: 1k\n"},
+        "app.yaml:4: shm_size: expected a size of at least 4K (one page), like 64M, got '1k'",
+    ),
+    (
+        "tmpfs_size of the wrong type",
+        {"app.yaml": SERVICE + "tmpfs_size: [64M]\n"},
+        "app.yaml:4: tmpfs_size: expected a size like 256M, 1G or a number of bytes, got a list",
+    ),
 ]
 
 
@@ -466,6 +508,8 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             user="",
             group="",
             tmpfs=(),
+            tmpfs_size=64 << 20,
+            shm_size=None,
             image="host",
         ),
     )
@@ -535,6 +579,31 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     )
     (db,) = stack.sockets
     assert (db.line, db.fdname, db.backlog, db.mode, db.reuseport) == (18, "database", 16, 0o600, True)
+
+
+def test_tmpfs_entries_and_their_sizes_are_read(tmp_path: Path) -> None:
+    folder = write(
+        tmp_path,
+        {
+            "app.yaml": SERVICE
+            + "tmpfs_size: 16M\nshm_size: 1G\ntmpfs:\n  - /cache\n  - {path: /scratch/, size: 1.5G}\n  - {path: /tmp, size: 512k}\n"
+        },
+    )
+    app = load_stack(folder).service("app")
+    assert app.tmpfs == (Tmpfs("/cache", None, 7), Tmpfs("/scratch", 3 << 29, 8), Tmpfs("/tmp", 512 << 10, 9))
+    assert (app.tmpfs_size, app.shm_size) == (16 << 20, 1 << 30)
+
+
+def test_one_tmpfs_path_may_stand_alone(tmp_path: Path) -> None:
+    folder = write(tmp_path, {"app.yaml": SERVICE + "tmpfs: /cache\n"})
+    assert load_stack(folder).service("app").tmpfs == (Tmpfs("/cache", None, 4),)
+
+
+def test_default_process_limit_applies_unless_pids_is_given() -> None:
+    assert Limits().with_defaults() == Limits(pids=DEFAULT_PIDS)
+    assert Limits(memory=1 << 30).with_defaults() == Limits(memory=1 << 30, pids=DEFAULT_PIDS)
+    assert Limits(pids=10_000).with_defaults() == Limits(pids=10_000)
+    assert DEFAULT_PIDS == 2048
 
 
 def test_several_documents_per_file_are_read_and_empty_ones_skipped(tmp_path: Path) -> None:

@@ -864,7 +864,22 @@ def _fork_in_user_namespace(
         try:
             if netns_fd >= 0 and any(op["kind"] == "sysfs" and op["options"] == SYSFS_OF_NETNS for op in request["plan"]["mounts"]):
                 sysfs = request["sysfs_tree"] = linux.detached_mount("sysfs", READONLY | linux.MOUNT_ATTR_NOEXEC)
-            pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
+            # The new user namespace's owner is whoever's effective ids clone it. The kernel
+            # counts what its processes hold (inotify instances, user namespaces ...) against
+            # their user inside and against that owner outside, and a process of the host's
+            # user namespace running as the owner has every capability inside. So the owner is
+            # the block's last id: not the host's root, whose limits a sandbox must not use up,
+            # nor the block's root, as which sandboxd runs a proxy to a unix socket of a root
+            # service. Root's capabilities stay for the clone.
+            os.setegid(ids["gid"] + ids["count"] - 1)
+            os.seteuid(ids["uid"] + ids["count"] - 1)
+            try:
+                linux.raise_effective_capabilities()
+                pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
+            finally:
+                if pid != 0:
+                    os.seteuid(0)  # the effective capabilities come back with it
+                    os.setegid(0)
         finally:
             if netns_fd >= 0 and pid != 0:
                 linux.setns(own_netns, linux.CLONE_NEWNET)

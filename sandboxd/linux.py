@@ -83,6 +83,7 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
 _libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 
 # The same libc, called with the GIL held (as os.fork holds it), for clone3 below.
@@ -291,6 +292,17 @@ def drop_bounding_set(keep: set[int]) -> None:
     for cap in range(last_cap() + 1):
         if cap not in keep:
             _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+def raise_effective_capabilities() -> None:
+    """Make the effective set the permitted one again (after seteuid to a non-zero uid cleared it,
+    while the real uid 0 kept the permitted set)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), ctypes.byref(data)), "capget")
+    for word in (0, 1):
+        data[word].effective = data[word].permitted
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def keep_only_capabilities(keep: set[int]) -> None:

@@ -66,7 +66,13 @@ def _up(args: argparse.Namespace) -> int:
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
-    plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, subids=True)
+    lease = None
+    if any(service.userns for service in stack.services):
+        from .subids import lease as lease_ids
+
+        # Held by this process and, from its fork, the fork server: the block is ours until both are gone.
+        lease = lease_ids(instance)
+    plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, userns=lease.userns if lease else None)
     host = detect()
     limits = _enforceable_limits(stack, host)
     create(stack, plans)  # the last check is done: from here on things are made
@@ -85,7 +91,7 @@ def _up(args: argparse.Namespace) -> int:
         raise
     from .supervisor import Supervisor
 
-    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, pinned=pinned).run()
+    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, pinned=pinned, ids=lease).run()
 
 
 def _with_env(stack: Any, overrides: list[str]) -> Any:

@@ -171,13 +171,15 @@ def sandbox_mounts() -> Iterator[tuple[int, str]]:
 
 
 def trees_in_use() -> set[str]:
-    """The image trees that a sandbox has mounted (its overlay's lowerdir), on this host."""
-    marker = f"lowerdir={store_dir()}/"
+    """The image trees that a sandbox has mounted (its overlay's lowerdir), on this host. The
+    sandbox attaches a copy of the tree below its own root at a path that ends with the tree's
+    (launcher.py, `_image_root`), and the overlay's options name that path."""
+    marker = f"{store_dir()}/"
     return {
-        option.removeprefix("lowerdir=")
+        option[option.index(marker) :]
         for _pid, line in sandbox_mounts()
         for option in line.rsplit(" ", 1)[-1].split(",")
-        if option.startswith(marker)
+        if option.startswith("lowerdir=") and marker in option
     }
 
 

@@ -15,7 +15,12 @@ outlives sandboxd.
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
     launch() ──request + SCM_RIGHTS─▶ [status, output, socket fds..., held bind sources...]
                                       open_tree: a detached copy of each source (detached_bind)
-                                      unshare(NEWPID), fork, setns back ──fork───▶ join cgroup; unshare(mnt,uts,ipc,net)
+                                      and of the image; idmap those stored through the stack's ids
+                                      clone3(NEWPID[, NEWUSER]) into the ──clone──▶ [userns: wait on a pipe]
+                                      cgroup [userns: in the service's
+                                      netns, with its sysfs made there]
+                                      [userns: uid/gid maps, idmap copies ─pipe──▶ become root inside]
+                                       of host ids, v1 cgroup.procs]                join cgroup; unshare(mnt,uts,ipc,net)
                                                                                     setsid; mounts; pivot_root; move_mount
                                                                                     the copies; hostname
                                                                                     lo up; fds 0,1,2 and 3..; chdir
@@ -52,7 +57,10 @@ from typing import Any, NoReturn
 
 from . import linux
 from .errors import LaunchError
-from .plan import DEVICE_NODES, SANDBOX_TMPFS, LaunchPlan, MountOp, is_under
+from .plan import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, SANDBOX_TMPFS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under, swapped_id_map
+# Imported here, never in the child: an import there, as the host's root and after pivot_root,
+# would be looked up in the sandbox's tree.
+from .seccomp import bind_notify_filter
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -80,32 +88,47 @@ def _ensure_mountpoint(target: str, is_dir: bool) -> None:
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
-def _mount_dev(dev: str, detach_covered: Callable[[str], None]) -> None:
-    # The host's nodes are opened before the new /dev may cover them (in place, dev is /dev).
-    nodes: dict[str, int] = {}
-    for node in DEVICE_NODES:
-        try:
-            nodes[node] = os.open(f"/dev/{node}", os.O_PATH | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
+_DEVICE_NUMBERS: dict[str, int] = {}
+
+
+def detached_dev(owner: tuple[int, int] | None) -> int:
+    """In the fork server, for one launch: the sandbox's /dev, a small tmpfs with the device nodes
+    a service needs (mknod, with the host's numbers), the mount points of its devpts and /dev/shm
+    and the usual links, detached, for the sandbox to attach (`_mount_dev`). Made here, in the
+    host's user namespace, because a tmpfs mounted in a user namespace holds no usable device node
+    (the kernel makes it nodev) and mknod there is refused; and so a sandbox attaches one mount
+    where it made some fifteen files and mounts. `owner`: the host's ids of root inside the
+    sandbox's user namespace, whose /dev it is, as it is root's in a sandbox without one."""
+    if not _DEVICE_NUMBERS:
+        for node in DEVICE_NODES:
+            try:
+                _DEVICE_NUMBERS[node] = os.stat(f"/dev/{node}").st_rdev
+            except FileNotFoundError:
+                continue
+    dev = linux.detached_mount("tmpfs", linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NOEXEC, (("mode", "0755"), ("size", "64k")))
+    try:
+        for node, number in _DEVICE_NUMBERS.items():
+            os.mknod(node, stat.S_IFCHR | 0o666, number, dir_fd=dev)
+            os.chmod(node, 0o666, dir_fd=dev)  # mknod honours the umask
+        for directory in ("pts", "shm"):
+            os.mkdir(directory, 0o755, dir_fd=dev)
+        for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, name, dir_fd=dev)
+        if owner is not None:
+            os.chown(".", *owner, dir_fd=dev)
+    except BaseException:
+        os.close(dev)
+        raise
+    return dev
+
+
+def _mount_dev(dev: str, detach_covered: Callable[[str], None], tree: int) -> None:
+    """Attach the sandbox's /dev (`tree`, from `detached_dev`), then its own devpts (its /dev/shm, a
+    capped tmpfs, is a mount of the plan's own)."""
     detach_covered(dev)
-    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
-    for node, fd in nodes.items():
-        try:
-            # mknod costs a tenth of a bind mount; without CAP_MKNOD (a user namespace) bind instead.
-            os.mknod(f"{dev}/{node}", stat.S_IFCHR | 0o666, os.fstat(fd).st_rdev)
-            os.chmod(f"{dev}/{node}", 0o666)  # mknod honours the umask
-        except PermissionError:
-            _ensure_mountpoint(f"{dev}/{node}", is_dir=False)
-            linux.mount(f"/proc/self/fd/{fd}", f"{dev}/{node}", None, linux.MS_BIND)
-        finally:
-            os.close(fd)
-    os.mkdir(f"{dev}/pts")
+    linux.move_mount(tree, dev)
+    os.close(tree)
     linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    os.symlink("pts/ptmx", f"{dev}/ptmx")
-    os.mkdir(f"{dev}/shm")  # its tmpfs, capped, is a mount of the plan's own
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"{dev}/{name}")
 
 
 READONLY = linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
@@ -131,18 +154,23 @@ def _host_root_on_tmpfs(root: str, fresh: set[str]) -> None:
             linux.mount(entry.path, path, None, linux.MS_BIND)
 
 
-def _image_root(root: str, rootfs: str) -> None:
-    """The image's tree as the lower layer of an overlay on `root`, the upper layer on a tmpfs of
-    this mount namespace (systemd-nspawn's --volatile=overlay): writes are charged to the
-    sandbox's memory cgroup and vanish with the namespace, with nothing to clean up."""
+def _image_root(root: str, tree: int, source: str) -> None:
+    """The image's tree (`tree`: a detached copy of `source` from the fork server, idmapped in a
+    user namespace) as the lower layer of an overlay on `root`, the upper layer on a tmpfs of this
+    mount namespace (systemd-nspawn's --volatile=overlay): writes are charged to the sandbox's
+    memory cgroup and vanish with the namespace, with nothing to clean up."""
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
     os.mkdir(f"{root}/upper", 0o755)
     os.mkdir(f"{root}/work", 0o700)
-    # The overlay's options show in /proc/self/mountinfo as they are written: the upper layers
-    # are named relative to the tmpfs, not by sandboxd's runtime paths. The lower layer keeps its
-    # path in the image store: that is how images.trees_in_use tells which trees are mounted.
+    # The overlay's options show in /proc/self/mountinfo as they are written: the layers are named
+    # relative to the tmpfs, not by sandboxd's runtime paths. The copy of the tree is attached at a
+    # path ending with the tree's own in the image store: that is how images.trees_in_use tells
+    # which trees are mounted.
+    os.makedirs(f"{root}/lower{source}", 0o755)
+    linux.move_mount(tree, f"{root}/lower{source}")
+    os.close(tree)
     os.chdir(root)
-    options = f"lowerdir={rootfs},upperdir=upper,workdir=work"
+    options = f"lowerdir=lower{source},upperdir=upper,workdir=work"
     linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
     # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
     for top in _FRESH_IN_SANDBOX | {"sys"}:
@@ -205,9 +233,14 @@ def _detach_covered(target: str, locked: bool) -> None:
             raise
 
 
-def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False) -> None:
+def _build_root(
+    root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list[int], locked: bool = False, image_tree: int = -1, sysfs_tree: int = -1, dev_tree: int = -1
+) -> None:
     """Make the sandbox's file system. `trees` are the detached copies of the bind sources
-    (`detached_bind`), one per bind in the order of `mounts`.
+    (`detached_bind`), one per bind in the order of `mounts`; `image_tree` the image's,
+    `dev_tree` its /dev (`detached_dev`), and `sysfs_tree` a sysfs the fork server made in the
+    service's network namespace (a user namespace cannot mount one for a namespace the host's
+    user namespace owns).
 
     With the host's root as it is (`rbind-root` with options "in-place"): the new mount namespace's
     copy of the host's tree is made read-only, nosuid and nodev in one call, and /proc, /sys, /dev,
@@ -224,6 +257,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
         root = ""
     seal_image = mounts[0].kind == "image-root" and mounts[0].readonly
     binds: list[tuple[MountOp, int]] = []
+    masks_to_seal: list[str] = []
     unattached = iter(trees)
     pending_seal = any(op.kind == "tmpfs-root" for op in mounts)
     fresh = _FRESH_IN_SANDBOX | ({"sys"} if any(op.kind == "sysfs" for op in mounts) else set())
@@ -246,7 +280,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
             case "tmpfs-root":
                 _host_root_on_tmpfs(root, fresh)
             case "image-root":
-                _image_root(root, op.source)
+                _image_root(root, image_tree, op.source)
             case "mountpoint":
                 _ensure_mountpoint(target, is_dir=op.options == "dir")
             case "proc":
@@ -254,13 +288,21 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
                 pending_seal = False
                 detach_covered(target)
                 linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            case "sysfs" if op.options == SYSFS_OF_NETNS:
+                detach_covered(target)
+                linux.move_mount(sysfs_tree, target)
             case "sysfs":
                 # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
                 detach_covered(target)
                 linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            case "mask" if op.options == MASK_WITH_MOUNTPOINTS:
+                if os.path.isdir(target):
+                    # Writable until the mounts below it have their mount points, then sealed.
+                    linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=0755,size=64k")
+                    masks_to_seal.append(op.target)
             case "mask":
                 if os.path.isdir(target):
-                    linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "size=0")
+                    linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=0755,size=0")
                 elif os.path.lexists(target):
                     # The sandbox's own /dev/null (made before the masks), as runc does.
                     linux.mount(f"{root}/dev/null", target, None, linux.MS_BIND)
@@ -269,7 +311,7 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
                     linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
                     linux.mount_setattr(target, READONLY)
             case "dev":
-                _mount_dev(target, detach_covered)
+                _mount_dev(target, detach_covered, dev_tree)
             case "tmpfs" if op.target in SANDBOX_TMPFS:
                 detach_covered(target)
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
@@ -302,6 +344,9 @@ def _build_root(root: str, mounts: tuple[MountOp, ...], step: _Step, trees: list
         step.name = f"bind {op.source} on {op.target}"
         _attach_bind(fd, target, op.readonly)
         os.close(fd)
+    for path in masks_to_seal:
+        step.name = f"make {path} read-only"
+        linux.mount_setattr(path, READONLY, recursive=False)  # the mounts on it keep their flags
     if seal_image:
         step.name = "make the image's root read-only"
         # Only the overlay itself: the mounts on it (/tmp, /run, writable binds) keep their flags.
@@ -393,7 +438,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         # /proc/1/exe is that memfd, never a file of the host's, wherever sandboxd is installed.
         step.name = f"take the sealed copy of the init {plan.argv[0]}"
         init_fd = fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
-        _build_root(request["root"], plan.mounts, step, trees or [], locked=bool(plan.userns))
+        _build_root(request["root"], plan.mounts, step, trees or [], bool(plan.userns), request.get("image_tree", -1), request.get("sysfs_tree", -1), request["dev_tree"])
         step.name = "set hostname"
         if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
@@ -412,8 +457,6 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         listener = -1
         if plan.intercept_bind:
             step.name = "install the bind() listener"
-            from .seccomp import bind_notify_filter
-
             listener = linux.install_seccomp_listener(bind_notify_filter())
         _confine(plan.seccomp_filter, plan.capabilities, plan.no_new_privs, step, plan.uid, plan.gid)
         if listener >= 0:
@@ -438,13 +481,15 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
 
 
 def join_namespaces(target: int) -> bool:
-    """Join the namespaces of process `target` (its user namespace first, if it has its own; the
-    mount namespace last, which brings its root). True if a user namespace was joined."""
+    """Join the namespaces of process `target`: pid, uts, ipc, net, then mnt (which brings its
+    root), and its user namespace last, if it has its own. Last, because joining it drops every
+    capability in the host's user namespace, and the network namespace of a service on a network
+    belongs to the host's. True if a user namespace was joined."""
     own_user = os.stat("/proc/self/ns/user").st_ino
     names = ["pid", "uts", "ipc", "net", "mnt"]
     in_userns = os.stat(f"/proc/{target}/ns/user").st_ino != own_user
     if in_userns:
-        names.insert(0, "user")
+        names.append("user")
     fds = [os.open(f"/proc/{target}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in names]
     for fd in fds:
         linux.setns(fd, 0)
@@ -459,11 +504,22 @@ def become_userns_root() -> None:
     os.setresuid(0, 0, 0)
 
 
-def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callable[[], bool], run: Callable[[bool], None]) -> NoReturn:
+def _die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG, set after the last change of credentials (which clears it: becoming root
+    of a user namespace, or the service's user). `parent` is what getppid() said right after the
+    fork (0 when the parent is outside a pid namespace joined); if the parent died before this,
+    the child was given to another and getppid() says so."""
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(EXIT_UNEXPECTED)
+
+
+def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callable[[], bool], run: Callable[[bool, int], None]) -> NoReturn:
     """The shape of running something inside a running sandbox, in a child born in its cgroup:
     join further cgroups, `join` namespaces (True if a user namespace was joined), report, fork
     `run` (a joined pid namespace takes effect for children only), wait, exit with its status.
-    What runs dies with this process (PR_SET_PDEATHSIG), so killing this process ends it too."""
+    What runs dies with this process (`_die_with_parent`, which `run` calls last before exec), so
+    killing this process ends it too."""
     step = _Step()
     try:
         step.name = "reset signals"
@@ -477,8 +533,7 @@ def _join_then_run(request: dict[str, Any], channel: socket.socket, join: Callab
         _report(channel, {"exec": time.monotonic_ns()})
         pid = os.fork()
         if pid == 0:
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            run(in_userns)
+            run(in_userns, os.getppid())
             os._exit(EXIT_UNEXPECTED)
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
@@ -494,7 +549,7 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
     """Run a command in all the namespaces of a running sandbox's init, confined like the service.
     Used for health checks and `reload:` commands (`sandboxd exec` joins from the CLI: execute.py)."""
 
-    def run(in_userns: bool) -> None:
+    def run(in_userns: bool, parent: int) -> None:
         if in_userns:
             become_userns_root()
         os.chdir(request["workdir"])
@@ -504,6 +559,7 @@ def run_in_sandbox(request: dict[str, Any], status_fd: int, output_fd: int) -> N
             os.dup2(output_fd if target_fd and output_fd >= 0 else null, target_fd)
         os.closerange(3, 1 << 20)
         _confine(request.get("seccomp_filter", ""), tuple(request.get("capabilities", ())), True, _Step(), request.get("uid", 0), request.get("gid", 0))
+        _die_with_parent(parent)
         argv = request["argv"]
         os.execvpe(argv[0], argv, dict(request["env"]))
 
@@ -529,7 +585,7 @@ def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list
         linux.setns(pidfd, linux.CLONE_NEWNET)
         return False
 
-    def run(_in_userns: bool) -> None:
+    def run(_in_userns: bool, parent: int) -> None:
         _place_fds(output_fd, rest + ([target] if target >= 0 else []))
         os.closerange(3 + len(rest) + (1 if target >= 0 else 0), 1 << 20)
         env = {"LISTEN_FDS": str(len(rest)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -537,6 +593,7 @@ def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list
         if target >= 0:
             argv[-1] = f"/proc/self/fd/{3 + len(rest)}"  # the socket file, opened inside the sandbox's root
         _confine("", (), True, _Step(), int(request["uid"]), int(request["gid"]))
+        _die_with_parent(parent)
         os.execve(argv[0], argv, env)
 
     _join_then_run(request, channel, join, run)
@@ -555,6 +612,7 @@ def serve(conn: socket.socket) -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -568,7 +626,7 @@ def serve(conn: socket.socket) -> NoReturn:
                     msg, fds = _recv_with_fds(conn)
                     if not msg:
                         os._exit(0)  # the supervisor is gone or done: our exit ends every sandbox
-                    _fork_sandbox(conn, json.loads(msg), fds, own_pidns, children)
+                    _fork_sandbox(conn, json.loads(msg), fds, own_pidns, own_netns, children)
                 else:
                     try:
                         os.read(wake_r, 4096)
@@ -641,10 +699,14 @@ def sealed_copy(path: str) -> int:
     return fd
 
 
-def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, children: dict[int, int]) -> None:
+def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], own_pidns: int, own_netns: int, children: dict[int, int]) -> None:
     """Fork what a request asks for. A sandbox's descriptors are [status, output, sockets...,
-    held bind sources..., netns?]; each source becomes a detached copy here, before the fork. A
-    command's may lack the output (`"output": false`): it gets the sandbox's own /dev/null."""
+    held bind sources..., netns?]; each source becomes a detached copy here, before the fork, and
+    so does the image's tree. In a user namespace those stored through the stack's ids are
+    idmapped here too (STORE_IDS), those seen with the host's ids once the sandbox's own user
+    namespace exists (HOST_IDS, in `_fork_in_user_namespace`): only root of the host's user
+    namespace may idmap a mount of the host's file systems. A command's request may lack the
+    output (`"output": false`): it gets the sandbox's own /dev/null."""
     status_fd, *socket_fds = fds
     output_fd = socket_fds.pop(0) if request.get("output", True) else -1
     netns_fd = socket_fds.pop() if request.get("netns") else -1
@@ -652,25 +714,46 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
     held, socket_fds = socket_fds[first_source:], socket_fds[:first_source]
     cgroup_fd = -1
     trees: list[int] = []
+    host_id_trees: list[tuple[int, str]] = []
     doing = "fork"
     try:
         init_fd = -1
         if "plan" in request:
-            doing = f"make a sealed copy of the init {request['plan']['argv'][0]}"
-            init_fd = sealed_copy(request["plan"]["argv"][0])
-            sources = [op["source"] for op in request["plan"]["mounts"] if op["kind"] == "bind"]
-            if len(held) != len(sources):  # the kernel cut the descriptors short (more than MAX_FDS)
-                raise OSError(errno.EMSGSIZE, f"{len(sources)} bind sources, {len(held)} descriptors received", request["plan"]["service"])
-            for fd, source in zip(held, sources):
-                doing = f"copy the mount of {source}"
-                trees.append(detached_bind(fd, source))
+            plan = request["plan"]
+            doing = f"make a sealed copy of the init {plan['argv'][0]}"
+            init_fd = sealed_copy(plan["argv"][0])
+            binds = [op for op in plan["mounts"] if op["kind"] == "bind"]
+            if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
+                raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", plan["service"])
+            store = _storage_userns(plan["userns"]) if plan["userns"] and any(op["options"] == STORE_IDS for op in binds) else -1
+            for fd, op in zip(held, binds):
+                doing = f"copy the mount of {op['source']}"
+                trees.append(detached_bind(fd, op["source"]))
+                if op["options"] == STORE_IDS and store >= 0:
+                    _idmap(trees[-1], store, op["source"])
+                elif op["options"] == HOST_IDS:
+                    host_id_trees.append((trees[-1], op["source"]))
+            if plan["mounts"][0]["kind"] == "image-root":
+                rootfs = plan["mounts"][0]["source"]
+                doing = f"copy the mount of the image {rootfs}"
+                held_root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    request["image_tree"] = image_tree = detached_bind(held_root, rootfs)
+                finally:
+                    os.close(held_root)
+                trees.append(image_tree)
+                if plan["mounts"][0]["options"] == HOST_IDS:
+                    host_id_trees.append((image_tree, rootfs))
+            doing = "make the sandbox's /dev"
+            request["dev_tree"] = dev_tree = detached_dev((plan["userns"]["uid"], plan["userns"]["gid"]) if plan["userns"] else None)
+            trees.append(dev_tree)
             doing = "fork"
         cgroup_fd = os.open(request["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         userns = request["plan"].get("userns") if "plan" in request else None
         if userns:
-            pid = _fork_in_user_namespace(request, cgroup_fd, tuple(userns))
+            pid = _fork_in_user_namespace(request, cgroup_fd, netns_fd, own_netns, userns, host_id_trees)
             if pid == 0:
-                run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, netns_fd, trees)
+                run_sandbox(request, status_fd, output_fd, socket_fds, init_fd, -1, trees)
             children[pid] = request["id"]
             return
         if "exec_into" in request:
@@ -694,39 +777,143 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
                 os.close(fd)
 
 
-def _fork_in_user_namespace(request: dict[str, Any], cgroup_fd: int, userns: tuple[int, ...]) -> int:
-    """Fork the sandbox's init into a new user and pid namespace, born in its cgroup.
+def _idmap(tree: int, userns: int, source: str) -> None:
+    """Idmap a detached copy through `userns`; say plainly when its file system cannot be."""
+    try:
+        linux.mount_setattr(tree, linux.MOUNT_ATTR_IDMAP, userns_fd=userns, name=source)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise OSError(e.errno, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source) from None
+
+
+def _host_pid(pid: int, pidfd: int = -1) -> int:
+    """The host's pid of a child (`pid` is its pid in this process's namespace): /proc here is the
+    host's, and a pidfd's fdinfo tells the pid as the /proc it is read through numbers it."""
+    own = pidfd < 0
+    if own:
+        pidfd = os.pidfd_open(pid)
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+    finally:
+        if own:
+            os.close(pidfd)
+
+
+_store_userns: dict[tuple[int, ...], int] = {}
+
+
+def _storage_userns(ids: dict[str, int]) -> int:
+    """The user namespace that volumes and binds are idmapped through (plan.swapped_id_map): a
+    file stored as store_uid + N is the sandbox's own N inside, everything else keeps its host
+    owner. -1 when the stack runs as the stored block itself (a single block): no idmap needed.
+    Made once per stack's ids by a child that unshares it and waits while its maps are written;
+    held by descriptor here for the life of the fork server."""
+    if (ids["store_uid"], ids["store_gid"]) == (ids["uid"], ids["gid"]):
+        return -1
+    key = (ids["store_uid"], ids["store_gid"], ids["uid"], ids["gid"], ids["count"])
+    if key in _store_userns:
+        return _store_userns[key]
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(done_w)  # else the read below never sees the end
+            os.close(ready_r)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(errno.EPERM, "unshare(CLONE_NEWUSER) failed", "the storage user namespace")
+        host_pid = _host_pid(pid)
+        for kind, stored, running in (("uid_map", ids["store_uid"], ids["uid"]), ("gid_map", ids["store_gid"], ids["gid"])):
+            with open(f"/proc/{host_pid}/{kind}", "w") as f:
+                f.write(swapped_id_map(stored, running, ids["count"]))
+        _store_userns[key] = os.open(f"/proc/{host_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
+    return _store_userns[key]
+
+
+def _fork_in_user_namespace(
+    request: dict[str, Any], cgroup_fd: int, netns_fd: int, own_netns: int, ids: dict[str, int], host_id_trees: list[tuple[int, str]]
+) -> int:
+    """Fork the sandbox's init into a new user and pid namespace, born in its cgroup, and in the
+    service's network namespace if sandboxd made one (`netns_fd`).
 
     The child may not do anything as root-inside before its uid and gid maps exist, and only a
     process outside (this one, root in the parent namespace) may write maps that name other ids
-    than its own. So the child waits on a pipe while this process writes the maps, moves it into
+    than its own. So the child waits on a pipe while this process writes the maps, idmaps the
+    trees that keep the host's ids (HOST_IDS) through the child's user namespace, moves it into
     the v1 cgroups of its limits (which the child could no longer do itself), and then lets it go.
+
+    A child in a new user namespace may not join a network namespace of the host's user namespace,
+    nor mount a sysfs for it: so this process joins it for the moment of the clone (the child is
+    born there) and makes the sysfs there, detached, for the child to attach.
     """
-    first, count = userns
     wait_r, wait_w = os.pipe2(os.O_CLOEXEC)
-    pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
-    if pid == 0:
-        os.close(wait_w)
-        if os.read(wait_r, 1) != b"1":
-            os._exit(EXIT_SETUP_FAILED)  # the fork server could not set it up; it says why
-        os.close(wait_r)
-        request["cgroup_procs"] = []
-        return 0
-    os.close(wait_r)
+    pid, pidfd, sysfs = -1, -1, -1
     try:
-        # /proc here is the host's: it knows the child by its host pid, which the pidfd tells.
-        with open(f"/proc/self/fdinfo/{pidfd}") as f:
-            host_pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
-        for kind in ("uid_map", "gid_map"):
+        if netns_fd >= 0:
+            linux.setns(netns_fd, linux.CLONE_NEWNET)
+        try:
+            if netns_fd >= 0 and any(op["kind"] == "sysfs" and op["options"] == SYSFS_OF_NETNS for op in request["plan"]["mounts"]):
+                sysfs = request["sysfs_tree"] = linux.detached_mount("sysfs", READONLY | linux.MOUNT_ATTR_NOEXEC)
+            # The new user namespace's owner is whoever's effective ids clone it. The kernel
+            # counts what its processes hold (inotify instances, user namespaces ...) against
+            # their user inside and against that owner outside, and a process of the host's
+            # user namespace running as the owner has every capability inside. So the owner is
+            # the block's last id: not the host's root, whose limits a sandbox must not use up,
+            # nor the block's root, as which sandboxd runs a proxy to a unix socket of a root
+            # service. Root's capabilities stay for the clone.
+            os.setegid(ids["gid"] + ids["count"] - 1)
+            os.seteuid(ids["uid"] + ids["count"] - 1)
+            try:
+                linux.raise_effective_capabilities()
+                pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
+            finally:
+                if pid != 0:
+                    os.seteuid(0)  # the effective capabilities come back with it
+                    os.setegid(0)
+        finally:
+            if netns_fd >= 0 and pid != 0:
+                linux.setns(own_netns, linux.CLONE_NEWNET)
+        if pid == 0:
+            os.close(wait_w)
+            if os.read(wait_r, 1) != b"1":
+                os._exit(EXIT_SETUP_FAILED)  # the fork server could not set it up; it says why
+            os.close(wait_r)
+            request["cgroup_procs"] = []
+            return 0
+        host_pid = _host_pid(pid, pidfd)
+        for kind, first in (("uid_map", ids["uid"]), ("gid_map", ids["gid"])):
             with open(f"/proc/{host_pid}/{kind}", "w") as f:
-                f.write(f"0 {first} {count}\n")
+                f.write(f"0 {first} {ids['count']}\n")
+        if host_id_trees:
+            userns = os.open(f"/proc/{host_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for tree, source in host_id_trees:
+                    _idmap(tree, userns, source)
+            finally:
+                os.close(userns)
         for procs in request["cgroup_procs"]:
             with open(procs, "w") as f:
                 f.write(str(pid))  # cgroup.procs reads pids in the writer's pid namespace: ours
         os.write(wait_w, b"1")
     finally:
-        os.close(wait_w)
-        os.close(pidfd)
+        if pid != 0:
+            for fd in (wait_r, wait_w, pidfd, sysfs):
+                if fd >= 0:
+                    os.close(fd)
     return pid
 
 

@@ -4,8 +4,8 @@ Nothing else in sandboxd imports ctypes. Every wrapper raises `OSError(errno, st
 naming the path or the call, so a failure in a sandbox's set-up says exactly what failed.
 
 Python 3.12 has `os.unshare` and `os.setns`; we support 3.11, so both go through libc here.
-`pivot_root`, `mount_setattr`, `open_tree`, `move_mount` and `openat2` have no glibc wrapper on
-every distribution we support and go through `syscall(2)` with the architecture's number.
+`pivot_root`, `mount_setattr`, `open_tree`, `move_mount`, the fsopen family and `openat2` have no
+glibc wrapper on every distribution we support and go through `syscall(2)` with the architecture's number.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_IDMAP = 0x100000
 
 CLONE_INTO_CGROUP = 0x200000000
 
@@ -62,6 +64,9 @@ PR_SET_NO_NEW_PRIVS = 38
 # The same on every architecture: they are newer than the unified syscall table.
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
 SYS_CLONE3 = 435
 
 _SYSCALLS: dict[str, dict[str, int]] = {
@@ -81,6 +86,7 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
 _libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 
 # The same libc, called with the GIL held (as os.fork holds it), for clone3 below.
@@ -155,11 +161,15 @@ def pivot_root(new_root: str, put_old: str) -> None:
 AT_FDCWD = -100
 
 
-def mount_setattr(path: str | int, attr_set: int, attr_clr: int = 0, recursive: bool = True, propagation: int = 0, name: str = "") -> None:
+def mount_setattr(
+    path: str | int, attr_set: int, attr_clr: int = 0, recursive: bool = True, propagation: int = 0, name: str = "", userns_fd: int = -1
+) -> None:
     """Change mount attributes of `path` (and, with `recursive`, every mount below it) in one call.
     `path` may be a descriptor of a mount (a detached one from `clone_mount_tree`); `propagation`
-    is MS_PRIVATE, MS_SLAVE ... or 0 to leave it; `name` is what an error names (else `path`)."""
-    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    is MS_PRIVATE, MS_SLAVE ... or 0 to leave it; `name` is what an error names (else `path`).
+    With `userns_fd` (and MOUNT_ATTR_IDMAP in `attr_set`) the mount becomes idmapped: a file owned
+    by id N on disk is seen as owned by what N maps to in that user namespace."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, max(userns_fd, 0))
     nr = _syscall_number("mount_setattr")
     flags = AT_RECURSIVE if recursive else 0
     dirfd, where = (path, "") if isinstance(path, int) else (AT_FDCWD, path)
@@ -174,6 +184,9 @@ def mount_setattr(path: str | int, attr_set: int, attr_clr: int = 0, recursive: 
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 0x1
 
 
 def clone_mount_tree(fd: int, name: str = "") -> int:
@@ -190,6 +203,25 @@ def move_mount(fd: int, target: str) -> None:
     """Attach the detached mount `fd` on `target` (a path in the caller's mount namespace)."""
     result = _libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD), _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
     _check(result, "move_mount", target)
+
+
+def detached_mount(fstype: str, attrs: int, options: tuple[tuple[str, str], ...] = ()) -> int:
+    """A new, detached instance of file system `fstype` with mount attributes `attrs` and string
+    `options` (fsopen, fsconfig, fsmount); its descriptor serves as a directory for the *at calls.
+    Its namespaces are the caller's at this moment: a sysfs made while in a network namespace
+    shows that namespace's links wherever it is attached later, a tmpfs made in the host's user
+    namespace may hold device nodes that work in any."""
+    fs = _libc.syscall(SYS_FSOPEN, _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC))
+    _check(fs, "fsopen", fstype)
+    try:
+        for key, value in options:
+            _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(FSCONFIG_SET_STRING), _b(key), _b(value), ctypes.c_int(0)), f"fsconfig {key}={value}", fstype)
+        _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0)), "fsconfig", fstype)
+        mnt = _libc.syscall(SYS_FSMOUNT, ctypes.c_int(fs), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
+        _check(mnt, "fsmount", fstype)
+    finally:
+        os.close(fs)
+    return int(mnt)
 
 
 def prctl(option: int, arg2: int = 0) -> None:
@@ -265,6 +297,17 @@ def drop_bounding_set(keep: set[int]) -> None:
     for cap in range(last_cap() + 1):
         if cap not in keep:
             _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+def raise_effective_capabilities() -> None:
+    """Make the effective set the permitted one again (after seteuid to a non-zero uid cleared it,
+    while the real uid 0 kept the permitted set)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), ctypes.byref(data)), "capget")
+    for word in (0, 1):
+        data[word].effective = data[word].permitted
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def keep_only_capabilities(keep: set[int]) -> None:

@@ -51,12 +51,19 @@ class Namespaces:
         self.host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.fds: dict[str, int] = {}
 
-    def create(self, key: str, loopback: bool = True) -> int:
+    def create(self, key: str, loopback: bool = True, for_userns: bool = False) -> int:
+        """A new network namespace. `for_userns`: its service runs in a user namespace of its own,
+        whose capabilities do not count in a namespace owned by the host's (this one): it may bind
+        ports below 1024 and open ICMP echo sockets without them, as docker sets it by default."""
         linux.unshare(linux.CLONE_NEWNET)
         try:
             fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             if loopback:
                 linux.loopback_up()
+            if for_userns:
+                for name, value in (("ip_unprivileged_port_start", "0"), ("ping_group_range", "0 2147483647")):
+                    with open(f"/proc/sys/net/ipv4/{name}", "w") as f:  # this thread's namespace
+                        f.write(value)
         finally:
             linux.setns(self.host, linux.CLONE_NEWNET)
         self.fds[key] = fd

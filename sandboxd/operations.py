@@ -27,6 +27,7 @@ class Operations(SupervisorBase):
             "folder": str(self.stack.folder),
             "pid": os.getpid(),
             "started": self.started_wall,
+            "userns": self.record.userns if self.record is not None else {},  # root inside is host uid `uid`
             "services": [_status_of(self, rt) for rt in chosen],
         }
 
@@ -160,7 +161,8 @@ class Operations(SupervisorBase):
         try:
             stack = _with_env(load_stack(Path(folder)), env)
             # In a thread: an image build may take a while, and the loop supervises meanwhile.
-            plans = await asyncio.to_thread(make_plans, stack, str(self.runtime_dir), False, True)
+            userns = self._stack_userns(stack)
+            plans = await asyncio.to_thread(make_plans, stack, str(self.runtime_dir), False, userns, True)
             limits = _enforceable_limits(stack, self.cgroups.host)
             create(stack, plans)
             pinned = pin_mounts(stack, volumes_dir())

@@ -44,13 +44,56 @@ MountKind = Literal["rbind-root", "tmpfs-root", "image-root", "mountpoint", "pro
 
 @dataclass(frozen=True)
 class MountOp:
-    """One mount inside the new root. `target` is the path as the service will see it."""
+    """One mount inside the new root. `target` is the path as the service will see it.
+
+    In a user namespace, `options` of a bind (and of an image's root) says whose ids its files
+    are seen with: STORE_IDS or HOST_IDS (see UserNamespace); "" for sandboxd's own files, seen as
+    they are (host root's belong to nobody inside)."""
 
     kind: MountKind
     target: str
     source: str = ""
     readonly: bool = True
     options: str = ""
+
+
+STORE_IDS = "store-ids"  # idmapped: ids store_uid.. on disk are 0.. inside (volumes, binds)
+HOST_IDS = "host-ids"  # idmapped: id N on disk is N inside (an image's tree, sockets a service uses)
+SYSFS_OF_NETNS = "made-in-netns"  # a sysfs made by the fork server inside the service's namespace
+
+
+@dataclass(frozen=True)
+class UserNamespace:
+    """The ids a stack's sandboxes get: 0..count-1 inside are the host's uid.. and gid.. (a block
+    of the `sandboxd` user's subordinate ids that no other running stack has, see subids.py).
+
+    What sandboxes write to volumes and binds is stored under store_uid.. and store_gid.. on the
+    host (a block no sandbox runs as, unless there is only one), whatever block the stack got:
+    those mounts are idmapped so that ids store_uid.. on disk are 0.. inside, and every other id
+    is the host's (`swapped_id_map`). A volume therefore reads the same in every stack and after
+    any restart, and a file a sandbox wrote there is nobody's to every other sandbox that sees it
+    through the host's root."""
+
+    uid: int
+    gid: int
+    count: int
+    store_uid: int
+    store_gid: int
+
+
+MAX_ID = 4294967295  # (uid_t)-1 is no id: the ids are 0 .. MAX_ID - 1
+
+
+def swapped_id_map(stored: int, running: int, count: int) -> str:
+    """A uid_map (or gid_map) of the user namespace that volumes and binds are idmapped through:
+    every host id as it is, but for the stored block and the running block, swapped. Through it,
+    a file stored as `stored` + N is `running` + N (the sandbox's own N inside); a file of the
+    host's (root's, a user's) keeps its owner, which the sandbox does not own, as on the host's
+    root; and every id on disk maps to something, so the kernel lets the sandbox write wherever
+    the mode bits let it (a mount refuses writes to files whose owner it cannot map)."""
+    low, high = sorted((stored, running))
+    extents = [(0, 0, low), (low, high, count), (low + count, low + count, high - low - count), (high, low, count), (high + count, high + count, MAX_ID - high - count)]
+    return "".join(f"{inside} {outside} {length}\n" for inside, outside, length in extents if length > 0)
 
 
 NetMode = Literal["private", "none", "host", "join"]
@@ -80,7 +123,7 @@ class LaunchPlan:
     seccomp_filter: str = ""  # hex of the BPF program; "" = unconfined
     uid: int = 0
     gid: int = 0
-    userns: tuple[int, ...] = ()  # (first host id, count) that ids 0.. inside map to; () = no user namespace
+    userns: UserNamespace | None = None  # None: the host's user namespace (`userns: false`)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +149,7 @@ class LaunchPlan:
             seccomp_filter=data["seccomp_filter"],
             uid=data["uid"],
             gid=data["gid"],
-            userns=tuple(data["userns"]),
+            userns=UserNamespace(**data["userns"]) if data["userns"] else None,
         )
 
 
@@ -114,8 +157,12 @@ class LaunchPlan:
 class HostFacts:
     init_path: str  # the small init that runs as pid 1 of each sandbox (dumb-init)
     runtime_dir: str = "/run/sandboxd/stack"  # where the stack's generated files (hosts) live
-    userns_range: tuple[int, ...] = (100000, 65536)  # host ids for `userns: true` (from /etc/subuid)
+    userns: UserNamespace = UserNamespace(100000, 100000, 65536, 100000, 100000)  # the stack's ids (subids.py)
     volumes_dir: str = "/var/lib/sandboxd/volumes"
+    # Host paths a sandbox on the host's root never sees unless a mount asks for them (as systemd's
+    # ProtectHome= and InaccessiblePaths=): the state directory (image store, volumes, id leases)
+    # and, from prepare.py, the host's SSH private keys. /run/user needs nothing: /run is a tmpfs.
+    hidden: tuple[str, ...] = ("/root", "/home", "/var/lib/sandboxd")
     static_init_path: str = ""  # the init of sandboxes on an image: linked statically (tini-static)
     images: dict[str, Image] = field(default_factory=dict)  # by the spec's `image:` value (a name or a folder)
 
@@ -235,6 +282,21 @@ MASKED = (
 READONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/pressure")
 
 
+MASK_WITH_MOUNTPOINTS = "mountpoints"  # a hidden folder that mounts asked into: empty but for their mount points
+
+
+def _hidden_mounts(hidden: tuple[str, ...], targets: list[str]) -> list[MountOp]:
+    """Masks of the host paths no sandbox on the host's root sees. A mount whose target is such a
+    path, or a folder above it, covers it anyway; one below it gets its mount point in the mask."""
+    ops = []
+    for path in hidden:
+        if any(is_under(path, target) for target in targets):
+            continue
+        below = any(is_under(target, path) for target in targets)
+        ops.append(MountOp("mask", path, options=MASK_WITH_MOUNTPOINTS if below else ""))
+    return ops
+
+
 def tmpfs_options(size: int, mode: str, owner: tuple[int, int] | None = None) -> str:
     """Mount options of a capped tmpfs. Besides its size, one inode per 4 KiB of it: a file with
     data takes a page at least, so that never limits files that hold data, and it caps what empty
@@ -266,12 +328,16 @@ def _first_missing(path: str, exists: Callable[[str], bool]) -> str | None:
     return None
 
 
-def _mount_target_errors(service: Service, target: str, line: int, key: str, exists: Callable[[str], bool]) -> tuple[list[SpecError], str | None]:
+def _mount_target_errors(
+    service: Service, target: str, line: int, key: str, exists: Callable[[str], bool], hidden: tuple[str, ...] = ()
+) -> tuple[list[SpecError], str | None]:
     """Check one mount target; returns (errors, the mount point to make in a root of its own, or None)."""
     if target in ("/", "/proc", "/dev", "/sys") or any(is_under(target, d) for d in ("/proc", "/dev")):
         return [SpecError(service.file, line, key, f"cannot mount over {target}: sandboxd manages it")], None
     if any(is_under(target, d) for d in TMPFS_DIRS) or service.image != "host":
         return [], None  # an image's root is an overlay: mount points are made in its upper layer
+    if any(is_under(target, h) and target != h for h in hidden):
+        return [], None  # made in the hidden folder's mask (an empty tmpfs, sealed after the mounts)
     missing = _first_missing(target, exists)
     if missing is None:
         return [], None
@@ -296,14 +362,22 @@ def _host_path(path: str, binds: list[MountOp], rootfs: str = "") -> str:
     return rootfs + path
 
 
-def _command_error(service: Service, argv: tuple[str, ...], workdir: str, path_var: str, binds: list[MountOp], rootfs: str, exists: Callable[[str], bool]) -> SpecError | None:
-    """The program must exist in the sandbox: a typo is a validation error, not a restart loop."""
+def _command_error(
+    service: Service, argv: tuple[str, ...], workdir: str, path_var: str, binds: list[MountOp], rootfs: str, exists: Callable[[str], bool], hidden: list[str]
+) -> SpecError | None:
+    """The program must exist in the sandbox: a typo is a validation error, not a restart loop.
+    A path the sandbox does not see (`hidden`, unless a bind brings it) does not count."""
     program = argv[0]
     if "/" in program:
         candidates = [posixpath.normpath(posixpath.join(workdir, program))]
     else:
         candidates = [posixpath.join(d, program) for d in path_var.split(":") if d.startswith("/")]
-    if any(exists(_host_path(c, binds, rootfs)) for c in candidates):
+
+    def seen(path: str) -> bool:
+        bound = any(is_under(path, b.target) for b in binds)
+        return (bound or not any(is_under(path, h) for h in hidden)) and exists(_host_path(path, binds, rootfs))
+
+    if any(seen(c) for c in candidates):
         return None
     where = f"in PATH ({path_var})" if "/" not in program else "in the sandbox"
     image = f" of image '{service.image}'" if rootfs else ""
@@ -460,12 +534,12 @@ def plan_service(
     def in_root(path: str) -> bool:
         return exists(rootfs + path)
 
-    def add_bind(source: str, target: str, readonly: bool, line: int, key: str, directory: bool = False) -> None:
-        found, top = _mount_target_errors(service, target, line, key, in_root)
+    def add_bind(source: str, target: str, readonly: bool, line: int, key: str, directory: bool = False, ids: str = STORE_IDS) -> None:
+        found, top = _mount_target_errors(service, target, line, key, in_root, facts.hidden)
         errors.extend(found)
         if top is not None:
             new_tops[top] = new_tops.get(top, False) or directory or is_dir(source)
-        user_mounts.append(MountOp("bind", target, source, readonly=readonly))
+        user_mounts.append(MountOp("bind", target, source, readonly=readonly, options=ids if service.userns else ""))
 
     for index, m in enumerate(service.mounts):
         if m.volume:
@@ -482,7 +556,7 @@ def plan_service(
         if entry.path in TMPFS_DIRS:
             own_tmpfs[entry.path] = MountOp("tmpfs", entry.path, options=options)
             continue
-        found, top = _mount_target_errors(service, entry.path, entry.line, f"tmpfs[{index}]", in_root)
+        found, top = _mount_target_errors(service, entry.path, entry.line, f"tmpfs[{index}]", in_root, facts.hidden)
         errors.extend(found)
         if top is not None:
             new_tops[top] = True
@@ -490,31 +564,36 @@ def plan_service(
     for name in service.uses:
         for address in next(s for s in stack.sockets if s.name == name).listen:
             if address.path and not address.is_abstract:
-                add_bind(address.path, posixpath.normpath(address.path), False, service.line, "uses")
+                # Read-only: connect() needs no writable mount, and the service cannot chmod the
+                # host's socket file. Its owner and mode decide, with the service's ids as the host's.
+                add_bind(address.path, posixpath.normpath(address.path), True, service.line, "uses", ids=HOST_IDS)
     if errors:
         raise SpecErrors(errors)
     mounts: list[MountOp] = []
     if image is not None:
         # The image's tree as the read-only lower layer of an overlay whose upper layer is a tmpfs
         # of this sandbox's own: writes vanish with it; with readonly_root the overlay is sealed.
-        mounts.append(MountOp("image-root", "/", rootfs, readonly=service.readonly_root))
+        # In a user namespace the tree is idmapped: its files keep the owners the image gave them.
+        mounts.append(MountOp("image-root", "/", rootfs, readonly=service.readonly_root, options=HOST_IDS if service.userns else ""))
     elif new_tops:
         # The host's root has no place for these targets: build the root on a tmpfs instead, with
         # the host's top-level entries bound into it read-only, and the new mount points beside them.
         mounts.append(MountOp("tmpfs-root", "/", "/", readonly=True))
         mounts += [MountOp("mountpoint", top, options="dir" if d else "file") for top, d in sorted(new_tops.items())]
     else:
-        # In place, unless a user namespace must bind device nodes (no mknod there) from a mount
-        # that the in-place set-up would already have made nodev.
-        mounts.append(MountOp("rbind-root", "/", "/", readonly=True, options="" if service.userns else "in-place"))
+        mounts.append(MountOp("rbind-root", "/", "/", readonly=True, options="in-place"))
     mounts += _base_mounts(service, own_tmpfs)
     net = net_mode(stack, service)
     if net != "host":
-        # Its own sysfs shows the sandbox's links; with the host's network the host's stays.
-        mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, MountOp("sysfs", "/sys"))
+        # Its own sysfs shows the sandbox's links; with the host's network the host's stays. A
+        # user namespace cannot mount sysfs for a namespace sandboxd made (the host's user
+        # namespace owns it): the fork server makes that one, inside it, for the sandbox to attach.
+        sysfs = MountOp("sysfs", "/sys", options=SYSFS_OF_NETNS if service.userns and net == "join" else "")
+        mounts.insert(mounts.index(MountOp("proc", "/proc")) + 1, sysfs)
     # After /dev: files are masked with the sandbox's own /dev/null.
     at = mounts.index(MountOp("dev", "/dev")) + 1
-    mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC]
+    hidden = _hidden_mounts(facts.hidden, [m.target for m in user_mounts]) if image is None else []
+    mounts[at:at] = [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC] + hidden
     mounts[at:at] = [MountOp("mask", path) for path in _unused_socket_files(stack, service)]
     if uses_notify(service):
         user_mounts.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))
@@ -545,11 +624,7 @@ def plan_service(
     if not argv:
         raise SpecErrors([SpecError(service.file, service.line, "command", f"image '{service.image}' has no Entrypoint or Cmd; give the program to run with command:")])
     workdir = service.workdir or (image.config.workdir if image else "") or "/"
-    if service.userns and net == "join":
-        raise SpecErrors(
-            [SpecError(service.file, service.line, "userns", "userns: true does not work with networks or sockets bound in the service's namespace yet")]
-        )
-    command_error = _command_error(service, argv, workdir, env["PATH"], user_mounts, rootfs, exists)
+    command_error = _command_error(service, argv, workdir, env["PATH"], user_mounts, rootfs, exists, [op.target for op in hidden])
     if command_error:
         raise SpecErrors([command_error])
     if uses_notify(service):
@@ -583,7 +658,7 @@ def plan_service(
         seccomp_filter=_seccomp_filter(service),
         uid=uid,
         gid=gid,
-        userns=facts.userns_range if service.userns else (),
+        userns=facts.userns if service.userns else None,
     )
 
 

@@ -7,12 +7,12 @@ units plus these facts into plans, and only this module reaches for the image st
 
 from __future__ import annotations
 
-import dataclasses
+import glob
 from pathlib import Path
 
 from .errors import SpecError, SpecErrors
-from .images import Image, ensure, find_definition, load
-from .plan import HostFacts, LaunchPlan, init_path, plan_stack, static_init_path
+from .images import Image, ensure, find_definition, load, state_dir
+from .plan import HostFacts, LaunchPlan, UserNamespace, init_path, plan_stack, static_init_path
 from .spec import Stack
 from .volumes import volumes_dir
 
@@ -48,18 +48,34 @@ def resolve_images(stack: Stack, echo: bool = True, build: bool = True) -> dict[
     return found
 
 
-def make_plans(stack: Stack, runtime_dir: str = "/run/sandboxd/stack", echo: bool = True, subids: bool = False, build: bool = True) -> dict[str, LaunchPlan]:
-    """Plans for every service; with `subids`, user namespaces get this host's subordinate range
-    (which may create the sandboxd user's entry in /etc/subuid: only when starting for real)."""
+def make_plans(
+    stack: Stack, runtime_dir: str = "/run/sandboxd/stack", echo: bool = True, userns: UserNamespace | None = None, build: bool = True
+) -> dict[str, LaunchPlan]:
+    """Plans for every service. `userns` is the block of ids the stack holds (subids.lease: only
+    when starting for real); without it, user namespaces show the first block it could get."""
     images = resolve_images(stack, echo, build)
     if any(sock.proxy is not None for sock in stack.sockets):
         from .proxy import proxy_binary
 
         proxy_binary()  # a HostError now rather than clients held for ever
-    facts = HostFacts(init_path(), runtime_dir, volumes_dir=str(volumes_dir()), images=images, static_init_path=static_init_path() if images else "")
-    plans = plan_stack(stack, facts)
-    if subids and any(service.userns for service in stack.services):
-        from .subids import userns_range
+    if userns is None:
+        from .subids import preview
 
-        plans = plan_stack(stack, dataclasses.replace(facts, userns_range=userns_range()))
-    return plans
+        userns = preview()
+    facts = HostFacts(
+        init_path(),
+        runtime_dir,
+        userns=userns,
+        volumes_dir=str(volumes_dir()),
+        hidden=hidden_paths(),
+        images=images,
+        static_init_path=static_init_path() if images else "",
+    )
+    return plan_stack(stack, facts)
+
+
+def hidden_paths() -> tuple[str, ...]:
+    """What a sandbox on the host's root never sees, unless a mount asks for it: root's and the
+    users' homes, sandboxd's state (images, volumes, id leases), the host's SSH private keys."""
+    state = sorted({"/var/lib/sandboxd", str(state_dir())})
+    return ("/root", "/home", *state, *sorted(glob.glob("/etc/ssh/ssh_host_*_key")))

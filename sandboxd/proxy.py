@@ -299,8 +299,8 @@ class Proxies(SupervisorBase):
             # The program's socket file, looked up inside the sandbox's root (a symlink the sandbox
             # made cannot lead to a socket of the host's), connected to as the service's user.
             target_fd = self._open_unix_target(rt, sock.proxy.path)
-            offset = rt.plan.userns[0] if rt.plan.userns else 0
-            uid, gid = rt.plan.uid + offset, rt.plan.gid + offset
+            ids = rt.plan.userns
+            uid, gid = (ids.uid + rt.plan.uid, ids.gid + rt.plan.gid) if ids else (rt.plan.uid, rt.plan.gid)
         launch_id = self.fork_server.next_id()
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.commands[launch_id] = done

@@ -15,7 +15,7 @@ from .console import Console
 from .errors import LaunchError
 from .launcher import ForkServer
 from .notify import NotifySocket
-from .plan import LaunchPlan
+from .plan import LaunchPlan, UserNamespace
 from .restart import Outcome, StartLimiter
 from .sockets import BoundSocket
 from .spec import Limits, Service, Stack
@@ -148,6 +148,9 @@ class SupervisorBase:
     pinned: dict[str, dict[str, int]]  # bind sources opened at validation, until their service's runtime takes them
 
     def _launch(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def _stack_userns(self, stack: Stack) -> UserNamespace | None:
         raise NotImplementedError
 
     def _transition(self, rt: ServiceRuntime, new: State, reason: str) -> None:

@@ -889,7 +889,7 @@ _SERVICE_KEYS = {
     "limits": _Key(lambda node, folder: _limits(node, folder), Limits()),
     "limits_optional": _Key(_boolean, False),
     "seccomp": _Key(lambda node, folder: _seccomp(node, folder), "default"),
-    "userns": _Key(_boolean, False),
+    "userns": _Key(_boolean, True),
     "readonly_root": _Key(_boolean, True),
     "image": _Key(_image, "host"),
     "user": _Key(_checked(lambda v: (isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?", v))) or (_is_int(v) and v >= 0), "a user name or a uid", str), ""),
@@ -1385,6 +1385,4 @@ def _bad_roots(found: list[_Found]) -> list[SpecError]:
             continue
         if not service.readonly_root and service.image == "host":
             errors.append(unit.error("readonly_root", "a writable root needs an image (image: NAME or a folder): the host's root stays read-only; use tmpfs: or mounts: for what must be written"))
-        if service.userns and service.image != "host":
-            errors.append(unit.error("userns", "userns: true does not work with image: yet (the image's files are owned by ids outside the namespace)"))
     return errors

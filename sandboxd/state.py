@@ -35,10 +35,11 @@ class StateRecord:
     files: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
     subnets: list[str] = field(default_factory=list)  # so that other stacks choose others
+    userns: dict[str, int] = field(default_factory=dict)  # the block of ids held (subids.py), for people and tools
 
     def save(self) -> None:
         tmp = self.directory / "state.json.tmp"
-        data = {"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs, "subnets": self.subnets}
+        data = {"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs, "subnets": self.subnets, "userns": self.userns}
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.directory / "state.json")
 

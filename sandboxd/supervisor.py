@@ -28,6 +28,7 @@ The sockets are bound before the first sandbox exists and stay open until the st
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -51,7 +52,7 @@ from .logs import LogFiles
 from .notify import NotifySocket
 from .operations import Operations
 from .pins import SourceFds, close_all, pin_own
-from .plan import LaunchPlan, NetworkPlan, uses_notify
+from .plan import LaunchPlan, NetworkPlan, UserNamespace, uses_notify
 from .proxy import Proxies
 from .readiness import Readiness
 from .restart import Outcome, StartLimiter, classify, restart_delay, should_restart
@@ -62,6 +63,7 @@ from .state import StateRecord
 
 if TYPE_CHECKING:
     from .network import Namespaces
+    from .subids import Lease
 
 class Supervisor(Readiness, Activation, Operations, Proxies):
     def __init__(
@@ -75,8 +77,10 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         limits: dict[str, Limits] | None = None,
         detached: bool = False,
         pinned: dict[str, SourceFds] | None = None,
+        ids: Lease | None = None,
     ) -> None:
         self.stack = stack
+        self.ids = ids  # the block of subordinate ids the stack's user namespaces map to
         self.plans = plans
         self.pinned = pinned if pinned is not None else {}
         self.instance = instance
@@ -143,6 +147,8 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
             self.fork_server = ForkServer.start()
         self.root_dir.mkdir(exist_ok=True)
         self.record = StateRecord(self.runtime_dir)
+        if self.ids is not None:
+            self.record.userns = dataclasses.asdict(self.ids.userns)
         self.record.save()
         self.console.logs = LogFiles(self.runtime_dir / "logs")
         self.console.quiet = self.detached
@@ -222,7 +228,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
             self.record.save()
         self.networks = plan_networks(self.stack, subnets)
         for name in joined:
-            self.namespaces.create(name, loopback=self.stack.service(name).network != "none")
+            self.namespaces.create(name, loopback=self.stack.service(name).network != "none", for_userns=self.plans[name].userns is not None)
         for service in self.stack.services:
             if service.attachments:
                 etc = self.runtime_dir / "etc" / service.name
@@ -230,6 +236,17 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
                 (etc / "hosts").write_text(hosts_file(service, self.networks))
                 (etc / "resolv.conf").write_text(RESOLV_CONF)
         build_networks(self.namespaces, self.networks)
+
+    def _stack_userns(self, stack: Stack) -> UserNamespace | None:
+        """The stack's block of ids (leased when a reload brings its first user namespace)."""
+        if self.ids is None and any(service.userns for service in stack.services):
+            from .subids import lease
+
+            self.ids = lease(self.instance)
+            assert self.record is not None
+            self.record.userns = dataclasses.asdict(self.ids.userns)
+            self.record.save()
+        return self.ids.userns if self.ids is not None else None
 
     def _inside(self, service: str | None) -> AbstractContextManager[None]:
         if service is None or self.namespaces is None:

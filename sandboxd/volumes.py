@@ -26,14 +26,16 @@ def volumes_dir() -> Path:
 
 
 def owners(stack: Stack, plans: dict[str, LaunchPlan]) -> dict[str, tuple[int, int]]:
-    """Each volume of the stack and the uid/gid a new directory for it gets."""
+    """Each volume of the stack and the uid/gid a new directory for it gets on the host. In a user
+    namespace a volume is idmapped from the stored ids (plan.UserNamespace): the service's user
+    inside owns it there as store_uid + uid, whatever block of ids the stack holds."""
     found: dict[str, tuple[int, int]] = {}
     for service in stack.services:  # sorted by name
         for mount in service.mounts:
             if mount.volume and not mount.readonly and service.name in plans:
                 plan = plans[service.name]
-                offset = plan.userns[0] if plan.userns else 0  # in a user namespace: the mapped ids
-                found.setdefault(mount.volume, (plan.uid + offset, plan.gid + offset))
+                uid_base, gid_base = (plan.userns.store_uid, plan.userns.store_gid) if plan.userns else (0, 0)
+                found.setdefault(mount.volume, (uid_base + plan.uid, gid_base + plan.gid))
     return {volume.name: found.get(volume.name, (0, 0)) for volume in stack.volumes}
 
 

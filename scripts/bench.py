@@ -114,13 +114,15 @@ What is measured, and how:
    these stacks is read before the down and scanned as below.
 
 8. The proxy, and 9. images: see scripts/bench_real.py.
+10. The cost of the default user namespace per launch: see scripts/bench_userns.py.
 
 Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
 not", warnings, SIGKILL); every line a peer or its launcher writes on stderr is kept too, the
 tool's name in front; they are listed at the end, numbers folded, with a count.
 
 `--only SECTIONS` runs some of these (start = 1 and 2, latency, memory, on-demand, accept,
-control, proxy, images; peers = start, latency, memory, accept); --quick runs N = 10 and 50 only.
+control, proxy, images, userns; peers = start, latency, memory, accept); --quick runs N = 10 and 50
+only.
 
 Every process started is stopped in a finally (SIGINT, then SIGKILL after 30 s), only by its
 pid (a launcher or peer that did not exit 0 also by its own process group); temporary folders are
@@ -1619,7 +1621,7 @@ def leftovers() -> list[str]:
 # ───────────────────────────── main ─────────────────────────────
 
 
-SECTIONS = ("start", "latency", "memory", "on-demand", "accept", "control", "proxy", "images")
+SECTIONS = ("start", "latency", "memory", "on-demand", "accept", "control", "proxy", "images", "userns")
 PEER_SECTIONS = ("start", "latency", "memory", "accept")  # `--only peers`: where the peers run
 
 
@@ -1657,6 +1659,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench(args: argparse.Namespace, root: Path) -> list[str]:
+    import bench_userns  # section 10: what the default user namespace costs per launch
+
     logs = root / "logs"
     on = args.sections
     absent = peers.missing(peers.PEERS)
@@ -1713,6 +1717,9 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
         if "images" in on:
             note("images: build and launch on an image")
             lines += bench_real.image_section(root, args.quick, problem)
+    if "userns" in on:
+        note("user namespaces: launches with and without, alternating")
+        lines += bench_userns.userns_section(root, args.quick, problem)
     return lines
 
 

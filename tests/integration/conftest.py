@@ -228,6 +228,14 @@ def run_stack() -> Iterator[object]:
             stack.stop()
 
 
+def stored_ids() -> tuple[int, int]:
+    """The host uid and gid that root inside a sandbox's user namespace is, on the disk of a volume
+    or a bind (the first block of the sandboxd user's range, see sandboxd/subids.py)."""
+    from sandboxd.subids import ensure_blocks
+
+    return ensure_blocks().store
+
+
 def write(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text).lstrip())

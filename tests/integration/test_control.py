@@ -295,9 +295,9 @@ def test_exec_is_confined_like_the_service_in_a_user_namespace_with_limits(spec_
     sbd("up", "-d", "-p", "confined", str(spec_dir))
     try:
         inside = sbd("exec", "-p", "confined", "svc", "--", "sh", "-c", "cat /proc/self/uid_map; cat /proc/self/cgroup; id -u")
-        first = next(int(l.split(":")[1]) for l in Path("/etc/subuid").read_text().splitlines() if l.startswith("sandboxd:"))
+        block = json.loads(Path("/run/sandboxd/confined/state.json").read_text())["userns"]["uid"]  # the stack's ids
         lines = inside.stdout.split()
-        assert lines[:3] == ["0", str(first), "65536"]  # the service's user namespace, not the host's
+        assert lines[:3] == ["0", str(block), "65536"]  # the service's user namespace, not the host's
         assert any(":pids:/" in l and l.endswith("/sandboxd/confined/svc") for l in inside.stdout.splitlines())
         assert lines[-1] == "0"
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write
+from conftest import stored_ids, write
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,9 @@ def test_volume_outlives_the_stack_until_removed(run_stack, spec_dir: Path, stor
             assert stack.wait_exit() == 0, stack.err
             assert stack.lines("box") == [expected]
         path = store / "volumes" / volume
-        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)  # owned by the service's user
+        # owned by the service's user, nobody, as a user namespace's files are stored (see test_userns.py)
+        uid, gid = stored_ids()
+        assert (path.stat().st_uid, path.stat().st_gid) == (uid + 65534, gid + 65534)
         assert volume in sandboxd("volume", "ls").stdout
     finally:
         sandboxd("volume", "rm", volume, check=False)

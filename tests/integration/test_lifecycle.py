@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
 from pathlib import Path
 
-from conftest import HANG, Stack, wait_until, write
+from conftest import HANG, Stack, stored_ids, wait_until, write
 
 ACTIVATION_PROBE = r'''
 import json, os, socket
@@ -150,6 +151,7 @@ def test_all_services_launched_before_any_became_ready(run_stack, spec_dir: Path
     write(spec_dir, "svc.py", BARRIER_LOGGER)
     marks = tmp_path / "marks"
     marks.mkdir()
+    os.chown(marks, *stored_ids())  # root inside may write where its stored ids may
     for i in range(6):
         write(
             spec_dir,

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import write
+from conftest import stored_ids, write
 
 PROBE = r'''
 import json, os, socket
@@ -39,6 +39,7 @@ def probe(run_stack, spec_dir: Path, tmp_path: Path, extra: str = "") -> dict:
     data = tmp_path / "data"
     data.mkdir()
     (tmp_path / "data-rw").mkdir()
+    os.chown(tmp_path / "data-rw", *stored_ids())  # root inside may write where its stored ids may
     marker = tmp_path / "host-only-marker"
     marker.write_text("x")
     write(spec_dir, "probe.py", f"SPEC = {str(spec_dir)!r}\nMARKER = {str(marker)!r}\n" + PROBE)
@@ -122,6 +123,7 @@ def test_writable_bind_on_an_existing_path_of_the_host_root_is_writable(run_stac
     """The in-place root (no new top-level directory): the bind must not inherit its read-only flag."""
     data = tmp_path / "rw"
     data.mkdir()
+    os.chown(data, *stored_ids())  # root inside may write where its stored ids may
     write(spec_dir, "box.yaml", f"""
         kind: service
         restart: no

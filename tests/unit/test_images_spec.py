@@ -127,7 +127,6 @@ def test_proxied_socket_is_not_passed_to_the_program(tmp_path: Path) -> None:
         ("kind: service\nname: a\ncommand: [x]\nreadonly_root: false\n", "stack.yaml:4: readonly_root: a writable root needs an image"),
         ("kind: service\nname: a\nimage: ./nope\ncommand: [x]\n", "stack.yaml:3: image: image folder './nope' does not exist"),
         ("kind: service\nname: a\nimage: Bad/Name\ncommand: [x]\n", "stack.yaml:3: image: expected host, a folder (/path, ./path) or an image name"),
-        ("kind: service\nname: a\nimage: web\nuserns: true\n", "stack.yaml:4: userns: userns: true does not work with image: yet"),
         ("kind: service\nname: a\ncommand: [x]\nmounts: [{volume: dat, target: /d}]\n---\nkind: volume\nname: data\n", "stack.yaml:4: mounts[0]: no volume 'dat'; did you mean 'data'?"),
         ("kind: service\nname: a\ncommand: [x]\nmounts: [{volume: data, source: /, target: /d}]\n", "stack.yaml:4: mounts[0].source: expected either source (a host path) or volume (a volume's name), got both"),
         ("kind: service\nname: a\ncommand: [x]\nmounts: [{target: /d}]\n", "stack.yaml:4: mounts[0].source: expected either source (a host path) or volume (a volume's name), got neither"),

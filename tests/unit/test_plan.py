@@ -9,7 +9,7 @@ import pytest
 
 from sandboxd.errors import SpecErrors
 from sandboxd.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
-from sandboxd.plan import HostFacts, LaunchPlan, plan_stack
+from sandboxd.plan import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, UserNamespace, plan_stack
 from sandboxd.spec import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
@@ -158,7 +158,7 @@ def test_mounting_over_proc_is_refused(tmp_path):
     assert e.value.errors[0].message == "cannot mount over /proc/x: sandboxd manages it"
 
 
-def test_used_unix_socket_is_bound_writable_at_the_same_path(tmp_path):
+def test_used_unix_socket_is_bound_read_only_at_the_same_path_with_the_hosts_ids(tmp_path):
     p = plans(
         tmp_path,
         """
@@ -177,7 +177,8 @@ def test_used_unix_socket_is_bound_writable_at_the_same_path(tmp_path):
         """,
     )
     bind = p["client"].mounts[-1]
-    assert (bind.kind, bind.source, bind.target, bind.readonly) == ("bind", "/run/db/db.sock", "/run/db/db.sock", False)
+    # connect() needs no writable mount; read-only, the service cannot chmod the host's socket file.
+    assert (bind.kind, bind.source, bind.target, bind.readonly, bind.options) == ("bind", "/run/db/db.sock", "/run/db/db.sock", True, HOST_IDS)
     assert not any(m.kind == "bind" for m in p["db"].mounts)
 
 
@@ -255,6 +256,106 @@ def test_seccomp_names_a_call_the_filter_does_not_refuse(tmp_path):
     with pytest.raises(SpecErrors) as e:
         plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nseccomp: [mout]\n")
     assert e.value.errors[0].message == "'mout' is not refused by the default filter; did you mean 'mount'?"
+
+
+# ── user namespaces (the default) ──
+
+IDS = UserNamespace(uid=165536, gid=165536, count=65536, store_uid=100000, store_gid=100000)
+USERNS_FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init", userns=IDS, hidden=("/root", "/home", "/var/lib/sandboxd", "/etc/ssh/ssh_host_ed25519_key"))
+
+
+def userns_plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "stack.yaml").write_text(textwrap.dedent(text).lstrip())
+    exists = lambda p: p in HOST_PATHS or p in ("/root", "/home", "/home/alice", "/home/alice/x", "/root/bin/tool") or p.startswith(str(tmp_path))  # noqa: E731
+    return plan_stack(load_stack(tmp_path), USERNS_FACTS, exists=exists, is_dir=lambda p: not p.endswith(".sock"))
+
+
+def test_every_service_gets_the_stacks_user_namespace_unless_it_says_no(tmp_path):
+    p = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n---\nkind: service\nname: b\ncommand: [x]\nuserns: false\n")
+    assert p["a"].userns == IDS
+    assert p["b"].userns is None
+    assert LaunchPlan.from_wire(p["a"].to_wire()) == p["a"]
+
+
+def test_a_user_namespace_keeps_the_host_root_in_place(tmp_path):
+    p = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"]
+    assert p.mounts[0] == MountOp("rbind-root", "/", "/", readonly=True, options="in-place")
+
+
+def test_volumes_and_binds_are_seen_through_the_stored_ids_and_sandboxd_files_as_they_are(tmp_path):
+    p = userns_plans(
+        tmp_path,
+        """
+        kind: service
+        name: a
+        command: [x]
+        ready: notify
+        mounts: [{source: data, target: /srv/data}, {volume: v, target: /srv, readonly: false}]
+        ---
+        kind: volume
+        name: v
+        """,
+    )["a"]
+    binds = {m.target: m.options for m in p.mounts if m.kind == "bind"}
+    assert binds == {"/srv": STORE_IDS, "/srv/data": STORE_IDS, "/run/.sbd-notify": ""}
+    plain = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nuserns: false\nmounts: [{source: data, target: /srv/data}]\n")["a"]
+    assert [m.options for m in plain.mounts if m.kind == "bind"] == [""]
+
+
+def test_an_images_tree_keeps_its_owners_in_a_user_namespace(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "x").write_text("")
+    (tmp_path / "stack.yaml").write_text(f"kind: service\nname: a\ncommand: [/bin/x]\nimage: {rootfs}\n")
+    from sandboxd.images import Image
+
+    facts = HostFacts(init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)})
+    p = plan_stack(load_stack(tmp_path), facts)["a"]
+    assert p.mounts[0] == MountOp("image-root", "/", str(rootfs), readonly=True, options=HOST_IDS)
+    assert not any(m.kind == "mask" and m.target in ("/root", "/home") for m in p.mounts)  # the image's own tree
+
+
+def test_home_folders_state_and_ssh_keys_are_hidden_from_the_host_root(tmp_path):
+    p = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nuserns: false\n")["a"]
+    masks = [m for m in p.mounts if m.kind == "mask" and not m.target.startswith(("/proc", "/sys"))]
+    assert masks == [MountOp("mask", path) for path in ("/root", "/home", "/var/lib/sandboxd", "/etc/ssh/ssh_host_ed25519_key")]
+    assert p.mounts.index(masks[0]) > p.mounts.index(MountOp("dev", "/dev"))  # files are masked with its own /dev/null
+
+
+def test_a_mount_into_a_hidden_folder_gets_its_mount_point_and_one_onto_it_unhides_it(tmp_path):
+    p = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /home/alice/x}, {source: data, target: /root}]\n")["a"]
+    masks = {m.target: m.options for m in p.mounts if m.kind == "mask" and not m.target.startswith(("/proc", "/sys"))}
+    assert masks == {"/home": MASK_WITH_MOUNTPOINTS, "/var/lib/sandboxd": "", "/etc/ssh/ssh_host_ed25519_key": ""}
+
+
+def test_a_program_in_a_hidden_folder_is_not_found(tmp_path):
+    with pytest.raises(SpecErrors) as caught:
+        userns_plans(tmp_path, "kind: service\nname: a\ncommand: [/root/bin/tool]\n")
+    assert "program '/root/bin/tool' not found in the sandbox" in str(caught.value)
+    ok = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [/root/bin/tool]\nmounts: [{source: data, target: /root/bin}]\n")
+    assert ok["a"].argv[-1] == "/root/bin/tool"
+
+
+def test_a_user_namespace_on_a_network_attaches_a_sysfs_made_in_its_namespace(tmp_path):
+    text = "kind: service\nname: a\ncommand: [x]\nnetwork: [net]\n---\nkind: network\nname: net\n"
+    joined = userns_plans(tmp_path, text)["a"]
+    assert joined.net == "join" and MountOp("sysfs", "/sys", options=SYSFS_OF_NETNS) in joined.mounts
+    private = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"]
+    assert MountOp("sysfs", "/sys") in private.mounts  # its own namespace: it mounts its own
+
+
+def test_volumes_are_idmapped_with_only_the_stored_and_running_blocks_swapped():
+    from sandboxd.plan import MAX_ID, swapped_id_map
+
+    lines = [tuple(map(int, line.split())) for line in swapped_id_map(100000, 296608, 65536).splitlines()]
+    assert lines == [(0, 0, 100000), (100000, 296608, 65536), (165536, 165536, 131072), (296608, 100000, 65536), (362144, 362144, MAX_ID - 362144)]
+    inside = sorted((a, a + n) for a, _, n in lines)
+    outside = sorted((b, b + n) for _, b, n in lines)
+    for ranges in (inside, outside):  # every id once, on both sides: a bijection of 0 .. MAX_ID - 1
+        assert ranges[0][0] == 0 and ranges[-1][1] == MAX_ID
+        assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+    assert swapped_id_map(100000, 165536, 65536).splitlines()[2] == "165536 100000 65536"  # adjacent blocks
 
 
 def test_masks_come_after_dev_and_hide_what_describes_the_host_kernel(tmp_path):

@@ -503,7 +503,7 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
             limits=Limits(),
             limits_optional=False,
             seccomp="default",
-            userns=False,
+            userns=True,
             readonly_root=True,
             user="",
             group="",

@@ -112,8 +112,9 @@ def admin() -> Iterator[AdminTerminal]:
     terminal.close()
 
 
-def _up(spec_dir: Path, name: str, service: str, userns: bool = False) -> None:
-    write(spec_dir, "svc.yaml", service + ("userns: true\n" if userns else ""))
+def _up(spec_dir: Path, name: str, service: str, userns: bool | None = None) -> None:
+    """With `userns`, the service says so; without, it has the default (a user namespace)."""
+    write(spec_dir, "svc.yaml", service + ("" if userns is None else f"userns: {str(userns).lower()}\n"))
     sbd("up", "-d", "--wait", "-p", name, str(spec_dir))
 
 

@@ -516,6 +516,29 @@ def _unused_socket_files(stack: Stack, service: Service) -> list[str]:
     )
 
 
+def _nested_in_writable_errors(service: Service) -> list[SpecError]:
+    """A mount inside a volume or a writable bind is refused: whoever else writes that tree (another
+    stack sharing the volume, the host, the service itself) can rename its mount point aside or
+    swap it for a symlink, and the next write or start lands where they chose."""
+    writable = [(m.target, f"mounts[{i}]") for i, m in enumerate(service.mounts) if not m.readonly]
+    nested = [(m.target, m.line, f"mounts[{i}].target") for i, m in enumerate(service.mounts)]
+    nested += [(t.path, t.line, f"tmpfs[{i}]") for i, t in enumerate(service.tmpfs)]
+    errors = []
+    for target, line, key in nested:
+        outer = next((k for w, k in writable if w != target and is_under(target, w)), None)
+        if outer is not None:
+            errors.append(
+                SpecError(
+                    service.file,
+                    line,
+                    key,
+                    f"{target} lies inside the writable mount {outer}, whose mount points others can move or replace; "
+                    "mount it beside it, or make the outer mount read-only",
+                )
+            )
+    return errors
+
+
 def plan_service(
     stack: Stack,
     service: Service,
@@ -541,6 +564,7 @@ def plan_service(
             new_tops[top] = new_tops.get(top, False) or directory or is_dir(source)
         user_mounts.append(MountOp("bind", target, source, readonly=readonly, options=ids if service.userns else ""))
 
+    errors.extend(_nested_in_writable_errors(service))
     for index, m in enumerate(service.mounts):
         if m.volume:
             add_bind(f"{facts.volumes_dir}/{m.volume}", m.target, m.readonly, m.line, f"mounts[{index}].target", directory=True)

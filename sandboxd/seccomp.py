@@ -80,8 +80,25 @@ SOCKET = 41
 SOCKETPAIR = 53
 PERSONALITY = 135
 
+# Calls that make a file's mode, and the argument that holds it (as systemd's RestrictSUIDSGID=):
+# a setuid or setgid file written into a volume or a writable bind would be one on the host, owned
+# by the ids sandboxes store files as, for any host user who can reach it. open and openat are
+# checked only with O_CREAT or O_TMPFILE, when their mode means something.
+SETID_BITS = 0o6000
+O_CREAT = 0o100
+O_TMPFILE = 0o20200000
+_MODE_ARGUMENT = {
+    "chmod": (90, 1), "fchmod": (91, 1), "fchmodat": (268, 2), "fchmodat2": (452, 2), "creat": (85, 1),
+    "mkdir": (83, 1), "mkdirat": (258, 2), "mknod": (133, 1), "mknodat": (259, 2), "open": (2, 2), "openat": (257, 3),
+}  # fmt: skip
+_OPEN_FLAGS_ARGUMENT = {"open": 1, "openat": 2}
+OPENAT2 = 437  # its mode is in a struct the filter cannot read: ENOSYS, and libc uses openat
+
 # Calls the filter looks at the arguments of: (name, number), in the order they are checked.
-_ARGUMENT_RULES = (("socket", SOCKET), ("socketpair", SOCKETPAIR), ("personality", PERSONALITY), ("clone", CLONE))
+_ARGUMENT_RULES = (
+    ("socket", SOCKET), ("socketpair", SOCKETPAIR), ("personality", PERSONALITY), ("clone", CLONE),
+    *((name, nr) for name, (nr, _arg) in _MODE_ARGUMENT.items()),
+)  # fmt: skip
 
 
 class SeccompUnsupported(Exception):
@@ -140,11 +157,20 @@ def build_filter(allow: frozenset[str] = frozenset()) -> bytes:
     lines += [(_JEQ_K, nr, "eperm", "next") for nr in sorted(nr for name, nr in DENIED_X86_64.items() if name not in allow)]
     if "clone3" not in allow:
         lines.append((_JEQ_K, CLONE3, "enosys", "next"))
+    if "openat2" not in allow:
+        lines.append((_JEQ_K, OPENAT2, "enosys", "next"))
     checked = [(name, nr) for name, nr in _ARGUMENT_RULES if name not in allow]
     lines += [(_JEQ_K, nr, name, "next") for name, nr in checked]
     lines.append((_RET_K, SECCOMP_RET_ALLOW, "", ""))
     for name, _nr in checked:
         lines.append(name)
+        if name in _MODE_ARGUMENT:
+            if name in _OPEN_FLAGS_ARGUMENT:
+                lines.append((_LD_W_ABS, ARG0_LOW_OFFSET + 8 * _OPEN_FLAGS_ARGUMENT[name], "", ""))
+                lines.append((_JSET_K, O_CREAT | O_TMPFILE, "next", "allow"))
+            lines.append((_LD_W_ABS, ARG0_LOW_OFFSET + 8 * _MODE_ARGUMENT[name][1], "", ""))
+            lines.append((_JSET_K, SETID_BITS, "eperm", "allow"))
+            continue
         lines.append((_LD_W_ABS, ARG0_LOW_OFFSET, "", ""))
         if name in ("socket", "socketpair"):
             lines.append((_JEQ_K, AF_VSOCK, "eperm", "allow"))
@@ -168,7 +194,7 @@ def build_filter(allow: frozenset[str] = frozenset()) -> bytes:
 
 def known_calls() -> set[str]:
     """The names `seccomp: [...]` accepts: every call the default filter refuses or checks."""
-    return set(DENIED_X86_64) | {"clone3"} | {name for name, _ in _ARGUMENT_RULES}
+    return set(DENIED_X86_64) | {"clone3", "openat2"} | {name for name, _ in _ARGUMENT_RULES}
 
 
 def bind_notify_filter() -> bytes:

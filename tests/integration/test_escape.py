@@ -786,3 +786,95 @@ def test_a_service_cannot_take_pages_out_of_the_kernels_direct_map_with_memfd_se
     probe = "import ctypes, os\\nlibc = ctypes.CDLL(None, use_errno=True)\\nprint('memfd_secret', libc.syscall(447, 0), os.strerror(ctypes.get_errno()))"
     write(spec_dir, "svc.yaml", f'kind: service\nrestart: "no"\ncommand: [python3, -c, "{probe}"]\n')
     assert _output(run_stack(spec_dir), "svc") == "memfd_secret -1 Operation not permitted"
+
+
+# ── what one sandbox leaves in a shared folder or volume, for another stack or the host ──
+
+
+def _victim_with_a_mount_inside_a_shared_volume(tmp_path: Path, tag: str) -> tuple[Path, Path, tuple[str, str]]:
+    shared, private = f"sbd{tag}shared", f"sbd{tag}private"
+    attacker = _folder(tmp_path / f"{tag}attacker")
+    victim = _folder(tmp_path / f"{tag}victim")
+    write(attacker, "a.yaml", f"kind: service\ncommand: sleep 1000\nmounts: [{{volume: {shared}, target: /vol}}]\n---\nkind: volume\nname: {shared}\n")
+    write(
+        victim,
+        "v.yaml",
+        f"kind: service\ncommand: sleep 1000\nmounts: [{{volume: {shared}, target: /data}}, {{volume: {private}, target: /data/private}}]\n"
+        f"---\nkind: volume\nname: {shared}\n---\nkind: volume\nname: {private}\n",
+    )
+    return attacker, victim, (shared, private)
+
+
+def _refused_victim(victim: Path) -> None:
+    refused = _sbd("up", "-d", "--wait", str(victim), check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "v.yaml:3: mounts[1].target: /data/private lies inside the writable mount mounts[0]" in refused.stderr, refused.stderr
+
+
+def test_a_stack_sharing_a_volume_cannot_redirect_another_stacks_mount_inside_it(tmp_path: Path) -> None:
+    # The victim would mount a shared volume at /data and its own private volume at /data/private.
+    # The attacker, sharing the volume, plants `private` as a symlink before the victim starts, so
+    # that the private volume is attached where the symlink leads, then puts a real folder there to
+    # read what the victim writes. A mount inside a writable one is refused before anything starts.
+    attacker, victim, volumes = _victim_with_a_mount_inside_a_shared_volume(tmp_path, "redir")
+    _sbd("up", "-d", "--wait", str(attacker))
+    try:
+        _inside("redirattacker", "a", "ln -s /tmp/elsewhere /vol/private")
+        _refused_victim(victim)
+    finally:
+        _sbd("down", "-p", "redirattacker")
+        for name in volumes:
+            subprocess.run([sys.executable, "-m", "sandboxd", "volume", "rm", name], capture_output=True, timeout=60)
+    assert not Path("/var/lib/sandboxd/volumes", volumes[1]).exists()  # nothing of the victim was made
+
+
+def test_a_stack_sharing_a_volume_cannot_move_another_stacks_mount_inside_it_aside(tmp_path: Path) -> None:
+    # The same without a symlink: the kernel refuses to rename a mount point only in the caller's
+    # own mount namespace, so the attacker could rename the folder the victim's private volume is
+    # mounted on and make a new one by the old name. Refused for the same reason, whatever the order.
+    attacker, victim, volumes = _victim_with_a_mount_inside_a_shared_volume(tmp_path, "move")
+    try:
+        _refused_victim(victim)
+        _sbd("up", "-d", "--wait", str(attacker))
+        _refused_victim(victim)
+    finally:
+        _sbd("down", "-p", "moveattacker", check=False)
+        for name in volumes:
+            subprocess.run([sys.executable, "-m", "sandboxd", "volume", "rm", name], capture_output=True, timeout=60)
+
+
+def test_no_file_a_service_writes_to_a_writable_bind_or_volume_is_setuid_or_setgid_on_the_host(run_stack, spec_dir: Path, host_dir: Path) -> None:
+    # In the sandbox the mounts are nosuid, but the host's folder is not: a setuid file left there
+    # makes whoever runs it on the host the stored ids, the owner of every stack's volumes and
+    # writable binds (systemd refuses these modes with RestrictSUIDSGID=).
+    host_dir.chmod(0o777)
+    volume = f"sbdsuid-{os.getpid()}"
+    plant = (
+        "import os\\n"
+        "for d in ('/bind', '/vol'):\\n"
+        "    for name, how in (('chmod', lambda p: os.chmod(p, 0o6755)), ('open', None)):\\n"
+        "        p = f'{d}/{name}'\\n"
+        "        try:\\n"
+        "            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o6755 if how is None else 0o755))\\n"
+        "            how and how(p)\\n"
+        "        except OSError:\\n"
+        "            pass\\n"
+        "    try:\\n"
+        "        os.mkdir(f'{d}/dir', 0o2777); os.chmod(f'{d}/dir', 0o2777)\\n"
+        "    except OSError:\\n"
+        "        pass\\n"
+        "print('planted', flush=True)"
+    )
+    write(
+        spec_dir,
+        "svc.yaml",
+        f'kind: service\nrestart: "no"\ncommand: [python3, -c, "{plant}"]\n'
+        f"mounts: [{{source: {host_dir}, target: /bind, readonly: false}}, {{volume: {volume}, target: /vol}}]\n---\nkind: volume\nname: {volume}\n",
+    )
+    try:
+        assert _output(run_stack(spec_dir), "svc") == "planted"
+        found = {str(p): oct(p.lstat().st_mode) for d in (host_dir, Path("/var/lib/sandboxd/volumes") / volume) for p in d.iterdir()}
+    finally:
+        subprocess.run([sys.executable, "-m", "sandboxd", "volume", "rm", volume], capture_output=True, timeout=60)
+    special = {path: mode for path, mode in found.items() if int(mode, 8) & 0o6000}
+    assert not special, f"setuid or setgid files a sandbox left on the host: {special}"

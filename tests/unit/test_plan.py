@@ -291,14 +291,14 @@ def test_volumes_and_binds_are_seen_through_the_stored_ids_and_sandboxd_files_as
         name: a
         command: [x]
         ready: notify
-        mounts: [{source: data, target: /srv/data}, {volume: v, target: /srv, readonly: false}]
+        mounts: [{source: data, target: /srv/data}, {volume: v, target: /vol, readonly: false}]
         ---
         kind: volume
         name: v
         """,
     )["a"]
     binds = {m.target: m.options for m in p.mounts if m.kind == "bind"}
-    assert binds == {"/srv": STORE_IDS, "/srv/data": STORE_IDS, "/run/.sbd-notify": ""}
+    assert binds == {"/vol": STORE_IDS, "/srv/data": STORE_IDS, "/run/.sbd-notify": ""}
     plain = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nuserns: false\nmounts: [{source: data, target: /srv/data}]\n")["a"]
     assert [m.options for m in plain.mounts if m.kind == "bind"] == [""]
 
@@ -364,3 +364,23 @@ def test_masks_come_after_dev_and_hide_what_describes_the_host_kernel(tmp_path):
     assert kinds.index("dev") < kinds.index("mask")  # files are masked with the sandbox's own /dev/null
     masked = {m.target for m in p.mounts if m.kind == "mask"}
     assert {"/sys/kernel/vmcoreinfo", "/sys/kernel/boot_params", "/proc/config.gz", "/proc/interrupts", "/sys/dev/block"} <= masked
+
+
+def test_a_mount_inside_a_writable_mount_is_refused_and_one_inside_a_read_only_one_is_not(tmp_path):
+    text = """
+        kind: service
+        name: a
+        command: [x]
+        mounts: [{volume: v, target: /srv, readonly: false}, {source: data, target: /srv/data}]
+        tmpfs: [/srv/cache]
+        ---
+        kind: volume
+        name: v
+        """
+    with pytest.raises(SpecErrors) as caught:
+        plans(tmp_path, text)
+    found = sorted((e.line, e.key) for e in caught.value.errors if "inside the writable mount mounts[0]" in e.message)
+    assert found == [(4, "mounts[1].target"), (5, "tmpfs[0]")]
+    with pytest.raises(SpecErrors) as caught:
+        plans(tmp_path, text.replace("readonly: false", "readonly: true"))
+    assert not any("inside the writable mount" in e.message for e in caught.value.errors)  # only /srv/cache's absence

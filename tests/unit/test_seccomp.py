@@ -135,3 +135,30 @@ def test_the_bind_filter_hands_bind_to_sandboxd_and_allows_the_rest() -> None:
     assert run(program, NR["bind"], (3, 0, 16)) == SECCOMP_RET_USER_NOTIF
     assert run(program, NR["socket"], (40,)) == ALLOW  # the default filter beside it decides
     assert run(program, NR["bind"], arch=0x40000003) == ALLOW  # the default filter kills foreign arches
+
+
+AT_FDCWD = (1 << 64) - 100  # -100 as the kernel hands it to the filter
+NR.update({name: nr for name, (nr, _arg) in seccomp._MODE_ARGUMENT.items()}, openat2=seccomp.OPENAT2)
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("chmod", (0, 0o4755)), ("fchmod", (3, 0o2755)), ("fchmodat", (AT_FDCWD, 0, 0o6755)), ("fchmodat2", (AT_FDCWD, 0, 0o4700, 0)),
+    ("creat", (0, 0o4755)), ("mkdir", (0, 0o2775)), ("mkdirat", (AT_FDCWD, 0, 0o2775)), ("mknod", (0, 0o104755, 0)),
+    ("mknodat", (AT_FDCWD, 0, 0o104755, 0)), ("open", (0, 0o100, 0o4755)), ("openat", (AT_FDCWD, 0, 0o101, 0o6755)),
+    ("openat", (AT_FDCWD, 0, 0o20200002, 0o4755)),
+])  # fmt: skip
+def test_a_setuid_or_setgid_mode_is_refused(name: str, args: tuple[int, ...]) -> None:
+    assert call(name, *args) == EPERM
+    assert call(name, *args, allow=frozenset({name})) == ALLOW
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("chmod", (0, 0o1777)), ("fchmod", (3, 0o755)), ("fchmodat", (AT_FDCWD, 0, 0o644)), ("mkdir", (0, 0o1777)),
+    ("creat", (0, 0o600)), ("open", (0, 0o2, 0o4755)), ("openat", (AT_FDCWD, 0, 0o0, 0o6755)), ("openat", (AT_FDCWD, 0, 0o101, 0o644)),
+])  # fmt: skip
+def test_other_modes_and_opens_without_o_creat_are_allowed(name: str, args: tuple[int, ...]) -> None:
+    assert call(name, *args) == ALLOW
+
+
+def test_openat2_is_not_there_so_libc_uses_openat() -> None:
+    assert call("openat2", AT_FDCWD, 0, 0, 24) == ENOSYS

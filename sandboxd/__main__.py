@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from sandboxd.cli.main import main
 
 sys.exit(main())

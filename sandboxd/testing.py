@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from .errors import SandboxdError
+from sandboxd.errors import SandboxdError
 
 
 class Stack:

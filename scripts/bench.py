@@ -64,7 +64,7 @@ What is measured, and how:
 4. Memory with 100 services running (sandboxd, then separately the baseline and each peer, each
    until all 100 accept, then after a 1 s settle): sandboxd's own RSS (VmRSS) and PSS
    (smaps_rollup), of `sandboxd up` (the supervisor) and of its fork server (its direct child, a
-   fork of it or the lean interpreter running sandboxd.launcher's serve_fd) each, and both
+   fork of it or the lean interpreter running sandboxd.sandbox.launcher's serve_fd) each, and both
    together. Extra memory per sandbox: the mean PSS of the sandbox inits (dumb-init, the children
    of the fork server), and the sum of PSS of every process in the stack's service cgroups / N
    minus the sum of PSS of the baseline's N programs / N; for each peer, the sum of PSS of every
@@ -601,7 +601,7 @@ def cmdline(pid: int) -> bytes:
 def is_fork_server(pid: int, sandboxd: int) -> bool:
     """A child of sandboxd that is its fork server: a fork of it, or the lean interpreter running serve_fd."""
     own = cmdline(pid)
-    return own == cmdline(sandboxd) or b"sandboxd.launcher import serve_fd" in own
+    return own == cmdline(sandboxd) or b"sandboxd.sandbox.launcher import serve_fd" in own
 
 
 def sandboxd_processes(run: Running) -> list[int]:

@@ -32,7 +32,7 @@ TARGET_MS = 0.5
 
 
 def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) -> float:
-    from sandboxd.launcher import ForkServer, read_status
+    from sandboxd.sandbox.launcher import ForkServer, read_status
 
     assert isinstance(fork_server, ForkServer)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -70,11 +70,11 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
 
 
 def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> list[str]:
-    from sandboxd.cgroups import CgroupManager, detect
-    from sandboxd.launcher import ForkServer
-    from sandboxd.prepare import make_plans
-    from sandboxd.spec import load_stack
-    from sandboxd.subids import lease
+    from sandboxd.host.cgroups import CgroupManager, detect
+    from sandboxd.sandbox.launcher import ForkServer
+    from sandboxd.host.prepare import make_plans
+    from sandboxd.spec.model import load_stack
+    from sandboxd.host.subids import lease
 
     runs = QUICK_RUNS if quick else RUNS
     folder = Path(tempfile.mkdtemp(prefix="sbdbench-userns-", dir=root))

@@ -231,7 +231,7 @@ def run_stack() -> Iterator[object]:
 def stored_ids() -> tuple[int, int]:
     """The host uid and gid that root inside a sandbox's user namespace is, on the disk of a volume
     or a bind (the first block of the sandboxd user's range, see sandboxd/subids.py)."""
-    from sandboxd.subids import ensure_blocks
+    from sandboxd.host.subids import ensure_blocks
 
     return ensure_blocks().store
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until, write
 
-DEFAULT_PIDS = 2048  # the default process limit of every service (README; sandboxd.spec.DEFAULT_PIDS)
+DEFAULT_PIDS = 2048  # the default process limit of every service (README; sandboxd.spec.model.DEFAULT_PIDS)
 
 ANSWER = r'''
 import socket

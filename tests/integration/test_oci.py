@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from sandboxd import images, oci
+from sandboxd.store import images
+from sandboxd.store import oci
 from sandboxd.errors import HostError
 
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.testing import Stack
-from sandboxd.volumes import volumes_dir
+from sandboxd.store.volumes import volumes_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "specs" / "examples" / "real"
 SOCKETS = "/run/sbd-real"

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from conftest import CGROUP_BASE, RUNTIME, write
 
-from sandboxd.volumes import volumes_dir
+from sandboxd.store.volumes import volumes_dir
 
 
 def read_blocks():  # type: ignore[no-untyped-def]
-    from sandboxd.subids import read_blocks as blocks
+    from sandboxd.host.subids import read_blocks as blocks
 
     return blocks()
 

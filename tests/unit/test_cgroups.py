@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.cgroups import CgroupHost, CgroupManager, CgroupMode, detect
+from sandboxd.host.cgroups import CgroupHost, CgroupManager, CgroupMode, detect
 from sandboxd.errors import HostError
-from sandboxd.spec import DEFAULT_PIDS, Limits
+from sandboxd.spec.model import DEFAULT_PIDS, Limits
 
 HYBRID = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -57,8 +57,8 @@ def test_manager_creates_and_removes_service_cgroups_in_a_fake_v2_tree(tmp_path)
 
 
 def test_limits_the_host_cannot_enforce_are_named_with_the_reason(tmp_path):
-    from sandboxd.cgroups import CgroupHost, unenforceable
-    from sandboxd.spec import Limits
+    from sandboxd.host.cgroups import CgroupHost, unenforceable
+    from sandboxd.spec.model import Limits
 
     memory = tmp_path / "memory"
     memory.mkdir()
@@ -72,7 +72,7 @@ def test_limits_the_host_cannot_enforce_are_named_with_the_reason(tmp_path):
 
 
 def test_unified_host_enables_controllers_along_sandboxds_subtree(tmp_path):
-    from sandboxd.spec import Limits
+    from sandboxd.spec.model import Limits
 
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd import logs
-from sandboxd.console import Console, decode_output, escape_controls
-from sandboxd.logs import LogFiles
+from sandboxd.daemon import logs
+from sandboxd.daemon.console import Console, decode_output, escape_controls
+from sandboxd.daemon.logs import LogFiles
 
 
 @pytest.mark.parametrize(

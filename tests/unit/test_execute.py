@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from sandboxd.cli import build_parser
-from sandboxd.execute import ExecOptions, exit_code, host_id, plan_exec, wants_tty
-from sandboxd.plan import lookup_identity
+from sandboxd.cli.main import build_parser
+from sandboxd.sandbox.execute import ExecOptions, exit_code, host_id, plan_exec, wants_tty
+from sandboxd.plan.launch import lookup_identity
 
 INFO: dict[str, Any] = {
     "init_pid": 4242,
@@ -107,7 +107,7 @@ def test_relay_copies_pipes_both_ways_and_returns_the_exit_code(tmp_path: Any) -
     import socket
     import subprocess
 
-    from sandboxd.relay import Relay
+    from sandboxd.sandbox.relay import Relay
 
     theirs = [os.pipe() for _ in range(3)]  # the command's stdin, stdout, stderr
     proc = subprocess.Popen(["sh", "-c", "cat; echo err >&2; exit 3"], stdin=theirs[0][0], stdout=theirs[1][1], stderr=theirs[2][1])

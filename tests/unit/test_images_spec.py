@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd import images
+from sandboxd.store import images
 from sandboxd.errors import SpecErrors
-from sandboxd.images import Image, ImageConfig
-from sandboxd.plan import HostFacts, LaunchPlan, plan_stack
-from sandboxd.proxy import _listen_forms, proxy_target
-from sandboxd.spec import Stack, load_stack, parse_address
+from sandboxd.store.images import Image, ImageConfig
+from sandboxd.plan.launch import HostFacts, LaunchPlan, plan_stack
+from sandboxd.daemon.proxy import _listen_forms, proxy_target
+from sandboxd.spec.model import Stack, load_stack, parse_address
 
 
 def stack_of(folder: Path, text: str) -> Stack:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.plan import HostFacts, hosts_file, net_mode, plan_networks, plan_stack
-from sandboxd.spec import Attachment, load_stack, socket_namespace
+from sandboxd.plan.launch import HostFacts, hosts_file, net_mode, plan_networks, plan_stack
+from sandboxd.spec.model import Attachment, load_stack, socket_namespace
 
 NET = "kind: network\nname: back\nsubnet: [10.9.0.0/24, 'fd00:9::/64']\n"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.pins import close_all, pin_mounts, real_path
-from sandboxd.reload import diff
-from sandboxd.spec import load_stack
-from sandboxd.trust import Untrusted, problem, untrusted
+from sandboxd.host.pins import close_all, pin_mounts, real_path
+from sandboxd.spec.diff import diff
+from sandboxd.spec.model import load_stack
+from sandboxd.spec.trust import Untrusted, problem, untrusted
 
 
 def info(mode: int, uid: int = 0) -> os.stat_result:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
-from sandboxd.plan import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, UserNamespace, plan_stack
-from sandboxd.spec import load_stack
+from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
+from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, UserNamespace, plan_stack
+from sandboxd.spec.model import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
 HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}
@@ -308,7 +308,7 @@ def test_an_images_tree_keeps_its_owners_in_a_user_namespace(tmp_path):
     (rootfs / "bin").mkdir(parents=True)
     (rootfs / "bin" / "x").write_text("")
     (tmp_path / "stack.yaml").write_text(f"kind: service\nname: a\ncommand: [/bin/x]\nimage: {rootfs}\n")
-    from sandboxd.images import Image
+    from sandboxd.store.images import Image
 
     facts = HostFacts(init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)})
     p = plan_stack(load_stack(tmp_path), facts)["a"]
@@ -346,7 +346,7 @@ def test_a_user_namespace_on_a_network_attaches_a_sysfs_made_in_its_namespace(tm
 
 
 def test_volumes_are_idmapped_with_only_the_stored_and_running_blocks_swapped():
-    from sandboxd.plan import MAX_ID, swapped_id_map
+    from sandboxd.plan.launch import MAX_ID, swapped_id_map
 
     lines = [tuple(map(int, line.split())) for line in swapped_id_map(100000, 296608, 65536).splitlines()]
     assert lines == [(0, 0, 100000), (100000, 296608, 65536), (165536, 165536, 131072), (296608, 100000, 65536), (362144, 362144, MAX_ID - 362144)]

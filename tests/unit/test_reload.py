@@ -5,8 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from sandboxd.reload import diff, refusal
-from sandboxd.spec import Stack, load_stack
+from sandboxd.spec.diff import diff, refusal
+from sandboxd.spec.model import Stack, load_stack
 
 
 def stack(folder: Path, files: dict[str, str]) -> Stack:

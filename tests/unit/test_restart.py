@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.restart import StartLimiter, classify, restart_delay, should_restart
-from sandboxd.spec import Service, load_stack
+from sandboxd.daemon.restart import StartLimiter, classify, restart_delay, should_restart
+from sandboxd.spec.model import Service, load_stack
 
 
 def service(tmp_path: Path, extra: str = "") -> Service:

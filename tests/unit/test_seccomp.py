@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from sandboxd import seccomp
-from sandboxd.seccomp import (
+from sandboxd.kernel import seccomp
+from sandboxd.kernel.seccomp import (
     AUDIT_ARCH_X86_64,
     SECCOMP_RET_ALLOW,
     SECCOMP_RET_ERRNO,

@@ -1,4 +1,4 @@
-"""Unit tests of sandboxd.spec: every bad spec is reported with file, line, key and an exact message."""
+"""Unit tests of sandboxd.spec.model: every bad spec is reported with file, line, key and an exact message."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.spec import (
+from sandboxd.spec.model import (
     DEFAULT_PIDS,
     Address,
     Limits,

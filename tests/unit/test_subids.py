@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd import subids
+from sandboxd.host import subids
 from sandboxd.errors import HostError
-from sandboxd.plan import UserNamespace
+from sandboxd.plan.launch import UserNamespace
 
 BLOCK = subids.BLOCK
 

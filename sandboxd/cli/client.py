@@ -1,0 +1,89 @@
+"""The CLI's side of the control socket, and finding running stacks. Standard library only, so
+that `sandboxd ps --json` answers quickly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from sandboxd.errors import HostError, SandboxdError
+
+RUNTIME_ROOT = Path(os.environ.get("SANDBOXD_RUNTIME_DIR", "/run/sandboxd"))
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, killed but not yet reaped, is not)."""
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def running_stacks() -> dict[str, int]:
+    """Stack name -> supervisor pid, for every stack whose supervisor is alive."""
+    stacks: dict[str, int] = {}
+    if not RUNTIME_ROOT.is_dir():
+        return stacks
+    for directory in sorted(RUNTIME_ROOT.iterdir()):
+        try:
+            pid = int(json.loads((directory / "state.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if alive(pid):
+            stacks[directory.name] = pid
+    return stacks
+
+
+def choose_stack(name: str | None) -> str:
+    stacks = running_stacks()
+    if name:
+        if name not in stacks:
+            raise SandboxdError(f"no stack named {name!r} is running" + (f" (running: {', '.join(stacks)})" if stacks else ""))
+        return name
+    if len(stacks) == 1:
+        return next(iter(stacks))
+    if not stacks:
+        raise SandboxdError("no stack is running (start one with: sandboxd up -d DIR)")
+    raise SandboxdError(f"several stacks are running ({', '.join(stacks)}); choose one with -p NAME")
+
+
+def connect(stack: str, timeout: float = 60.0) -> socket.socket:
+    """A connection to the stack's control socket. `sandboxd exec` holds one for as long as its
+    command runs: when it closes (however the CLI ends), the stack ends what is left of it."""
+    path = RUNTIME_ROOT / stack / "control.sock"
+    if os.geteuid() != 0 and not os.access(path, os.W_OK):
+        raise HostError(f"the control socket of stack {stack!r} belongs to root (mode 0600)", "run sandboxd as root (e.g. sudo sandboxd ...)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise SandboxdError(f"stack {stack!r} does not answer on {path}; is it still starting or stopping?") from None
+    return sock
+
+
+def ask(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
+    """One request on an open connection, and its answer (raised as SandboxdError if refused)."""
+    sock.sendall(json.dumps(message).encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    answer: dict[str, Any] = json.loads(data)
+    if not answer.get("ok"):
+        raise SandboxdError(str(answer.get("error", "the stack refused the request")))
+    return answer
+
+
+def request(stack: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    with connect(stack, timeout) as sock:
+        return ask(sock, message)

@@ -1,0 +1,107 @@
+"""The control socket of a running stack: one JSON request per line, one JSON answer per line.
+
+    {"cmd": "status"}                          -> {"ok": true, "stack": ..., "services": [...]}
+    {"cmd": "stop"|"start"|"restart", "services": [...]}
+    {"cmd": "kill", "services": [...], "signal": "SIGHUP"}
+    {"cmd": "down"}
+    {"cmd": "apply", "folder": DIR, "env": [...]}   -> what was added, removed, changed (a reload)
+    {"cmd": "exec_info", "services": [NAME], "user": "USER[:GROUP]", "session": true}
+                                               -> pid, cgroups, confinement; with session, a cgroup
+                                                  of the command's own, emptied and removed when
+                                                  this connection closes
+
+The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
+(a non-root user gets a clear refusal from the CLI before it even connects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandboxd.errors import SandboxdError
+
+if TYPE_CHECKING:
+    from sandboxd.daemon.supervisor import Supervisor
+
+
+class ControlServer:
+    def __init__(self, supervisor: Supervisor, path: Path) -> None:
+        self.supervisor = supervisor
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        execs: list[str] = []  # cgroups of `sandboxd exec` commands whose CLI holds this connection
+        try:
+            while line := await reader.readline():
+                try:
+                    answer = await self.handle(json.loads(line), execs)
+                except (ValueError, KeyError, TypeError, OSError, SandboxdError) as e:
+                    answer = {"ok": False, "error": f"bad request: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)}
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            # The connection closes when the CLI ends, however it ends (the kernel closes it).
+            for path in execs:
+                await self.supervisor.end_exec(path)
+
+    async def handle(self, request: dict[str, Any], execs: list[str] | None = None) -> dict[str, Any]:
+        sup = self.supervisor
+        cmd = request["cmd"]
+        names = request.get("services") or []
+        unknown = [n for n in names if n not in sup.services]
+        if unknown:
+            return {"ok": False, "error": f"no service {', '.join(repr(n) for n in unknown)} in stack {sup.instance!r}"}
+        match cmd:
+            case "status":
+                return {"ok": True, **sup.status(names)}
+            case "stop":
+                await asyncio.gather(*(sup.stop_service(n) for n in names))
+            case "start":
+                for name in names:
+                    sup.start_service(name)
+            case "restart":
+                await asyncio.gather(*(sup.stop_service(n) for n in names))
+                for name in names:
+                    sup.start_service(name)
+            case "kill":
+                for name in names:
+                    sup.kill_service(name, str(request.get("signal", "SIGTERM")))
+            case "down":
+                sup.request_down()
+            case "apply":
+                return {"ok": True, **await sup.apply_folder(request["folder"], request.get("env", []))}
+            case "exec_info":
+                info = sup.exec_info(names[0], str(request.get("user", "")), session=bool(request.get("session")) and execs is not None)
+                if "exec_cgroup" in info and execs is not None:
+                    execs.append(str(info["exec_cgroup"]))
+                return {"ok": True, **info}
+            case "reload":
+                errors = await asyncio.gather(*(sup.reload_service(n) for n in names))
+                if any(errors):
+                    return {"ok": False, "error": "; ".join(e for e in errors if e)}
+            case _:
+                return {"ok": False, "error": f"unknown command {cmd!r}"}
+        return {"ok": True}

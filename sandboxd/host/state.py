@@ -1,0 +1,124 @@
+"""What a running stack created, written down as it is created.
+
+Each running `sandboxd up` has a runtime directory /run/sandboxd/<instance>/ with `state.json`:
+the supervisor's pid and every cgroup, socket file and directory it made, rewritten atomically
+after each change. A run that was killed with SIGKILL cannot clean up after itself (its services
+die with it, see launcher.py); the next run finds its state file, sees that the pid is gone, and
+removes what it lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sandboxd.host.cgroups import Cgroup, remove_empty
+from sandboxd.cli.client import RUNTIME_ROOT  # shared with the light CLI side
+from sandboxd.cli.client import alive as _alive
+
+if TYPE_CHECKING:
+    from sandboxd.spec.model import Stack
+
+
+
+
+@dataclass
+class StateRecord:
+    directory: Path
+    pid: int = field(default_factory=os.getpid)
+    cgroups: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+    subnets: list[str] = field(default_factory=list)  # so that other stacks choose others
+    userns: dict[str, int] = field(default_factory=dict)  # the block of ids held (subids.py), for people and tools
+
+    def save(self) -> None:
+        tmp = self.directory / "state.json.tmp"
+        data = {"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs, "subnets": self.subnets, "userns": self.userns}
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.directory / "state.json")
+
+    def add(self, kind: str, path: str) -> None:
+        getattr(self, kind).append(path)
+        self.save()
+
+
+def instance_name(stack: Stack, project: str | None) -> str:
+    return clean_name(project or stack.name)
+
+
+def clean_name(name: str) -> str:
+    """A stack name usable as a directory and cgroup name."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "stack"
+
+
+def remove_recorded(directory: Path) -> None:
+    """Remove everything a (dead) run recorded, then its runtime directory."""
+    try:
+        data = json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        data = {}
+    for path in reversed(data.get("cgroups", [])):
+        # Per-connection instances live below a service's or the stack's cgroup: deepest first.
+        for cgroup_dir, _subdirs, _files in os.walk(path, topdown=False):
+            Cgroup(Path(cgroup_dir)).remove()
+    for path in data.get("files", []):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    for path in reversed(data.get("dirs", [])):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    for path in data.get("cgroups", []):
+        # The shared "sandboxd" cgroups (v2, and v1 on a hybrid host) go once no stack uses them.
+        for ancestor in (Path(path).parent, Path(path).parent.parent):
+            if ancestor.name == "sandboxd":
+                remove_empty(ancestor)
+    _remove_tree(directory)
+
+
+def _remove_tree(directory: Path) -> None:
+    """rmtree, retried briefly: the sandbox root below it is a mount point in the mount namespaces
+    of the dead run's sandboxes, which the kernel tears down a moment after their last process."""
+    for _ in range(100):
+        try:
+            shutil.rmtree(directory)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def clean_stale(root: Path = RUNTIME_ROOT) -> list[str]:
+    """Remove what dead runs left behind; returns the instance names cleaned."""
+    cleaned: list[str] = []
+    if not root.is_dir():
+        return cleaned
+    for directory in root.iterdir():
+        state = directory / "state.json"
+        try:
+            pid = json.loads(state.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if not _alive(pid):
+            remove_recorded(directory)
+            cleaned.append(directory.name)
+    remove_empty_dir(root)
+    return cleaned
+
+
+def remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass

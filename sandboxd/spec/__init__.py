@@ -1,0 +1,1 @@
+"""The spec layer: YAML unit files become frozen, checked dataclasses."""

@@ -1,0 +1,1 @@
+"""The store: images, OCI import and named volumes under /var/lib/sandboxd."""

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING
 
 from sandboxd.daemon.activation import Activation
 from sandboxd.host.cgroups import CgroupHost, CgroupManager
-from sandboxd.cli.client import RUNTIME_ROOT
-from sandboxd.cli.client import alive as _alive
+from sandboxd.host.paths import RUNTIME_ROOT
+from sandboxd.host.paths import alive as _alive
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.control import ControlServer
 from sandboxd.errors import HostError, LaunchError

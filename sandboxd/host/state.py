@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandboxd.host.cgroups import Cgroup, remove_empty
-from sandboxd.cli.client import RUNTIME_ROOT  # shared with the light CLI side
-from sandboxd.cli.client import alive as _alive
+from sandboxd.host.paths import RUNTIME_ROOT  # shared with the light CLI side
+from sandboxd.host.paths import alive as _alive
 
 if TYPE_CHECKING:
     from sandboxd.spec.model import Stack

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandboxd.daemon.activation import Activation
-from sandboxd.host.cgroups import CgroupHost, CgroupManager
+from sandboxd.host.cgroups import CgroupHost, cgroup_manager
 from sandboxd.host.paths import RUNTIME_ROOT
 from sandboxd.host.paths import alive as _alive
 from sandboxd.daemon.console import Console
@@ -86,7 +86,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         self.instance = instance
         self.runtime_dir = RUNTIME_ROOT / instance
         self.root_dir = self.runtime_dir / "root"
-        self.cgroups = CgroupManager(cgroup_host, instance)
+        self.cgroups = cgroup_manager(cgroup_host, instance)
         self.console = console or Console([s.name for s in stack.services])
         self.record: StateRecord | None = None
         self.fork_server = fork_server

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sandboxd.host.cgroups.group import Cgroup, remove_empty
-from sandboxd.host.cgroups.hierarchy import CGROUP_ROOT, SANDBOXD, CgroupHost, CgroupMode, detect, kill_supported, v1_mounts
+from sandboxd.host.cgroups.hierarchy import CGROUP_ROOT, SANDBOXD, CgroupHost, CgroupMode, cgroup2_of, detect, kill_supported, v1_mounts
 from sandboxd.host.cgroups.hybrid import HybridCgroups
 from sandboxd.host.cgroups.manager import ACCOUNTED, CgroupManager
 from sandboxd.host.cgroups.unified import UnifiedCgroups
@@ -57,6 +57,7 @@ __all__ = [
     "CgroupMode",
     "HybridCgroups",
     "UnifiedCgroups",
+    "cgroup2_of",
     "cgroup_manager",
     "detect",
     "kill_supported",

@@ -77,6 +77,18 @@ def v1_mounts(mountinfo: str | None = None) -> dict[str, Path]:
     return found
 
 
+def _v2_entry(proc_cgroup: str) -> str | None:
+    """The cgroup2 path in the text of a /proc/PID/cgroup file (its "0::" line), or None."""
+    return next((line[3:] for line in proc_cgroup.splitlines() if line.startswith("0::")), None)
+
+
+def cgroup2_of(pid: int) -> str:
+    """The cgroup2 path of process `pid` relative to the mount, as in /proc/PID/cgroup ("" if it
+    has none). Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        return _v2_entry(f.read()) or ""
+
+
 def _cgroup2_mounts(mountinfo: str) -> list[Path]:
     found = []
     for line in mountinfo.splitlines():
@@ -113,7 +125,7 @@ def detect(
     if self_cgroup is None:
         self_cgroup = Path("/proc/self/cgroup").read_text()
     mounts = _cgroup2_mounts(mountinfo)
-    own = next((line[3:] for line in self_cgroup.splitlines() if line.startswith("0::")), None)
+    own = _v2_entry(self_cgroup)
     if root in mounts:
         mode, v2 = CgroupMode.UNIFIED, root
     elif root / "unified" in mounts:

@@ -55,7 +55,7 @@ def cmd_reload_stack(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from sandboxd.host.cgroups import detect
+    from sandboxd.host.facts import cgroup_host
     from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.prepare import make_plans
     from sandboxd.spec.model import load_stack
@@ -73,7 +73,7 @@ def _up(args: argparse.Namespace) -> int:
         # Held by this process and, from its fork, the fork server: the block is ours until both are gone.
         lease = lease_ids(instance)
     plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, userns=lease.userns if lease else None)
-    host = detect()
+    host = cgroup_host()
     limits = _enforceable_limits(stack, host)
     create(stack, plans)  # the last check is done: from here on things are made
     clean_stale()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from sandboxd.errors import SpecError, SpecErrors
 from sandboxd.store.images import Image, ensure, find_definition, load, state_dir
-from sandboxd.plan.launch import HostFacts, LaunchPlan, UserNamespace, init_path, plan_stack, static_init_path
+from sandboxd.host.facts import init_path, proxy_binary, static_init_path, subordinate_ids
+from sandboxd.plan.launch import HostFacts, LaunchPlan, UserNamespace, plan_stack
 from sandboxd.spec.model import Stack
 from sandboxd.store.volumes import volumes_dir
 
@@ -55,13 +56,9 @@ def make_plans(
     when starting for real); without it, user namespaces show the first block it could get."""
     images = resolve_images(stack, echo, build)
     if any(sock.proxy is not None for sock in stack.sockets):
-        from sandboxd.daemon.proxy import proxy_binary
-
         proxy_binary()  # a HostError now rather than clients held for ever
     if userns is None:
-        from sandboxd.host.subids import preview
-
-        userns = preview()
+        userns = subordinate_ids()
     facts = HostFacts(
         init_path(),
         runtime_dir,

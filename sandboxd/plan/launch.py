@@ -16,7 +16,6 @@ import os
 import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sandboxd.errors import SpecError, SpecErrors
@@ -704,31 +703,3 @@ def plan_stack(
         raise SpecErrors(errors)
     return plans
 
-
-def init_path() -> str:
-    """Where dumb-init lives: beside the Python that runs sandboxd (its wheel installs it there)."""
-    import shutil
-    import sys
-
-    beside = Path(sys.executable).parent / "dumb-init"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("dumb-init")
-    if found:
-        return found
-    from sandboxd.errors import HostError
-
-    raise HostError("dumb-init, the init sandboxd runs as pid 1 of each sandbox, is not installed", "pip install dumb-init")
-
-
-def static_init_path() -> str:
-    """The init of sandboxes on an image. The image has its own C library or none, so the init
-    must need none: dumb-init's wheel links glibc dynamically; Debian's tini-static does not."""
-    import shutil
-
-    found = shutil.which("tini-static") or ("/usr/bin/tini-static" if os.path.exists("/usr/bin/tini-static") else None)
-    if found:
-        return found
-    from sandboxd.errors import HostError
-
-    raise HostError("services with image: need a statically linked init (tini-static), which is not installed", "apt-get install tini")

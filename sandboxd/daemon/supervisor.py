@@ -52,7 +52,8 @@ from sandboxd.daemon.logs import LogFiles
 from sandboxd.daemon.notify import NotifySocket
 from sandboxd.daemon.operations import Operations
 from sandboxd.host.pins import SourceFds, close_all, pin_own
-from sandboxd.plan.launch import LaunchPlan, NetworkPlan, UserNamespace, uses_notify
+from sandboxd.plan.environment import uses_notify
+from sandboxd.plan.launch import LaunchPlan, NetworkPlan, UserNamespace
 from sandboxd.daemon.proxy import Proxies
 from sandboxd.daemon.readiness import Readiness
 from sandboxd.daemon.restart import Outcome, StartLimiter, classify, restart_delay, should_restart
@@ -218,7 +219,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
 
     def _prepare_networks(self, joined: list[str]) -> None:
         from sandboxd.host.network import Namespaces, allocation_lock, build_networks, choose_subnets
-        from sandboxd.plan.launch import RESOLV_CONF, hosts_file, plan_networks
+        from sandboxd.plan.networks import RESOLV_CONF, hosts_file, plan_networks
 
         assert self.record is not None
         self.namespaces = Namespaces()

@@ -1,29 +1,35 @@
-"""plan: what each sandbox gets, computed without root."""
+"""plan: what each sandbox gets, computed without root, from facts alone: planning opens no file."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sandboxd.errors import SpecErrors
 from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
-from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, UserNamespace, plan_stack
-from sandboxd.spec.model import load_stack
+from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, PathFacts, UserNamespace, is_under
+from sandboxd.plan.stack import paths_asked, plan_stack
+from sandboxd.spec.model import Stack, load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
 HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}
 
 
-def host_exists(path: str) -> bool:
-    return path in HOST_PATHS
+def with_paths(stack: Stack, facts: HostFacts, exists: Callable[[str], bool]) -> HostFacts:
+    """`facts` with the answers of a fake file system (`exists`; everything but a socket is a
+    directory) at every path planning asks about: what host/prepare.py does with the real one."""
+    return dataclasses.replace(facts, paths=PathFacts({p: not p.endswith(".sock") for p in paths_asked(stack, facts) if exists(p)}))
 
 
 def plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "stack.yaml").write_text(textwrap.dedent(text).lstrip())
-    return plan_stack(load_stack(tmp_path), FACTS, exists=host_exists, is_dir=lambda p: not p.endswith(".sock"))
+    stack = load_stack(tmp_path)
+    return plan_stack(stack, with_paths(stack, FACTS, lambda p: p in HOST_PATHS or is_under(p, str(tmp_path / "data"))))
 
 
 def test_descriptors_follow_socket_unit_names_then_listen_order(tmp_path):
@@ -268,7 +274,8 @@ def userns_plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "stack.yaml").write_text(textwrap.dedent(text).lstrip())
     exists = lambda p: p in HOST_PATHS or p in ("/root", "/home", "/home/alice", "/home/alice/x", "/root/bin/tool") or p.startswith(str(tmp_path))  # noqa: E731
-    return plan_stack(load_stack(tmp_path), USERNS_FACTS, exists=exists, is_dir=lambda p: not p.endswith(".sock"))
+    stack = load_stack(tmp_path)
+    return plan_stack(stack, with_paths(stack, USERNS_FACTS, exists))
 
 
 def test_every_service_gets_the_stacks_user_namespace_unless_it_says_no(tmp_path):
@@ -305,12 +312,11 @@ def test_volumes_and_binds_are_seen_through_the_stored_ids_and_sandboxd_files_as
 
 def test_an_images_tree_keeps_its_owners_in_a_user_namespace(tmp_path):
     rootfs = tmp_path / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    (rootfs / "bin" / "x").write_text("")
+    rootfs.mkdir()  # for the spec, which checks that an image folder exists; planning asks only its facts
     (tmp_path / "stack.yaml").write_text(f"kind: service\nname: a\ncommand: [/bin/x]\nimage: {rootfs}\n")
     from sandboxd.store.images import Image
 
-    facts = HostFacts(init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)})
+    facts = HostFacts(init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)}, paths=PathFacts({f"{rootfs}/bin/x": False}))
     p = plan_stack(load_stack(tmp_path), facts)["a"]
     assert p.mounts[0] == MountOp("image-root", "/", str(rootfs), readonly=True, options=HOST_IDS)
     assert not any(m.kind == "mask" and m.target in ("/root", "/home") for m in p.mounts)  # the image's own tree

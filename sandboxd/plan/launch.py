@@ -26,8 +26,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # Directories that are a fresh tmpfs in every sandbox: mount targets below them need not exist.
 TMPFS_DIRS = ("/tmp", "/run")

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -41,12 +42,14 @@ def cgroup_host() -> CgroupHost:
     return detect()
 
 
+def _installed(name: str, before: tuple[str, ...] = (), after: tuple[str, ...] = (), usable: Callable[[str], bool] = os.path.exists) -> str | None:
+    """The first of `before` that is `usable`, else `name` in PATH, else the first of `after`."""
+    return next((path for path in before if usable(path)), None) or shutil.which(name) or next((path for path in after if usable(path)), None)
+
+
 @cache
 def proxy_binary() -> str:
-    for path in PROXY_CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    found = shutil.which("systemd-socket-proxyd")
+    found = _installed("systemd-socket-proxyd", before=PROXY_CANDIDATES, usable=lambda path: os.access(path, os.X_OK))
     if found:
         return found
     raise HostError("sockets with proxy: need systemd-socket-proxyd, which is not installed", "apt-get install systemd (it ships the proxy)")
@@ -55,10 +58,7 @@ def proxy_binary() -> str:
 @cache
 def init_path() -> str:
     """Where dumb-init lives: beside the Python that runs sandboxd (its wheel installs it there)."""
-    beside = Path(sys.executable).parent / "dumb-init"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("dumb-init")
+    found = _installed("dumb-init", before=(str(Path(sys.executable).parent / "dumb-init"),))
     if found:
         return found
     raise HostError("dumb-init, the init sandboxd runs as pid 1 of each sandbox, is not installed", "pip install dumb-init")
@@ -68,7 +68,7 @@ def init_path() -> str:
 def static_init_path() -> str:
     """The init of sandboxes on an image. The image has its own C library or none, so the init
     must need none: dumb-init's wheel links glibc dynamically; Debian's tini-static does not."""
-    found = shutil.which("tini-static") or ("/usr/bin/tini-static" if os.path.exists("/usr/bin/tini-static") else None)
+    found = _installed("tini-static", after=("/usr/bin/tini-static",))
     if found:
         return found
     raise HostError("services with image: need a statically linked init (tini-static), which is not installed", "apt-get install tini")

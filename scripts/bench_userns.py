@@ -70,7 +70,7 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
 
 
 def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> list[str]:
-    from sandboxd.host.cgroups import CgroupManager, detect
+    from sandboxd.host.cgroups import cgroup_manager, detect
     from sandboxd.sandbox.launcher import ForkServer
     from sandboxd.host.prepare import make_plans
     from sandboxd.spec.model import load_stack
@@ -82,7 +82,7 @@ def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> l
     (folder / "host.yaml").write_text("kind: service\ncommand: ['true']\nuserns: false\nmounts: [{source: ., target: /tmp/b}]\n")
     instance = "sbdbench-userns"
     ids = lease(instance)
-    cgroups = CgroupManager(detect(), instance)
+    cgroups = cgroup_manager(detect(), instance)
     fork_server = ForkServer.start()
     times: dict[str, list[float]] = {"host": [], "default": []}
     try:

@@ -6,23 +6,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 from sandboxd.errors import HostError, SandboxdError
-
-RUNTIME_ROOT = Path(os.environ.get("SANDBOXD_RUNTIME_DIR", "/run/sandboxd"))
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a running process (a zombie, killed but not yet reaped, is not)."""
-    if pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+from sandboxd.host.paths import RUNTIME_ROOT, alive
 
 
 def running_stacks() -> dict[str, int]:

@@ -55,8 +55,8 @@ def cmd_reload_stack(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from sandboxd.host.cgroups import detect
-    from sandboxd.cli.client import RUNTIME_ROOT
+    from sandboxd.host.facts import cgroup_host
+    from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.prepare import make_plans
     from sandboxd.spec.model import load_stack
     from sandboxd.host.state import clean_stale, instance_name
@@ -73,7 +73,7 @@ def _up(args: argparse.Namespace) -> int:
         # Held by this process and, from its fork, the fork server: the block is ours until both are gone.
         lease = lease_ids(instance)
     plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, userns=lease.userns if lease else None)
-    host = detect()
+    host = cgroup_host()
     limits = _enforceable_limits(stack, host)
     create(stack, plans)  # the last check is done: from here on things are made
     clean_stale()
@@ -118,7 +118,8 @@ def _up_detached(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from sandboxd.cli.client import RUNTIME_ROOT, choose_stack, request, running_stacks
+    from sandboxd.cli.client import choose_stack, request, running_stacks
+    from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.prepare import make_plans
     from sandboxd.spec.model import load_stack
     from sandboxd.host.state import instance_name
@@ -271,8 +272,8 @@ def _exec_env(text: str) -> str:
 def cmd_down(args: argparse.Namespace) -> int:
     import time
 
-    from sandboxd.cli.client import alive as _alive
     from sandboxd.cli.client import choose_stack, request, running_stacks
+    from sandboxd.host.paths import alive as _alive
     from sandboxd.host.state import clean_stale
 
     name = args.project_name or (Path(args.dir).resolve().name if args.dir else None)
@@ -312,8 +313,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from sandboxd.daemon import logs
-    from sandboxd.cli.client import RUNTIME_ROOT, choose_stack, running_stacks
-    from sandboxd.cli.client import alive as _alive
+    from sandboxd.cli.client import choose_stack, running_stacks
+    from sandboxd.host.paths import RUNTIME_ROOT
+    from sandboxd.host.paths import alive as _alive
 
     stack = choose_stack(args.project_name)
     directory = RUNTIME_ROOT / stack / "logs"

@@ -13,6 +13,7 @@ from sandboxd.errors import LaunchError
 from sandboxd.sandbox.launcher import read_status
 from sandboxd.daemon.restart import classify
 from sandboxd.daemon.runtime import Instance, ServiceRuntime, State, SupervisorBase
+from sandboxd.plan.environment import with_descriptors
 
 
 class Activation(SupervisorBase):
@@ -72,8 +73,7 @@ class Activation(SupervisorBase):
         rt.instances += 1
         self.no_instances.clear()
         name = f"{rt.spec.name}@{rt.instance_counter}"
-        env = [(k, v) for k, v in rt.plan.env if not k.startswith("LISTEN_")]
-        env += [("LISTEN_FDS", "1"), ("LISTEN_PID", "2"), ("LISTEN_FDNAMES", "connection")]
+        env = list(with_descriptors(rt.plan.env, ("connection",)))
         if isinstance(peer, tuple):
             env += [("REMOTE_ADDR", str(peer[0])), ("REMOTE_PORT", str(peer[1]))]
         plan = dataclasses.replace(rt.plan, service=name, env=tuple(env), fd_names=("connection",), fd_sockets=())

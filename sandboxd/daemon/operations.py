@@ -11,7 +11,8 @@ from pathlib import Path
 from sandboxd.errors import SpecErrors
 from sandboxd.host.cgroups import Cgroup
 from sandboxd.host.pins import SourceFds, close_all
-from sandboxd.plan.launch import LaunchPlan, lookup_identity
+from sandboxd.host.identity import lookup_identity
+from sandboxd.plan.launch import LaunchPlan
 from sandboxd.daemon.runtime import ALIVE, ServiceRuntime, State, SupervisorBase, command_env
 from sandboxd.host.sockets import bind_sockets, close_socket
 from sandboxd.spec.model import Limits, Stack

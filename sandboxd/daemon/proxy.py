@@ -34,7 +34,6 @@ import fcntl
 import ipaddress
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -42,29 +41,19 @@ import struct
 from pathlib import Path
 
 from sandboxd.kernel import linux
-from sandboxd.errors import HostError, LaunchError
+from sandboxd.errors import LaunchError
+from sandboxd.host.facts import proxy_binary
 from sandboxd.sandbox.launcher import read_status
 from sandboxd.kernel.seccomp import BIND
 from sandboxd.daemon.runtime import ALIVE, ServiceRuntime, State, SupervisorBase
 from sandboxd.spec.model import Address, Socket, hands_off
 
-_CANDIDATES = ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd")
 TCP_LISTEN = "0A"
 UNIX_LISTENING = 1 << 16  # __SO_ACCEPTCON in the Flags column of /proc/net/unix
 POLL_FIRST = 0.005  # seconds between looks while the program starts; growing to POLL_MAX
 POLL_MAX = 0.1
 WARN_AFTER = 30.0  # seconds without anything listening on a proxy address before saying so
 NOBODY = 65534
-
-
-def proxy_binary() -> str:
-    for path in _CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    found = shutil.which("systemd-socket-proxyd")
-    if found:
-        return found
-    raise HostError("sockets with proxy: need systemd-socket-proxyd, which is not installed", "apt-get install systemd (it ships the proxy)")
 
 
 def _hex(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

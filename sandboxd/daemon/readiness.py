@@ -12,6 +12,7 @@ import time
 from sandboxd.errors import LaunchError
 from sandboxd.sandbox.launcher import read_status
 from sandboxd.daemon.notify import Message, host_pid, main_pid_of
+from sandboxd.plan.environment import with_descriptors
 from sandboxd.plan.launch import LaunchPlan
 from sandboxd.daemon.restart import Outcome, classify
 from sandboxd.daemon.runtime import (
@@ -196,9 +197,7 @@ class Readiness(SupervisorBase):
             return rt.plan
         self._fdstore_poll(rt)
         names = (*rt.plan.fd_names, *(s.name for s in rt.fdstore))
-        env = [(k, v) for k, v in rt.plan.env if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")]
-        env += [("LISTEN_FDS", str(len(names))), ("LISTEN_PID", "2"), ("LISTEN_FDNAMES", ":".join(names))]
-        return dataclasses.replace(rt.plan, env=tuple(env), fd_names=names)
+        return dataclasses.replace(rt.plan, env=with_descriptors(rt.plan.env, names), fd_names=names)
 
     def _may_notify(self, rt: ServiceRuntime, pid: int) -> bool:
         if rt.state not in (State.RUNNING, State.READY, State.RELOADING) or not pid:

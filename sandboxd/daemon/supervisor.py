@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandboxd.daemon.activation import Activation
-from sandboxd.host.cgroups import CgroupHost, CgroupManager
-from sandboxd.cli.client import RUNTIME_ROOT
-from sandboxd.cli.client import alive as _alive
+from sandboxd.host.cgroups import CgroupHost, cgroup_manager
+from sandboxd.host.paths import RUNTIME_ROOT
+from sandboxd.host.paths import alive as _alive
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.control import ControlServer
 from sandboxd.errors import HostError, LaunchError
@@ -52,7 +52,8 @@ from sandboxd.daemon.logs import LogFiles
 from sandboxd.daemon.notify import NotifySocket
 from sandboxd.daemon.operations import Operations
 from sandboxd.host.pins import SourceFds, close_all, pin_own
-from sandboxd.plan.launch import LaunchPlan, NetworkPlan, UserNamespace, uses_notify
+from sandboxd.plan.environment import uses_notify
+from sandboxd.plan.launch import LaunchPlan, NetworkPlan, UserNamespace
 from sandboxd.daemon.proxy import Proxies
 from sandboxd.daemon.readiness import Readiness
 from sandboxd.daemon.restart import Outcome, StartLimiter, classify, restart_delay, should_restart
@@ -86,7 +87,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
         self.instance = instance
         self.runtime_dir = RUNTIME_ROOT / instance
         self.root_dir = self.runtime_dir / "root"
-        self.cgroups = CgroupManager(cgroup_host, instance)
+        self.cgroups = cgroup_manager(cgroup_host, instance)
         self.console = console or Console([s.name for s in stack.services])
         self.record: StateRecord | None = None
         self.fork_server = fork_server
@@ -218,7 +219,7 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
 
     def _prepare_networks(self, joined: list[str]) -> None:
         from sandboxd.host.network import Namespaces, allocation_lock, build_networks, choose_subnets
-        from sandboxd.plan.launch import RESOLV_CONF, hosts_file, plan_networks
+        from sandboxd.plan.networks import RESOLV_CONF, hosts_file, plan_networks
 
         assert self.record is not None
         self.namespaces = Namespaces()

@@ -1,1 +1,3 @@
-"""The host layer: facts detected once, cgroups, networks, subordinate ids, bound sockets, pinned mount sources, the run's state file."""
+"""The host layer: facts detected once, the prepare step (all I/O that planning needs), cgroups,
+networks, subordinate ids, user tables, bound sockets, pinned mount sources, runtime paths, the
+run's state file."""

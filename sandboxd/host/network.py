@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sandboxd.kernel import linux
-from sandboxd.cli.client import RUNTIME_ROOT
-from sandboxd.cli.client import alive as _alive
+from sandboxd.host.paths import RUNTIME_ROOT
+from sandboxd.host.paths import alive as _alive
 from sandboxd.errors import HostError
 from sandboxd.plan.launch import NetworkPlan
 from sandboxd.spec.model import Stack

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandboxd.host.cgroups import Cgroup, remove_empty
-from sandboxd.cli.client import RUNTIME_ROOT  # shared with the light CLI side
-from sandboxd.cli.client import alive as _alive
+from sandboxd.host.cgroups import SANDBOXD, Cgroup, remove_empty
+from sandboxd.host.paths import RUNTIME_ROOT  # shared with the light CLI side
+from sandboxd.host.paths import alive as _alive
 
 if TYPE_CHECKING:
     from sandboxd.spec.model import Stack
@@ -80,7 +80,7 @@ def remove_recorded(directory: Path) -> None:
     for path in data.get("cgroups", []):
         # The shared "sandboxd" cgroups (v2, and v1 on a hybrid host) go once no stack uses them.
         for ancestor in (Path(path).parent, Path(path).parent.parent):
-            if ancestor.name == "sandboxd":
+            if ancestor.name == SANDBOXD:
                 remove_empty(ancestor)
     _remove_tree(directory)
 

@@ -67,6 +67,7 @@ from typing import Any, NoReturn
 
 from sandboxd.kernel import linux
 from sandboxd.errors import LaunchError, SandboxdError
+from sandboxd.host.cgroups import cgroup2_of
 from sandboxd.sandbox.launcher import _confine, _reset_signals, _Step, become_userns_root
 from sandboxd.sandbox.relay import FORWARDED_SIGNALS, Relay
 
@@ -241,8 +242,7 @@ def _open_init(plan: ExecPlan) -> int:
     unrelated process since the stack answered is refused, and the pidfd cannot be reused."""
     try:
         pidfd = os.pidfd_open(plan.init_pid)
-        with open(f"/proc/{plan.init_pid}/cgroup") as f:
-            cgroup = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), "")
+        cgroup = cgroup2_of(plan.init_pid)
     except OSError:
         raise SandboxdError(f"{plan.service}: its sandbox ended before exec could join it") from None
     if not cgroup or not plan.cgroup.endswith(cgroup):

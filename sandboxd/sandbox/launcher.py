@@ -57,6 +57,7 @@ from typing import Any, NoReturn
 
 from sandboxd.kernel import linux
 from sandboxd.errors import LaunchError
+from sandboxd.plan.environment import listen_environment
 from sandboxd.plan.launch import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, SANDBOX_TMPFS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under, swapped_id_map
 # Imported here, never in the child: an import there, as the host's root and after pivot_root,
 # would be looked up in the sandbox's tree.
@@ -588,7 +589,7 @@ def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list
     def run(_in_userns: bool, parent: int) -> None:
         _place_fds(output_fd, rest + ([target] if target >= 0 else []))
         os.closerange(3 + len(rest) + (1 if target >= 0 else 0), 1 << 20)
-        env = {"LISTEN_FDS": str(len(rest)), "LISTEN_PID": str(os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {**listen_environment(len(rest), pid=os.getpid()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         argv = list(request["argv"])
         if target >= 0:
             argv[-1] = f"/proc/self/fd/{3 + len(rest)}"  # the socket file, opened inside the sandbox's root

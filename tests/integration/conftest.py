@@ -19,7 +19,11 @@ from typing import TypeVar
 
 import pytest
 
-CGROUP_BASE = Path("/sys/fs/cgroup/unified/sandboxd") if Path("/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup/sandboxd")
+from sandboxd.host.cgroups import HybridCgroups, detect, v1_mounts
+
+# This host's cgroups as sandboxd finds them: a stack a test starts runs in this process's cgroup.
+CGROUPS = detect()
+CGROUP_BASE = CGROUPS.base
 RUNTIME = Path("/run/sandboxd")
 # Seconds after which a wait for an event (a line, an exit, a state) gives up and fails. Only a
 # hang ever reaches it: every wait ends as soon as its event happens, so on any machine, however
@@ -69,6 +73,13 @@ def _child_pids(root: int) -> list[int]:
     return found
 
 
+def cgroup_dir(*names: str, controller: str = "", stack: str = "stack") -> Path:
+    """Where sandboxd puts the cgroup of `names` (a service, then a per-connection instance of it)
+    of `stack`: its cgroup2 directory, or with `controller` its v1 directory (a hybrid host)."""
+    top = CGROUPS.v1_stack_dir(controller, stack) if controller else CGROUPS.stack_dir(stack)
+    return top.joinpath(*names)
+
+
 def _pids_in_sandboxd_cgroups() -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -83,10 +94,9 @@ def _pids_in_sandboxd_cgroups() -> list[int]:
 
 def leftovers(socket_dir: Path | None = None) -> list[str]:
     found: list[str] = []
-    for controller in ("memory", "pids", "cpu", "blkio"):
-        root = Path("/sys/fs/cgroup") / controller
-        if root.is_dir() and not (root / "cgroup.controllers").exists():
-            found += [f"v1 cgroup {p}" for p in root.glob("**/sandboxd") if p.is_dir()]
+    mounts = v1_mounts()
+    for controller in sorted({controller for controller, _file in HybridCgroups.FILES.values()} & set(mounts)):
+        found += [f"v1 cgroup {p}" for p in mounts[controller].glob("**/sandboxd") if p.is_dir()]
     if CGROUP_BASE.exists():
         found += [f"cgroup {p}" for p in CGROUP_BASE.rglob("*") if p.is_dir()] or [f"cgroup {CGROUP_BASE}"]
     for line in Path("/proc/self/mountinfo").read_text().splitlines():

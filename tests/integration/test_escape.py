@@ -23,7 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Stack, wait_until, write
+from conftest import CGROUPS, Stack, cgroup_dir, wait_until, write
+
+from sandboxd.host.cgroups import CGROUP_ROOT, v1_mounts
 
 PROBE = r'''
 import ctypes, errno, json, os, socket, sys
@@ -89,8 +91,8 @@ attempt("sethostname_host", call(libc.sethostname, b"pwned", 5))
 attempt("settime", lambda: call(libc.clock_settime, 0, ctypes.byref((ctypes.c_long * 2)(0, 0)))())
 attempt("raw_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
 attempt("packet_socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0))
-attempt("move_to_other_cgroup", write("/sys/fs/cgroup/unified/cgroup.procs", str(os.getpid())))
-attempt("raise_own_limits", write("/sys/fs/cgroup/pids/pids.max", "max"))
+attempt("move_to_other_cgroup", write("@CGROUP2@/cgroup.procs", str(os.getpid())))
+attempt("raise_own_limits", write("@PIDS@/pids.max", "max"))
 attempt("read_kcore", lambda: len(open("/proc/kcore", "rb").read(16)) or (_ for _ in ()).throw(OSError(errno.ENODATA, "")))
 attempt("write_sysrq_trigger", write("/proc/sysrq-trigger", "h"))
 attempt("write_proc_sys", write("/proc/sys/kernel/domainname", "pwned"))
@@ -262,7 +264,7 @@ def _probe(tmp_path: Path) -> dict[str, dict[str, object]]:
     if not _report:
         spec = tmp_path / "escape"
         spec.mkdir()
-        write(spec, "probe.py", PROBE)
+        write(spec, "probe.py", PROBE.replace("@CGROUP2@", str(CGROUPS.v2_mount)).replace("@PIDS@", str(v1_mounts().get("pids", CGROUPS.v2_mount))))
         for name, target, userns in (("probe", "/t", False), ("inplace", "/tmp/t", False), ("userns", "/t", True), ("userns_bound", "/tmp/t", True)):
             write(
                 spec,
@@ -325,12 +327,12 @@ def _host_mounts_sandboxd_covers() -> set[tuple[str, str, str]]:
 @pytest.mark.parametrize("root", [*ROOTS, "userns", "image"])
 def test_mountinfo_shows_none_of_the_host_mounts_the_sandbox_covers(root: str, tmp_path: Path) -> None:
     covered = _host_mounts_sandboxd_covers()
-    assert any(mount.startswith("/sys/fs/cgroup") for _, _, mount in covered), "the host should have cgroup mounts; the test would prove nothing"
+    assert any(mount.startswith(str(CGROUP_ROOT)) for _, _, mount in covered), "the host should have cgroup mounts; the test would prove nothing"
     lines = _probe(tmp_path)[root]["mountinfo"]
     assert isinstance(lines, list)
     seen = {(f[2], f[3], f[4]) for f in (line.split() for line in lines)}
     assert not seen & covered, f"the host's mounts in the sandbox ({root}): {sorted(seen & covered)}"
-    assert not [line for line in lines if " /sys/fs/cgroup" in line or "/.sbd-oldroot" in line]
+    assert not [line for line in lines if f" {CGROUP_ROOT}" in line or "/.sbd-oldroot" in line]
     # An image's overlay names its tree in the image store (images.trees_in_use reads it), and
     # none of sandboxd's runtime paths.
     assert not [line for line in lines if "upperdir=/" in line or "workdir=/" in line]
@@ -439,7 +441,7 @@ def test_user_namespace_maps_root_inside_to_an_unprivileged_host_uid(run_stack, 
     assert c.makefile().readline() == "served from a user namespace\n"  # sockets are still passed in
     c.close()
     assert (data / "written").stat().st_uid == first  # root inside is nobody special outside
-    service_pids = Path("/sys/fs/cgroup/unified/sandboxd/stack/svc/cgroup.procs").read_text().split()
+    service_pids = (cgroup_dir("svc") / "cgroup.procs").read_text().split()
     uids = {next(l.split()[1] for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("Uid:")) for pid in service_pids}
     assert uids == {str(block)}
     assert stack.stop() == 0

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import write
+from conftest import CGROUPS, write
 
 DEADLINE = 30.0
 
@@ -121,8 +121,7 @@ def _up(spec_dir: Path, name: str, service: str, userns: bool | None = None) -> 
 def _service_cgroup(stack: str) -> Path:
     pid = json.loads(sbd("ps", "--json", "-p", stack).stdout)["services"][0]["pid"]
     relative = next(l[3:] for l in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if l.startswith("0::"))
-    root = Path("/sys/fs/cgroup/unified") if Path("/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup")
-    return root / relative.lstrip("/")
+    return CGROUPS.v2_mount / relative.lstrip("/")
 
 
 def _service_pids(stack: str) -> set[int]:

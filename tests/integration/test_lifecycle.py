@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import HANG, Stack, stored_ids, wait_until, write
+from conftest import HANG, Stack, cgroup_dir, stored_ids, wait_until, write
 
 ACTIVATION_PROBE = r'''
 import json, os, socket
@@ -233,7 +233,7 @@ def test_service_that_forks_many_processes_is_killed_as_one(run_stack, spec_dir:
     )
     stack = run_stack(spec_dir)
     stack.wait_for("forker | forked", "out")
-    procs = Path("/sys/fs/cgroup/unified/sandboxd/stack/forker/cgroup.procs")
+    procs = cgroup_dir("forker") / "cgroup.procs"
     pids = procs.read_text().split()
     assert len(pids) == 22  # init, sh and twenty sleeps, all in the service's cgroup
     assert stack.stop() == 0
@@ -268,7 +268,7 @@ def test_sandboxd_killed_takes_its_services_with_it_and_next_run_cleans_up(run_s
     write(spec_dir, "sleeper.yaml", "kind: service\ncommand: sleep 1000\n")
     stack = run_stack(spec_dir)
     stack.wait_up()
-    pids = Path("/sys/fs/cgroup/unified/sandboxd/stack/sleeper/cgroup.procs").read_text().split()
+    pids = (cgroup_dir("sleeper") / "cgroup.procs").read_text().split()
     assert pids
     stack.proc.send_signal(signal.SIGKILL)
     stack.proc.wait()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_until, write
+from conftest import cgroup_dir, wait_until, write
 
 DEFAULT_PIDS = 2048  # the default process limit of every service (README; sandboxd.spec.model.DEFAULT_PIDS)
 
@@ -64,7 +64,7 @@ def test_memory_hog_is_oom_killed_reported_and_restarted_while_others_answer(run
     stack.wait_for("hog: running -> backoff: oom-killed; killed by SIGKILL", "err")
     stack.wait_for("hog: backoff -> starting: restart #1", "err")
     assert _ask(socket_dir / "bystander.sock") == "alive"
-    limit = next(Path("/sys/fs/cgroup/memory").glob("**/sandboxd/stack/hog/memory.limit_in_bytes"))
+    limit = cgroup_dir("hog", controller="memory") / "memory.limit_in_bytes"
     assert int(limit.read_text()) == 64 << 20
     assert stack.stop() == 0
 
@@ -83,8 +83,8 @@ def test_fork_bomb_is_held_at_the_pids_limit_while_others_answer(run_stack, spec
     )
     stack = run_stack(spec_dir)
     stack.wait_up()
-    procs = Path("/sys/fs/cgroup/unified/sandboxd/stack/bomb/cgroup.procs")
-    events = next(Path("/sys/fs/cgroup/pids").glob("**/sandboxd/stack/bomb/pids.events"))
+    procs = cgroup_dir("bomb") / "cgroup.procs"
+    events = cgroup_dir("bomb", controller="pids") / "pids.events"
     wait_until(lambda: "max 0" not in events.read_text(), "the fork bomb to hit its pids limit")  # the limit was hit
     assert len(procs.read_text().split()) <= 64
     assert _ask(socket_dir / "bystander.sock") == "alive"
@@ -96,11 +96,11 @@ def test_cpu_limit_and_weight_are_written_to_the_cpu_controller(run_stack, spec_
     write(spec_dir, "busy.yaml", "kind: service\nlimits: {cpu: 0.25, cpu_weight: 50}\ncommand: sleep 1000\n")
     stack = run_stack(spec_dir)
     stack.wait_up()
-    cgroup = next(Path("/sys/fs/cgroup/cpu").glob("**/sandboxd/stack/busy"))
+    cgroup = cgroup_dir("busy", controller="cpu")
     assert (cgroup / "cpu.cfs_quota_us").read_text().strip() == "25000"
     assert (cgroup / "cpu.cfs_period_us").read_text().strip() == "100000"
     assert (cgroup / "cpu.shares").read_text().strip() == "512"
-    pid = Path("/sys/fs/cgroup/unified/sandboxd/stack/busy/cgroup.procs").read_text().split()[0]
+    pid = (cgroup_dir("busy") / "cgroup.procs").read_text().split()[0]
     assert pid in (cgroup / "cgroup.procs").read_text().split()
     assert stack.stop() == 0
 
@@ -271,7 +271,7 @@ def test_per_connection_instances_are_accounted_and_held_by_their_services_memor
     stack.wait_up()
     c, answer = _ask_to_write(socket_dir / "shm.sock", 16 << 20)
     assert answer == f"wrote {16 << 20}"
-    (usage,) = Path("/sys/fs/cgroup/memory").glob("**/sandboxd/stack/shm/shm@1/memory.usage_in_bytes")
+    usage = cgroup_dir("shm", "shm@1", controller="memory") / "memory.usage_in_bytes"
     assert int(usage.read_text()) >= 15 << 20  # the instance's own memory cgroup holds its /dev/shm pages
     c.close()
     # Twice the service's limit (and below the 64M cap of /dev/shm): its memory cgroup, which
@@ -279,7 +279,7 @@ def test_per_connection_instances_are_accounted_and_held_by_their_services_memor
     c, answer = _ask_to_write(socket_dir / "shm.sock", 96 << 20)
     c.close()
     assert answer != f"wrote {96 << 20}"
-    (peak,) = Path("/sys/fs/cgroup/memory").glob("**/sandboxd/stack/shm/memory.max_usage_in_bytes")
+    peak = cgroup_dir("shm", controller="memory") / "memory.max_usage_in_bytes"
     assert 40 << 20 <= int(peak.read_text()) <= 48 << 20
     assert stack.stop() == 0
 
@@ -359,7 +359,7 @@ def test_the_default_process_limit_holds_per_connection_instances_together(run_s
     c.settimeout(120)
     c.connect(str(socket_dir / "bomb.sock"))
     assert c.makefile().readline().strip() == f"forked {DEFAULT_PIDS - 2}: EAGAIN"
-    (limit,) = Path("/sys/fs/cgroup/pids").glob("**/sandboxd/stack/bomb/pids.max")
+    limit = cgroup_dir("bomb", controller="pids") / "pids.max"
     assert limit.read_text().strip() == str(DEFAULT_PIDS)
     c.close()
     assert stack.stop() == 0

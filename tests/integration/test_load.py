@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import wait_until, write
+from conftest import cgroup_dir, wait_until, write
 
 GRACEFUL = r'''
 import os, select, signal, socket, sys
@@ -94,7 +94,7 @@ def test_two_thousand_connections_while_the_service_restarts_twenty_times(run_st
                 break  # bounded: the killer is stuck; the assertions below say so
 
     def killer() -> None:
-        cgroup = Path("/sys/fs/cgroup/unified/sandboxd/stack/srv")
+        cgroup = cgroup_dir("srv")
         kills = 0
         try:
             while True:

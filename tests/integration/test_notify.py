@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import wait_until, write
+from conftest import cgroup_dir, wait_until, write
 
 
 def test_systemd_notify_marks_the_service_ready_with_its_status(run_stack, spec_dir: Path):
@@ -265,7 +265,7 @@ def test_a_health_check_that_outlives_its_timeout_is_killed(run_stack, spec_dir:
     )
     stack = run_stack(spec_dir)
     stack.wait_up()
-    cgroup = Path("/sys/fs/cgroup/unified/sandboxd/stack/svc")
+    cgroup = cgroup_dir("svc")
     init = wait_until(lambda: next((pid for pid, nspid in _nspids(cgroup).items() if nspid == 1), 0), "the sandbox's init")
     checks = Path(f"/proc/{init}/root/tmp/checks")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.host.cgroups import CgroupHost, CgroupManager, CgroupMode, detect
+from sandboxd.host.cgroups import CgroupHost, CgroupMode, cgroup_manager, detect
 from sandboxd.errors import HostError
 from sandboxd.spec.model import DEFAULT_PIDS, Limits
 
@@ -42,7 +42,7 @@ def test_manager_creates_and_removes_service_cgroups_in_a_fake_v2_tree(tmp_path)
     mountinfo = f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n"
     (tmp_path / "svc.scope").mkdir()
     host = detect(tmp_path, mountinfo, "0::/svc.scope\n")
-    manager = CgroupManager(host, "stack")
+    manager = cgroup_manager(host, "stack")
     manager.setup()
     web = manager.create("web")
     assert web.path == tmp_path / "svc.scope/sandboxd/stack/web"
@@ -77,7 +77,7 @@ def test_unified_host_enables_controllers_along_sandboxds_subtree(tmp_path):
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("")
     host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
-    manager = CgroupManager(host, "stack")
+    manager = cgroup_manager(host, "stack")
     manager.setup()
     for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
         (directory / "cgroup.subtree_control").write_text("")
@@ -90,7 +90,7 @@ def test_unified_host_enables_controllers_along_sandboxds_subtree(tmp_path):
 
 def _hybrid(tmp_path: Path) -> CgroupHost:
     """A fake hybrid tree: cgroup2 for tracking, v1 memory (sandboxd in a cgroup of its own there) and pids."""
-    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified").mkdir(parents=True)
     memory, pids = tmp_path / "memory/session", tmp_path / "pids"
     memory.mkdir(parents=True)
     pids.mkdir()
@@ -100,7 +100,7 @@ def _hybrid(tmp_path: Path) -> CgroupHost:
 
 
 def test_every_service_gets_a_memory_cgroup_and_the_default_process_limit(tmp_path):
-    manager = CgroupManager(_hybrid(tmp_path), "stack")
+    manager = cgroup_manager(_hybrid(tmp_path), "stack")
     assert manager.setup() == []
     web = manager.create("web")
     assert web.v1 == {"memory": tmp_path / "memory/session/sandboxd/stack/web", "pids": tmp_path / "pids/sandboxd/stack/web"}
@@ -112,7 +112,7 @@ def test_every_service_gets_a_memory_cgroup_and_the_default_process_limit(tmp_pa
 
 
 def test_per_connection_instance_has_its_own_memory_cgroup_and_shares_its_services_others(tmp_path):
-    manager = CgroupManager(_hybrid(tmp_path), "stack")
+    manager = cgroup_manager(_hybrid(tmp_path), "stack")
     manager.setup()
     echo = manager.create("echo")
     one = manager.create("echo@1", parent=echo)
@@ -128,7 +128,7 @@ def test_per_connection_instance_has_its_own_memory_cgroup_and_shares_its_servic
 def test_hybrid_host_without_a_pids_hierarchy_says_what_services_do_not_get(tmp_path):
     host = _hybrid(tmp_path)
     host.v1.pop("pids")
-    manager = CgroupManager(host, "stack")
+    manager = cgroup_manager(host, "stack")
     assert manager.setup() == ["services get no default process limit (no v1 pids hierarchy)"]
     assert set(manager.create("web").v1) == {"memory"}
 
@@ -137,7 +137,7 @@ def test_unified_host_accounts_memory_and_limits_processes_of_every_service(tmp_
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("")
     host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
-    manager = CgroupManager(host, "stack")
+    manager = cgroup_manager(host, "stack")
     for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
         directory.mkdir(parents=True)
         (directory / "cgroup.subtree_control").write_text("")
@@ -154,7 +154,7 @@ def test_unified_host_that_cannot_enable_controllers_warns_and_sets_no_default(t
     (tmp_path / "svc.scope").mkdir()
     (tmp_path / "svc.scope/cgroup.controllers").write_text("memory pids\n")
     host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/svc.scope\n")
-    manager = CgroupManager(host, "stack")
+    manager = cgroup_manager(host, "stack")
     warnings = manager.setup()  # svc.scope has no cgroup.subtree_control to write in this fake tree
     assert [w.split(" (")[0] for w in warnings] == ["the memory services use is not accounted to each", "services get no default process limit"]
     assert "cannot enable memory in" in warnings[0]
@@ -162,7 +162,7 @@ def test_unified_host_that_cannot_enable_controllers_warns_and_sets_no_default(t
 
 
 def test_a_renewed_cgroup_keeps_its_limits(tmp_path):
-    manager = CgroupManager(_hybrid(tmp_path), "stack")
+    manager = cgroup_manager(_hybrid(tmp_path), "stack")
     manager.setup()
     web = manager.create("web")
     web.killed = True  # as after cgroup.kill: the v2 directory is made anew before the next launch
@@ -175,7 +175,7 @@ def test_a_renewed_cgroup_on_a_unified_host_gets_its_limits_written_again(tmp_pa
     (tmp_path / "cgroup.controllers").write_text("memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("")
     host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
-    manager = CgroupManager(host, "stack")
+    manager = cgroup_manager(host, "stack")
     for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
         directory.mkdir(parents=True)
         (directory / "cgroup.subtree_control").write_text("")
@@ -187,3 +187,136 @@ def test_a_renewed_cgroup_on_a_unified_host_gets_its_limits_written_again(tmp_pa
     web.renew()
     assert (web.path / "memory.max").read_text() == str(64 << 20)
     assert (web.path / "pids.max").read_text() == str(DEFAULT_PIDS)
+
+
+# ── one interface, one implementation per mode ──
+
+
+def _unified(tmp_path: Path) -> CgroupHost:
+    """A fake unified tree in which sandboxd runs in the root cgroup, every controller delegated."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
+    for directory in (tmp_path, tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cgroup.subtree_control").write_text("")
+    return detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
+
+
+def test_the_manager_is_chosen_once_from_the_hosts_mode(tmp_path):
+    from sandboxd.host.cgroups import HybridCgroups, UnifiedCgroups
+
+    assert type(cgroup_manager(_unified(tmp_path / "u"), "stack")) is UnifiedCgroups
+    assert type(cgroup_manager(_hybrid(tmp_path / "h"), "stack")) is HybridCgroups
+
+
+def test_unified_limits_are_written_in_cgroup2s_own_terms(tmp_path):
+    manager = cgroup_manager(_unified(tmp_path), "stack")
+    manager.setup()
+    web = manager.create("web", Limits(memory=64 << 20, memory_high=48 << 20, swap=16 << 20, cpu=2, cpu_weight=50, io_weight=300))
+    written = {file.name: value for file, value in web.settings}
+    assert written == {
+        "memory.max": str(64 << 20),
+        "memory.high": str(48 << 20),
+        "memory.swap.max": str(16 << 20),  # swap alone
+        "pids.max": str(DEFAULT_PIDS),
+        "cpu.max": "200000 100000",
+        "cpu.weight": "50",
+        "io.weight": "300",
+    }
+    assert all(file.parent == web.path for file, _ in web.settings) and web.v1 == {}
+
+
+def test_hybrid_limits_go_to_the_v1_controllers_in_their_terms_and_order(tmp_path):
+    host = _hybrid(tmp_path)
+    for controller in ("cpu", "blkio"):
+        host.v1[controller] = tmp_path / controller
+        host.v1[controller].mkdir()
+    manager = cgroup_manager(host, "stack")
+    manager.setup()
+    web = manager.create("web", Limits(memory=64 << 20, swap=16 << 20, cpu=0.25, cpu_weight=50, io_weight=300))
+    assert [(str(file.relative_to(tmp_path)), value) for file, value in web.settings] == [
+        ("memory/session/sandboxd/stack/web/memory.limit_in_bytes", str(64 << 20)),
+        ("memory/session/sandboxd/stack/web/memory.memsw.limit_in_bytes", str(80 << 20)),  # memory and swap together, after memory
+        ("pids/sandboxd/stack/web/pids.max", str(DEFAULT_PIDS)),
+        ("cpu/sandboxd/stack/web/cpu.cfs_period_us", "100000"),  # the period before the quota
+        ("cpu/sandboxd/stack/web/cpu.cfs_quota_us", "25000"),
+        ("cpu/sandboxd/stack/web/cpu.shares", "512"),
+        ("blkio/sandboxd/stack/web/blkio.bfq.weight", "30"),
+    ]
+    assert sorted(web.v1) == ["blkio", "cpu", "memory", "pids"]
+    assert not list(web.path.iterdir())  # nothing of the limits in the cgroup2 directory
+
+
+def test_the_layout_says_where_a_stacks_cgroups_are_in_both_modes(tmp_path):
+    for host in (_unified(tmp_path / "u"), _hybrid(tmp_path / "h")):
+        manager = cgroup_manager(host, "stack")
+        manager.setup()
+        web = manager.create("web")
+        (web.path / "cgroup.subtree_control").write_text("")  # as the kernel makes it
+        one = manager.create("web@1", parent=web)
+        assert web.path == host.stack_dir("stack") / "web" and one.path == host.stack_dir("stack") / "web/web@1"
+        for controller, path in web.v1.items():
+            assert path == host.v1_stack_dir(controller, "stack") / "web"
+
+
+def test_teardown_removes_the_stacks_v1_directories_and_the_shared_ones_once_empty(tmp_path):
+    host = _hybrid(tmp_path)
+    host.v1.pop("pids")  # no limit files: a fake tree keeps what the kernel would remove with the directory
+    manager = cgroup_manager(host, "stack")
+    manager.setup()
+    manager.create("web")
+    other = cgroup_manager(host, "other")
+    other.setup()
+    other.create("db")
+    manager.teardown()
+    assert not host.v1_stack_dir("memory", "stack").exists()
+    assert host.v1_stack_dir("memory", "other").is_dir()  # another stack's, and the shared parent with it
+    other.teardown()
+    assert not (host.v1["memory"] / "sandboxd").exists()
+    assert not host.base.exists()
+
+
+def test_stats_read_the_memory_of_whichever_hierarchy_holds_it(tmp_path):
+    unified = cgroup_manager(_unified(tmp_path / "u"), "stack")
+    unified.setup()
+    web = unified.create("web")
+    (web.path / "memory.current").write_text("4096\n")
+    (web.path / "memory.peak").write_text("8192\n")
+    (web.path / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 1\noom_kill 1\n")
+    (web.path / "pids.events").write_text("max 3\n")
+    (web.path / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\n")
+    assert web.stats() == {"cpu_usec": 1500, "processes": 0, "memory_current": 4096, "memory_peak": 8192, "oom_kills": 1, "pids_limit_hits": 3}
+    hybrid = cgroup_manager(_hybrid(tmp_path / "h"), "stack")
+    hybrid.setup()
+    db = hybrid.create("db")
+    (db.v1["memory"] / "memory.usage_in_bytes").write_text("100\n")
+    (db.v1["memory"] / "memory.max_usage_in_bytes").write_text("200\n")
+    (db.v1["memory"] / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (db.v1["pids"] / "pids.events").write_text("max 0\n")
+    assert db.stats() == {"cpu_usec": 0, "processes": 0, "memory_current": 100, "memory_peak": 200, "oom_kills": 2, "pids_limit_hits": 0}
+    db.mark()
+    (db.v1["memory"] / "memory.oom_control").write_text("oom_kill 3\n")
+    assert db.why_failed() == "oom-killed"
+
+
+def test_whether_cgroup_kill_exists_is_learnt_once_from_the_kernel(tmp_path):
+    from sandboxd.host.cgroups import kill_supported
+
+    mountinfo = f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n"
+    assert detect(tmp_path, mountinfo, "0::/\n", release="5.14.0-362.el9.x86_64").kill
+    assert not detect(tmp_path, mountinfo, "0::/\n", release="5.10.0-28-amd64").kill
+    assert kill_supported("6.18.44-fc-v1045") and not kill_supported("4.19.0")
+    manager = cgroup_manager(detect(tmp_path, mountinfo, "0::/\n", release="6.1.0"), "stack")
+    manager.setup()
+    web = manager.create("web")
+    assert web.can_kill
+    web.kill()  # through cgroup.kill, without looking for the file first
+    assert (web.path / "cgroup.kill").read_text() == "1" and web.killed
+
+
+def test_only_the_cgroups_package_names_the_cgroup_mount():
+    import sandboxd
+
+    package = Path(sandboxd.__file__).parent
+    naming = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "/sys/fs/cgroup" in p.read_text())
+    assert naming and all(name.startswith("host/cgroups/") for name in naming), naming

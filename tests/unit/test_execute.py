@@ -10,7 +10,7 @@ import pytest
 
 from sandboxd.cli.main import build_parser
 from sandboxd.sandbox.execute import ExecOptions, exit_code, host_id, plan_exec, wants_tty
-from sandboxd.plan.launch import lookup_identity
+from sandboxd.host.identity import lookup_identity
 
 INFO: dict[str, Any] = {
     "init_pid": 4242,

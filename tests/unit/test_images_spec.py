@@ -10,7 +10,9 @@ import pytest
 from sandboxd.store import images
 from sandboxd.errors import SpecErrors
 from sandboxd.store.images import Image, ImageConfig
-from sandboxd.plan.launch import HostFacts, LaunchPlan, plan_stack
+from sandboxd.host.prepare import survey
+from sandboxd.plan.launch import HostFacts, LaunchPlan
+from sandboxd.plan.stack import plan_stack
 from sandboxd.daemon.proxy import _listen_forms, proxy_target
 from sandboxd.spec.model import Stack, load_stack, parse_address
 
@@ -41,7 +43,7 @@ def plan_with(tmp_path: Path, text: str, config: ImageConfig = ImageConfig()) ->
     rootfs = make_rootfs(tmp_path / "rootfs")
     stack = stack_of(tmp_path / "stack", text)
     facts = HostFacts("/opt/dumb-init", static_init_path="/usr/bin/tini-static", volumes_dir="/var/lib/sandboxd/volumes", images={"web": Image("web", rootfs, config)})
-    return plan_stack(stack, facts)[stack.services[0].name]
+    return plan_stack(stack, survey(stack, facts))[stack.services[0].name]
 
 
 def test_image_service_runs_tini_on_an_overlay_of_the_image(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.plan.launch import HostFacts, hosts_file, net_mode, plan_networks, plan_stack
+from sandboxd.plan.launch import HostFacts, PathFacts
+from sandboxd.plan.networks import hosts_file, net_mode, plan_networks
+from sandboxd.plan.stack import plan_stack
 from sandboxd.spec.model import Attachment, load_stack, socket_namespace
 
 NET = "kind: network\nname: back\nsubnet: [10.9.0.0/24, 'fd00:9::/64']\n"
@@ -150,7 +152,7 @@ def test_services_on_networks_join_a_namespace_made_before_they_start(tmp_path: 
         "kind: socket\nname: p\nnetns: service\nlisten: udp:0.0.0.0:53\n---\n" + NET,
     )
     assert {s.name: net_mode(stack, s) for s in stack.services} == {"a": "join", "h": "host", "n": "none", "p": "join"}
-    plans = plan_stack(stack, HostFacts("/init", "/run/sandboxd/x"), exists=lambda p: True)
+    plans = plan_stack(stack, HostFacts("/init", "/run/sandboxd/x", paths=PathFacts({"/bin/x": False})))
     assert plans["a"].clone_flags & 0x40000000 == 0  # no fresh network namespace: it joins its own
     assert plans["n"].clone_flags & 0x40000000
     assert ("bind", "/etc/hosts", "/run/sandboxd/x/etc/a/hosts") in [(m.kind, m.target, m.source) for m in plans["a"].mounts]

@@ -1,29 +1,35 @@
-"""plan: what each sandbox gets, computed without root."""
+"""plan: what each sandbox gets, computed without root, from facts alone: planning opens no file."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sandboxd.errors import SpecErrors
 from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
-from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, UserNamespace, plan_stack
-from sandboxd.spec.model import load_stack
+from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, PathFacts, UserNamespace, is_under
+from sandboxd.plan.stack import paths_asked, plan_stack
+from sandboxd.spec.model import Stack, load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
 HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}
 
 
-def host_exists(path: str) -> bool:
-    return path in HOST_PATHS
+def with_paths(stack: Stack, facts: HostFacts, exists: Callable[[str], bool]) -> HostFacts:
+    """`facts` with the answers of a fake file system (`exists`; everything but a socket is a
+    directory) at every path planning asks about: what host/prepare.py does with the real one."""
+    return dataclasses.replace(facts, paths=PathFacts({p: not p.endswith(".sock") for p in paths_asked(stack, facts) if exists(p)}))
 
 
 def plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "stack.yaml").write_text(textwrap.dedent(text).lstrip())
-    return plan_stack(load_stack(tmp_path), FACTS, exists=host_exists, is_dir=lambda p: not p.endswith(".sock"))
+    stack = load_stack(tmp_path)
+    return plan_stack(stack, with_paths(stack, FACTS, lambda p: p in HOST_PATHS or is_under(p, str(tmp_path / "data"))))
 
 
 def test_descriptors_follow_socket_unit_names_then_listen_order(tmp_path):
@@ -268,7 +274,8 @@ def userns_plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "stack.yaml").write_text(textwrap.dedent(text).lstrip())
     exists = lambda p: p in HOST_PATHS or p in ("/root", "/home", "/home/alice", "/home/alice/x", "/root/bin/tool") or p.startswith(str(tmp_path))  # noqa: E731
-    return plan_stack(load_stack(tmp_path), USERNS_FACTS, exists=exists, is_dir=lambda p: not p.endswith(".sock"))
+    stack = load_stack(tmp_path)
+    return plan_stack(stack, with_paths(stack, USERNS_FACTS, exists))
 
 
 def test_every_service_gets_the_stacks_user_namespace_unless_it_says_no(tmp_path):
@@ -305,12 +312,11 @@ def test_volumes_and_binds_are_seen_through_the_stored_ids_and_sandboxd_files_as
 
 def test_an_images_tree_keeps_its_owners_in_a_user_namespace(tmp_path):
     rootfs = tmp_path / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    (rootfs / "bin" / "x").write_text("")
+    rootfs.mkdir()  # for the spec, which checks that an image folder exists; planning asks only its facts
     (tmp_path / "stack.yaml").write_text(f"kind: service\nname: a\ncommand: [/bin/x]\nimage: {rootfs}\n")
     from sandboxd.store.images import Image
 
-    facts = HostFacts(init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)})
+    facts = HostFacts(init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)}, paths=PathFacts({f"{rootfs}/bin/x": False}))
     p = plan_stack(load_stack(tmp_path), facts)["a"]
     assert p.mounts[0] == MountOp("image-root", "/", str(rootfs), readonly=True, options=HOST_IDS)
     assert not any(m.kind == "mask" and m.target in ("/root", "/home") for m in p.mounts)  # the image's own tree
@@ -384,3 +390,104 @@ def test_a_mount_inside_a_writable_mount_is_refused_and_one_inside_a_read_only_o
     with pytest.raises(SpecErrors) as caught:
         plans(tmp_path, text.replace("readonly: false", "readonly: true"))
     assert not any("inside the writable mount" in e.message for e in caught.value.errors)  # only /srv/cache's absence
+
+
+# ── planning is pure: everything it needs is in HostFacts, gathered before by host/prepare.py ──
+
+
+def _no_io(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("planning touched the file system or NSS")
+
+
+def test_planning_opens_no_file_and_asks_no_nss(tmp_path, monkeypatch):
+    from sandboxd.plan.launch import Accounts
+    from sandboxd.store.images import Image, ImageConfig
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "stack.yaml").write_text(
+        "kind: service\nname: web\nimage: busybox\nuser: app\nmounts: [{volume: v, target: /srv}]\n---\nkind: volume\nname: v\n---\n"
+        "kind: service\nname: api\ncommand: [serve]\nuser: alice\ngroup: staff\nmounts: [{source: data, target: /app/data}]\n"
+    )
+    stack = load_stack(tmp_path)
+    rootfs = Path("/nonexistent/images/busybox/trees/1")  # no such image on disk: its facts say all
+    facts = HostFacts(
+        init_path="/i",
+        static_init_path="/tini",
+        images={"busybox": Image("busybox", rootfs, ImageConfig(entrypoint=("/bin/httpd",), cmd=("-f",)))},
+        accounts={"busybox": Accounts({"app": (500, 600)}), "host": Accounts({"alice": (1000, 1000)}, {"staff": 50})},
+        paths=PathFacts({f"{rootfs}/bin/httpd": False, "/usr/bin/serve": False, str(tmp_path / "data"): True}),
+        architecture="x86_64",
+    )
+    with monkeypatch.context() as m:
+        import builtins
+        import grp
+        import os
+        import pwd
+
+        for module, name in ((builtins, "open"), (os, "open"), (os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"), (pwd, "getpwnam"), (grp, "getgrnam")):
+            m.setattr(module, name, _no_io)
+        p = plan_stack(stack, facts)
+    assert (p["web"].argv, p["web"].uid, p["web"].gid) == (("/tini", "-g", "--", "/bin/httpd", "-f"), 500, 600)
+    assert p["web"].mounts[0] == MountOp("image-root", "/", str(rootfs), readonly=True, options=HOST_IDS)
+    assert (p["api"].uid, p["api"].gid) == (1000, 50)
+    assert p["api"].mounts[:2] == (MountOp("tmpfs-root", "/", "/", readonly=True), MountOp("mountpoint", "/app/data", options="dir"))
+
+
+def test_facts_without_the_answers_plan_as_a_host_without_the_files_and_users(tmp_path):
+    (tmp_path / "stack.yaml").write_text("kind: service\nname: api\ncommand: [serve]\nuser: alice\n")
+    with pytest.raises(SpecErrors) as caught:
+        plan_stack(load_stack(tmp_path), FACTS)
+    assert sorted(e.key for e in caught.value.errors) == ["user"]  # the program's absence waits for the user's
+    assert "no user 'alice' in the host's /etc/passwd" in str(caught.value)
+
+
+def test_paths_asked_are_mount_target_prefixes_sources_and_the_programs_candidates(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "stack.yaml").write_text("kind: service\nname: a\ncommand: [serve]\nenvironment: {PATH: /bin:/opt/bin}\nmounts: [{source: data, target: /opt/app/data}]\n")
+    assert paths_asked(load_stack(tmp_path), FACTS) == {"/opt", "/opt/app", "/opt/app/data", str(tmp_path / "data"), "/bin/serve", "/opt/bin/serve"}
+
+
+def test_survey_looks_at_the_host_for_every_answer_planning_needs(tmp_path):
+    from sandboxd.host.prepare import survey
+    from sandboxd.store.images import Image
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "bin").mkdir()
+    (rootfs / "bin" / "x").write_text("")
+    (rootfs / "etc" / "passwd").write_text("app:x:500:600::/:/bin/sh\n")
+    (tmp_path / "stack.yaml").write_text("kind: service\nname: a\nimage: img\ncommand: [x]\nuser: app\n")
+    stack = load_stack(tmp_path)
+    facts = survey(stack, HostFacts(init_path="/i", static_init_path="/tini", images={"img": Image("img", rootfs)}))
+    assert facts.accounts["img"].users == {"app": (500, 600)}
+    assert facts.paths.exists(f"{rootfs}/bin/x") and not facts.paths.exists(f"{rootfs}/usr/bin/x")
+    assert set(facts.paths.found) <= paths_asked(stack, facts)
+    plan = plan_stack(stack, facts)["a"]
+    assert (plan.uid, plan.gid) == (500, 600)
+
+
+# ── the one builder of LISTEN_* and NOTIFY_* variables ──
+
+
+def test_a_service_gets_its_descriptors_notify_socket_and_watchdog_from_one_builder(tmp_path):
+    from sandboxd.plan.environment import NOTIFY_PATH_IN_SANDBOX, SERVICE_PID_IN_SANDBOX
+
+    p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nready: notify\nwatchdog: 2s\n---\nkind: socket\nname: a\nlisten: tcp:127.0.0.1:1\n")["a"]
+    env = dict(p.env)
+    assert env["NOTIFY_SOCKET"] == NOTIFY_PATH_IN_SANDBOX
+    assert (env["WATCHDOG_USEC"], env["WATCHDOG_PID"]) == ("2000000", str(SERVICE_PID_IN_SANDBOX))
+    assert (env["LISTEN_FDS"], env["LISTEN_PID"], env["LISTEN_FDNAMES"]) == ("1", str(SERVICE_PID_IN_SANDBOX), "a")
+
+
+def test_other_descriptors_replace_a_plans_listen_variables_and_keep_the_rest():
+    from sandboxd.plan.environment import listen_environment, with_descriptors
+
+    env = (("PATH", "/bin"), ("LISTEN_FDS", "2"), ("LISTEN_PID", "2"), ("LISTEN_FDNAMES", "a:b"), ("NOTIFY_SOCKET", "/run/.sbd-notify"))
+    assert with_descriptors(env, ("connection",)) == (
+        ("PATH", "/bin"),
+        ("NOTIFY_SOCKET", "/run/.sbd-notify"),
+        ("LISTEN_FDS", "1"),
+        ("LISTEN_PID", "2"),
+        ("LISTEN_FDNAMES", "connection"),
+    )
+    assert listen_environment(3, pid=77) == {"LISTEN_FDS": "3", "LISTEN_PID": "77"}  # the proxy's: no names

@@ -1,0 +1,44 @@
+"""What a sandbox's processes may do: the capabilities they keep, the seccomp filter they run
+under, and whether sandboxd answers their bind() calls (the proxy handoff, see daemon/proxy.py).
+
+The filter is assembled here from the spec's `seccomp:` (kernel/seccomp.py has the table), so
+that a call the filter does not refuse, or a machine without a table, is a validation error; the
+handoff needs that table too, so it depends on the architecture the prepare step found.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sandboxd.errors import SpecError, SpecErrors
+from sandboxd.kernel.linux import CAPABILITIES
+from sandboxd.kernel.seccomp import SeccompUnsupported, build_filter
+from sandboxd.spec.model import hands_off
+
+if TYPE_CHECKING:
+    from sandboxd.spec.model import Service, Stack
+
+HANDOFF_ARCHITECTURES = ("x86_64",)  # where the filter that passes bind() to sandboxd exists
+
+
+def capabilities(service: Service) -> tuple[int, ...]:
+    """The capability numbers kept in every set; everything else is dropped before exec."""
+    return tuple(sorted(CAPABILITIES[name] for name in service.capabilities))
+
+
+def seccomp_filter(service: Service) -> str:
+    """The hex of the BPF program the service runs under ("" = unconfined): the default filter,
+    less the calls its `seccomp:` list allows."""
+    if service.seccomp == "unconfined":
+        return ""
+    allow = frozenset(service.seccomp) if isinstance(service.seccomp, tuple) else frozenset()
+    try:
+        return build_filter(allow).hex()
+    except SeccompUnsupported as e:
+        raise SpecErrors([SpecError(service.file, service.line, "seccomp", f"{e}; set seccomp: unconfined")]) from None
+
+
+def intercept_bind(stack: Stack, service: Service, architecture: str) -> bool:
+    """Whether a `proxy:` socket of the service may be handed to the program when it binds the
+    proxy's address (one listen address, a seccomp table for this machine)."""
+    return architecture in HANDOFF_ARCHITECTURES and any(hands_off(s, service) for s in stack.sockets_of(service.name))

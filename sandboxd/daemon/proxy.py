@@ -22,8 +22,8 @@ descriptor sandboxd opened inside the sandbox's root (so a symlink there leads n
 
 Why wait for the program to listen instead of retrying connections: systemd-socket-proxyd drops a
 client whose connection to the target is refused. Whether the target listens is read from
-/proc/PID/net/{tcp,tcp6,unix} of the sandbox's init, which shows the sandbox's own network
-namespace, so no probe connection ever reaches the program (PostgreSQL would log each one).
+/proc/PID/net/{tcp,tcp6,unix} of the sandbox's init (host/listening.py), which shows the sandbox's
+own network namespace, so no probe connection ever reaches the program (PostgreSQL would log each one).
 """
 
 from __future__ import annotations
@@ -39,18 +39,16 @@ import signal
 import socket
 import stat
 import struct
-from pathlib import Path
 
 from sandboxd.kernel import linux
 from sandboxd.errors import HostError, LaunchError
+from sandboxd.host.listening import listening
 from sandboxd.sandbox.launcher import read_status
 from sandboxd.kernel.seccomp import BIND
 from sandboxd.daemon.runtime import ALIVE, ServiceRuntime, State, SupervisorBase
 from sandboxd.spec.model import Address, Socket, hands_off
 
 _CANDIDATES = ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd")
-TCP_LISTEN = "0A"
-UNIX_LISTENING = 1 << 16  # __SO_ACCEPTCON in the Flags column of /proc/net/unix
 POLL_FIRST = 0.005  # seconds between looks while the program starts; growing to POLL_MAX
 POLL_MAX = 0.1
 WARN_AFTER = 30.0  # seconds without anything listening on a proxy address before saying so
@@ -65,50 +63,6 @@ def proxy_binary() -> str:
     if found:
         return found
     raise HostError("sockets with proxy: need systemd-socket-proxyd, which is not installed", "apt-get install systemd (it ships the proxy)")
-
-
-def _hex(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """How /proc/net/tcp{,6} writes an address: host byte order within each 32-bit word."""
-    packed = ip.packed
-    return "".join(packed[i : i + 4][::-1].hex().upper() for i in range(0, len(packed), 4))
-
-
-def _listen_forms(host: str, port: int) -> dict[str, set[str]]:
-    """The local addresses, per table, of a listening socket that accepts connections to host:port:
-    the address itself, or any address (0.0.0.0, ::); for IPv4 also a dual-stack IPv6 socket."""
-    ip = ipaddress.ip_address(host)
-    if ip.version == 4:
-        mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
-        v4 = {_hex(ip), _hex(ipaddress.IPv4Address(0))}
-        v6 = {_hex(mapped), _hex(ipaddress.IPv6Address(0))}
-        return {"tcp": {f"{a}:{port:04X}" for a in v4}, "tcp6": {f"{a}:{port:04X}" for a in v6}}
-    return {"tcp6": {f"{a}:{port:04X}" for a in {_hex(ip), _hex(ipaddress.IPv6Address(0))}}}
-
-
-def listening(pid: int, target: Address) -> bool:
-    """Whether `target` listens in the network namespace of process `pid`. Raises OSError once the
-    process is gone."""
-    if target.path is not None:
-        with open(f"/proc/{pid}/net/unix") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 8 and fields[7] == target.path and int(fields[3], 16) & UNIX_LISTENING:
-                    return True
-        return False
-    assert target.host is not None and target.port is not None
-    for table, wanted in _listen_forms(target.host, target.port).items():
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 3 and fields[3] == TCP_LISTEN and fields[1] in wanted:
-                        return True
-        except FileNotFoundError:
-            if not Path(f"/proc/{pid}").exists():
-                raise
-    return False
 
 
 def proxy_target(target: Address, init_pid: int) -> str:

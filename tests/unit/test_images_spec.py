@@ -11,7 +11,8 @@ from sandboxd.store import images
 from sandboxd.errors import SpecErrors
 from sandboxd.store.images import Image, ImageConfig
 from sandboxd.plan.launch import HostFacts, LaunchPlan, plan_stack
-from sandboxd.daemon.proxy import _listen_forms, proxy_target
+from sandboxd.daemon.proxy import proxy_target
+from sandboxd.host.listening import listen_forms as _listen_forms
 from sandboxd.spec.model import Stack, load_stack, parse_address
 
 

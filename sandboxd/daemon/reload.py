@@ -91,7 +91,6 @@ class Reload:
             self.runtimes.pin_own(rt, remade & rt.sources.keys())
         for name in change.changed + change.added:
             rt = self.runtimes.add(stack.service(name))
-            rt.settled = asyncio.Event()
             self.runtimes.attach(rt)
             self.console.prefix_for(name)
             self.lifecycle.start_by_hand(rt)

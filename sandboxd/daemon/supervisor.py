@@ -186,9 +186,6 @@ class Supervisor:
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
-        # asyncio.Event binds to the running loop on first use; these were made before it existed.
-        for rt in self.running.services.values():
-            rt.settled = asyncio.Event()
         control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
         await control.start()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -63,7 +63,7 @@ class Lifecycle:
 
     def launch(self, rt: ServiceRuntime) -> None:
         """The LAUNCH action: ask the fork server for a sandbox, with the same sockets as ever."""
-        rt.launch = Launch()
+        rt.launch = Launch(started_at=rt.launch.started_at)  # the last run's start, until this one runs
         rt.handoff.handed_off = set()
         rt.restarts.limiter.record(time.monotonic())
         try:

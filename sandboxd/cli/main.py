@@ -74,7 +74,9 @@ def _up(args: argparse.Namespace) -> int:
         lease = lease_ids(instance)
     plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, userns=lease.userns if lease else None)
     host = cgroup_host()
-    limits = _enforceable_limits(stack, host)
+    from sandboxd.host.limits import enforceable_limits
+
+    limits = enforceable_limits(stack, host)
     create(stack, plans)  # the last check is done: from here on things are made
     clean_stale()
     from sandboxd.sandbox.launcher import ForkServer
@@ -272,8 +274,8 @@ def _exec_env(text: str) -> str:
 def cmd_down(args: argparse.Namespace) -> int:
     import time
 
-    from sandboxd.cli.client import choose_stack, request, running_stacks
     from sandboxd.host.paths import alive as _alive
+    from sandboxd.cli.client import choose_stack, request, running_stacks
     from sandboxd.host.state import clean_stale
 
     name = args.project_name or (Path(args.dir).resolve().name if args.dir else None)
@@ -370,28 +372,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
             time.sleep(1)
     except KeyboardInterrupt:
         return 0
-
-
-def _enforceable_limits(stack: Any, host: Any) -> dict[str, Any]:
-    """Each service's limits; a limit the host cannot enforce is a spec error (a warning with limits_optional)."""
-    import dataclasses
-
-    from sandboxd.host.cgroups import unenforceable
-    from sandboxd.errors import SpecError
-
-    errors, result = [], {}
-    for service in stack.services:
-        limits = service.limits
-        problems = unenforceable(host, limits)
-        if problems and not service.limits_optional:
-            errors += [SpecError(service.file, service.line, "limits", f"{p}; remove it, or set limits_optional: true") for p in problems]
-        for problem in problems if service.limits_optional else []:
-            print(f"sandboxd: warning: {service.name}: limit not enforced: {problem}", file=sys.stderr)
-            limits = dataclasses.replace(limits, **{problem.split(":")[0]: None})
-        result[service.name] = limits
-    if errors:
-        raise SpecErrors(errors)
-    return result
 
 
 def cmd_config(args: argparse.Namespace) -> int:

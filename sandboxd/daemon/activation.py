@@ -1,96 +1,118 @@
-"""Start on the first connection, one sandbox per connection, and scale to zero (idle_stop)."""
+"""Start on the first connection (`start: on-demand`), or one sandbox per connection (`accept: true`).
+
+A waiting service's sockets are watched by the event loop. On-demand: the first connection starts
+the service, which takes the socket with the connection still in its queue. Accept: each
+connection is accepted here and given to a sandbox of its own, an instance with a life of its own
+(states.INSTANCE_LIFE); at `max_connections` instances the socket is no longer watched, and
+further connections wait in its queue until an instance ends.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import os
-import select
-import signal
 import time
 
-from sandboxd.errors import LaunchError
-from sandboxd.sandbox.launcher import read_status
+from sandboxd.daemon.console import Console
+from sandboxd.daemon.forks import Ended, ForkServerLink, Sent
+from sandboxd.daemon.machine import ServiceMachine
 from sandboxd.daemon.restart import classify
-from sandboxd.daemon.runtime import Instance, ServiceRuntime, State, SupervisorBase
+from sandboxd.daemon.runtime import Instance, RunningStack, ServiceRuntime, SocketKey
+from sandboxd.daemon.states import Event, InstanceEvent, State
+from sandboxd.daemon.stopping import signal_init
+from sandboxd.daemon.tasks import Background
+from sandboxd.errors import LaunchError
+from sandboxd.host.cgroups import CgroupManager
 from sandboxd.plan.environment import with_descriptors
+from sandboxd.sandbox.launcher import read_status
 
 
-class Activation(SupervisorBase):
+class Activation:
+    def __init__(
+        self, machine: ServiceMachine, running: RunningStack, link: ForkServerLink, tasks: Background, cgroups: CgroupManager, console: Console
+    ) -> None:
+        self.machine = machine
+        self.running = running
+        self.link = link
+        self.tasks = tasks
+        self.cgroups = cgroups
+        self.console = console
+        self.watching: set[str] = set()  # services whose sockets the loop watches
+        self.instances: dict[int, Instance] = {}  # by request id
+        self.no_instances = asyncio.Event()
+        self.no_instances.set()
+
     # ── activation: on the first connection, or one sandbox per connection ──
 
-    def _wait_for_connection(self, rt: ServiceRuntime) -> None:
-        if rt.state is not State.WAITING:
-            what = "one sandbox per connection" if rt.per_connection else "the first connection"
-            self._transition(rt, State.WAITING, f"starts on {what}")
-        self._watch(rt)
-
-    def _watch(self, rt: ServiceRuntime) -> None:
-        if rt.watching or self.stopping:
+    def watch(self, rt: ServiceRuntime) -> None:
+        """The WATCH action (and again once an instance ends): a connection starts something."""
+        if rt.spec.name in self.watching or self.running.stopping:
             return
         loop = asyncio.get_running_loop()
         for key in rt.plan.fd_sockets + rt.plan.proxied:
             if rt.per_connection:
-                loop.add_reader(self.sockets[key].sock, self._on_accept, rt, key)
+                loop.add_reader(self.running.sockets[key].sock, self._on_accept, rt, key)
             else:
-                loop.add_reader(self.sockets[key].sock, self._on_activation, rt, key)
-        rt.watching = True
+                loop.add_reader(self.running.sockets[key].sock, self._on_activation, rt, key)
+        self.watching.add(rt.spec.name)
 
-    def _unwatch(self, rt: ServiceRuntime) -> None:
-        if rt.watching:
+    def unwatch(self, rt: ServiceRuntime) -> None:
+        if rt.spec.name in self.watching:
             loop = asyncio.get_running_loop()
             for key in rt.plan.fd_sockets + rt.plan.proxied:
-                loop.remove_reader(self.sockets[key].sock)
-            rt.watching = False
+                loop.remove_reader(self.running.sockets[key].sock)
+            self.watching.discard(rt.spec.name)
 
-    def _on_activation(self, rt: ServiceRuntime, key: tuple[str, int]) -> None:
-        self._unwatch(rt)
-        if rt.limiter is not None and rt.limiter.exhausted(time.monotonic()):
+    def _on_activation(self, rt: ServiceRuntime, key: SocketKey) -> None:
+        self.unwatch(rt)
+        if rt.restarts.limiter.exhausted(time.monotonic()):
             limit = rt.spec.start_limit
-            self._transition(
+            self.machine.transition(
                 rt,
-                State.FAILED,
+                Event.TRIGGER_LIMIT,
                 f"socket {key[0]}: its service keeps failing on activation ({limit.burst} starts within "
                 f"{limit.interval:g} s); no longer activated (trigger limit)",
             )
-            self._check_done()
             return
-        self.console.note(f"{rt.spec.name}: activated by {self.sockets[key].real_address()}")
-        self._launch(rt)
+        self.console.note(f"{rt.spec.name}: activated by {self.running.sockets[key].real_address()}")
+        self.machine.transition(rt, Event.CONNECTION, rt.restarts.reason())
 
-    def _on_accept(self, rt: ServiceRuntime, key: tuple[str, int]) -> None:
+    def _on_accept(self, rt: ServiceRuntime, key: SocketKey) -> None:
         """Accept one connection and start a sandbox of its own for it (systemd's Accept=yes)."""
-        assert self.fork_server is not None
-        max_connections = min(next(s for s in self.stack.sockets if s.name == key[0]).max_connections, 65536)
-        if rt.instances >= max_connections:
-            self._unwatch(rt)  # further connections wait in the queue until an instance ends
+        max_connections = min(self.running.socket_unit(key[0]).max_connections, 65536)
+        if rt.connections.active >= max_connections:
+            self.unwatch(rt)  # further connections wait in the queue until an instance ends
             return
         try:
-            conn, peer = self.sockets[key].sock.accept()
+            conn, peer = self.running.sockets[key].sock.accept()
         except (BlockingIOError, InterruptedError):
             return
-        rt.instance_counter += 1
-        rt.instances += 1
+        rt.connections.counter += 1
+        rt.connections.active += 1
         self.no_instances.clear()
-        name = f"{rt.spec.name}@{rt.instance_counter}"
+        name = f"{rt.spec.name}@{rt.connections.counter}"
         env = list(with_descriptors(rt.plan.env, ("connection",)))
         if isinstance(peer, tuple):
             env += [("REMOTE_ADDR", str(peer[0])), ("REMOTE_PORT", str(peer[1]))]
         plan = dataclasses.replace(rt.plan, service=name, env=tuple(env), fd_names=("connection",), fd_sockets=())
         cgroup = self.cgroups.create(name, parent=rt.cgroup)
-        launch_id = self.fork_server.next_id()
-        instance = Instance(rt, name, cgroup)
-        self.instances[launch_id] = instance
-        netns = self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
+        netns, sources = self.running.netns_fd(rt), rt.source_fds()
+        root = str(self.running.root_dir)
         try:
-            instance.channel = self.fork_server.send_launch(
-                launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(self.root_dir), rt.output_w, [conn.fileno()], netns, self._source_fds(rt)
+            sent = self.link.send(
+                lambda server, request_id: server.send_launch(
+                    request_id, plan, str(cgroup.path), cgroup.extra_procs_files, root, rt.output.w, [conn.fileno()], netns, sources
+                )
             )
         finally:
             conn.close()  # the fork server holds its own copy now
-        asyncio.get_running_loop().add_reader(instance.channel, self._on_instance_status, instance)
-        if rt.instances >= max_connections:
-            self._unwatch(rt)
+        instance = Instance(rt, name, cgroup, sent.channel)
+        self.instances[sent.id] = instance
+        asyncio.get_running_loop().add_reader(sent.channel, self._on_instance_status, instance)
+        self.tasks.spawn(self._follow(instance, sent), f"{name}: following its sandbox")
+        if rt.connections.active >= max_connections:
+            self.unwatch(rt)
 
     def _on_instance_status(self, instance: Instance) -> None:
         assert instance.channel is not None
@@ -99,6 +121,8 @@ class Activation(SupervisorBase):
                 kind, launched = read_status(instance.channel, instance.name)
             except LaunchError as e:
                 self.console.note(f"{instance.name}: could not start: {e.step}: {e.detail}")
+                if instance.allows(InstanceEvent.SETUP_FAILED):
+                    instance.transition(InstanceEvent.SETUP_FAILED)
                 continue
             if kind == "pending" and launched is not None:
                 instance.pidfd = launched.pidfd
@@ -107,35 +131,39 @@ class Activation(SupervisorBase):
                 asyncio.get_running_loop().remove_reader(instance.channel)
                 instance.channel.close()
                 instance.channel = None
+                if instance.allows(InstanceEvent.LAUNCHED):
+                    instance.transition(InstanceEvent.LAUNCHED)
             return
 
-    def _on_instance_exit(self, instance: Instance, status: int) -> None:
+    async def _follow(self, instance: Instance, sent: Sent) -> None:
+        self._on_instance_exit(instance, sent.id, await self.link.ended(sent))
+
+    def _on_instance_exit(self, instance: Instance, request_id: int, ended: Ended) -> None:
+        del self.instances[request_id]
         if instance.channel is not None:
             self._on_instance_status(instance)
+        instance.transition(InstanceEvent.EXIT)
         if instance.pidfd >= 0:
             os.close(instance.pidfd)
-        outcome, text = classify(status)
-        if outcome != "success" and not self.stopping:
+        outcome, text = classify(ended.status)
+        if outcome != "success" and not self.running.stopping:
             self.console.note(f"{instance.name}: {text}")
         if instance.cgroup.populated():
             instance.cgroup.kill()
         self.cgroups.remove(instance.cgroup)
         rt = instance.rt
-        rt.instances -= 1
-        if not any(True for _ in self.instances.values()):
+        rt.connections.active -= 1
+        if not self.instances:
             self.no_instances.set()
-        if not self.stopping and rt.state is State.WAITING:
-            self._watch(rt)
+        if not self.running.stopping and rt.state is State.WAITING:
+            self.watch(rt)
 
-    async def _stop_instances(self) -> None:
+    async def stop_instances(self) -> None:
+        """The stack goes down: stop_signal to every instance; SIGKILL to those left after stop_timeout."""
         for instance in list(self.instances.values()):
-            try:
-                if instance.pidfd >= 0:
-                    signal.pidfd_send_signal(instance.pidfd, instance.rt.spec.stop_signal)
-                else:
-                    instance.cgroup.kill()
-            except ProcessLookupError:
-                pass
+            if instance.allows(InstanceEvent.STOP):
+                instance.transition(InstanceEvent.STOP)
+            signal_init(instance.pidfd, instance.cgroup, instance.rt.spec.stop_signal)
         timeout = max((i.rt.spec.stop_timeout for i in self.instances.values()), default=0.0)
         try:
             await asyncio.wait_for(self.no_instances.wait(), timeout)
@@ -143,28 +171,3 @@ class Activation(SupervisorBase):
             for instance in list(self.instances.values()):
                 instance.cgroup.kill()
             await self.no_instances.wait()
-
-    # ── scale to zero: idle_stop ──
-
-    def _arm_idle_check(self, rt: ServiceRuntime) -> None:
-        if rt.spec.idle_stop > 0 and rt.spec.start == "on-demand":
-            rt.last_activity, rt.last_usage = time.monotonic(), -1
-            period = max(rt.spec.idle_stop / 5, 0.05)
-            rt.idle_timer = asyncio.get_running_loop().call_later(period, self._idle_check, rt, period)
-
-    def _idle_check(self, rt: ServiceRuntime, period: float) -> None:
-        rt.idle_timer = None
-        if rt.state not in (State.RUNNING, State.READY):
-            return
-        now = time.monotonic()
-        usage = rt.cgroup.cpu_usage_usec()
-        listening = [self.sockets[key].sock for key in rt.plan.fd_sockets + rt.plan.proxied]
-        pending = bool(select.select(listening, [], [], 0)[0])
-        if pending or usage != rt.last_usage or rt.cgroup.holds_sockets_besides(listening):
-            rt.last_activity, rt.last_usage = now, usage
-        if now - rt.last_activity >= rt.spec.idle_stop:
-            rt.idle_stopping = True
-            self._begin_stop(rt, f"idle for {rt.spec.idle_stop:g} s")
-            return
-        rt.idle_timer = asyncio.get_running_loop().call_later(period, self._idle_check, rt, period)
-

@@ -20,17 +20,41 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from sandboxd.errors import SandboxdError
 
-if TYPE_CHECKING:
-    from sandboxd.daemon.supervisor import Supervisor
+
+class Verbs(Protocol):
+    """What the control socket asks of a running stack (operations.py does it)."""
+
+    @property
+    def instance(self) -> str: ...
+
+    def knows(self, name: str) -> bool: ...
+
+    def status(self, names: list[str]) -> dict[str, object]: ...
+
+    async def stop_service(self, name: str) -> None: ...
+
+    def start_service(self, name: str) -> None: ...
+
+    def kill_service(self, name: str, signame: str) -> None: ...
+
+    def request_down(self) -> None: ...
+
+    async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]: ...
+
+    def exec_info(self, name: str, user: str = "", session: bool = False) -> dict[str, object]: ...
+
+    async def end_exec(self, path: str) -> None: ...
+
+    async def reload_service(self, name: str) -> str: ...
 
 
 class ControlServer:
-    def __init__(self, supervisor: Supervisor, path: Path) -> None:
-        self.supervisor = supervisor
+    def __init__(self, verbs: Verbs, path: Path) -> None:
+        self.verbs = verbs
         self.path = path
         self.server: asyncio.AbstractServer | None = None
 
@@ -54,7 +78,7 @@ class ControlServer:
         try:
             while line := await reader.readline():
                 try:
-                    answer = await self.handle(json.loads(line), execs)
+                    answer = await self.handle(_request(json.loads(line)), execs)
                 except (ValueError, KeyError, TypeError, OSError, SandboxdError) as e:
                     answer = {"ok": False, "error": f"bad request: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)}
                 writer.write(json.dumps(answer).encode() + b"\n")
@@ -65,13 +89,13 @@ class ControlServer:
             writer.close()
             # The connection closes when the CLI ends, however it ends (the kernel closes it).
             for path in execs:
-                await self.supervisor.end_exec(path)
+                await self.verbs.end_exec(path)
 
-    async def handle(self, request: dict[str, Any], execs: list[str] | None = None) -> dict[str, Any]:
-        sup = self.supervisor
+    async def handle(self, request: dict[str, object], execs: list[str] | None = None) -> dict[str, object]:
+        sup = self.verbs
         cmd = request["cmd"]
-        names = request.get("services") or []
-        unknown = [n for n in names if n not in sup.services]
+        names = _names(request.get("services"))
+        unknown = [n for n in names if not sup.knows(n)]
         if unknown:
             return {"ok": False, "error": f"no service {', '.join(repr(n) for n in unknown)} in stack {sup.instance!r}"}
         match cmd:
@@ -92,7 +116,7 @@ class ControlServer:
             case "down":
                 sup.request_down()
             case "apply":
-                return {"ok": True, **await sup.apply_folder(request["folder"], request.get("env", []))}
+                return {"ok": True, **await sup.apply_folder(str(request["folder"]), _names(request.get("env")))}
             case "exec_info":
                 info = sup.exec_info(names[0], str(request.get("user", "")), session=bool(request.get("session")) and execs is not None)
                 if "exec_cgroup" in info and execs is not None:
@@ -105,3 +129,18 @@ class ControlServer:
             case _:
                 return {"ok": False, "error": f"unknown command {cmd!r}"}
         return {"ok": True}
+
+
+def _request(value: object) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise TypeError("a request is a JSON object")
+    return value
+
+
+def _names(value: object) -> list[str]:
+    """A list of strings from the request (services, env), empty if absent."""
+    if not value:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"expected a list of strings, got {value!r}")
+    return value

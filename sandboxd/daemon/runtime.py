@@ -1,96 +1,165 @@
-"""The supervisor's data: a service's state and its runtime record, and the base its parts share."""
+"""The supervisor's data: what it shares of the running stack, and each service's runtime record,
+grouped by the collaborator that keeps each part (the state itself changes only through machine.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandboxd.host.cgroups import Cgroup, CgroupManager
-from sandboxd.daemon.console import Console
-from sandboxd.errors import LaunchError
-from sandboxd.sandbox.launcher import ForkServer
 from sandboxd.daemon.notify import NotifySocket
-from sandboxd.plan.launch import LaunchPlan, UserNamespace
 from sandboxd.daemon.restart import Outcome, StartLimiter
+from sandboxd.daemon.states import INSTANCE_LIFE, InstanceEvent, InstanceState, State
+from sandboxd.errors import LaunchError
+from sandboxd.host.cgroups import Cgroup
+from sandboxd.host.pins import SourceFds, close_all
 from sandboxd.host.sockets import BoundSocket
-from sandboxd.spec.model import Limits, Service, Stack
-from sandboxd.host.state import StateRecord
+from sandboxd.plan.launch import LaunchPlan, NetworkPlan
+from sandboxd.spec.model import Limits, Service, Socket, Stack
 
 if TYPE_CHECKING:
     from sandboxd.host.network import Namespaces
 
-
-class State(Enum):
-    STOPPED = "stopped"
-    WAITING = "waiting"  # for a connection: on-demand, or one sandbox per connection
-    STARTING = "starting"
-    RUNNING = "running"
-    READY = "ready"
-    RELOADING = "reloading"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    EXITED = "exited"
-    FAILED = "failed"
-
-
-FINAL = (State.STOPPED, State.EXITED, State.FAILED)
+SocketKey = tuple[str, int]  # (socket unit, index of its listen entry)
 FDSTORE_POLL = 1.0  # seconds between checks of the fd store for hung-up descriptors
 HEALTH_FIRST_CHECK = 0.05  # until a service is ready, its health check runs this soon and then every 0.1 s
-ALIVE = (State.STARTING, State.RUNNING, State.READY, State.RELOADING)
 
 
 @dataclass
-class ServiceRuntime:
-    spec: Service
-    plan: LaunchPlan
-    cgroup: Cgroup
-    output_r: int
-    output_w: int
-    state: State = State.STOPPED
-    launch_id: int = 0
-    pid: int = 0
+class RunningStack:
+    """What the collaborators share of the running stack. A reload replaces `stack`, `plans` and
+    `limits` and changes `services` and `sockets` in place."""
+
+    stack: Stack
+    plans: dict[str, LaunchPlan]
+    limits: dict[str, Limits]
+    pinned: dict[str, SourceFds]  # bind sources opened at validation, until their service's runtime takes them
+    instance: str
+    runtime_dir: Path
+    services: dict[str, ServiceRuntime] = field(default_factory=dict)
+    sockets: dict[SocketKey, BoundSocket] = field(default_factory=dict)
+    namespaces: Namespaces | None = None
+    networks: tuple[NetworkPlan, ...] = ()
+    stopping: bool = False  # the stack is going down: nothing starts any more
+
+    @property
+    def root_dir(self) -> Path:
+        return self.runtime_dir / "root"
+
+    def socket_unit(self, name: str) -> Socket:
+        return next(s for s in self.stack.sockets if s.name == name)
+
+    def netns_fd(self, rt: ServiceRuntime) -> int:
+        """The network namespace a service's sandbox joins, or -1 when it makes its own."""
+        return self.namespaces.fds[rt.spec.name] if rt.plan.net == "join" and self.namespaces else -1
+
+    def inside(self, service: str | None) -> AbstractContextManager[None]:
+        """Run the block in a service's network namespace (made before the service), or where we are."""
+        if service is None or self.namespaces is None:
+            return nullcontext()
+        return self.namespaces.inside(service)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why sandboxd kills a running service, and how its exit is then judged."""
+
+    outcome: Outcome
+    why: str
+    signal: int
+
+
+@dataclass
+class Launch:
+    """The service's current sandbox: one launch, from the request to the exit (lifecycle.py)."""
+
+    id: int = 0  # the fork server's request id
+    pid: int = 0  # the sandbox init's pid in the host's pid namespace
     pidfd: int = -1
-    channel: socket.socket | None = None
-    launch_error: LaunchError | None = None
+    channel: socket.socket | None = None  # the status channel, until the child execs
+    error: LaunchError | None = None
     requested_ns: int = 0
     exec_ns: int = 0
-    started_at: float = 0.0
-    restarts: int = 0
-    limiter: StartLimiter | None = None
-    notify: NotifySocket | None = None
+    started_at: float = 0.0  # when it began to run (monotonic)
+    verdict: Verdict | None = None  # set when sandboxd kills it for a failure (stopping.py)
+    kill_timer: asyncio.TimerHandle | None = None  # SIGKILL to its cgroup after stop_timeout
+
+
+@dataclass
+class Restarts:
+    """How often it was restarted, its start limit, and the delay before the next start."""
+
+    limiter: StartLimiter
+    count: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+    def reason(self) -> str:
+        return "start" if self.count == 0 else f"restart #{self.count}"
+
+
+@dataclass
+class Notified:
+    """What the service said through sd_notify (readiness.py)."""
+
+    socket: NotifySocket | None = None
     status_text: str = ""
     errno: int = 0
     main_pid: int = 0
-    kill_reason: tuple[Outcome, str] | None = None
-    start_timer: asyncio.TimerHandle | None = None
-    watchdog_timer: asyncio.TimerHandle | None = None
-    watching: bool = False
-    idle_stopping: bool = False
-    idle_timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Timers:
+    """What is armed while its sandbox runs; all cancelled when it stops, is killed or exits."""
+
+    start: asyncio.TimerHandle | None = None  # start_timeout
+    watchdog: asyncio.TimerHandle | None = None
+    idle: asyncio.TimerHandle | None = None
+    health: asyncio.TimerHandle | None = None
+
+    def disarm(self) -> None:
+        for timer in (self.start, self.watchdog, self.idle, self.health):
+            if timer is not None:
+                timer.cancel()
+        self.start = self.watchdog = self.idle = self.health = None
+
+
+@dataclass
+class HealthProbe:
+    failures: int = 0
+    probe: asyncio.Future[None] | None = None  # the check in flight (one at a time)
+
+
+@dataclass
+class IdleWatch:
     last_activity: float = 0.0
     last_usage: int = -1
-    instances: int = 0
-    instance_counter: int = 0
-    fdstore: list[StoredFd] = field(default_factory=list)
-    fdstore_timer: asyncio.TimerHandle | None = None
-    health_timer: asyncio.TimerHandle | None = None
-    health_failures: int = 0
-    health_running: bool = False
-    bind_listener: int = -1  # seccomp listener of the sandbox's bind() calls (proxy handoff)
-    sources: dict[str, int] = field(default_factory=dict)  # held bind sources by the plan's source path (pins.py)
+
+
+@dataclass
+class Connections:
+    """A per-connection service's instances (activation.py)."""
+
+    active: int = 0
+    counter: int = 0
+
+
+@dataclass
+class Handoff:
+    """The sandbox's bind() calls, watched for a proxy's address (handoff.py)."""
+
+    listener: int = -1  # seccomp listener of the sandbox's bind() calls
     handed_off: set[str] = field(default_factory=set)  # proxy sockets the program was given itself
 
-    @property
-    def per_connection(self) -> bool:
-        return self.plan.per_connection
-    partial: bytes = b""
-    timer: asyncio.TimerHandle | None = None
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+@dataclass
+class OutputPipe:
+    r: int
+    w: int
+    partial: bytes = b""  # the start of a line not ended yet
 
 
 @dataclass
@@ -103,6 +172,58 @@ class StoredFd:
 
 
 @dataclass
+class ServiceRuntime:
+    spec: Service
+    plan: LaunchPlan
+    cgroup: Cgroup
+    output: OutputPipe
+    state: State = State.STOPPED
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set once it runs, or will not
+    launch: Launch = field(default_factory=Launch)
+    restarts: Restarts = field(init=False)
+    notify: Notified = field(default_factory=Notified)
+    timers: Timers = field(default_factory=Timers)
+    health: HealthProbe = field(default_factory=HealthProbe)
+    idle: IdleWatch = field(default_factory=IdleWatch)
+    connections: Connections = field(default_factory=Connections)
+    handoff: Handoff = field(default_factory=Handoff)
+    fdstore: list[StoredFd] = field(default_factory=list)
+    fdstore_timer: asyncio.TimerHandle | None = None
+    sources: dict[str, int] = field(default_factory=dict)  # held bind sources by the plan's source path (pins.py)
+
+    def __post_init__(self) -> None:
+        self.restarts = Restarts(StartLimiter(self.spec))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def per_connection(self) -> bool:
+        return self.plan.per_connection
+
+    def source_fds(self) -> list[int]:
+        """The held source of each bind mount of the service, in the order of its plan."""
+        return [self.sources[op.source] for op in self.plan.mounts if op.kind == "bind"]
+
+    def close(self) -> None:
+        """Close every descriptor the record holds (the service's sandbox is gone)."""
+        for fd in (self.output.r, self.output.w, self.launch.pidfd, self.handoff.listener):
+            if fd >= 0:
+                os.close(fd)
+        self.output.r = self.output.w = self.launch.pidfd = self.handoff.listener = -1
+        if self.launch.channel is not None:
+            self.launch.channel.close()
+            self.launch.channel = None
+        close_all(self.sources)
+        if self.notify.socket is not None:
+            self.notify.socket.close()
+        for stored in self.fdstore:
+            os.close(stored.fd)
+        self.fdstore.clear()
+
+
+@dataclass
 class Instance:
     """One sandbox of a per-connection service, serving one accepted connection."""
 
@@ -111,104 +232,15 @@ class Instance:
     cgroup: Cgroup
     channel: socket.socket | None = None
     pidfd: int = -1
+    state: InstanceState = InstanceState.STARTING
 
+    def allows(self, event: InstanceEvent) -> bool:
+        return INSTANCE_LIFE.allows(self.state, event)
 
-
-class SupervisorBase:
-    """What the parts of the supervisor share: its state, and the core operations each part calls.
-
-    The supervisor is split by job (readiness.py, activation.py, operations.py, supervisor.py);
-    each part is a mixin on this base, and Supervisor puts them together. The methods below are
-    implemented by one of the parts; they are declared here so that every part can call them.
-    """
-
-    stack: Stack
-    plans: dict[str, LaunchPlan]
-    instance: str
-    runtime_dir: Path
-    root_dir: Path
-    record: StateRecord | None
-    console: Console
-    fork_server: ForkServer | None
-    sockets: dict[tuple[str, int], BoundSocket]
-    services: dict[str, ServiceRuntime]
-    by_launch: dict[int, ServiceRuntime]
-    instances: dict[int, Instance]
-    commands: dict[int, asyncio.Future[int]]
-    proxy_tasks: set[asyncio.Future[None]]
-    no_instances: asyncio.Event
-    stop_requested: asyncio.Event | None
-    stopping: bool
-    detached: bool
-    started_wall: float
-    namespaces: Namespaces | None
-    cgroups: CgroupManager
-    limits: dict[str, Limits]
-    exec_count: int  # `sandboxd exec` commands so far: each gets a cgroup sbd-exec-N of its own
-    pinned: dict[str, dict[str, int]]  # bind sources opened at validation, until their service's runtime takes them
-
-    def _launch(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _stack_userns(self, stack: Stack) -> UserNamespace | None:
-        raise NotImplementedError
-
-    def _transition(self, rt: ServiceRuntime, new: State, reason: str) -> None:
-        raise NotImplementedError
-
-    def _check_done(self) -> None:
-        raise NotImplementedError
-
-    async def _stop(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _begin_stop(self, rt: ServiceRuntime, reason: str) -> None:
-        raise NotImplementedError
-
-    def _signal_init(self, rt: ServiceRuntime, sig: int) -> None:
-        raise NotImplementedError
-
-    def _disarm_timers(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _watch(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _unwatch(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _wait_for_connection(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _kill_for(self, rt: ServiceRuntime, outcome: Outcome, why: str, sig: int) -> None:
-        raise NotImplementedError
-
-    def _add_runtime(self, service: Service) -> ServiceRuntime:
-        raise NotImplementedError
-
-    def _drop_runtime(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _pin_own(self, rt: ServiceRuntime, paths: set[str] | None = None) -> None:
-        raise NotImplementedError
-
-    def _source_fds(self, rt: ServiceRuntime) -> list[int]:
-        raise NotImplementedError
-
-    def _inside(self, service: str | None) -> AbstractContextManager[None]:
-        raise NotImplementedError
-
-    def _on_output(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _on_notify(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    def _arm_idle_check(self, rt: ServiceRuntime) -> None:
-        raise NotImplementedError
-
-    async def _run_inside(self, rt: ServiceRuntime, argv: list[str], timeout: float, output_fd: int = -1) -> int | None:
-        raise NotImplementedError
+    def transition(self, event: InstanceEvent) -> None:
+        """Move along INSTANCE_LIFE (TransitionRefused for a pair it does not have). Not logged: a
+        line per connection would drown the log; what went wrong is said where it is seen."""
+        self.state = INSTANCE_LIFE.step(self.state, event).next
 
 
 def command_env(rt: ServiceRuntime) -> dict[str, str]:

@@ -13,7 +13,8 @@ from sandboxd.store.images import Image, ImageConfig
 from sandboxd.host.prepare import survey
 from sandboxd.plan.launch import HostFacts, LaunchPlan
 from sandboxd.plan.stack import plan_stack
-from sandboxd.daemon.proxy import _listen_forms, proxy_target
+from sandboxd.daemon.proxy import proxy_target
+from sandboxd.host.listening import listen_forms as _listen_forms
 from sandboxd.spec.model import Stack, load_stack, parse_address
 
 

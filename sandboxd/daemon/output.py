@@ -1,0 +1,59 @@
+"""What the services print: read from each service's output pipe a line at a time, and held back
+until the start-up summary is printed, so that the summary comes first."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from sandboxd.daemon.console import Console
+from sandboxd.daemon.runtime import ServiceRuntime
+
+MAX_LINE = 65536  # a longer line without a newline is shown in pieces of this size
+
+
+class Output:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.held: list[tuple[str, bytes]] | None = []  # None once the summary is out
+
+    def on_output(self, rt: ServiceRuntime) -> None:
+        try:
+            data = os.read(rt.output.r, 65536)
+        except BlockingIOError:
+            return
+        *lines, rt.output.partial = (rt.output.partial + data).split(b"\n")
+        for line in lines:
+            self._emit(rt.spec.name, line)
+        if len(rt.output.partial) > MAX_LINE:
+            self._emit(rt.spec.name, rt.output.partial)
+            rt.output.partial = b""
+
+    def drain(self, rt: ServiceRuntime) -> None:
+        """Show what is left in the pipe, the last unfinished line too, and stop reading it."""
+        while True:
+            try:
+                data = os.read(rt.output.r, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            *lines, rt.output.partial = (rt.output.partial + data).split(b"\n")
+            for line in lines:
+                self._emit(rt.spec.name, line)
+        if rt.output.partial:
+            self._emit(rt.spec.name, rt.output.partial)
+            rt.output.partial = b""
+        asyncio.get_running_loop().remove_reader(rt.output.r)
+
+    def release(self) -> None:
+        """The summary is out: what was held is shown, and from now on every line at once."""
+        held, self.held = self.held or [], None
+        for name, line in held:
+            self.console.line(name, line)
+
+    def _emit(self, name: str, line: bytes) -> None:
+        if self.held is None:
+            self.console.line(name, line)
+        else:
+            self.held.append((name, line))

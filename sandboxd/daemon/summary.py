@@ -1,0 +1,53 @@
+"""The lines `sandboxd up` prints once every service has started (or will not): how long the
+launch took, and for each service where it runs, its network and its sockets."""
+
+from __future__ import annotations
+
+import statistics
+
+from sandboxd.daemon.console import Console
+from sandboxd.daemon.runtime import RunningStack, ServiceRuntime
+from sandboxd.daemon.states import State
+
+
+def print_summary(console: Console, running: RunningStack, elapsed: float) -> None:
+    services = running.services.values()
+    latencies = [(rt.launch.exec_ns - rt.launch.requested_ns) / 1e6 for rt in services if rt.launch.exec_ns]
+    median = f", median launch {statistics.median(latencies):.1f} ms" if latencies else ""
+    console.note(f"stack {running.instance!r}: {len(services)} services launched in {elapsed * 1000:.0f} ms{median}")
+    for rt in services:
+        where = f"pid {rt.launch.pid}" if rt.state in (State.RUNNING, State.READY) else rt.state.label
+        if rt.state is State.RUNNING and rt.spec.ready != "started":
+            where += ", not ready yet"
+        if rt.notify.status_text:
+            where += f", status: {rt.notify.status_text}"
+        socks = _sockets(running, rt) + [f"uses {name}" for name in rt.spec.uses]
+        console.note(f"  {rt.spec.name}: {where}; {_network(running, rt)}; " + ("; ".join(socks) or "no sockets"))
+
+
+def _sockets(running: RunningStack, rt: ServiceRuntime) -> list[str]:
+    socks = []
+    for fd, key in enumerate(rt.plan.fd_sockets, start=3):
+        unit = running.socket_unit(key[0])
+        inside = f" in {unit.netns if unit.netns != 'service' else rt.spec.name}'s namespace" if unit.netns != "host" else ""
+        socks.append(f"{running.sockets[key].real_address()}{inside} (fd {fd} {rt.plan.fd_names[fd - 3]})")
+    for key in rt.plan.proxied:
+        socks.append(f"{running.sockets[key].real_address()} (forwarded to {running.socket_unit(key[0]).proxy})")
+    return socks
+
+
+def _network(running: RunningStack, rt: ServiceRuntime) -> str:
+    match rt.spec.network:
+        case "host":
+            return "network: host (shares the host's network namespace)"
+        case "none":
+            return "network: none"
+        case "private":
+            return "network: private (lo only)"
+    places = [
+        f"{network.name} {' '.join(a.split('/')[0] for a in member.addresses)}"
+        for network in running.networks
+        for member in network.members
+        if member.service == rt.spec.name
+    ]
+    return "on " + ", ".join(places)

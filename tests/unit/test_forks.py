@@ -1,0 +1,115 @@
+"""The supervisor's side of the fork server's connection: every request's end comes back to whoever awaits it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any, cast
+
+import pytest
+
+from sandboxd.daemon.forks import NOT_FORKED, Ended, ForkServerLink
+from sandboxd.sandbox.launcher import ForkServer
+
+
+class FakeForkServer:
+    """The fork server's connection, with the test at its other end."""
+
+    def __init__(self) -> None:
+        self.conn, self.other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.conn.setblocking(False)
+        self.ids = 0
+        self.channels: list[socket.socket] = []
+
+    def next_id(self) -> int:
+        self.ids += 1
+        return self.ids
+
+    def request(self, server: ForkServer, request_id: int) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.channels += [ours, theirs]
+        return ours
+
+    def report(self, message: dict[str, Any]) -> None:
+        self.other.send(json.dumps(message).encode())
+
+    def close(self) -> None:
+        for sock in (self.conn, self.other, *self.channels):
+            sock.close()
+
+
+@pytest.fixture
+def server() -> Any:
+    fake = FakeForkServer()
+    yield fake
+    fake.close()
+
+
+def run(test: Any) -> None:
+    asyncio.run(asyncio.wait_for(test(), 5))
+
+
+def link_to(server: FakeForkServer) -> ForkServerLink:
+    return ForkServerLink(cast(ForkServer, server))
+
+
+def test_each_end_reaches_the_request_that_awaits_it(server: FakeForkServer) -> None:
+
+    async def scenario() -> None:
+        link = link_to(server)
+        link.listen(on_death=lambda: pytest.fail("the fork server is alive"))
+        first, second = link.send(server.request), link.send(server.request)
+        assert (first.id, second.id) == (1, 2)
+        server.report({"exit": 2, "status": 9})
+        server.report({"exit": 99, "status": 0})  # nobody asked: ignored
+        server.report({"failed": 1, "detail": "fork: out of memory"})
+        assert await link.ended(second) == Ended(9)
+        assert await link.ended(first) == Ended(NOT_FORKED, "fork: out of memory")
+        assert link.pending == {}
+        link.close()
+
+    run(scenario)
+
+
+def test_an_end_no_longer_awaited_is_forgotten(server: FakeForkServer) -> None:
+
+    async def scenario() -> None:
+        link = link_to(server)
+        link.listen(on_death=lambda: None)
+        sent = link.send(server.request)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(link.ended(sent), 0.01)
+        assert link.pending == {}
+        server.report({"exit": sent.id, "status": 0})  # comes late: nothing waits for it
+        await asyncio.sleep(0.01)
+        link.close()
+
+    run(scenario)
+
+
+def test_a_request_that_cannot_be_sent_leaves_nothing_pending(server: FakeForkServer) -> None:
+
+    def broken(server: ForkServer, request_id: int) -> socket.socket:
+        raise OSError("EMFILE")
+
+    async def scenario() -> None:
+        link = link_to(server)
+        with pytest.raises(OSError):
+            link.send(broken)
+        assert link.pending == {}
+
+    run(scenario)
+
+
+def test_the_fork_servers_death_is_said_once(server: FakeForkServer) -> None:
+    deaths: list[str] = []
+
+    async def scenario() -> None:
+        link = link_to(server)
+        link.listen(on_death=lambda: deaths.append("dead"))
+        server.other.close()
+        await asyncio.sleep(0.05)
+
+    run(scenario)
+    assert deaths == ["dead"]

@@ -152,14 +152,15 @@ class Operations(SupervisorBase):
 
     async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]:
         """Load, validate and plan the folder again (as `up` does), then apply the difference."""
-        from sandboxd.cli.main import _enforceable_limits, _with_env
+        from sandboxd.cli.main import _enforceable_limits
         from sandboxd.host.pins import pin_mounts
         from sandboxd.host.prepare import make_plans
-        from sandboxd.spec.model import load_stack
+        from sandboxd.spec.load import load_stack
+        from sandboxd.spec.overrides import with_environment
         from sandboxd.store.volumes import create, volumes_dir
 
         try:
-            stack = _with_env(load_stack(Path(folder)), env)
+            stack = with_environment(load_stack(Path(folder)), env)
             # In a thread: an image build may take a while, and the loop supervises meanwhile.
             userns = self._stack_userns(stack)
             plans = await asyncio.to_thread(make_plans, stack, str(self.runtime_dir), False, userns, True)

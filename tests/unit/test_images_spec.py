@@ -12,7 +12,9 @@ from sandboxd.errors import SpecErrors
 from sandboxd.store.images import Image, ImageConfig
 from sandboxd.plan.launch import HostFacts, LaunchPlan, plan_stack
 from sandboxd.daemon.proxy import _listen_forms, proxy_target
-from sandboxd.spec.model import Stack, load_stack, parse_address
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import Stack
+from sandboxd.spec.values import parse_address
 
 
 def stack_of(folder: Path, text: str) -> Stack:

@@ -9,7 +9,8 @@ import pytest
 
 from sandboxd.errors import SpecErrors
 from sandboxd.plan.launch import HostFacts, hosts_file, net_mode, plan_networks, plan_stack
-from sandboxd.spec.model import Attachment, load_stack, socket_namespace
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import Attachment, socket_namespace
 
 NET = "kind: network\nname: back\nsubnet: [10.9.0.0/24, 'fd00:9::/64']\n"
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.host.pins import close_all, pin_mounts, real_path
+from sandboxd.host.pins import close_all, pin_mounts
 from sandboxd.spec.diff import diff
-from sandboxd.spec.model import load_stack
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.sources import real_path
 from sandboxd.spec.trust import Untrusted, problem, untrusted
 
 

@@ -10,7 +10,7 @@ import pytest
 from sandboxd.errors import SpecErrors
 from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, UserNamespace, plan_stack
-from sandboxd.spec.model import load_stack
+from sandboxd.spec.load import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
 HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}

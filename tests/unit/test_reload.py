@@ -6,7 +6,8 @@ import textwrap
 from pathlib import Path
 
 from sandboxd.spec.diff import diff, refusal
-from sandboxd.spec.model import Stack, load_stack
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import Stack
 
 
 def stack(folder: Path, files: dict[str, str]) -> Stack:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sandboxd.daemon.restart import StartLimiter, classify, restart_delay, should_restart
-from sandboxd.spec.model import Service, load_stack
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import Service
 
 
 def service(tmp_path: Path, extra: str = "") -> Service:

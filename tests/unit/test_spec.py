@@ -10,19 +10,9 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.spec.model import (
-    DEFAULT_PIDS,
-    Address,
-    Limits,
-    Mount,
-    Service,
-    Socket,
-    StartLimit,
-    Tmpfs,
-    load_stack,
-    parse_address,
-    parse_duration,
-)
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import DEFAULT_PIDS, Address, Limits, Mount, Service, Socket, StartLimit, Tmpfs
+from sandboxd.spec.values import parse_address, parse_duration
 
 SERVICE = "kind: service\nname: app\ncommand: [app]\n"
 

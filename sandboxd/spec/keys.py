@@ -77,6 +77,7 @@ from sandboxd.spec.values import (
 )
 
 _HOSTNAME = re.compile(r"(?=.{1,64}$)([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.|$))+")
+# The name of a unit, and of what a key names by name: a network, a volume, a socket in `uses`.
 unit_name = checked(lambda v: isinstance(v, str) and NAME.fullmatch(v), f"a name of {NAME_RULE}")
 _hostname = checked(
     lambda v: isinstance(v, str) and _HOSTNAME.fullmatch(v),

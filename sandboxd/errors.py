@@ -1,10 +1,12 @@
 """Every error sandboxd raises on purpose.
 
     SandboxdError                 base; the CLI prints it and exits non-zero
-    ├── SpecError                 one problem in a spec folder: file, line, key, what was expected
-    ├── SpecErrors                all problems of one folder at once (exit code 2)
+    ├── SpecErrors                all problems of one spec folder at once (exit code 2), each a SpecError
     ├── HostError                 the machine lacks something; says what to do about it (exit 1)
     └── LaunchError               a sandbox could not be set up; names the step and the path
+
+    SpecError                     not an exception: one problem in a spec folder (file, line, key,
+                                  what was expected), as SpecErrors carries it and the CLI prints it
 
 The user never sees a traceback for any of these.
 """

@@ -73,7 +73,7 @@ def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> l
     from sandboxd.host.cgroups import cgroup_manager, detect
     from sandboxd.sandbox.launcher import ForkServer
     from sandboxd.host.prepare import make_plans
-    from sandboxd.spec.model import load_stack
+    from sandboxd.spec.load import load_stack
     from sandboxd.host.subids import lease
 
     runs = QUICK_RUNS if quick else RUNS

@@ -16,7 +16,7 @@ from sandboxd.errors import HostError, SandboxdError, SpecErrors
 
 def _load(folder: str) -> tuple[object, object]:
     from sandboxd.host.prepare import make_plans
-    from sandboxd.spec.model import load_stack
+    from sandboxd.spec.load import load_stack
 
     stack = load_stack(Path(folder))
     return stack, make_plans(stack, build=False)
@@ -58,11 +58,12 @@ def _up(args: argparse.Namespace) -> int:
     from sandboxd.host.facts import cgroup_host
     from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.prepare import make_plans
-    from sandboxd.spec.model import load_stack
+    from sandboxd.spec.load import load_stack
+    from sandboxd.spec.overrides import with_environment
     from sandboxd.host.state import clean_stale, instance_name
     from sandboxd.store.volumes import create, volumes_dir
 
-    stack = _with_env(load_stack(Path(args.dir)), args.env)
+    stack = with_environment(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
@@ -96,24 +97,6 @@ def _up(args: argparse.Namespace) -> int:
     return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, pinned=pinned, ids=lease).run()
 
 
-def _with_env(stack: Any, overrides: list[str]) -> Any:
-    """The stack with `SERVICE:KEY=VALUE` environment overrides applied (tests use these)."""
-    import dataclasses
-
-    from sandboxd.errors import SpecError
-
-    services = {s.name: s for s in stack.services}
-    for override in overrides:
-        name, _, assignment = override.partition(":")
-        key, eq, value = assignment.partition("=")
-        if name not in services or not eq or not key:
-            raise SpecErrors([SpecError(stack.folder, 0, "--env", f"expected SERVICE:KEY=VALUE with a service of the stack, got {override!r}")])
-        env = dict(services[name].environment)
-        env[key] = value
-        services[name] = dataclasses.replace(services[name], environment=tuple(env.items()))
-    return dataclasses.replace(stack, services=tuple(services[s.name] for s in stack.services))
-
-
 def _up_detached(args: argparse.Namespace) -> int:
     """Validate here (errors come back at once, exit 2), then start the supervisor in a session of
     its own and return once every eager service has started (or is ready, with --wait)."""
@@ -123,10 +106,11 @@ def _up_detached(args: argparse.Namespace) -> int:
     from sandboxd.cli.client import choose_stack, request, running_stacks
     from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.prepare import make_plans
-    from sandboxd.spec.model import load_stack
+    from sandboxd.spec.load import load_stack
+    from sandboxd.spec.overrides import with_environment
     from sandboxd.host.state import instance_name
 
-    stack = _with_env(load_stack(Path(args.dir)), args.env)
+    stack = with_environment(load_stack(Path(args.dir)), args.env)
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")

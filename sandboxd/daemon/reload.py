@@ -36,7 +36,7 @@ class Reload:
         from sandboxd.host.limits import enforceable_limits
         from sandboxd.host.pins import pin_mounts
         from sandboxd.host.prepare import make_plans
-        from sandboxd.spec.model import load_stack
+        from sandboxd.spec.load import load_stack
         from sandboxd.spec.overrides import with_environment
         from sandboxd.store.volumes import create, volumes_dir
 

@@ -8,7 +8,7 @@ the host path the symlink names, writable if the mount is. So each source is ope
 O_PATH descriptor, and every start mounts what that descriptor holds; what happens to the path
 afterwards changes nothing.
 
-    load_stack (spec.py)            pin_mounts (up, and a reload)       every start and restart
+    load_stack (spec/load.py)       pin_mounts (up, and a reload)       every start and restart
     ─────────────────────────       ─────────────────────────────       ───────────────────────────────
     open_source: a relative         open_source again; the supervisor   the descriptors go with the launch
     source only beneath the spec    holds the descriptor for the        request (SCM_RIGHTS); the fork
@@ -28,53 +28,18 @@ following a symlink (`pin_own`), and reopened only when sandboxd makes them anew
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandboxd.kernel import linux
 from sandboxd.errors import SpecError, SpecErrors
+from sandboxd.spec.sources import open_source, source_problem
 
 if TYPE_CHECKING:
     from sandboxd.spec.model import Stack
 
 SourceFds = dict[str, int]  # a bind mount's source path (as in the plan) -> the O_PATH descriptor held
-
-
-def open_source(folder: Path, given: str) -> int:
-    """An O_PATH descriptor of a `mounts:` source as written in a spec file of `folder`: an
-    absolute path as it is, a relative one beneath the folder. Raises OSError."""
-    if given.startswith("/"):
-        return os.open(given, os.O_PATH | os.O_CLOEXEC)
-    folder_fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return linux.open_beneath(folder_fd, given, os.O_PATH, name=os.path.join(folder, given))
-    finally:
-        os.close(folder_fd)
-
-
-def real_path(fd: int) -> Path:
-    """The path a descriptor names now (through /proc/self/fd), symlinks resolved."""
-    return Path(os.readlink(f"/proc/self/fd/{fd}"))
-
-
-def source_problem(folder: Path, given: str, error: OSError) -> str:
-    """What to say when `open_source` failed."""
-    looked = os.path.normpath(os.path.join(folder, given))
-    match error.errno:
-        case errno.ENOENT:
-            return f"mount source '{given}' does not exist (looked for {looked})"
-        case errno.EXDEV:
-            return (
-                f"mount source '{given}' leads out of the spec folder {folder} (through '..' or a symlink); "
-                "a relative source must stay inside it: write an absolute path if a host path outside is meant"
-            )
-        case errno.ELOOP:
-            return f"mount source '{given}' has too many levels of symlinks (looked for {looked})"
-        case errno.ENOTDIR:
-            return f"mount source '{given}': a part of the path is not a folder (looked for {looked})"
-    return f"mount source '{given}' cannot be opened: {error.strerror} (looked for {looked})"
 
 
 def pin_mounts(stack: Stack, volumes_dir: Path) -> dict[str, SourceFds]:

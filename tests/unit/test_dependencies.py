@@ -14,7 +14,8 @@ from sandboxd.daemon.dependencies import Dependencies
 from sandboxd.daemon.machine import ServiceMachine
 from sandboxd.daemon.runtime import OutputPipe, RunningStack, ServiceRuntime
 from sandboxd.daemon.states import Action, State
-from sandboxd.spec.model import Stack, load_stack
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import Stack
 
 SPEC = """
 kind: service

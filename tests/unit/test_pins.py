@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.host.pins import close_all, pin_mounts, real_path
+from sandboxd.host.pins import close_all, pin_mounts
 from sandboxd.spec.diff import diff
-from sandboxd.spec.model import load_stack
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.sources import real_path
 from sandboxd.spec.trust import Untrusted, problem, untrusted
+from .spec_snippets import STEM_SERVICE, Problems
 
 
 def info(mode: int, uid: int = 0) -> os.stat_result:
@@ -70,46 +72,38 @@ def test_a_symlink_is_judged_by_what_it_names(tmp_path: Path) -> None:
     assert untrusted(tmp_path / "link") == Untrusted(tmp_path / "open", "writable by group or others (mode 0777)")
 
 
-SERVICE = "kind: service\ncommand: [x]\nmounts:\n  - {source: %s, target: /m}\n"
-
-
 def stack_folder(folder: Path, source: str) -> Path:
+    """A spec folder of one service, svc, with one bind mount of `source` at /m (line 4)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "svc.yaml").write_text(SERVICE % source)
+    (folder / "svc.yaml").write_text(STEM_SERVICE + f"mounts:\n  - {{source: {source}, target: /m}}\n")
     return folder
 
 
-def errors_of(folder: Path) -> list[str]:
-    with pytest.raises(SpecErrors) as raised:
-        load_stack(folder)
-    return [str(e) for e in raised.value.errors]
-
-
-def test_a_symlink_out_of_the_spec_folder_is_a_spec_error_with_line_and_key(tmp_path: Path) -> None:
+def test_a_symlink_out_of_the_spec_folder_is_a_spec_error_with_line_and_key(tmp_path: Path, problems: Problems) -> None:
     folder = stack_folder(tmp_path / "stack", "./link")
     (folder / "link").symlink_to("/etc")
-    assert errors_of(folder) == [
-        f"{folder}/svc.yaml:4: mounts[0].source: mount source './link' leads out of the spec folder {folder} (through '..' or a symlink); "
+    assert problems(folder) == [
+        "svc.yaml:4: mounts[0].source: mount source './link' leads out of the spec folder <folder> (through '..' or a symlink); "
         "a relative source must stay inside it: write an absolute path if a host path outside is meant"
     ]
 
 
 @pytest.mark.parametrize("source", ["../outside", "data/../../outside", "inner/escape"])
-def test_dotdot_or_a_relative_symlink_out_of_the_folder_is_refused(tmp_path: Path, source: str) -> None:
+def test_dotdot_or_a_relative_symlink_out_of_the_folder_is_refused(tmp_path: Path, problems: Problems, source: str) -> None:
     (tmp_path / "outside").mkdir()
     folder = stack_folder(tmp_path / "stack", source)
     (folder / "data").mkdir()
     (folder / "inner").mkdir()
     (folder / "inner" / "escape").symlink_to("../../outside")
-    [message] = errors_of(folder)
+    [message] = problems(folder)
     assert f"mounts[0].source: mount source '{source}' leads out of the spec folder" in message
 
 
-def test_an_absolute_symlink_is_refused_even_when_it_names_a_place_inside(tmp_path: Path) -> None:
+def test_an_absolute_symlink_is_refused_even_when_it_names_a_place_inside(tmp_path: Path, problems: Problems) -> None:
     folder = stack_folder(tmp_path / "stack", "./link")
     (folder / "data").mkdir()
     (folder / "link").symlink_to(folder / "data")  # RESOLVE_BENEATH refuses any absolute symlink
-    [message] = errors_of(folder)
+    [message] = problems(folder)
     assert "leads out of the spec folder" in message
 
 
@@ -129,21 +123,21 @@ def test_an_absolute_source_outside_the_folder_is_allowed(tmp_path: Path) -> Non
     assert mount.source == tmp_path / "elsewhere"
 
 
-def test_a_spec_folder_others_may_write_is_refused_before_its_files_are_read(tmp_path: Path) -> None:
+def test_a_spec_folder_others_may_write_is_refused_before_its_files_are_read(tmp_path: Path, problems: Problems) -> None:
     folder = stack_folder(tmp_path / "stack", "./missing")
     folder.chmod(0o777)
-    assert errors_of(folder) == [
-        f"{folder}: refusing this spec folder: {folder} is writable by group or others (mode 0777), so someone besides root "
-        f"could change what sandboxd runs as root; make it root's and writable by root alone: chmod go-w {folder}"
+    assert problems(folder) == [
+        "<folder>: refusing this spec folder: <folder> is writable by group or others (mode 0777), so someone besides root "
+        "could change what sandboxd runs as root; make it root's and writable by root alone: chmod go-w <folder>"
     ]
 
 
-def test_a_spec_file_others_may_write_is_refused(tmp_path: Path) -> None:
+def test_a_spec_file_others_may_write_is_refused(tmp_path: Path, problems: Problems) -> None:
     folder = stack_folder(tmp_path / "stack", "/")
     (folder / "svc.yaml").chmod(0o666)
-    [message] = errors_of(folder)
-    assert message.startswith(f"{folder}/svc.yaml: refusing this spec file: {folder}/svc.yaml is writable by group or others (mode 0666)")
-    assert message.endswith(f"chmod go-w {folder}/svc.yaml")
+    [message] = problems(folder)
+    assert message.startswith("svc.yaml: refusing this spec file: <folder>/svc.yaml is writable by group or others (mode 0666)")
+    assert message.endswith("chmod go-w <folder>/svc.yaml")
 
 
 def open_fds() -> set[str]:
@@ -184,7 +178,7 @@ def test_a_volume_is_held_only_if_it_is_a_folder_of_the_volumes_folder(tmp_path:
     (volumes / "v").symlink_to("/etc")
     folder = tmp_path / "stack"
     folder.mkdir()
-    (folder / "svc.yaml").write_text("kind: service\ncommand: [x]\nmounts: [{volume: v, target: /v}]\n---\nkind: volume\nname: v\n")
+    (folder / "svc.yaml").write_text(STEM_SERVICE + "mounts: [{volume: v, target: /v}]\n---\nkind: volume\nname: v\n")
     with pytest.raises(SpecErrors) as raised:
         pin_mounts(load_stack(folder), volumes)
     assert [f"{e.line} {e.key}" for e in raised.value.errors] == ["3 mounts[0].volume"]

@@ -13,7 +13,7 @@ from sandboxd.errors import SpecErrors
 from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, PathFacts, UserNamespace, is_under
 from sandboxd.plan.stack import paths_asked, plan_stack
-from sandboxd.spec.model import Stack, load_stack
+from sandboxd.spec.load import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
 HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from sandboxd.daemon.restart import StartLimiter, classify, restart_delay, should_restart
-from sandboxd.spec.model import Service, load_stack
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import Service
+from .spec_snippets import STEM_SERVICE
 
 
 def service(tmp_path: Path, extra: str = "") -> Service:
-    (tmp_path / "a.yaml").write_text("kind: service\ncommand: [x]\n" + textwrap.dedent(extra))
+    (tmp_path / "a.yaml").write_text(STEM_SERVICE + textwrap.dedent(extra))
     return load_stack(tmp_path).service("a")
 
 

@@ -1,45 +1,21 @@
-"""Unit tests of sandboxd.spec.model: every bad spec is reported with file, line, key and an exact message."""
+"""Unit tests of reading specs (sandboxd.spec): every bad spec is reported with file, line, key and an exact message."""
 
 from __future__ import annotations
 
 import signal
 import socket
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.spec.model import (
-    DEFAULT_PIDS,
-    Address,
-    Limits,
-    Mount,
-    Service,
-    Socket,
-    StartLimit,
-    Tmpfs,
-    load_stack,
-    parse_address,
-    parse_duration,
-)
+from sandboxd.spec.load import load_stack
+from sandboxd.spec.model import DEFAULT_PIDS, Address, Limits, Mount, Service, Socket, StartLimit, Tmpfs
+from sandboxd.spec.overrides import with_environment
+from sandboxd.spec.values import parse_address, parse_duration
+from .spec_snippets import Problems, WriteSpecs
 
 SERVICE = "kind: service\nname: app\ncommand: [app]\n"
-
-
-def write(folder: Path, files: dict[str, str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(textwrap.dedent(text))
-    return folder
-
-
-def problems(folder: Path) -> list[str]:
-    """The messages load_stack reports, with the folder written as `<folder>` and spec files by name."""
-    with pytest.raises(SpecErrors) as raised:
-        load_stack(folder)
-    root = str(folder.resolve())
-    return [str(error).replace(root, "<folder>").removeprefix("<folder>/") for error in raised.value.errors]
 
 
 BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
@@ -368,25 +344,23 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
 
 
 @pytest.mark.parametrize(("files", "expected"), [case[1:] for case in BAD_SPECS], ids=[case[0] for case in BAD_SPECS])
-def test_bad_spec_is_reported_with_file_line_key_and_message(
-    tmp_path: Path, files: dict[str, str], expected: str
-) -> None:
-    folder = write(tmp_path / "stack", files)
+def test_bad_spec_is_reported_with_file_line_key_and_message(tmp_path: Path, write_specs: WriteSpecs, problems: Problems, files: dict[str, str], expected: str) -> None:
+    folder = write_specs(tmp_path / "stack", files)
     if not files:
         (folder / "app.yaml").write_bytes(b"kind: service\ncommand: [\xff]\n")
     assert problems(folder) == [expected]
 
 
-def test_unknown_key_is_reported_with_nearest_match(tmp_path: Path) -> None:
-    folder = write(tmp_path, {"app.yaml": "kind: service\ncomand: [app]\n"})
+def test_unknown_key_is_reported_with_nearest_match(tmp_path: Path, write_specs: WriteSpecs, problems: Problems) -> None:
+    folder = write_specs(tmp_path, {"app.yaml": "kind: service\ncomand: [app]\n"})
     assert problems(folder) == [
         "app.yaml:1: command: missing key 'command'; expected the program to run, as a list of strings or a string",
         "app.yaml:2: comand: unknown key 'comand'; did you mean 'command'?",
     ]
 
 
-def test_all_problems_of_all_files_are_reported_at_once(tmp_path: Path) -> None:
-    folder = write(
+def test_all_problems_of_all_files_are_reported_at_once(tmp_path: Path, write_specs: WriteSpecs, problems: Problems) -> None:
+    folder = write_specs(
         tmp_path,
         {
             "api.yaml": """\
@@ -422,8 +396,8 @@ def test_all_problems_of_all_files_are_reported_at_once(tmp_path: Path) -> None:
     ]
 
 
-def test_unit_with_problems_still_counts_as_defined_for_other_checks(tmp_path: Path) -> None:
-    folder = write(
+def test_unit_with_problems_still_counts_as_defined_for_other_checks(tmp_path: Path, write_specs: WriteSpecs, problems: Problems) -> None:
+    folder = write_specs(
         tmp_path,
         {
             "api.yaml": "kind: service\ncommand: [api]\nrestart: never\n",
@@ -433,8 +407,8 @@ def test_unit_with_problems_still_counts_as_defined_for_other_checks(tmp_path: P
     assert problems(folder) == ["api.yaml:3: restart: expected one of: no, on-success, on-failure, on-abnormal, on-watchdog, on-abort, always, got 'never'"]
 
 
-def test_unreadable_file_is_reported_on_line_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = write(tmp_path, {"app.yaml": SERVICE, "secret.yaml": SERVICE})
+def test_unreadable_file_is_reported_on_line_zero(tmp_path: Path, write_specs: WriteSpecs, problems: Problems, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_specs(tmp_path, {"app.yaml": SERVICE, "secret.yaml": SERVICE})
     read_text = Path.read_text
 
     def refuse_secret(path: Path, *args: object, **kwargs: object) -> str:
@@ -446,12 +420,12 @@ def test_unreadable_file_is_reported_on_line_zero(tmp_path: Path, monkeypatch: p
     assert problems(folder) == ["secret.yaml: cannot read the file: Permission denied"]
 
 
-def test_missing_folder_is_reported(tmp_path: Path) -> None:
+def test_missing_folder_is_reported(tmp_path: Path, problems: Problems) -> None:
     assert problems(tmp_path / "nope") == ["<folder>: spec folder does not exist"]
 
 
-def test_folder_without_spec_files_is_reported(tmp_path: Path) -> None:
-    folder = write(tmp_path, {"README.md": "# not a spec\n", ".hidden.yaml": SERVICE})
+def test_folder_without_spec_files_is_reported(tmp_path: Path, write_specs: WriteSpecs, problems: Problems) -> None:
+    folder = write_specs(tmp_path, {"README.md": "# not a spec\n", ".hidden.yaml": SERVICE})
     (folder / "sub.yaml").mkdir()
     assert problems(folder) == ["<folder>: no spec files (*.yaml, *.yml) in this folder"]
 
@@ -459,8 +433,8 @@ def test_folder_without_spec_files_is_reported(tmp_path: Path) -> None:
 # --- good specs
 
 
-def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Path) -> None:
-    folder = write(
+def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    folder = write_specs(
         tmp_path / "shop",
         {
             "api.yml": "kind: service\ncommand: [api]\n",
@@ -533,9 +507,9 @@ def test_defaults_are_filled_in_and_name_defaults_to_the_file_stem(tmp_path: Pat
     )
 
 
-def test_every_key_is_read(tmp_path: Path) -> None:
+def test_every_key_is_read(tmp_path: Path, write_specs: WriteSpecs) -> None:
     (tmp_path / "data").mkdir()
-    folder = write(
+    folder = write_specs(
         tmp_path,
         {
             "web.yaml": """\
@@ -581,8 +555,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert (db.line, db.fdname, db.backlog, db.mode, db.reuseport) == (18, "database", 16, 0o600, True)
 
 
-def test_tmpfs_entries_and_their_sizes_are_read(tmp_path: Path) -> None:
-    folder = write(
+def test_tmpfs_entries_and_their_sizes_are_read(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    folder = write_specs(
         tmp_path,
         {
             "app.yaml": SERVICE
@@ -594,8 +568,8 @@ def test_tmpfs_entries_and_their_sizes_are_read(tmp_path: Path) -> None:
     assert (app.tmpfs_size, app.shm_size) == (16 << 20, 1 << 30)
 
 
-def test_one_tmpfs_path_may_stand_alone(tmp_path: Path) -> None:
-    folder = write(tmp_path, {"app.yaml": SERVICE + "tmpfs: /cache\n"})
+def test_one_tmpfs_path_may_stand_alone(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    folder = write_specs(tmp_path, {"app.yaml": SERVICE + "tmpfs: /cache\n"})
     assert load_stack(folder).service("app").tmpfs == (Tmpfs("/cache", None, 4),)
 
 
@@ -606,8 +580,8 @@ def test_default_process_limit_applies_unless_pids_is_given() -> None:
     assert DEFAULT_PIDS == 2048
 
 
-def test_several_documents_per_file_are_read_and_empty_ones_skipped(tmp_path: Path) -> None:
-    folder = write(
+def test_several_documents_per_file_are_read_and_empty_ones_skipped(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    folder = write_specs(
         tmp_path,
         {
             "all.yaml": """\
@@ -633,8 +607,8 @@ def test_several_documents_per_file_are_read_and_empty_ones_skipped(tmp_path: Pa
     assert [(s.name, s.service) for s in stack.sockets] == [("all", "a")]
 
 
-def test_sockets_of_a_service_are_ordered_by_socket_name(tmp_path: Path) -> None:
-    folder = write(
+def test_sockets_of_a_service_are_ordered_by_socket_name(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    folder = write_specs(
         tmp_path,
         {
             "a.yaml": SERVICE + "---\nkind: socket\nname: zeta\nservice: app\nlisten: unix:/run/z\n",
@@ -650,14 +624,14 @@ def test_sockets_of_a_service_are_ordered_by_socket_name(tmp_path: Path) -> None
     assert stack.sockets_of("c") == ()
 
 
-def test_unknown_service_lookup_raises_key_error(tmp_path: Path) -> None:
-    stack = load_stack(write(tmp_path, {"app.yaml": SERVICE}))
+def test_unknown_service_lookup_raises_key_error(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    stack = load_stack(write_specs(tmp_path, {"app.yaml": SERVICE}))
     with pytest.raises(KeyError):
         stack.service("nope")
 
 
-def test_addresses_that_cannot_clash_are_accepted(tmp_path: Path) -> None:
-    folder = write(
+def test_addresses_that_cannot_clash_are_accepted(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    folder = write_specs(
         tmp_path,
         {
             "app.yaml": SERVICE,
@@ -731,8 +705,8 @@ def test_longest_unix_path_fits_in_sun_path() -> None:
 @pytest.mark.parametrize(
     ("yaml_text", "mode"), [('"0666"', 0o666), ('"666"', 0o666), ('"0o640"', 0o640), ("0640", 0o640), ("438", 0o666)]
 )
-def test_mode_is_read_as_octal_text_or_as_a_number(tmp_path: Path, yaml_text: str, mode: int) -> None:
-    folder = write(
+def test_mode_is_read_as_octal_text_or_as_a_number(tmp_path: Path, write_specs: WriteSpecs, yaml_text: str, mode: int) -> None:
+    folder = write_specs(
         tmp_path, {"app.yaml": SERVICE + f"---\nkind: socket\nlisten: unix:/a\nservice: app\nmode: {yaml_text}\n"}
     )
     assert load_stack(folder).sockets[0].mode == mode
@@ -763,13 +737,13 @@ def test_bad_durations_are_refused(value: object) -> None:
 
 
 @pytest.mark.parametrize("value", ["SIGHUP", "HUP", "sighup", "hup", "1"])
-def test_stop_signal_is_read_by_name_or_number(tmp_path: Path, value: str) -> None:
-    folder = write(tmp_path, {"app.yaml": SERVICE + f"stop_signal: {value}\n"})
+def test_stop_signal_is_read_by_name_or_number(tmp_path: Path, write_specs: WriteSpecs, value: str) -> None:
+    folder = write_specs(tmp_path, {"app.yaml": SERVICE + f"stop_signal: {value}\n"})
     assert load_stack(folder).service("app").stop_signal == signal.SIGHUP
 
 
-def test_dependency_cycle_is_named(tmp_path: Path) -> None:
-    folder = write(
+def test_dependency_cycle_is_named(tmp_path: Path, write_specs: WriteSpecs, problems: Problems) -> None:
+    folder = write_specs(
         tmp_path / "stack",
         {
             "a.yaml": "kind: service\ncommand: [x]\nafter: [b]\n",
@@ -780,9 +754,24 @@ def test_dependency_cycle_is_named(tmp_path: Path) -> None:
     assert problems(folder) == ["a.yaml:3: after: dependency cycle: a -> b -> c -> a; use sockets instead, which need no order"]
 
 
-def test_dependency_on_a_missing_service_is_reported(tmp_path: Path) -> None:
-    folder = write(
+def test_dependency_on_a_missing_service_is_reported(tmp_path: Path, write_specs: WriteSpecs, problems: Problems) -> None:
+    folder = write_specs(
         tmp_path / "stack",
         {"a.yaml": "kind: service\nname: a\ncommand: [x]\nafter: [{service: dbb, condition: completed}]\n---\nkind: service\nname: db\ncommand: [x]\n"},
     )
     assert problems(folder) == ["a.yaml:4: after[0]: no service 'dbb' to wait for; did you mean 'db'?"]
+
+
+def test_env_overrides_replace_and_add_variables_of_one_service(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    stack = load_stack(write_specs(tmp_path, {"app.yaml": SERVICE + "environment: {A: spec, B: spec}\n", "db.yaml": SERVICE.replace("app", "db")}))
+    changed = with_environment(stack, ["app:B=cli", "app:C=x=y"])
+    assert changed.service("app").environment == (("A", "spec"), ("B", "cli"), ("C", "x=y"))
+    assert changed.service("db") == stack.service("db")
+
+
+@pytest.mark.parametrize("override", ["app", "app:B", "app:=x", "nosuch:B=x"])
+def test_a_malformed_env_override_is_a_spec_error_of_the_folder(tmp_path: Path, write_specs: WriteSpecs, override: str) -> None:
+    stack = load_stack(write_specs(tmp_path, {"app.yaml": SERVICE}))
+    with pytest.raises(SpecErrors) as raised:
+        with_environment(stack, [override])
+    assert [str(e) for e in raised.value.errors] == [f"{stack.folder}: --env: expected SERVICE:KEY=VALUE with a service of the stack, got {override!r}"]

@@ -1,0 +1,206 @@
+"""YAML nodes to values, with the node at fault named for every problem.
+
+A spec file is read as YAML nodes, not plain values, so that a problem can point at its line. A
+parser takes a node and the spec folder (relative paths are relative to it) and returns the value,
+or raises `Invalid` with every problem of the value at once, each a `Problem`: the node at fault,
+the key path below the key being read (`[1]`, `.size`) and the message. Plain values are checked
+by the functions of values.py, wrapped by `scalar` and `checked`; a mapping is read against a
+table of `Key`s (its parser and default) by `read_keys`, which also reports unknown and missing
+keys. keys.py holds the tables of each kind of unit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import shlex
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from sandboxd.spec.values import describe, is_int
+
+Problem = tuple[Node, str, str]  # node at fault, key path below the parsed key, message
+Parser = Callable[[Node, Path], Any]
+_T = TypeVar("_T")
+
+
+class Invalid(Exception):
+    """What a parser raises: every problem of the value it was given, each with its node."""
+
+    def __init__(self, *problems: Problem) -> None:
+        super().__init__(problems)
+        self.problems = list(problems)
+
+
+def fail(node: Node, message: str) -> Invalid:
+    """The one problem of `node` (raise it)."""
+    return Invalid((node, "", message))
+
+
+def under(prefix: str, problems: Iterable[Problem]) -> list[Problem]:
+    """Problems found inside an item or key, with their key paths below `prefix` (`[2]`, `.size`)."""
+    return [(node, prefix + key, message) for node, key, message in problems]
+
+
+def line_of(node: Node) -> int:
+    """The 1-based line a node starts on."""
+    return node.start_mark.line + 1
+
+
+def value_of(node: Node) -> object:
+    """The plain value of a node (and of everything below it), as yaml.safe_load would give it."""
+    try:
+        return SafeConstructor().construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError) as error:
+        problem = error.problem if isinstance(error, yaml.MarkedYAMLError) else error
+        raise fail(node, f"cannot read this value: {problem}") from None
+
+
+def scalar(convert: Callable[[object], object]) -> Parser:
+    """A parser from a function of the plain value that raises ValueError saying what it expected."""
+
+    def parse(node: Node, folder: Path) -> object:
+        try:
+            return convert(value_of(node))
+        except ValueError as error:
+            raise fail(node, str(error)) from None
+
+    return parse
+
+
+def checked(test: Callable[[Any], object], expected: str, convert: Callable[[Any], object] = lambda v: v) -> Parser:
+    """A parser of plain values that pass `test`, converted by `convert`; others are refused as not `expected`."""
+
+    def check(value: object) -> object:
+        if test(value):
+            return convert(value)
+        raise ValueError(f"expected {expected}, got {describe(value)}")
+
+    return scalar(check)
+
+
+def list_of(parse: Callable[[Node, Path], _T], what: str, single: bool = False) -> Callable[[Node, Path], tuple[_T, ...]]:
+    """A parser for a list of items; with `single`, one string item may also stand alone."""
+
+    def parse_list(node: Node, folder: Path) -> tuple[_T, ...]:
+        if single and isinstance(node, ScalarNode) and isinstance(value_of(node), str):
+            return (parse(node, folder),)
+        if not isinstance(node, SequenceNode):
+            raise fail(node, f"expected {what}, got {describe(value_of(node))}")
+        items, problems = [], []
+        for index, item in enumerate(node.value):
+            try:
+                items.append(parse(item, folder))
+            except Invalid as invalid:
+                problems += under(f"[{index}]", invalid.problems)
+        if problems:
+            raise Invalid(*problems)
+        return tuple(items)
+
+    return parse_list
+
+
+def text(node: Node, folder: Path) -> str:
+    """A string; a number is taken as written (`8080`, `1.10`), as it is text to the program anyway."""
+    value = str(node.value) if is_int(number := value_of(node)) or isinstance(number, float) else number
+    if not isinstance(value, str):
+        raise fail(node, f"expected a string, got {describe(value)}")
+    if "\0" in value:
+        raise fail(node, "expected a string without NUL characters")
+    return value
+
+
+def command(node: Node, folder: Path) -> tuple[str, ...]:
+    """An argv: a list of strings, or one string split into words as a shell would (no expansion)."""
+    if isinstance(node, ScalarNode) and isinstance(words := value_of(node), str):
+        try:
+            argv = tuple(shlex.split(words))
+        except ValueError as error:
+            raise fail(node, f"cannot split the command into words: {str(error).lower()}") from None
+    else:
+        argv = list_of(text, "a list of strings or a string")(node, folder)
+    if not argv or not argv[0]:
+        raise fail(node, "expected a program to run, got an empty command")
+    return argv
+
+
+def read_mapping(node: Node, expected: str) -> tuple[dict[str, tuple[Node, Node]], list[Problem]]:
+    """The keys of a mapping node in order; a repeated key is a problem and the first one counts."""
+    if not isinstance(node, MappingNode):
+        raise fail(node, f"expected {expected}, got {describe(value_of(node))}")
+    entries: dict[str, tuple[Node, Node]] = {}
+    problems: list[Problem] = []
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        if not isinstance(key_node, ScalarNode):
+            problems.append((key_node, "", f"expected a plain key, got {describe(value_of(key_node))}"))
+        elif key in entries:
+            problems.append((key_node, f".{key}", f"duplicate key '{key}' (also at line {line_of(entries[key][0])})"))
+        else:
+            entries[key] = (key_node, value_node)
+    return entries, problems
+
+
+def environment(node: Node, folder: Path) -> tuple[tuple[str, str], ...]:
+    """A mapping of variable names to values, in the order written."""
+    entries, problems = read_mapping(node, "a mapping of variable names to values")
+    pairs = []
+    for key, (key_node, value_node) in entries.items():
+        if not key or "=" in key or "\0" in key:
+            problems.append((key_node, f".{key}", f"expected a variable name without '=', got '{key}'"))
+        try:
+            pairs.append((key, text(value_node, folder)))
+        except Invalid as invalid:
+            problems += under(f".{key}", invalid.problems)
+    if problems:
+        raise Invalid(*problems)
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class Required:
+    """The default of a key that must be given."""
+
+    hint: str  # what to write, for the message about the missing key
+
+
+@dataclass(frozen=True)
+class Key:
+    """One row of a key table: how a key's value is read, and what it is when the key is absent."""
+
+    parse: Parser
+    default: object  # a value, Required, or UNIT_NAME
+
+
+UNIT_NAME = object()  # the default of a key that defaults to the unit's name (a socket's service, its fdname)
+
+
+def read_keys(node: Node, table: Mapping[str, Key], folder: Path, what: str) -> tuple[dict[str, Any], list[Problem]]:
+    """The parsed values of the keys present, and the problems of all keys, unknown and missing ones too."""
+    entries, problems = read_mapping(node, what)
+    values: dict[str, Any] = {}
+    for key, (key_node, value_node) in entries.items():
+        if key not in table:
+            close = difflib.get_close_matches(key, list(table), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(table)}"
+            problems.append((key_node, f".{key}", f"unknown key '{key}'; {hint}"))
+            continue
+        try:
+            values[key] = table[key].parse(value_node, folder)
+        except Invalid as invalid:
+            problems += under(f".{key}", invalid.problems)
+    for key, spec in table.items():
+        if key not in entries and isinstance(spec.default, Required):
+            problems.append((node, f".{key}", f"missing key '{key}'; expected {spec.default.hint}"))
+    return values, problems
+
+
+def with_defaults(values: dict[str, Any], table: Mapping[str, Key], name: str) -> dict[str, Any]:
+    """Every key of `table`: its value from `values`, else its default (`name` for UNIT_NAME)."""
+    return {key: values.get(key, name if spec.default is UNIT_NAME else spec.default) for key, spec in table.items()}
+

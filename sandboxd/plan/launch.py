@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sandboxd.errors import SpecError, SpecErrors
-from sandboxd.kernel.linux import CAPABILITIES, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
+from sandboxd.kernel.abi import CAPABILITIES, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 
 if TYPE_CHECKING:  # the fork server imports this module and should stay small: no YAML in it
     from sandboxd.store.images import Image

@@ -65,7 +65,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sandboxd.kernel import linux
+from sandboxd.kernel import abi, linux
 from sandboxd.errors import LaunchError, SandboxdError
 from sandboxd.sandbox.launcher import _confine, _reset_signals, _Step, become_userns_root
 from sandboxd.sandbox.relay import FORWARDED_SIGNALS, Relay
@@ -257,13 +257,13 @@ def _in_sandbox_mount_and_pid_namespace(pidfd: int) -> Iterator[None]:
     the pty) and forks into its pid namespace; afterwards it is back in its own, with its cwd."""
     saved = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in ("/proc/self/ns/mnt", "/proc/self/ns/pid", ".")]
     try:
-        linux.setns(pidfd, linux.CLONE_NEWNS | linux.CLONE_NEWPID)
+        linux.setns(pidfd, abi.CLONE_NEWNS | abi.CLONE_NEWPID)
         try:
             yield
         finally:
             mnt, pid, cwd = saved
-            linux.setns(mnt, linux.CLONE_NEWNS)
-            linux.setns(pid, linux.CLONE_NEWPID)
+            linux.setns(mnt, abi.CLONE_NEWNS)
+            linux.setns(pid, abi.CLONE_NEWPID)
             os.fchdir(cwd)
     finally:
         for fd in saved:
@@ -333,7 +333,7 @@ def _command(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socke
             os.write(fd, b"0")
             os.close(fd)
         step.name = "join the sandbox's namespaces"
-        flags = linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | (linux.CLONE_NEWUSER if in_userns else 0)
+        flags = abi.CLONE_NEWUTS | abi.CLONE_NEWIPC | abi.CLONE_NEWNET | (abi.CLONE_NEWUSER if in_userns else 0)
         linux.setns(pidfd, flags)
         os.close(pidfd)
         if in_userns:

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sandboxd.kernel import linux
+from sandboxd.kernel import abi, linux
 from sandboxd.errors import LaunchError
 from sandboxd.plan.launch import DEVICE_NODES, HOST_IDS, MASK_WITH_MOUNTPOINTS, SANDBOX_TMPFS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, MountOp, is_under, swapped_id_map
 # Imported here, never in the child: an import there, as the host's root and after pivot_root,
@@ -105,7 +105,7 @@ def detached_dev(owner: tuple[int, int] | None) -> int:
                 _DEVICE_NUMBERS[node] = os.stat(f"/dev/{node}").st_rdev
             except FileNotFoundError:
                 continue
-    dev = linux.detached_mount("tmpfs", linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NOEXEC, (("mode", "0755"), ("size", "64k")))
+    dev = linux.detached_mount("tmpfs", abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NOEXEC, (("mode", "0755"), ("size", "64k")))
     try:
         for node, number in _DEVICE_NUMBERS.items():
             os.mknod(node, stat.S_IFCHR | 0o666, number, dir_fd=dev)
@@ -128,10 +128,10 @@ def _mount_dev(dev: str, detach_covered: Callable[[str], None], tree: int) -> No
     detach_covered(dev)
     linux.move_mount(tree, dev)
     os.close(tree)
-    linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    linux.mount("devpts", f"{dev}/pts", "devpts", abi.MS_NOSUID | abi.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
 
 
-READONLY = linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
+READONLY = abi.MOUNT_ATTR_RDONLY | abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV
 _FRESH_IN_SANDBOX = {"proc", "dev", "tmp", "run"}
 OLD_ROOT = "/run/.sbd-oldroot"  # on the sandbox's own /run tmpfs, removed before exec
 
@@ -140,7 +140,7 @@ def _host_root_on_tmpfs(root: str, fresh: set[str]) -> None:
     """A root of its own: a tmpfs with the host's top-level entries bound (or linked) into it,
     except those in `fresh` (sandboxd mounts its own there: the host's would only be covered, and
     still listed in /proc/self/mountinfo)."""
-    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=64k")
+    linux.mount("tmpfs", root, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, "mode=0755,size=64k")
     for entry in os.scandir("/"):
         path = f"{root}/{entry.name}"
         if entry.is_symlink():
@@ -148,10 +148,10 @@ def _host_root_on_tmpfs(root: str, fresh: set[str]) -> None:
         elif entry.is_dir():
             os.mkdir(path)
             if entry.name not in fresh:
-                linux.mount(entry.path, path, None, linux.MS_BIND | linux.MS_REC)
+                linux.mount(entry.path, path, None, abi.MS_BIND | abi.MS_REC)
         else:
             _ensure_mountpoint(path, is_dir=False)
-            linux.mount(entry.path, path, None, linux.MS_BIND)
+            linux.mount(entry.path, path, None, abi.MS_BIND)
 
 
 def _image_root(root: str, tree: int, source: str) -> None:
@@ -159,7 +159,7 @@ def _image_root(root: str, tree: int, source: str) -> None:
     user namespace) as the lower layer of an overlay on `root`, the upper layer on a tmpfs of this
     mount namespace (systemd-nspawn's --volatile=overlay): writes are charged to the sandbox's
     memory cgroup and vanish with the namespace, with nothing to clean up."""
-    linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
+    linux.mount("tmpfs", root, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, "mode=0755")
     os.mkdir(f"{root}/upper", 0o755)
     os.mkdir(f"{root}/work", 0o700)
     # The overlay's options show in /proc/self/mountinfo as they are written: the layers are named
@@ -171,7 +171,7 @@ def _image_root(root: str, tree: int, source: str) -> None:
     os.close(tree)
     os.chdir(root)
     options = f"lowerdir=lower{source},upperdir=upper,workdir=work"
-    linux.mount("overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV, options)
+    linux.mount("overlay", root, "overlay", abi.MS_NOSUID | abi.MS_NODEV, options)
     # What sandboxd mounts before pivot_root goes on these; a symlink would lead onto the host.
     for top in _FRESH_IN_SANDBOX | {"sys"}:
         path = f"{root}/{top}"
@@ -194,7 +194,7 @@ def detached_bind(held_fd: int, source: str) -> int:
     open_tree may copy only mounts of the caller's own namespace, which a sandbox has left."""
     tree = linux.clone_mount_tree(held_fd, source)
     try:
-        linux.mount_setattr(tree, 0, propagation=linux.MS_PRIVATE, name=source)
+        linux.mount_setattr(tree, 0, propagation=abi.MS_PRIVATE, name=source)
     except OSError:
         os.close(tree)
         raise
@@ -210,7 +210,7 @@ def _attach_bind(tree: int, target: str, readonly: bool) -> None:
     if readonly:
         linux.mount_setattr(target, READONLY)
     else:
-        linux.mount_setattr(target, linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV, linux.MOUNT_ATTR_RDONLY)
+        linux.mount_setattr(target, abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV, abi.MOUNT_ATTR_RDONLY)
 
 
 def _detach_covered(target: str, locked: bool) -> None:
@@ -227,7 +227,7 @@ def _detach_covered(target: str, locked: bool) -> None:
     if os.stat(target).st_dev == os.stat(os.path.dirname(target)).st_dev:
         return  # no mount of its own here (or a bind of the parent's file system, left as it is)
     try:
-        linux.umount2(target, linux.MNT_DETACH)
+        linux.umount2(target, abi.MNT_DETACH)
     except OSError as e:
         if not (locked and e.errno in (errno.EINVAL, errno.EPERM)):
             raise
@@ -251,7 +251,7 @@ def _build_root(
     order of steps). `locked`: in a user namespace (see _detach_covered).
     """
     step.name = "make / private"
-    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount(None, "/", None, abi.MS_REC | abi.MS_PRIVATE)
     in_place = mounts[0].kind == "rbind-root" and mounts[0].options == "in-place"
     if in_place:
         root = ""
@@ -275,7 +275,7 @@ def _build_root(
             case "rbind-root" if in_place:
                 linux.mount_setattr("/", READONLY)
             case "rbind-root":
-                linux.mount(op.source, root, None, linux.MS_BIND | linux.MS_REC)
+                linux.mount(op.source, root, None, abi.MS_BIND | abi.MS_REC)
                 linux.mount_setattr(root, READONLY)
             case "tmpfs-root":
                 _host_root_on_tmpfs(root, fresh)
@@ -287,34 +287,34 @@ def _build_root(
                 _seal(root, pending_seal)
                 pending_seal = False
                 detach_covered(target)
-                linux.mount("proc", target, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+                linux.mount("proc", target, "proc", abi.MS_NOSUID | abi.MS_NODEV | abi.MS_NOEXEC)
             case "sysfs" if op.options == SYSFS_OF_NETNS:
                 detach_covered(target)
                 linux.move_mount(sysfs_tree, target)
             case "sysfs":
                 # Its own sysfs, read-only: /sys/class/net shows the sandbox's links, not the host's.
                 detach_covered(target)
-                linux.mount("sysfs", target, "sysfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+                linux.mount("sysfs", target, "sysfs", abi.MS_RDONLY | abi.MS_NOSUID | abi.MS_NODEV | abi.MS_NOEXEC)
             case "mask" if op.options == MASK_WITH_MOUNTPOINTS:
                 if os.path.isdir(target):
                     # Writable until the mounts below it have their mount points, then sealed.
-                    linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=0755,size=64k")
+                    linux.mount("tmpfs", target, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV | abi.MS_NOEXEC, "mode=0755,size=64k")
                     masks_to_seal.append(op.target)
             case "mask":
                 if os.path.isdir(target):
-                    linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=0755,size=0")
+                    linux.mount("tmpfs", target, "tmpfs", abi.MS_RDONLY | abi.MS_NOSUID | abi.MS_NODEV | abi.MS_NOEXEC, "mode=0755,size=0")
                 elif os.path.lexists(target):
                     # The sandbox's own /dev/null (made before the masks), as runc does.
-                    linux.mount(f"{root}/dev/null", target, None, linux.MS_BIND)
+                    linux.mount(f"{root}/dev/null", target, None, abi.MS_BIND)
             case "readonly":
                 if os.path.lexists(target):
-                    linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
+                    linux.mount(target, target, None, abi.MS_BIND | abi.MS_REC)
                     linux.mount_setattr(target, READONLY)
             case "dev":
                 _mount_dev(target, detach_covered, dev_tree)
             case "tmpfs" if op.target in SANDBOX_TMPFS:
                 detach_covered(target)
-                linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options or None)
+                linux.mount("tmpfs", target, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, op.options or None)
             case "tmpfs":
                 binds.append((op, -1))  # a tmpfs the spec asked for: made inside, after pivot_root
             case "bind":
@@ -339,7 +339,7 @@ def _build_root(
         if op.kind == "tmpfs":
             step.name = f"mount tmpfs on {op.target}"
             _ensure_mountpoint(target, is_dir=True)
-            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, op.options)
+            linux.mount("tmpfs", target, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, op.options)
             continue
         step.name = f"bind {op.source} on {op.target}"
         _attach_bind(fd, target, op.readonly)
@@ -350,10 +350,10 @@ def _build_root(
     if seal_image:
         step.name = "make the image's root read-only"
         # Only the overlay itself: the mounts on it (/tmp, /run, writable binds) keep their flags.
-        linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+        linux.mount(None, "/", None, abi.MS_REMOUNT | abi.MS_BIND | abi.MS_RDONLY | abi.MS_NOSUID | abi.MS_NODEV)
     if not in_place:
         step.name = "detach the host's root"
-        linux.umount2(OLD_ROOT, linux.MNT_DETACH)
+        linux.umount2(OLD_ROOT, abi.MNT_DETACH)
         os.rmdir(OLD_ROOT)
 
 
@@ -375,20 +375,20 @@ def _confine(seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: b
     if seccomp_filter:
         step.name = "install the seccomp filter"
         if no_new_privs:
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+            linux.prctl(abi.PR_SET_NO_NEW_PRIVS, 1)
         linux.install_seccomp(bytes.fromhex(seccomp_filter))
     step.name = "drop capabilities"
     linux.drop_bounding_set(set(capabilities))
     if uid or gid:
         step.name = f"become uid {uid} gid {gid}"
-        linux.prctl(linux.PR_SET_KEEPCAPS, 1)  # permitted capabilities survive setuid; effective are set again below
+        linux.prctl(abi.PR_SET_KEEPCAPS, 1)  # permitted capabilities survive setuid; effective are set again below
         os.setgroups([gid])
         os.setgid(gid)
         os.setuid(uid)
     step.name = "set capabilities"
     linux.keep_only_capabilities(set(capabilities))
     if no_new_privs:
-        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        linux.prctl(abi.PR_SET_NO_NEW_PRIVS, 1)
 
 
 def _reset_signals() -> None:
@@ -425,7 +425,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
                 f.write("0")
         if netns_fd >= 0:
             step.name = "join the service's network namespace"
-            linux.setns(netns_fd, linux.CLONE_NEWNET)
+            linux.setns(netns_fd, abi.CLONE_NEWNET)
             os.close(netns_fd)
         step.name = "create namespaces"
         linux.unshare(plan.clone_flags)
@@ -440,7 +440,7 @@ def run_sandbox(request: dict[str, Any], status_fd: int, output_fd: int, socket_
         init_fd = fcntl.fcntl(init_fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socket_fds))  # clear of fds 3..
         _build_root(request["root"], plan.mounts, step, trees or [], bool(plan.userns), request.get("image_tree", -1), request.get("sysfs_tree", -1), request["dev_tree"])
         step.name = "set hostname"
-        if plan.clone_flags & linux.CLONE_NEWUTS:  # never the host's
+        if plan.clone_flags & abi.CLONE_NEWUTS:  # never the host's
             socket.sethostname(plan.hostname)
         if plan.net == "private":
             step.name = "bring up lo"
@@ -509,7 +509,7 @@ def _die_with_parent(parent: int) -> None:
     of a user namespace, or the service's user). `parent` is what getppid() said right after the
     fork (0 when the parent is outside a pid namespace joined); if the parent died before this,
     the child was given to another and getppid() says so."""
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    linux.prctl(abi.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(EXIT_UNEXPECTED)
 
@@ -582,7 +582,7 @@ def run_proxy(request: dict[str, Any], status_fd: int, output_fd: int, fds: list
     target = rest.pop(0) if request.get("unix_target") else -1
 
     def join() -> bool:
-        linux.setns(pidfd, linux.CLONE_NEWNET)
+        linux.setns(pidfd, abi.CLONE_NEWNET)
         return False
 
     def run(_in_userns: bool, parent: int) -> None:
@@ -608,7 +608,7 @@ def serve(conn: socket.socket) -> NoReturn:
         # Children of this process must not copy pages: the collector would touch every object.
         gc.disable()
         gc.freeze()
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        linux.prctl(abi.PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -780,7 +780,7 @@ def _fork_sandbox(conn: socket.socket, request: dict[str, Any], fds: list[int], 
 def _idmap(tree: int, userns: int, source: str) -> None:
     """Idmap a detached copy through `userns`; say plainly when its file system cannot be."""
     try:
-        linux.mount_setattr(tree, linux.MOUNT_ATTR_IDMAP, userns_fd=userns, name=source)
+        linux.mount_setattr(tree, abi.MOUNT_ATTR_IDMAP, userns_fd=userns, name=source)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
@@ -822,7 +822,7 @@ def _storage_userns(ids: dict[str, int]) -> int:
         try:
             os.close(done_w)  # else the read below never sees the end
             os.close(ready_r)
-            linux.unshare(linux.CLONE_NEWUSER)
+            linux.unshare(abi.CLONE_NEWUSER)
             os.write(ready_w, b"1")
             os.read(done_r, 1)
         finally:
@@ -864,10 +864,10 @@ def _fork_in_user_namespace(
     pid, pidfd, sysfs = -1, -1, -1
     try:
         if netns_fd >= 0:
-            linux.setns(netns_fd, linux.CLONE_NEWNET)
+            linux.setns(netns_fd, abi.CLONE_NEWNET)
         try:
             if netns_fd >= 0 and any(op["kind"] == "sysfs" and op["options"] == SYSFS_OF_NETNS for op in request["plan"]["mounts"]):
-                sysfs = request["sysfs_tree"] = linux.detached_mount("sysfs", READONLY | linux.MOUNT_ATTR_NOEXEC)
+                sysfs = request["sysfs_tree"] = linux.detached_mount("sysfs", READONLY | abi.MOUNT_ATTR_NOEXEC)
             # The new user namespace's owner is whoever's effective ids clone it. The kernel
             # counts what its processes hold (inotify instances, user namespaces ...) against
             # their user inside and against that owner outside, and a process of the host's
@@ -879,14 +879,14 @@ def _fork_in_user_namespace(
             os.seteuid(ids["uid"] + ids["count"] - 1)
             try:
                 linux.raise_effective_capabilities()
-                pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, linux.CLONE_NEWPID | linux.CLONE_NEWUSER)
+                pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, abi.CLONE_NEWPID | abi.CLONE_NEWUSER)
             finally:
                 if pid != 0:
                     os.seteuid(0)  # the effective capabilities come back with it
                     os.setegid(0)
         finally:
             if netns_fd >= 0 and pid != 0:
-                linux.setns(own_netns, linux.CLONE_NEWNET)
+                linux.setns(own_netns, abi.CLONE_NEWNET)
         if pid == 0:
             os.close(wait_w)
             if os.read(wait_r, 1) != b"1":
@@ -925,12 +925,12 @@ def _fork_sandbox_init(cgroup_fd: int, own_pidns: int) -> int:
     global _clone3_works
     if _clone3_works:
         try:
-            return linux.fork_into_cgroup(cgroup_fd, linux.CLONE_NEWPID)
+            return linux.fork_into_cgroup(cgroup_fd, abi.CLONE_NEWPID)
         except OSError as e:
             if e.errno not in (errno.ENOSYS, errno.E2BIG, errno.EINVAL):
                 raise
             _clone3_works = False  # an older kernel: fork, then join the cgroup in the child
-    linux.unshare(linux.CLONE_NEWPID)
+    linux.unshare(abi.CLONE_NEWPID)
     pid = -1
     try:
         pid = os.fork()
@@ -941,7 +941,7 @@ def _fork_sandbox_init(cgroup_fd: int, own_pidns: int) -> int:
     finally:
         if pid != 0:
             # Back to our own namespace for children, so the next unshare(CLONE_NEWPID) works.
-            linux.setns(own_pidns, linux.CLONE_NEWPID)
+            linux.setns(own_pidns, abi.CLONE_NEWPID)
 
 
 def _reap(conn: socket.socket, children: dict[int, int]) -> None:
@@ -991,14 +991,14 @@ class ForkServer:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            linux.unshare(linux.CLONE_NEWPID)
+            linux.unshare(abi.CLONE_NEWPID)
             try:
                 pid = os.fork()
                 if pid == 0:
                     parent.close()
                     serve(child)
             finally:
-                linux.setns(own_pidns, linux.CLONE_NEWPID)
+                linux.setns(own_pidns, abi.CLONE_NEWPID)
         finally:
             os.close(own_pidns)
         child.close()

@@ -782,7 +782,7 @@ def _seccomp(node: Node, folder: Path) -> Literal["default", "unconfined"] | tup
 
 
 def _capability(value: object) -> str:
-    from sandboxd.kernel.linux import CAPABILITIES
+    from sandboxd.kernel.abi import CAPABILITIES
 
     name = str(value).upper().removeprefix("CAP_") if isinstance(value, str) else ""
     if name not in CAPABILITIES:

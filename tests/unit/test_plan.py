@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
+from sandboxd.kernel.abi import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, UserNamespace, plan_stack
 from sandboxd.spec.model import load_stack
 

@@ -10,7 +10,7 @@ import signal
 import time
 
 from sandboxd.errors import LaunchError
-from sandboxd.sandbox.launcher import read_status
+from sandboxd.sandbox.handle import read_status
 from sandboxd.daemon.restart import classify
 from sandboxd.daemon.runtime import Instance, ServiceRuntime, State, SupervisorBase
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from sandboxd.kernel import linux
 from sandboxd.errors import HostError, LaunchError
-from sandboxd.sandbox.launcher import read_status
+from sandboxd.sandbox.handle import read_status
 from sandboxd.kernel.seccomp import BIND
 from sandboxd.daemon.runtime import ALIVE, ServiceRuntime, State, SupervisorBase
 from sandboxd.spec.model import Address, Socket, hands_off

@@ -10,7 +10,7 @@ import signal
 import time
 
 from sandboxd.errors import LaunchError
-from sandboxd.sandbox.launcher import read_status
+from sandboxd.sandbox.handle import read_status
 from sandboxd.daemon.notify import Message, host_pid, main_pid_of
 from sandboxd.plan.launch import LaunchPlan
 from sandboxd.daemon.restart import Outcome, classify

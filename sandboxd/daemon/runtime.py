@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from sandboxd.host.cgroups import Cgroup, CgroupManager
 from sandboxd.daemon.console import Console
 from sandboxd.errors import LaunchError
-from sandboxd.sandbox.launcher import ForkServer
+from sandboxd.sandbox.handle import ForkServer
 from sandboxd.daemon.notify import NotifySocket
 from sandboxd.plan.launch import LaunchPlan, UserNamespace
 from sandboxd.daemon.restart import Outcome, StartLimiter

@@ -47,7 +47,8 @@ from sandboxd.cli.client import alive as _alive
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.control import ControlServer
 from sandboxd.errors import HostError, LaunchError
-from sandboxd.sandbox.launcher import ForkServer, read_status
+from sandboxd.sandbox.handle import ForkServer, read_status
+from sandboxd.sandbox.protocol import ForkFailed
 from sandboxd.daemon.logs import LogFiles
 from sandboxd.daemon.notify import NotifySocket
 from sandboxd.daemon.operations import Operations
@@ -423,34 +424,31 @@ class Supervisor(Readiness, Activation, Operations, Proxies):
     def _on_fork_server_message(self) -> None:
         assert self.fork_server is not None
         try:
-            data = self.fork_server.conn.recv(65536)
+            reply = self.fork_server.receive()
         except BlockingIOError:
             return
-        if not data:
+        if reply is None:
             asyncio.get_running_loop().remove_reader(self.fork_server.conn)
             self.console.note("the fork server died; stopping")
             for rt in self.services.values():
                 rt.cgroup.kill()
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        message = json.loads(data)
-        launch_id: int = message.get("exit", message.get("failed"))
+        launch_id = reply.id
         if launch_id in self.commands:
             if not self.commands[launch_id].done():
-                self.commands[launch_id].set_result(message.get("status", 127 << 8))
+                self.commands[launch_id].set_result(reply.wait_status)
             return
         instance = self.instances.pop(launch_id, None)
         if instance is not None:
-            self._on_instance_exit(instance, message.get("status", 127 << 8))
+            self._on_instance_exit(instance, reply.wait_status)
             return
         launched = self.by_launch.pop(launch_id, None)
         if launched is None:
             return
-        if "failed" in message:
-            launched.launch_error = LaunchError(launched.spec.name, "fork", message["detail"])
-            self._on_exit(launched, 127 << 8)
-        else:
-            self._on_exit(launched, message["status"])
+        if isinstance(reply, ForkFailed):
+            launched.launch_error = LaunchError(launched.spec.name, "fork", reply.detail)
+        self._on_exit(launched, reply.wait_status)
 
     def _on_exit(self, rt: ServiceRuntime, status: int) -> None:
         if rt.channel is not None:

@@ -3,7 +3,7 @@
 A plan is plain data. It says which namespaces to create, which mounts to make inside the new
 root (in order), which descriptors the service gets and under which names, and the exact
 environment. `plan_stack` is pure apart from asking `exists` whether a mount target is present in
-the image, so it is unit-tested without root; the launcher only walks the list.
+the image, so it is unit-tested without root; the sandbox child (sandbox/child.py) only walks the list.
 
 Descriptor order (documented in the README): the socket units feeding a service, sorted by unit
 name, and within one unit its `listen` entries in the order written. Fds start at 3.
@@ -15,9 +15,9 @@ import ipaddress
 import os
 import posixpath
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from sandboxd.errors import SpecError, SpecErrors
 from sandboxd.kernel.abi import CAPABILITIES, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
@@ -124,33 +124,6 @@ class LaunchPlan:
     uid: int = 0
     gid: int = 0
     userns: UserNamespace | None = None  # None: the host's user namespace (`userns: false`)
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_wire(data: dict[str, Any]) -> LaunchPlan:
-        return LaunchPlan(
-            service=data["service"],
-            argv=tuple(data["argv"]),
-            env=tuple((k, v) for k, v in data["env"]),
-            hostname=data["hostname"],
-            workdir=data["workdir"],
-            clone_flags=data["clone_flags"],
-            mounts=tuple(MountOp(**m) for m in data["mounts"]),
-            fd_names=tuple(data["fd_names"]),
-            fd_sockets=tuple((s, i) for s, i in data["fd_sockets"]),
-            proxied=tuple((s, i) for s, i in data["proxied"]),
-            intercept_bind=data["intercept_bind"],
-            net=data["net"],
-            per_connection=data["per_connection"],
-            capabilities=tuple(data["capabilities"]),
-            no_new_privs=data["no_new_privs"],
-            seccomp_filter=data["seccomp_filter"],
-            uid=data["uid"],
-            gid=data["gid"],
-            userns=UserNamespace(**data["userns"]) if data["userns"] else None,
-        )
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ outlives sandboxd.
             ◀──Exited(id, status)── waitpid()
 
 The messages are protocol.py's; RunCommand and StartProxy fork into a running sandbox (join.py).
-Whether the kernel forks into a cgroup (clone3 CLONE_INTO_CGROUP) is probed once, at the first
-sandbox (`linux.clone_into_cgroup_works`); without it the child joins its cgroup after a fork.
+Whether the kernel forks into a cgroup (clone3 CLONE_INTO_CGROUP) is probed once, when the fork
+server starts (`linux.clone_into_cgroup_works`); without it the child joins its cgroup after a fork.
 
 The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
 server copies it once into a sealed, execute-only memfd (`detached.sealed_copy`), and every
@@ -58,7 +58,7 @@ from sandboxd.sandbox.child import EXIT_SETUP_FAILED, EXIT_UNEXPECTED, READONLY,
 from sandboxd.sandbox.confine import Step
 from sandboxd.sandbox.detached import detached_bind, detached_dev, host_pid, idmap, sealed_copy, storage_userns
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
-from sandboxd.sandbox.protocol import Exited, ForkFailed, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode
+from sandboxd.sandbox.protocol import Exited, ForkFailed, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -73,6 +73,8 @@ def serve(conn: socket.socket) -> NoReturn:
         linux.prctl(abi.PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        make_decoders()
+        linux.clone_into_cgroup_works()  # probed now, once, rather than at the first sandbox
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -214,6 +214,13 @@ def decode_status(data: bytes) -> Status:
     return message
 
 
+def make_decoders() -> None:
+    """Make every message's decoder now, rather than at the first message of its type (the fork
+    server is forked with them made)."""
+    for cls in _KINDS.values():
+        _decoder(cls)
+
+
 # ── the generic codec ──
 
 
@@ -248,22 +255,29 @@ Decoder = Callable[[Wire], object]
 def _decoder(hint: object) -> Decoder:
     """A decoder for values of type hint `hint`, made once per hint (the fork server decodes a
     plan per launch: no hint is looked at twice)."""
-    if hint in (int, str, bool, float):
+    if hint in _SCALARS:
         return _scalar(typing.cast(type, hint))
-    if hint is type(None):
-        return _scalar(type(None))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _dataclass(hint)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return _sequence(_decoder(args[0]))
+        return _sequence(_decoder(args[0]), _scalar_type(args[0]))
     if origin is tuple:
-        return _fixed_tuple(tuple(_decoder(a) for a in args))
+        return _fixed_tuple(tuple(_decoder(a) for a in args), tuple(_scalar_type(a) for a in args))
     if origin is Literal:
         return _literal(args)
     if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
         return _optional(_decoder(next(a for a in args if a is not type(None))))
     raise TypeError(f"no wire form for {hint!r}")
+
+
+_SCALARS = (int, str, bool, float, type(None))
+
+
+def _scalar_type(hint: object) -> type | None:
+    """The type a value of `hint` has on the wire exactly as decoded, if it is a scalar's: a
+    decoder takes such a value as it is, without a call per value."""
+    return typing.cast(type, hint) if hint in _SCALARS else None
 
 
 def _scalar(cls: type) -> Decoder:
@@ -276,20 +290,20 @@ def _scalar(cls: type) -> Decoder:
     return decode
 
 
-def _sequence(item: Decoder) -> Decoder:
+def _sequence(item: Decoder, scalar: type | None) -> Decoder:
     def decode(wire: Wire) -> object:
         if not isinstance(wire, list):
             raise ProtocolError(f"expected an array, got {wire!r}")
-        return tuple(item(v) for v in wire)
+        return tuple(v if type(v) is scalar else item(v) for v in wire)
 
     return decode
 
 
-def _fixed_tuple(items: tuple[Decoder, ...]) -> Decoder:
+def _fixed_tuple(items: tuple[Decoder, ...], scalars: tuple[type | None, ...]) -> Decoder:
     def decode(wire: Wire) -> object:
         if not isinstance(wire, list) or len(wire) != len(items):
             raise ProtocolError(f"expected an array of {len(items)}, got {wire!r}")
-        return tuple(item(v) for item, v in zip(items, wire))
+        return tuple(v if type(v) is scalar else item(v) for item, scalar, v in zip(items, scalars, wire))
 
     return decode
 
@@ -312,23 +326,30 @@ def _optional(inner: Decoder) -> Decoder:
 
 def _dataclass(cls: type) -> Decoder:
     hints = typing.get_type_hints(cls)
-    fields = [(f.name, _decoder(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING) for f in dataclasses.fields(cls)]
-    known = {name for name, _, _ in fields}
+    fields = [
+        (f.name, _scalar_type(hints[f.name]), _decoder(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+    ]
+    known = {name for name, _, _, _ in fields}
 
     def decode(wire: Wire) -> object:
         if not isinstance(wire, dict):
             raise ProtocolError(f"expected an object for {cls.__name__}, got {wire!r}")
-        if not known.issuperset(wire):
-            raise ProtocolError(f"{cls.__name__} has no field {sorted(set(wire) - known)}")
-        values = {}
-        for name, field_decoder, required in fields:
+        values: dict[str, object] = {}
+        for name, scalar, field_decoder, required in fields:
             if name in wire:
+                value = wire[name]
+                if type(value) is scalar:
+                    values[name] = value
+                    continue
                 try:
-                    values[name] = field_decoder(wire[name])
+                    values[name] = field_decoder(value)
                 except ProtocolError as e:
                     raise ProtocolError(f"{cls.__name__}.{name}: {e}") from None
             elif required:
                 raise ProtocolError(f"{cls.__name__} lacks its field {name}")
+        if len(values) != len(wire):
+            raise ProtocolError(f"{cls.__name__} has no field {sorted(set(wire) - known)}")
         return cls(**values)
 
     return decode

@@ -1,6 +1,7 @@
 """The fork server's protocol: what the supervisor, the fork server and a sandbox say to each other.
 
-Three channels, each a SOCK_SEQPACKET pair (one message per datagram, descriptors beside it):
+Two kinds of channel, each a SOCK_SEQPACKET pair (one message per datagram, descriptors beside
+it): the fork server's socket, for its life, and a status channel per request:
 
     supervisor (handle.py)                 fork server (forkserver.py)         child (child.py, join.py)
     ──────────────────────                 ───────────────────────────         ─────────────────────────

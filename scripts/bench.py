@@ -64,7 +64,7 @@ What is measured, and how:
 4. Memory with 100 services running (sandboxd, then separately the baseline and each peer, each
    until all 100 accept, then after a 1 s settle): sandboxd's own RSS (VmRSS) and PSS
    (smaps_rollup), of `sandboxd up` (the supervisor) and of its fork server (its direct child, a
-   fork of it or the lean interpreter running sandboxd.sandbox.launcher's serve_fd) each, and both
+   fork of it that is pid 1 of a pid namespace of its own) each, and both
    together. Extra memory per sandbox: the mean PSS of the sandbox inits (dumb-init, the children
    of the fork server), and the sum of PSS of every process in the stack's service cgroups / N
    minus the sum of PSS of the baseline's N programs / N; for each peer, the sum of PSS of every
@@ -599,9 +599,13 @@ def cmdline(pid: int) -> bytes:
 
 
 def is_fork_server(pid: int, sandboxd: int) -> bool:
-    """A child of sandboxd that is its fork server: a fork of it, or the lean interpreter running serve_fd."""
-    own = cmdline(pid)
-    return own == cmdline(sandboxd) or b"sandboxd.sandbox.launcher import serve_fd" in own
+    """A child of sandboxd that is its fork server: a fork of it (the same command line) that is
+    pid 1 of a pid namespace of its own (sandboxd.sandbox.handle.ForkServer.start)."""
+    if cmdline(pid) != cmdline(sandboxd):
+        return False
+    status = Path(f"/proc/{pid}/status").read_text()
+    nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    return len(nspid) > 1 and nspid[-1] == "1"
 
 
 def sandboxd_processes(run: Running) -> list[int]:

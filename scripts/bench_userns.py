@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import shutil
@@ -32,7 +31,8 @@ TARGET_MS = 0.5
 
 
 def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) -> float:
-    from sandboxd.sandbox.launcher import ForkServer, read_status
+    from sandboxd.sandbox.handle import ForkServer, read_status
+    from sandboxd.sandbox.protocol import Exited, ForkFailed
 
     assert isinstance(fork_server, ForkServer)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -56,10 +56,10 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
             if kind == "done":
                 break
         while True:  # its exit, before the next launch
-            message = json.loads(fork_server.conn.recv(65536))
-            if message.get("failed") == launch_id:
-                raise RuntimeError(f"a launch failed: {message['detail']}")
-            if message.get("exit") == launch_id:
+            reply = fork_server.receive()
+            if isinstance(reply, ForkFailed) and reply.id == launch_id:
+                raise RuntimeError(f"a launch failed: {reply.detail}")
+            if isinstance(reply, Exited) and reply.id == launch_id:
                 break
     finally:
         channel.close()
@@ -71,7 +71,7 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
 
 def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> list[str]:
     from sandboxd.host.cgroups import cgroup_manager, detect
-    from sandboxd.sandbox.launcher import ForkServer
+    from sandboxd.sandbox.handle import ForkServer
     from sandboxd.host.prepare import make_plans
     from sandboxd.spec.load import load_stack
     from sandboxd.host.subids import lease

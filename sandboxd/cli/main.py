@@ -80,7 +80,7 @@ def _up(args: argparse.Namespace) -> int:
     limits = enforceable_limits(stack, host)
     create(stack, plans)  # the last check is done: from here on things are made
     clean_stale()
-    from sandboxd.sandbox.launcher import ForkServer
+    from sandboxd.sandbox.handle import ForkServer
 
     from sandboxd.host.pins import pin_mounts
 
@@ -371,7 +371,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     out = {
         "stack": dataclasses.asdict(stack),  # type: ignore[call-overload]
-        "plans": {name: plan.to_wire() for name, plan in plans.items()},  # type: ignore[attr-defined]
+        "plans": {name: dataclasses.asdict(plan) for name, plan in plans.items()},  # type: ignore[attr-defined]
         # What each service's cgroup gets: its limits, and the default process limit unless it sets one.
         "limits": {s.name: dataclasses.asdict(s.limits.with_defaults()) for s in stack.services},  # type: ignore[attr-defined]
     }

@@ -25,7 +25,7 @@ from sandboxd.daemon.tasks import Background
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import CgroupManager
 from sandboxd.plan.environment import with_descriptors
-from sandboxd.sandbox.launcher import read_status
+from sandboxd.sandbox.handle import read_status
 
 
 class Activation:

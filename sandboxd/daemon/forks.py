@@ -5,8 +5,10 @@ sandbox, a proxy) has an id; the fork server reports how it ended on its connect
 
     supervisor                                  fork server
     ──────────  request id N (+ descriptors) ─▶  forks; the child reports on its status channel
-                ◀─ {"exit": N, "status": S}     the child's wait status, when it was reaped
-                ◀─ {"failed": N, "detail": T}   it could not even fork
+                ◀─ Exited(N, status)           the child's wait status, when it was reaped
+                ◀─ ForkFailed(N, detail)       it could not even fork
+
+(the messages are sandbox/protocol.py's replies)
 
 `send` sends one request and `ended` is the one coroutine that awaits its end, whoever asked.
 """
@@ -14,7 +16,6 @@ sandbox, a proxy) has an id; the fork server reports how it ended on its connect
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 
 from sandboxd.daemon.runtime import ServiceRuntime, command_env
 from sandboxd.errors import LaunchError
-from sandboxd.sandbox.launcher import ForkServer, read_status
+from sandboxd.sandbox.handle import ForkServer, read_status
+from sandboxd.sandbox.protocol import NOT_FORKED, ForkFailed
 
-NOT_FORKED = 127 << 8  # the wait status a request gets when the fork server could not fork
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,16 @@ class ForkServerLink:
     def _on_message(self, on_death: Callable[[], None]) -> None:
         assert self.server is not None
         try:
-            data = self.server.conn.recv(65536)
+            reply = self.server.receive()
         except BlockingIOError:
             return
-        if not data:
+        if reply is None:
             self.close()
             on_death()
             return
-        message = json.loads(data)
-        end = self.pending.get(message.get("exit", message.get("failed")))
+        end = self.pending.get(reply.id)
         if end is not None and not end.done():
-            end.set_result(Ended(message.get("status", NOT_FORKED), str(message["detail"]) if "failed" in message else ""))
+            end.set_result(Ended(reply.wait_status, reply.detail if isinstance(reply, ForkFailed) else ""))
 
     async def run_inside(self, rt: ServiceRuntime, argv: list[str], timeout: float, output_fd: int = -1) -> int | None:
         """Run a command inside a running sandbox (its namespaces, cgroups and confinement) and wait

@@ -20,7 +20,7 @@ from sandboxd.daemon.states import FINAL, Event, State
 from sandboxd.daemon.stopping import signal_init
 from sandboxd.daemon.tasks import Background
 from sandboxd.errors import LaunchError
-from sandboxd.sandbox.launcher import read_status
+from sandboxd.sandbox.handle import read_status
 
 
 class Lifecycle:

@@ -39,7 +39,7 @@ from sandboxd.errors import LaunchError
 from sandboxd.host.facts import proxy_binary
 from sandboxd.host.listening import listening
 from sandboxd.kernel import linux
-from sandboxd.sandbox.launcher import read_status
+from sandboxd.sandbox.handle import read_status
 from sandboxd.spec.model import Address, Socket
 
 POLL_FIRST = 0.005  # seconds between looks while the program starts; growing to POLL_MAX

@@ -62,7 +62,7 @@ from sandboxd.errors import HostError
 from sandboxd.host.cgroups import CgroupHost, cgroup_manager
 from sandboxd.host.pins import SourceFds
 from sandboxd.plan.launch import LaunchPlan
-from sandboxd.sandbox.launcher import ForkServer
+from sandboxd.sandbox.handle import ForkServer
 from sandboxd.spec.model import Limits, Stack
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sandboxd.kernel import linux
+from sandboxd.kernel import abi, linux
 from sandboxd.host.paths import RUNTIME_ROOT
 from sandboxd.host.paths import alive as _alive
 from sandboxd.errors import HostError
@@ -55,7 +55,7 @@ class Namespaces:
         """A new network namespace. `for_userns`: its service runs in a user namespace of its own,
         whose capabilities do not count in a namespace owned by the host's (this one): it may bind
         ports below 1024 and open ICMP echo sockets without them, as docker sets it by default."""
-        linux.unshare(linux.CLONE_NEWNET)
+        linux.unshare(abi.CLONE_NEWNET)
         try:
             fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             if loopback:
@@ -65,7 +65,7 @@ class Namespaces:
                     with open(f"/proc/sys/net/ipv4/{name}", "w") as f:  # this thread's namespace
                         f.write(value)
         finally:
-            linux.setns(self.host, linux.CLONE_NEWNET)
+            linux.setns(self.host, abi.CLONE_NEWNET)
         self.fds[key] = fd
         return fd
 
@@ -75,11 +75,11 @@ class Namespaces:
         if key is None:
             yield
             return
-        linux.setns(self.fds[key], linux.CLONE_NEWNET)
+        linux.setns(self.fds[key], abi.CLONE_NEWNET)
         try:
             yield
         finally:
-            linux.setns(self.host, linux.CLONE_NEWNET)
+            linux.setns(self.host, abi.CLONE_NEWNET)
 
     def close(self) -> None:
         for fd in self.fds.values():

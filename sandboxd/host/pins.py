@@ -13,7 +13,7 @@ afterwards changes nothing.
     open_source: a relative         open_source again; the supervisor   the descriptors go with the launch
     source only beneath the spec    holds the descriptor for the        request (SCM_RIGHTS); the fork
     folder, else an error with      service (ServiceRuntime.sources,    server copies each tree
-    file, line and key; the         by the plan's source path) until    (open_tree, launcher.py
+    file, line and key; the         by the plan's source path) until    (open_tree, sandbox/detached.py
     source is the path it really    the service is removed or the       `detached_bind`), the sandbox
     names                           stack is down                       attaches the copy (move_mount)
 

@@ -3,7 +3,7 @@
 Each running `sandboxd up` has a runtime directory /run/sandboxd/<instance>/ with `state.json`:
 the supervisor's pid and every cgroup, socket file and directory it made, rewritten atomically
 after each change. A run that was killed with SIGKILL cannot clean up after itself (its services
-die with it, see launcher.py); the next run finds its state file, sees that the pid is gone, and
+die with it, see sandbox/forkserver.py); the next run finds its state file, sees that the pid is gone, and
 removes what it lists.
 """
 

@@ -17,7 +17,7 @@ only one stack runs in a user namespace at a time.
 A stack holds its block by a lock, not by a record: `lease` takes an exclusive flock on
 /var/lib/sandboxd/userns/<first uid>.lock, and the supervisor and its fork server keep the descriptor open for
 the life of the stack. The file survives a crash, the lock does not: when a supervisor is killed,
-its fork server dies with it, every sandbox with that (see launcher.py), and the kernel releases
+its fork server dies with it, every sandbox with that (see sandbox/forkserver.py), and the kernel releases
 the lock, so the block goes to the next stack only once nothing of the old one runs.
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sandboxd.errors import SpecError, SpecErrors
-from sandboxd.kernel.linux import CAPABILITIES
+from sandboxd.kernel.abi import CAPABILITIES
 from sandboxd.kernel.seccomp import SeccompUnsupported, build_filter
 from sandboxd.spec.model import hands_off
 

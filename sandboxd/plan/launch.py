@@ -3,7 +3,7 @@ host that plans are made against.
 
 A plan says which namespaces to create, which mounts to make inside the new root (in order), which
 descriptors the service gets and under which names, and the exact environment. The launcher only
-walks it (sandbox/launcher.py imports this module, so it stays small: no YAML, no builders). The
+walks it (sandbox/child.py imports this module, so it stays small: no YAML, no builders). The
 builders are beside it, each one concern, all pure:
 
     stack.py        plan_stack, plan_service: a stack plus HostFacts -> one LaunchPlan per service
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -128,33 +128,6 @@ class LaunchPlan:
     uid: int = 0
     gid: int = 0
     userns: UserNamespace | None = None  # None: the host's user namespace (`userns: false`)
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_wire(data: dict[str, Any]) -> LaunchPlan:
-        return LaunchPlan(
-            service=data["service"],
-            argv=tuple(data["argv"]),
-            env=tuple((k, v) for k, v in data["env"]),
-            hostname=data["hostname"],
-            workdir=data["workdir"],
-            clone_flags=data["clone_flags"],
-            mounts=tuple(MountOp(**m) for m in data["mounts"]),
-            fd_names=tuple(data["fd_names"]),
-            fd_sockets=tuple((s, i) for s, i in data["fd_sockets"]),
-            proxied=tuple((s, i) for s, i in data["proxied"]),
-            intercept_bind=data["intercept_bind"],
-            net=data["net"],
-            per_connection=data["per_connection"],
-            capabilities=tuple(data["capabilities"]),
-            no_new_privs=data["no_new_privs"],
-            seccomp_filter=data["seccomp_filter"],
-            uid=data["uid"],
-            gid=data["gid"],
-            userns=UserNamespace(**data["userns"]) if data["userns"] else None,
-        )
 
 
 class ImageDefaults(Protocol):

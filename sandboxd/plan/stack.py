@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandboxd.errors import SpecError, SpecErrors
-from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
+from sandboxd.kernel.abi import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 from sandboxd.plan.confinement import capabilities, intercept_bind, seccomp_filter
 from sandboxd.plan.environment import base_environment, service_environment
 from sandboxd.plan.identity import service_identity

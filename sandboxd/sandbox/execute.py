@@ -34,7 +34,7 @@ namespace, as `docker exec` runs one, and `ps`, `kill` and /proc mean what they 
                                                             [USER|]UTS|IPC|NET); become userns root;
                                                             TIOCSCTTY; chdir; confine (seccomp, caps, ids)
            ◀── EOF on the channel (close-on-exec) ────────── execve(CMD)
-               or {"error": step, "detail": ..., "exit": 125|126|127}; _exit(code)
+               or SetupFailed(step, detail, path, exit: 125|126|127); _exit(exit)
     copy bytes; SIGWINCH -> TIOCSWINSZ; signals -> the command
            ◀── waitid(pidfd): its exit code (128+N if killed by N); cgroup.kill for what it left
     exit: the connection closes ─▶ the stack: SIGHUP, HANGUP_GRACE, SIGKILL, rmdir sbd-exec-N
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -65,10 +64,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sandboxd.kernel import linux
 from sandboxd.errors import LaunchError, SandboxdError
+from sandboxd.kernel import abi, linux
+from sandboxd.kernel.seam import LINUX
 from sandboxd.host.cgroups import cgroup2_of
-from sandboxd.sandbox.launcher import _confine, _reset_signals, _Step, become_userns_root
+from sandboxd.sandbox.confine import Step, become_userns_root, confine, failure
+from sandboxd.sandbox.protocol import encode
 from sandboxd.sandbox.relay import FORWARDED_SIGNALS, Relay
 
 EXIT_SETUP_FAILED = 125
@@ -171,7 +172,7 @@ def exec_in(plan: ExecPlan) -> int:
     the control connection that `exec_cgroup` belongs to until this returns."""
     _open_standard_descriptors()
     pidfd = _open_init(plan)
-    step = _Step()
+    step = Step()
     procs: list[int] = []
     ours_stdio: list[int] = []
     their_stdio: list[int] = []
@@ -214,17 +215,17 @@ def exec_in(plan: ExecPlan) -> int:
             if fd >= 0:
                 os.close(fd)
         ours.close()
-        raise _ExecSetupFailed(plan.service, f"exec: {step.name}", _detail(e)) from None
+        raise _ExecSetupFailed(plan.service, f"exec: {step.name}", failure(step, e, EXIT_SETUP_FAILED).detail) from None
     finally:
         theirs.close()
         for fd in {*their_stdio, *procs, pidfd, exec_cgroup}:
             if fd >= 0:
                 os.close(fd)
     relay = Relay(command_pidfd, ours, tty=plan.tty, our_ends=ours_stdio, cgroup_kill=kill_fd, cgroup_events=events_fd)
-    code, failure = relay.run()
-    if failure is not None:
-        print(f"sandboxd: {plan.service}: exec: {failure.get('error')}: {failure.get('detail')}", file=sys.stderr)
-        code = int(failure.get("exit", code))
+    code, failed = relay.run()
+    if failed is not None:
+        print(f"sandboxd: {plan.service}: exec: {failed.step}: {failed.detail}", file=sys.stderr)
+        code = failed.exit
     return code
 
 
@@ -257,13 +258,13 @@ def _in_sandbox_mount_and_pid_namespace(pidfd: int) -> Iterator[None]:
     the pty) and forks into its pid namespace; afterwards it is back in its own, with its cwd."""
     saved = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in ("/proc/self/ns/mnt", "/proc/self/ns/pid", ".")]
     try:
-        linux.setns(pidfd, linux.CLONE_NEWNS | linux.CLONE_NEWPID)
+        linux.setns(pidfd, abi.CLONE_NEWNS | abi.CLONE_NEWPID)
         try:
             yield
         finally:
             mnt, pid, cwd = saved
-            linux.setns(mnt, linux.CLONE_NEWNS)
-            linux.setns(pid, linux.CLONE_NEWPID)
+            linux.setns(mnt, abi.CLONE_NEWNS)
+            linux.setns(pid, abi.CLONE_NEWPID)
             os.fchdir(cwd)
     finally:
         for fd in saved:
@@ -292,17 +293,12 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _detail(e: OSError) -> str:
-    return (e.strerror or str(e)) + (f" ({os.fsdecode(e.filename)})" if e.filename else "")
-
-
 # ───────────────────────────── inside the sandbox ─────────────────────────────
 
 
-def _report(channel: socket.socket, step: str, e: BaseException, code: int) -> NoReturn:
-    detail = _detail(e) if isinstance(e, OSError) else repr(e)
+def _report(channel: socket.socket, step: Step, e: BaseException, code: int) -> NoReturn:
     try:
-        channel.send(json.dumps({"error": step, "detail": detail, "exit": code}).encode())
+        channel.send(encode(failure(step, e, code)))
     finally:
         os._exit(code)
 
@@ -311,7 +307,7 @@ def _command(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socke
     """The CLI's child, born in the command's cgroup and the sandbox's pid and mount namespaces:
     gives up every host descriptor, joins the rest of the sandbox, takes the pty as its
     controlling terminal (job control, ^C), is confined as the service is, and executes."""
-    step = _Step()
+    step = Step()
     try:
         step.name = "set up descriptors"
         for target, fd in enumerate(stdio):
@@ -323,7 +319,7 @@ def _command(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socke
             start = fd + 1
         os.closerange(start, 1 << 20)
         step.name = "reset signals"
-        _reset_signals()
+        LINUX.reset_signals()
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         step.name = "start a session"
@@ -333,23 +329,23 @@ def _command(plan: ExecPlan, pidfd: int, procs: list[int], channel: socket.socke
             os.write(fd, b"0")
             os.close(fd)
         step.name = "join the sandbox's namespaces"
-        flags = linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | (linux.CLONE_NEWUSER if in_userns else 0)
+        flags = abi.CLONE_NEWUTS | abi.CLONE_NEWIPC | abi.CLONE_NEWNET | (abi.CLONE_NEWUSER if in_userns else 0)
         linux.setns(pidfd, flags)
         os.close(pidfd)
         if in_userns:
             step.name = "become root of the user namespace"
-            become_userns_root()
+            become_userns_root(LINUX)
         if plan.tty:
             step.name = "take the terminal"
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         step.name = f"change directory to {plan.workdir}"
         os.chdir(plan.workdir)
-        _confine(plan.seccomp_filter, plan.capabilities, True, step, plan.uid, plan.gid)
+        confine(LINUX, plan.seccomp_filter, plan.capabilities, True, step, plan.uid, plan.gid)
         step.name = f"execute {plan.argv[0]}"
         os.execvpe(plan.argv[0], list(plan.argv), dict(plan.env))
     except BaseException as e:  # noqa: BLE001 - never unwind into the CLI's code
         if not step.name.startswith("execute "):
-            _report(channel, step.name, e, EXIT_SETUP_FAILED)
+            _report(channel, step, e, EXIT_SETUP_FAILED)
         if isinstance(e, OSError):
             e.filename = None  # the last directory of PATH tried says nothing
-        _report(channel, step.name, e, EXIT_NOT_FOUND if isinstance(e, OSError) and e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE)
+        _report(channel, step, e, EXIT_NOT_FOUND if isinstance(e, OSError) and e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE)

@@ -24,7 +24,6 @@ belongs to the open file, which the caller's shell shares); only ours are.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -34,7 +33,8 @@ import time
 import tty
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+
+from sandboxd.sandbox.protocol import ProtocolError, SetupFailed, decode_status
 
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 HANGUP_GRACE = 2.0  # seconds between the command's SIGHUP and SIGKILL when the caller's terminal is gone
@@ -94,11 +94,11 @@ class Relay:
         else:
             self.input = _Copy(stdin, self.ours[0], "stdin")
             self.outputs = [_Copy(self.ours[1], stdout, "stdout"), _Copy(self.ours[2], stderr, "stderr")]
-        self.failure: dict[str, Any] | None = None
+        self.failure: SetupFailed | None = None
         self.kill_at: float | None = None
         self.hung_up = False
 
-    def run(self) -> tuple[int, dict[str, Any] | None]:
+    def run(self) -> tuple[int, SetupFailed | None]:
         """Relay until the command is gone: (its exit code, the failure its set-up reported)."""
         try:
             with self._signals() as wake, self._raw_terminal():
@@ -226,10 +226,10 @@ class Relay:
             self.channel = None
             return False
         try:
-            message = json.loads(data)
-        except ValueError:
+            message = decode_status(data)
+        except ProtocolError:
             return True
-        if isinstance(message, dict) and "error" in message:
+        if isinstance(message, SetupFailed):
             self.failure = message
         return True
 

@@ -175,7 +175,7 @@ def parse_subnet(value: object) -> str:
 
 def parse_capability(value: object) -> str:
     """A capability's name without `CAP_` (`NET_BIND_SERVICE`), from any case, with or without it."""
-    from sandboxd.kernel.linux import CAPABILITIES
+    from sandboxd.kernel.abi import CAPABILITIES
 
     name = str(value).upper().removeprefix("CAP_") if isinstance(value, str) else ""
     if name not in CAPABILITIES:

@@ -173,7 +173,7 @@ def sandbox_mounts() -> Iterator[tuple[int, str]]:
 def trees_in_use() -> set[str]:
     """The image trees that a sandbox has mounted (its overlay's lowerdir), on this host. The
     sandbox attaches a copy of the tree below its own root at a path that ends with the tree's
-    (launcher.py, `_image_root`), and the overlay's options name that path."""
+    (sandbox/child.py, `image_root`), and the overlay's options name that path."""
     marker = f"{store_dir()}/"
     return {
         option[option.index(marker) :]

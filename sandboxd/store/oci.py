@@ -305,7 +305,7 @@ def _unpack_in_chroot(rootfs: Path, layers: list[tuple[str, tarfile.TarFile]]) -
             for current, tar in layers:
                 _apply_layer(tar)
             for top in TOP_DIRECTORIES:
-                if not os.path.lexists("/" + top):  # a symlink stays: the launcher refuses it
+                if not os.path.lexists("/" + top):  # a symlink stays: the sandbox child refuses it
                     os.mkdir("/" + top, 0o755)
             status = 0
         except BaseException as e:

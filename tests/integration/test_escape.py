@@ -234,7 +234,7 @@ MASKED_FILES = ["/sys/kernel/vmcoreinfo", "/sys/kernel/boot_params/data", "/proc
 ROOTS = ["probe", "inplace"]  # the root on a tmpfs (a new top-level mount point), the host's in place
 # The same in a user namespace. With the host's root bound whole (no new top-level directory) the
 # kernel locks the host's mounts under /proc, /sys and /dev to the tree: they cannot be detached
-# there and stay listed in mountinfo (see launcher._detach_covered), so only the init is checked.
+# there and stay listed in mountinfo (see sandbox/child.py, RootWalk.detach_covered), so only the init is checked.
 USERNS_ROOTS = ["userns", "userns_bound"]
 
 IMAGE_PROBE = """

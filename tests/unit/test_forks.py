@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from typing import Any, cast
 
 import pytest
 
 from sandboxd.daemon.forks import NOT_FORKED, Ended, ForkServerLink
-from sandboxd.sandbox.launcher import ForkServer
+from sandboxd.sandbox.handle import ForkServer
+from sandboxd.sandbox.protocol import Exited, ForkFailed, Reply, decode_reply, encode
 
 
 class FakeForkServer:
@@ -31,8 +31,12 @@ class FakeForkServer:
         self.channels += [ours, theirs]
         return ours
 
-    def report(self, message: dict[str, Any]) -> None:
-        self.other.send(json.dumps(message).encode())
+    def receive(self) -> Reply | None:
+        data = self.conn.recv(65536)
+        return decode_reply(data) if data else None
+
+    def report(self, reply: Reply) -> None:
+        self.other.send(encode(reply))
 
     def close(self) -> None:
         for sock in (self.conn, self.other, *self.channels):
@@ -61,9 +65,9 @@ def test_each_end_reaches_the_request_that_awaits_it(server: FakeForkServer) -> 
         link.listen(on_death=lambda: pytest.fail("the fork server is alive"))
         first, second = link.send(server.request), link.send(server.request)
         assert (first.id, second.id) == (1, 2)
-        server.report({"exit": 2, "status": 9})
-        server.report({"exit": 99, "status": 0})  # nobody asked: ignored
-        server.report({"failed": 1, "detail": "fork: out of memory"})
+        server.report(Exited(2, 9))
+        server.report(Exited(99, 0))  # nobody asked: ignored
+        server.report(ForkFailed(1, "fork: out of memory"))
         assert await link.ended(second) == Ended(9)
         assert await link.ended(first) == Ended(NOT_FORKED, "fork: out of memory")
         assert link.pending == {}
@@ -81,7 +85,7 @@ def test_an_end_no_longer_awaited_is_forgotten(server: FakeForkServer) -> None:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(link.ended(sent), 0.01)
         assert link.pending == {}
-        server.report({"exit": sent.id, "status": 0})  # comes late: nothing waits for it
+        server.report(Exited(sent.id, 0))  # comes late: nothing waits for it
         await asyncio.sleep(0.01)
         link.close()
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from sandboxd.errors import SpecErrors
-from sandboxd.kernel.linux import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
+from sandboxd.kernel.abi import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUTS
 from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, PathFacts, UserNamespace, is_under
 from sandboxd.plan.stack import paths_asked, plan_stack
+from sandboxd.sandbox.protocol import from_wire, to_wire
 from sandboxd.spec.load import load_stack
 
 FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
@@ -221,7 +222,7 @@ def test_socket_files_a_service_does_not_use_are_hidden_from_it(tmp_path):
 
 def test_plan_survives_the_wire_format(tmp_path):
     p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /app}]\n")["a"]
-    assert LaunchPlan.from_wire(p.to_wire()) == p
+    assert from_wire(LaunchPlan, to_wire(p)) == p
 
 
 def test_missing_program_is_a_validation_error(tmp_path):
@@ -282,7 +283,7 @@ def test_every_service_gets_the_stacks_user_namespace_unless_it_says_no(tmp_path
     p = userns_plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n---\nkind: service\nname: b\ncommand: [x]\nuserns: false\n")
     assert p["a"].userns == IDS
     assert p["b"].userns is None
-    assert LaunchPlan.from_wire(p["a"].to_wire()) == p["a"]
+    assert from_wire(LaunchPlan, to_wire(p["a"])) == p["a"]
 
 
 def test_a_user_namespace_keeps_the_host_root_in_place(tmp_path):

@@ -1,0 +1,136 @@
+"""The fork server's protocol: every message survives the wire; anything else is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from sandboxd.plan.launch import HOST_IDS, LaunchPlan, MountOp, UserNamespace
+from sandboxd.sandbox.protocol import (
+    Executing,
+    Exited,
+    ForkFailed,
+    LaunchSandbox,
+    ProtocolError,
+    RunCommand,
+    SetupFailed,
+    StartProxy,
+    decode_reply,
+    decode_request,
+    decode_status,
+    encode,
+    from_wire,
+    to_wire,
+)
+
+PLAN = LaunchPlan(
+    service="web",
+    argv=("/opt/dumb-init", "--", "/bin/serve", "-p", "80"),
+    env=(("PATH", "/bin"), ("LISTEN_FDS", "1")),
+    hostname="web",
+    workdir="/srv",
+    clone_flags=0x4C020000,
+    mounts=(MountOp("image-root", "/", "/var/lib/sandboxd/images/trees/abc", options=HOST_IDS), MountOp("proc", "/proc"), MountOp("bind", "/data", "/srv/data", readonly=False)),
+    fd_names=("http",),
+    fd_sockets=(("http", 0),),
+    proxied=(("admin", 1),),
+    intercept_bind=True,
+    net="join",
+    capabilities=(10, 12),
+    seccomp_filter="abcd",
+    uid=33,
+    gid=33,
+    userns=UserNamespace(200000, 200000, 65536, 100000, 100000),
+)
+REQUESTS = [
+    LaunchSandbox(1, PLAN, "/sys/fs/cgroup/unified/sandboxd/st/web", ("/sys/fs/cgroup/pids/sandboxd/st/web/cgroup.procs",), "/run/sandboxd/st/root", True, 1),
+    LaunchSandbox(2, dataclasses.replace(PLAN, userns=None, net="private"), "/sys/fs/cgroup/sandboxd/st/web", (), "/run/x", False, 0),
+    RunCommand(3, 4242, "/sys/fs/cgroup/x", (), ("/bin/check", "--quick"), (("PATH", "/bin"),), "/", (10,), "", 33, 33, False),
+    StartProxy(4, "/sys/fs/cgroup/x", ("/sys/fs/cgroup/pids/x/cgroup.procs",), ("/usr/lib/systemd/systemd-socket-proxyd", "127.0.0.1:80"), 65534, 65534, True),
+]
+
+
+@pytest.mark.parametrize("message", REQUESTS, ids=lambda m: type(m).__name__)
+def test_every_request_survives_the_wire(message: LaunchSandbox | RunCommand | StartProxy) -> None:
+    assert decode_request(encode(message)) == message
+
+
+@pytest.mark.parametrize("message", [Exited(7, 256), ForkFailed(8, "fork: Resource temporarily unavailable (/sys/fs/cgroup/x)")], ids=lambda m: type(m).__name__)
+def test_every_reply_survives_the_wire(message: Exited | ForkFailed) -> None:
+    assert decode_reply(encode(message)) == message
+
+
+@pytest.mark.parametrize("message", [Executing(123456789), SetupFailed("mount proc on /proc", "Permission denied (/proc)", "/proc", 127)], ids=lambda m: type(m).__name__)
+def test_every_status_survives_the_wire(message: Executing | SetupFailed) -> None:
+    assert decode_status(encode(message)) == message
+
+
+def test_a_decoded_plan_has_the_types_of_its_hints() -> None:
+    plan = from_wire(LaunchPlan, json.loads(json.dumps(to_wire(PLAN))))
+    assert plan == PLAN
+    assert isinstance(plan.mounts, tuple) and isinstance(plan.mounts[0], MountOp)
+    assert isinstance(plan.fd_sockets[0], tuple) and isinstance(plan.userns, UserNamespace)
+
+
+def test_a_plan_on_the_wire_is_its_fields_as_sandboxd_config_prints_them() -> None:
+    assert json.loads(json.dumps(to_wire(PLAN))) == json.loads(json.dumps(dataclasses.asdict(PLAN)))
+
+
+def test_a_message_names_its_type_beside_its_fields() -> None:
+    assert json.loads(encode(Exited(7, 0))) == {"type": "exited", "arg": {"id": 7, "status": 0}}
+
+
+def test_a_failed_fork_counts_as_a_child_that_exited_127() -> None:
+    assert ForkFailed(1, "x").wait_status == 127 << 8 and Exited(1, 9).wait_status == 9
+
+
+@pytest.mark.parametrize(
+    ("wire", "complaint"),
+    [
+        (b"not json", "not JSON"),
+        (b'{"type": "exited", "arg": {"id": 1, "status": 0}}', "unexpected message type 'exited'"),
+        (b'{"type": "launch"}', "a message is"),
+        (b'{"type": "reboot", "arg": {}}', "unexpected message type 'reboot'"),
+        (b'{"type": "run", "arg": {"id": 1}}', "RunCommand lacks its field init_pid"),
+    ],
+)
+def test_a_request_that_is_not_the_protocols_is_refused(wire: bytes, complaint: str) -> None:
+    with pytest.raises(ProtocolError, match=complaint):
+        decode_request(wire)
+
+
+def field_changed(message: object, path: list[str | int], value: object) -> bytes:
+    wire = json.loads(encode(message))  # type: ignore[arg-type]
+    where = wire["arg"]
+    for key in path[:-1]:
+        where = where[key]
+    where[path[-1]] = value
+    return json.dumps(wire).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "complaint"),
+    [
+        (["id"], True, r"LaunchSandbox.id: expected int, got True"),  # a bool is no number here
+        (["netns"], 1, r"LaunchSandbox.netns: expected bool"),
+        (["plan", "net"], "bridge", r"LaunchSandbox.plan: LaunchPlan.net: expected one of"),
+        (["plan", "mounts", 0, "kind"], "nfs", r"MountOp.kind: expected one of"),
+        (["plan", "fd_sockets", 0], ["http"], r"LaunchPlan.fd_sockets: expected an array of 2"),
+        (["plan", "argv"], "/bin/sh", r"LaunchPlan.argv: expected an array"),
+        (["plan", "userns", "extra"], 1, r"UserNamespace has no field \['extra'\]"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_refused_naming_it(path: list[str | int], value: object, complaint: str) -> None:
+    with pytest.raises(ProtocolError, match=complaint):
+        decode_request(field_changed(REQUESTS[0], path, value))
+
+
+def test_a_field_with_a_default_may_be_left_out() -> None:
+    assert decode_status(b'{"type": "setup-failed", "arg": {"step": "fork", "detail": "gone"}}') == SetupFailed("fork", "gone", "", 127)
+
+
+def test_only_what_the_protocol_knows_has_a_wire_form() -> None:
+    with pytest.raises(TypeError):
+        to_wire({"a": 1})

@@ -17,7 +17,6 @@ step (prepare.py) hands these to the pure planner as data.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import sys
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from functools import cache
 from pathlib import Path
 
 from sandboxd.errors import HostError
+from sandboxd.kernel import linux
 from sandboxd.host.cgroups import CgroupHost, detect
 from sandboxd.host.subids import preview
 from sandboxd.plan.launch import UserNamespace
@@ -34,7 +34,7 @@ PROXY_CANDIDATES = ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/syst
 
 @cache
 def architecture() -> str:
-    return platform.machine()
+    return linux.machine()
 
 
 @cache

@@ -73,12 +73,18 @@ def _check(result: int, call: str, path: str | None = None) -> None:
         raise OSError(err, f"{call}: {os.strerror(err)}", path)
 
 
+@functools.cache
+def machine() -> str:
+    """The machine as uname says it ("x86_64"), asked once: the one place sandboxd learns it."""
+    return platform.machine()
+
+
 def _syscall_number(name: str) -> int:
-    machine = platform.machine()
+    arch = machine()
     try:
-        return abi.SYSCALLS[machine][name]
+        return abi.SYSCALLS[arch][name]
     except KeyError:
-        raise OSError(0, f"{name}: no syscall number known for {machine}") from None
+        raise OSError(0, f"{name}: no syscall number known for {arch}") from None
 
 
 def _b(value: str | None) -> bytes | None:

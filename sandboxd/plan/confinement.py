@@ -26,14 +26,14 @@ def capabilities(service: Service) -> tuple[int, ...]:
     return tuple(sorted(CAPABILITIES[name] for name in service.capabilities))
 
 
-def seccomp_filter(service: Service) -> str:
+def seccomp_filter(service: Service, architecture: str) -> str:
     """The hex of the BPF program the service runs under ("" = unconfined): the default filter,
-    less the calls its `seccomp:` list allows."""
+    less the calls its `seccomp:` list allows, for the host's architecture."""
     if service.seccomp == "unconfined":
         return ""
     allow = frozenset(service.seccomp) if isinstance(service.seccomp, tuple) else frozenset()
     try:
-        return build_filter(allow).hex()
+        return build_filter(architecture, allow).hex()
     except SeccompUnsupported as e:
         raise SpecErrors([SpecError(service.file, service.line, "seccomp", f"{e}; set seccomp: unconfined")]) from None
 

@@ -135,7 +135,7 @@ def plan_service(stack: Stack, service: Service, facts: HostFacts) -> LaunchPlan
         per_connection=any(sock.accept for sock in stack.sockets_of(service.name)),
         capabilities=capabilities(service),
         no_new_privs=service.no_new_privs,
-        seccomp_filter=seccomp_filter(service),
+        seccomp_filter=seccomp_filter(service, facts.architecture),
         uid=found.uid,
         gid=found.gid,
         userns=facts.userns if service.userns else None,

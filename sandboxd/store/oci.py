@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import stat
@@ -54,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from sandboxd.kernel import linux
 from sandboxd.store import images
 from sandboxd.errors import HostError
 from sandboxd.spec.model import NAME  # image names follow the rule of unit names
@@ -214,7 +214,7 @@ def _choose(index: Any, where: str) -> dict[str, Any]:
         raise HostError(f"{where} lists no image", _DAMAGED)
     if len(entries) == 1:
         return dict(entries[0])
-    architecture = _ARCHITECTURES.get(platform.machine(), platform.machine())
+    architecture = _ARCHITECTURES.get(linux.machine(), linux.machine())
     for entry in entries:
         target = entry.get("platform") or {}
         if target.get("architecture") == architecture and target.get("os", "linux") == "linux":

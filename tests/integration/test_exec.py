@@ -355,11 +355,11 @@ def test_exec_with_a_terminal_gets_a_pty_inside_the_sandbox_with_term_size_and_c
         sbd("down", "-p", stack)
 
 
-# A shell that records SIGHUP (it waits in `wait`, which a trapped signal interrupts at once),
-# with a background child that ignores SIGHUP. Its foreground sleep may get SIGHUP before the
-# shell does (the hang-up reaches every process left, in no set order): the shell then waits on
-# a new one, so it is still there to take its own.
-LINGER = "trap 'echo hup > /tmp/hup; exit 0' HUP; (trap '' HUP; exec sleep 1000) & echo started; while :; do sleep 1000 & wait $!; done"
+# A shell that records SIGHUP, with a background child that ignores SIGHUP. The shell runs a
+# trap between commands, so its foreground commands are short: a SIGHUP that comes while one runs
+# (or just before `wait` would block, which dash may then sleep through) is taken as it ends, well
+# within the stack's HANGUP_GRACE. The hang-up reaches every process left, in no set order.
+LINGER = "trap 'echo hup > /tmp/hup; exit 0' HUP; (trap '' HUP; exec sleep 1000) & echo started; while :; do sleep 0.1; done"
 
 
 @pytest.mark.parametrize(("tty", "userns"), [(True, False), (False, False), (True, True)], ids=["tty", "pipes", "tty-userns"])

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import stat
 import struct
 import tarfile
@@ -18,6 +17,7 @@ import pytest
 from sandboxd.store import images
 from sandboxd.store import oci
 from sandboxd.errors import HostError
+from sandboxd.kernel import linux
 
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 Entry = tuple[tarfile.TarInfo, bytes]
@@ -168,7 +168,7 @@ def test_nested_index_chooses_the_platform_of_this_machine(tmp_path: Path, monke
     attestation = layout.image([layer(file("arch", b"attestation"))], platform={"os": "unknown", "architecture": "unknown"})
     nested = layout.blob("application/vnd.oci.image.index.v1+json", json.dumps({"schemaVersion": 2, "manifests": [*by_platform, attestation]}).encode())
     layout.index(nested)
-    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(linux, "machine", lambda: machine)
     image = oci.import_image(layout.path, "multi")
     assert (image.rootfs / "arch").read_text() == expected
     assert image.digest == next(d["digest"] for d in by_platform if d["platform"]["architecture"] == expected)
@@ -177,7 +177,7 @@ def test_nested_index_chooses_the_platform_of_this_machine(tmp_path: Path, monke
 def test_index_without_this_machines_platform_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = Layout(tmp_path / "layout")
     layout.index(*(layout.image([layer(file(arch))], platform={"os": "linux", "architecture": arch}) for arch in ("arm64", "s390x")))
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(linux, "machine", lambda: "x86_64")
     with pytest.raises(HostError, match=r"none for linux/amd64: linux/arm64, linux/s390x"):
         oci.import_image(layout.path, "multi")
 

@@ -108,7 +108,7 @@ def test_host_root_in_place_is_sealed_in_one_call_and_each_covered_mount_is_deta
 def test_a_planned_service_on_the_host_root_walks_without_a_mount_point_of_its_own(tmp_path: Path, channel) -> None:
     (tmp_path / "stack.yaml").write_text("kind: service\nname: a\ncommand: [/bin/serve]\nuserns: false\n")
     paths = PathFacts({"/": True, "/bin/serve": False, "/etc": True, "/proc/kcore": False, "/proc/sys": True})
-    plan = plan_stack(load_stack(tmp_path), HostFacts(init_path="/opt/dumb-init", paths=paths))["a"]
+    plan = plan_stack(load_stack(tmp_path), HostFacts(architecture="x86_64", init_path="/opt/dumb-init", paths=paths))["a"]
     fake = kernel()
     walk(fake, LaunchSandbox(1, plan, "/sys/fs/cgroup/unified/x", (), ROOT, False, 0), channel)
     mounted = [call[2] for call in fake.named("mount")]

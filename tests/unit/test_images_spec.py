@@ -39,7 +39,7 @@ def plan_with(tmp_path: Path, stack_of: StackOf) -> PlanWith:
     def plan(text: str, config: ImageConfig = ImageConfig()) -> LaunchPlan:
         rootfs = make_rootfs(tmp_path / "rootfs")
         stack = stack_of(tmp_path / "stack", text)
-        facts = HostFacts("/opt/dumb-init", static_init_path="/usr/bin/tini-static", volumes_dir="/var/lib/sandboxd/volumes", images={"web": Image("web", rootfs, config)})
+        facts = HostFacts("/opt/dumb-init", architecture="x86_64", static_init_path="/usr/bin/tini-static", volumes_dir="/var/lib/sandboxd/volumes", images={"web": Image("web", rootfs, config)})
         return plan_stack(stack, survey(stack, facts))[stack.services[0].name]
 
     return plan

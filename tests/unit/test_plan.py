@@ -16,7 +16,7 @@ from sandboxd.plan.stack import paths_asked, plan_stack
 from sandboxd.sandbox.protocol import from_wire, to_wire
 from sandboxd.spec.load import load_stack
 
-FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init")
+FACTS = HostFacts(architecture="x86_64", init_path="/opt/sandboxd/bin/dumb-init")
 HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}
 
 
@@ -268,7 +268,7 @@ def test_seccomp_names_a_call_the_filter_does_not_refuse(tmp_path):
 # ── user namespaces (the default) ──
 
 IDS = UserNamespace(uid=165536, gid=165536, count=65536, store_uid=100000, store_gid=100000)
-USERNS_FACTS = HostFacts(init_path="/opt/sandboxd/bin/dumb-init", userns=IDS, hidden=("/root", "/home", "/var/lib/sandboxd", "/etc/ssh/ssh_host_ed25519_key"))
+USERNS_FACTS = HostFacts(architecture="x86_64", init_path="/opt/sandboxd/bin/dumb-init", userns=IDS, hidden=("/root", "/home", "/var/lib/sandboxd", "/etc/ssh/ssh_host_ed25519_key"))
 
 
 def userns_plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
@@ -317,7 +317,7 @@ def test_an_images_tree_keeps_its_owners_in_a_user_namespace(tmp_path):
     (tmp_path / "stack.yaml").write_text(f"kind: service\nname: a\ncommand: [/bin/x]\nimage: {rootfs}\n")
     from sandboxd.store.images import Image
 
-    facts = HostFacts(init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)}, paths=PathFacts({f"{rootfs}/bin/x": False}))
+    facts = HostFacts(architecture="x86_64", init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)}, paths=PathFacts({f"{rootfs}/bin/x": False}))
     p = plan_stack(load_stack(tmp_path), facts)["a"]
     assert p.mounts[0] == MountOp("image-root", "/", str(rootfs), readonly=True, options=HOST_IDS)
     assert not any(m.kind == "mask" and m.target in ("/root", "/home") for m in p.mounts)  # the image's own tree
@@ -459,7 +459,7 @@ def test_survey_looks_at_the_host_for_every_answer_planning_needs(tmp_path):
     (rootfs / "etc" / "passwd").write_text("app:x:500:600::/:/bin/sh\n")
     (tmp_path / "stack.yaml").write_text("kind: service\nname: a\nimage: img\ncommand: [x]\nuser: app\n")
     stack = load_stack(tmp_path)
-    facts = survey(stack, HostFacts(init_path="/i", static_init_path="/tini", images={"img": Image("img", rootfs)}))
+    facts = survey(stack, HostFacts(architecture="x86_64", init_path="/i", static_init_path="/tini", images={"img": Image("img", rootfs)}))
     assert facts.accounts["img"].users == {"app": (500, 600)}
     assert facts.paths.exists(f"{rootfs}/bin/x") and not facts.paths.exists(f"{rootfs}/usr/bin/x")
     assert set(facts.paths.found) <= paths_asked(stack, facts)

@@ -355,11 +355,13 @@ def test_exec_with_a_terminal_gets_a_pty_inside_the_sandbox_with_term_size_and_c
         sbd("down", "-p", stack)
 
 
-# A shell that records SIGHUP, with a background child that ignores SIGHUP. The shell runs a
-# trap between commands, so its foreground commands are short: a SIGHUP that comes while one runs
-# (or just before `wait` would block, which dash may then sleep through) is taken as it ends, well
-# within the stack's HANGUP_GRACE. The hang-up reaches every process left, in no set order.
-LINGER = "trap 'echo hup > /tmp/hup; exit 0' HUP; (trap '' HUP; exec sleep 1000) & echo started; while :; do sleep 0.1; done"
+# A shell that records SIGHUP, with a background child that ignores SIGHUP. The hang-up reaches
+# every process left, in no set order: when the foreground sleep dies of it first, dash says
+# "Hangup" on stderr, and with the CLI gone that write would kill it with SIGPIPE before its trap
+# ran; so its stderr is /dev/null. It runs the trap between commands, and its commands are short,
+# so it takes the SIGHUP well within the stack's HANGUP_GRACE (a `wait` it entered just after the
+# signal came could sleep through it).
+LINGER = "exec 2>/dev/null; trap 'echo hup > /tmp/hup; exit 0' HUP; (trap '' HUP; exec sleep 1000) & echo started; while :; do sleep 0.1; done"
 
 
 @pytest.mark.parametrize(("tty", "userns"), [(True, False), (False, False), (True, True)], ids=["tty", "pipes", "tty-userns"])

@@ -40,7 +40,7 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
     started = time.monotonic_ns()
     # The bind's source, held as the supervisor holds it (pins.py).
     sources = [os.open(op.source, os.O_PATH | os.O_CLOEXEC) for op in plan.mounts if op.kind == "bind"]  # type: ignore[attr-defined]
-    channel = fork_server.send_launch(launch_id, plan, str(cgroup.path), cgroup.extra_procs_files, str(root), out_w, [], source_fds=sources)  # type: ignore[arg-type, attr-defined]
+    channel = fork_server.send_launch(launch_id, plan, str(cgroup.path), cgroup.v1_tasks_files, str(root), out_w, [], source_fds=sources)  # type: ignore[arg-type, attr-defined]
     os.close(out_w)
     for fd in sources:
         os.close(fd)

@@ -102,7 +102,7 @@ class Activation:
         try:
             sent = self.link.send(
                 lambda server, request_id: server.send_launch(
-                    request_id, plan, str(cgroup.path), cgroup.extra_procs_files, root, rt.output.w, [conn.fileno()], netns, sources
+                    request_id, plan, str(cgroup.path), cgroup.v1_tasks_files, root, rt.output.w, [conn.fileno()], netns, sources
                 )
             )
         finally:

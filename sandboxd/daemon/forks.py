@@ -95,7 +95,7 @@ class ForkServerLink:
         sent = self.send(
             lambda server, request_id: server.send_exec(
                 request_id, rt.launch.pid, str(rt.cgroup.path), argv, command_env(rt), rt.plan.workdir,
-                rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, output_fd, rt.cgroup.extra_procs_files,
+                rt.plan.capabilities, rt.plan.seccomp_filter, rt.plan.uid, rt.plan.gid, output_fd, rt.cgroup.v1_tasks_files,
             )
         )
         try:

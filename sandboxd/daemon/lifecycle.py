@@ -79,7 +79,7 @@ class Lifecycle:
         netns, sources, root = self.running.netns_fd(rt), rt.source_fds(), str(self.running.root_dir)
         sent = self.link.send(
             lambda server, request_id: server.send_launch(
-                request_id, plan, str(rt.cgroup.path), rt.cgroup.extra_procs_files, root, rt.output.w, fds, netns, sources
+                request_id, plan, str(rt.cgroup.path), rt.cgroup.v1_tasks_files, root, rt.output.w, fds, netns, sources
             )
         )
         rt.launch.id, rt.launch.channel = sent.id, sent.channel

@@ -134,7 +134,7 @@ class Operations:
             **extra,
             "init_pid": rt.launch.pid,
             "cgroup": str(rt.cgroup.path),
-            "cgroup_procs": list(rt.cgroup.extra_procs_files),
+            "cgroup_tasks": list(rt.cgroup.v1_tasks_files),
             "capabilities": list(rt.plan.capabilities),
             "seccomp_filter": rt.plan.seccomp_filter,
             "uid": uid,

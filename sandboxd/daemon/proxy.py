@@ -128,7 +128,7 @@ class Proxies:
         try:
             sent = self.link.send(
                 lambda server, request_id: server.send_proxy(
-                    request_id, rt.launch.pidfd, str(rt.cgroup.path), rt.cgroup.extra_procs_files, argv, fds, rt.output.w, uid, gid, target_fd
+                    request_id, rt.launch.pidfd, str(rt.cgroup.path), rt.cgroup.v1_tasks_files, argv, fds, rt.output.w, uid, gid, target_fd
                 )
             )
         finally:

@@ -230,6 +230,10 @@ class RecordingKernel:
     def write_file(self, path: str, text: str) -> None:
         self._do("write_file", path, text)
 
+    def write(self, fd: int, data: bytes) -> int:
+        self._do("write", fd, data)
+        return len(data)
+
     # ── mounts ──
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:

@@ -68,12 +68,15 @@ class Trees:
 @dataclass(frozen=True)
 class Descriptors:
     """What else the child holds: the output pipe, the sockets (fds 3.. of the service), the
-    fork server's sealed copy of the init, the network namespace to join (or -1)."""
+    fork server's sealed copy of the init, the network namespace to join (or -1), and the `tasks`
+    files of its v1 cgroups (a hybrid host), opened by the fork server: a child in a user namespace
+    of its own may no longer open them, and may still write "0" to them to join them."""
 
     output: int
     sockets: tuple[int, ...]
     init: int
     netns: int = -1
+    cgroup_tasks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ def become_sandbox(kernel: Kernel, request: LaunchSandbox, channel: socket.socke
     step.name = "reset signals"
     kernel.reset_signals()
     step.name = "join cgroups"
-    for procs in request.cgroup_procs:  # further hierarchies (v1 controllers on a hybrid host)
-        kernel.write_file(procs, "0")
+    for tasks in fds.cgroup_tasks:  # further hierarchies (v1 controllers on a hybrid host)
+        kernel.write(tasks, b"0")
+        kernel.close(tasks)
     if fds.netns >= 0:
         step.name = "join the service's network namespace"
         kernel.setns(fds.netns, abi.CLONE_NEWNET)

@@ -27,7 +27,7 @@ namespace, as `docker exec` runs one, and `ps`, `kill` and /proc mean what they 
     CLI (host pid ns; stays outside)                        command (sandbox's pid ns)
     ────────────────────────────────                        ──────────────────────────
     control connection: exec_info + session ─▶ the stack makes sbd-exec-N
-    pidfd_open(init), check its cgroup; open cgroup.procs (v1), sbd-exec-N's cgroup.kill
+    pidfd_open(init), check its cgroup; open the v1 tasks files, sbd-exec-N's cgroup.kill
     setns(pidfd, PID|MNT); a pty from its /dev/pts/ptmx (or pipes)
     clone3 into sbd-exec-N ────────────────────────────────▶ fds 0-2 := pty slave or pipes, nothing else;
     setns back into its own mnt and pid ns                  setsid; join the v1 cgroups; setns(pidfd,
@@ -104,7 +104,7 @@ class ExecPlan:
     init_pid: int
     cgroup: str  # the service's cgroup2 directory: its init must be in it
     exec_cgroup: str  # the command's own cgroup2 directory, below the service's (sbd-exec-N)
-    cgroup_procs: tuple[str, ...]  # the v1 cgroup.procs files the command joins too (hybrid host)
+    cgroup_tasks: tuple[str, ...]  # the v1 tasks files the command joins too (hybrid host), writing "0"
 
 
 def wants_tty(flag: bool | None, stdin_is_tty: bool, stdout_is_tty: bool) -> bool:
@@ -143,7 +143,7 @@ def plan_exec(service: str, info: Mapping[str, Any], options: ExecOptions, calle
         init_pid=int(info["init_pid"]),
         cgroup=str(info["cgroup"]),
         exec_cgroup=str(info["exec_cgroup"]),
-        cgroup_procs=tuple(str(p) for p in info["cgroup_procs"]),
+        cgroup_tasks=tuple(str(p) for p in info["cgroup_tasks"]),
     )
 
 
@@ -183,7 +183,7 @@ def exec_in(plan: ExecPlan) -> int:
         exec_cgroup = os.open(plan.exec_cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         kill_fd = os.open("cgroup.kill", os.O_WRONLY | os.O_CLOEXEC, dir_fd=exec_cgroup)
         events_fd = os.open("cgroup.events", os.O_RDONLY | os.O_CLOEXEC, dir_fd=exec_cgroup)
-        procs = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in plan.cgroup_procs]
+        procs = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in plan.cgroup_tasks]
         step.name = "read the sandbox's user namespace"
         in_userns = os.stat(f"/proc/{plan.init_pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
         id_maps = [_read(f"/proc/{plan.init_pid}/{kind}") for kind in ("uid_map", "gid_map")] if in_userns else []

@@ -21,7 +21,7 @@ outlives sandboxd.
                                       cgroup [userns: in the service's
                                       netns, with its sysfs made there]
                                       [userns: uid/gid maps, idmap copies ─pipe──▶ become root inside]
-                                       of host ids, v1 cgroup.procs]                child.py: join cgroups; unshare(mnt,
+                                       of host ids]                                 child.py: join cgroups; unshare(mnt,
                                                                                     uts,ipc,net); setsid; the mounts;
                                                                                     pivot_root; hostname; lo up; fds
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── Executing (creds carry its host pid)
@@ -136,6 +136,7 @@ class _Received:
     sockets: list[int]
     sources: list[int]
     netns: int
+    cgroup_tasks: list[int] = dataclasses.field(default_factory=list)  # opened here, for the child (child.Descriptors)
 
     @staticmethod
     def sort(request: Request, fds: list[int]) -> _Received:
@@ -158,6 +159,10 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pid
     try:
         if isinstance(request, LaunchSandbox):
             init_fd, trees, host_id_trees = _prepare_launch(request, received.sources, doing)
+            doing.name = "open the v1 cgroups' tasks files"
+            for path in request.cgroup_tasks:
+                received.cgroup_tasks.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            doing.name = "fork"
         cgroup_fd = os.open(request.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         match request:
             case LaunchSandbox(plan=plan) if plan.userns:
@@ -178,7 +183,7 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pid
     except OSError as e:
         conn.send(encode(ForkFailed(request.id, f"{doing.name}: {e.strerror} ({e.filename or request.cgroup})")))
     finally:
-        for fd in [*fds, *trees.binds, trees.image, trees.dev, cgroup_fd]:
+        for fd in [*fds, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, cgroup_fd]:
             if fd >= 0:
                 os.close(fd)
 
@@ -233,7 +238,7 @@ def _sandbox_child(request: LaunchSandbox, received: _Received, init_fd: int, tr
     the sandbox's own set-up (child.py)."""
     channel = socket.socket(fileno=fcntl.fcntl(received.status, fcntl.F_DUPFD_CLOEXEC, 3 + len(received.sockets)))
     os.close(received.status)
-    run_sandbox(LINUX, request, channel, Descriptors(received.output, tuple(received.sockets), init_fd, received.netns), trees)
+    run_sandbox(LINUX, request, channel, Descriptors(received.output, tuple(received.sockets), init_fd, received.netns, tuple(received.cgroup_tasks)), trees)
 
 
 def _fork_sandbox_init(cgroup_fd: int, own_pidns: int) -> int:
@@ -262,9 +267,8 @@ def _fork_userns_sandbox(
     process has set up what only it may (`_fork_in_user_namespace`)."""
     pid, sysfs = _fork_in_user_namespace(request, cgroup_fd, received.netns, own_netns, ids, host_id_trees)
     if pid == 0:
-        # The fork server joined its v1 cgroups for it, and it was born in its network namespace.
-        joined = dataclasses.replace(request, cgroup_procs=())
-        _sandbox_child(joined, dataclasses.replace(received, netns=-1), init_fd, dataclasses.replace(trees, sysfs=sysfs))
+        # It was born in its network namespace; it joins its v1 cgroups itself, as any sandbox.
+        _sandbox_child(request, dataclasses.replace(received, netns=-1), init_fd, dataclasses.replace(trees, sysfs=sysfs))
     return pid
 
 
@@ -278,8 +282,11 @@ def _fork_in_user_namespace(
     The child may not do anything as root-inside before its uid and gid maps exist, and only a
     process outside (this one, root in the parent namespace) may write maps that name other ids
     than its own. So the child waits on a pipe while this process writes the maps, idmaps the
-    trees that keep the host's ids (HOST_IDS) through the child's user namespace, moves it into
-    the v1 cgroups of its limits (which the child could no longer do itself), and then lets it go.
+    trees that keep the host's ids (HOST_IDS) through the child's user namespace, and then lets it
+    go. The child still has the host's root's ids underneath (only its capabilities are confined
+    to its namespace until it becomes root inside), so it joins its v1 cgroups itself, as any
+    sandbox does: a write of "0" to each `tasks` file, which the kernel does without the global
+    lock that a write of its pid from here would take.
 
     A child in a new user namespace may not join a network namespace of the host's user namespace,
     nor mount a sysfs for it: so this process joins it for the moment of the clone (the child is
@@ -306,9 +313,6 @@ def _fork_in_user_namespace(
                     idmap(tree, userns, source)
             finally:
                 os.close(userns)
-        for procs in request.cgroup_procs:
-            with open(procs, "w") as f:
-                f.write(str(pid))  # cgroup.procs reads pids in the writer's pid namespace: ours
         os.write(wait_w, b"1")
     finally:
         if pid != 0:

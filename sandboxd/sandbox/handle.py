@@ -70,21 +70,21 @@ class ForkServer:
         launch_id: int,
         plan: LaunchPlan,
         cgroup: str,
-        cgroup_procs: tuple[str, ...],
+        cgroup_tasks: tuple[str, ...],
         root: str,
         output_fd: int,
         socket_fds: list[int],
         netns_fd: int = -1,
         source_fds: list[int] | None = None,
     ) -> socket.socket:
-        """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_procs`.
+        """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_tasks`.
 
         With `netns_fd`, the sandbox joins that network namespace instead of creating one.
         `source_fds` are the held descriptors of its bind sources (pins.py), one per bind in the
         order of the plan's mounts. Returns the supervisor's end of its status channel.
         """
         sources = list(source_fds or [])
-        request = LaunchSandbox(launch_id, plan, cgroup, tuple(cgroup_procs), root, netns_fd >= 0, len(sources))
+        request = LaunchSandbox(launch_id, plan, cgroup, tuple(cgroup_tasks), root, netns_fd >= 0, len(sources))
         return self._send(request, [output_fd, *socket_fds, *sources] + ([netns_fd] if netns_fd >= 0 else []))
 
     def send_exec(
@@ -100,11 +100,11 @@ class ForkServer:
         uid: int = 0,
         gid: int = 0,
         output_fd: int = -1,
-        cgroup_procs: tuple[str, ...] = (),
+        cgroup_tasks: tuple[str, ...] = (),
     ) -> socket.socket:
         """Run a command inside a running sandbox (its init's namespaces and its cgroup)."""
         request = RunCommand(
-            launch_id, init_pid, cgroup, tuple(cgroup_procs), tuple(argv), tuple(env.items()), workdir,
+            launch_id, init_pid, cgroup, tuple(cgroup_tasks), tuple(argv), tuple(env.items()), workdir,
             tuple(capabilities), seccomp_filter, uid, gid,
             # Without an output, none is sent: the command gets the sandbox's own /dev/null, not
             # a descriptor of the host's that a process of the service could reopen through /proc.
@@ -117,7 +117,7 @@ class ForkServer:
         launch_id: int,
         pidfd: int,
         cgroup: str,
-        cgroup_procs: tuple[str, ...],
+        cgroup_tasks: tuple[str, ...],
         argv: list[str],
         socket_fds: list[int],
         output_fd: int,
@@ -126,7 +126,7 @@ class ForkServer:
         target_fd: int = -1,
     ) -> socket.socket:
         """Start a proxy in a running sandbox's cgroup and network namespace (see proxy.py)."""
-        request = StartProxy(launch_id, cgroup, tuple(cgroup_procs), tuple(argv), uid, gid, unix_target=target_fd >= 0)
+        request = StartProxy(launch_id, cgroup, tuple(cgroup_tasks), tuple(argv), uid, gid, unix_target=target_fd >= 0)
         return self._send(request, [output_fd, pidfd, *([target_fd] if target_fd >= 0 else []), *socket_fds])
 
     def _send(self, request: Request, fds: list[int]) -> socket.socket:

@@ -52,16 +52,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(EXIT_UNEXPECTED)
 
 
-def _join_then_run(cgroup_procs: tuple[str, ...], channel: socket.socket, join: Callable[[], bool], run: Callable[[bool, int], None]) -> NoReturn:
+def _join_then_run(cgroup_tasks: tuple[str, ...], channel: socket.socket, join: Callable[[], bool], run: Callable[[bool, int], None]) -> NoReturn:
     """The shape of running something inside a running sandbox, in a child born in its cgroup:
-    join `cgroup_procs`, `join` namespaces (True if a user namespace was joined), report, fork
+    join `cgroup_tasks`, `join` namespaces (True if a user namespace was joined), report, fork
     `run` (which calls `_die_with_parent` last before exec), wait, exit with its status."""
     step = Step()
     try:
         step.name = "reset signals"
         LINUX.reset_signals()
         step.name = "join cgroups"
-        for procs in cgroup_procs:
+        for procs in cgroup_tasks:
             LINUX.write_file(procs, "0")
         step.name = "join the sandbox's namespaces"
         in_userns = join()
@@ -96,7 +96,7 @@ def run_in_sandbox(request: RunCommand, status_fd: int, output_fd: int) -> NoRet
         _die_with_parent(parent)
         os.execvpe(request.argv[0], list(request.argv), dict(request.env))
 
-    _join_then_run(request.cgroup_procs, socket.socket(fileno=status_fd), lambda: join_namespaces(request.init_pid), run)
+    _join_then_run(request.cgroup_tasks, socket.socket(fileno=status_fd), lambda: join_namespaces(request.init_pid), run)
 
 
 def run_proxy(request: StartProxy, status_fd: int, output_fd: int, fds: list[int]) -> NoReturn:
@@ -129,4 +129,4 @@ def run_proxy(request: StartProxy, status_fd: int, output_fd: int, fds: list[int
         _die_with_parent(parent)
         os.execve(argv[0], argv, env)
 
-    _join_then_run(request.cgroup_procs, channel, join, run)
+    _join_then_run(request.cgroup_tasks, channel, join, run)

@@ -63,7 +63,7 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class LaunchSandbox:
-    """Make a sandbox from `plan`, born in cgroup2 directory `cgroup` and joining `cgroup_procs`
+    """Make a sandbox from `plan`, born in cgroup2 directory `cgroup` and joining `cgroup_tasks`
     (v1 hierarchies), its root built at `root`. Descriptors: status channel, output, the sockets
     (fds 3.. of the service), `sources` held bind sources (one per bind, in the plan's order)
     and, with `netns`, the network namespace to join."""
@@ -71,7 +71,7 @@ class LaunchSandbox:
     id: int
     plan: LaunchPlan
     cgroup: str
-    cgroup_procs: tuple[str, ...]
+    cgroup_tasks: tuple[str, ...]
     root: str
     netns: bool
     sources: int
@@ -86,7 +86,7 @@ class RunCommand:
     id: int
     init_pid: int
     cgroup: str
-    cgroup_procs: tuple[str, ...]
+    cgroup_tasks: tuple[str, ...]
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     workdir: str
@@ -105,7 +105,7 @@ class StartProxy:
 
     id: int
     cgroup: str
-    cgroup_procs: tuple[str, ...]
+    cgroup_tasks: tuple[str, ...]
     argv: tuple[str, ...]
     uid: int
     gid: int

@@ -46,7 +46,7 @@ def test_manager_creates_and_removes_service_cgroups_in_a_fake_v2_tree(tmp_path)
     manager.setup()
     web = manager.create("web")
     assert web.path == tmp_path / "svc.scope/sandboxd/stack/web"
-    assert web.extra_procs_files == ()
+    assert web.v1_tasks_files == ()
     assert web.path.is_dir() and not web.populated()
     (web.path / "cgroup.events").write_text("populated 1\nfrozen 0\n")
     assert web.populated()
@@ -106,7 +106,7 @@ def test_every_service_gets_a_memory_cgroup_and_the_default_process_limit(tmp_pa
     assert web.v1 == {"memory": tmp_path / "memory/session/sandboxd/stack/web", "pids": tmp_path / "pids/sandboxd/stack/web"}
     assert (web.v1["pids"] / "pids.max").read_text() == str(DEFAULT_PIDS)
     assert not (web.v1["memory"] / "memory.limit_in_bytes").exists()  # accounted, not limited
-    assert web.extra_procs_files == tuple(str(web.v1[c] / "cgroup.procs") for c in ("memory", "pids"))
+    assert web.v1_tasks_files == tuple(str(web.v1[c] / "tasks") for c in ("memory", "pids"))
     db = manager.create("db", Limits(pids=10_000))
     assert (db.v1["pids"] / "pids.max").read_text() == "10000"
 
@@ -120,7 +120,7 @@ def test_per_connection_instance_has_its_own_memory_cgroup_and_shares_its_servic
     assert one.v1 == {"memory": echo.v1["memory"] / "echo@1"}
     assert one.joined == {"pids": echo.v1["pids"]}  # the service's process limit holds all its instances
     assert not (one.v1["memory"] / "pids.max").exists()
-    assert one.extra_procs_files == (str(echo.v1["memory"] / "echo@1/cgroup.procs"), str(echo.v1["pids"] / "cgroup.procs"))
+    assert one.v1_tasks_files == (str(echo.v1["memory"] / "echo@1/tasks"), str(echo.v1["pids"] / "tasks"))
     manager.remove(one)
     assert not (echo.v1["memory"] / "echo@1").exists() and echo.v1["pids"].is_dir()  # the service's stays
 

@@ -206,6 +206,16 @@ def test_a_mount_the_user_namespace_locked_stays_and_only_there(channel) -> None
     assert (code, message.step, message.path) == (127, "mount proc on /proc", "/proc")
 
 
+def test_the_child_joins_its_v1_cgroups_first_by_writing_0_to_the_tasks_files_it_was_given(channel) -> None:
+    fake = kernel()
+    launch = request([IN_PLACE, *BASE], userns=IDS)
+    become_sandbox(fake, launch, channel[1], Descriptors(OUTPUT, (SOCKET,), INIT, cgroup_tasks=(50, 51)), Trees((), IMAGE_TREE, SYSFS_TREE, DEV_TREE), Step())
+    # "0" moves the writer alone (no global lock); by descriptor, since in its user namespace it may not open them.
+    assert fake.calls[1:5] == [("write", 50, b"0"), ("close", 50), ("write", 51, b"0"), ("close", 51)]
+    assert fake.order().index("close") < fake.order().index("unshare")
+    assert "write_file" not in fake.order()
+
+
 def test_a_joined_network_namespace_comes_before_the_new_namespaces(channel) -> None:
     fake = kernel()
     walk(fake, request([IN_PLACE, *BASE], clone_flags=FLAGS & ~abi.CLONE_NEWNET, net="join"), channel, netns=44)

@@ -16,7 +16,7 @@ INFO: dict[str, Any] = {
     "init_pid": 4242,
     "cgroup": "/sys/fs/cgroup/unified/sandboxd/st/svc",
     "exec_cgroup": "/sys/fs/cgroup/unified/sandboxd/st/svc/sbd-exec-1",
-    "cgroup_procs": ["/sys/fs/cgroup/pids/sandboxd/st/svc/cgroup.procs"],
+    "cgroup_tasks": ["/sys/fs/cgroup/pids/sandboxd/st/svc/tasks"],
     "capabilities": [10],
     "seccomp_filter": "abcd",
     "uid": 1000,
@@ -38,7 +38,7 @@ def test_plan_keeps_the_service_confinement_and_takes_the_options() -> None:
     plan = plan_exec("svc", INFO, ExecOptions(("sh",)), {}, tty=False)
     assert (plan.uid, plan.gid, plan.capabilities, plan.seccomp_filter, plan.workdir) == (1000, 1001, (10,), "abcd", "/srv")
     assert plan.exec_cgroup == "/sys/fs/cgroup/unified/sandboxd/st/svc/sbd-exec-1"
-    assert plan.cgroup_procs == ("/sys/fs/cgroup/pids/sandboxd/st/svc/cgroup.procs",)
+    assert plan.cgroup_tasks == ("/sys/fs/cgroup/pids/sandboxd/st/svc/tasks",)
     assert plan_exec("svc", INFO, ExecOptions(("sh",), workdir="/tmp"), {}, tty=False).workdir == "/tmp"
 
 

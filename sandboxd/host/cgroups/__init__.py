@@ -13,7 +13,7 @@ behind one interface, `CgroupManager`, with one implementation per mode, chosen 
 What a manager does for a stack: `setup` (the stack's cgroup, the controllers every service is
 given), `create` (a service's cgroup with its limits set; a per-connection instance below its
 service's), `remove` and `teardown`. What a service's `Cgroup` (group.py) does while it runs: how
-a process joins it (born in its v2 directory, then `extra_procs_files`), `stats`, `kill`,
+a process joins it (born in its v2 directory, then `v1_tasks_files`), `stats`, `kill`,
 `populated`, `renew` and `remove`. The layout, from hierarchy.py:
 
     <own v2 cgroup>/sandboxd/<instance>/<service>[/<service>@N]     tracking, kill (and limits, unified)

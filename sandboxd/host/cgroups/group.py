@@ -33,10 +33,13 @@ class Cgroup:
         self.settings: list[tuple[Path, str]] = []  # the limit files written, in order
 
     @property
-    def extra_procs_files(self) -> tuple[str, ...]:
-        """How a process joins this cgroup besides being born in its v2 directory: the cgroup.procs
-        files of its v1 hierarchies (a hybrid host), to each of which the child writes "0"."""
-        return tuple(str(path / "cgroup.procs") for path in [*self.v1.values(), *self.joined.values()])
+    def v1_tasks_files(self) -> tuple[str, ...]:
+        """How a process joins this cgroup besides being born in its v2 directory: the `tasks`
+        files of its v1 hierarchies (a hybrid host), to each of which the child, still one thread,
+        writes "0". That moves the writer alone, which the kernel does without taking the global
+        threadgroup lock that a write to cgroup.procs (or of another pid) takes, and so without
+        waiting for an RCU grace period: 0.3 ms instead of 6 to 34 ms on this machine's kernel."""
+        return tuple(str(path / "tasks") for path in [*self.v1.values(), *self.joined.values()])
 
     def _read_int(self, path: Path, key: str | None = None) -> int:
         try:

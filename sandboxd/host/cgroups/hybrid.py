@@ -3,9 +3,9 @@ controller hierarchies (memory, pids, cpu, blkio) for limits, as runc's v1 manag
 
 clone3 can place a child in a v2 cgroup only, so a sandbox is born in its v2 cgroup and joins its
 v1 cgroups from inside the child, before exec, by writing "0" to each file in
-`Cgroup.extra_procs_files`: nothing of the service ever runs outside its cgroups. That is one v1
-directory per controller (tens of microseconds to make) and one write of cgroup.procs per
-hierarchy per launch. A per-connection instance has a memory cgroup of its own below its
+`Cgroup.v1_tasks_files`: nothing of the service ever runs outside its cgroups. That is one v1
+directory per controller (tens of microseconds to make) and one write of the child's own
+`tasks` file per hierarchy per launch (see `v1_tasks_files` for why not cgroup.procs). A per-connection instance has a memory cgroup of its own below its
 service's and shares the service's other v1 cgroups, so that the service's limits, the process
 limit too, hold all its instances together.
 """

@@ -1,0 +1,150 @@
+"""The argparse tree of `sandboxd`: one function a group of verbs, added in the order `--help`
+lists them. Each verb's `func` is its command function; this module imports only the command
+modules, whose own imports wait until a verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from sandboxd.cli.run import cmd_exec, exec_env, exec_user, exec_workdir
+from sandboxd.cli.services import cmd_control, cmd_logs, cmd_ps, cmd_stats
+from sandboxd.cli.stack import cmd_config, cmd_down, cmd_ls, cmd_reload_stack, cmd_up
+from sandboxd.cli.store import cmd_image, cmd_volume
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    Verbs: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers returns
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandboxd", description="Run isolated services with sockets bound by sandboxd.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    _add_up(verbs)
+    _add_service_verbs(verbs)
+    _add_exec(verbs)
+    _add_logs_and_stats(verbs)
+    _add_stack_verbs(verbs)
+    _add_image(verbs)
+    _add_volume(verbs)
+    return parser
+
+
+def _add_up(verbs: Verbs) -> None:
+    up = verbs.add_parser("up", help="validate a spec folder and run its services (in the foreground, or -d)")
+    up.add_argument("dir", help="folder of *.yaml unit specs")
+    up.add_argument("-p", "--project-name", help="name of the stack (default: the folder's name)")
+    up.add_argument("-d", "--detach", action="store_true", help="run in the background; return once every eager service has started")
+    up.add_argument("--wait", action="store_true", help="with -d: return once every eager service is ready")
+    up.add_argument("--timeout", type=float, default=60.0, help="with -d: give up after this many seconds")
+    up.add_argument("-e", "--env", action="append", default=[], metavar="SERVICE:KEY=VALUE", help="override a service's environment")
+    up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
+    up.set_defaults(func=cmd_up)
+
+
+def _add_service_verbs(verbs: Verbs) -> None:
+    """ps and status, stop, start, restart, reload and kill: the verbs on a running stack's services."""
+    for verb, text in (("ps", "show the services of a running stack"), ("status", "the same as ps")):
+        ps = verbs.add_parser(verb, help=text)
+        ps.add_argument("services", nargs="*")
+        ps.add_argument("-p", "--project-name")
+        ps.add_argument("--json", action="store_true")
+        ps.set_defaults(func=cmd_ps)
+    for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
+        control = verbs.add_parser(verb, help=text)
+        control.add_argument("services", nargs="+")
+        control.add_argument("-p", "--project-name")
+        control.set_defaults(func=cmd_control)
+    reload = verbs.add_parser(
+        "reload",
+        help="SERVICE…: the services' own reload (reload_signal; with ready: notify until READY=1 again); "
+        "no service: apply the changed spec to the running stack",
+    )
+    reload.add_argument("services", nargs="*")
+    reload.add_argument("-p", "--project-name")
+    reload.add_argument("--dir", help="with no service: the spec folder to apply (default: the one the stack came from)")
+    reload.set_defaults(func=lambda a: cmd_control(a) if a.services else cmd_reload_stack(a))
+    kill = verbs.add_parser("kill", help="send a signal to services (default SIGTERM)")
+    kill.add_argument("services", nargs="+")
+    kill.add_argument("-s", "--signal", default="SIGTERM")
+    kill.add_argument("-p", "--project-name")
+    kill.set_defaults(func=cmd_control)
+
+
+def _add_exec(verbs: Verbs) -> None:
+    execute = verbs.add_parser(
+        "exec",
+        help="run a command inside a running service's sandbox",
+        description="Run a command in SERVICE's namespaces, cgroup and root, confined as the service is, "
+        "with a terminal allocated inside the sandbox or with pipes: never the caller's own descriptors. "
+        "Options come before SERVICE.",
+    )
+    execute.add_argument("service")
+    execute.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG…]")
+    execute.add_argument("-p", "--project-name")
+    terminal = execute.add_mutually_exclusive_group()
+    terminal.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None,
+                          help="a terminal inside the sandbox (default when stdin and stdout are terminals)")
+    terminal.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False, help="pipes, no terminal")
+    execute.add_argument("-u", "--user", type=exec_user, help="USER[:GROUP], names or numbers (default: the service's)")
+    execute.add_argument("-w", "--workdir", type=exec_workdir, help="absolute working directory (default: the service's)")
+    execute.add_argument("-e", "--env", action="append", default=[], type=exec_env, metavar="KEY=VALUE",
+                         help="set a variable (repeatable); KEY alone passes the caller's value")
+    execute.set_defaults(func=cmd_exec)
+
+
+def _add_logs_and_stats(verbs: Verbs) -> None:
+    logs = verbs.add_parser("logs", help="show what services printed")
+    logs.add_argument("services", nargs="*")
+    logs.add_argument("-p", "--project-name")
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--since", help="only lines at or after this UTC time, like 2026-11-26T06:00:00")
+    logs.add_argument("--tail", type=int, help="only the last N lines")
+    logs.set_defaults(func=cmd_logs)
+    stats = verbs.add_parser("stats", help="live resource use of a running stack")
+    stats.add_argument("services", nargs="*")
+    stats.add_argument("-p", "--project-name")
+    stats.add_argument("--once", action="store_true", help="print once instead of refreshing every second")
+    stats.set_defaults(func=cmd_stats)
+
+
+def _add_stack_verbs(verbs: Verbs) -> None:
+    """down, ls and config (up, the first verb, has its own function)."""
+    down = verbs.add_parser("down", help="stop a running stack and remove everything it made")
+    down.add_argument("dir", nargs="?", help="the spec folder (its name is the stack's name)")
+    down.add_argument("-p", "--project-name")
+    down.set_defaults(func=cmd_down)
+    ls = verbs.add_parser("ls", help="list the stacks running on this host")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+    config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
+    config.add_argument("dir")
+    config.set_defaults(func=cmd_config)
+
+
+def _add_image(verbs: Verbs) -> None:
+    image = verbs.add_parser("image", help="build, list, import and remove root file system images")
+    image_verbs = image.add_subparsers(dest="action", metavar="ACTION", required=True)
+    image_build = image_verbs.add_parser("build", help="build images from definitions (images/NAME/build), if changed")
+    image_build.add_argument("names", nargs="*", help="definition folders (images/NAME) or names found in images/ here or above")
+    image_build.add_argument("--force", action="store_true", help="build even if the definition did not change")
+    image_ls = image_verbs.add_parser("ls", help="list the stored images")
+    image_ls.add_argument("--json", action="store_true")
+    image_rm = image_verbs.add_parser("rm", help="remove stored images")
+    image_rm.add_argument("names", nargs="+")
+    image_import = image_verbs.add_parser("import", help="import an OCI image layout (folder or tar) or a docker save archive")
+    image_import.add_argument("file")
+    image_import.add_argument("--name", help="the image's name (default: its tag)")
+    image.set_defaults(func=cmd_image)
+
+
+def _add_volume(verbs: Verbs) -> None:
+    volume = verbs.add_parser("volume", help="list and remove named volumes")
+    volume_verbs = volume.add_subparsers(dest="action", metavar="ACTION", required=True)
+    volume_verbs.add_parser("ls", help="list volumes")
+    volume_rm = volume_verbs.add_parser("rm", help="remove volumes and their data")
+    volume_rm.add_argument("names", nargs="+")
+    volume.set_defaults(func=cmd_volume)

@@ -1,0 +1,248 @@
+"""The verbs on a whole stack: `up` (in the foreground, or `-d`: detached), `reload` with no
+service (apply the changed spec), `down`, `ls` and `config` (the resolved units and plans).
+
+`up` runs the supervisor in this process. Its order matters: the fork server is started before
+the supervisor's imports (asyncio), so that every sandbox is a fork of that smaller process.
+`up -d` validates and builds here, then forks this process into a session of its own to be the
+supervisor, and polls the control socket until the stack is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, NoReturn
+
+from sandboxd.errors import HostError, SandboxdError
+
+if TYPE_CHECKING:
+    from sandboxd.spec.model import Stack
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if not args.daemon:
+        from sandboxd.cli.client import running_stacks
+        from sandboxd.host.state import clean_name
+
+        name = clean_name(args.project_name or Path(args.dir).resolve().name)
+        if name in running_stacks():
+            return _reload_stack(name, args)
+    if args.detach:
+        return _up_detached(args)
+    return _up(args)
+
+
+def _reload_stack(name: str, args: argparse.Namespace) -> int:
+    """`sandboxd up DIR` against a running stack: apply the difference (a reload)."""
+    from sandboxd.cli.client import request
+
+    answer = request(name, {"cmd": "apply", "folder": str(Path(args.dir).resolve()), "env": args.env}, timeout=300)
+    changes = [f"{what}: {', '.join(answer[what])}" for what in ("added", "removed", "changed", "sockets_replaced") if answer[what]]
+    print(f"stack {name!r} reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
+    return 0
+
+
+def cmd_reload_stack(args: argparse.Namespace) -> int:
+    from sandboxd.cli.client import choose_stack, request
+
+    stack = choose_stack(args.project_name)
+    folder = args.dir or request(stack, {"cmd": "status"})["folder"]
+    args.dir, args.env = folder, []
+    return _reload_stack(stack, args)
+
+
+def _stack_to_run(args: argparse.Namespace) -> tuple[Stack, str]:
+    """The stack `up` is to run (its spec folder with the -e overrides) and its instance name;
+    refused unless this process is root."""
+    from sandboxd.host.state import instance_name
+    from sandboxd.spec.load import load_stack
+    from sandboxd.spec.overrides import with_environment
+
+    stack = with_environment(load_stack(Path(args.dir)), args.env)
+    instance = instance_name(stack, args.project_name)
+    if os.geteuid() != 0:
+        raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
+    return stack, instance
+
+
+def _up(args: argparse.Namespace) -> int:
+    from sandboxd.host.facts import cgroup_host
+    from sandboxd.host.paths import RUNTIME_ROOT
+    from sandboxd.host.prepare import make_plans
+    from sandboxd.host.state import clean_stale
+    from sandboxd.store.volumes import create, volumes_dir
+
+    stack, instance = _stack_to_run(args)
+    lease = None
+    if any(service.userns for service in stack.services):
+        from sandboxd.host.subids import lease as lease_ids
+
+        # Held by this process and, from its fork, the fork server: the block is ours until both are gone.
+        lease = lease_ids(instance)
+    plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, userns=lease.userns if lease else None)
+    host = cgroup_host()
+    from sandboxd.host.limits import enforceable_limits
+
+    limits = enforceable_limits(stack, host)
+    create(stack, plans)  # the last check is done: from here on things are made
+    clean_stale()
+    from sandboxd.sandbox.handle import ForkServer
+
+    from sandboxd.host.pins import pin_mounts
+
+    # Before the supervisor's imports (asyncio): every sandbox is a fork of this smaller process.
+    fork_server = ForkServer.start()
+    try:
+        # After the fork, so that the fork server holds none of them: the supervisor sends them along.
+        pinned = pin_mounts(stack, volumes_dir())
+    except BaseException:
+        fork_server.stop()
+        raise
+    from sandboxd.daemon.supervisor import Supervisor
+
+    return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, pinned=pinned, ids=lease).run()
+
+
+def _up_detached(args: argparse.Namespace) -> int:
+    """Validate here (errors come back at once, exit 2), then start the supervisor in a session of
+    its own and return once every eager service has started (or is ready, with --wait)."""
+    import tempfile
+
+    from sandboxd.cli.client import running_stacks
+    from sandboxd.host.paths import RUNTIME_ROOT
+    from sandboxd.host.prepare import make_plans
+
+    stack, instance = _stack_to_run(args)
+    if instance in running_stacks():
+        raise HostError(f"a stack named {instance!r} is already running", "stop it with sandboxd down -p NAME, or pick another name with -p")
+    make_plans(stack, str(RUNTIME_ROOT / instance))  # builds images here, where their output is seen
+    log = tempfile.TemporaryFile()
+    # The supervisor is this process, forked into a session of its own: no second interpreter
+    # start, no second validation. Its early errors go to `log`, which this side shows.
+    daemon = os.fork()
+    if daemon == 0:
+        _be_the_supervisor(args, instance, log)
+    return _wait_until_up(args, instance, daemon, log)
+
+
+def _be_the_supervisor(args: argparse.Namespace, instance: str, log: IO[bytes]) -> NoReturn:
+    """The forked side of `up -d`: a session of its own, no terminal, its output into `log`; runs
+    the stack as `up --daemon -p INSTANCE` would and exits with the supervisor's code."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    args.daemon, args.project_name = True, instance
+    code = 1
+    try:
+        code = _up(args)
+    except SandboxdError as e:
+        print(f"sandboxd: {e}", file=sys.stderr)
+        code = e.exit_code
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait_until_up(args: argparse.Namespace, instance: str, daemon: int, log: IO[bytes]) -> int:
+    """Poll the new stack's status until every eager service has started (is ready, with --wait),
+    then print it; if the supervisor exits first, show what it wrote to `log` and pass on its code."""
+    import time
+
+    from sandboxd.cli.client import choose_stack, request
+    from sandboxd.cli.services import print_status
+
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        finished, wait_status = os.waitpid(daemon, os.WNOHANG)
+        if finished:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            return os.waitstatus_to_exitcode(wait_status) or 1
+        try:
+            status = request(choose_stack(instance), {"cmd": "status"}, timeout=5)
+        except SandboxdError:
+            time.sleep(0.02)
+            continue
+        waiting_for = {"starting"} | ({"running"} if args.wait else set())
+        pending = [s for s in status["services"] if s["state"] in waiting_for and not (s["state"] == "running" and s["ready"])]
+        if sys.stderr.isatty():
+            done = len(status["services"]) - len(pending)
+            sys.stderr.write(f"\rsandboxd: {done}/{len(status['services'])} {'ready' if args.wait else 'started'}: {' '.join(s['name'] for s in pending)[:60]}\033[K")
+        if not pending:
+            if sys.stderr.isatty():
+                sys.stderr.write("\r\033[K")
+            print_status(status, sys.stdout)
+            return 0
+        time.sleep(0.02)
+    raise HostError(f"stack {instance!r} did not come up within {args.timeout:g} s", f"see: sandboxd logs -p {instance}")
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    import time
+
+    from sandboxd.host.paths import alive as _alive
+    from sandboxd.cli.client import choose_stack, request, running_stacks
+    from sandboxd.host.state import clean_stale
+
+    name = args.project_name or (Path(args.dir).resolve().name if args.dir else None)
+    cleaned = clean_stale()  # a stack whose supervisor died: remove what it left
+    if name and name not in running_stacks():
+        if name in cleaned:
+            print(f"stack {name!r} was dead; removed what it left behind")
+            return 0
+        raise SandboxdError(f"no stack named {name!r} is running")
+    stack = choose_stack(name)
+    pid = running_stacks()[stack]
+    if sys.stderr.isatty():
+        sys.stderr.write(f"sandboxd: stopping stack {stack!r}…\r")
+    request(stack, {"cmd": "down"})
+    while _alive(pid):  # a zombie counts as gone: its parent (init, after `up -d`) reaps it when it can
+        time.sleep(0.01)
+    print(f"stack {stack!r} is down")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    import json
+
+    from sandboxd.cli.client import running_stacks
+    from sandboxd.host.state import clean_stale
+
+    if os.geteuid() == 0:
+        clean_stale()
+    stacks = running_stacks()
+    if args.json:
+        print(json.dumps([{"name": name, "pid": pid} for name, pid in stacks.items()]))
+    else:
+        for name, pid in stacks.items():
+            print(f"{name}\tpid {pid}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from sandboxd.host.prepare import make_plans
+    from sandboxd.spec.load import load_stack
+
+    stack = load_stack(Path(args.dir))
+    plans = make_plans(stack, build=False)
+
+    def default(value: object) -> object:
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(type(value))
+
+    out = {
+        "stack": dataclasses.asdict(stack),
+        "plans": {name: dataclasses.asdict(plan) for name, plan in plans.items()},
+        # What each service's cgroup gets: its limits, and the default process limit unless it sets one.
+        "limits": {s.name: dataclasses.asdict(s.limits.with_defaults()) for s in stack.services},
+    }
+    print(json.dumps(out, indent=2, default=default))
+    return 0

@@ -1,5 +1,6 @@
-"""The CLI's side of the control socket, and finding running stacks. Standard library only, so
-that `sandboxd ps --json` answers quickly."""
+"""The CLI's side of the control socket, and finding running stacks. Standard library only (and
+the protocol's types, sandboxd/wire.py), so that `sandboxd ps --json` answers quickly. Each
+answer is checked against the type of its request's answer here, where it is decoded."""
 
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
 """The control socket of a running stack: one JSON request per line, one JSON answer per line.
+The verbs, their answers and every key's type are in sandboxd/wire.py (drawn there):
 
-    {"cmd": "status"}                          -> {"ok": true, "stack": ..., "services": [...]}
-    {"cmd": "stop"|"start"|"restart", "services": [...]}
-    {"cmd": "kill", "services": [...], "signal": "SIGHUP"}
-    {"cmd": "down"}
-    {"cmd": "apply", "folder": DIR, "env": [...]}   -> what was added, removed, changed (a reload)
-    {"cmd": "exec_info", "services": [NAME], "user": "USER[:GROUP]", "session": true}
-                                               -> pid, cgroups, confinement; with session, a cgroup
-                                                  of the command's own, emptied and removed when
-                                                  this connection closes
+    status                                             ->  the stack's and each service's state
+    stop, start, restart, kill, reload, down           ->  {"ok": true} once done
+    apply (a reload of the stack's folder)             ->  what was added, removed, changed
+    exec_info (with session: a cgroup of the command's own, emptied and removed when this
+               connection closes)                      ->  pid, cgroups, confinement
+    anything refused                                   ->  {"ok": false, "error": TEXT}
 
 The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
 (a non-root user gets a clear refusal from the CLI before it even connects).

@@ -1,15 +1,33 @@
-"""The CLI's side of the control socket, and finding running stacks. Standard library only, so
-that `sandboxd ps --json` answers quickly."""
+"""The CLI's side of the control socket, and finding running stacks. Standard library only (and
+the protocol's types, sandboxd/wire.py), so that `sandboxd ps --json` answers quickly. Each
+answer is checked against the type of its request's answer here, where it is decoded."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-from typing import Any
+from typing import cast, overload
 
 from sandboxd.errors import HostError, SandboxdError
 from sandboxd.host.paths import RUNTIME_ROOT, alive
+from sandboxd.wire import (
+    ApplyAnswer,
+    ApplyRequest,
+    Answer,
+    Done,
+    DownRequest,
+    ExecInfoAnswer,
+    ExecInfoRequest,
+    KillRequest,
+    Request,
+    ServicesRequest,
+    StatusAnswer,
+    StatusRequest,
+    conforms,
+)
+
+ANSWERS: dict[str, type] = {"status": StatusAnswer, "apply": ApplyAnswer, "exec_info": ExecInfoAnswer}  # others: Done
 
 
 def running_stacks() -> dict[str, int]:
@@ -56,8 +74,17 @@ def connect(stack: str, timeout: float = 60.0) -> socket.socket:
     return sock
 
 
-def ask(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
-    """One request on an open connection, and its answer (raised as SandboxdError if refused)."""
+@overload
+def ask(sock: socket.socket, message: StatusRequest) -> StatusAnswer: ...
+@overload
+def ask(sock: socket.socket, message: ApplyRequest) -> ApplyAnswer: ...
+@overload
+def ask(sock: socket.socket, message: ExecInfoRequest) -> ExecInfoAnswer: ...
+@overload
+def ask(sock: socket.socket, message: ServicesRequest | KillRequest | DownRequest) -> Done: ...
+def ask(sock: socket.socket, message: Request) -> Answer:
+    """One request on an open connection, and its answer (raised as SandboxdError if refused, or
+    if it is not what the protocol says the request is answered with: see wire.py)."""
     sock.sendall(json.dumps(message).encode() + b"\n")
     data = b""
     while not data.endswith(b"\n"):
@@ -65,12 +92,29 @@ def ask(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
         if not chunk:
             break
         data += chunk
-    answer: dict[str, Any] = json.loads(data)
+    try:
+        answer: object = json.loads(data)
+    except ValueError:
+        raise SandboxdError(f"the stack's answer to {message['cmd']!r} is not JSON: {data[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise SandboxdError(f"the stack's answer to {message['cmd']!r} is not a JSON object: {answer!r}")
     if not answer.get("ok"):
         raise SandboxdError(str(answer.get("error", "the stack refused the request")))
-    return answer
+    why = conforms(answer, ANSWERS.get(message["cmd"], Done))
+    if why:
+        raise SandboxdError(f"the stack's answer to {message['cmd']!r} is malformed: {why}")
+    return cast(Answer, answer)
 
 
-def request(stack: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+@overload
+def request(stack: str, message: StatusRequest, timeout: float = ...) -> StatusAnswer: ...
+@overload
+def request(stack: str, message: ApplyRequest, timeout: float = ...) -> ApplyAnswer: ...
+@overload
+def request(stack: str, message: ExecInfoRequest, timeout: float = ...) -> ExecInfoAnswer: ...
+@overload
+def request(stack: str, message: ServicesRequest | KillRequest | DownRequest, timeout: float = ...) -> Done: ...
+def request(stack: str, message: Request, timeout: float = 60.0) -> Answer:
+    """One request on a connection of its own (see ask)."""
     with connect(stack, timeout) as sock:
         return ask(sock, message)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
 from sandboxd.errors import SandboxdError
+from sandboxd.wire import ExecInfoRequest
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise SandboxdError("nothing to run: sandboxd exec [OPTIONS] SERVICE -- COMMAND [ARG…]")
     options = ExecOptions(tuple(command), args.tty, args.user or "", args.workdir or "", tuple(args.env))
-    message: dict[str, Any] = {"cmd": "exec_info", "services": [args.service], "session": True}
+    message: ExecInfoRequest = {"cmd": "exec_info", "services": [args.service], "session": True}
     if options.user:
         message["user"] = options.user
     # The connection stays open while the command runs: when it closes, however this process

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, TextIO
+from typing import TextIO
+
+from sandboxd.wire import StackStatus
 
 
-def print_status(status: dict[str, Any], out: TextIO) -> None:
+def print_status(status: StackStatus, out: TextIO) -> None:
     """The answer to a status request as a table, one service a row (`ps`, and `up -d` once up)."""
     from sandboxd.daemon.console import escape_controls
 
@@ -44,8 +46,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
     status = request(choose_stack(args.project_name), {"cmd": "status", "services": args.services})
     if args.json:
-        status.pop("ok", None)
-        print(json.dumps(status, indent=2))
+        print(json.dumps({key: value for key, value in status.items() if key != "ok"}, indent=2))
     else:
         print_status(status, sys.stdout)
     return 0
@@ -54,10 +55,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def cmd_control(args: argparse.Namespace) -> int:
     from sandboxd.cli.client import choose_stack, request
 
-    message: dict[str, Any] = {"cmd": args.verb, "services": args.services}
+    stack = choose_stack(args.project_name)
     if args.verb == "kill":
-        message["signal"] = args.signal
-    request(choose_stack(args.project_name), message)
+        request(stack, {"cmd": "kill", "services": args.services, "signal": args.signal})
+    else:
+        request(stack, {"cmd": args.verb, "services": args.services})
     done = {"stop": "stopped", "start": "started", "restart": "restarted", "kill": f"sent {args.signal if args.verb == 'kill' else ''}", "reload": "reloaded"}
     for name in args.services:
         print(f"{name}: {done.get(args.verb, args.verb)}")

@@ -1,14 +1,12 @@
 """The control socket of a running stack: one JSON request per line, one JSON answer per line.
+The verbs, their answers and every key's type are in sandboxd/wire.py (drawn there):
 
-    {"cmd": "status"}                          -> {"ok": true, "stack": ..., "services": [...]}
-    {"cmd": "stop"|"start"|"restart", "services": [...]}
-    {"cmd": "kill", "services": [...], "signal": "SIGHUP"}
-    {"cmd": "down"}
-    {"cmd": "apply", "folder": DIR, "env": [...]}   -> what was added, removed, changed (a reload)
-    {"cmd": "exec_info", "services": [NAME], "user": "USER[:GROUP]", "session": true}
-                                               -> pid, cgroups, confinement; with session, a cgroup
-                                                  of the command's own, emptied and removed when
-                                                  this connection closes
+    status                                             ->  the stack's and each service's state
+    stop, start, restart, kill, reload, down           ->  {"ok": true} once done
+    apply (a reload of the stack's folder)             ->  what was added, removed, changed
+    exec_info (with session: a cgroup of the command's own, emptied and removed when this
+               connection closes)                      ->  pid, cgroups, confinement
+    anything refused                                   ->  {"ok": false, "error": TEXT}
 
 The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
 (a non-root user gets a clear refusal from the CLI before it even connects).
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sandboxd.errors import SandboxdError
+from sandboxd.wire import Answer, ApplyResult, ExecInfo, StackStatus
 
 
 class Verbs(Protocol):
@@ -33,7 +32,7 @@ class Verbs(Protocol):
 
     def knows(self, name: str) -> bool: ...
 
-    def status(self, names: list[str]) -> dict[str, object]: ...
+    def status(self, names: list[str]) -> StackStatus: ...
 
     async def stop_service(self, name: str) -> None: ...
 
@@ -43,9 +42,9 @@ class Verbs(Protocol):
 
     def request_down(self) -> None: ...
 
-    async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]: ...
+    async def apply_folder(self, folder: str, env: list[str]) -> ApplyResult: ...
 
-    def exec_info(self, name: str, user: str = "", session: bool = False) -> dict[str, object]: ...
+    def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo: ...
 
     async def end_exec(self, path: str) -> None: ...
 
@@ -78,7 +77,7 @@ class ControlServer:
         try:
             while line := await reader.readline():
                 try:
-                    answer = await self.handle(_request(json.loads(line)), execs)
+                    answer: Answer = await self.handle(_request(json.loads(line)), execs)
                 except (ValueError, KeyError, TypeError, OSError, SandboxdError) as e:
                     answer = {"ok": False, "error": f"bad request: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)}
                 writer.write(json.dumps(answer).encode() + b"\n")
@@ -91,7 +90,9 @@ class ControlServer:
             for path in execs:
                 await self.verbs.end_exec(path)
 
-    async def handle(self, request: dict[str, object], execs: list[str] | None = None) -> dict[str, object]:
+    async def handle(self, request: dict[str, object], execs: list[str] | None = None) -> Answer:
+        """The answer to one request (wire.py types both); the request is decoded JSON, checked
+        here key by key, as it may come from anything that can open the socket."""
         sup = self.verbs
         cmd = request["cmd"]
         names = _names(request.get("services"))
@@ -120,7 +121,7 @@ class ControlServer:
             case "exec_info":
                 info = sup.exec_info(names[0], str(request.get("user", "")), session=bool(request.get("session")) and execs is not None)
                 if "exec_cgroup" in info and execs is not None:
-                    execs.append(str(info["exec_cgroup"]))
+                    execs.append(info["exec_cgroup"])
                 return {"ok": True, **info}
             case "reload":
                 errors = await asyncio.gather(*(sup.reload_service(n) for n in names))

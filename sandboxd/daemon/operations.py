@@ -19,6 +19,7 @@ from sandboxd.daemon.states import ALIVE, State
 from sandboxd.daemon.stopping import Stopper, signal_init
 from sandboxd.host.cgroups import Cgroup
 from sandboxd.host.identity import lookup_identity
+from sandboxd.wire import ApplyResult, ExecInfo, ServiceStatus, SocketStatus, StackStatus
 
 
 class Operations:
@@ -51,7 +52,7 @@ class Operations:
     def knows(self, name: str) -> bool:
         return name in self.running.services
 
-    def status(self, names: list[str]) -> dict[str, object]:
+    def status(self, names: list[str]) -> StackStatus:
         services = self.running.services
         chosen = [services[n] for n in names] if names else list(services.values())
         record = self.resources.record
@@ -64,11 +65,11 @@ class Operations:
             "services": [self._status_of(rt) for rt in chosen],
         }
 
-    def _status_of(self, rt: ServiceRuntime) -> dict[str, object]:
-        sockets = []
+    def _status_of(self, rt: ServiceRuntime) -> ServiceStatus:
+        sockets: list[SocketStatus] = []
         for key in rt.plan.fd_sockets + rt.plan.proxied:
             unit = self.running.socket_unit(key[0])
-            entry = {"socket": unit.name, "address": self.running.sockets[key].real_address(), "fdname": unit.fdname, "netns": unit.netns}
+            entry: SocketStatus = {"socket": unit.name, "address": self.running.sockets[key].real_address(), "fdname": unit.fdname, "netns": unit.netns}
             if unit.proxy is not None:
                 entry["proxy"] = str(unit.proxy)
             sockets.append(entry)
@@ -104,10 +105,10 @@ class Operations:
     def request_down(self) -> None:
         self.stop_requested.set()
 
-    async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]:
+    async def apply_folder(self, folder: str, env: list[str]) -> ApplyResult:
         return await self.reload.apply_folder(folder, env)
 
-    def exec_info(self, name: str, user: str = "", session: bool = False) -> dict[str, object]:
+    def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo:
         """What `sandboxd exec` needs to run a command confined as the service is. With `user`
         (`sandboxd exec -u USER[:GROUP]`), its ids, names looked up as the spec's `user:` is.
         With `session`, a cgroup of the command's own below the service's (`exec_cgroup`), which
@@ -123,15 +124,7 @@ class Operations:
             uid, gid, problems = lookup_identity(name_part, group_part, rootfs, f"image '{rt.spec.image}'" if rootfs else "host")
             if problems:
                 raise ValueError(f"{name}: -u {user}: " + "; ".join(message for _key, message in problems))
-        env = list(command_env(rt).items())
-        extra: dict[str, object] = {}
-        if session:
-            self.exec_count += 1
-            exec_cgroup = rt.cgroup.path / f"sbd-exec-{self.exec_count}"
-            exec_cgroup.mkdir()
-            extra["exec_cgroup"] = str(exec_cgroup)
-        return {
-            **extra,
+        info: ExecInfo = {
             "init_pid": rt.launch.pid,
             "cgroup": str(rt.cgroup.path),
             "cgroup_tasks": list(rt.cgroup.v1_tasks_files),
@@ -139,9 +132,15 @@ class Operations:
             "seccomp_filter": rt.plan.seccomp_filter,
             "uid": uid,
             "gid": gid,
-            "env": env,
+            "env": [[key, value] for key, value in command_env(rt).items()],
             "workdir": rt.plan.workdir,
         }
+        if not session:
+            return info
+        self.exec_count += 1
+        exec_cgroup = rt.cgroup.path / f"sbd-exec-{self.exec_count}"
+        exec_cgroup.mkdir()
+        return {"exec_cgroup": str(exec_cgroup), **info}  # its key first, as it always was on the wire
 
     async def end_exec(self, path: str) -> None:
         """The CLI of a `sandboxd exec` is gone (it ended, or was killed, even by SIGKILL): what

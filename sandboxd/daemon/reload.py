@@ -18,6 +18,7 @@ from sandboxd.host.pins import SourceFds, close_all
 from sandboxd.host.sockets import bind_sockets, close_socket
 from sandboxd.plan.launch import LaunchPlan
 from sandboxd.spec.model import Limits, Stack
+from sandboxd.wire import ApplyResult
 
 
 class Reload:
@@ -31,7 +32,7 @@ class Reload:
         self.stopper = stopper
         self.console = console
 
-    async def apply_folder(self, folder: str, env: list[str]) -> dict[str, list[str]]:
+    async def apply_folder(self, folder: str, env: list[str]) -> ApplyResult:
         """Load, validate and plan the folder again (as `up` does), then apply the difference."""
         from sandboxd.host.limits import enforceable_limits
         from sandboxd.host.pins import pin_mounts
@@ -54,7 +55,7 @@ class Reload:
             self.console.note(f"reload from another folder: {folder}")
         return await self.apply(stack, plans, limits, pinned)
 
-    async def apply(self, stack: Stack, plans: dict[str, LaunchPlan], limits: dict[str, Limits], pinned: dict[str, SourceFds] | None = None) -> dict[str, list[str]]:
+    async def apply(self, stack: Stack, plans: dict[str, LaunchPlan], limits: dict[str, Limits], pinned: dict[str, SourceFds] | None = None) -> ApplyResult:
         """Bring the running stack to a new spec: unchanged services keep running, changed ones
         restart, removed ones stop, new ones start; unchanged sockets keep their descriptors.
         `pinned` holds the new spec's bind sources (pins.py): changed and new services take

@@ -62,7 +62,7 @@ import termios
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from sandboxd.errors import LaunchError, SandboxdError
 from sandboxd.kernel import abi, linux
@@ -71,6 +71,7 @@ from sandboxd.host.cgroups import cgroup2_of
 from sandboxd.sandbox.confine import Step, become_userns_root, confine, failure
 from sandboxd.sandbox.protocol import encode
 from sandboxd.sandbox.relay import FORWARDED_SIGNALS, Relay
+from sandboxd.wire import ExecInfo
 
 EXIT_SETUP_FAILED = 125
 EXIT_CANNOT_EXECUTE = 126
@@ -115,7 +116,7 @@ def wants_tty(flag: bool | None, stdin_is_tty: bool, stdout_is_tty: bool) -> boo
     return flag if flag is not None else stdin_is_tty and stdout_is_tty
 
 
-def plan_exec(service: str, info: Mapping[str, Any], options: ExecOptions, caller_env: Mapping[str, str], tty: bool) -> ExecPlan:
+def plan_exec(service: str, info: ExecInfo, options: ExecOptions, caller_env: Mapping[str, str], tty: bool) -> ExecPlan:
     """The command's plan from the stack's answer (`exec_info`) and the caller's options (pure).
 
     The environment is the service's (without its descriptors' and notify variables), then the

@@ -4,7 +4,8 @@ Every Stack gets a unique name (the folder's name and a random suffix), so many 
 in one process and across pytest-xdist workers; sockets on port 0 avoid port clashes. Needs root,
 as `sandboxd up` does. Each stack is a detached `sandboxd up -d --wait`; leaving the `with` block
 brings it down and removes everything it made. Every call runs `python -m sandboxd`: this module
-imports nothing of sandboxd's but its errors, and nothing outside the standard library.
+imports nothing of sandboxd's but its errors and the control socket's types (wire.py), and
+nothing outside the standard library.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
 from sandboxd.errors import SandboxdError
+from sandboxd.wire import StackStatus
 
 
 class Stack:
@@ -59,9 +59,9 @@ class Stack:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.down()
 
-    def status(self) -> dict[str, Any]:
-        """What `sandboxd ps --json` says of this stack."""
-        result: dict[str, Any] = json.loads(self._cli("ps", "--json", "-p", self.name))
+    def status(self) -> StackStatus:
+        """What `sandboxd ps --json` says of this stack (checked by the CLI, see sandboxd/wire.py)."""
+        result: StackStatus = json.loads(self._cli("ps", "--json", "-p", self.name))
         return result
 
     def address(self, socket_name: str) -> tuple[str, int] | str:

@@ -5,7 +5,7 @@ it go once its id maps are written: forkserver.py). From there it makes itself t
 plan describes, in this order, each step named so that its failure says what failed:
 
     reset signals                    the fork server's handlers, SIG_IGN, wakeup fd and mask
-    join cgroups                     the v1 hierarchies (in a user namespace the fork server did)
+    join cgroups                     the v1 hierarchies: "0" to the tasks files the fork server opened
     join the service's network ns    when sandboxd made one (in a user namespace: born in it)
     create namespaces                unshare(mount, uts, ipc[, net]); setsid
     become root of the user ns       setgroups, setresgid and setresuid to the mapped 0

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CGROUPS, write
+from sandboxd.host.cgroups import v1_mounts
 
 DEADLINE = 30.0
 
@@ -475,3 +476,68 @@ def test_health_check_gets_the_sandboxs_own_dev_null(spec_dir: Path) -> None:
         assert len(ids) == 4 and len(set(ids)) == 1, ids  # stdin, stdout, stderr: the sandbox's own /dev/null
     finally:
         sbd("down", "-p", stack)
+
+
+# ── no descriptor of sandboxd's, and the service's own cgroups, in whatever runs in a sandbox ──
+
+# What a process sees of itself: its descriptors (but the one listing them) and its cgroups.
+FD_PROBE = (
+    "import json, os\n"
+    "fds = {n: os.readlink(f'/proc/self/fd/{n}') for n in os.listdir('/proc/self/fd') if os.path.exists(f'/proc/self/fd/{n}')}\n"
+    "cgroups = {l.split(':')[1]: l.split(':')[2] for l in open('/proc/self/cgroup').read().splitlines()}\n"
+    "print(json.dumps({'fds': fds, 'cgroup': cgroups}))\n"
+)
+
+
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "host-ids"])
+def test_no_descriptor_of_sandboxd_reaches_the_service_its_health_check_or_an_exec(spec_dir: Path, userns: bool) -> None:
+    """The v1 tasks files the fork server opens for the child, the sealed init, the status channel
+    and the fork server's socket are closed before any exec: the service, a health check and an
+    exec'd command hold fds 0-2 alone, and each is in the service's v1 memory and pids cgroups."""
+    stack = "fdprobe"
+    write(spec_dir, "probe.py", FD_PROBE)
+    service = (
+        'kind: service\ncommand: [sh, -c, "python3 /t/probe.py > /tmp/svc; exec sleep 1000"]\n'
+        "mounts: [{source: ., target: /t}]\n"
+        'ready: {exec: [sh, -c, "python3 /t/probe.py > /tmp/hc"], interval: 10s}\n'
+    )
+    _up(spec_dir, stack, service, userns)
+    try:
+        reports = {
+            "service": sbd("exec", "-T", "-p", stack, "svc", "--", "cat", "/tmp/svc").stdout,
+            "health check": sbd("exec", "-T", "-p", stack, "svc", "--", "cat", "/tmp/hc").stdout,
+            "exec": sbd("exec", "-T", "-p", stack, "svc", "--", "python3", "/t/probe.py").stdout,
+        }
+        for who, text in reports.items():
+            report = json.loads(text)
+            listing = {n for n, target in report["fds"].items() if target.startswith("/proc/") and target.endswith("/fd")}
+            assert sorted(set(report["fds"]) - listing) == ["0", "1", "2"], (who, report["fds"])
+            for controller in ("memory", "pids"):  # v1 hierarchies, on a hybrid host
+                if controller in report["cgroup"]:
+                    assert report["cgroup"][controller].endswith(f"/sandboxd/{stack}/svc"), (who, report["cgroup"])
+    finally:
+        sbd("down", "-p", stack)
+
+
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "host-ids"])
+def test_a_service_with_the_hosts_sys_cannot_move_itself_to_another_cgroup(spec_dir: Path, userns: bool) -> None:
+    """network: host keeps the host's /sys, the cgroup hierarchies with it, and with userns: false
+    the service's root passes their owner checks: the read-only mounts must refuse every write."""
+    files = [str(p / name) for p in [CGROUPS.v2_mount, *v1_mounts().values()] for name in ("tasks", "cgroup.procs") if (p / name).exists()]
+    assert files
+    code = (
+        "import errno, json\nr = {}\n"
+        f"for p in {files!r}:\n"
+        "    try:\n        open(p, 'w').write('0'); r[p] = 'MOVED'\n"
+        "    except OSError as e:\n        r[p] = errno.errorcode[e.errno]\n"
+        "open('/tmp/moved', 'w').write(json.dumps(r))\n"
+    )
+    write(spec_dir, "try.py", code)
+    _up(spec_dir, "mover", 'kind: service\nnetwork: host\nmounts: [{source: ., target: /t}]\ncommand: [sh, -c, "python3 /t/try.py; exec sleep 1000"]\n', userns)
+    try:
+        result = json.loads(sbd("exec", "-T", "-p", "mover", "svc", "--", "sh", "-c", "while [ ! -s /tmp/moved ]; do sleep 0.05; done; cat /tmp/moved").stdout)
+        assert set(result) == set(files) and all(v in ("EROFS", "EACCES", "EPERM") for v in result.values()), result
+        cgroup = sbd("exec", "-T", "-p", "mover", "svc", "--", "cat", "/proc/1/cgroup").stdout
+        assert all(line.endswith("/sandboxd/mover/svc") for line in cgroup.splitlines() if line.split(":")[1] in ("", "memory", "pids")), cgroup
+    finally:
+        sbd("down", "-p", "mover")

@@ -29,11 +29,12 @@ class Runtimes:
         record, cgroups = self.resources.record, self.resources.cgroups
         assert record is not None
         cgroup = cgroups.create(service.name, self.running.limits.get(service.name))
-        record.add("cgroups", str(cgroup.path))
+        made = [str(cgroup.path)]
         for path in cgroup.v1.values():
-            if str(path.parent) not in record.cgroups:
-                record.add("cgroups", str(path.parent))
-            record.add("cgroups", str(path))
+            if str(path.parent) not in record.cgroups and str(path.parent) not in made:
+                made.append(str(path.parent))
+            made.append(str(path))
+        record.add("cgroups", *made)  # one rewrite of the state file per service, not one per cgroup
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
         rt = ServiceRuntime(service, self.running.plans[service.name], cgroup, OutputPipe(r, w))

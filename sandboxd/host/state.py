@@ -43,8 +43,9 @@ class StateRecord:
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.directory / "state.json")
 
-    def add(self, kind: str, path: str) -> None:
-        getattr(self, kind).append(path)
+    def add(self, kind: str, *paths: str) -> None:
+        """Record `paths` (cgroups, files or dirs) just made, in one rewrite of the file."""
+        getattr(self, kind).extend(paths)
         self.save()
 
 

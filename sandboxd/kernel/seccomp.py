@@ -34,6 +34,7 @@ removes its rule, argument checks included (`socket` lets AF_VSOCK through).
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 
 SECCOMP_RET_ALLOW = 0x7FFF0000
@@ -139,6 +140,7 @@ def _assemble(lines: list[_Line]) -> bytes:
     return program
 
 
+@functools.cache  # every service with the same `seccomp:` gets the same program
 def build_filter(architecture: str, allow: frozenset[str] = frozenset()) -> bytes:
     """The default filter for `architecture` (the machine as uname says it) as packed
     `struct sock_filter` instructions, minus the calls in `allow`."""

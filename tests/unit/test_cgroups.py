@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.host.cgroups import CgroupHost, CgroupMode, cgroup_manager, detect
+from sandboxd.host.cgroups import CgroupHost, CgroupManager, CgroupMode, cgroup_manager, detect
 from sandboxd.errors import HostError
 from sandboxd.spec.model import DEFAULT_PIDS, Limits
 
@@ -99,6 +99,17 @@ def _hybrid(tmp_path: Path) -> CgroupHost:
     return CgroupHost(CgroupMode.HYBRID, tmp_path / "unified", "/", {"memory": memory, "pids": pids})
 
 
+def _unified_manager(tmp_path: Path) -> CgroupManager:
+    """The manager of stack `stack` on a fake unified tree whose controllers the test wrote, with
+    sandboxd's and the stack's directories there already (a fake tree makes no files of its own)."""
+    host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
+    manager = cgroup_manager(host, "stack")
+    for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
+        directory.mkdir(parents=True)
+        (directory / "cgroup.subtree_control").write_text("")
+    return manager
+
+
 def test_every_service_gets_a_memory_cgroup_and_the_default_process_limit(tmp_path):
     manager = cgroup_manager(_hybrid(tmp_path), "stack")
     assert manager.setup() == []
@@ -136,11 +147,7 @@ def test_hybrid_host_without_a_pids_hierarchy_says_what_services_do_not_get(tmp_
 def test_unified_host_accounts_memory_and_limits_processes_of_every_service(tmp_path):
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("")
-    host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
-    manager = cgroup_manager(host, "stack")
-    for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
-        directory.mkdir(parents=True)
-        (directory / "cgroup.subtree_control").write_text("")
+    manager = _unified_manager(tmp_path)
     assert manager.setup() == []
     assert (tmp_path / "sandboxd/stack/cgroup.subtree_control").read_text() == "+pids"  # a fake file keeps the last write
     web = manager.create("web")
@@ -174,11 +181,7 @@ def test_a_renewed_cgroup_keeps_its_limits(tmp_path):
 def test_a_renewed_cgroup_on_a_unified_host_gets_its_limits_written_again(tmp_path):
     (tmp_path / "cgroup.controllers").write_text("memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("")
-    host = detect(tmp_path, f"30 23 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n", "0::/\n")
-    manager = cgroup_manager(host, "stack")
-    for directory in (tmp_path / "sandboxd", tmp_path / "sandboxd/stack"):
-        directory.mkdir(parents=True)
-        (directory / "cgroup.subtree_control").write_text("")
+    manager = _unified_manager(tmp_path)
     manager.setup()
     web = manager.create("web", Limits(memory=64 << 20))
     for file in web.path.iterdir():  # the kernel removes a cgroup's files with it; a fake tree must be emptied

@@ -26,6 +26,19 @@ def with_paths(stack: Stack, facts: HostFacts, exists: Callable[[str], bool]) ->
     return dataclasses.replace(facts, paths=PathFacts({p: not p.endswith(".sock") for p in paths_asked(stack, facts) if exists(p)}))
 
 
+# A client service that uses the socket of a service db (the tests add the socket units).
+CLIENT_USES_DB = """
+        kind: service
+        name: client
+        command: [x]
+        uses: [db]
+        ---
+        kind: service
+        name: db
+        command: [y]
+"""
+
+
 def plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "stack.yaml").write_text(textwrap.dedent(text).lstrip())
@@ -168,15 +181,8 @@ def test_mounting_over_proc_is_refused(tmp_path):
 def test_used_unix_socket_is_bound_read_only_at_the_same_path_with_the_hosts_ids(tmp_path):
     p = plans(
         tmp_path,
-        """
-        kind: service
-        name: client
-        command: [x]
-        uses: [db]
-        ---
-        kind: service
-        name: db
-        command: [y]
+        CLIENT_USES_DB
+        + """
         ---
         kind: socket
         name: db
@@ -192,15 +198,8 @@ def test_used_unix_socket_is_bound_read_only_at_the_same_path_with_the_hosts_ids
 def test_socket_files_a_service_does_not_use_are_hidden_from_it(tmp_path):
     p = plans(
         tmp_path,
-        """
-        kind: service
-        name: client
-        command: [x]
-        uses: [db]
-        ---
-        kind: service
-        name: db
-        command: [y]
+        CLIENT_USES_DB
+        + """
         ---
         kind: service
         name: other

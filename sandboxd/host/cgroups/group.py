@@ -38,7 +38,7 @@ class Cgroup:
         files of its v1 hierarchies (a hybrid host), to each of which the child, still one thread,
         writes "0". That moves the writer alone, which the kernel does without taking the global
         threadgroup lock that a write to cgroup.procs (or of another pid) takes, and so without
-        waiting for an RCU grace period: 0.3 ms instead of 6 to 34 ms on this machine's kernel."""
+        waiting for an RCU grace period (what that did to a launch: README, Performance)."""
         return tuple(str(path / "tasks") for path in [*self.v1.values(), *self.joined.values()])
 
     def _read_int(self, path: Path, key: str | None = None) -> int:

@@ -38,6 +38,8 @@ class Verbs(Protocol):
 
     def start_service(self, name: str) -> None: ...
 
+    async def restart_service(self, name: str) -> None: ...
+
     def kill_service(self, name: str, signame: str) -> None: ...
 
     def request_down(self) -> None: ...
@@ -108,9 +110,7 @@ class ControlServer:
                 for name in names:
                     sup.start_service(name)
             case "restart":
-                await asyncio.gather(*(sup.stop_service(n) for n in names))
-                for name in names:
-                    sup.start_service(name)
+                await asyncio.gather(*(sup.restart_service(n) for n in names))
             case "kill":
                 for name in names:
                     sup.kill_service(name, str(request.get("signal", "SIGTERM")))

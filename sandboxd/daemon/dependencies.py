@@ -4,6 +4,8 @@ service that must be ready), and the end of a foreground stack once every servic
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 from sandboxd.daemon.machine import ServiceMachine
 from sandboxd.daemon.runtime import RunningStack
@@ -19,6 +21,7 @@ class Dependencies:
         self.running = running
         self.done = done  # set when every service is done (not for a detached stack)
         self.detached = detached
+        self.holds = 0  # verbs under way that stop services to start them again (held())
 
     def entered(self, state: State) -> None:
         """A service entered `state`: once the loop is free, see whether a pending one may start."""
@@ -56,10 +59,21 @@ class Dependencies:
         never = (State.FAILED, State.STOPPED, State.PENDING)
         return None if other.state in never or (dep.condition != "completed" and other.state is State.EXITED) else False
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """While a verb stops services to start them again (restart, a reload's changed services),
+        the stack is not done, even if for a moment every service is stopped."""
+        self.holds += 1
+        try:
+            yield
+        finally:
+            self.holds -= 1
+            self.check_done()
+
     def check_done(self) -> None:
-        """A foreground stack ends once every service is in a final state (none pending); a detached
-        stack runs until `sandboxd down`, even with every service stopped."""
-        if self.detached:
+        """A foreground stack ends once every service is in a final state (none pending) and no verb
+        holds it (held()); a detached stack runs until `sandboxd down`, even with every service stopped."""
+        if self.detached or self.holds:
             return
         if all(rt.state in FINAL for rt in self.running.services.values()):
             self.done.set()

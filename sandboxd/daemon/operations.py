@@ -96,6 +96,14 @@ class Operations:
     def start_service(self, name: str) -> None:
         self.lifecycle.start_by_hand(self.running.services[name])
 
+    async def restart_service(self, name: str) -> None:
+        """Stop, then start; the stack is held meanwhile (a foreground stack whose services are all
+        stopped for a moment would otherwise end)."""
+        rt = self.running.services[name]
+        with self.lifecycle.dependencies.held():
+            await self.stopper.stop_by_hand(rt)
+            self.lifecycle.start_by_hand(rt)
+
     def kill_service(self, name: str, signame: str) -> None:
         rt = self.running.services[name]
         sig = signal.Signals[signame if signame.startswith("SIG") else f"SIG{signame}"]

@@ -73,26 +73,27 @@ class Reload:
             raise ValueError(f"cannot apply this change to the running stack: {why}; use sandboxd down and up")
         record = self.resources.record
         assert record is not None
-        for name in change.changed + change.removed:
-            await self.stopper.stop_by_hand(running.services[name])
-        for name in change.removed:
-            self.console.note(f"{name}: removed from the stack")
-            self.runtimes.drop(running.services[name])
-        for name in change.changed:
-            self.runtimes.drop(running.services[name])
-        replaced = set(change.sockets_replaced)
-        for key in [k for k in running.sockets if k[0] in replaced]:
-            close_socket(running.sockets.pop(key))
-        running.stack, running.limits, running.plans = stack, limits, plans
-        running.pinned.update(pinned)
-        running.sockets.update(bind_sockets(tuple(s for s in stack.sockets if s.name in replaced), record, running.inside))
-        # Socket files made anew: services that keep running mount the new file at their next start.
-        remade = {a.path for s in stack.sockets if s.name in replaced for a in s.listen if a.path and not a.is_abstract}
-        for rt in running.services.values():
-            self.runtimes.pin_own(rt, remade & rt.sources.keys())
-        for name in change.changed + change.added:
-            rt = self.runtimes.add(stack.service(name))
-            self.runtimes.attach(rt)
-            self.console.prefix_for(name)
-            self.lifecycle.start_by_hand(rt)
+        with self.lifecycle.dependencies.held():  # a foreground stack does not end while its changed services restart
+            for name in change.changed + change.removed:
+                await self.stopper.stop_by_hand(running.services[name])
+            for name in change.removed:
+                self.console.note(f"{name}: removed from the stack")
+                self.runtimes.drop(running.services[name])
+            for name in change.changed:
+                self.runtimes.drop(running.services[name])
+            replaced = set(change.sockets_replaced)
+            for key in [k for k in running.sockets if k[0] in replaced]:
+                close_socket(running.sockets.pop(key))
+            running.stack, running.limits, running.plans = stack, limits, plans
+            running.pinned.update(pinned)
+            running.sockets.update(bind_sockets(tuple(s for s in stack.sockets if s.name in replaced), record, running.inside))
+            # Socket files made anew: services that keep running mount the new file at their next start.
+            remade = {a.path for s in stack.sockets if s.name in replaced for a in s.listen if a.path and not a.is_abstract}
+            for rt in running.services.values():
+                self.runtimes.pin_own(rt, remade & rt.sources.keys())
+            for name in change.changed + change.added:
+                rt = self.runtimes.add(stack.service(name))
+                self.runtimes.attach(rt)
+                self.console.prefix_for(name)
+                self.lifecycle.start_by_hand(rt)
         return {"added": change.added, "removed": change.removed, "changed": change.changed, "sockets_replaced": change.sockets_replaced}

@@ -104,3 +104,28 @@ def test_a_detached_stack_is_never_done_by_itself(tmp_path: Path) -> None:
         rt.state = State.STOPPED
     deps.check_done()
     assert not deps.done.is_set()
+
+
+def test_a_foreground_stack_is_not_done_while_a_verb_restarts_its_services(tmp_path: Path) -> None:
+    """`sandboxd restart` of a one-service stack stops it before starting it: every service is
+    stopped for a moment, and the stack must not end then (it did, now and then, in CI)."""
+    deps, services, _done, _err = setup(tmp_path)
+    with deps.held():
+        for rt in services.values():
+            rt.state = State.STOPPED
+        deps.check_done()  # what the stopped service's exit calls
+        assert not deps.done.is_set()
+        services["app"].state = State.STARTING  # the verb's start
+    assert not deps.done.is_set()
+    services["app"].state = State.STOPPED
+    deps.check_done()
+    assert deps.done.is_set()
+
+
+def test_a_held_stack_whose_services_were_not_started_again_is_done_when_the_verb_ends(tmp_path: Path) -> None:
+    deps, services, _done, _err = setup(tmp_path)
+    with deps.held():
+        for rt in services.values():
+            rt.state = State.STOPPED
+        deps.check_done()
+    assert deps.done.is_set()

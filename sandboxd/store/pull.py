@@ -194,7 +194,8 @@ def _skopeo_message(stderr: str) -> str:
         return "skopeo failed without a message"
     match = re.search(r'msg="((?:[^"\\]|\\.)*)"', lines[-1])
     message = match.group(1).replace('\\"', '"') if match else lines[-1].strip()
-    message = re.sub(r"^(initializing source|reading manifest [^ ]+ in) [^ ]+: ", "", message)
+    while (shorter := re.sub(r"^(initializing source|reading manifest [^ ]+ in) [^ ]+: ", "", message)) != message:
+        message = shorter
     return message[:500]
 
 

@@ -93,12 +93,13 @@ def ensure_pulled(reference: Reference, policy: Policy, echo: bool = True) -> im
         return stored
     if policy == "never":
         raise HostError(f"image {reference} is not in the store and --pull never forbids pulling it", f"pull it: sandboxd image pull {reference}")
-    return pull(reference, echo)
+    return pull(reference, echo, again=policy == "always")
 
 
-def pull(reference: Reference, echo: bool = True) -> images.Image:
+def pull(reference: Reference, echo: bool = True, again: bool = True) -> images.Image:
     """Copy `reference` from its registry into the layout and import it (unless the manifest is
-    the one stored already). skopeo's progress goes to stderr when that is a terminal."""
+    the one stored already). Without `again`, an image another process pulled meanwhile is taken
+    as it is. skopeo's progress goes to stderr when that is a terminal."""
     if os.geteuid() != 0:
         raise HostError(f"pulling {reference} needs root: the store under /var/lib/sandboxd belongs to root", "run it as root")
     skopeo = shutil.which("skopeo")
@@ -107,6 +108,9 @@ def pull(reference: Reference, echo: bool = True) -> images.Image:
     name = images.pulled_name(reference)
     terminal = echo and sys.stderr.isatty()
     with layout_lock() as layout:
+        stored = images.find(str(reference))
+        if stored is not None and not again:
+            return stored
         command = [skopeo, "copy", "--remove-signatures", *(["--src-tls-verify=false"] if reference.loopback else []), *([] if terminal else ["--quiet"])]
         if terminal:
             print(f"sandboxd: pulling {reference}", file=sys.stderr, flush=True)
@@ -117,7 +121,6 @@ def pull(reference: Reference, echo: bool = True) -> images.Image:
         )  # fmt: skip
         if result.returncode != 0:
             raise pull_error(reference, result.stderr.decode(errors="replace"))
-        stored = images.find(str(reference))
         if stored is not None and stored.digest == entry_digest(layout, name):
             return stored
         return import_image(layout, name, Pulled(name, str(reference)))
@@ -229,7 +232,7 @@ def forget(layout: Path, tag: str) -> None:
     used = set()
     for descriptor in entries:
         used |= _blobs_of(layout, str(descriptor.get("digest", "")))
-    for blob in (layout / "blobs").glob("*/*"):
+    for blob in [*(layout / "blobs").glob("*/*"), *layout.glob("oci-put-blob*")]:  # and what a killed skopeo left
         if f"{blob.parent.name}:{blob.name}" not in used:
             blob.unlink()
 

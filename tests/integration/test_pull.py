@@ -245,3 +245,37 @@ def test_bad_reference_on_the_command_line_is_refused(registry: Registry) -> Non
     result = sandboxd("image", "pull", f"{registry.address}/Test/busybox:1")
     assert result.returncode == 1
     assert f"'{registry.address}/Test/busybox:1' is not an image reference: repository names are lower case: 'Test'" in result.stderr
+
+
+def test_detached_up_pulls_before_it_forks_and_config_shows_the_pulled_image(spec_dir: Path, registry: Registry, layout: Layout) -> None:
+    layout.image("1", version="one")
+    reference = registry.push(layout.path, "1", "test/busybox")
+    write(spec_dir, "box.yaml", f"kind: service\nimage: {reference}\ncommand: [sh, -c, 'cat /etc/version; exec sleep 60']\n")
+    assert f"pull it from {registry.address} with sandboxd image pull {reference}" in sandboxd("config", str(spec_dir)).stderr  # config pulls nothing
+    up = sandboxd("up", "-d", "--wait", "-p", "pulled", str(spec_dir))
+    try:
+        assert up.returncode == 0, up.stderr
+        assert registry.requests("/manifests/1") == 1
+        config = sandboxd("config", str(spec_dir))
+        assert config.returncode == 0, config.stderr
+        assert json.loads(config.stdout)["stack"]["services"][0]["image"] == reference
+    finally:
+        assert sandboxd("down", "-p", "pulled").returncode == 0
+
+
+def test_up_on_a_running_stack_pulls_the_image_a_changed_service_names(spec_dir: Path, registry: Registry, layout: Layout) -> None:
+    layout.image("1", version="one")
+    layout.image("2", version="two")
+    first = registry.push(layout.path, "1", "test/busybox")
+    second = registry.push(layout.path, "2", "test/busybox")
+    spec = "kind: service\nimage: {}\ncommand: [sh, -c, 'exec sleep 60']\n"
+    write(spec_dir, "box.yaml", spec.format(first))
+    up = sandboxd("up", "-d", "--wait", "-p", "pulled", str(spec_dir))
+    try:
+        assert up.returncode == 0, up.stderr
+        write(spec_dir, "box.yaml", spec.format(second))
+        reload = sandboxd("up", "-p", "pulled", str(spec_dir))
+        assert reload.returncode == 0 and "changed: box" in reload.stdout, reload.stdout + reload.stderr
+        wait_until(lambda: sandboxd("exec", "-p", "pulled", "box", "--", "sh", "-c", "cat /etc/version").stdout.strip() == "two", "the service on the new image")
+    finally:
+        assert sandboxd("down", "-p", "pulled").returncode == 0

@@ -3,6 +3,7 @@ a temporary folder) that each test starts, pushes an image of its own making int
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,20 @@ def sandboxd(*args: str) -> subprocess.CompletedProcess[str]:
 class Registry:
     """docker-registry serving on 127.0.0.1:PORT (a free port it chose), its log read back to count requests."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, users: str = "") -> None:
+        """`users`: htpasswd lines; with them every request needs credentials."""
         self.root = root
         config = root / "config.yml"
         config.write_text(f"version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\nhttp:\n  addr: 127.0.0.1:0\n")
+        if users:
+            (root / "htpasswd").write_text(users)
+            with open(config, "a") as text:
+                text.write(f"auth:\n  htpasswd:\n    realm: test\n    path: {root / 'htpasswd'}\n")
         self.log = root / "registry.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            # REGISTRY_* variables would override its configuration (REGISTRY_AUTH_FILE is skopeo's).
+            environment = {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
+            self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment)
         found = wait_until(lambda: self.proc.poll() is not None or re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log.read_text()), "the registry to listen")
         assert isinstance(found, re.Match), f"docker-registry exited: {self.log.read_text()}"
         self.address = f"127.0.0.1:{found.group(1)}"
@@ -52,10 +61,11 @@ class Registry:
         """How many GET requests since the last push the registry answered whose path holds `pattern`."""
         return len(re.findall(rf'"GET [^" ]*{re.escape(pattern)}[^" ]* HTTP/1\.1" 200', self.log.read_text()[self.pushed :]))
 
-    def push(self, layout: Path, tag: str, repository: str) -> str:
+    def push(self, layout: Path, tag: str, repository: str, credentials: str = "") -> str:
         """Push the layout's entry `tag` as REPOSITORY:tag; the reference to it."""
         reference = f"{self.address}/{repository}:{tag}"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{reference}"], check=True, capture_output=True)
+        login = ["--dest-creds", credentials] if credentials else []
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *login, f"oci:{layout}:{tag}", f"docker://{reference}"], check=True, capture_output=True)
         self.pushed = len(self.log.read_text())
         return reference
 
@@ -68,17 +78,24 @@ class Registry:
             self.proc.wait()
 
 
-@pytest.fixture
-def registry() -> Iterator[Registry]:
+@contextmanager
+def running_registry(users: str = "") -> Iterator[Registry]:
+    """A registry of its own; afterwards its process is gone and its folder removed."""
     root = Path(tempfile.mkdtemp(prefix="sandboxd-registry-"))
     try:
-        server = Registry(root)
+        server = Registry(root, users)
         try:
             yield server
         finally:
             server.stop()
     finally:
         shutil.rmtree(root)
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    with running_registry() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
@@ -279,3 +296,19 @@ def test_up_on_a_running_stack_pulls_the_image_a_changed_service_names(spec_dir:
         wait_until(lambda: sandboxd("exec", "-p", "pulled", "box", "--", "sh", "-c", "cat /etc/version").stdout.strip() == "two", "the service on the new image")
     finally:
         assert sandboxd("down", "-p", "pulled").returncode == 0
+
+
+def test_credentials_come_from_the_auth_json_skopeo_reads(spec_dir: Path, layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    users = subprocess.run(["htpasswd", "-nbB", "tester", "secret"], capture_output=True, text=True, check=True).stdout
+    auth = tmp_path / "auth.json"
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    layout.image("1")
+    with running_registry(users) as registry:
+        reference = registry.push(layout.path, "1", "private/busybox", credentials="tester:secret")
+        auth.write_text(json.dumps({"auths": {}}))
+        refused = sandboxd("image", "pull", reference)
+        assert refused.returncode == 1
+        assert f"cannot pull {reference}: registry {registry.address} refused it (" in refused.stderr and "REGISTRY_AUTH_FILE" in refused.stderr
+        auth.write_text(json.dumps({"auths": {registry.address: {"auth": base64.b64encode(b"tester:secret").decode()}}}))
+        result = sandboxd("image", "pull", reference)
+        assert result.returncode == 0, result.stderr

@@ -121,9 +121,10 @@ def pull(reference: Reference, echo: bool = True, again: bool = True) -> images.
         )  # fmt: skip
         if result.returncode != 0:
             raise pull_error(reference, result.stderr.decode(errors="replace"))
-        if stored is not None and stored.digest == entry_digest(layout, name):
-            return stored
-        return import_image(layout, name, Pulled(name, str(reference)))
+        if stored is None or stored.digest != entry_digest(layout, name):
+            stored = import_image(layout, name, Pulled(name, str(reference)))
+        prune(layout)  # the blobs of what the tag named before
+        return stored
 
 
 def entry_digest(layout: Path, tag: str) -> str:
@@ -219,14 +220,15 @@ def remove(value: str) -> bool:
         return False
     if image is not None and image.source == "pull" and layout_dir().is_dir():
         with layout_lock() as layout:
-            forget(layout, name)
+            prune(layout, name)
     return True
 
 
-def forget(layout: Path, tag: str) -> None:
-    """Drop the entry `tag` from the layout's index and delete the blobs no entry refers to."""
+def prune(layout: Path, drop: str = "") -> None:
+    """Keep in the layout's index the entries that have a name (skopeo leaves the entry a tag
+    named before, its name taken off), except `drop`, and delete the blobs none of them refers to."""
     index = _index(layout)
-    entries = [d for d in index.get("manifests") or [] if (d.get("annotations") or {}).get(REF_NAME) != tag]
+    entries = [d for d in index.get("manifests") or [] if (d.get("annotations") or {}).get(REF_NAME) not in (None, "", drop)]
     (layout / "index.json.tmp").write_text(json.dumps({**index, "manifests": entries}))
     (layout / "index.json.tmp").rename(layout / "index.json")
     used = set()

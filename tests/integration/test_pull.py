@@ -221,7 +221,7 @@ def test_pull_never_with_an_image_the_store_lacks_is_a_spec_error(spec_dir: Path
     assert registry.requests("/manifests/") == 0
 
 
-def test_pull_always_asks_again_without_fetching_or_unpacking_what_is_unchanged(run_stack, spec_dir: Path, registry: Registry, layout: Layout) -> None:
+def test_pull_always_asks_again_without_fetching_or_unpacking_what_is_unchanged(run_stack, spec_dir: Path, registry: Registry, layout: Layout, store: Path) -> None:
     layout.image("1", version="one")
     reference = registry.push(layout.path, "1", "test/busybox")
     assert sandboxd("image", "pull", reference).returncode == 0
@@ -237,6 +237,7 @@ def test_pull_always_asks_again_without_fetching_or_unpacking_what_is_unchanged(
     assert stack.wait_exit() == 0, stack.err
     assert stack.lines("box") == ["two"]
     assert base_layer_fetches(registry, layout) == 0  # counted from the second push on: the layout has it
+    assert len(list((store / "oci" / "blobs" / "sha256").iterdir())) == 4  # the base and the new layer, the config, the manifest
 
 
 def test_image_pull_fetches_a_layer_two_images_share_once_and_rm_prunes_the_layout(registry: Registry, layout: Layout, store: Path) -> None:

@@ -181,10 +181,14 @@ def layout_with(path: Path, entries: dict[str, list[str]]) -> dict[str, str]:
     return digests
 
 
-def test_forgetting_an_entry_deletes_only_the_blobs_no_other_entry_uses(tmp_path: Path) -> None:
+def test_pruning_drops_an_entry_and_unnamed_ones_and_deletes_only_the_blobs_no_other_entry_uses(tmp_path: Path) -> None:
     layout = tmp_path / "oci"
     layout_with(layout, {"a": ["config-a", "base", "only-a"], "b": ["config-b", "base", "only-b"]})
     (layout / "blobs" / "sha256" / "stray").write_text("left by a killed pull")
-    pull.forget(layout, "a")
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"].append({"digest": "sha256:old-manifest"})  # what a tag named before skopeo moved it
+    (layout / "index.json").write_text(json.dumps(index))
+    (layout / "blobs" / "sha256" / "old-manifest").write_text("{}")
+    pull.prune(layout, "a")
     assert sorted(p.name for p in (layout / "blobs" / "sha256").iterdir()) == ["base", "config-b", "mb", "only-b"]
     assert pull.entry_digest(layout, "b") == "sha256:mb" and pull.entry_digest(layout, "a") == ""

@@ -17,8 +17,10 @@
 
 A pull: `skopeo copy docker://REFERENCE oci:LAYOUT:NAME` (skopeo checks every blob against its
 digest, and the manifest against a digest the reference gives), then import_image reads the
-entry NAME of the layout, checking each blob's digest again as it unpacks. Only one pull runs at
-a time on a host (a lock beside the layout: skopeo rewrites index.json). skopeo reads credentials
+entry NAME of the layout, checking each blob's digest again as it unpacks. Afterwards the layout
+keeps only the blobs its named entries use (a tag that moved leaves its old layers behind
+otherwise); `image rm` drops the entry and prunes the same way. Only one pull runs at a time on
+a host (a lock beside the layout: skopeo rewrites index.json). skopeo reads credentials
 from the usual auth.json (`$REGISTRY_AUTH_FILE`, else `${XDG_RUNTIME_DIR}/containers/auth.json`,
 else `/run/containers/0/auth.json` for root, then `~/.docker/config.json`) and the registry
 configuration in /etc/containers (mirrors, certificates). Registries on this machine (localhost,

@@ -21,8 +21,9 @@ entry NAME of the layout, checking each blob's digest again as it unpacks. After
 keeps only the blobs its named entries use (a tag that moved leaves its old layers behind
 otherwise); `image rm` drops the entry and prunes the same way. Only one pull runs at a time on
 a host (a lock beside the layout: skopeo rewrites index.json). skopeo reads credentials
-from the usual auth.json (`$REGISTRY_AUTH_FILE`, else `${XDG_RUNTIME_DIR}/containers/auth.json`,
-else `/run/containers/0/auth.json` for root, then `~/.docker/config.json`) and the registry
+from the usual auth.json (`$REGISTRY_AUTH_FILE` alone if set; else
+`${XDG_RUNTIME_DIR}/containers/auth.json`, or `/run/containers/0/auth.json` for root without
+XDG_RUNTIME_DIR, then `~/.config/containers/auth.json`, `~/.docker/config.json`) and the registry
 configuration in /etc/containers (mirrors, certificates). Registries on this machine (localhost,
 127.0.0.0/8, ::1) are spoken to without verified TLS (plain HTTP when they offer no TLS), as
 docker does; every other registry must have a valid certificate.

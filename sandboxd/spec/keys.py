@@ -20,6 +20,7 @@ from typing import Literal, get_args
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
+from sandboxd.spec.envfile import env_file_key
 from sandboxd.spec.model import (
     DEFAULT_TMPFS_SIZE,
     NAME,
@@ -337,6 +338,7 @@ def _listen(node: Node, folder: Path) -> tuple[Address, ...]:
 _SERVICE_KEYS = {
     "command": Key(command, ()),
     "environment": Key(environment, ()),
+    "env_file": Key(env_file_key, ()),
     "workdir": Key(_absolute, ""),
     "hostname": Key(_hostname, UNIT_NAME),
     "restart": Key(_restart, "on-failure"),

@@ -5,17 +5,22 @@ each naming file, line and key. In order:
 
     the folder      its *.yaml / *.yml files; the folder and each file must be changeable by root
                     alone (trust.py), or what they say does not count
-    each file       its YAML documents, read as nodes (nodes.py), so a problem can name its line
+    each file       its YAML documents, read as nodes (nodes.py), so a problem can name its line;
+                    `${VAR}` in their values interpolated (interpolate.py) from the environment
+                    and the folder's `.env`, a service's `env_file:` read into its environment
+                    (envfile.py)
     each document   one unit: its `kind` picks the key table (keys.py); `name` defaults to the
                     file's stem when the file holds one unit of that kind
     all units       the checks between units (checks.py): names, addresses, `uses`, networks ...
 
-Reading the files, checking who may change them, and opening mount sources to see what they name
+Reading the files (spec files, `.env` and env files), checking who may change them, and opening mount sources to see what they name
 (sources.py) is the only I/O done while a spec is read.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -23,6 +28,8 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from sandboxd.errors import SpecError, SpecErrors
 from sandboxd.spec.checks import Found, check_units
+from sandboxd.spec.envfile import read_env_file, resolve_environment
+from sandboxd.spec.interpolate import interpolate
 from sandboxd.spec.keys import KINDS, unit_name
 from sandboxd.spec.model import NAME, Network, Service, Socket, Stack, Volume
 from sandboxd.spec.nodes import Invalid, Key, Problem, Required, fail, line_of, read_keys, value_of, with_defaults
@@ -30,19 +37,21 @@ from sandboxd.spec.trust import untrusted
 from sandboxd.spec.values import describe
 
 
-def load_stack(folder: Path) -> Stack:
-    """Read every spec file of `folder`; raise SpecErrors with all problems found, or return the stack."""
+def load_stack(folder: Path, variables: Mapping[str, str] | None = None) -> Stack:
+    """Read every spec file of `folder`; raise SpecErrors with all problems found, or return the
+    stack. `${VAR}` in its values takes `variables` (default: `interpolation_variables(folder)`)."""
     root = Path(folder).resolve()
     errors: list[SpecError] = []
     found: list[Found] = []
     files = _spec_files(root)
     if (distrusted := _distrusted(root, "this spec folder")) is not None:
         raise SpecErrors([distrusted])  # what its files say does not count
+    variables = interpolation_variables(root) if variables is None else variables
     for file in files:
         if (distrusted := _distrusted(file, "this spec file")) is not None:
             errors.append(distrusted)
             continue
-        errors += _load_file(file, found)
+        errors += _load_file(file, found, variables)
     errors += check_units(found)
     if not found and not errors:
         errors.append(SpecError(root, 0, "", "no units in this folder: every spec file is empty"))
@@ -89,7 +98,30 @@ def _spec_files(folder: Path) -> list[Path]:
     raise SpecErrors([SpecError(folder, 0, "", message)])
 
 
-def _load_file(file: Path, found: list[Found]) -> list[SpecError]:
+def interpolation_variables(folder: Path, env_files: Sequence[Path] = ()) -> dict[str, str]:
+    """The variables `${VAR}` in a spec folder's files may use, as compose has them: this
+    process's environment, over those of the folder's `.env` (or of `env_files` instead, the
+    later one winning: `--env-file`). Raises SpecErrors for a problem of one of those files."""
+    environ = dict(os.environ)
+    dotenv = Path(folder).resolve() / ".env"
+    values: dict[str, str] = {}
+    errors: list[SpecError] = []
+    for path in env_files or ([dotenv] if dotenv.is_file() else []):
+        if not path.exists():
+            errors.append(SpecError(path, 0, "", "env file does not exist"))
+            continue
+        if (distrusted := _distrusted(path, "this env file")) is not None:
+            errors.append(distrusted)
+            continue
+        found, problems = read_env_file(path, lambda name: environ.get(name, values.get(name)))
+        values.update(found)
+        errors += problems
+    if errors:
+        raise SpecErrors(errors)
+    return {**values, **environ}
+
+
+def _load_file(file: Path, found: list[Found], variables: Mapping[str, str]) -> list[SpecError]:
     """Append the units of `file` to `found`; return its problems."""
     try:
         documents = list(yaml.compose_all(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
@@ -103,6 +135,8 @@ def _load_file(file: Path, found: list[Found]) -> list[SpecError]:
     except yaml.YAMLError as error:
         return [SpecError(file, 0, "", f"invalid YAML: {str(error).splitlines()[0]}")]
     documents = [node for node in documents if node.tag != "tag:yaml.org,2002:null"]
+    interpolation = interpolate(documents, variables)
+    errors = [error for node in documents for error in resolve_environment(node, file, variables, interpolation, _distrusted)]
     problems: list[Problem] = []
     kinds: list[str | None] = []
     for node in documents:
@@ -114,7 +148,8 @@ def _load_file(file: Path, found: list[Found]) -> list[SpecError]:
     for node, kind in zip(documents, kinds):
         if kind is not None and isinstance(node, MappingNode):
             problems += _load_unit(node, kind, file, kinds.count(kind), found)
-    return [SpecError(file, line_of(node), key.lstrip("."), message) for node, key, message in problems]
+    problems = interpolation.problems + interpolation.others(problems)
+    return errors + [SpecError(file, line_of(node), key.lstrip("."), message) for node, key, message in problems]
 
 
 def _kind(node: Node) -> str:

@@ -71,6 +71,15 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class EnvFile:
+    """A file of `KEY=VALUE` lines a service's environment is read from (`env_file:`, compose's)."""
+
+    path: Path  # the file: absolute, or the spec folder's path joined with the name written
+    required: bool  # False: a missing file is skipped (compose's `{path: x, required: false}`)
+    line: int
+
+
+@dataclass(frozen=True)
 class Tmpfs:
     """A private, writable tmpfs the spec asks for; at /tmp or /run it takes the place of the
     sandbox's own one there."""
@@ -205,6 +214,7 @@ class Service:
     tmpfs_size: int  # bytes: the cap of /tmp, /run, /dev/shm and tmpfs entries without a size of their own
     shm_size: int | None  # bytes: /dev/shm's cap; None = tmpfs_size
     image: str  # "host", an absolute path to a root file system folder, or an image name
+    env_file: tuple[EnvFile, ...] = ()  # read at load time: `environment` holds what they gave
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:

@@ -24,6 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from sandboxd.spec.values import describe, is_int
 
+STR_TAG = "tag:yaml.org,2002:str"
 Problem = tuple[Node, str, str]  # node at fault, key path below the parsed key, message
 Parser = Callable[[Node, Path], Any]
 _T = TypeVar("_T")
@@ -147,19 +148,49 @@ def read_mapping(node: Node, expected: str) -> tuple[dict[str, tuple[Node, Node]
 
 
 def environment(node: Node, folder: Path) -> tuple[tuple[str, str], ...]:
-    """A mapping of variable names to values, in the order written."""
-    entries, problems = read_mapping(node, "a mapping of variable names to values")
+    """Variable names and values, in the order written: a mapping, or a list of `KEY=VALUE`
+    strings (compose's two forms). A `KEY` without a value is resolved before (envfile.py)."""
+    if isinstance(node, SequenceNode):
+        entries, problems = environment_list(node)
+    else:
+        entries, problems = read_mapping(node, "a mapping of variable names to values, or a list of KEY=VALUE strings")
     pairs = []
     for key, (key_node, value_node) in entries.items():
         if not key or "=" in key or "\0" in key:
             problems.append((key_node, f".{key}", f"expected a variable name without '=', got '{key}'"))
         try:
-            pairs.append((key, text(value_node, folder)))
+            pairs.append((key, env_value(value_node, folder)))
         except Invalid as invalid:
             problems += under(f".{key}", invalid.problems)
     if problems:
         raise Invalid(*problems)
     return tuple(pairs)
+
+
+def environment_list(node: SequenceNode) -> tuple[dict[str, tuple[Node, Node]], list[Problem]]:
+    """The `KEY=VALUE` items of a list, as read_mapping gives a mapping's entries (the item is
+    the key's node, a string node of the text after `=` its value's)."""
+    entries: dict[str, tuple[Node, Node]] = {}
+    problems: list[Problem] = []
+    for index, item in enumerate(node.value):
+        words = value_of(item) if isinstance(item, ScalarNode) else None
+        key, equals, value = words.partition("=") if isinstance(words, str) else ("", "", "")
+        if not equals:
+            problems.append((item, f"[{index}]", f"expected KEY=VALUE, got {describe(value_of(item))}"))
+        elif key in entries:
+            problems.append((item, f"[{index}]", f"duplicate variable '{key}' (also at line {line_of(entries[key][0])})"))
+        else:
+            entries[key] = (item, ScalarNode(STR_TAG, value, item.start_mark, item.end_mark, style="'"))
+    return entries, problems
+
+
+def env_value(node: Node, folder: Path) -> str:
+    """A variable's value: a string, a number as written, a boolean as compose writes it (`true`,
+    `false`; YAML 1.1's other booleans, `yes`, `on` ..., as written: compose reads them as strings)."""
+    if isinstance(node, ScalarNode) and isinstance(value_of(node), bool):
+        written = str(node.value)
+        return written.lower() if written.lower() in ("true", "false") else written
+    return text(node, folder)
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,9 @@ BAD_SPECS: list[tuple[str, dict[str, str], str]] = [
         "app.yaml:5: environment.A=B: expected a variable name without '=', got 'A=B'",
     ),
     (
-        "environment value that YAML reads as a boolean",
-        {"app.yaml": SERVICE + "environment:\n  DEBUG: yes\n"},
-        "app.yaml:5: environment.DEBUG: expected a string, got a boolean (true)",
+        "environment value that is a mapping",
+        {"app.yaml": SERVICE + "environment:\n  DEBUG: {level: 1}\n"},
+        "app.yaml:5: environment.DEBUG: expected a string, got a mapping",
     ),
     (
         "relative workdir",

@@ -13,7 +13,7 @@ TypedDicts name its keys and the types of their values, nothing more (the bytes 
     KillRequest     {"cmd": "kill", "services": [NAME…], "signal"?: "SIGHUP"}
     DownRequest     {"cmd": "down"}
                  ◀─────────────────────── Done: {"ok": true}
-    ApplyRequest    {"cmd": "apply", "folder": DIR, "env": ["SVC:KEY=VALUE"…]}
+    ApplyRequest    {"cmd": "apply", "folder": DIR, "env": ["SVC:KEY=VALUE"…], "variables"?: {NAME: VALUE}}
                  ◀─────────────────────── ApplyAnswer: {"ok": true} + ApplyResult:
                                             added, removed, changed, sockets_replaced
     ExecInfoRequest {"cmd": "exec_info", "services": [NAME], "user"?: "USER[:GROUP]", "session"?: true}
@@ -63,6 +63,7 @@ class ApplyRequest(TypedDict):
     cmd: Literal["apply"]
     folder: str  # the spec folder, absolute
     env: list[str]  # `up --env SVC:KEY=VALUE`
+    variables: NotRequired[dict[str, str]]  # for ${VAR}: the caller's environment and .env (or --env-file)
 
 
 class ExecInfoRequest(TypedDict):

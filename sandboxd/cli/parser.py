@@ -41,6 +41,7 @@ def _add_up(verbs: Verbs) -> None:
     up.add_argument("--wait", action="store_true", help="with -d: return once every eager service is ready")
     up.add_argument("--timeout", type=float, default=60.0, help="with -d: give up after this many seconds")
     up.add_argument("-e", "--env", action="append", default=[], metavar="SERVICE:KEY=VALUE", help="override a service's environment")
+    _add_env_file(up)
     up.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
                     help="registry images: pull those the store lacks (missing, the default), pull all again (always), or none (never)")
     up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
@@ -124,7 +125,14 @@ def _add_stack_verbs(verbs: Verbs) -> None:
     ls.set_defaults(func=cmd_ls)
     config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
     config.add_argument("dir")
+    _add_env_file(config)
     config.set_defaults(func=cmd_config)
+
+
+def _add_env_file(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                      help="read the variables for ${VAR} in the specs from FILE instead of the spec folder's .env "
+                      "(repeatable, the later file winning; the environment wins over both)")
 
 
 def _add_image(verbs: Verbs) -> None:

@@ -38,8 +38,10 @@ def _reload_stack(name: str, args: argparse.Namespace) -> int:
     """`sandboxd up DIR` against a running stack: apply the difference (a reload)."""
     from sandboxd.cli.client import request
 
-    _pull_images(Path(args.dir), getattr(args, "pull", "missing"))
-    answer = request(name, {"cmd": "apply", "folder": str(Path(args.dir).resolve()), "env": args.env}, timeout=300)
+    variables = _variables(args)
+    _pull_images(Path(args.dir), getattr(args, "pull", "missing"), variables)
+    folder = str(Path(args.dir).resolve())
+    answer = request(name, {"cmd": "apply", "folder": folder, "env": args.env, "variables": variables}, timeout=300)
     changes = [f"{what}: {', '.join(answer[what])}" for what in ("added", "removed", "changed", "sockets_replaced") if answer[what]]
     print(f"stack {name!r} reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
     return 0
@@ -61,7 +63,7 @@ def _stack_to_run(args: argparse.Namespace) -> tuple[Stack, str]:
     from sandboxd.spec.load import load_stack
     from sandboxd.spec.overrides import with_environment
 
-    stack = with_environment(load_stack(Path(args.dir)), args.env)
+    stack = with_environment(load_stack(Path(args.dir), _variables(args)), args.env)
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
@@ -72,7 +74,15 @@ def _stack_to_run(args: argparse.Namespace) -> tuple[Stack, str]:
     return stack, instance
 
 
-def _pull_images(folder: Path, policy: str) -> None:
+def _variables(args: argparse.Namespace) -> dict[str, str]:
+    """What ${VAR} in the spec takes: this process's environment over the folder's .env, or over
+    the `--env-file` files instead (SpecErrors for a problem of one of them)."""
+    from sandboxd.spec.load import interpolation_variables
+
+    return interpolation_variables(Path(args.dir), [Path(file) for file in getattr(args, "env_file", [])])
+
+
+def _pull_images(folder: Path, policy: str, variables: dict[str, str]) -> None:
     """Before a running stack applies `folder`: pull its registry images here, where skopeo's
     progress is seen. A spec error is left for the stack to report, as before."""
     from sandboxd.errors import SpecErrors
@@ -80,7 +90,7 @@ def _pull_images(folder: Path, policy: str) -> None:
     from sandboxd.store.pull import as_policy, pull_stack_images
 
     try:
-        stack = load_stack(folder)
+        stack = load_stack(folder, variables)
     except SpecErrors:
         return
     pull_stack_images(stack, as_policy(policy))
@@ -249,7 +259,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from sandboxd.host.prepare import make_plans
     from sandboxd.spec.load import load_stack
 
-    stack = load_stack(Path(args.dir))
+    stack = load_stack(Path(args.dir), _variables(args))
     plans = make_plans(stack, build=False)
 
     def default(value: object) -> object:

@@ -44,7 +44,7 @@ class Verbs(Protocol):
 
     def request_down(self) -> None: ...
 
-    async def apply_folder(self, folder: str, env: list[str]) -> ApplyResult: ...
+    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None) -> ApplyResult: ...
 
     def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo: ...
 
@@ -117,7 +117,8 @@ class ControlServer:
             case "down":
                 sup.request_down()
             case "apply":
-                return {"ok": True, **await sup.apply_folder(str(request["folder"]), _names(request.get("env")))}
+                variables = _variables(request.get("variables"))
+                return {"ok": True, **await sup.apply_folder(str(request["folder"]), _names(request.get("env")), variables)}
             case "exec_info":
                 info = sup.exec_info(names[0], str(request.get("user", "")), session=bool(request.get("session")) and execs is not None)
                 if "exec_cgroup" in info and execs is not None:
@@ -135,6 +136,15 @@ class ControlServer:
 def _request(value: object) -> dict[str, object]:
     if not isinstance(value, dict):
         raise TypeError("a request is a JSON object")
+    return value
+
+
+def _variables(value: object) -> dict[str, str] | None:
+    """The variables ${VAR} takes in a reload's spec (the caller's), None if absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise TypeError(f"expected a mapping of strings, got {type(value).__name__}")
     return value
 
 

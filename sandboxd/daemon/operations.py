@@ -113,8 +113,8 @@ class Operations:
     def request_down(self) -> None:
         self.stop_requested.set()
 
-    async def apply_folder(self, folder: str, env: list[str]) -> ApplyResult:
-        return await self.reload.apply_folder(folder, env)
+    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None) -> ApplyResult:
+        return await self.reload.apply_folder(folder, env, variables)
 
     def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo:
         """What `sandboxd exec` needs to run a command confined as the service is. With `user`

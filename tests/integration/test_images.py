@@ -50,7 +50,7 @@ def test_service_runs_on_the_image_not_on_the_host(run_stack, spec_dir: Path, st
         kind: service
         image: busybox
         restart: no
-        command: ["sh", "-c", "cat /etc/passwd; ls /usr/bin/python3 || echo no-python; touch /x || echo read-only; echo pid=$$"]
+        command: ["sh", "-c", "cat /etc/passwd; ls /usr/bin/python3 || echo no-python; touch /x || echo read-only; echo pid=$$$$"]
         """)
     stack = run_stack(spec_dir)
     assert stack.wait_exit() == 0

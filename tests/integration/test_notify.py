@@ -122,7 +122,7 @@ def test_missed_watchdog_fails_the_service_and_restarts_it(run_stack, spec_dir: 
         restart: on-watchdog
         restart_delay: 50ms
         start_limit: {burst: 1000, interval: 10s}
-        command: [sh, -c, 'systemd-notify --ready; echo "watchdog every $WATCHDOG_USEC us"; systemd-notify WATCHDOG_USEC=300000 WATCHDOG=1; exec sleep 1000']
+        command: [sh, -c, 'systemd-notify --ready; echo "watchdog every $$WATCHDOG_USEC us"; systemd-notify WATCHDOG_USEC=300000 WATCHDOG=1; exec sleep 1000']
         """,
     )
     # The spec's watchdog leaves any machine time to get ready; once ready, the service shortens
@@ -259,7 +259,7 @@ def test_a_health_check_that_outlives_its_timeout_is_killed(run_stack, spec_dir:
         "svc.yaml",
         """
         kind: service
-        ready: {exec: [sh, -c, "echo $$ >> /tmp/checks; exec sleep 1000"], interval: 10s, timeout: 200ms}
+        ready: {exec: [sh, -c, "echo $$$$ >> /tmp/checks; exec sleep 1000"], interval: 10s, timeout: 200ms}
         command: [sleep, "1000"]
         """,
     )

@@ -163,7 +163,7 @@ def test_service_runs_on_an_image_pulled_from_a_registry_and_a_second_up_pulls_n
         kind: service
         image: {reference}
         restart: no
-        command: ["sh", "-c", "cat /etc/version; echo FROM_IMAGE=$FROM_IMAGE"]
+        command: ["sh", "-c", "cat /etc/version; echo FROM_IMAGE=$$FROM_IMAGE"]
         """)
     for _ in range(2):
         stack = run_stack(spec_dir)

@@ -4,6 +4,8 @@
     values    plain values to typed ones: addresses, durations, sizes, signals, modes, subnets
     nodes     YAML nodes to values, every problem with its node; key tables read by `read_keys`
     keys      the key table of every kind of unit: each key's parser and default
+    interpolate  `${VAR}` in spec values, compose's forms, on the YAML nodes before keys are read
+    envfile   env files (.env, env_file:, --env-file) and a service's environment in compose's precedence
     sources   opening a bind mount's source as written (beneath the spec folder if relative)
     load      load_stack: files, documents, units, who may change them, then the checks
     checks    the checks between units: names, addresses, uses, networks, dependencies

@@ -273,3 +273,23 @@ def test_a_changed_dotenv_or_env_file_changes_the_services_that_use_them(tmp_pat
     assert diff(before, load_stack(folder)).changed == ["a"]
     (folder / "b.env").write_text("B=2\n")
     assert diff(before, load_stack(folder)).changed == ["a", "b"]
+
+
+def test_an_env_file_others_may_change_is_refused(tmp_path: Path, write_specs: WriteSpecs, problems: Problems) -> None:
+    folder = write_specs(tmp_path, SERVICE + "env_file: app.env\n")
+    (folder / "app.env").write_text("A=1\n")
+    (folder / "app.env").chmod(0o666)
+    (folder / ".env").write_text("B=1\n")
+    (folder / ".env").chmod(0o666)
+    with pytest.raises(SpecErrors) as raised:
+        load_stack(folder)
+    assert "refusing this env file" in str(raised.value) and ".env" in str(raised.value)
+    (folder / ".env").chmod(0o644)
+    assert [p.split(": refusing")[0] for p in problems(folder)] == ["app.env"]
+
+
+def test_an_aliased_value_is_interpolated_once(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    spec = "kind: service\nname: a\ncommand: [&word 'cost $$$$1', *word]\nenvironment: [DOLLAR=$$, 'RAW=$$$$']\n"
+    service = load_stack(write_specs(tmp_path, spec)).service("a")
+    assert service.command == ("cost $$1", "cost $$1")
+    assert service.environment == (("DOLLAR", "$"), ("RAW", "$$"))

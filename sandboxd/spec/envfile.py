@@ -50,7 +50,7 @@ from sandboxd.spec.nodes import (
 from sandboxd.spec.nodes import environment as parse_environment
 
 LineProblem = tuple[int, str, str]  # line, variable, message
-Distrusted = Callable[[Path, str], "SpecError | None"]
+Distrusted = Callable[[Path, str], SpecError | None]
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STATEMENT = re.compile(r"[ \t]*(?:export[ \t]+)?(?P<key>[^\s=:]+)[ \t]*(?P<sep>[=:]?)[ \t]*")
@@ -86,10 +86,9 @@ def parse_env_file(source: str, lookup: Lookup) -> tuple[dict[str, str], list[Li
                 elif (inherited := lookup(key)) is not None:
                     values[key] = inherited
             else:
-                rest = source[position + statement.end() :]
-                value, used, errors = _value(rest, known)
-                line += rest[:used].count("\n")
-                end = position + statement.end() + used
+                start = position + statement.end()
+                value, end, errors = _value(source, start, known)
+                line += source.count("\n", start, end)
                 problems += [(first, key, error) for error in errors]
                 if value is not None and not errors:
                     values[key] = value
@@ -99,16 +98,16 @@ def parse_env_file(source: str, lookup: Lookup) -> tuple[dict[str, str], list[Li
     return values, problems
 
 
-def _value(rest: str, known: Lookup) -> tuple[str | None, int, list[str]]:
-    """The value at the start of `rest` (the text after `KEY=`), how much of `rest` its lines
-    take (up to the last one's end), and its problems; None for an unterminated quote."""
-    line_end = len(rest) if (newline := rest.find("\n")) < 0 else newline
-    if not rest[:1] or rest[0] not in "'\"":
-        value, errors = _interpolated(rest[:line_end].partition(" #")[0].rstrip(), known)
+def _value(source: str, start: int, known: Lookup) -> tuple[str | None, int, list[str]]:
+    """The value at `start` of `source` (just after `KEY=`), where its last line ends, and its
+    problems; None for an unterminated quote."""
+    line_end = len(source) if (newline := source.find("\n", start)) < 0 else newline
+    if not source[start : start + 1] or source[start] not in "'\"":
+        value, errors = _interpolated(source[start:line_end].partition(" #")[0].rstrip(), known)
         return value, line_end, errors
-    quote, chars, escaped = rest[0], [], False
-    for index in range(1, len(rest)):
-        char = rest[index]
+    quote, chars, escaped = source[start], [], False
+    for index in range(start + 1, len(source)):
+        char = source[index]
         if char == quote and not escaped:
             break
         if char == "\\" and not escaped:
@@ -117,9 +116,9 @@ def _value(rest: str, known: Lookup) -> tuple[str | None, int, list[str]]:
         chars.append("\\" + char if escaped and char != quote else char)
         escaped = False
     else:
-        return None, len(rest), [f"unterminated quoted value {rest[:line_end]}"]
-    after_end = len(rest) if (newline := rest.find("\n", index)) < 0 else newline
-    trailing = rest[index + 1 : after_end].strip()
+        return None, len(source), [f"unterminated quoted value {source[start:line_end]}"]
+    after_end = len(source) if (newline := source.find("\n", index)) < 0 else newline
+    trailing = source[index + 1 : after_end].strip()
     errors = [f"unexpected text after the closing quote: {trailing!r}"] if trailing and not trailing.startswith("#") else []
     if quote == "'":
         return "".join(chars), after_end, errors

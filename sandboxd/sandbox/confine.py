@@ -10,29 +10,9 @@ from __future__ import annotations
 import os
 import socket
 
-from typing import Protocol
-
 from sandboxd.kernel import abi
-from sandboxd.kernel.seam import Kernel
+from sandboxd.kernel.seam import Confining, Kernel
 from sandboxd.sandbox.protocol import SetupFailed, Status, encode
-
-
-class Calls(Protocol):
-    """The calls of the `Kernel` seam that the functions below make: a `Kernel` makes them, an
-    `ops.OpRecorder` records them into a set-up program."""
-
-    def prctl(self, option: int, arg2: int = 0) -> None: ...
-    def setgroups(self, groups: list[int]) -> None: ...
-    def setresgid(self, rgid: int, egid: int, sgid: int) -> None: ...
-    def setresuid(self, ruid: int, euid: int, suid: int) -> None: ...
-    def setgid(self, gid: int) -> None: ...
-    def setuid(self, uid: int) -> None: ...
-    def drop_bounding_set(self, keep: set[int]) -> None: ...
-    def keep_only_capabilities(self, keep: set[int]) -> None: ...
-    def install_seccomp(self, program: bytes) -> None: ...
-    def open(self, path: str, flags: int) -> int: ...
-    def dup_above(self, fd: int, lowest: int) -> int: ...
-    def dup2(self, fd: int, target: int) -> None: ...
 
 
 class Step:
@@ -53,14 +33,14 @@ def failure(step: Step, e: BaseException, code: int, path_in_detail: bool = True
     return SetupFailed(step.name, detail, path, code)
 
 
-def become_userns_root(kernel: Calls) -> None:
+def become_userns_root(kernel: Confining) -> None:
     """After joining or creating a user namespace: take its root's ids (the mapped ones)."""
     kernel.setgroups([])
     kernel.setresgid(0, 0, 0)
     kernel.setresuid(0, 0, 0)
 
 
-def place_fds(kernel: Calls, output_fd: int, socket_fds: list[int]) -> None:
+def place_fds(kernel: Confining, output_fd: int, socket_fds: list[int]) -> None:
     """stdin from /dev/null, stdout and stderr to the output pipe, sockets at 3, 4, ..."""
     high = [kernel.dup_above(fd, 100) for fd in [output_fd, *socket_fds]]
     null = kernel.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -71,7 +51,7 @@ def place_fds(kernel: Calls, output_fd: int, socket_fds: list[int]) -> None:
         kernel.dup2(fd, 3 + index)  # dup2 clears close-on-exec on the new descriptor
 
 
-def confine(kernel: Calls, seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: bool, step: Step, uid: int = 0, gid: int = 0) -> None:
+def confine(kernel: Confining, seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: bool, step: Step, uid: int = 0, gid: int = 0) -> None:
     """The last steps before exec, in the order the kernel allows them: the seccomp filter (with
     CAP_SYS_ADMIN, or after no_new_privs), the bounding set (needs CAP_SETPCAP), the user, then
     the remaining capability sets, which setuid would otherwise clear."""

@@ -7,7 +7,6 @@ import errno
 import re
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ from sandboxd.sandbox.protocol import LaunchSandbox, SetupFailed, decode_status
 from sandboxd.sandbox.reference import run_program
 
 SOURCE = Path(__file__).parents[2] / "sandboxd" / "sandbox" / "setup" / "sbd-setup.c"
-
-
-@pytest.fixture
-def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
-    yield ours, theirs
-    ours.close()
-    theirs.close()
 
 
 def launch(**fields: object) -> LaunchSandbox:
@@ -89,7 +79,7 @@ def test_the_compiled_program_ends_with_the_report_and_the_exec_of_the_sealed_in
     assert all(op.call in CALLS for op in ops)
 
 
-def test_a_guard_skips_its_op_and_a_tolerated_errno_is_no_failure(channel) -> None:
+def test_a_guard_skips_its_op_and_a_tolerated_errno_is_no_failure() -> None:
     fake = RecordingKernel(["/proc/"], mount_points=["/proc"])
     fake.fail("umount2", "/proc", errno.EINVAL)
     ops = [
@@ -100,18 +90,20 @@ def test_a_guard_skips_its_op_and_a_tolerated_errno_is_no_failure(channel) -> No
         Op("e", "rmdir", ("/never",), (Guard("marked", mark=1),)),
         Op("f", "execve", (3, ("x",), ()), ()),
     ]
-    with pytest.raises(ProcessEnded):
-        run_program(fake, ops, channel[1], {})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as unused, pytest.raises(ProcessEnded):
+        run_program(fake, ops, unused, {})
     assert fake.calls == [("umount2", "/proc", 2), ("mkdir", "/new", 0o755), ("rmdir", "/new"), ("execve", 3, ["x"], {})]
 
 
-def test_a_failing_op_reports_its_step_and_path_and_exits_127(channel) -> None:
+def test_a_failing_op_reports_its_step_and_path_and_exits_127() -> None:
     fake = RecordingKernel(["/run/"])
     ops = [Op("mount image-root on /", "fail", (errno.ELOOP, "is a symlink in the image", "/run"), (Guard("dir", "/run"),))]
-    with pytest.raises(ProcessEnded) as ended:
-        run_program(fake, ops, channel[1], {})
-    assert ended.value.code == 127
-    assert decode_status(channel[0].recv(4096)) == SetupFailed("mount image-root on /", "is a symlink in the image (/run)", "/run", 127)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        with pytest.raises(ProcessEnded) as ended:
+            run_program(fake, ops, theirs, {})
+        assert ended.value.code == 127
+        assert decode_status(ours.recv(4096)) == SetupFailed("mount image-root on /", "is a symlink in the image (/run)", "/run", 127)
 
 
 def test_without_the_set_up_interpreter_sandboxd_says_to_run_scripts_install(monkeypatch, tmp_path: Path) -> None:

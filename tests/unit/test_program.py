@@ -4,9 +4,12 @@ child needs before it can run one."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
 import struct
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,12 @@ from sandboxd.kernel import abi
 from sandboxd.kernel.fake import ProcessEnded, RecordingKernel
 from sandboxd.plan.launch import LaunchPlan, MountOp
 from sandboxd.sandbox import handle
+from sandboxd.sandbox.child import SETUP_BINARY
+from sandboxd.sandbox.confine import Step, failure
 from sandboxd.sandbox.ops import CALLS, GUARD_TESTS, Guard, Op, OpRecorder, encode, encode_op, register
 from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch
-from sandboxd.sandbox.protocol import LaunchSandbox, SetupFailed, decode_status
+from sandboxd.sandbox.protocol import Executing, LaunchSandbox, SetupFailed, decode_status
+from sandboxd.sandbox.protocol import encode as protocol_encode
 from sandboxd.sandbox.reference import run_program
 
 SOURCE = Path(__file__).parents[2] / "sandboxd" / "sandbox" / "setup" / "sbd-setup.c"
@@ -111,3 +117,87 @@ def test_without_the_set_up_interpreter_sandboxd_says_to_run_scripts_install(mon
     with pytest.raises(HostError) as error:
         handle.ForkServer.start()
     assert "set-up interpreter" in str(error.value) and "scripts/install" in error.value.hint
+
+
+# ── the compiled interpreter itself, run without privileges on ops that need none ──
+
+needs_binary = pytest.mark.skipif(
+    not os.access(SETUP_BINARY, os.X_OK) and not os.environ.get("CI"), reason="sbd-setup is not built (scripts/test builds it)"
+)
+
+
+def interpreted(ops: list[Op], fds: tuple[int, ...] = ()) -> tuple[int, bytes]:
+    """Run `ops` with the built interpreter; its exit code and what it said on the channel."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_end, write_end = os.pipe()
+    os.write(write_end, encode(ops, 3))
+    os.close(write_end)
+    with ours, theirs:
+        done = subprocess.run([str(SETUP_BINARY), str(read_end), str(theirs.fileno()), "-1"], pass_fds=(read_end, theirs.fileno(), *fds), timeout=30)
+        os.close(read_end)
+        theirs.close()
+        said = ours.recv(1 << 16)
+    return done.returncode, said
+
+
+def python_failure(step: str, call: Callable[[], object]) -> bytes:
+    """What the Python set-up reported when `call` failed in `step`."""
+    with pytest.raises(OSError) as raised:
+        call()
+    return protocol_encode(failure(Step(step), raised.value, 127))
+
+
+@needs_binary
+def test_the_interpreter_writes_a_failure_byte_for_byte_as_the_python_codec() -> None:
+    step = 'bind "/srv/é 𝄞" on /x\\y\t\x7f'
+    code, said = interpreted([Op(step, "fail", (errno.ELOOP, "is a symlink\n", "/run/é"))])
+    assert code == 127
+    assert said == protocol_encode(SetupFailed(step, "is a symlink\n (/run/é)", "/run/é", 127))
+
+
+@needs_binary
+def test_the_interpreter_names_the_errno_and_path_as_the_python_calls_did(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    missing, below_file = str(tmp_path / "absent" / "x"), str(tmp_path / "file" / "x" / "y")
+    assert interpreted([Op("change directory to x", "chdir", (missing,))])[1] == python_failure("change directory to x", lambda: os.chdir(missing))
+    assert interpreted([Op("s", "makedirs", (below_file, 0o777))])[1] == python_failure("s", lambda: os.makedirs(below_file, exist_ok=True))
+    assert interpreted([Op("s", "mkdir", (missing, 0o777))])[1] == python_failure("s", lambda: os.mkdir(missing))
+    assert interpreted([Op("s", "symlink", ("target", missing))])[1] == python_failure("s", lambda: os.symlink("target", missing))
+
+
+@needs_binary
+def test_the_interpreter_follows_symlinks_inside_as_realpath_does_and_refuses_the_old_root(tmp_path: Path) -> None:
+    (tmp_path / "old" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to("old/sub")
+    (tmp_path / "loop").symlink_to("loop")
+    target = str(tmp_path / "link" / "a")
+    code, said = interpreted([Op("bind /src on /data", "bind_inside", (target, -1, 1, 1, str(tmp_path / "old")))])
+    assert (code, said) == (127, protocol_encode(SetupFailed("bind /src on /data", f"leads out of the sandbox through a symlink ({target})", target, 127)))
+    where = tmp_path / "link" / ".." / "link" / "b"
+    real = os.path.realpath(where)
+    code, said = interpreted([Op("s", "bind_inside", (str(where), -1, 1, 1, "/nowhere"))])
+    message = decode_status(said)  # the mount point made where realpath leads, the move of no tree refused there
+    assert isinstance(message, SetupFailed) and message.path == real and message.detail.startswith("move_mount: ")
+    # A symlink loop is left as it is (realpath, not strict); its mount point cannot be made (os.makedirs's error).
+    loop = tmp_path / "loop"
+    code, said = interpreted([Op("s", "bind_inside", (str(loop / "c"), -1, 1, 1, "/nowhere"))])
+    assert said == python_failure("s", lambda: os.makedirs(os.path.realpath(loop / "c").rsplit("/", 1)[0], exist_ok=True))
+
+
+@needs_binary
+def test_the_interpreter_skips_a_guarded_op_reports_executing_and_executes(tmp_path: Path) -> None:
+    made = tmp_path / "made"
+    program = os.open("/bin/true", os.O_RDONLY | os.O_CLOEXEC)
+    os.set_inheritable(program, True)
+    try:
+        ops = [
+            Op("a", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),
+            Op("b", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),  # skipped: made by a
+            Op("c", "report_executing"),
+            Op("execute /bin/true", "execve", (program, ("true",), ("A=1",))),
+        ]
+        code, said = interpreted(ops, (program,))
+    finally:
+        os.close(program)
+    assert code == 0 and made.is_dir()
+    assert isinstance(decode_status(said), Executing)

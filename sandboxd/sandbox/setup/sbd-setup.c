@@ -178,7 +178,7 @@ static void put_json_string(struct text *t, const char *s)
         case '\b': put(t, "\\b", 2); break;
         case '\f': put(t, "\\f", 2); break;
         default:
-            if (c < 0x20 || (c > 0x7E && c != 0x7F)) {
+            if (c < 0x20 || c > 0x7E) {
                 if (c >= 0x10000) {
                     c -= 0x10000;
                     putf(t, "\\u%04x\\u%04x", 0xD800 + (c >> 10), 0xDC00 + (c & 0x3FF));
@@ -478,8 +478,9 @@ static void realpath_of(const char *path, char *out)
     join_real(out, path, &links);
 }
 
-/* os.makedirs(path, mode, exist_ok=True); a failure names the path that failed. */
-static void makedirs(const char *path, mode_t mode)
+/* os.makedirs(path, mode, exist_ok=True); a failure names the path that failed. `inner`: for a
+ * parent, whose EEXIST is no failure (the mkdir of the path itself then says what is wrong). */
+static void makedirs_at(const char *path, mode_t mode, bool inner)
 {
     char head[PATH_BUF];
     const char *tail = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
@@ -492,9 +493,17 @@ static void makedirs(const char *path, mode_t mode)
     }
     struct stat st;
     if (*head && *tail && stat(head, &st) != 0)
-        makedirs(head, 0777); /* (a FileExistsError there is no failure) */
-    if (mkdir(path, mode) != 0 && !is_dir(path))
-        fail_errno("", errno, path);
+        makedirs_at(head, 0777, true);
+    if (mkdir(path, mode) != 0) {
+        int error = errno;
+        if (!is_dir(path) && !(inner && error == EEXIST))
+            fail_errno("", error, path);
+    }
+}
+
+static void makedirs(const char *path, mode_t mode)
+{
+    makedirs_at(path, mode, false);
 }
 
 static void ensure_mountpoint(const char *target, bool directory)
@@ -581,9 +590,10 @@ static void drop_bounding_set(const struct arg *keep)
         if (kept(keep, cap))
             continue;
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+            int error = errno;
             char prefix[64];
             snprintf(prefix, sizeof prefix, "prctl(PR_CAPBSET_DROP, %d): ", cap);
-            fail_errno(prefix, errno, "");
+            fail_errno(prefix, error, "");
         }
     }
 }
@@ -603,9 +613,10 @@ static void keep_only_capabilities(const struct arg *keep)
     CHECK(syscall(SYS_capset, &header, data), "capset: ", "");
     for (uint32_t k = 0; k < keep->n; k++) { /* sorted by the compiler */
         if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, keep->ints[k], 0, 0) < 0) {
+            int error = errno;
             char prefix[64];
             snprintf(prefix, sizeof prefix, "prctl(PR_CAP_AMBIENT_RAISE, %d): ", (int)keep->ints[k]);
-            fail_errno(prefix, errno, "");
+            fail_errno(prefix, error, "");
         }
     }
 }

@@ -17,13 +17,16 @@ outlives sandboxd.
                                       detached.py: a detached copy of each source
                                       and of the image, the sandbox's /dev; idmap
                                       those stored through the stack's ids
+                                      program.py: the set-up program, on a pipe
                                       clone3(NEWPID[, NEWUSER]) into the ──clone──▶ [userns: wait on a pipe]
                                       cgroup [userns: in the service's
                                       netns, with its sysfs made there]
                                       [userns: uid/gid maps, idmap copies ─pipe──▶ become root inside]
-                                       of host ids]                                 child.py: join cgroups; unshare(mnt,
-                                                                                    uts,ipc,net); setsid; the mounts;
-                                                                                    pivot_root; hostname; lo up; fds
+                                       of host ids]                                 child.py: execveat(sealed sbd-setup)
+                                                                                    sbd-setup.c, op by op: join cgroups;
+                                                                                    unshare(mnt,uts,ipc,net); setsid;
+                                                                                    the mounts; pivot_root; hostname;
+                                                                                    lo up; fds; seccomp; caps
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── Executing (creds carry its host pid)
             ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execveat(sealed copy of dumb-init, -- command...)
                                                                                   or SetupFailed(step, ...); _exit(127)
@@ -35,7 +38,12 @@ server starts (`linux.clone_into_cgroup_works`); without it the child joins its 
 
 The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
 server copies it once into a sealed, execute-only memfd (`detached.sealed_copy`), and every
-sandbox executes that descriptor, as runc does with its own binary since CVE-2019-5736.
+sandbox executes that descriptor, as runc does with its own binary since CVE-2019-5736. So with
+the set-up interpreter (setup/sbd-setup): a child executes the fork server's sealed copy of it
+right after the clone (and the user namespace's maps), so that the set-up runs in a small static
+process of its own, not in the copy of this Python heap that a fork makes (copy-on-write faults
+on every page it touches). The descriptors its program names are made inheritable for the
+moment of the clone (`detached.inheritable`); all else of the fork server's is close-on-exec.
 """
 
 from __future__ import annotations

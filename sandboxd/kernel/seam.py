@@ -1,11 +1,14 @@
 """The calls a process makes to become a sandbox, as one interface: `Kernel`.
 
-The sandbox child's set-up (sandbox/child.py: namespaces, the mount walk, descriptors, ids,
-capabilities, seccomp, exec) makes every call through a `Kernel`, as youki's container init
-makes every call through its `Syscall` trait. `LINUX` is the real one: the ctypes calls of
-`linux` and the standard library's. `kernel.fake.RecordingKernel` answers the same calls from a
-small model of a file tree and records them in order, so the mount walk and the order of the
-set-up are unit-tested without root (tests/unit/test_child.py).
+A sandbox's set-up (namespaces, the mount walk, descriptors, ids, capabilities, seccomp, exec)
+is a program of these calls (sandbox/program.py), as youki's container init makes every call
+through its `Syscall` trait: the compiled interpreter (sandbox/setup/sbd-setup.c) makes them in a
+sandbox, its Python twin (sandbox/reference.py) makes them through a `Kernel` in the unit tests,
+and the processes that enter a running sandbox (join.py, execute.py) make theirs through one.
+`LINUX` is the real one: the ctypes calls of `linux` and the standard library's.
+`kernel.fake.RecordingKernel` answers the same calls from a small model of a file tree and
+records them in order, so the mount walk and the order of the set-up are unit-tested without
+root (tests/unit/test_child.py).
 
 What runs outside a sandbox's set-up (the fork server's detached mounts and clones, the
 supervisor, the host's cgroups and networks) calls `linux` directly: it is not unit-tested

@@ -205,6 +205,9 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pid
                 os.close(fd)
 
 
+_programs: dict[object, bytes] = {}
+
+
 def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: Trees) -> int:
     """The launch's set-up program (program.py), compiled and written to a pipe whose read end
     (returned) the interpreter reads it from. A child in a user namespace is born in its network
@@ -214,7 +217,12 @@ def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: T
     fds = Descriptors(received.output, tuple(received.sockets), init_fd, netns, tuple(received.cgroup_tasks))
     tmpfs_root = any(op.kind == "tmpfs-root" for op in plan.mounts)
     view = HostView(tuple(is_dir_fd(tree) for tree in trees.binds), root_entries() if tmpfs_root else ())
-    data = encode_program(compile_launch(request, fds, trees, view), 3 + len(received.sockets))
+    key = (plan, request.root, fds, trees, view)  # a restart, a connection in accept mode: the same program
+    data = _programs.get(key)
+    if data is None:
+        if len(_programs) >= 256:
+            _programs.clear()
+        data = _programs[key] = encode_program(compile_launch(request, fds, trees, view), 3 + len(received.sockets))
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         if len(data) > 65536:

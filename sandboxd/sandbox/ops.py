@@ -34,8 +34,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from sandboxd.sandbox.confine import Step
 
@@ -98,15 +97,13 @@ def register(number: int) -> int:
     return -(number + 1)
 
 
-@dataclass(frozen=True)
-class Guard:
+class Guard(NamedTuple):  # (tuples: made and hashed at C speed, some fifty of them per launch)
     test: GuardTest
     path: str = ""
     mark: int = -1
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(NamedTuple):
     step: str
     call: str
     args: tuple[Arg, ...] = ()
@@ -142,7 +139,20 @@ def _arg(kind: str, value: Arg) -> bytes:
     raise TypeError(f"argument {value!r} is no {kind!r}")
 
 
+_ENCODED: dict[Op, bytes] = {}  # most ops recur from launch to launch (the same steps, paths and fds)
+_ENCODED_MAX = 1 << 14
+
+
 def encode_op(op: Op) -> bytes:
+    encoded = _ENCODED.get(op)
+    if encoded is None:
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.clear()
+        encoded = _ENCODED[op] = _encode_op(op)
+    return encoded
+
+
+def _encode_op(op: Op) -> bytes:
     kinds = CALLS[op.call]
     if len(kinds) != len(op.args):
         raise TypeError(f"{op.call} takes {len(kinds)} arguments, not {len(op.args)}")

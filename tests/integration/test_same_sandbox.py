@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,25 +59,54 @@ SERVICES = {
 }
 
 FULL_CAPS = "000001ffffffffff"
+# On an image (busybox, no Python): the same view, printed by the shell, read by `shell_view`.
+SHELL_VIEW = "echo VIEW-BEGIN; cat /proc/self/mountinfo; grep -E '^(Cap|NoNewPrivs|Seccomp|Uid|Gid|Groups)' /proc/self/status; cat /proc/self/cgroup; echo VIEW-END; exec sleep 600"
 HOST_NS = {name: os.readlink(f"/proc/self/ns/{name}") for name in os.listdir("/proc/self/ns")}
+
+
+def shell_view(lines: list[str]) -> dict:
+    """The view an image's shell printed, in the shape VIEW gives."""
+    lines = lines[lines.index("VIEW-BEGIN") + 1 : lines.index("VIEW-END")]
+    table, status, cgroup = [], {}, []
+    for line in lines:
+        fields = line.split()
+        if " - " in line and len(fields) > 6:
+            dash = fields.index("-")
+            flags = sorted(o for o in fields[5].split(",") if o in ("ro", "rw", "nosuid", "nodev", "noexec"))
+            table.append((fields[0], fields[1], fields[4], ",".join(flags), fields[dash + 1]))
+        elif ":" in line and line.split(":", 1)[0] in ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "Seccomp_filters") or line.startswith("Cap"):
+            key, _, value = line.partition(":")
+            status[key] = " ".join(value.split())
+        else:
+            cgroup.append(line)
+    mounts = {point: [flags, fstype] for mid, _, point, flags, fstype in table if not any(parent == mid and other == point for _, parent, other, _, _ in table)}
+    return {"service": "image", "mounts": mounts, "all": sorted([point, flags, fstype] for _, _, point, flags, fstype in table), "status": status, "cgroup": cgroup}
 
 
 def views(run_stack, spec_dir: Path) -> dict[str, dict]:
     write(spec_dir, "view.py", VIEW)
+    rootfs = spec_dir / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", rootfs / "bin" / "busybox")
+    for tool in ("sh", "cat", "grep", "sleep"):
+        (rootfs / "bin" / tool).symlink_to("busybox")
+    (spec_dir / "image.yaml").write_text(f"kind: service\nname: image\nimage: ./rootfs\ncommand: [/bin/sh, -c, {json.dumps(SHELL_VIEW)}]\n")
     for name, (where, extra) in SERVICES.items():
         write(spec_dir, f"{name}.yaml", f"kind: service\nname: {name}\ncommand: [python3, {where}/view.py, {name}]\n{extra}\n")
     stack = run_stack(spec_dir)
     for name in SERVICES:
         stack.wait_for(f'"service": "{name}"', "out")
+    stack.wait_for("VIEW-END", "out")
     seen = {}
     for name in SERVICES:
         line = next(line for line in stack.lines(name) if line.startswith("VIEW "))
         seen[name] = json.loads(line[len("VIEW "):])
+    seen["image"] = shell_view(stack.lines("image"))
     assert stack.stop() == 0
     dump = os.environ.get("SANDBOXD_VIEW_DUMP")
     if dump:
         with open(dump, "a") as f:
-            for name in SERVICES:
+            for name in seen:
                 f.write(json.dumps(seen[name], sort_keys=True) + "\n")
     return seen
 
@@ -104,19 +134,21 @@ def test_the_sandbox_mounts_its_own_file_systems_with_the_flags_it_always_had(se
             if fstype:
                 assert view["mounts"][point][1] == fstype, (name, point)
         assert not any(point.startswith("/run/.sbd-oldroot") for point, _, _ in view["all"])
-        where = SERVICES[name][0]
-        assert view["mounts"][where][0] == "nodev,nosuid,ro", (name, view["mounts"][where])
+        if name in SERVICES:
+            where = SERVICES[name][0]
+            assert view["mounts"][where][0] == "nodev,nosuid,ro", (name, view["mounts"][where])
     assert seen["plain"]["mounts"]["/tmp/t-rw"][0] == "nodev,nosuid,rw"
     assert seen["plain"]["mounts"]["/tmp/scratch"] == ["nodev,nosuid,rw", "tmpfs"]
     assert seen["tmpfsroot"]["mounts"]["/"] == ["nodev,nosuid,ro", "tmpfs"]
     assert seen["inplace"]["mounts"]["/"][1] != "tmpfs"
+    assert seen["image"]["mounts"]["/"][1] == "overlay"  # readonly_root: read-only, nosuid, nodev
 
 
 def test_the_sandbox_has_the_ids_capabilities_and_seccomp_it_always_had(seen) -> None:
-    for name in ("inplace", "tmpfsroot"):
+    for name in ("inplace", "tmpfsroot", "image"):
         status = seen[name]["status"]
         assert (status["Uid"], status["Gid"]) == ("0 0 0 0", "0 0 0 0")
-        assert seen[name]["uid"] == [0, 0, 0, 0]
+        assert seen[name].get("uid", [0, 0, 0, 0]) == [0, 0, 0, 0]
         assert status["CapBnd"] == status["CapPrm"] == status["CapEff"] == status["CapInh"] == status["CapAmb"] == "0000000000000000"
     plain = seen["plain"]["status"]
     assert (plain["Uid"], plain["Gid"], plain.get("Groups", "")) == ("1000 1000 1000 1000", "1000 1000 1000 1000", "1000")
@@ -131,7 +163,10 @@ def test_the_sandbox_has_the_ids_capabilities_and_seccomp_it_always_had(seen) ->
 
 
 def test_the_sandbox_has_namespaces_of_its_own_and_its_cgroup(seen) -> None:
+    assert any(line.startswith("0::") and line.endswith("/image") for line in seen["image"]["cgroup"])
     for name, view in seen.items():
+        if name == "image":
+            continue
         own = {kind for kind, ns in view["ns"].items() if ns != HOST_NS.get(kind)}
         expected = {"mnt", "pid", "pid_for_children", "uts", "ipc", "net"} | ({"user"} if name != "plain" else set())
         assert expected <= own, (name, own)

@@ -220,7 +220,7 @@ def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: T
     key = (plan, request.root, fds, trees, view)  # a restart, a connection in accept mode: the same program
     data = _programs.get(key)
     if data is None:
-        if len(_programs) >= 256:
+        if len(_programs) >= 64:
             _programs.clear()
         data = _programs[key] = encode_program(compile_launch(request, fds, trees, view), 3 + len(received.sockets))
     read_end, write_end = os.pipe2(os.O_CLOEXEC)

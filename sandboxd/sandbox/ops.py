@@ -140,7 +140,7 @@ def _arg(kind: str, value: Arg) -> bytes:
 
 
 _ENCODED: dict[Op, bytes] = {}  # most ops recur from launch to launch (the same steps, paths and fds)
-_ENCODED_MAX = 1 << 14
+_ENCODED_MAX = 4096  # (bounded: the fork server's heap is what every fork copies)
 
 
 def encode_op(op: Op) -> bytes:

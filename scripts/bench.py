@@ -115,13 +115,15 @@ What is measured, and how:
 
 8. The proxy, and 9. images: see scripts/bench_real.py.
 10. The cost of the default user namespace per launch: see scripts/bench_userns.py.
+11. The cost per sandbox of the ways to run its set-up (a fork of the fork server's heap and the
+    Python walk, the exec of the static interpreter, a vfork): see scripts/bench_setup.py.
 
 Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
 not", warnings, SIGKILL); every line a peer or its launcher writes on stderr is kept too, the
 tool's name in front; they are listed at the end, numbers folded, with a count.
 
 `--only SECTIONS` runs some of these (start = 1 and 2, latency, memory, on-demand, accept,
-control, proxy, images, userns; peers = start, latency, memory, accept); --quick runs N = 10 and 50
+control, proxy, images, userns, setup; peers = start, latency, memory, accept); --quick runs N = 10 and 50
 only.
 
 Every process started is stopped in a finally (SIGINT, then SIGKILL after 30 s), only by its
@@ -1625,7 +1627,7 @@ def leftovers() -> list[str]:
 # ───────────────────────────── main ─────────────────────────────
 
 
-SECTIONS = ("start", "latency", "memory", "on-demand", "accept", "control", "proxy", "images", "userns")
+SECTIONS = ("start", "latency", "memory", "on-demand", "accept", "control", "proxy", "images", "userns", "setup")
 PEER_SECTIONS = ("start", "latency", "memory", "accept")  # `--only peers`: where the peers run
 
 
@@ -1724,6 +1726,11 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
     if "userns" in on:
         note("user namespaces: launches with and without, alternating")
         lines += bench_userns.userns_section(root, args.quick, problem)
+    if "setup" in on:
+        import bench_setup  # section 11: the ways to run a sandbox's set-up (see its docstring)
+
+        note("set-up: fork and the Python walk, exec of sbd-setup, vfork; interleaved")
+        lines += bench_setup.setup_section(root, args.quick, problem)
     return lines
 
 

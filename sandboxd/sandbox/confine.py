@@ -11,7 +11,7 @@ import os
 import socket
 
 from sandboxd.kernel import abi
-from sandboxd.kernel.seam import Kernel
+from sandboxd.kernel.seam import Confining, Kernel
 from sandboxd.sandbox.protocol import SetupFailed, Status, encode
 
 
@@ -28,19 +28,19 @@ def failure(step: Step, e: BaseException, code: int, path_in_detail: bool = True
     what the exception is."""
     if not isinstance(e, OSError):
         return SetupFailed(step.name, repr(e), exit=code)
-    path = os.fsdecode(e.filename) if e.filename else ""
+    path = os.fsdecode(e.filename) if isinstance(e.filename, str | bytes) and e.filename else ""  # (an fd's number: none)
     detail = (e.strerror or str(e)) + (f" ({path})" if path and path_in_detail else "")
     return SetupFailed(step.name, detail, path, code)
 
 
-def become_userns_root(kernel: Kernel) -> None:
+def become_userns_root(kernel: Confining) -> None:
     """After joining or creating a user namespace: take its root's ids (the mapped ones)."""
     kernel.setgroups([])
     kernel.setresgid(0, 0, 0)
     kernel.setresuid(0, 0, 0)
 
 
-def place_fds(kernel: Kernel, output_fd: int, socket_fds: list[int]) -> None:
+def place_fds(kernel: Confining, output_fd: int, socket_fds: list[int]) -> None:
     """stdin from /dev/null, stdout and stderr to the output pipe, sockets at 3, 4, ..."""
     high = [kernel.dup_above(fd, 100) for fd in [output_fd, *socket_fds]]
     null = kernel.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -51,7 +51,7 @@ def place_fds(kernel: Kernel, output_fd: int, socket_fds: list[int]) -> None:
         kernel.dup2(fd, 3 + index)  # dup2 clears close-on-exec on the new descriptor
 
 
-def confine(kernel: Kernel, seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: bool, step: Step, uid: int = 0, gid: int = 0) -> None:
+def confine(kernel: Confining, seccomp_filter: str, capabilities: tuple[int, ...], no_new_privs: bool, step: Step, uid: int = 0, gid: int = 0) -> None:
     """The last steps before exec, in the order the kernel allows them: the seccomp filter (with
     CAP_SYS_ADMIN, or after no_new_privs), the bounding set (needs CAP_SETPCAP), the user, then
     the remaining capability sets, which setuid would otherwise clear."""

@@ -14,6 +14,8 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sandboxd.kernel import abi, linux
 from sandboxd.plan.launch import DEVICE_NODES, UserNamespace, swapped_id_map
@@ -176,3 +178,17 @@ def sealed_copy(path: str) -> int:
             raise
     _sealed_inits[path] = fd
     return fd
+
+
+@contextmanager
+def inheritable(fds: list[int]) -> Iterator[None]:
+    """`fds` without close-on-exec while the block runs (the clone of a child that executes the
+    set-up interpreter, which must get them), close-on-exec again after it. The fork server is
+    single-threaded: no other exec sees them so."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    try:
+        yield
+    finally:
+        for fd in fds:
+            os.set_inheritable(fd, False)

@@ -17,13 +17,16 @@ outlives sandboxd.
                                       detached.py: a detached copy of each source
                                       and of the image, the sandbox's /dev; idmap
                                       those stored through the stack's ids
+                                      program.py: the set-up program, on a pipe
                                       clone3(NEWPID[, NEWUSER]) into the ──clone──▶ [userns: wait on a pipe]
                                       cgroup [userns: in the service's
                                       netns, with its sysfs made there]
                                       [userns: uid/gid maps, idmap copies ─pipe──▶ become root inside]
-                                       of host ids]                                 child.py: join cgroups; unshare(mnt,
-                                                                                    uts,ipc,net); setsid; the mounts;
-                                                                                    pivot_root; hostname; lo up; fds
+                                       of host ids]                                 child.py: execveat(sealed sbd-setup)
+                                                                                    sbd-setup.c, op by op: join cgroups;
+                                                                                    unshare(mnt,uts,ipc,net); setsid;
+                                                                                    the mounts; pivot_root; hostname;
+                                                                                    lo up; fds; seccomp; caps
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── Executing (creds carry its host pid)
             ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execveat(sealed copy of dumb-init, -- command...)
                                                                                   or SetupFailed(step, ...); _exit(127)
@@ -35,7 +38,12 @@ server starts (`linux.clone_into_cgroup_works`); without it the child joins its 
 
 The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
 server copies it once into a sealed, execute-only memfd (`detached.sealed_copy`), and every
-sandbox executes that descriptor, as runc does with its own binary since CVE-2019-5736.
+sandbox executes that descriptor, as runc does with its own binary since CVE-2019-5736. So with
+the set-up interpreter (setup/sbd-setup): a child executes the fork server's sealed copy of it
+right after the clone (and the user namespace's maps), so that the set-up runs in a small static
+process of its own, not in the copy of this Python heap that a fork makes (copy-on-write faults
+on every page it touches). The descriptors its program names are made inheritable for the
+moment of the clone (`detached.inheritable`); all else of the fork server's is close-on-exec.
 """
 
 from __future__ import annotations
@@ -54,10 +62,12 @@ from typing import NoReturn
 from sandboxd.kernel import abi, linux
 from sandboxd.kernel.seam import LINUX
 from sandboxd.plan.launch import HOST_IDS, STORE_IDS, SYSFS_OF_NETNS, UserNamespace
-from sandboxd.sandbox.child import EXIT_SETUP_FAILED, EXIT_UNEXPECTED, READONLY, Descriptors, Trees, run_sandbox
+from sandboxd.sandbox.child import EXIT_SETUP_FAILED, EXIT_UNEXPECTED, SETUP_BINARY, enter_setup, is_dir_fd, root_entries
 from sandboxd.sandbox.confine import Step
-from sandboxd.sandbox.detached import detached_bind, detached_dev, host_pid, idmap, sealed_copy, storage_userns
+from sandboxd.sandbox.detached import detached_bind, detached_dev, host_pid, idmap, inheritable, sealed_copy, storage_userns
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
+from sandboxd.sandbox.ops import encode as encode_program
+from sandboxd.sandbox.program import READONLY, Descriptors, HostView, Trees, compile_launch
 from sandboxd.sandbox.protocol import Exited, ForkFailed, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
@@ -152,7 +162,7 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pid
     """Fork what a request asks for; ForkFailed if that fails here. Every descriptor received
     or made for it is closed here once the child holds its own."""
     received = _Received.sort(request, fds)
-    cgroup_fd, init_fd = -1, -1
+    cgroup_fd, init_fd, program_fd = -1, -1, -1
     trees = Trees()
     host_id_trees: list[tuple[int, str]] = []
     doing = Step("fork")
@@ -162,15 +172,21 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pid
             doing.name = "open the v1 cgroups' tasks files"
             for path in request.cgroup_tasks:
                 received.cgroup_tasks.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            doing.name = "compile the set-up program"
+            program_fd = _program(request, received, init_fd, trees)
             doing.name = "fork"
         cgroup_fd = os.open(request.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         match request:
-            case LaunchSandbox(plan=plan) if plan.userns:
-                pid = _fork_userns_sandbox(request, plan.userns, cgroup_fd, own_netns, received, init_fd, trees, host_id_trees)
-            case LaunchSandbox():
-                pid = _fork_sandbox_init(cgroup_fd, own_pidns)
-                if pid == 0:
-                    _sandbox_child(request, received, init_fd, trees)
+            case LaunchSandbox(plan=plan):
+                # What the program names crosses the exec of the interpreter; nothing else does.
+                kept = [received.status, received.output, *received.sockets, init_fd, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd]
+                with inheritable([fd for fd in kept if fd >= 0]):
+                    if plan.userns:
+                        pid = _fork_userns_sandbox(request, plan.userns, cgroup_fd, own_netns, received, program_fd, host_id_trees)
+                    else:
+                        pid = _fork_sandbox_init(cgroup_fd, own_pidns)
+                        if pid == 0:
+                            _sandbox_child(request, received, program_fd, -1)
             case RunCommand():
                 pid = linux.fork_into_cgroup(cgroup_fd)
                 if pid == 0:
@@ -180,12 +196,46 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pid
                 if pid == 0:
                     run_proxy(request, received.status, received.output, received.sockets)
         children[pid] = request.id
-    except OSError as e:
-        conn.send(encode(ForkFailed(request.id, f"{doing.name}: {e.strerror} ({e.filename or request.cgroup})")))
+    except (OSError, ValueError) as e:
+        detail = f"{e.strerror} ({e.filename or request.cgroup})" if isinstance(e, OSError) else str(e)
+        conn.send(encode(ForkFailed(request.id, f"{doing.name}: {detail}")))
     finally:
-        for fd in [*fds, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, cgroup_fd]:
+        for fd in [*fds, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, cgroup_fd, program_fd]:
             if fd >= 0:
                 os.close(fd)
+
+
+_programs: dict[object, bytes] = {}
+
+
+def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: Trees) -> int:
+    """The launch's set-up program (program.py), compiled and written to a pipe whose read end
+    (returned) the interpreter reads it from. A child in a user namespace is born in its network
+    namespace: its program joins none."""
+    plan = request.plan
+    netns = -1 if plan.userns else received.netns
+    fds = Descriptors(received.output, tuple(received.sockets), init_fd, netns, tuple(received.cgroup_tasks))
+    tmpfs_root = any(op.kind == "tmpfs-root" for op in plan.mounts)
+    view = HostView(tuple(is_dir_fd(tree) for tree in trees.binds), root_entries() if tmpfs_root else ())
+    key = (plan, request.root, fds, trees, view)  # a restart, a connection in accept mode: the same program
+    data = _programs.get(key)
+    if data is None:
+        if len(_programs) >= 64:
+            _programs.clear()
+        data = _programs[key] = encode_program(compile_launch(request, fds, trees, view), 3 + len(received.sockets))
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        if len(data) > 65536:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, len(data))
+        view_of = memoryview(data)
+        while view_of:
+            view_of = view_of[os.write(write_end, view_of) :]
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return read_end
 
 
 def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tuple[int, Trees, list[tuple[int, str]]]:
@@ -197,6 +247,8 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     plan = request.plan
     doing.name = f"make a sealed copy of the init {plan.argv[0]}"
     init_fd = sealed_copy(plan.argv[0])
+    doing.name = "make a sealed copy of the set-up interpreter"
+    sealed_copy(str(SETUP_BINARY))  # once per fork server, as the init's; executed by every child
     binds = [op for op in plan.mounts if op.kind == "bind"]
     if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
         raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", plan.service)
@@ -233,12 +285,9 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     return init_fd, Trees(tuple(copies), image_tree, -1, dev_tree), host_id_trees
 
 
-def _sandbox_child(request: LaunchSandbox, received: _Received, init_fd: int, trees: Trees) -> NoReturn:
-    """In the forked child: its status channel clear of the fds 3.. the sockets will take, then
-    the sandbox's own set-up (child.py)."""
-    channel = socket.socket(fileno=fcntl.fcntl(received.status, fcntl.F_DUPFD_CLOEXEC, 3 + len(received.sockets)))
-    os.close(received.status)
-    run_sandbox(LINUX, request, channel, Descriptors(received.output, tuple(received.sockets), init_fd, received.netns, tuple(received.cgroup_tasks)), trees)
+def _sandbox_child(request: LaunchSandbox, received: _Received, program_fd: int, sysfs: int) -> NoReturn:
+    """In the cloned child: the set-up interpreter, the fork server's sealed copy (child.py)."""
+    enter_setup(LINUX, bool(request.plan.userns), sealed_copy(str(SETUP_BINARY)), program_fd, received.status, sysfs)  # made already
 
 
 def _fork_sandbox_init(cgroup_fd: int, own_pidns: int) -> int:
@@ -261,14 +310,14 @@ def _fork_sandbox_init(cgroup_fd: int, own_pidns: int) -> int:
 
 
 def _fork_userns_sandbox(
-    request: LaunchSandbox, ids: UserNamespace, cgroup_fd: int, own_netns: int, received: _Received, init_fd: int, trees: Trees, host_id_trees: list[tuple[int, str]]
+    request: LaunchSandbox, ids: UserNamespace, cgroup_fd: int, own_netns: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]
 ) -> int:
     """Fork a sandbox with a user namespace of its own; the child becomes it (child.py) once this
-    process has set up what only it may (`_fork_in_user_namespace`)."""
+    process has set up what only it may (`_fork_in_user_namespace`). It was born in its network
+    namespace; it joins its v1 cgroups itself (its program), as any sandbox."""
     pid, sysfs = _fork_in_user_namespace(request, cgroup_fd, received.netns, own_netns, ids, host_id_trees)
     if pid == 0:
-        # It was born in its network namespace; it joins its v1 cgroups itself, as any sandbox.
-        _sandbox_child(request, dataclasses.replace(received, netns=-1), init_fd, dataclasses.replace(trees, sysfs=sysfs))
+        _sandbox_child(request, received, program_fd, sysfs)
     return pid
 
 
@@ -338,6 +387,7 @@ def _clone_in_user_namespace(request: LaunchSandbox, cgroup_fd: int, netns_fd: i
     try:
         if netns_fd >= 0 and any(op.kind == "sysfs" and op.options == SYSFS_OF_NETNS for op in request.plan.mounts):
             sysfs = linux.detached_mount("sysfs", READONLY | abi.MOUNT_ATTR_NOEXEC)
+            os.set_inheritable(sysfs, True)  # for the interpreter (R_SYSFS); closed here after the clone
         os.setegid(ids.gid + ids.count - 1)
         os.seteuid(ids.uid + ids.count - 1)
         try:

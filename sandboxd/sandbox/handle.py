@@ -13,9 +13,10 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from sandboxd.errors import LaunchError
+from sandboxd.errors import HostError, LaunchError
 from sandboxd.kernel import abi, linux
 from sandboxd.plan.launch import LaunchPlan
+from sandboxd.sandbox.child import SETUP_BINARY
 from sandboxd.sandbox.forkserver import serve
 from sandboxd.sandbox.protocol import LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode
 
@@ -44,7 +45,10 @@ class ForkServer:
         CLI starts the fork server right after validation, before the supervisor's own imports
         (asyncio, pyroute2): every sandbox is a fork of this smaller process. (Starting a fresh
         interpreter instead would cost about 80 ms before the first sandbox, more than it saves.)
+        Refused (HostError) without the set-up interpreter every sandbox executes (child.py).
         """
+        if not os.access(SETUP_BINARY, os.X_OK):
+            raise HostError(f"sandboxd's set-up interpreter {SETUP_BINARY} is missing", "run scripts/install (it builds it from sbd-setup.c with gcc); in a checkout, scripts/test builds it too")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -1,4 +1,6 @@
-"""The sandbox child's set-up, walked against the recording kernel: which calls, in which order."""
+"""The sandbox child's set-up against the recording kernel: which calls, in which order. The
+set-up program (program.py) is compiled as the fork server compiles it and run by the Python
+twin of the interpreter (reference.py), one Kernel call per op."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,11 @@ from sandboxd.kernel import abi
 from sandboxd.kernel.fake import ProcessEnded, RecordingKernel
 from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, SYSFS_OF_NETNS, HostFacts, LaunchPlan, MountOp, PathFacts, UserNamespace
 from sandboxd.plan.stack import plan_stack
-from sandboxd.sandbox.child import OLD_ROOT, READONLY, Descriptors, Init, Trees, become_sandbox, run_sandbox
-from sandboxd.sandbox.confine import Step
+from sandboxd.sandbox.child import SETUP_NAME, enter_setup
+from sandboxd.sandbox.ops import R_SYSFS, encode
+from sandboxd.sandbox.program import OLD_ROOT, READONLY, Descriptors, HostView, Trees, compile_launch
 from sandboxd.sandbox.protocol import Executing, LaunchSandbox, SetupFailed, decode_status
+from sandboxd.sandbox.reference import run_program
 from sandboxd.spec.load import load_stack
 
 ROOT = "/run/sandboxd/st/root"  # where a root of its own is built
@@ -65,9 +70,37 @@ def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
     theirs.close()
 
 
+@dataclass(frozen=True)
+class Init:
+    """What the program executed at its end."""
+
+    fd: int
+    argv: list[str]
+    env: dict[str, str]
+    name: str  # the command behind the init, as the step of its exec names it
+
+
+def host_view(fake: RecordingKernel, trees: Trees) -> HostView:
+    """What the fork server answers, asked of the fake before the program runs."""
+    root = tuple((name, kind, fake.readlink(f"/{name}") if kind == "symlink" else "") for name, kind in fake.list_dir("/"))
+    return HostView(tuple(fake.fd_is_dir(tree) for tree in trees.binds), root)
+
+
+def run(fake: RecordingKernel, launch: LaunchSandbox, channel: tuple[socket.socket, socket.socket], fds: Descriptors, trees: Trees) -> int | None:
+    """Compile the launch's program, run it to its end; the exit code (None: it executed)."""
+    ops = compile_launch(launch, fds, trees, host_view(fake, trees))
+    assert encode(ops, 3 + len(fds.sockets)).startswith(b"SBD1")  # what the interpreter reads
+    with pytest.raises(ProcessEnded) as ended:
+        run_program(fake, ops, channel[1], {R_SYSFS: trees.sysfs})
+    return ended.value.code
+
+
 def walk(fake: RecordingKernel, launch: LaunchSandbox, channel: tuple[socket.socket, socket.socket], binds: tuple[int, ...] = (), netns: int = -1) -> Init:
-    fds = Descriptors(OUTPUT, (SOCKET,), INIT, netns)
-    return become_sandbox(fake, launch, channel[1], fds, Trees(binds, IMAGE_TREE, SYSFS_TREE, DEV_TREE), Step())
+    trees = Trees(binds, IMAGE_TREE, SYSFS_TREE, DEV_TREE)
+    assert run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), INIT, netns), trees) is None
+    ops = compile_launch(launch, Descriptors(OUTPUT, (SOCKET,), INIT, netns), trees, host_view(fake, trees))
+    (_, fd, argv, env) = fake.named("execve")[-1]
+    return Init(fd, argv, env, ops[-1].step.removeprefix("execute "))  # type: ignore[arg-type]
 
 
 def mounts_of(fake: RecordingKernel) -> list[tuple[object, ...]]:
@@ -75,11 +108,10 @@ def mounts_of(fake: RecordingKernel) -> list[tuple[object, ...]]:
 
 
 def failed(fake: RecordingKernel, launch: LaunchSandbox, channel: tuple[socket.socket, socket.socket], binds: tuple[int, ...] = ()) -> tuple[int | None, SetupFailed]:
-    with pytest.raises(ProcessEnded) as ended:
-        run_sandbox(fake, launch, channel[1], Descriptors(OUTPUT, (SOCKET,), INIT), Trees(binds, IMAGE_TREE, SYSFS_TREE, DEV_TREE))
+    code = run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), INIT), Trees(binds, IMAGE_TREE, SYSFS_TREE, DEV_TREE))
     message = decode_status(channel[0].recv(4096))
     assert isinstance(message, SetupFailed)
-    return ended.value.code, message
+    return code, message
 
 
 def test_host_root_in_place_is_sealed_in_one_call_and_each_covered_mount_is_detached_first(channel) -> None:
@@ -172,14 +204,17 @@ def test_an_image_with_a_symlink_where_sandboxd_mounts_is_refused_naming_the_pat
 
 def test_in_a_user_namespace_the_child_becomes_root_inside_before_any_mount(channel) -> None:
     fake = kernel()
+    # The cloned child: root of its user namespace, then the interpreter with the program.
+    with pytest.raises(ProcessEnded):
+        enter_setup(fake, True, 70, 71, channel[1].fileno(), SYSFS_TREE)
+    assert fake.calls == [("setgroups", []), ("setresgid", 0, 0, 0), ("setresuid", 0, 0, 0), ("execve", 70, [SETUP_NAME, "71", str(channel[1].fileno()), str(SYSFS_TREE)], {})]
     walk(fake, request([IN_PLACE, *BASE], userns=IDS, uid=1000, gid=1000, capabilities=(10,), seccomp_filter="00"), channel)
     order = fake.order()
-    assert order[:7] == ["reset_signals", "unshare", "setsid", "setgroups", "setresgid", "setresuid", "dup_above"]
-    assert fake.calls[1] == ("unshare", FLAGS)
-    assert fake.calls[3:6] == [("setgroups", []), ("setresgid", 0, 0, 0), ("setresuid", 0, 0, 0)]
+    assert order[4:8] == ["reset_signals", "unshare", "setsid", "dup_above"]
+    assert fake.calls[5] == ("unshare", FLAGS)
     assert order.index("setresuid") < order.index("mount")
     # The confinement, last, in the order the kernel allows it.
-    confinement = [c for c in fake.calls if c[0] in ("prctl", "install_seccomp", "drop_bounding_set", "setgroups", "setgid", "setuid", "keep_only_capabilities")][1:]
+    confinement = [c for c in fake.calls[4:] if c[0] in ("prctl", "install_seccomp", "drop_bounding_set", "setgroups", "setgid", "setuid", "keep_only_capabilities")]
     assert confinement == [
         ("prctl", abi.PR_SET_NO_NEW_PRIVS, 1),
         ("install_seccomp", b"\x00"),
@@ -191,7 +226,25 @@ def test_in_a_user_namespace_the_child_becomes_root_inside_before_any_mount(chan
         ("keep_only_capabilities", {10}),
         ("prctl", abi.PR_SET_NO_NEW_PRIVS, 1),
     ]
-    assert order[-1] == "send" and order.index("keep_only_capabilities") < order.index("send")
+    assert order[-2] == "send" and order.index("keep_only_capabilities") < order.index("send")
+    assert order[-1] == "execve"
+
+
+def test_without_a_user_namespace_the_child_executes_the_interpreter_at_once(channel) -> None:
+    fake = kernel()
+    with pytest.raises(ProcessEnded):
+        enter_setup(fake, False, 70, 71, channel[1].fileno(), -1)
+    assert fake.order() == ["execve"]
+
+
+def test_a_failed_exec_of_the_interpreter_is_reported_by_the_child(channel) -> None:
+    fake = kernel()
+    fake.fail("execve", error=errno.ENOEXEC)
+    with pytest.raises(ProcessEnded) as ended:
+        enter_setup(fake, False, 70, 71, channel[1].fileno(), -1)
+    message = decode_status(channel[0].recv(4096))
+    assert ended.value.code == 127
+    assert isinstance(message, SetupFailed) and message.step == "execute the set-up interpreter" and "Exec format error" in message.detail
 
 
 def test_a_mount_the_user_namespace_locked_stays_and_only_there(channel) -> None:
@@ -209,7 +262,7 @@ def test_a_mount_the_user_namespace_locked_stays_and_only_there(channel) -> None
 def test_the_child_joins_its_v1_cgroups_first_by_writing_0_to_the_tasks_files_it_was_given(channel) -> None:
     fake = kernel()
     launch = request([IN_PLACE, *BASE], userns=IDS)
-    become_sandbox(fake, launch, channel[1], Descriptors(OUTPUT, (SOCKET,), INIT, cgroup_tasks=(50, 51)), Trees((), IMAGE_TREE, SYSFS_TREE, DEV_TREE), Step())
+    assert run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), INIT, cgroup_tasks=(50, 51)), Trees((), IMAGE_TREE, SYSFS_TREE, DEV_TREE)) is None
     # "0" moves the writer alone (no global lock); by descriptor, since in its user namespace it may not open them.
     assert fake.calls[1:5] == [("write", 50, b"0"), ("close", 50), ("write", 51, b"0"), ("close", 51)]
     assert fake.order().index("close") < fake.order().index("unshare")

@@ -1,0 +1,238 @@
+"""The set-up program run in Python, one `Kernel` call per op: the compiled interpreter's twin.
+
+Sandboxes never run this: the child executes setup/sbd-setup.c. It is what the unit tests run a
+compiled program with, against the recording fake (tests/unit/test_child.py), so that the calls
+a program makes and the file tree it leaves are checked without root; it evaluates guards,
+tolerated errnos and registers as the C does (ops.py), and reports a failure as the C does: the
+same SetupFailed (confine.failure), exit 127 (126 for anything but an OSError, which the C
+cannot meet).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from sandboxd.kernel import abi
+from sandboxd.kernel.seam import Kernel
+from sandboxd.plan.launch import is_under
+from sandboxd.sandbox.child import EXIT_SETUP_FAILED, EXIT_UNEXPECTED
+from sandboxd.sandbox.confine import Step, failure, report
+from sandboxd.sandbox.ops import R_CHANNEL, Arg, Guard, Op
+from sandboxd.sandbox.program import READONLY
+from sandboxd.sandbox.protocol import Executing, encode
+
+
+def run_program(kernel: Kernel, ops: Sequence[Op], channel: socket.socket, registers: dict[int, int]) -> NoReturn:
+    """Run `ops` to the exec of the init; on the first failure, report it on `channel` and exit.
+    `registers`: those set before the program starts (R_SYSFS); R_CHANNEL is `channel`'s."""
+    step = Step()
+    state = _State(kernel, channel, {**registers, R_CHANNEL: channel.fileno()})
+    try:
+        for op in ops:
+            step.name = op.step
+            state.run(op)
+        raise RuntimeError("the program ended without an exec")
+    except OSError as e:
+        report(kernel, channel, failure(step, e, EXIT_SETUP_FAILED))
+        kernel.exit(EXIT_SETUP_FAILED)
+    except Exception as e:  # noqa: BLE001 - (a BaseException is the fake's end of the process)
+        report(kernel, channel, failure(step, e, EXIT_UNEXPECTED))
+        kernel.exit(EXIT_UNEXPECTED)
+
+
+class _State:
+    def __init__(self, kernel: Kernel, channel: socket.socket, registers: dict[int, int]) -> None:
+        self.kernel = kernel
+        self.channel = channel
+        self.registers = registers
+        self.marks: set[int] = set()
+
+    def fd(self, value: Arg) -> int:
+        assert isinstance(value, int)
+        return value if value >= 0 else self.registers[-value - 1]
+
+    def holds(self, guard: Guard) -> bool:
+        kernel, path = self.kernel, guard.path
+        match guard.test:
+            case "dir":
+                return kernel.isdir(path)
+            case "not-dir":
+                return not kernel.isdir(path)
+            case "exists":
+                return kernel.lexists(path)
+            case "absent":
+                return not kernel.lexists(path)
+            case "link":
+                return kernel.islink(path)
+            case "own-mount":
+                return kernel.device_of(path) != kernel.device_of(os.path.dirname(path))
+            case "marked":
+                return guard.mark in self.marks
+
+    def run(self, op: Op) -> None:
+        if not all(self.holds(guard) for guard in op.guards):
+            return
+        try:
+            result = self.call(op.call, op.args)
+        except OSError as e:
+            if e.errno not in op.tolerate:
+                raise
+            return
+        if op.into >= 0:
+            assert isinstance(result, int)
+            self.registers[op.into] = result
+        if op.mark >= 0:
+            self.marks.add(op.mark)
+
+    def call(self, call: str, args: tuple[Arg, ...]) -> object:  # noqa: C901 - one dispatch per op
+        k, a = self.kernel, args
+        match call:
+            case "reset_signals":
+                k.reset_signals()
+            case "write":
+                k.write(self.fd(a[0]), _bytes(a[1]))
+            case "close":
+                k.close(self.fd(a[0]))
+            case "setns":
+                k.setns(self.fd(a[0]), _int(a[1]))
+            case "unshare":
+                k.unshare(_int(a[0]))
+            case "setsid":
+                k.setsid()
+            case "sethostname":
+                k.sethostname(_str(a[0]))
+            case "loopback_up":
+                k.loopback_up()
+            case "prctl":
+                k.prctl(_int(a[0]), _int(a[1]))
+            case "setgroups":
+                k.setgroups([_int(g) for g in _tuple(a[0])])
+            case "setresgid":
+                k.setresgid(_int(a[0]), _int(a[1]), _int(a[2]))
+            case "setresuid":
+                k.setresuid(_int(a[0]), _int(a[1]), _int(a[2]))
+            case "setgid":
+                k.setgid(_int(a[0]))
+            case "setuid":
+                k.setuid(_int(a[0]))
+            case "drop_bounding_set":
+                k.drop_bounding_set({_int(c) for c in _tuple(a[0])})
+            case "keep_only_capabilities":
+                k.keep_only_capabilities({_int(c) for c in _tuple(a[0])})
+            case "install_seccomp":
+                k.install_seccomp(_bytes(a[0]))
+            case "install_seccomp_listener":
+                return k.install_seccomp_listener(_bytes(a[0]))
+            case "open":
+                return k.open(_str(a[0]), _int(a[1]))
+            case "dup_above":
+                return k.dup_above(self.fd(a[0]), _int(a[1]))
+            case "dup2":
+                k.dup2(self.fd(a[0]), _int(a[1]))
+            case "close_others":
+                keep = sorted((self.fd(a[1]), self.fd(a[2])))
+                k.closerange(_int(a[0]), keep[0])
+                k.closerange(keep[0] + 1, keep[1])
+                k.closerange(keep[1] + 1, 1 << 20)
+            case "report_executing":
+                report(k, self.channel, Executing(time.monotonic_ns()))
+            case "report_executing_with":
+                k.send(self.channel, encode(Executing(time.monotonic_ns())), [self.fd(a[0])])
+            case "execve":
+                k.execve(self.fd(a[0]), [str(arg) for arg in _tuple(a[1])], dict(str(kv).split("=", 1) for kv in _tuple(a[2])))
+            case _:
+                self.file_call(call, args)
+        return None
+
+    def file_call(self, call: str, a: tuple[Arg, ...]) -> None:
+        k = self.kernel
+        match call:
+            case "mount":
+                k.mount(_opt(a[0]), _str(a[1]), _opt(a[2]), _int(a[3]), _opt(a[4]))
+            case "umount2":
+                k.umount2(_str(a[0]), _int(a[1]))
+            case "mount_setattr":
+                k.mount_setattr(_str(a[0]), _int(a[1]), _int(a[2]), bool(a[3]))
+            case "move_mount":
+                k.move_mount(self.fd(a[0]), _str(a[1]))
+            case "pivot_root":
+                k.pivot_root(_str(a[0]), _str(a[1]))
+            case "chdir":
+                k.chdir(_str(a[0]))
+            case "mkdir":
+                k.mkdir(_str(a[0]), _int(a[1]))
+            case "makedirs":
+                k.makedirs(_str(a[0]), _int(a[1]))
+            case "create_file":
+                k.create_file(_str(a[0]))
+            case "symlink":
+                k.symlink(_str(a[0]), _str(a[1]))
+            case "rmdir":
+                k.rmdir(_str(a[0]))
+            case "fail":
+                raise OSError(_int(a[0]), _str(a[1]), _str(a[2]))
+            case "bind_inside" | "tmpfs_inside":
+                self.mount_inside(call, a)
+            case _:
+                raise ValueError(f"no such call in a set-up program: {call}")
+
+    def mount_inside(self, call: str, a: tuple[Arg, ...]) -> None:
+        """After pivot_root: a bind's detached tree or a tmpfs at the realpath of the target (a
+        symlink on the way is followed inside the sandbox); one that leads under `refuse_under`
+        (the host's root, still at OLD_ROOT) is refused."""
+        k, target = self.kernel, _str(a[0])
+        real = k.realpath(target)
+        refuse_under = _str(a[-1])
+        if refuse_under and is_under(real, refuse_under):
+            raise OSError(errno.EPERM, "leads out of the sandbox through a symlink", target)
+        if call == "tmpfs_inside":
+            self.ensure_mountpoint(real, True)
+            k.mount("tmpfs", real, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, _opt(a[1]))
+            return
+        tree = self.fd(a[1])
+        self.ensure_mountpoint(real, bool(a[3]))
+        k.move_mount(tree, real)
+        if a[2]:
+            k.mount_setattr(real, READONLY)
+        else:
+            k.mount_setattr(real, abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV, abi.MOUNT_ATTR_RDONLY)
+        k.close(tree)
+
+    def ensure_mountpoint(self, target: str, is_dir: bool) -> None:
+        if self.kernel.lexists(target):
+            return
+        self.kernel.makedirs(os.path.dirname(target))
+        if is_dir:
+            self.kernel.mkdir(target)
+        else:
+            self.kernel.create_file(target)
+
+
+def _int(value: Arg) -> int:
+    assert isinstance(value, int)
+    return value
+
+
+def _str(value: Arg) -> str:
+    assert isinstance(value, str)
+    return value
+
+
+def _opt(value: Arg) -> str | None:
+    assert value is None or isinstance(value, str)
+    return value
+
+
+def _bytes(value: Arg) -> bytes:
+    assert isinstance(value, bytes)
+    return value
+
+
+def _tuple(value: Arg) -> tuple[str | int, ...]:
+    assert isinstance(value, tuple)
+    return value

@@ -1,0 +1,833 @@
+/*
+ * sbd-setup: the interpreter of a sandbox's set-up program (sandboxd/sandbox/program.py).
+ *
+ * The fork server clones a child into the sandbox's new namespaces; the child becomes root of
+ * its user namespace and executes this program (sandboxd/sandbox/child.py):
+ *
+ *     sbd-setup PROGRAM_FD CHANNEL_FD SYSFS_FD
+ *
+ * It reads the whole program from PROGRAM_FD (the encoding is ops.py's), moves the status channel
+ * clear of the service's fds 3.., and runs the ops in order, as bubblewrap walks its SetupOp
+ * list: each op's guards are tested at that moment, every call is checked, and the first that
+ * fails ends it: SetupFailed(step, detail, path, 127) on the channel, the same JSON the Python
+ * code sends (protocol.py: encode; confine.py: failure), then exit 127. The last ops report
+ * Executing(CLOCK_MONOTONIC ns), with the bind() listener by SCM_RIGHTS when there is one, and
+ * execute the sealed init by descriptor; the channel is close-on-exec, so its EOF says the
+ * exec happened. sandboxd/sandbox/reference.py is this file's twin in Python, for unit tests.
+ *
+ * No dependency beyond libc and the kernel's headers; built static by scripts/build-setup.sh.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXIT_SETUP_FAILED 127
+#define EXIT_UNEXPECTED 126
+#define MAX_REGISTERS 64
+#define MAX_ARGS 8
+#define MAX_GUARDS 8
+#define MAX_TOLERATED 8
+#define PATH_BUF 8192
+
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#define SBD_MOVE_MOUNT_F_EMPTY_PATH 0x4
+#define SBD_MOUNT_ATTR_RDONLY 0x1
+#define SBD_MOUNT_ATTR_NOSUID 0x2
+#define SBD_MOUNT_ATTR_NODEV 0x4
+
+/* The calls, in the order of ops.CALLS (tests/unit/test_program.py compares the two lists). */
+enum call {
+    C_RESET_SIGNALS, C_WRITE, C_CLOSE, C_SETNS, C_UNSHARE, C_SETSID, C_SETHOSTNAME, C_LOOPBACK_UP,
+    C_PRCTL, C_SETGROUPS, C_SETRESGID, C_SETRESUID, C_SETGID, C_SETUID, C_DROP_BOUNDING_SET,
+    C_KEEP_ONLY_CAPABILITIES, C_INSTALL_SECCOMP, C_INSTALL_SECCOMP_LISTENER, C_OPEN, C_DUP_ABOVE,
+    C_DUP2, C_CLOSE_OTHERS, C_MOUNT, C_UMOUNT2, C_MOUNT_SETATTR, C_MOVE_MOUNT, C_PIVOT_ROOT,
+    C_CHDIR, C_MKDIR, C_MAKEDIRS, C_CREATE_FILE, C_SYMLINK, C_RMDIR, C_FAIL, C_BIND_INSIDE,
+    C_TMPFS_INSIDE, C_REPORT_EXECUTING, C_REPORT_EXECUTING_WITH, C_EXECVE, C_COUNT
+};
+
+/* The guards, in the order of ops.GUARD_TESTS. */
+enum test { G_DIR, G_NOT_DIR, G_EXISTS, G_ABSENT, G_LINK, G_OWN_MOUNT, G_MARKED, G_COUNT };
+
+struct arg {
+    char tag;             /* i f s n b S I, as ops.py writes them */
+    int64_t i;            /* i, f */
+    const char *s;        /* s (NULL for n) */
+    uint32_t n;           /* b: bytes; S, I: items */
+    const uint8_t *bytes; /* b */
+    char **strs;          /* S, NULL-terminated */
+    int64_t *ints;        /* I */
+};
+
+struct guard {
+    uint8_t test;
+    int16_t mark;
+    const char *path;
+};
+
+struct op {
+    uint16_t call;
+    int16_t into, mark;
+    uint8_t nguards, ntolerated, nargs;
+    const char *step;
+    struct guard guards[MAX_GUARDS];
+    int32_t tolerated[MAX_TOLERATED];
+    struct arg args[MAX_ARGS];
+};
+
+struct mount_attr_arg {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+static int channel = -1;
+static const char *step = "read the set-up program";
+static const struct op *current;
+static int registers[MAX_REGISTERS];
+static uint64_t marks;
+
+/* ── the reports, byte for byte what protocol.encode writes (json.dumps, ensure_ascii) ── */
+
+struct text {
+    char *data;
+    size_t length, size;
+};
+
+static void put(struct text *t, const char *s, size_t n)
+{
+    if (t->length + n + 1 > t->size) {
+        size_t size = (t->size + n + 1) * 2;
+        char *grown = realloc(t->data, size);
+        if (!grown)
+            _exit(EXIT_UNEXPECTED);
+        t->data = grown;
+        t->size = size;
+    }
+    memcpy(t->data + t->length, s, n);
+    t->length += n;
+    t->data[t->length] = 0;
+}
+
+static void putf(struct text *t, const char *format, ...)
+{
+    char buffer[64];
+    va_list ap;
+    va_start(ap, format);
+    int n = vsnprintf(buffer, sizeof buffer, format, ap);
+    va_end(ap);
+    put(t, buffer, (size_t)n);
+}
+
+/* The length of the UTF-8 sequence at s (and its code point), or 0 if it is not one: Python's
+ * strings carry an undecodable byte as a lone surrogate U+DC80..U+DCFF (surrogateescape). */
+static size_t utf8(const unsigned char *s, uint32_t *point)
+{
+    size_t n = s[0] >= 0xF0 && s[0] < 0xF5 ? 4 : s[0] >= 0xE0 ? 3 : s[0] >= 0xC2 && s[0] < 0xE0 ? 2 : 0;
+    if (!n)
+        return 0;
+    uint32_t c = s[0] & (0x7F >> n);
+    for (size_t k = 1; k < n; k++) {
+        if ((s[k] & 0xC0) != 0x80)
+            return 0;
+        c = (c << 6) | (s[k] & 0x3F);
+    }
+    if ((n == 3 && (c < 0x800 || (c >= 0xD800 && c < 0xE000))) || (n == 4 && (c < 0x10000 || c > 0x10FFFF)))
+        return 0;
+    *point = c;
+    return n;
+}
+
+static void put_json_string(struct text *t, const char *s)
+{
+    put(t, "\"", 1);
+    for (const unsigned char *p = (const unsigned char *)s; *p;) {
+        uint32_t c = *p;
+        size_t n = 1;
+        if (c >= 0x80 && !(n = utf8(p, &c))) {
+            c = 0xDC00 + *p;
+            n = 1;
+        }
+        p += n;
+        switch (c) {
+        case '"': put(t, "\\\"", 2); break;
+        case '\\': put(t, "\\\\", 2); break;
+        case '\n': put(t, "\\n", 2); break;
+        case '\r': put(t, "\\r", 2); break;
+        case '\t': put(t, "\\t", 2); break;
+        case '\b': put(t, "\\b", 2); break;
+        case '\f': put(t, "\\f", 2); break;
+        default:
+            if (c < 0x20 || c > 0x7E) {
+                if (c >= 0x10000) {
+                    c -= 0x10000;
+                    putf(t, "\\u%04x\\u%04x", 0xD800 + (c >> 10), 0xDC00 + (c & 0x3FF));
+                } else {
+                    putf(t, "\\u%04x", c);
+                }
+            } else {
+                char ch = (char)c;
+                put(t, &ch, 1);
+            }
+        }
+    }
+    put(t, "\"", 1);
+}
+
+static _Noreturn void fail_with(const char *detail, const char *path, int code)
+{
+    struct text t = {0};
+    put(&t, "{\"type\":\"setup-failed\",\"arg\":{\"step\":", 37);
+    put_json_string(&t, step);
+    put(&t, ",\"detail\":", 10);
+    put_json_string(&t, detail);
+    put(&t, ",\"path\":", 8);
+    put_json_string(&t, path ? path : "");
+    putf(&t, ",\"exit\":%d}}", code);
+    if (send(channel, t.data, t.length, MSG_NOSIGNAL) < 0) {
+        /* a reader that is gone changes nothing for the sender */
+    }
+    _exit(code);
+}
+
+/* An OSError's report: "PREFIXstrerror (path)", as linux.py's wrappers and confine.failure make it. */
+static _Noreturn void fail_errno(const char *prefix, int error, const char *path)
+{
+    struct text t = {0};
+    put(&t, prefix, strlen(prefix));
+    const char *message = strerror(error);
+    put(&t, message, strlen(message));
+    if (path && *path) {
+        put(&t, " (", 2);
+        put(&t, path, strlen(path));
+        put(&t, ")", 1);
+    }
+    fail_with(t.data, path, EXIT_SETUP_FAILED);
+}
+
+static bool tolerated(int error)
+{
+    for (int k = 0; k < current->ntolerated; k++)
+        if (current->tolerated[k] == error)
+            return true;
+    return false;
+}
+
+#define CHECK(result, prefix, path)                                                                \
+    do {                                                                                           \
+        if ((result) < 0 && !tolerated(errno))                                                    \
+            fail_errno((prefix), errno, (path));                                                   \
+    } while (0)
+
+/* ── reading the program (ops.py's encoding; every string is followed by a NUL) ── */
+
+struct reader {
+    const uint8_t *p, *end;
+};
+
+static _Noreturn void malformed(void)
+{
+    fail_with("the set-up program is malformed", "", EXIT_UNEXPECTED);
+}
+
+static const uint8_t *take(struct reader *r, size_t n)
+{
+    if ((size_t)(r->end - r->p) < n)
+        malformed();
+    const uint8_t *at = r->p;
+    r->p += n;
+    return at;
+}
+
+static uint64_t take_le(struct reader *r, size_t n)
+{
+    const uint8_t *at = take(r, n);
+    uint64_t value = 0;
+    for (size_t k = n; k-- > 0;)
+        value = (value << 8) | at[k];
+    return value;
+}
+
+static const char *take_str(struct reader *r)
+{
+    uint32_t n = (uint32_t)take_le(r, 4);
+    const char *s = (const char *)take(r, (size_t)n + 1);
+    if (s[n] != 0 || memchr(s, 0, n))
+        malformed();
+    return s;
+}
+
+static void read_arg(struct reader *r, struct arg *a)
+{
+    a->tag = (char)*take(r, 1);
+    switch (a->tag) {
+    case 'i': a->i = (int64_t)take_le(r, 8); break;
+    case 'f': a->i = (int32_t)take_le(r, 4); break;
+    case 's': a->s = take_str(r); break;
+    case 'n': a->s = NULL; break;
+    case 'b':
+        a->n = (uint32_t)take_le(r, 4);
+        a->bytes = take(r, a->n);
+        break;
+    case 'S':
+        a->n = (uint32_t)take_le(r, 4);
+        if (a->n > (size_t)(r->end - r->p))
+            malformed();
+        a->strs = calloc((size_t)a->n + 1, sizeof *a->strs);
+        for (uint32_t k = 0; k < a->n; k++)
+            a->strs[k] = (char *)take_str(r);
+        break;
+    case 'I':
+        a->n = (uint32_t)take_le(r, 4);
+        if (a->n > (size_t)(r->end - r->p) / 8)
+            malformed();
+        a->ints = calloc((size_t)a->n + 1, sizeof *a->ints);
+        for (uint32_t k = 0; k < a->n; k++)
+            a->ints[k] = (int64_t)take_le(r, 8);
+        break;
+    default: malformed();
+    }
+}
+
+static void read_op(struct reader *r, struct op *op)
+{
+    uint32_t length = (uint32_t)take_le(r, 4);
+    struct reader body = {take(r, length - 4 <= length ? length - 4 : SIZE_MAX), NULL};
+    body.end = body.p + (length - 4);
+    op->call = (uint16_t)take_le(&body, 2);
+    op->into = (int16_t)take_le(&body, 2);
+    op->mark = (int16_t)take_le(&body, 2);
+    op->nguards = *take(&body, 1);
+    op->ntolerated = *take(&body, 1);
+    op->nargs = *take(&body, 1);
+    if (op->call >= C_COUNT || op->nguards > MAX_GUARDS || op->ntolerated > MAX_TOLERATED || op->nargs > MAX_ARGS || op->into >= MAX_REGISTERS || op->mark >= 64)
+        malformed();
+    op->step = take_str(&body);
+    for (int k = 0; k < op->nguards; k++) {
+        op->guards[k].test = *take(&body, 1);
+        op->guards[k].mark = (int16_t)take_le(&body, 2);
+        op->guards[k].path = take_str(&body);
+        if (op->guards[k].test >= G_COUNT || op->guards[k].mark >= 64)
+            malformed();
+    }
+    for (int k = 0; k < op->ntolerated; k++)
+        op->tolerated[k] = (int32_t)take_le(&body, 4);
+    for (int k = 0; k < op->nargs; k++)
+        read_arg(&body, &op->args[k]);
+    if (body.p != body.end)
+        malformed();
+}
+
+static uint8_t *read_all(int fd, size_t *length)
+{
+    size_t size = 1 << 16, n = 0;
+    uint8_t *data = malloc(size);
+    for (;;) {
+        if (!data)
+            _exit(EXIT_UNEXPECTED);
+        ssize_t got = read(fd, data + n, size - n);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            fail_errno("", errno, "");
+        if (got == 0)
+            break;
+        n += (size_t)got;
+        if (n == size)
+            data = realloc(data, size *= 2);
+    }
+    *length = n;
+    return data;
+}
+
+/* ── paths: what Python's os.path and os.makedirs do, for the same answers and errors ── */
+
+static const char *S(const struct op *op, int k)
+{
+    if (op->args[k].tag != 's' && op->args[k].tag != 'n')
+        malformed();
+    return op->args[k].s;
+}
+
+static int64_t I(const struct op *op, int k)
+{
+    if (op->args[k].tag != 'i')
+        malformed();
+    return op->args[k].i;
+}
+
+static int FD(const struct op *op, int k)
+{
+    if (op->args[k].tag != 'f')
+        malformed();
+    int64_t value = op->args[k].i;
+    if (value >= 0)
+        return (int)value;
+    if (-value - 1 >= MAX_REGISTERS)
+        malformed();
+    return registers[-value - 1];
+}
+
+/* posixpath.dirname */
+static void dirname_of(const char *path, char *out)
+{
+    const char *slash = strrchr(path, '/');
+    size_t n = slash ? (size_t)(slash - path) + 1 : 0;
+    memcpy(out, path, n);
+    out[n] = 0;
+    size_t all_slashes = strspn(out, "/");
+    if (n && all_slashes != n)
+        while (n > 1 && out[n - 1] == '/')
+            out[--n] = 0;
+}
+
+/* posixpath.join(a, b) into out */
+static void join(char *out, const char *a, const char *b)
+{
+    char joined[PATH_BUF];
+    if (b[0] == '/' || !a[0])
+        snprintf(joined, sizeof joined, "%s", b);
+    else
+        snprintf(joined, sizeof joined, "%s%s%s", a, a[strlen(a) - 1] == '/' ? "" : "/", b);
+    memcpy(out, joined, strlen(joined) + 1);
+}
+
+static bool is_dir(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static bool lexists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is. */
+static bool join_real(char *path, const char *rest, int *links)
+{
+    if (rest[0] == '/') {
+        strcpy(path, "/");
+        rest++;
+    }
+    while (*rest) {
+        const char *slash = strchr(rest, '/');
+        size_t n = slash ? (size_t)(slash - rest) : strlen(rest);
+        char name[PATH_BUF], newpath[PATH_BUF];
+        snprintf(name, sizeof name, "%.*s", (int)n, rest);
+        rest = slash ? slash + 1 : rest + n;
+        if (!n || strcmp(name, ".") == 0)
+            continue;
+        if (strcmp(name, "..") == 0) {
+            char head[PATH_BUF];
+            const char *tail = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+            bool up = strcmp(tail, "..") == 0;
+            dirname_of(path, head);
+            if (up)
+                join(path, path, "../..");
+            else
+                strcpy(path, head);
+            continue;
+        }
+        join(newpath, path, name);
+        struct stat st;
+        if (lstat(newpath, &st) != 0 || !S_ISLNK(st.st_mode)) {
+            strcpy(path, newpath);
+            continue;
+        }
+        char target[PATH_BUF];
+        ssize_t length = readlink(newpath, target, sizeof target - 1);
+        if (++*links > 40 || length < 0) {
+            join(path, newpath, rest);
+            return false;
+        }
+        target[length] = 0;
+        if (!join_real(path, target, links)) {
+            join(path, path, rest);
+            return false;
+        }
+    }
+    return true;
+}
+
+static void realpath_of(const char *path, char *out)
+{
+    int links = 0;
+    out[0] = 0;
+    join_real(out, path, &links);
+}
+
+/* os.makedirs(path, mode, exist_ok=True); a failure names the path that failed. `inner`: for a
+ * parent, whose EEXIST is no failure (the mkdir of the path itself then says what is wrong). */
+static void makedirs_at(const char *path, mode_t mode, bool inner)
+{
+    char head[PATH_BUF];
+    const char *tail = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    dirname_of(path, head);
+    if (!*tail) {
+        char trimmed[PATH_BUF];
+        snprintf(trimmed, sizeof trimmed, "%s", head);
+        tail = strrchr(trimmed, '/') ? strrchr(trimmed, '/') + 1 : trimmed;
+        dirname_of(trimmed, head);
+    }
+    struct stat st;
+    if (*head && *tail && stat(head, &st) != 0)
+        makedirs_at(head, 0777, true);
+    if (mkdir(path, mode) != 0) {
+        int error = errno;
+        if (!is_dir(path) && !(inner && error == EEXIST))
+            fail_errno("", error, path);
+    }
+}
+
+static void makedirs(const char *path, mode_t mode)
+{
+    makedirs_at(path, mode, false);
+}
+
+static void ensure_mountpoint(const char *target, bool directory)
+{
+    char parent[PATH_BUF];
+    if (lexists(target))
+        return;
+    dirname_of(target, parent);
+    makedirs(parent, 0777);
+    if (directory) {
+        CHECK(mkdir(target, 0777), "", target);
+    } else {
+        int fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+        CHECK(fd, "", target);
+        close(fd);
+    }
+}
+
+static bool holds(const struct guard *g)
+{
+    struct stat st, parent_st;
+    char parent[PATH_BUF];
+    switch (g->test) {
+    case G_DIR: return is_dir(g->path);
+    case G_NOT_DIR: return !is_dir(g->path);
+    case G_EXISTS: return lexists(g->path);
+    case G_ABSENT: return !lexists(g->path);
+    case G_LINK: return lstat(g->path, &st) == 0 && S_ISLNK(st.st_mode);
+    case G_OWN_MOUNT:
+        if (stat(g->path, &st) != 0)
+            fail_errno("", errno, g->path);
+        dirname_of(g->path, parent);
+        if (stat(parent, &parent_st) != 0)
+            fail_errno("", errno, parent);
+        return st.st_dev != parent_st.st_dev;
+    case G_MARKED: return g->mark >= 0 && (marks >> g->mark) & 1;
+    }
+    malformed();
+}
+
+/* ── the calls that are more than one syscall ── */
+
+static void reset_signals(void)
+{
+    struct sigaction action = {.sa_handler = SIG_DFL};
+    sigset_t none;
+    for (int sig = 1; sig < _NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            sigaction(sig, &action, NULL); /* (glibc's own signals refuse: nothing to reset) */
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static void loopback_up(void)
+{
+    struct ifreq ifr = {0};
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(s, "", "");
+    strcpy(ifr.ifr_name, "lo");
+    CHECK(ioctl(s, SIOCGIFFLAGS, &ifr), "", "");
+    ifr.ifr_flags |= IFF_UP;
+    CHECK(ioctl(s, SIOCSIFFLAGS, &ifr), "", "");
+    close(s);
+}
+
+static bool kept(const struct arg *keep, int64_t cap)
+{
+    for (uint32_t k = 0; k < keep->n; k++)
+        if (keep->ints[k] == cap)
+            return true;
+    return false;
+}
+
+static void drop_bounding_set(const struct arg *keep)
+{
+    const char *path = "/proc/sys/kernel/cap_last_cap";
+    char text[16] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    CHECK(fd, "", path);
+    CHECK(read(fd, text, sizeof text - 1), "", path);
+    close(fd);
+    int last = atoi(text);
+    for (int cap = 0; cap <= last; cap++) {
+        if (kept(keep, cap))
+            continue;
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+            int error = errno;
+            char prefix[64];
+            snprintf(prefix, sizeof prefix, "prctl(PR_CAPBSET_DROP, %d): ", cap);
+            fail_errno(prefix, error, "");
+        }
+    }
+}
+
+static void keep_only_capabilities(const struct arg *keep)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2] = {{0}};
+    for (uint32_t k = 0; k < keep->n; k++) {
+        int64_t cap = keep->ints[k];
+        if (cap < 0 || cap >= 64)
+            malformed();
+        data[cap / 32].effective |= 1u << (cap % 32);
+    }
+    for (int word = 0; word < 2; word++)
+        data[word].permitted = data[word].inheritable = data[word].effective;
+    CHECK(syscall(SYS_capset, &header, data), "capset: ", "");
+    for (uint32_t k = 0; k < keep->n; k++) { /* sorted by the compiler */
+        if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, keep->ints[k], 0, 0) < 0) {
+            int error = errno;
+            char prefix[64];
+            snprintf(prefix, sizeof prefix, "prctl(PR_CAP_AMBIENT_RAISE, %d): ", (int)keep->ints[k]);
+            fail_errno(prefix, error, "");
+        }
+    }
+}
+
+static struct sock_fprog filter_of(const struct arg *program)
+{
+    struct sock_fprog fprog = {(unsigned short)(program->n / 8), malloc(program->n + 8)};
+    if (!fprog.filter)
+        _exit(EXIT_UNEXPECTED);
+    memcpy(fprog.filter, program->bytes, program->n); /* aligned for the kernel */
+    return fprog;
+}
+
+static void close_others(int low, int a, int b)
+{
+    int keep[2] = {a < b ? a : b, a < b ? b : a};
+    int ranges[3][2] = {{low, keep[0]}, {keep[0] + 1, keep[1]}, {keep[1] + 1, 1 << 20}};
+    for (int k = 0; k < 3; k++) { /* os.closerange(low, high): low .. high - 1 */
+        if (ranges[k][0] >= ranges[k][1])
+            continue;
+        if (syscall(SYS_close_range, ranges[k][0], ranges[k][1] - 1, 0) < 0)
+            for (int fd = ranges[k][0]; fd < ranges[k][1]; fd++)
+                close(fd);
+    }
+}
+
+static void report_executing(int listener)
+{
+    struct timespec now;
+    char json[96];
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int n = snprintf(json, sizeof json, "{\"type\":\"executing\",\"arg\":{\"exec_ns\":%lld}}", (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+    if (listener < 0) {
+        if (send(channel, json, (size_t)n, MSG_NOSIGNAL) < 0) {
+            /* a reader that is gone changes nothing: the exec goes on */
+        }
+        return;
+    }
+    union {
+        char buffer[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control = {{0}};
+    struct iovec iov = {json, (size_t)n};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cmsg), &listener, sizeof(int));
+    CHECK(sendmsg(channel, &msg, MSG_NOSIGNAL), "", "");
+}
+
+/* bind_inside, tmpfs_inside: after pivot_root, at the realpath of the target (a symlink on the
+ * way is followed inside the sandbox); one that leads under `refuse_under` is refused. */
+static void mount_inside(const struct op *op, bool bind)
+{
+    const char *target = S(op, 0), *refuse_under = S(op, bind ? 4 : 2);
+    char real[PATH_BUF];
+    realpath_of(target, real);
+    size_t n = strlen(refuse_under);
+    if (n && strncmp(real, refuse_under, n) == 0 && (real[n] == 0 || real[n] == '/')) {
+        char detail[PATH_BUF + 64];
+        snprintf(detail, sizeof detail, "leads out of the sandbox through a symlink (%s)", target);
+        fail_with(detail, target, EXIT_SETUP_FAILED);
+    }
+    if (!bind) {
+        ensure_mountpoint(real, true);
+        CHECK(mount("tmpfs", real, "tmpfs", MS_NOSUID | MS_NODEV, S(op, 1)), "mount: ", real);
+        return;
+    }
+    int tree = FD(op, 1);
+    ensure_mountpoint(real, I(op, 3) != 0);
+    CHECK(syscall(SYS_move_mount, tree, "", AT_FDCWD, real, SBD_MOVE_MOUNT_F_EMPTY_PATH), "move_mount: ", real);
+    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, SBD_MOUNT_ATTR_RDONLY, 0, 0};
+    if (I(op, 2))
+        attr = (struct mount_attr_arg){SBD_MOUNT_ATTR_RDONLY | SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, 0, 0, 0};
+    CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, AT_RECURSIVE, &attr, sizeof attr), "mount_setattr: ", real);
+    CHECK(close(tree), "", "");
+}
+
+/* ── one op ── */
+
+static long run(const struct op *op)
+{
+    long r = 0;
+    switch ((enum call)op->call) {
+    case C_RESET_SIGNALS: reset_signals(); break;
+    case C_WRITE: CHECK(write(FD(op, 0), op->args[1].bytes, op->args[1].n), "", ""); break;
+    case C_CLOSE: CHECK(close(FD(op, 0)), "", ""); break;
+    case C_SETNS: CHECK(setns(FD(op, 0), (int)I(op, 1)), "setns: ", ""); break;
+    case C_UNSHARE: CHECK(unshare((int)I(op, 0)), "unshare: ", ""); break;
+    case C_SETSID: CHECK(setsid(), "", ""); break;
+    case C_SETHOSTNAME: CHECK(sethostname(S(op, 0), strlen(S(op, 0))), "", ""); break;
+    case C_LOOPBACK_UP: loopback_up(); break;
+    case C_PRCTL: CHECK(prctl((int)I(op, 0), (unsigned long)I(op, 1), 0, 0, 0), "prctl: ", ""); break;
+    case C_SETGROUPS: {
+        gid_t groups[64];
+        uint32_t n = op->args[0].n < 64 ? op->args[0].n : 64;
+        for (uint32_t k = 0; k < n; k++)
+            groups[k] = (gid_t)op->args[0].ints[k];
+        CHECK(setgroups(n, groups), "", "");
+        break;
+    }
+    case C_SETRESGID: CHECK(setresgid((gid_t)I(op, 0), (gid_t)I(op, 1), (gid_t)I(op, 2)), "", ""); break;
+    case C_SETRESUID: CHECK(setresuid((uid_t)I(op, 0), (uid_t)I(op, 1), (uid_t)I(op, 2)), "", ""); break;
+    case C_SETGID: CHECK(setgid((gid_t)I(op, 0)), "", ""); break;
+    case C_SETUID: CHECK(setuid((uid_t)I(op, 0)), "", ""); break;
+    case C_DROP_BOUNDING_SET: drop_bounding_set(&op->args[0]); break;
+    case C_KEEP_ONLY_CAPABILITIES: keep_only_capabilities(&op->args[0]); break;
+    case C_INSTALL_SECCOMP: {
+        struct sock_fprog fprog = filter_of(&op->args[0]);
+        CHECK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0), "prctl(PR_SET_SECCOMP): ", "");
+        break;
+    }
+    case C_INSTALL_SECCOMP_LISTENER: {
+        struct sock_fprog fprog = filter_of(&op->args[0]);
+        r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog);
+        CHECK(r, "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER): ", "");
+        break;
+    }
+    case C_OPEN: r = open(S(op, 0), (int)I(op, 1)); CHECK(r, "", S(op, 0)); break;
+    case C_DUP_ABOVE: r = fcntl(FD(op, 0), F_DUPFD_CLOEXEC, (int)I(op, 1)); CHECK(r, "", ""); break;
+    case C_DUP2: CHECK(dup2(FD(op, 0), (int)I(op, 1)), "", ""); break;
+    case C_CLOSE_OTHERS: close_others((int)I(op, 0), FD(op, 1), FD(op, 2)); break;
+    case C_MOUNT: CHECK(mount(S(op, 0), S(op, 1), S(op, 2), (unsigned long)I(op, 3), S(op, 4)), "mount: ", S(op, 1)); break;
+    case C_UMOUNT2: CHECK(umount2(S(op, 0), (int)I(op, 1)), "umount2: ", S(op, 0)); break;
+    case C_MOUNT_SETATTR: {
+        struct mount_attr_arg attr = {(uint64_t)I(op, 1), (uint64_t)I(op, 2), 0, 0};
+        long result = syscall(SYS_mount_setattr, AT_FDCWD, S(op, 0), I(op, 3) ? AT_RECURSIVE : 0, &attr, sizeof attr);
+        CHECK(result, "mount_setattr: ", S(op, 0));
+        break;
+    }
+    case C_MOVE_MOUNT:
+        CHECK(syscall(SYS_move_mount, FD(op, 0), "", AT_FDCWD, S(op, 1), SBD_MOVE_MOUNT_F_EMPTY_PATH), "move_mount: ", S(op, 1));
+        break;
+    case C_PIVOT_ROOT: CHECK(syscall(SYS_pivot_root, S(op, 0), S(op, 1)), "pivot_root: ", S(op, 0)); break;
+    case C_CHDIR: CHECK(chdir(S(op, 0)), "", S(op, 0)); break;
+    case C_MKDIR: CHECK(mkdir(S(op, 0), (mode_t)I(op, 1)), "", S(op, 0)); break;
+    case C_MAKEDIRS: makedirs(S(op, 0), (mode_t)I(op, 1)); break;
+    case C_CREATE_FILE: {
+        int fd = open(S(op, 0), O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+        CHECK(fd, "", S(op, 0));
+        close(fd);
+        break;
+    }
+    case C_SYMLINK: CHECK(symlink(S(op, 0), S(op, 1)), "", S(op, 0)); break; /* os.symlink's error names its target */
+    case C_RMDIR: CHECK(rmdir(S(op, 0)), "", S(op, 0)); break;
+    case C_FAIL: {
+        char detail[PATH_BUF * 2];
+        snprintf(detail, sizeof detail, *S(op, 2) ? "%s (%s)" : "%s", S(op, 1), S(op, 2));
+        fail_with(detail, S(op, 2), EXIT_SETUP_FAILED);
+    }
+    case C_BIND_INSIDE: mount_inside(op, true); break;
+    case C_TMPFS_INSIDE: mount_inside(op, false); break;
+    case C_REPORT_EXECUTING: report_executing(-1); break;
+    case C_REPORT_EXECUTING_WITH: report_executing(FD(op, 0)); break;
+    case C_EXECVE:
+        if (op->args[1].tag != 'S' || op->args[2].tag != 'S')
+            malformed();
+        syscall(SYS_execveat, FD(op, 0), "", op->args[1].strs, op->args[2].strs, AT_EMPTY_PATH);
+        fail_errno("", errno, "");
+    case C_COUNT: malformed();
+    }
+    return r;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 4) {
+        fprintf(stderr, "usage: sbd-setup PROGRAM_FD CHANNEL_FD SYSFS_FD (run by sandboxd's fork server)\n");
+        return EXIT_UNEXPECTED;
+    }
+    int program_fd = atoi(argv[1]);
+    channel = atoi(argv[2]);
+    size_t length;
+    uint8_t *data = read_all(program_fd, &length);
+    close(program_fd);
+    struct reader r = {data, data + length};
+    if (memcmp(take(&r, 4), "SBD1", 4) != 0)
+        malformed();
+    uint32_t count = (uint32_t)take_le(&r, 4);
+    int lowest = (int32_t)take_le(&r, 4);
+    if (count > length)
+        malformed();
+    struct op *ops = calloc((size_t)count + 1, sizeof *ops);
+    if (!ops)
+        return EXIT_UNEXPECTED;
+    for (uint32_t k = 0; k < count; k++)
+        read_op(&r, &ops[k]);
+    int moved = fcntl(channel, F_DUPFD_CLOEXEC, lowest); /* clear of the service's fds 3.. */
+    if (moved < 0)
+        fail_errno("", errno, "");
+    close(channel);
+    channel = moved;
+    for (int k = 0; k < MAX_REGISTERS; k++)
+        registers[k] = -1;
+    registers[0] = channel;
+    registers[1] = atoi(argv[3]);
+    for (uint32_t k = 0; k < count; k++) {
+        current = &ops[k];
+        step = ops[k].step;
+        bool go = true;
+        for (int g = 0; g < ops[k].nguards && go; g++)
+            go = holds(&ops[k].guards[g]);
+        if (!go)
+            continue;
+        long result = run(&ops[k]);
+        if (ops[k].into >= 0)
+            registers[ops[k].into] = (int)result;
+        if (ops[k].mark >= 0)
+            marks |= 1ull << ops[k].mark;
+    }
+    fail_with("the set-up program ended without an exec", "", EXIT_UNEXPECTED);
+}

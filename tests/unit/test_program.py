@@ -1,0 +1,203 @@
+"""The set-up program: its ops, their encoding for the C interpreter, its guards, and what the
+child needs before it can run one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sandboxd.errors import HostError
+from sandboxd.kernel import abi
+from sandboxd.kernel.fake import ProcessEnded, RecordingKernel
+from sandboxd.plan.launch import LaunchPlan, MountOp
+from sandboxd.sandbox import handle
+from sandboxd.sandbox.child import SETUP_BINARY
+from sandboxd.sandbox.confine import Step, failure
+from sandboxd.sandbox.ops import CALLS, GUARD_TESTS, Guard, Op, OpRecorder, encode, encode_op, register
+from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch
+from sandboxd.sandbox.protocol import Executing, LaunchSandbox, SetupFailed, decode_status
+from sandboxd.sandbox.protocol import encode as protocol_encode
+from sandboxd.sandbox.reference import run_program
+
+SOURCE = Path(__file__).parents[2] / "sandboxd" / "sandbox" / "setup" / "sbd-setup.c"
+
+
+def launch(**fields: object) -> LaunchSandbox:
+    mounts = (MountOp("rbind-root", "/", "/", options="in-place"), MountOp("proc", "/proc"))
+    plan = dict(service="svc", argv=("/init", "--", "/bin/serve"), env=(("A", "b=c"),), hostname="svc", workdir="/", clone_flags=abi.CLONE_NEWNS, mounts=mounts, fd_names=())
+    plan.update(fields)
+    return LaunchSandbox(1, LaunchPlan(**plan), "/sys/fs/cgroup/x", (), "/run/x/root", False, 0)  # type: ignore[arg-type]
+
+
+def test_the_interpreter_numbers_the_calls_and_guards_as_the_compiler_does() -> None:
+    text = SOURCE.read_text()
+    calls = re.search(r"enum call \{(.*?)\};", text, re.S)
+    tests = re.search(r"enum test \{(.*?)\};", text, re.S)
+    assert calls and tests
+    assert [name.strip() for name in calls[1].split(",")] == [f"C_{name.upper()}" for name in CALLS] + ["C_COUNT"]
+    assert [name.strip() for name in tests[1].split(",")] == [f"G_{name.upper().replace('-', '_')}" for name in GUARD_TESTS] + ["G_COUNT"]
+
+
+def test_an_op_is_one_length_prefixed_record() -> None:
+    op = Op("mount proc on /proc", "umount2", ("/proc", abi.MNT_DETACH), (Guard("own-mount", "/proc"),), (errno.EINVAL,))
+    data = encode_op(op)
+    (length, call, into, mark, guards, tolerated, args) = struct.unpack_from("<IHhhBBB", data)
+    assert (length, call, into, mark, guards, tolerated, args) == (len(data), list(CALLS).index("umount2"), -1, -1, 1, 1, 2)
+    assert data[13:17] == struct.pack("<I", len(op.step)) and data[17 : 17 + len(op.step) + 1] == op.step.encode() + b"\0"
+    assert data.endswith(b"s" + struct.pack("<I", 5) + b"/proc\0" + b"i" + struct.pack("<q", abi.MNT_DETACH))
+    program = encode([op, op], 4)
+    assert program[:12] == b"SBD1" + struct.pack("<Ii", 2, 4) and program[12:] == data + data
+
+
+def test_an_op_with_the_wrong_arguments_or_a_nul_byte_is_refused() -> None:
+    with pytest.raises(TypeError):
+        encode_op(Op("x", "mount", ("/proc",)))
+    with pytest.raises(ValueError, match="null byte"):
+        encode_op(Op("x", "chdir", ("/a\0b",)))
+
+
+def test_the_recorder_gives_results_registers_and_ops_their_guards() -> None:
+    k = OpRecorder()
+    k.name = "set up descriptors"
+    first = k.dup_above(5, 100)
+    with k.when(Guard("absent", "/x")), k.tolerating(errno.EPERM):
+        k.mkdir("/x")
+    k.close(first)
+    assert first == register(2) == -3
+    assert k.ops[1] == Op("set up descriptors", "mkdir", ("/x", 0o777), (Guard("absent", "/x"),), (errno.EPERM,))
+    assert k.ops[2].guards == () and k.ops[2].args == (first,)
+
+
+def test_the_compiled_program_ends_with_the_report_and_the_exec_of_the_sealed_init() -> None:
+    ops = compile_launch(launch(), Descriptors(5, (6,), 80), Trees(), HostView())
+    assert [op.call for op in ops[-2:]] == ["report_executing", "execve"]
+    assert ops[-1].step == "execute /bin/serve"
+    assert ops[-1].args[1:] == (("/init", "--", "/bin/serve"), ("A=b=c",))
+    assert ops[0].call == "reset_signals"
+    assert all(op.call in CALLS for op in ops)
+
+
+def test_a_guard_skips_its_op_and_a_tolerated_errno_is_no_failure() -> None:
+    fake = RecordingKernel(["/proc/"], mount_points=["/proc"])
+    fake.fail("umount2", "/proc", errno.EINVAL)
+    ops = [
+        Op("a", "mkdir", ("/proc", 0o755), (Guard("absent", "/proc"),)),
+        Op("b", "umount2", ("/proc", 2), (Guard("own-mount", "/proc"),), (errno.EINVAL,)),
+        Op("c", "mkdir", ("/new", 0o755), (Guard("absent", "/new"),), mark=0),
+        Op("d", "rmdir", ("/new",), (Guard("marked", mark=0),)),
+        Op("e", "rmdir", ("/never",), (Guard("marked", mark=1),)),
+        Op("f", "execve", (3, ("x",), ()), ()),
+    ]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as unused, pytest.raises(ProcessEnded):
+        run_program(fake, ops, unused, {})
+    assert fake.calls == [("umount2", "/proc", 2), ("mkdir", "/new", 0o755), ("rmdir", "/new"), ("execve", 3, ["x"], {})]
+
+
+def test_a_failing_op_reports_its_step_and_path_and_exits_127() -> None:
+    fake = RecordingKernel(["/run/"])
+    ops = [Op("mount image-root on /", "fail", (errno.ELOOP, "is a symlink in the image", "/run"), (Guard("dir", "/run"),))]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        with pytest.raises(ProcessEnded) as ended:
+            run_program(fake, ops, theirs, {})
+        assert ended.value.code == 127
+        assert decode_status(ours.recv(4096)) == SetupFailed("mount image-root on /", "is a symlink in the image (/run)", "/run", 127)
+
+
+def test_without_the_set_up_interpreter_sandboxd_says_to_run_scripts_install(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(handle, "SETUP_BINARY", tmp_path / "sbd-setup")
+    with pytest.raises(HostError) as error:
+        handle.ForkServer.start()
+    assert "set-up interpreter" in str(error.value) and "scripts/install" in error.value.hint
+
+
+# ── the compiled interpreter itself, run without privileges on ops that need none ──
+
+needs_binary = pytest.mark.skipif(
+    not os.access(SETUP_BINARY, os.X_OK) and not os.environ.get("CI"), reason="sbd-setup is not built (scripts/test builds it)"
+)
+
+
+def interpreted(ops: list[Op], fds: tuple[int, ...] = ()) -> tuple[int, bytes]:
+    """Run `ops` with the built interpreter; its exit code and what it said on the channel."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_end, write_end = os.pipe()
+    os.write(write_end, encode(ops, 3))
+    os.close(write_end)
+    with ours, theirs:
+        done = subprocess.run([str(SETUP_BINARY), str(read_end), str(theirs.fileno()), "-1"], pass_fds=(read_end, theirs.fileno(), *fds), timeout=30)
+        os.close(read_end)
+        theirs.close()
+        said = ours.recv(1 << 16)
+    return done.returncode, said
+
+
+def python_failure(step: str, call: Callable[[], object]) -> bytes:
+    """What the Python set-up reported when `call` failed in `step`."""
+    with pytest.raises(OSError) as raised:
+        call()
+    return protocol_encode(failure(Step(step), raised.value, 127))
+
+
+@needs_binary
+def test_the_interpreter_writes_a_failure_byte_for_byte_as_the_python_codec() -> None:
+    step = 'bind "/srv/é 𝄞" on /x\\y\t\x7f'
+    code, said = interpreted([Op(step, "fail", (errno.ELOOP, "is a symlink\n", "/run/é"))])
+    assert code == 127
+    assert said == protocol_encode(SetupFailed(step, "is a symlink\n (/run/é)", "/run/é", 127))
+
+
+@needs_binary
+def test_the_interpreter_names_the_errno_and_path_as_the_python_calls_did(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    missing, below_file = str(tmp_path / "absent" / "x"), str(tmp_path / "file" / "x" / "y")
+    assert interpreted([Op("change directory to x", "chdir", (missing,))])[1] == python_failure("change directory to x", lambda: os.chdir(missing))
+    assert interpreted([Op("s", "makedirs", (below_file, 0o777))])[1] == python_failure("s", lambda: os.makedirs(below_file, exist_ok=True))
+    assert interpreted([Op("s", "mkdir", (missing, 0o777))])[1] == python_failure("s", lambda: os.mkdir(missing))
+    assert interpreted([Op("s", "symlink", ("target", missing))])[1] == python_failure("s", lambda: os.symlink("target", missing))
+
+
+@needs_binary
+def test_the_interpreter_follows_symlinks_inside_as_realpath_does_and_refuses_the_old_root(tmp_path: Path) -> None:
+    (tmp_path / "old" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to("old/sub")
+    (tmp_path / "loop").symlink_to("loop")
+    target = str(tmp_path / "link" / "a")
+    code, said = interpreted([Op("bind /src on /data", "bind_inside", (target, -1, 1, 1, str(tmp_path / "old")))])
+    assert (code, said) == (127, protocol_encode(SetupFailed("bind /src on /data", f"leads out of the sandbox through a symlink ({target})", target, 127)))
+    where = tmp_path / "link" / ".." / "link" / "b"
+    real = os.path.realpath(where)
+    code, said = interpreted([Op("s", "bind_inside", (str(where), -1, 1, 1, "/nowhere"))])
+    message = decode_status(said)  # the mount point made where realpath leads, the move of no tree refused there
+    assert isinstance(message, SetupFailed) and message.path == real and message.detail.startswith("move_mount: ")
+    # A symlink loop is left as it is (realpath, not strict); its mount point cannot be made (os.makedirs's error).
+    loop = tmp_path / "loop"
+    code, said = interpreted([Op("s", "bind_inside", (str(loop / "c"), -1, 1, 1, "/nowhere"))])
+    assert said == python_failure("s", lambda: os.makedirs(os.path.realpath(loop / "c").rsplit("/", 1)[0], exist_ok=True))
+
+
+@needs_binary
+def test_the_interpreter_skips_a_guarded_op_reports_executing_and_executes(tmp_path: Path) -> None:
+    made = tmp_path / "made"
+    program = os.open("/bin/true", os.O_RDONLY | os.O_CLOEXEC)
+    os.set_inheritable(program, True)
+    try:
+        ops = [
+            Op("a", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),
+            Op("b", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),  # skipped: made by a
+            Op("c", "report_executing"),
+            Op("execute /bin/true", "execve", (program, ("true",), ("A=1",))),
+        ]
+        code, said = interpreted(ops, (program,))
+    finally:
+        os.close(program)
+    assert code == 0 and made.is_dir()
+    assert isinstance(decode_status(said), Executing)

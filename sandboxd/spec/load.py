@@ -5,7 +5,9 @@ each naming file, line and key. In order:
 
     the folder      its *.yaml / *.yml files; the folder and each file must be changeable by root
                     alone (trust.py), or what they say does not count
-    each file       its YAML documents, read as nodes (nodes.py), so a problem can name its line;
+    each file       its YAML documents, read as nodes (nodes.py), so a problem can name its line; a
+                    file none of whose documents looks like a unit (`kind`, a typo of it, `command`
+                    or `listen`) is not a unit file and is skipped (an app's config kept beside);
                     `${VAR}` in their values interpolated (interpolate.py) from the environment
                     and the folder's `.env`, a service's `env_file:` read into its environment
                     (envfile.py)
@@ -19,6 +21,7 @@ Reading the files (spec files, `.env` and env files), checking who may change th
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,7 +57,7 @@ def load_stack(folder: Path, variables: Mapping[str, str] | None = None) -> Stac
         errors += _load_file(file, found, variables)
     errors += check_units(found)
     if not found and not errors:
-        errors.append(SpecError(root, 0, "", "no units in this folder: every spec file is empty"))
+        errors.append(SpecError(root, 0, "", "no units in this folder: no YAML file in it holds a unit (a document with kind:)"))
     if errors:
         raise SpecErrors(errors)
     units = sorted((f.unit for f in found if f.unit is not None), key=lambda unit: unit.name)
@@ -135,6 +138,8 @@ def _load_file(file: Path, found: list[Found], variables: Mapping[str, str]) -> 
     except yaml.YAMLError as error:
         return [SpecError(file, 0, "", f"invalid YAML: {str(error).splitlines()[0]}")]
     documents = [node for node in documents if node.tag != "tag:yaml.org,2002:null"]
+    if not any(_looks_like_a_unit(node) for node in documents):
+        return []  # another file kept beside the specs (an app's config.yaml): not a unit file
     interpolation = interpolate(documents, variables)
     errors = [error for node in documents for error in resolve_environment(node, file, variables, interpolation, _distrusted)]
     problems: list[Problem] = []
@@ -150,6 +155,22 @@ def _load_file(file: Path, found: list[Found], variables: Mapping[str, str]) -> 
             problems += _load_unit(node, kind, file, kinds.count(kind), found)
     problems = interpolation.problems + interpolation.others(problems)
     return errors + [SpecError(file, line_of(node), key.lstrip("."), message) for node, key, message in problems]
+
+
+UNIT_KEYS = ("command", "listen")  # what a service and a socket cannot be without
+
+
+def _looks_like_a_unit(node: Node) -> bool:
+    """Whether a document is meant as a unit: a mapping with `kind`, with a key one typo away from
+    it (`Kind`, `kidn`), or with `command` or `listen`; or a list of such (a unit written as a
+    list item by mistake). A file none of whose documents is, is not a unit file and is left
+    alone; in one that is, every document must be a unit."""
+    if isinstance(node, SequenceNode):
+        return any(_looks_like_a_unit(item) for item in node.value)
+    if not isinstance(node, MappingNode):
+        return False
+    keys = [key.value for key, _ in node.value if isinstance(key.value, str)]
+    return any(key in UNIT_KEYS or key.lower() == "kind" or difflib.get_close_matches(key.lower(), ["kind"], cutoff=0.7) for key in keys)
 
 
 def _kind(node: Node) -> str:

@@ -67,7 +67,11 @@ def log_json(stamp: str, name: str, text: str) -> LogLine:
 
 
 def _check_readable(directory: Path, stack: str) -> None:
-    if os.geteuid() != 0 and not os.access(directory, os.R_OK | os.X_OK):
+    """Refuse in one line, before any is read, if the stack's log files are not readable here."""
+    if os.geteuid() == 0:
+        return
+    readable = os.access(directory, os.R_OK | os.X_OK) and all(os.access(path, os.R_OK) for path in directory.glob("*.log"))
+    if not readable:
         raise HostError(f"the logs of stack {stack!r} are readable by root only; run: sudo sandboxd logs -p {stack}")
 
 

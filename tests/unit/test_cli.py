@@ -178,3 +178,10 @@ def test_since_is_parsed_when_the_command_line_is(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["logs", "--since", "soon"])
     assert e.value.code == 2 and "expected a duration or a time" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("count", "text"), [(0, "0 services"), (1, "1 service"), (2, "2 services")])
+def test_counts_take_the_noun_in_their_number(count: int, text: str) -> None:
+    from sandboxd.daemon.summary import counted
+
+    assert counted(count, "service") == text

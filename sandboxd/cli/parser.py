@@ -25,7 +25,11 @@ STACK_HELP = "the stack's name (default: the one stack running)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sandboxd", description="Run isolated services with sockets bound by sandboxd.")
+    parser = argparse.ArgumentParser(
+        prog="sandboxd",
+        description="Run isolated services with sockets bound by sandboxd. Every verb that reports takes --json "
+        "(logs and stats: one object a line); sandboxd VERB --help says what each option does.",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     _add_up(verbs)
@@ -61,6 +65,7 @@ def _add_service_verbs(verbs: Verbs) -> None:
         ps.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all)")
         _add_stack(ps)
         _add_json(ps, "print the status as JSON (the stack and each service's state, pid, reason, sockets)")
+        ps.add_argument("--services", dest="services_only", action="store_true", help="print only the services' names, one a line (as compose's ps --services)")
         ps.set_defaults(func=cmd_ps)
     for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
         control = verbs.add_parser(verb, help=f"{text} (no SERVICE: every service of the stack)")
@@ -120,7 +125,7 @@ def _add_logs_and_stats(verbs: Verbs) -> None:
     logs.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines (after --since and --until)")
     _add_json(logs, "one JSON object a line: time, service, text")
     logs.set_defaults(func=cmd_logs)
-    stats = verbs.add_parser("stats", help="resource use of a running stack's services: CPU %%, memory, processes, I/O and network bytes")
+    stats = verbs.add_parser("stats", help="resource use of a running stack's services: CPU share, memory, processes, I/O and network bytes")
     stats.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all)")
     _add_stack(stats)
     stats.add_argument("--once", "--no-stream", action="store_true", help="print one sample (measured over one interval) and exit")

@@ -46,7 +46,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
     from sandboxd.cli.client import choose_stack, request
 
     status = request(choose_stack(args.project_name), {"cmd": "status", "services": args.services})
-    if args.json:
+    if args.services_only:
+        print("".join(f"{svc['name']}\n" for svc in status["services"]), end="")
+    elif args.json:
         print(json.dumps({key: value for key, value in status.items() if key != "ok"}, indent=2))
     else:
         print_status(status, sys.stdout)

@@ -92,7 +92,7 @@ def _spec_files(folder: Path) -> list[Path]:
 def _load_file(file: Path, found: list[Found]) -> list[SpecError]:
     """Append the units of `file` to `found`; return its problems."""
     try:
-        documents = list(yaml.compose_all(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+        documents = _compose(file.read_text(encoding="utf-8"))
     except OSError as error:
         return [SpecError(file, 0, "", f"cannot read the file: {error.strerror}")]
     except UnicodeDecodeError as error:
@@ -115,6 +115,22 @@ def _load_file(file: Path, found: list[Found]) -> list[SpecError]:
         if kind is not None and isinstance(node, MappingNode):
             problems += _load_unit(node, kind, file, kinds.count(kind), found)
     return [SpecError(file, line_of(node), key.lstrip("."), message) for node, key, message in problems]
+
+
+# libyaml's parser, where PyYAML was built with it: the same nodes, 20 times faster than the
+# pure-Python one. A file it finds fault with is read again by the pure-Python parser, so that
+# what a user is told about invalid YAML stays word for word the same.
+_FAST_LOADER: type[yaml.SafeLoader] | None = getattr(yaml, "CSafeLoader", None)
+
+
+def _compose(text: str) -> list[Node]:
+    """The YAML documents of `text`, as nodes (raises yaml.YAMLError as the pure-Python parser does)."""
+    if _FAST_LOADER is not None:
+        try:
+            return list(yaml.compose_all(text, Loader=_FAST_LOADER))
+        except yaml.YAMLError:
+            pass
+    return list(yaml.compose_all(text, Loader=yaml.SafeLoader))
 
 
 def _kind(node: Node) -> str:

@@ -109,6 +109,9 @@ class HybridCgroups(CgroupManager):
                 writes.append((cgroup.v1[controller] / file, values[limit]))
         return writes
 
+    def _v1_stack_dirs(self) -> list[Path]:
+        return [self.host.v1_stack_dir(controller, self.instance_path.name) for controller in self.host.v1]
+
     def _v1_dirs(self) -> list[Path]:
         instance = self.instance_path.name
         return [path for controller in self.host.v1 for path in (self.host.v1_stack_dir(controller, instance), self.host.v1[controller] / SANDBOXD)]

@@ -231,6 +231,8 @@ def to_wire(value: object) -> Wire:
     """A dataclass as a JSON object of its fields, recursively; tuples and lists as arrays."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if type(value) is LaunchPlan:
+        return _plan_wire(value)
     if isinstance(value, tuple | list):
         return [to_wire(item) for item in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -244,6 +246,24 @@ def from_wire(cls: type[T], wire: Wire) -> T:
     value = _decoder(hint)(wire)
     assert isinstance(value, cls)
     return value
+
+
+# The wire form of the plans encoded lately, by identity. A plan is frozen and a service's is
+# sent unchanged at every launch; walking it is most of the work of encoding a launch request.
+# Each entry holds its plan, so no other object can take its id while it is here.
+_PLAN_WIRES: dict[int, tuple[LaunchPlan, Wire]] = {}
+_PLAN_WIRES_MAX = 4096
+
+
+def _plan_wire(plan: LaunchPlan) -> Wire:
+    known = _PLAN_WIRES.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    if len(_PLAN_WIRES) >= _PLAN_WIRES_MAX:
+        _PLAN_WIRES.clear()
+    wire: Wire = {name: to_wire(getattr(plan, name)) for name in _field_names(LaunchPlan)}
+    _PLAN_WIRES[id(plan)] = (plan, wire)
+    return wire
 
 
 @functools.cache

@@ -183,7 +183,17 @@ _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
 def encode(message: Request | Reply | Status) -> bytes:
+    if type(message) is LaunchSandbox:
+        return _encode_launch(message)
     return json.dumps({"type": _KIND_OF[type(message)], "arg": to_wire(message)}, separators=(",", ":")).encode()
+
+
+def _encode_launch(message: LaunchSandbox) -> bytes:
+    """A LaunchSandbox as encode makes any message, its plan's JSON text put in as _plan_text
+    kept it (the object `plan` last among the fields)."""
+    rest = {name: to_wire(getattr(message, name)) for name, _form in _wire_forms(LaunchSandbox) if name != "plan"}
+    head = json.dumps({"type": "launch", "arg": rest}, separators=(",", ":"))
+    return f'{head[:-2]},"plan":{_plan_text(message.plan)}}}}}'.encode()
 
 
 def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
@@ -231,13 +241,45 @@ def to_wire(value: object) -> Wire:
     """A dataclass as a JSON object of its fields, recursively; tuples and lists as arrays."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    if type(value) is LaunchPlan:
-        return _plan_wire(value)
     if isinstance(value, tuple | list):
         return [to_wire(item) for item in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {name: to_wire(getattr(value, name)) for name in _field_names(type(value))}
+        return _dataclass_wire(value)
     raise TypeError(f"{type(value).__name__} has no wire form")
+
+
+def _dataclass_wire(value: object) -> Wire:
+    cls: type = type(value)
+    wire: dict[str, Wire] = {}
+    for name, form in _wire_forms(cls):
+        item = getattr(value, name)
+        # What its hint says is a scalar, or a tuple of scalars, goes as it is: no call per value.
+        if form is _AS_IS and type(item) in _WIRE_SCALARS:
+            wire[name] = item
+        elif form is _SCALARS_LIST and type(item) is tuple and all(type(v) in _WIRE_SCALARS for v in item):
+            wire[name] = list(item)
+        else:
+            wire[name] = to_wire(item)
+    return wire
+
+
+_AS_IS, _SCALARS_LIST, _WALKED = "as is", "list of scalars", "walked"
+_WIRE_SCALARS = frozenset((int, str, bool, float, type(None)))
+
+
+@functools.cache
+def _wire_forms(cls: type) -> tuple[tuple[str, str], ...]:
+    """Each field of dataclass `cls` with how its value goes on the wire, by its type hint."""
+    hints = typing.get_type_hints(cls)
+    forms = []
+    for f in dataclasses.fields(cls):
+        hint, form = hints[f.name], _WALKED
+        if hint in _SCALARS or typing.get_origin(hint) is Literal:
+            form = _AS_IS
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,) and typing.get_args(hint)[0] in _SCALARS:
+            form = _SCALARS_LIST
+        forms.append((f.name, form))
+    return tuple(forms)
 
 
 def from_wire(cls: type[T], wire: Wire) -> T:
@@ -248,27 +290,22 @@ def from_wire(cls: type[T], wire: Wire) -> T:
     return value
 
 
-# The wire form of the plans encoded lately, by identity. A plan is frozen and a service's is
-# sent unchanged at every launch; walking it is most of the work of encoding a launch request.
-# Each entry holds its plan, so no other object can take its id while it is here.
-_PLAN_WIRES: dict[int, tuple[LaunchPlan, Wire]] = {}
-_PLAN_WIRES_MAX = 4096
+# The JSON text of the plans encoded lately, by identity. A plan is frozen and a service's is
+# sent unchanged at every launch (every connection's, in accept mode); encoding it is most of the
+# work of a launch request. Each entry holds its plan, so no other object takes its id meanwhile.
+_PLAN_TEXTS: dict[int, tuple[LaunchPlan, str]] = {}
+_PLAN_TEXTS_MAX = 4096
 
 
-def _plan_wire(plan: LaunchPlan) -> Wire:
-    known = _PLAN_WIRES.get(id(plan))
+def _plan_text(plan: LaunchPlan) -> str:
+    known = _PLAN_TEXTS.get(id(plan))
     if known is not None and known[0] is plan:
         return known[1]
-    if len(_PLAN_WIRES) >= _PLAN_WIRES_MAX:
-        _PLAN_WIRES.clear()
-    wire: Wire = {name: to_wire(getattr(plan, name)) for name in _field_names(LaunchPlan)}
-    _PLAN_WIRES[id(plan)] = (plan, wire)
-    return wire
-
-
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    if len(_PLAN_TEXTS) >= _PLAN_TEXTS_MAX:
+        _PLAN_TEXTS.clear()
+    text = json.dumps(to_wire(plan), separators=(",", ":"))
+    _PLAN_TEXTS[id(plan)] = (plan, text)
+    return text
 
 
 Decoder = Callable[[Wire], object]

@@ -39,7 +39,7 @@ def load_stack(folder: Path) -> Stack:
     if (distrusted := _distrusted(root, "this spec folder")) is not None:
         raise SpecErrors([distrusted])  # what its files say does not count
     for file in files:
-        if (distrusted := _distrusted(file, "this spec file")) is not None:
+        if (distrusted := _distrusted(file, "this spec file", checked=root)) is not None:
             errors.append(distrusted)
             continue
         errors += _load_file(file, found)
@@ -55,12 +55,13 @@ def load_stack(folder: Path) -> Stack:
     return Stack(root, root.name, services, sockets, networks, tuple(unit for unit in units if isinstance(unit, Volume)))
 
 
-def _distrusted(path: Path, what: str) -> SpecError | None:
+def _distrusted(path: Path, what: str, checked: Path | None = None) -> SpecError | None:
     """A spec folder says what runs as root with which host paths: only root may be able to
-    change it, or its files, or a folder above them (trust.py)."""
+    change it, or its files, or a folder above them (trust.py). `checked`: the spec folder,
+    trusted already, where the walk up from a file may stop."""
     # A file is checked with its folder (strict=2): a sticky spec folder is no better than any other.
     try:
-        found = untrusted(path, strict=1 if path.is_dir() else 2)
+        found = untrusted(path, strict=1 if path.is_dir() else 2, checked=checked)
     except OSError as e:
         return SpecError(path, 0, "", f"cannot check who may change {what}: {e.strerror}")
     if found is None:

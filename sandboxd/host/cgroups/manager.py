@@ -123,7 +123,11 @@ class CgroupManager(ABC):
             limits = limits.with_defaults()
         values = self.limit_values(limits)
         cgroup = Cgroup((parent.path if parent else self.instance_path) / name, can_kill=self.host.kill)
-        cgroup.path.mkdir(exist_ok=True)
+        try:
+            cgroup.path.mkdir()
+            cgroup.unused = True  # unless _attach finds a v1 directory of it there already
+        except FileExistsError:
+            pass
         self.created.append(cgroup)
         self._attach(cgroup, values, parent)
         try:

@@ -290,22 +290,49 @@ def from_wire(cls: type[T], wire: Wire) -> T:
     return value
 
 
-# The JSON text of the plans encoded lately, by identity. A plan is frozen and a service's is
-# sent unchanged at every launch (every connection's, in accept mode); encoding it is most of the
-# work of a launch request. Each entry holds its plan, so no other object takes its id meanwhile.
-_PLAN_TEXTS: dict[int, tuple[LaunchPlan, str]] = {}
-_PLAN_TEXTS_MAX = 4096
+# The JSON text of the plans encoded lately, and of their fields that are no scalars, by
+# identity. A plan is frozen and a service's is sent unchanged at every launch; a connection's
+# (accept mode) is its service's with another name and environment, its other fields the very
+# same objects. Encoding them is most of the work of a launch request. Each entry holds what it
+# is the text of, so no other object takes its id while it is here.
+_TEXTS: dict[int, tuple[object, str]] = {}
+_TEXTS_MAX = 8192
 
 
 def _plan_text(plan: LaunchPlan) -> str:
-    known = _PLAN_TEXTS.get(id(plan))
+    known = _TEXTS.get(id(plan))
     if known is not None and known[0] is plan:
         return known[1]
-    if len(_PLAN_TEXTS) >= _PLAN_TEXTS_MAX:
-        _PLAN_TEXTS.clear()
-    text = json.dumps(to_wire(plan), separators=(",", ":"))
-    _PLAN_TEXTS[id(plan)] = (plan, text)
+    scalars: dict[str, Wire] = {}
+    parts = []
+    for name, _form in _wire_forms(LaunchPlan):
+        value = getattr(plan, name)
+        if type(value) in _WIRE_SCALARS:
+            scalars[name] = value
+        else:
+            parts.append(f'"{name}":{_kept_text(value)}')
+    head = json.dumps(scalars, separators=(",", ":"))  # "{...}": the other fields go before its "}"
+    text = head[:-1] + ("," if scalars and parts else "") + ",".join(parts) + "}"
+    _keep(plan, text)
     return text
+
+
+def _kept_text(value: object) -> str:
+    """The JSON text of an immutable value (a tuple, a frozen dataclass), kept; of others, made."""
+    known = _TEXTS.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
+    text = json.dumps(to_wire(value), separators=(",", ":"))
+    params = getattr(type(value), "__dataclass_params__", None)
+    if type(value) is tuple or (params is not None and params.frozen):
+        _keep(value, text)
+    return text
+
+
+def _keep(value: object, text: str) -> None:
+    if len(_TEXTS) >= _TEXTS_MAX:
+        _TEXTS.clear()
+    _TEXTS[id(value)] = (value, text)
 
 
 Decoder = Callable[[Wire], object]

@@ -115,6 +115,15 @@ class StartProxy:
 Request = LaunchSandbox | RunCommand | StartProxy
 
 
+@dataclass(frozen=True)
+class HoldDescriptors:
+    """Keep the `count` descriptors sent with this open for the fork server's life, answering
+    nothing: the stack's lease of subordinate ids (host/subids.py), taken after the fork server
+    was forked, is then held until the last sandbox is gone."""
+
+    count: int
+
+
 # ── replies: fork server -> supervisor ──
 
 NOT_FORKED = 127 << 8  # the wait status of a request the fork server could not fork for (as a child that could not be set up)
@@ -174,6 +183,7 @@ _KINDS: dict[str, type] = {
     "launch": LaunchSandbox,
     "run": RunCommand,
     "proxy": StartProxy,
+    "hold": HoldDescriptors,
     "exited": Exited,
     "fork-failed": ForkFailed,
     "executing": Executing,
@@ -182,7 +192,7 @@ _KINDS: dict[str, type] = {
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
-def encode(message: Request | Reply | Status) -> bytes:
+def encode(message: Request | HoldDescriptors | Reply | Status) -> bytes:
     if type(message) is LaunchSandbox:
         return _encode_launch(message)
     return json.dumps({"type": _KIND_OF[type(message)], "arg": to_wire(message)}, separators=(",", ":")).encode()
@@ -209,9 +219,9 @@ def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
     return from_wire(cls, wire["arg"])
 
 
-def decode_request(data: bytes) -> Request:
-    message = _decode(data, (LaunchSandbox, RunCommand, StartProxy))
-    assert isinstance(message, LaunchSandbox | RunCommand | StartProxy)
+def decode_request(data: bytes) -> Request | HoldDescriptors:
+    message = _decode(data, (LaunchSandbox, RunCommand, StartProxy, HoldDescriptors))
+    assert isinstance(message, LaunchSandbox | RunCommand | StartProxy | HoldDescriptors)
     return message
 
 

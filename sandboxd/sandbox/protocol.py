@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, Union
 
-from sandboxd.plan.launch import LaunchPlan
+from sandboxd.plan.launch import LaunchPlan, MountOp
 
 # JSON as the wire carries it.
 Wire = Union[None, bool, int, float, str, list["Wire"], dict[str, "Wire"]]
@@ -332,10 +332,32 @@ def _kept_text(value: object) -> str:
     known = _TEXTS.get(id(value))
     if known is not None and known[0] is value:
         return known[1]
-    text = json.dumps(to_wire(value), separators=(",", ":"))
-    params = getattr(type(value), "__dataclass_params__", None)
-    if type(value) is tuple or (params is not None and params.frozen):
+    if type(value) is tuple and value and all(type(item) is MountOp for item in value):
+        # A plan's mounts: mostly the same ops in every service's plan, made anew for each.
+        text = "[" + ",".join(_mount_text(item) for item in value) + "]"
+    else:
+        text = json.dumps(to_wire(value), separators=(",", ":"))
+    if type(value) is tuple or _is_frozen(value):
         _keep(value, text)
+    return text
+
+
+def _is_frozen(value: object) -> bool:
+    params = getattr(type(value), "__dataclass_params__", None)
+    return params is not None and bool(params.frozen)
+
+
+# The JSON text of mount ops by value: equal ones (their fields are strings and a bool) have
+# the same text.
+_MOUNT_TEXTS: dict[MountOp, str] = {}
+
+
+def _mount_text(op: MountOp) -> str:
+    text = _MOUNT_TEXTS.get(op)
+    if text is None:
+        if len(_MOUNT_TEXTS) >= _TEXTS_MAX:
+            _MOUNT_TEXTS.clear()
+        text = _MOUNT_TEXTS[op] = json.dumps(to_wire(op), separators=(",", ":"))
     return text
 
 

@@ -113,6 +113,9 @@ def _up_with(args: argparse.Namespace, fork_server: ForkServer | None) -> int:
 
     # The fork server holds none of them: the supervisor sends them along.
     pinned = pin_mounts(stack, volumes_dir())
+    # asyncio imports ssl for TLS transports, which the supervisor never makes (its sockets are
+    # unix, TCP and UDP ones, plain): without it, OpenSSL is not loaded (4 MiB of RSS).
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from sandboxd.daemon.supervisor import Supervisor
 
     return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, pinned=pinned, ids=lease).run()

@@ -21,7 +21,6 @@ images, and whiteouts are settled once at import time instead of at every start.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -255,6 +254,8 @@ def find_definition(name: str, spec_folder: Path) -> Path | None:
 
 def definition_digest(definition: Path) -> str:
     """sha256 over the definition's files: their paths, modes and contents."""
+    import hashlib  # here, not at the top: the supervisor that imports this module never hashes (OpenSSL's libcrypto is 4 MiB)
+
     digest = hashlib.sha256()
     for path in sorted(p for p in definition.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(str(path.relative_to(definition)).encode() + b"\0")

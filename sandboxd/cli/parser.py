@@ -41,6 +41,8 @@ def _add_up(verbs: Verbs) -> None:
     up.add_argument("--wait", action="store_true", help="with -d: return once every eager service is ready")
     up.add_argument("--timeout", type=float, default=60.0, help="with -d: give up after this many seconds")
     up.add_argument("-e", "--env", action="append", default=[], metavar="SERVICE:KEY=VALUE", help="override a service's environment")
+    up.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
+                    help="registry images: pull those the store lacks (missing, the default), pull all again (always), or none (never)")
     up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
     up.set_defaults(func=cmd_up)
 
@@ -126,7 +128,7 @@ def _add_stack_verbs(verbs: Verbs) -> None:
 
 
 def _add_image(verbs: Verbs) -> None:
-    image = verbs.add_parser("image", help="build, list, import and remove root file system images")
+    image = verbs.add_parser("image", help="build, list, pull, import and remove root file system images")
     image_verbs = image.add_subparsers(dest="action", metavar="ACTION", required=True)
     image_build = image_verbs.add_parser("build", help="build images from definitions (images/NAME/build), if changed")
     image_build.add_argument("names", nargs="*", help="definition folders (images/NAME) or names found in images/ here or above")
@@ -134,7 +136,9 @@ def _add_image(verbs: Verbs) -> None:
     image_ls = image_verbs.add_parser("ls", help="list the stored images")
     image_ls.add_argument("--json", action="store_true")
     image_rm = image_verbs.add_parser("rm", help="remove stored images")
-    image_rm.add_argument("names", nargs="+")
+    image_rm.add_argument("names", nargs="+", help="store names, or the references pulled images were pulled by")
+    image_pull = image_verbs.add_parser("pull", help="pull images from their registries (with skopeo) into the store")
+    image_pull.add_argument("references", nargs="+", help="like redis:7, docker.io/library/redis:7, localhost:5000/app:1, NAME@sha256:DIGEST")
     image_import = image_verbs.add_parser("import", help="import an OCI image layout (folder or tar) or a docker save archive")
     image_import.add_argument("file")
     image_import.add_argument("--name", help="the image's name (default: its tag)")

@@ -40,6 +40,7 @@ def _reload_stack(name: str, args: argparse.Namespace) -> int:
     """`sandboxd up DIR` against a running stack: apply the difference (a reload)."""
     from sandboxd.cli.client import request
 
+    _pull_images(Path(args.dir), getattr(args, "pull", "missing"))
     answer = request(name, {"cmd": "apply", "folder": str(Path(args.dir).resolve()), "env": args.env}, timeout=300)
     changes = [f"{what}: {', '.join(answer[what])}" for what in ("added", "removed", "changed", "sockets_replaced") if answer[what]]
     print(f"stack {name!r} reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
@@ -66,7 +67,25 @@ def _stack_to_run(args: argparse.Namespace) -> tuple[Stack, str]:
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
+    if not args.daemon:  # the supervisor `up -d` forks runs on what its parent pulled
+        from sandboxd.store.pull import as_policy, pull_stack_images
+
+        pull_stack_images(stack, as_policy(args.pull))
     return stack, instance
+
+
+def _pull_images(folder: Path, policy: str) -> None:
+    """Before a running stack applies `folder`: pull its registry images here, where skopeo's
+    progress is seen. A spec error is left for the stack to report, as before."""
+    from sandboxd.errors import SpecErrors
+    from sandboxd.spec.load import load_stack
+    from sandboxd.store.pull import as_policy, pull_stack_images
+
+    try:
+        stack = load_stack(folder)
+    except SpecErrors:
+        return
+    pull_stack_images(stack, as_policy(policy))
 
 
 def _up(args: argparse.Namespace) -> int:

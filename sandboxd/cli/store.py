@@ -1,4 +1,4 @@
-"""The verbs on the store under /var/lib/sandboxd: `image` (build, ls, rm, import) and `volume`
+"""The verbs on the store under /var/lib/sandboxd: `image` (build, ls, rm, pull, import) and `volume`
 (ls, rm). What changes the store is refused at once unless run as root.
 """
 
@@ -8,8 +8,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandboxd.errors import HostError
+
+if TYPE_CHECKING:
+    from sandboxd.store.images import Image
 
 
 def cmd_image(args: argparse.Namespace) -> int:
@@ -21,7 +25,7 @@ def cmd_image(args: argparse.Namespace) -> int:
             if args.json:
                 import json
 
-                print(json.dumps([{"name": i.name, "source": i.source, "digest": i.digest, "created": i.created, "size": images.size_of(i.rootfs), "config": i.config.to_json()} for i in found], indent=2))
+                print(json.dumps([_image_json(i) for i in found], indent=2))
                 return 0
             print(f"{'NAME':<24} {'SOURCE':<7} {'SIZE':>9}  {'CREATED':<20} DIGEST")
             for image in found:
@@ -29,7 +33,7 @@ def cmd_image(args: argparse.Namespace) -> int:
 
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(image.created))
                 size = f"{images.size_of(image.rootfs) / (1 << 20):.1f}M"
-                print(f"{image.name:<24} {image.source:<7} {size:>9}  {created:<20} {image.digest[:19]}")
+                print(f"{image.reference or image.name:<24} {image.source:<7} {size:>9}  {created:<20} {image.digest[:19]}")
             return 0
         case "build":
             _need_root("sandboxd image build")
@@ -44,7 +48,9 @@ def cmd_image(args: argparse.Namespace) -> int:
             return 0
         case "rm":
             _need_root("sandboxd image rm")
-            missing = [name for name in args.names if not images.remove(name)]
+            from sandboxd.store.pull import remove
+
+            missing = [name for name in args.names if not remove(name)]
             for name in missing:
                 print(f"sandboxd: no image '{name}'", file=sys.stderr)
             return 1 if missing else 0
@@ -55,7 +61,34 @@ def cmd_image(args: argparse.Namespace) -> int:
             image = import_image(Path(args.file), args.name)
             print(f"image {image.name}: imported from {args.file} ({image.digest[:19]})")
             return 0
+        case "pull":
+            return _pull(args.references)
     return 2
+
+
+def _pull(references: list[str]) -> int:
+    """`image pull REF…`: each from its registry, always asked again, as `docker pull` does."""
+    from sandboxd.spec.reference import BadReference, parse_reference
+    from sandboxd.store.pull import pull
+
+    _need_root("sandboxd image pull")
+    parsed = []
+    for text in references:
+        try:
+            parsed.append(parse_reference(text))
+        except BadReference as e:
+            raise HostError(f"'{text}' is not an image reference: {e}", "like redis:7, docker.io/library/redis:7, localhost:5000/app:1 or NAME@sha256:DIGEST") from None
+    for reference in parsed:
+        image = pull(reference)
+        print(f"image {reference}: pulled as {image.name} ({image.digest[:19]})")
+    return 0
+
+
+def _image_json(image: Image) -> dict[str, object]:
+    from sandboxd.store.images import size_of
+
+    config = image.config.to_json()
+    return {"name": image.name, "source": image.source, "digest": image.digest, "created": image.created, "size": size_of(image.rootfs), "config": config, "reference": image.reference}
 
 
 def _definition(target: str) -> tuple[Path, str]:

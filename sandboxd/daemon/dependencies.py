@@ -44,7 +44,9 @@ class Dependencies:
 
     def _condition(self, dep: Dependency) -> bool | None:
         """Whether `dep` is met (True), not yet (False), or never will be (None). A dependency that
-        itself still waits for its own counts as stopped, as it did before it had a state."""
+        itself still waits for its own (pending) is not yet met: a chain (app after db, db after
+        migrate) starts link by link, whatever the order the services are listed in (the spec
+        refuses cycles); if a link fails, the ones after it fail in turn."""
         other = self.running.services[dep.service]
         notify = other.spec.ready != "started"
         match dep.condition:
@@ -56,7 +58,7 @@ class Dependencies:
                 met = other.state is State.EXITED
         if met:
             return True
-        never = (State.FAILED, State.STOPPED, State.PENDING)
+        never = (State.FAILED, State.STOPPED)
         return None if other.state in never or (dep.condition != "completed" and other.state is State.EXITED) else False
 
     @contextlib.contextmanager

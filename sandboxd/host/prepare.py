@@ -26,7 +26,7 @@ from sandboxd.plan.identity import HOST
 from sandboxd.plan.launch import Accounts, HostFacts, LaunchPlan, PathFacts, UserNamespace
 from sandboxd.plan.stack import paths_asked, plan_stack
 from sandboxd.spec.model import Stack
-from sandboxd.store.images import Image, ensure, find_definition, load, state_dir
+from sandboxd.store.images import Image, ensure, find, find_definition, missing_image, state_dir
 from sandboxd.store.volumes import volumes_dir
 
 
@@ -41,18 +41,12 @@ def resolve_images(stack: Stack, echo: bool = True, build: bool = True) -> dict[
         if service.image.startswith("/"):
             found[service.image] = Image(service.image, Path(service.image))
             continue
-        image = ensure(service.image, stack.folder, echo=echo) if build else load(service.image)
+        image = ensure(service.image, stack.folder, echo=echo) if build else find(service.image)
         if image is None and not build and find_definition(service.image, stack.folder) is not None:
             errors.append(SpecError(service.file, service.line, "image", f"image '{service.image}' is not built yet: sandboxd image build {service.image}"))
         elif image is None:
             errors.append(
-                SpecError(
-                    service.file,
-                    service.line,
-                    "image",
-                    f"no image '{service.image}': none in the store (sandboxd image ls) and no images/{service.image}/build "
-                    f"beside {stack.folder} or a folder above it; import one with sandboxd image import FILE",
-                )
+                SpecError(service.file, service.line, "image", missing_image(service.image, stack.folder))
             )
         else:
             found[service.image] = image

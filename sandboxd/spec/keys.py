@@ -58,6 +58,7 @@ from sandboxd.spec.nodes import (
     value_of,
     with_defaults,
 )
+from sandboxd.spec.reference import BadReference, parse_reference
 from sandboxd.spec.sources import open_source, real_path, source_problem
 from sandboxd.spec.values import (
     describe,
@@ -297,7 +298,8 @@ _internal = checked(
 
 
 def _image(node: Node, folder: Path) -> str:
-    """host, a root file system folder (absolute, or ./ ../ relative to the spec folder), or an image name."""
+    """host, a root file system folder (absolute, or ./ ../ relative to the spec folder), an image
+    name, or a registry reference (kept as written: the store resolves it, see store/pull.py)."""
     given = text(node, folder)
     if given == "host" or (NAME.fullmatch(given) and "/" not in given):
         return given
@@ -306,7 +308,15 @@ def _image(node: Node, folder: Path) -> str:
         if not path.is_dir():
             raise fail(node, f"image folder '{given}' does not exist (looked for {path})")
         return str(path)
-    raise fail(node, f"expected host, a folder (/path, ./path) or an image name of {NAME_RULE}, got '{given}'")
+    try:
+        parse_reference(given)
+    except BadReference as e:
+        raise fail(
+            node,
+            f"expected host, a folder (/path, ./path) or an image name ({NAME_RULE}) or a registry reference "
+            f"(like redis:7, docker.io/library/redis:7, localhost:5000/app:1, NAME@sha256:DIGEST), got '{given}': {e}",
+        ) from None
+    return given
 
 
 def _proxy_target(node: Node, folder: Path) -> Address:

@@ -4,14 +4,21 @@
       images/NAME/trees/VERSION/        the trees a service with `image: NAME` runs on (read-only lower
                                         layer of its overlay); older versions stay while mounted
       images/NAME/image.json            the current version, where it came from, the digest of its
-                                        definition, and the defaults of an OCI config (env,
-                                        entrypoint, cmd, workdir, user)
+                                        definition or manifest, the reference it was pulled by, and
+                                        the defaults of an OCI config (env, entrypoint, cmd, workdir,
+                                        user)
+      oci/                              the OCI layout pulls go through, its blobs shared (pull.py)
       volumes/NAME/                     named volumes (see volumes.py)
 
 A definition is a folder `images/NAME/` with an executable `build` that fills `$ROOTFS`. It is found
 in an `images/` folder beside the spec folder or beside any folder above it (the nearest wins), and
 rebuilt when the sha256 of its files changes. Imported images (oci.py) have no definition and stay
-until `sandboxd image rm`.
+until `sandboxd image rm`. Pulled images (pull.py) are stored under a name made from their
+reference (`pulled_name`), which image.json keeps.
+
+What an `image:` value names (`find`, `ensure`): a definition of that name first (built), then a
+built or imported image of that name in the store, then the registry reference it reads as
+(`busybox` is docker.io/library/busybox:latest), as compose takes a local image before pulling.
 
 Why flattened trees and not one overlay lower layer per image layer: a service's root is then one
 read-only lower directory plus its own upper layer, the mount is the same for built and imported
@@ -23,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +42,7 @@ from pathlib import Path
 
 from sandboxd.errors import HostError
 from sandboxd.spec.model import NAME  # image names follow the rule of unit names: they name directories
+from sandboxd.spec.reference import BadReference, Reference, parse_reference
 from sandboxd.spec.trust import untrusted
 
 BUILD_SCRIPT = "build"
@@ -90,9 +99,10 @@ class Image:
     name: str
     rootfs: Path
     config: ImageConfig = field(default_factory=ImageConfig)
-    source: str = "folder"  # "build", "import", or "folder" (a path given in the spec)
+    source: str = "folder"  # "build", "import", "pull", or "folder" (a path given in the spec)
     digest: str = ""
     created: float = 0.0
+    reference: str = ""  # a pulled image's fully qualified reference
 
 
 def _meta_path(name: str) -> Path:
@@ -108,7 +118,8 @@ def load(name: str) -> Image | None:
     rootfs = store_dir() / name / "trees" / str(data.get("tree", ""))
     if not data.get("tree") or not rootfs.is_dir():
         return None
-    return Image(name, rootfs, ImageConfig.from_json(data.get("config") or {}), data.get("source", ""), data.get("digest", ""), data.get("created", 0.0))
+    config = ImageConfig.from_json(data.get("config") or {})
+    return Image(name, rootfs, config, data.get("source", ""), data.get("digest", ""), data.get("created", 0.0), data.get("reference", ""))
 
 
 def list_images() -> list[Image]:
@@ -136,7 +147,7 @@ def _sweep_staging() -> None:
             remove_tree(path)
 
 
-def commit(name: str, staging: Path, config: ImageConfig, source: str, digest: str) -> Image:
+def commit(name: str, staging: Path, config: ImageConfig, source: str, digest: str, reference: str = "") -> Image:
     """Make `staging/rootfs` the image `name`. Each version is a tree of its own under
     images/NAME/trees/, and image.json (replaced atomically) names the current one: sandboxes that
     run on an older tree keep it whole, and it is removed once no sandbox has it mounted."""
@@ -144,7 +155,7 @@ def commit(name: str, staging: Path, config: ImageConfig, source: str, digest: s
     (final / "trees").mkdir(parents=True, exist_ok=True)
     tree = f"{int(time.time())}-{os.getpid()}-{time.monotonic_ns()}"
     (staging / "rootfs").rename(final / "trees" / tree)
-    meta = {"name": name, "source": source, "digest": digest, "created": time.time(), "tree": tree, "config": config.to_json()}
+    meta = {"name": name, "source": source, "digest": digest, "created": time.time(), "tree": tree, "config": config.to_json(), "reference": reference}
     (final / "image.json.tmp").write_text(json.dumps(meta, indent=1))
     (final / "image.json.tmp").rename(final / "image.json")
     remove_tree(staging)
@@ -304,12 +315,55 @@ def _config_of(definition: Path) -> ImageConfig:
 
 
 def ensure(name: str, spec_folder: Path, echo: bool = True) -> Image | None:
-    """The image `name` for a stack in `spec_folder`: built first if its definition is new or changed.
-    None if there is neither a definition nor a stored image of that name."""
-    definition = find_definition(name, spec_folder)
+    """The image an `image:` value names for a stack in `spec_folder`: built first if its
+    definition is new or changed. None if there is neither a definition nor a stored image of that
+    name, nor a pulled image of the reference it reads as (pull.py pulls before this is asked)."""
+    definition = find_definition(name, spec_folder) if NAME.fullmatch(name) else None
     if definition is None:
-        return load(name)
+        return find(name)
     return build_if_changed(name, definition, echo)
+
+
+def find(value: str) -> Image | None:
+    """The stored image an `image:` value names, without building or pulling: a built or imported
+    image of that name, else the image pulled by the reference it reads as."""
+    local = local_image(value)
+    if local is not None:
+        return local
+    try:
+        reference = parse_reference(value)
+    except BadReference:
+        return None
+    pulled = load(pulled_name(reference))
+    return pulled if pulled is not None and pulled.reference == str(reference) else None
+
+
+def local_image(value: str) -> Image | None:
+    """The built or imported image named `value`, if the store has one."""
+    image = load(value) if NAME.fullmatch(value) else None
+    return image if image is not None and image.source != "pull" else None
+
+
+def pulled_name(reference: Reference) -> str:
+    """The store name of a pulled image: its repository's last part and its tag (or digest) to be
+    read, and a hash of the whole reference to tell `a/app:1` from `b/app:1`. Never a name a
+    definition would choose by accident, and free of the `:` and `,` an overlay's options split on."""
+    label = reference.tag or reference.digest.replace(":", "-")[:19]
+    tail = re.sub(r"[^a-z0-9_.-]+", "-", f"{reference.repository.rsplit('/', 1)[-1]}-{label}".lower())
+    return f"{tail[:50].strip('_.-')}-{hashlib.sha256(str(reference).encode()).hexdigest()[:10]}"
+
+
+def missing_image(value: str, spec_folder: Path) -> str:
+    """Why `value` names no image, for a spec error."""
+    try:
+        reference: Reference | None = parse_reference(value)
+    except BadReference:
+        reference = None
+    pull = f"; pull it from {reference.registry} with sandboxd image pull {value}" if reference is not None else ""
+    return (
+        f"no image '{value}': none in the store (sandboxd image ls) and no images/{value}/build "
+        f"beside {spec_folder} or a folder above it; import one with sandboxd image import FILE{pull}"
+    )
 
 
 def build_if_changed(name: str, definition: Path, echo: bool = True) -> Image:

@@ -63,6 +63,7 @@ TOP_DIRECTORIES = images.TOP_DIRECTORIES
 _DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]{64}|[0-9a-f]{128})")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
+REF_NAME = "org.opencontainers.image.ref.name"  # the annotation that names an entry of index.json
 _OPAQUE = ".wh..wh..opq"
 _TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 _CAPABILITY = "SCHILY.xattr.security.capability"
@@ -84,8 +85,17 @@ class _Manifest:
     reference: str  # what the image was called where it came from; "" if unknown
 
 
-def import_image(source: Path, name: str | None = None) -> images.Image:
-    """Unpack the image at `source` (a layout folder or an archive) into the store as `name`."""
+@dataclass(frozen=True)
+class Pulled:
+    """What pull.py says of an image it copied into a layout of many images."""
+
+    tag: str  # its entry in index.json (org.opencontainers.image.ref.name)
+    reference: str  # the fully qualified reference it was pulled by
+
+
+def import_image(source: Path, name: str | None = None, pulled: Pulled | None = None) -> images.Image:
+    """Unpack the image at `source` (a layout folder or an archive) into the store as `name`;
+    with `pulled`, the layout's entry of that tag, stored as a pulled image."""
     if name is not None and not NAME.fullmatch(name):
         raise HostError(f"'{name}' is not a valid image name", "use 1 to 63 of a-z 0-9 _ . - starting with a letter or digit")
     if os.geteuid() != 0:
@@ -96,7 +106,7 @@ def import_image(source: Path, name: str | None = None) -> images.Image:
     try:
         files = _Source(source)
         stack.callback(files.close)
-        manifest = _read_manifest(files)
+        manifest = _read_manifest(files, pulled.tag if pulled else "")
         layers = [(f"layer {n} ({layer.digest or layer.path})", _open_layer(files, layer, n, stack)) for n, layer in enumerate(manifest.layers, 1)]
         name = name or _default_name(manifest.reference, source)
         staging = images.staging_dir(name)
@@ -106,6 +116,8 @@ def import_image(source: Path, name: str | None = None) -> images.Image:
             rootfs.chmod(0o755)
             _unpack_in_chroot(rootfs, layers)
             with images.store_lock():
+                if pulled is not None:
+                    return images.commit(name, staging, manifest.config, "pull", manifest.digest, pulled.reference)
                 return images.commit(name, staging, manifest.config, "import", manifest.digest)
         except BaseException:
             if staging.exists():
@@ -180,10 +192,10 @@ def _clean(name: str) -> str:
     return "/".join(part for part in name.split("/") if part not in ("", "."))
 
 
-def _read_manifest(files: _Source) -> _Manifest:
+def _read_manifest(files: _Source, tag: str = "") -> _Manifest:
     try:
         if files.has("index.json"):
-            return _read_oci(files)
+            return _read_oci(files, tag)
         if files.has("manifest.json"):
             return _read_docker(files)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
@@ -191,13 +203,16 @@ def _read_manifest(files: _Source) -> _Manifest:
     raise HostError(f"{files.path}: neither index.json (OCI layout) nor manifest.json (docker save) is there", "give an OCI layout folder, an oci-archive tar or a `docker save` tar")
 
 
-def _read_oci(files: _Source) -> _Manifest:
-    descriptor = _choose(json.loads(files.read("index.json")), "index.json")
+def _read_oci(files: _Source, tag: str = "") -> _Manifest:
+    index = json.loads(files.read("index.json"))
+    if tag:  # one image of a layout that holds many
+        index = {"manifests": [d for d in index.get("manifests") or [] if (d.get("annotations") or {}).get(REF_NAME) == tag][-1:]}
+    descriptor = _choose(index, "index.json" + (f" (entry {tag})" if tag else ""))
     annotations = descriptor.get("annotations") or {}
     reference = annotations.get("io.containerd.image.name") or ""
     if not reference and files.has("manifest.json"):
         reference = (json.loads(files.read("manifest.json"))[0].get("RepoTags") or [""])[0]
-    reference = reference or annotations.get("org.opencontainers.image.ref.name") or ""
+    reference = reference or annotations.get(REF_NAME) or ""
     document = json.loads(files.read_blob(descriptor["digest"]))
     while "manifests" in document:  # an index of one manifest per platform
         descriptor = _choose(document, descriptor["digest"])

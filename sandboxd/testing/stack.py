@@ -3,23 +3,39 @@
 Every Stack gets a unique name (the folder's name and a random suffix), so many run side by side,
 in one process and across pytest-xdist workers; sockets on port 0 avoid port clashes. Needs root,
 as `sandboxd up` does. Each stack is a detached `sandboxd up -d --wait`; leaving the `with` block
-brings it down and removes everything it made. Every call runs `python -m sandboxd`: this module
-imports nothing of sandboxd's but its errors and the control socket's types (wire.py), and
-nothing outside the standard library.
+brings it down and removes everything it made. Bringing a stack up and down, restarts and `exec`
+run `python -m sandboxd`; what is polled (status, readiness) asks the stack's control socket
+directly, and logs are read from the stack's log files, so waiting costs no process per poll.
+
+Every wait raises SandboxdError at once when a service has failed or is crash-looping (in
+backoff) before it was ready, and every SandboxdError raised here ends with the last lines of
+the services' logs (the failing one's first), as a test report should show them.
 """
 
 from __future__ import annotations
 
-import json
+import http.client
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
+
+from sandboxd.cli.client import request
+from sandboxd.daemon import logs
 from sandboxd.errors import SandboxdError
-from sandboxd.wire import StackStatus
+from sandboxd.host.paths import RUNTIME_ROOT
+from sandboxd.wire import ServiceStatus, StackStatus
+
+T = TypeVar("T")
+POLL = 0.02  # seconds between two looks at the stack while waiting
+TAIL = 20  # log lines per service in an error
+BROKEN = ("failed", "backoff")  # a service in one of these before it was ready will not be, now
 
 
 class Stack:
@@ -60,9 +76,17 @@ class Stack:
         self.down()
 
     def status(self) -> StackStatus:
-        """What `sandboxd ps --json` says of this stack (checked by the CLI, see sandboxd/wire.py)."""
-        result: StackStatus = json.loads(self._cli("ps", "--json", "-p", self.name))
-        return result
+        """What `sandboxd ps --json` says of this stack, asked of its control socket (every key
+        checked against sandboxd/wire.py)."""
+        answer = request(self.name, {"cmd": "status"})
+        return {
+            "stack": answer["stack"],
+            "folder": answer["folder"],
+            "pid": answer["pid"],
+            "started": answer["started"],
+            "userns": answer["userns"],
+            "services": answer["services"],
+        }
 
     def address(self, socket_name: str) -> tuple[str, int] | str:
         """The real address of a socket unit's first listen entry: (host, port), or a unix path."""
@@ -77,22 +101,94 @@ class Stack:
         raise SandboxdError(f"no socket {socket_name!r} in stack {self.name!r}")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until every service is ready, waiting for activation, or exited; SandboxdError after `timeout` s."""
+        """Wait until every service is ready, waiting for its first connection, or exited (done).
+        SandboxdError at once if one failed or is in backoff (crashing) before it was ready, or
+        after `timeout` s; either names the services not ready and ends with their logs."""
+
+        def ready() -> bool:
+            services = self.status()["services"]
+            return all(s["ready"] or s["state"] in ("waiting", "exited") for s in services)
+
+        self._wait(ready, "every service to be ready", timeout)
+
+    def wait_for_log(self, service: str, pattern: str, timeout: float = 30.0) -> str:
+        """Wait until a line of `service`'s output matches the regular expression `pattern`
+        (re.search) and return that line; SandboxdError (with the logs) if the service fails or
+        the time is up first."""
+        regex = re.compile(pattern)
+
+        def matching() -> str | None:
+            return next((line for line in self.logs(service).splitlines() if regex.search(line)), None)
+
+        return self._wait(matching, f"a line of {service} matching {pattern!r}", timeout, service)
+
+    def wait_for_http(self, socket_name: str, path: str = "/", status: int = 200, timeout: float = 30.0) -> bytes:
+        """Wait until a GET of `path` on the socket unit's address (TCP) answers `status`, and return
+        the body. Connections that fail, are cut or answer another status are tried again."""
+        address = self.address(socket_name)
+        if not isinstance(address, tuple):
+            raise SandboxdError(f"socket {socket_name!r} of stack {self.name!r} is not TCP ({address})")
+        host, port = address
+        seen: list[str] = []
+
+        def answered() -> bytes | None:
+            connection = http.client.HTTPConnection(host, port, timeout=max(1.0, timeout / 10))
+            try:
+                connection.request("GET", path)
+                response = connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as e:
+                seen[:] = [f"{type(e).__name__}: {e}"]
+                return None
+            finally:
+                connection.close()
+            seen[:] = [f"HTTP {response.status}"]
+            return body if response.status == status else None
+
+        what = f"GET {path} on {socket_name} ({host}:{port}) to answer {status}"
+        return self._wait(answered, what, timeout, last=lambda: seen[0] if seen else "")
+
+    def _wait(self, check: Callable[[], T | None | bool], what: str, timeout: float, service: str = "", last: Callable[[], str] = lambda: "") -> T:
+        """Poll `check` until it returns something true (returned); SandboxdError at once when a
+        service is broken (BROKEN states), or after `timeout`."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(s["ready"] or s["state"] in ("waiting", "exited") for s in self.status()["services"]):
-                return
-            time.sleep(0.05)
-        raise SandboxdError(f"stack {self.name!r} was not ready within {timeout:g} s")
+        while True:
+            result = check()
+            if result:
+                return result  # type: ignore[return-value]
+            services = self.status()["services"]
+            broken = [s for s in services if s["state"] in BROKEN and not s["ready"] and (not service or s["name"] == service)]
+            if broken:
+                names = ", ".join(f"{s['name']} ({s['state']}{': ' + s['status_text'] if s['status_text'] else ''})" for s in broken)
+                raise SandboxdError(f"stack {self.name!r}: {names} while waiting for {what}" + self._tails([s["name"] for s in broken], services))
+            if time.monotonic() >= deadline:
+                seen = f" (last: {last()})" if last() else ""
+                names = ", ".join(f"{s['name']} ({s['state']})" for s in services if not s["ready"] and s["state"] not in ("waiting", "exited"))
+                raise SandboxdError(
+                    f"stack {self.name!r}: timed out after {timeout:g} s waiting for {what}{seen}"
+                    + (f"; not ready: {names}" if names else "")
+                    + self._tails([service] if service else [], services)
+                )
+            time.sleep(POLL)
+
+    def _tails(self, first: list[str], services: list[ServiceStatus]) -> str:
+        """The last TAIL lines of each service's log, the ones in `first` before the others."""
+        names = first + [s["name"] for s in services if s["name"] not in first]
+        parts = []
+        for name in names:
+            lines = self.logs(name).splitlines()[-TAIL:]
+            parts.append(f"\n--- last lines of {name} ---\n" + ("\n".join(lines) if lines else "(nothing)"))
+        return "".join(parts)
 
     def logs(self, service: str) -> str:
-        """What the service wrote so far, its lines without the `service | ` prefix."""
-        lines = self._cli("logs", "-p", self.name, service).splitlines()
-        return "\n".join(line.split("| ", 1)[1] if "| " in line else line for line in lines)
+        """What the service wrote so far (stdout and stderr, in order), read from the stack's log
+        files: its lines as it printed them."""
+        return "\n".join(text for _stamp, text in logs.read(RUNTIME_ROOT / self.name / "logs", service))
 
     def exec(self, service: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the service's sandbox (pipes, no terminal, nothing on its stdin);
-        its exit code, stdout and stderr."""
+        """Run a command inside the service's sandbox (pipes, no terminal, nothing on its stdin),
+        as `sandboxd exec -T` does; a subprocess.CompletedProcess: `returncode` (the command's exit
+        code), `stdout` and `stderr` (text)."""
         argv = [sys.executable, "-m", "sandboxd", "exec", "-T", "-p", self.name, service, "--", *argv]
         return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 

@@ -193,7 +193,7 @@ def test_unknown_image_is_a_spec_error(tmp_path: Path, monkeypatch: pytest.Monke
     folder = tmp_path / "specs"
     folder.mkdir()
     write(folder, "app.yaml", "kind: service\nimage: nosuch\ncommand: [x]\n")
-    result = sandboxd("up", str(folder), check=False)
+    result = sandboxd("up", "--pull", "never", str(folder), check=False)  # else it is docker.io/library/nosuch, pulled
     assert result.returncode == 2
     assert "app.yaml:1: image: no image 'nosuch'" in result.stderr
 

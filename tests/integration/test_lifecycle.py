@@ -349,6 +349,37 @@ def test_after_waits_for_a_migration_to_complete_and_for_readiness(run_stack, sp
     assert stack.stop() == 0
 
 
+def test_a_chain_of_after_starts_link_by_link_whatever_the_order_of_the_units(run_stack, spec_dir: Path):
+    """web after app (started), app after migrate (completed), listed web first: web waits for
+    app while app itself waits (it used to fail at once, "app will never be started")."""
+    write(
+        spec_dir,
+        "stack.yaml",
+        """
+        kind: service
+        name: web
+        after: [{service: app, condition: started}]
+        command: [sh, -c, "echo web starts; exec sleep 1000"]
+        ---
+        kind: service
+        name: app
+        after: [{service: migrate, condition: completed}]
+        command: [sh, -c, "echo app starts; exec sleep 1000"]
+        ---
+        kind: service
+        name: migrate
+        restart: "no"
+        command: [sh, -c, "echo migrated"]
+        """,
+    )
+    stack = run_stack(spec_dir)
+    assert stack.wait_lines("web", 1) == ["web starts"], stack.err
+    err = stack.err
+    assert "will never be" not in err
+    assert err.index("migrate: running -> exited") < err.index("app: stopped -> starting") < err.index("web: stopped -> starting")
+    assert stack.stop() == 0
+
+
 def test_dependent_of_a_failed_service_fails_with_the_reason(run_stack, spec_dir: Path):
     write(
         spec_dir,

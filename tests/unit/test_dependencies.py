@@ -129,3 +129,24 @@ def test_a_held_stack_whose_services_were_not_started_again_is_done_when_the_ver
             rt.state = State.STOPPED
         deps.check_done()
     assert deps.done.is_set()
+
+
+def test_a_dependency_that_is_itself_pending_is_not_yet_met(tmp_path: Path) -> None:
+    """app after db, db itself pending (here with nothing left to wait for): app waits (it used to
+    fail at once, "db will never be ready (it is stopped)"), db starts; once db is ready, app starts."""
+    deps, services, done, err = setup(tmp_path)
+    services["app"].state, services["db"].state, services["migrate"].state = State.PENDING, State.PENDING, State.EXITED
+    deps.release()
+    assert (services["app"].state, services["db"].state, done) == (State.PENDING, State.STARTING, [(Action.LAUNCH, "db")])
+    assert "will never be" not in err.getvalue()
+    services["db"].state = State.READY
+    deps.release()
+    assert (services["app"].state, done[1:]) == (State.STARTING, [(Action.LAUNCH, "app")])
+
+
+def test_a_chain_fails_link_by_link_once_a_dependency_fails(tmp_path: Path) -> None:
+    deps, services, _done, err = setup(tmp_path)
+    services["app"].state, services["db"].state, services["migrate"].state = State.PENDING, State.FAILED, State.EXITED
+    deps.release()
+    assert services["app"].state is State.FAILED
+    assert "db will never be ready (it is failed)" in err.getvalue()

@@ -67,7 +67,9 @@ def _stack_to_run(args: argparse.Namespace) -> tuple[Stack, str]:
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
-    if not args.daemon:  # the supervisor `up -d` forks runs on what its parent pulled
+    # The supervisor `up -d` forks runs on what its parent pulled; a stack on the host's root
+    # alone has nothing to pull (nor does the supervisor then load the store's hashing).
+    if not args.daemon and any(service.image != "host" for service in stack.services):
         from sandboxd.store.pull import as_policy, pull_stack_images
 
         pull_stack_images(stack, as_policy(args.pull))

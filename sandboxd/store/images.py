@@ -348,6 +348,8 @@ def pulled_name(reference: Reference) -> str:
     """The store name of a pulled image: its repository's last part and its tag (or digest) to be
     read, and a hash of the whole reference to tell `a/app:1` from `b/app:1`. Never a name a
     definition would choose by accident, and free of the `:` and `,` an overlay's options split on."""
+    import hashlib  # as in definition_digest
+
     label = reference.tag or reference.digest.replace(":", "-")[:19]
     tail = re.sub(r"[^a-z0-9_.-]+", "-", f"{reference.repository.rsplit('/', 1)[-1]}-{label}".lower())
     return f"{tail[:50].strip('_.-')}-{hashlib.sha256(str(reference).encode()).hexdigest()[:10]}"

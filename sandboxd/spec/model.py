@@ -287,17 +287,11 @@ class Stack:
     # with look-ups by name, which would otherwise each walk every unit (N x N in all).
     @functools.cached_property
     def _services_by_name(self) -> dict[str, Service]:
-        found: dict[str, Service] = {}
-        for service in self.services:
-            found.setdefault(service.name, service)
-        return found
+        return {service.name: service for service in reversed(self.services)}  # the first of a name
 
     @functools.cached_property
     def _sockets_by_name(self) -> dict[str, Socket]:
-        found: dict[str, Socket] = {}
-        for sock in self.sockets:
-            found.setdefault(sock.name, sock)
-        return found
+        return {sock.name: sock for sock in reversed(self.sockets)}
 
     @functools.cached_property
     def _sockets_by_service(self) -> dict[str, tuple[Socket, ...]]:

@@ -135,7 +135,8 @@ def _up_with(args: argparse.Namespace, fork_server: ForkServer | None) -> int:
     # The fork server holds none of them: the supervisor sends them along.
     pinned = pin_mounts(stack, volumes_dir())
     # asyncio imports ssl for TLS transports, which the supervisor never makes (its sockets are
-    # unix, TCP and UDP ones, plain): without it, OpenSSL is not loaded (4 MiB of RSS).
+    # unix, TCP and UDP ones, plain): without it, OpenSSL is not loaded (4 MiB of RSS). A stack
+    # with networks loads it with pyroute2 (host/network.py lets it).
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from sandboxd.daemon.supervisor import Supervisor
 

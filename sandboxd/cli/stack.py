@@ -1,8 +1,9 @@
 """The verbs on a whole stack: `up` (in the foreground, or `-d`: detached), `reload` with no
 service (apply the changed spec), `down`, `ls` and `config` (the resolved units and plans).
 
-`up` runs the supervisor in this process. Its order matters: the fork server is started before
-the supervisor's imports (asyncio), so that every sandbox is a fork of that smaller process.
+`up` runs the supervisor in this process. Its order matters: the fork server is started first,
+before the specs are read and before the supervisor's imports (asyncio), so that every sandbox
+is a fork of that smaller process.
 `up -d` validates and builds here, then forks this process into a session of its own to be the
 supervisor, and polls the control socket until the stack is up.
 """
@@ -18,6 +19,7 @@ from typing import IO, TYPE_CHECKING, NoReturn
 from sandboxd.errors import HostError, SandboxdError
 
 if TYPE_CHECKING:
+    from sandboxd.sandbox.handle import ForkServer
     from sandboxd.spec.model import Stack
     from sandboxd.wire import StackStatus
 
@@ -73,7 +75,9 @@ def _stack_to_run(args: argparse.Namespace) -> tuple[Stack, str]:
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")
-    if not args.daemon:  # the supervisor `up -d` forks runs on what its parent pulled
+    # The supervisor `up -d` forks runs on what its parent pulled; a stack on the host's root
+    # alone has nothing to pull (nor does the supervisor then load the store's hashing).
+    if not args.daemon and any(service.image != "host" for service in stack.services):
         from sandboxd.store.pull import as_policy, pull_stack_images
 
         pull_stack_images(stack, as_policy(args.pull))
@@ -103,6 +107,23 @@ def _pull_images(folder: Path, policy: str, variables: dict[str, str]) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from sandboxd.sandbox.handle import ForkServer
+
+    # First of all, as root: every sandbox is a fork of the fork server, and a fork costs in
+    # proportion to the process forked: none of what follows (the specs, their YAML, the plans,
+    # the supervisor's imports) is in it. Whoever is not root is told so after the specs' checks.
+    fork_server = ForkServer.start() if os.geteuid() == 0 else None
+    try:
+        return _up_with(args, fork_server)
+    except BaseException:
+        if fork_server is not None:
+            fork_server.stop()
+        raise
+
+
+def _up_with(args: argparse.Namespace, fork_server: ForkServer | None) -> int:
+    """`up` once the fork server runs: what the supervisor needs, then the supervisor (which
+    stops the fork server when it ends)."""
     from sandboxd.host.facts import cgroup_host
     from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.prepare import make_plans
@@ -114,8 +135,10 @@ def _up(args: argparse.Namespace) -> int:
     if any(service.userns for service in stack.services):
         from sandboxd.host.subids import lease as lease_ids
 
-        # Held by this process and, from its fork, the fork server: the block is ours until both are gone.
         lease = lease_ids(instance)
+        # Held by this process and the fork server: the block is ours until both are gone.
+        if fork_server is not None:
+            fork_server.hold([lease.fd])
     plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, userns=lease.userns if lease else None)
     host = cgroup_host()
     from sandboxd.host.limits import enforceable_limits
@@ -123,18 +146,14 @@ def _up(args: argparse.Namespace) -> int:
     limits = enforceable_limits(stack, host)
     create(stack, plans)  # the last check is done: from here on things are made
     clean_stale()
-    from sandboxd.sandbox.handle import ForkServer
-
     from sandboxd.host.pins import pin_mounts
 
-    # Before the supervisor's imports (asyncio): every sandbox is a fork of this smaller process.
-    fork_server = ForkServer.start()
-    try:
-        # After the fork, so that the fork server holds none of them: the supervisor sends them along.
-        pinned = pin_mounts(stack, volumes_dir())
-    except BaseException:
-        fork_server.stop()
-        raise
+    # The fork server holds none of them: the supervisor sends them along.
+    pinned = pin_mounts(stack, volumes_dir())
+    # asyncio imports ssl for TLS transports, which the supervisor never makes (its sockets are
+    # unix, TCP and UDP ones, plain): without it, OpenSSL is not loaded (4 MiB of RSS). A stack
+    # with networks loads it with pyroute2 (host/network.py lets it).
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from sandboxd.daemon.supervisor import Supervisor
 
     return Supervisor(stack, plans, host, instance, fork_server=fork_server, limits=limits, detached=args.daemon, pinned=pinned, ids=lease).run()

@@ -109,7 +109,8 @@ class Activation:
             conn.close()  # the fork server holds its own copy now
         instance = Instance(rt, name, cgroup, sent.channel)
         self.instances[sent.id] = instance
-        asyncio.get_running_loop().add_reader(sent.channel, self._on_instance_status, instance)
+        # By its number: asyncio formats the repr of an object it is given to look it up first.
+        asyncio.get_running_loop().add_reader(sent.channel.fileno(), self._on_instance_status, instance)
         self.tasks.spawn(self._follow(instance, sent), f"{name}: following its sandbox")
         if rt.connections.active >= max_connections:
             self.unwatch(rt)

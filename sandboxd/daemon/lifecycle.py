@@ -83,7 +83,8 @@ class Lifecycle:
             )
         )
         rt.launch.id, rt.launch.channel = sent.id, sent.channel
-        asyncio.get_running_loop().add_reader(sent.channel, self._on_status, rt)
+        # By its number: asyncio formats the repr of an object it is given to look it up first.
+        asyncio.get_running_loop().add_reader(sent.channel.fileno(), self._on_status, rt)
         self.tasks.spawn(self._follow(rt, sent), f"{rt.spec.name}: following its sandbox")
 
     def _on_status(self, rt: ServiceRuntime) -> None:

@@ -49,7 +49,9 @@ class StackResources:
         self.console.quiet = detached
         for warning in self.cgroups.setup():
             self.console.note(f"warning: {warning}")
-        self.record.add("cgroups", str(self.cgroups.instance_path))
+        # Every cgroup of the stack is made below these (a dead run's are removed deepest first):
+        # recorded once here, the state file is not rewritten for each service's cgroups.
+        self.record.add("cgroups", *(str(path) for path in self.cgroups.stack_dirs()))
         joined = [name for name, plan in running.plans.items() if plan.net == "join"]
         if joined or running.stack.networks:
             self._prepare_networks(joined)

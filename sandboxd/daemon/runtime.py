@@ -51,7 +51,7 @@ class RunningStack:
         return self.runtime_dir / "root"
 
     def socket_unit(self, name: str) -> Socket:
-        return next(s for s in self.stack.sockets if s.name == name)
+        return self.stack.socket(name)
 
     def netns_fd(self, rt: ServiceRuntime) -> int:
         """The network namespace a service's sandbox joins, or -1 when it makes its own."""

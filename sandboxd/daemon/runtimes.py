@@ -26,15 +26,8 @@ class Runtimes:
 
     def add(self, service: Service) -> ServiceRuntime:
         """A service's cgroup (with its limits), output pipe and notify socket."""
-        record, cgroups = self.resources.record, self.resources.cgroups
-        assert record is not None
-        cgroup = cgroups.create(service.name, self.running.limits.get(service.name))
-        made = [str(cgroup.path)]
-        for path in cgroup.v1.values():
-            if str(path.parent) not in record.cgroups and str(path.parent) not in made:
-                made.append(str(path.parent))
-            made.append(str(path))
-        record.add("cgroups", *made)  # one rewrite of the state file per service, not one per cgroup
+        # Made below the stack's cgroup directories, which the state file records (resources.py).
+        cgroup = self.resources.cgroups.create(service.name, self.running.limits.get(service.name))
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
         rt = ServiceRuntime(service, self.running.plans[service.name], cgroup, OutputPipe(r, w))

@@ -25,6 +25,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +91,9 @@ class Namespaces:
 
 def build_networks(namespaces: Namespaces, networks: tuple[NetworkPlan, ...]) -> None:
     """Create each network's bridge in a namespace of its own and a veth pair into each member."""
+    if "ssl" in sys.modules and sys.modules["ssl"] is None:
+        # pyroute2 imports ssl, which `sandboxd up` kept from asyncio (cli/stack.py): allowed again.
+        del sys.modules["ssl"]
     try:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError

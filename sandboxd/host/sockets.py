@@ -75,8 +75,7 @@ def bind_address(unit: Socket, address: Address, record: StateRecord) -> socket.
                     path.unlink()
             except FileNotFoundError:
                 pass
-            sock.bind(str(path))
-            record.add("files", str(path))
+            sock.bind(str(path))  # recorded already (bind_sockets)
             os.chmod(path, unit.mode)
         if address.socktype != socket.SOCK_DGRAM:
             sock.listen(unit.backlog)
@@ -100,6 +99,9 @@ def bind_sockets(units: tuple[Socket, ...], record: StateRecord, inside: Enter =
     """
     bound: dict[tuple[str, int], BoundSocket] = {}
     files_before, dirs_before = len(record.files), len(record.dirs)
+    # Every socket file is recorded before it is made, in one rewrite of the state file rather
+    # than one per socket: a run killed in between leaves names a later run finds no socket at.
+    record.add("files", *(str(Path(a.path)) for unit in units for a in unit.listen if a.path and not a.is_abstract))
     try:
         for unit in units:
             for index, address in enumerate(unit.listen):
@@ -110,7 +112,8 @@ def bind_sockets(units: tuple[Socket, ...], record: StateRecord, inside: Enter =
         # Only what this call made: a reload binds into a stack whose other sockets stay.
         for b in bound.values():
             b.sock.close()
-        _remove_paths(record.files[files_before:], record.dirs[dirs_before:])
+        made = [str(Path(b.address.path)) for b in bound.values() if b.address.path and not b.address.is_abstract]
+        _remove_paths(made, record.dirs[dirs_before:])
         del record.files[files_before:], record.dirs[dirs_before:]
         record.save()
         raise

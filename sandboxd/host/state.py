@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,10 @@ def remove_recorded(directory: Path) -> None:
         for cgroup_dir, _subdirs, _files in os.walk(path, topdown=False):
             Cgroup(Path(cgroup_dir)).remove()
     for path in data.get("files", []):
+        # Socket files, recorded before they were bound: what is not a socket is not sandboxd's.
         try:
-            os.unlink(path)
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
         except FileNotFoundError:
             pass
     for path in reversed(data.get("dirs", [])):

@@ -28,7 +28,7 @@ from sandboxd.plan.environment import NOTIFY_PATH_IN_SANDBOX, uses_notify
 from sandboxd.plan.launch import HOST_IDS, MASK_WITH_MOUNTPOINTS, STORE_IDS, SYSFS_OF_NETNS, TMPFS_DIRS, HostFacts, MountOp, NetMode, PathFacts, PlannedImage, is_under
 
 if TYPE_CHECKING:
-    from sandboxd.spec.model import Service, Stack
+    from sandboxd.spec.model import Service, Socket, Stack
 
 # As runc, docker and podman do: files of /proc and /sys that say too much about the host, or
 # change it, are hidden (the sandbox's /dev/null over files, an empty read-only tmpfs over
@@ -242,15 +242,27 @@ def _unused_socket_files(stack: Stack, service: Service) -> list[str]:
     if service.image != "host":
         return []
     used = set(service.uses)
-    return sorted(
-        {
-            posixpath.normpath(address.path)
-            for sock in stack.sockets
-            if sock.name not in used
-            for address in sock.listen
-            if address.path and not address.is_abstract and not any(is_under(posixpath.normpath(address.path), d) for d in TMPFS_DIRS)
-        }
-    )
+    return sorted({path for name, path in _visible_socket_files(stack.sockets) if name not in used})
+
+
+# The last stack's sockets and their files outside TMPFS_DIRS: the same for every service planned.
+_visible: list[tuple[tuple[Socket, ...], tuple[tuple[str, str], ...]]] = []
+
+
+def _visible_socket_files(sockets: tuple[Socket, ...]) -> tuple[tuple[str, str], ...]:
+    """(socket name, normalised path) of each unix socket file of `sockets` outside TMPFS_DIRS,
+    worked out once per stack rather than once per service (N x N for N services)."""
+    if _visible and _visible[0][0] is sockets:
+        return _visible[0][1]
+    found = []
+    for sock in sockets:
+        for address in sock.listen:
+            if address.path and not address.is_abstract:
+                path = posixpath.normpath(address.path)
+                if not any(is_under(path, d) for d in TMPFS_DIRS):
+                    found.append((sock.name, path))
+    _visible[:] = [(sockets, tuple(found))]
+    return _visible[0][1]
 
 
 def service_mounts(

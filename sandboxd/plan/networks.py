@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Iterator
 
 from sandboxd.plan.launch import IPAddress, IPNetwork, Member, NetMode, NetworkPlan
-from sandboxd.spec.model import Service, Stack, socket_namespace
+from sandboxd.spec.model import Service, Stack
 
 
 def net_mode(stack: Stack, service: Service) -> NetMode:
@@ -19,7 +19,7 @@ def net_mode(stack: Stack, service: Service) -> NetMode:
     namespace sandboxd makes for the service before it starts (networks, sockets bound inside)."""
     if service.network == "host":
         return "host"
-    if service.attachments or any(socket_namespace(s) == service.name for s in stack.sockets):
+    if service.attachments or stack.binds_inside(service.name):
         return "join"
     return "none" if service.network == "none" else "private"
 

@@ -68,7 +68,7 @@ from sandboxd.sandbox.detached import detached_bind, detached_dev, host_pid, idm
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import encode as encode_program
 from sandboxd.sandbox.program import READONLY, Descriptors, HostView, Trees, compile_launch
-from sandboxd.sandbox.protocol import Exited, ForkFailed, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
+from sandboxd.sandbox.protocol import Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -91,6 +91,7 @@ def serve(conn: socket.socket) -> NoReturn:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         children: dict[int, int] = {}  # pid in our namespace -> request id
+        held: list[int] = []  # HoldDescriptors: open until this process exits
         selector = selectors.DefaultSelector()
         selector.register(conn, selectors.EVENT_READ, "request")
         selector.register(wake_r, selectors.EVENT_READ, "sigchld")
@@ -100,7 +101,11 @@ def serve(conn: socket.socket) -> NoReturn:
                     msg, fds = _recv_with_fds(conn)
                     if not msg:
                         os._exit(0)  # the supervisor is gone or done: our exit ends every sandbox
-                    _fork_request(conn, decode_request(msg), fds, own_pidns, own_netns, children)
+                    request = decode_request(msg)
+                    if isinstance(request, HoldDescriptors):
+                        held += fds
+                        continue
+                    _fork_request(conn, request, fds, own_pidns, own_netns, children)
                 else:
                     try:
                         os.read(wake_r, 4096)

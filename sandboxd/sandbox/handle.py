@@ -18,7 +18,7 @@ from sandboxd.kernel import abi, linux
 from sandboxd.plan.launch import LaunchPlan
 from sandboxd.sandbox.child import SETUP_BINARY
 from sandboxd.sandbox.forkserver import serve
-from sandboxd.sandbox.protocol import LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode
+from sandboxd.sandbox.protocol import HoldDescriptors, LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode
 
 
 @dataclass
@@ -41,8 +41,9 @@ class ForkServer:
     def start() -> ForkServer:
         """Fork the fork server as pid 1 of a new pid namespace. Call before any thread exists.
 
-        A fork costs in proportion to the pages the child then touches (copy on write), so the
-        CLI starts the fork server right after validation, before the supervisor's own imports
+        A fork costs in proportion to the pages of the process forked and those the child then
+        touches (copy on write), so `sandboxd up` starts the fork server first, before it reads
+        the specs (YAML), plans and makes anything, and before the supervisor's own imports
         (asyncio, pyroute2): every sandbox is a fork of this smaller process. (Starting a fresh
         interpreter instead would cost about 80 ms before the first sandbox, more than it saves.)
         Refused (HostError) without the set-up interpreter every sandbox executes (child.py).
@@ -64,6 +65,10 @@ class ForkServer:
             os.close(own_pidns)
         child.close()
         return ForkServer(parent, pid)
+
+    def hold(self, fds: list[int]) -> None:
+        """Have the fork server keep copies of `fds` open until it exits (HoldDescriptors)."""
+        socket.send_fds(self.conn, [encode(HoldDescriptors(len(fds)))], fds)
 
     def next_id(self) -> int:
         self._next_id += 1

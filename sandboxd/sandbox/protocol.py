@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, Union
 
-from sandboxd.plan.launch import LaunchPlan
+from sandboxd.plan.launch import LaunchPlan, MountOp
 
 # JSON as the wire carries it.
 Wire = Union[None, bool, int, float, str, list["Wire"], dict[str, "Wire"]]
@@ -115,6 +115,15 @@ class StartProxy:
 Request = LaunchSandbox | RunCommand | StartProxy
 
 
+@dataclass(frozen=True)
+class HoldDescriptors:
+    """Keep the `count` descriptors sent with this open for the fork server's life, answering
+    nothing: the stack's lease of subordinate ids (host/subids.py), taken after the fork server
+    was forked, is then held until the last sandbox is gone."""
+
+    count: int
+
+
 # ── replies: fork server -> supervisor ──
 
 NOT_FORKED = 127 << 8  # the wait status of a request the fork server could not fork for (as a child that could not be set up)
@@ -174,6 +183,7 @@ _KINDS: dict[str, type] = {
     "launch": LaunchSandbox,
     "run": RunCommand,
     "proxy": StartProxy,
+    "hold": HoldDescriptors,
     "exited": Exited,
     "fork-failed": ForkFailed,
     "executing": Executing,
@@ -182,8 +192,18 @@ _KINDS: dict[str, type] = {
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
-def encode(message: Request | Reply | Status) -> bytes:
+def encode(message: Request | HoldDescriptors | Reply | Status) -> bytes:
+    if type(message) is LaunchSandbox:
+        return _encode_launch(message)
     return json.dumps({"type": _KIND_OF[type(message)], "arg": to_wire(message)}, separators=(",", ":")).encode()
+
+
+def _encode_launch(message: LaunchSandbox) -> bytes:
+    """A LaunchSandbox as encode makes any message, its plan's JSON text put in as _plan_text
+    kept it (the object `plan` last among the fields)."""
+    rest = {name: to_wire(getattr(message, name)) for name, _form in _wire_forms(LaunchSandbox) if name != "plan"}
+    head = json.dumps({"type": "launch", "arg": rest}, separators=(",", ":"))
+    return f'{head[:-2]},"plan":{_plan_text(message.plan)}}}}}'.encode()
 
 
 def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
@@ -199,9 +219,9 @@ def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
     return from_wire(cls, wire["arg"])
 
 
-def decode_request(data: bytes) -> Request:
-    message = _decode(data, (LaunchSandbox, RunCommand, StartProxy))
-    assert isinstance(message, LaunchSandbox | RunCommand | StartProxy)
+def decode_request(data: bytes) -> Request | HoldDescriptors:
+    message = _decode(data, (LaunchSandbox, RunCommand, StartProxy, HoldDescriptors))
+    assert isinstance(message, LaunchSandbox | RunCommand | StartProxy | HoldDescriptors)
     return message
 
 
@@ -234,8 +254,42 @@ def to_wire(value: object) -> Wire:
     if isinstance(value, tuple | list):
         return [to_wire(item) for item in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {name: to_wire(getattr(value, name)) for name in _field_names(type(value))}
+        return _dataclass_wire(value)
     raise TypeError(f"{type(value).__name__} has no wire form")
+
+
+def _dataclass_wire(value: object) -> Wire:
+    cls: type = type(value)
+    wire: dict[str, Wire] = {}
+    for name, form in _wire_forms(cls):
+        item = getattr(value, name)
+        # What its hint says is a scalar, or a tuple of scalars, goes as it is: no call per value.
+        if form is _AS_IS and type(item) in _WIRE_SCALARS:
+            wire[name] = item
+        elif form is _SCALARS_LIST and type(item) is tuple and all(type(v) in _WIRE_SCALARS for v in item):
+            wire[name] = list(item)
+        else:
+            wire[name] = to_wire(item)
+    return wire
+
+
+_AS_IS, _SCALARS_LIST, _WALKED = "as is", "list of scalars", "walked"
+_WIRE_SCALARS = frozenset((int, str, bool, float, type(None)))
+
+
+@functools.cache
+def _wire_forms(cls: type) -> tuple[tuple[str, str], ...]:
+    """Each field of dataclass `cls` with how its value goes on the wire, by its type hint."""
+    hints = typing.get_type_hints(cls)
+    forms = []
+    for f in dataclasses.fields(cls):
+        hint, form = hints[f.name], _WALKED
+        if hint in _SCALARS or typing.get_origin(hint) is Literal:
+            form = _AS_IS
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,) and typing.get_args(hint)[0] in _SCALARS:
+            form = _SCALARS_LIST
+        forms.append((f.name, form))
+    return tuple(forms)
 
 
 def from_wire(cls: type[T], wire: Wire) -> T:
@@ -246,9 +300,71 @@ def from_wire(cls: type[T], wire: Wire) -> T:
     return value
 
 
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+# The JSON text of the plans encoded lately, and of their fields that are no scalars, by
+# identity. A plan is frozen and a service's is sent unchanged at every launch; a connection's
+# (accept mode) is its service's with another name and environment, its other fields the very
+# same objects. Encoding them is most of the work of a launch request. Each entry holds what it
+# is the text of, so no other object takes its id while it is here.
+_TEXTS: dict[int, tuple[object, str]] = {}
+_TEXTS_MAX = 8192
+
+
+def _plan_text(plan: LaunchPlan) -> str:
+    known = _TEXTS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    scalars: dict[str, Wire] = {}
+    parts = []
+    for name, _form in _wire_forms(LaunchPlan):
+        value = getattr(plan, name)
+        if type(value) in _WIRE_SCALARS:
+            scalars[name] = value
+        else:
+            parts.append(f'"{name}":{_kept_text(value)}')
+    head = json.dumps(scalars, separators=(",", ":"))  # "{...}": the other fields go before its "}"
+    text = head[:-1] + ("," if scalars and parts else "") + ",".join(parts) + "}"
+    _keep(plan, text)
+    return text
+
+
+def _kept_text(value: object) -> str:
+    """The JSON text of an immutable value (a tuple, a frozen dataclass), kept; of others, made."""
+    known = _TEXTS.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
+    if type(value) is tuple and value and all(type(item) is MountOp for item in value):
+        # A plan's mounts: mostly the same ops in every service's plan, made anew for each.
+        text = "[" + ",".join(_mount_text(item) for item in value) + "]"
+    else:
+        text = json.dumps(to_wire(value), separators=(",", ":"))
+    if type(value) is tuple or _is_frozen(value):
+        _keep(value, text)
+    return text
+
+
+def _is_frozen(value: object) -> bool:
+    params = getattr(type(value), "__dataclass_params__", None)
+    return params is not None and bool(params.frozen)
+
+
+# The JSON text of mount ops by value: equal ones (their fields are strings and a bool) have
+# the same text.
+_MOUNT_TEXTS: dict[MountOp, str] = {}
+
+
+def _mount_text(op: MountOp) -> str:
+    text = _MOUNT_TEXTS.get(op)
+    if text is None:
+        if len(_MOUNT_TEXTS) >= _TEXTS_MAX:
+            _MOUNT_TEXTS.clear()
+        text = _MOUNT_TEXTS[op] = json.dumps(to_wire(op), separators=(",", ":"))
+    return text
+
+
+def _keep(value: object, text: str) -> None:
+    if len(_TEXTS) >= _TEXTS_MAX:
+        _TEXTS.clear()
+    _TEXTS[id(value)] = (value, text)
 
 
 Decoder = Callable[[Wire], object]

@@ -95,21 +95,29 @@ def _clash_scope(sock: Socket, address: Address) -> str | None:
 
 
 def _address_clashes(found: list[Found]) -> list[SpecError]:
-    seen: list[tuple[Found, str, Address, str | None]] = []
+    # Only addresses of one bucket can overlap (_overlap): the same path, or the same family and
+    # port; each address is compared with those of its bucket, in the order they were seen.
+    seen: dict[tuple[object, ...], list[tuple[Found, str, Address, str | None]]] = {}
     errors = []
     for unit in found:
         if not isinstance(unit.unit, Socket):
             continue
         for index, address in enumerate(unit.unit.listen):
             key, scope = unit.key("listen", index), _clash_scope(unit.unit, address)
-            for other, other_key, other_address, other_scope in seen:
+            bucket = seen.setdefault(_overlap_bucket(address), [])
+            for other, other_key, other_address, other_scope in bucket:
                 if scope == other_scope and _overlap(address, other_address):
                     verb = "is already used by" if address == other_address else f"overlaps {other_address} of"
                     owner = f"{other_key} of this socket" if other is unit else f"socket '{other.name}'"
                     errors.append(unit.error(key, f"{address} {verb} {owner} ({other.where(other_key)})"))
                     break
-            seen.append((unit, key, address, scope))
+            bucket.append((unit, key, address, scope))
     return errors
+
+
+def _overlap_bucket(address: Address) -> tuple[object, ...]:
+    """What two addresses that _overlap share: their path, or (inet) their family and port."""
+    return ("inet", address.family, address.port) if address.is_inet else ("path", address.path)
 
 
 def _networks_of(service: Service | None) -> set[str]:

@@ -156,7 +156,8 @@ def _walk(node: Node, path: str, variables: Mapping[str, str], found: Interpolat
                 found.failed.add(id(node))
                 return
             node.value = value
-            if node.style is None and (tag := _RESOLVER.resolve(ScalarNode, value, (True, False))) in _RETYPED:  # type: ignore[no-untyped-call]
+            # A plain scalar: style None from the pure-Python parser, "" from libyaml.
+            if not node.style and (tag := _RESOLVER.resolve(ScalarNode, value, (True, False))) in _RETYPED:  # type: ignore[no-untyped-call]
                 node.tag = tag
     elif isinstance(node, MappingNode):
         for key, value in node.value:

@@ -51,7 +51,7 @@ def load_stack(folder: Path, variables: Mapping[str, str] | None = None) -> Stac
         raise SpecErrors([distrusted])  # what its files say does not count
     variables = interpolation_variables(root) if variables is None else variables
     for file in files:
-        if (distrusted := _distrusted(file, "this spec file")) is not None:
+        if (distrusted := _distrusted(file, "this spec file", checked=root)) is not None:
             errors.append(distrusted)
             continue
         errors += _load_file(file, found, variables)
@@ -67,12 +67,13 @@ def load_stack(folder: Path, variables: Mapping[str, str] | None = None) -> Stac
     return Stack(root, root.name, services, sockets, networks, tuple(unit for unit in units if isinstance(unit, Volume)))
 
 
-def _distrusted(path: Path, what: str) -> SpecError | None:
+def _distrusted(path: Path, what: str, checked: Path | None = None) -> SpecError | None:
     """A spec folder says what runs as root with which host paths: only root may be able to
-    change it, or its files, or a folder above them (trust.py)."""
+    change it, or its files, or a folder above them (trust.py). `checked`: the spec folder,
+    trusted already, where the walk up from a file may stop."""
     # A file is checked with its folder (strict=2): a sticky spec folder is no better than any other.
     try:
-        found = untrusted(path, strict=1 if path.is_dir() else 2)
+        found = untrusted(path, strict=1 if path.is_dir() else 2, checked=checked)
     except OSError as e:
         return SpecError(path, 0, "", f"cannot check who may change {what}: {e.strerror}")
     if found is None:
@@ -127,7 +128,7 @@ def interpolation_variables(folder: Path, env_files: Sequence[Path] = ()) -> dic
 def _load_file(file: Path, found: list[Found], variables: Mapping[str, str]) -> list[SpecError]:
     """Append the units of `file` to `found`; return its problems."""
     try:
-        documents = list(yaml.compose_all(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+        documents = _compose(file.read_text(encoding="utf-8"))
     except OSError as error:
         return [SpecError(file, 0, "", f"cannot read the file: {error.strerror}")]
     except UnicodeDecodeError as error:
@@ -171,6 +172,22 @@ def _looks_like_a_unit(node: Node) -> bool:
         return False
     keys = [key.value for key, _ in node.value if isinstance(key.value, str)]
     return any(key in UNIT_KEYS or key.lower() == "kind" or difflib.get_close_matches(key.lower(), ["kind"], cutoff=0.7) for key in keys)
+
+
+# libyaml's parser, where PyYAML was built with it: the same nodes, 20 times faster than the
+# pure-Python one. A file it finds fault with is read again by the pure-Python parser, so that
+# what a user is told about invalid YAML stays word for word the same.
+_FAST_LOADER: type[yaml.SafeLoader] | None = getattr(yaml, "CSafeLoader", None)
+
+
+def _compose(text: str) -> list[Node]:
+    """The YAML documents of `text`, as nodes (raises yaml.YAMLError as the pure-Python parser does)."""
+    if _FAST_LOADER is not None:
+        try:
+            return list(yaml.compose_all(text, Loader=_FAST_LOADER))
+        except yaml.YAMLError:
+            pass
+    return list(yaml.compose_all(text, Loader=yaml.SafeLoader))
 
 
 def _kind(node: Node) -> str:

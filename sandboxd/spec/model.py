@@ -16,6 +16,7 @@ line, so that what is done with it later can still name where it was written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import socket
 from dataclasses import dataclass
@@ -273,14 +274,45 @@ class Stack:
         return tuple(s for s in self.services if any(a.network == network for a in s.attachments))
 
     def service(self, name: str) -> Service:
-        for service in self.services:
-            if service.name == name:
-                return service
-        raise KeyError(f"no service '{name}' in stack '{self.name}'")
+        found = self._services_by_name.get(name)
+        if found is None:
+            raise KeyError(f"no service '{name}' in stack '{self.name}'")
+        return found
+
+    def socket(self, name: str) -> Socket:
+        found = self._sockets_by_name.get(name)
+        if found is None:
+            raise KeyError(f"no socket '{name}' in stack '{self.name}'")
+        return found
 
     def sockets_of(self, service: str) -> tuple[Socket, ...]:
         """The sockets feeding `service`, by socket name: the order of its fds from 3 on."""
-        return tuple(sock for sock in self.sockets if sock.service == service)
+        return self._sockets_by_service.get(service, ())
+
+    def binds_inside(self, service: str) -> bool:
+        """Whether a socket of the stack is bound inside `service`'s network namespace (`netns:`)."""
+        return service in self._socket_namespaces
+
+    # Indexes of the units, made at the first look-up: a stack of N services is planned and run
+    # with look-ups by name, which would otherwise each walk every unit (N x N in all).
+    @functools.cached_property
+    def _services_by_name(self) -> dict[str, Service]:
+        return {service.name: service for service in reversed(self.services)}  # the first of a name
+
+    @functools.cached_property
+    def _sockets_by_name(self) -> dict[str, Socket]:
+        return {sock.name: sock for sock in reversed(self.sockets)}
+
+    @functools.cached_property
+    def _sockets_by_service(self) -> dict[str, tuple[Socket, ...]]:
+        found: dict[str, list[Socket]] = {}
+        for sock in self.sockets:
+            found.setdefault(sock.service, []).append(sock)
+        return {service: tuple(socks) for service, socks in found.items()}
+
+    @functools.cached_property
+    def _socket_namespaces(self) -> frozenset[str | None]:
+        return frozenset(socket_namespace(sock) for sock in self.sockets)
 
 
 # Unit names, and the names of images and volumes: they become cgroup, file and folder names.

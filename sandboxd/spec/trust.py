@@ -49,13 +49,18 @@ def problem(info: os.stat_result, above: bool, caller: int) -> str:
     return " and ".join(reasons)
 
 
-def untrusted(path: Path, strict: int = 1) -> Untrusted | None:
+def untrusted(path: Path, strict: int = 1, checked: Path | None = None) -> Untrusted | None:
     """The first of `path` and the folders above it that someone besides root (or the caller)
     could change, or None. The first `strict` of them (the path, the folder holding it, ...) may
-    not be writable by others even when sticky. Raises OSError if `path` cannot be resolved."""
+    not be writable by others even when sticky. Raises OSError if `path` cannot be resolved.
+
+    `checked`: a real folder found trusted already with its first `strict - 1` strict (the spec
+    folder, before each of its files); the walk up stops there, rather than at `/` again."""
     real = path.resolve(strict=True)
     caller = os.geteuid()
     for index, current in enumerate([real, *real.parents]):
+        if index > 0 and current == checked:
+            return None
         why = problem(os.lstat(current), above=index >= strict, caller=caller)
         if why:
             return Untrusted(current, why)

@@ -28,7 +28,6 @@ images, and whiteouts are settled once at import time instead of at every start.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -266,6 +265,8 @@ def find_definition(name: str, spec_folder: Path) -> Path | None:
 
 def definition_digest(definition: Path) -> str:
     """sha256 over the definition's files: their paths, modes and contents."""
+    import hashlib  # here, not at the top: the supervisor that imports this module never hashes (OpenSSL's libcrypto is 4 MiB)
+
     digest = hashlib.sha256()
     for path in sorted(p for p in definition.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(str(path.relative_to(definition)).encode() + b"\0")
@@ -347,6 +348,8 @@ def pulled_name(reference: Reference) -> str:
     """The store name of a pulled image: its repository's last part and its tag (or digest) to be
     read, and a hash of the whole reference to tell `a/app:1` from `b/app:1`. Never a name a
     definition would choose by accident, and free of the `:` and `,` an overlay's options split on."""
+    import hashlib  # as in definition_digest
+
     label = reference.tag or reference.digest.replace(":", "-")[:19]
     tail = re.sub(r"[^a-z0-9_.-]+", "-", f"{reference.repository.rsplit('/', 1)[-1]}-{label}".lower())
     return f"{tail[:50].strip('_.-')}-{hashlib.sha256(str(reference).encode()).hexdigest()[:10]}"

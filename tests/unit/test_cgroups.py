@@ -323,3 +323,41 @@ def test_only_the_cgroups_package_names_the_cgroup_mount():
     package = Path(sandboxd.__file__).parent
     naming = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "/sys/fs/cgroup" in p.read_text())
     assert naming and all(name.startswith("host/cgroups/") for name in naming), naming
+
+
+def test_every_cgroup_of_a_stack_is_below_one_of_the_directories_its_state_file_records(tmp_path):
+    for host in (_unified(tmp_path / "u"), _hybrid(tmp_path / "h")):
+        manager = cgroup_manager(host, "stack")
+        manager.setup()
+        recorded = manager.stack_dirs()
+        assert recorded[0] == host.stack_dir("stack")
+        assert recorded[1:] == [host.v1_stack_dir(controller, "stack") for controller in host.v1]
+        web = manager.create("web")
+        (web.path / "cgroup.subtree_control").write_text("")
+        one = manager.create("web@1", parent=web)
+        for path in [web.path, one.path, *web.v1.values(), *one.v1.values()]:
+            assert any(path.is_relative_to(directory) and path != directory for directory in recorded)
+
+
+def test_a_cgroup_just_made_starts_from_zero_counters_and_later_launches_read_them(tmp_path):
+    manager = cgroup_manager(_hybrid(tmp_path), "stack")
+    manager.setup()
+    db = manager.create("db")
+    oom_control = db.v1["memory"] / "memory.oom_control"
+    oom_control.write_text("oom_kill 2\n")  # what a fake tree says; a new cgroup of the kernel's says 0
+    db.mark()  # the first launch: nothing read
+    assert db.baseline == {"oom_kills": 0, "pids_limit_hits": 0}
+    db.mark()  # a restart: read
+    assert db.baseline["oom_kills"] == 2 and db.why_failed() == ""
+    oom_control.write_text("oom_kill 3\n")
+    assert db.why_failed() == "oom-killed"
+
+
+def test_a_cgroup_whose_directory_was_there_already_reads_its_counters_at_once(tmp_path):
+    manager = cgroup_manager(_hybrid(tmp_path), "stack")
+    manager.setup()
+    (tmp_path / "memory/session/sandboxd/stack/db").mkdir(parents=True)  # left by someone
+    (tmp_path / "memory/session/sandboxd/stack/db/memory.oom_control").write_text("oom_kill 4\n")
+    db = manager.create("db")
+    db.mark()
+    assert db.baseline["oom_kills"] == 4

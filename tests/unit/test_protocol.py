@@ -134,3 +134,27 @@ def test_a_field_with_a_default_may_be_left_out() -> None:
 def test_only_what_the_protocol_knows_has_a_wire_form() -> None:
     with pytest.raises(TypeError):
         to_wire({"a": 1})
+
+
+def test_a_launch_is_encoded_the_same_with_what_was_kept_of_earlier_ones() -> None:
+    message = REQUESTS[0]
+    first = encode(message)
+    assert encode(message) == first  # the plan's text kept
+    assert json.loads(first) == {"type": "launch", "arg": json.loads(json.dumps(to_wire(message)))}
+    # A connection's plan (accept mode): its service's, another name and environment.
+    connection = dataclasses.replace(PLAN, service="web@7", env=(*PLAN.env, ("REMOTE_PORT", "4711")), fd_names=("connection",), fd_sockets=())
+    request = dataclasses.replace(message, id=9, plan=connection)
+    assert json.loads(encode(request))["arg"] == json.loads(json.dumps(to_wire(request)))
+    assert decode_request(encode(request)) == request
+
+
+def test_equal_mount_ops_of_two_plans_are_encoded_alike() -> None:
+    other = dataclasses.replace(PLAN, service="db", mounts=tuple(dataclasses.replace(op) for op in PLAN.mounts))
+    wire = json.loads(encode(dataclasses.replace(REQUESTS[0], plan=other)))["arg"]["plan"]
+    assert wire["mounts"] == json.loads(json.dumps(to_wire(PLAN)))["mounts"] and wire["service"] == "db"
+
+
+def test_descriptors_to_hold_survive_the_wire() -> None:
+    from sandboxd.sandbox.protocol import HoldDescriptors
+
+    assert decode_request(encode(HoldDescriptors(1))) == HoldDescriptors(1)

@@ -630,6 +630,35 @@ def test_unknown_service_lookup_raises_key_error(tmp_path: Path, write_specs: Wr
         stack.service("nope")
 
 
+def test_a_stack_finds_its_units_and_the_sockets_bound_inside_a_service_by_name(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    folder = write_specs(
+        tmp_path,
+        {
+            "a.yaml": SERVICE + "---\nkind: socket\nname: web\nservice: app\nlisten: tcp:127.0.0.1:0\nnetns: service\n",
+            "c.yaml": "kind: service\ncommand: [c]\n---\nkind: socket\nname: cs\nservice: c\nlisten: unix:/run/c\n",
+        },
+    )
+    stack = load_stack(folder)
+    assert stack.service("c") is stack.services[1] and stack.socket("web").service == "app"
+    assert stack.binds_inside("app") and not stack.binds_inside("c")
+    with pytest.raises(KeyError):
+        stack.socket("nope")
+
+
+def test_yaml_is_read_into_the_same_nodes_by_either_parser(tmp_path: Path) -> None:
+    import yaml
+
+    from sandboxd.spec.load import _compose  # the module's own choice of parser, tested here
+
+    text = "kind: service\ncommand: [a, 'b c', \"d\"]\nenv: {A: 1, B: ~, C: 0x10}\n---\n---\nkind: socket\nlisten: &x unix:/run/x\nname: *x\n"
+
+    def shape(node: yaml.Node) -> object:
+        inner = [shape(n) for n in node.value] if isinstance(node, yaml.SequenceNode) else [(shape(k), shape(v)) for k, v in node.value] if isinstance(node, yaml.MappingNode) else node.value
+        return (type(node).__name__, node.tag, node.start_mark.line, node.start_mark.column, inner)
+
+    assert [shape(n) for n in _compose(text)] == [shape(n) for n in yaml.compose_all(text, Loader=yaml.SafeLoader)]
+
+
 def test_addresses_that_cannot_clash_are_accepted(tmp_path: Path, write_specs: WriteSpecs) -> None:
     folder = write_specs(
         tmp_path,

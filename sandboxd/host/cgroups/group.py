@@ -31,6 +31,7 @@ class Cgroup:
         self.killed = False
         self.baseline: dict[str, int] = {}
         self.settings: list[tuple[Path, str]] = []  # the limit files written, in order
+        self.unused = False  # made just now (CgroupManager.create), no process has been in it
 
     @property
     def v1_tasks_files(self) -> tuple[str, ...]:
@@ -87,6 +88,9 @@ class Cgroup:
 
     def mark(self) -> None:
         """Remember the counters now, so that `why_failed` sees only what happened since."""
+        if self.unused:  # a cgroup just made has counted nothing: no files to read at the first launch
+            self.baseline, self.unused = {"oom_kills": 0, "pids_limit_hits": 0}, False
+            return
         self.baseline = self._counters()
 
     def why_failed(self) -> str:

@@ -54,6 +54,10 @@ class HybridCgroups(CgroupManager):
         "io_weight": ("blkio", "blkio.bfq.weight"),
     }
 
+    def __init__(self, host: CgroupHost, instance: str) -> None:
+        super().__init__(host, instance)
+        self._made_v1: set[Path] = set()  # the stack's v1 directories made so far
+
     @staticmethod
     def unenforceable(host: CgroupHost, limits: Limits) -> list[str]:
         problems = []
@@ -92,11 +96,16 @@ class HybridCgroups(CgroupManager):
         for controller in sorted(controllers):
             base = parent.v1[controller] if parent is not None else self._v1_stack_dir(controller)
             cgroup.v1[controller] = base / cgroup.path.name
-            cgroup.v1[controller].mkdir(exist_ok=True)
+            try:
+                cgroup.v1[controller].mkdir()
+            except FileExistsError:
+                cgroup.unused = False
 
     def _v1_stack_dir(self, controller: str) -> Path:
         directory = self.host.v1_stack_dir(controller, self.instance_path.name)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory not in self._made_v1:  # made once, not again for every service
+            directory.mkdir(parents=True, exist_ok=True)
+            self._made_v1.add(directory)
         return directory
 
     def _limit_writes(self, cgroup: Cgroup, values: dict[str, str]) -> list[tuple[Path, str]]:
@@ -108,6 +117,9 @@ class HybridCgroups(CgroupManager):
                     writes.append((cgroup.v1[controller] / "cpu.cfs_period_us", str(CPU_PERIOD_US)))
                 writes.append((cgroup.v1[controller] / file, values[limit]))
         return writes
+
+    def _v1_stack_dirs(self) -> list[Path]:
+        return [self.host.v1_stack_dir(controller, self.instance_path.name) for controller in self.host.v1]
 
     def _v1_dirs(self) -> list[Path]:
         instance = self.instance_path.name

@@ -84,7 +84,16 @@ class CgroupManager(ABC):
     def _v1_dirs(self) -> list[Path]:
         """The stack's v1 directories and their shared parents, removed at teardown if empty."""
 
+    def _v1_stack_dirs(self) -> list[Path]:
+        """The stack's own directory in each v1 hierarchy its cgroups may use (none unless hybrid)."""
+        return []
+
     # ── the same in every mode ──
+
+    def stack_dirs(self) -> list[Path]:
+        """The stack's own directories (cgroup2, and each v1 hierarchy's on a hybrid host), which
+        may not exist yet: every cgroup of the stack is made below one of them."""
+        return [self.instance_path, *self._v1_stack_dirs()]
 
     def setup(self) -> list[str]:
         """Make the stack's cgroup; returns warnings for what of ACCOUNTED the host cannot give."""
@@ -114,7 +123,11 @@ class CgroupManager(ABC):
             limits = limits.with_defaults()
         values = self.limit_values(limits)
         cgroup = Cgroup((parent.path if parent else self.instance_path) / name, can_kill=self.host.kill)
-        cgroup.path.mkdir(exist_ok=True)
+        try:
+            cgroup.path.mkdir()
+            cgroup.unused = True  # unless _attach finds a v1 directory of it there already
+        except FileExistsError:
+            pass
         self.created.append(cgroup)
         self._attach(cgroup, values, parent)
         try:

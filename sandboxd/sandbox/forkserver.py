@@ -89,6 +89,10 @@ def serve(conn: socket.socket) -> NoReturn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         make_decoders()
         linux.clone_into_cgroup_works()  # probed now, once, rather than at the first sandbox
+        try:
+            sealed_copy(str(SETUP_BINARY))  # now too, not at the first sandbox; a failure is that launch's to report
+        except OSError:
+            pass
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -251,7 +255,7 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     binds = [op for op in plan.mounts if op.kind == "bind"]
     if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
         raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", plan.service)
-    store = storage_userns(plan.userns) if plan.userns and any(op.options == STORE_IDS for op in binds) else -1
+    store = storage_userns(plan.userns, sealed_copy(str(SETUP_BINARY))) if plan.userns and any(op.options == STORE_IDS for op in binds) else -1
     copies: list[int] = []
     host_id_trees: list[tuple[int, str]] = []
     image_tree = -1

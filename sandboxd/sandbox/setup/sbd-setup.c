@@ -4,7 +4,7 @@
  * The fork server starts it with vfork semantics (posix_spawn) as the spawner of a sandbox's
  * init (`spawn`, below: it clones the init from itself, the host's side of a user namespace
  * done), and the init, a copy of this small process, walks the program (`interpret`). Or, on
- * its own, for tests and scripts/bench:
+ * its own, for tests and scripts/bench (and `sbd-setup userns READY DONE`: hold_userns):
  *
  *     sbd-setup PROGRAM_FD CHANNEL_FD SYSFS_FD
  *
@@ -840,7 +840,7 @@ static _Noreturn void interpret(int program_fd, int sysfs)
  * joins the service's network namespace NETNS (-1: none) for the clone and makes the sysfs
  * there (SYSFS 1); clone3 of the init with CLONE_PARENT (so that the init is the fork server's
  * child, which reaps it), CLONE_NEWPID, CLONE_PIDFD, born in CGROUP (INTO_CGROUP 1; 0: it joins
- * it itself) and, with UID >= 0, CLONE_NEWUSER, cloned as the block's last ids; then it writes
+ * it itself; -1 with 0: none, for scripts/bench) and, with UID >= 0, CLONE_NEWUSER, cloned as the block's last ids; then it writes
  * the maps "0 UID COUNT" and "0 GID COUNT", idmaps the detached TREES (comma-separated fds, or
  * -) through the init's user namespace, and sends on REPLY "P<pid>" with the pidfd (SCM_RIGHTS),
  * or "E<errno> <what>" (what: setns, sysfs, clone3, uid_map, gid_map, userns, idmap K for the
@@ -971,14 +971,15 @@ static _Noreturn void init_child(int release, bool userns, int cgroup, bool into
     if (userns && read(release, &go, 1) != 1)
         _exit(EXIT_SETUP_FAILED); /* the spawner could not set it up; the fork server says why */
     close(release);
-    if (!into_cgroup) {
+    if (!into_cgroup && cgroup >= 0) {
         step = "join the cgroup";
         int procs = openat(cgroup, "cgroup.procs", O_WRONLY | O_CLOEXEC);
         if (procs < 0 || write(procs, "0", 1) != 1)
             fail_errno("", errno, "cgroup.procs");
         close(procs);
     }
-    close(cgroup);
+    if (cgroup >= 0)
+        close(cgroup);
     if (userns) {
         step = "become root of the user namespace";
         if (setgroups(0, NULL) < 0 || setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
@@ -1052,8 +1053,24 @@ static _Noreturn void spawn(char **argv)
 }
 
 
+/* sbd-setup userns READY DONE: a user namespace of its own, held while the fork server writes
+ * its maps and opens it (detached.storage_userns): "1" on READY once it exists, exit at EOF on DONE. */
+static _Noreturn void hold_userns(char **argv)
+{
+    char end;
+    if (unshare(CLONE_NEWUSER) < 0)
+        _exit(EXIT_SETUP_FAILED);
+    if (write(atoi(argv[2]), "1", 1) != 1)
+        _exit(EXIT_UNEXPECTED);
+    while (read(atoi(argv[3]), &end, 1) > 0)
+        continue;
+    _exit(0);
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 4 && strcmp(argv[1], "userns") == 0)
+        hold_userns(argv);
     if (argc == SPAWN_ARGC && strcmp(argv[1], "spawn") == 0)
         spawn(argv);
     if (argc != 4) {

@@ -645,6 +645,23 @@ static void close_others(int low, int a, int b)
     }
 }
 
+/* One message with one descriptor (SCM_RIGHTS). */
+static ssize_t send_with_fd(int socket_fd, const char *data, size_t n, int fd)
+{
+    union {
+        char buffer[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control = {{0}};
+    struct iovec iov = {(void *)data, n};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    return sendmsg(socket_fd, &msg, MSG_NOSIGNAL);
+}
+
 static void report_executing(int listener)
 {
     struct timespec now;
@@ -657,18 +674,7 @@ static void report_executing(int listener)
         }
         return;
     }
-    union {
-        char buffer[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control = {{0}};
-    struct iovec iov = {json, (size_t)n};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
-    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cmsg), &listener, sizeof(int));
-    CHECK(sendmsg(channel, &msg, MSG_NOSIGNAL), "", "");
+    CHECK(send_with_fd(channel, json, (size_t)n, listener), "", "");
 }
 
 /* bind_inside, tmpfs_inside: after pivot_root, at the realpath of the target (a symlink on the
@@ -876,18 +882,7 @@ static void send_pid(pid_t pid, int pidfd)
 {
     char text[32];
     int n = snprintf(text, sizeof text, "P%d", (int)pid);
-    union {
-        char buffer[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control = {{0}};
-    struct iovec iov = {text, (size_t)n};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
-    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cmsg), &pidfd, sizeof(int));
-    if (sendmsg(reply, &msg, MSG_NOSIGNAL) < 0)
+    if (send_with_fd(reply, text, (size_t)n, pidfd) < 0)
         _exit(EXIT_SETUP_FAILED); /* the init reads EOF on its pipe and exits */
 }
 

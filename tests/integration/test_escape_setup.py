@@ -1,0 +1,54 @@
+"""A hostile image or service against the set-up interpreter (setup/sbd-setup.c), run as root.
+
+What the interpreter decides on its own, and must decide as the Python walk it replaced did
+(sandbox/reference.py): where a bind or a tmpfs of the spec lands once the image's symlinks
+are followed, inside the sandbox only.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import write
+from test_images import busybox_root, state_dir, store  # noqa: F401 - the image store's fixtures
+
+CHAIN = 45  # more symlinks than the 40 the interpreter follows, fewer than 40 past its stopping point
+
+
+def chain_of_links(rootfs: Path, end: str) -> str:
+    """/l1 -> /l2 -> ... -> /lCHAIN -> `end` in the image; returns the chain's first link."""
+    for n in range(1, CHAIN):
+        (rootfs / f"l{n}").symlink_to(f"/l{n + 1}")
+    (rootfs / f"l{CHAIN}").symlink_to(end)
+    return "/l1"
+
+
+@pytest.mark.parametrize("kind", ["bind", "tmpfs"])
+def test_long_symlink_chain_in_an_image_does_not_lead_a_mount_onto_the_host(run_stack, spec_dir: Path, store: Path, tmp_path: Path, kind: str) -> None:
+    """A chain of 45 symlinks ending at the host's root as it is reachable while the sandbox is
+    built: the interpreter must refuse the mount (as the Python walk did: os.path.realpath has no
+    limit of 40), not hand the kernel the unresolved rest, which it follows afresh onto the host
+    and makes the mount point there."""
+    rootfs = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", str(busybox_root(store)), str(rootfs)], check=True)
+    parent = tmp_path / "host-dir"
+    parent.mkdir()
+    first = chain_of_links(rootfs, f"/run/.sbd-oldroot{parent}")
+    source = tmp_path / "src"
+    source.mkdir()
+    mount = f"mounts: [{{source: {source}, target: {first}/inner}}]" if kind == "bind" else f"tmpfs: [{first}/inner]"
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        image: {rootfs}
+        userns: false
+        restart: no
+        command: ["true"]
+        {mount}
+        """)
+    stack = run_stack(spec_dir)
+    stack.wait_exit()
+    assert not (parent / "inner").exists(), "the interpreter made a mount point on the host's file system"
+    assert "symbolic links" in stack.err or "leads out of the sandbox" in stack.err

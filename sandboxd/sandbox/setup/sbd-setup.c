@@ -424,7 +424,10 @@ static bool lexists(const char *path)
     return lstat(path, &st) == 0;
 }
 
-/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is. */
+/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is.
+ * More than 40 symlinks on the way is a failure (ELOOP), never a path left partly resolved:
+ * the kernel would follow what is left afresh, with 40 more, wherever it leads (the host's
+ * root under the old root included), past the check that is made on this answer. */
 static bool join_real(char *path, const char *rest, int *links)
 {
     if (rest[0] == '/') {
@@ -457,8 +460,10 @@ static bool join_real(char *path, const char *rest, int *links)
             continue;
         }
         char target[PATH_BUF];
+        if (++*links > 40)
+            fail_errno("", ELOOP, newpath);
         ssize_t length = readlink(newpath, target, sizeof target - 1);
-        if (++*links > 40 || length < 0) {
+        if (length < 0) {
             join(path, newpath, rest);
             return false;
         }

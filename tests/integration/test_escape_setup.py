@@ -52,3 +52,26 @@ def test_long_symlink_chain_in_an_image_does_not_lead_a_mount_onto_the_host(run_
     stack.wait_exit()
     assert not (parent / "inner").exists(), "the interpreter made a mount point on the host's file system"
     assert "symbolic links" in stack.err or "leads out of the sandbox" in stack.err
+
+
+@pytest.mark.parametrize("no_new_privs", [True, False])
+def test_a_bind_over_cap_last_cap_does_not_keep_the_bounding_set(run_stack, spec_dir: Path, store: Path, tmp_path: Path, no_new_privs: bool) -> None:
+    """The image's /etc/lastcap leads to /proc/sys/kernel/cap_last_cap, and the spec binds a file
+    saying "0" there: the bounding set must still be emptied (it is read after pivot_root, from
+    the sandbox's own /proc), or root regains every capability at the exec of its init."""
+    rootfs = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", str(busybox_root(store)), str(rootfs)], check=True)
+    (rootfs / "etc" / "lastcap").symlink_to("/proc/sys/kernel/cap_last_cap")
+    write(spec_dir, "zero", "0\n")
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        image: {rootfs}
+        restart: no
+        no_new_privs: {str(no_new_privs).lower()}
+        command: [/bin/sh, -c, "grep -E '^Cap(Prm|Eff|Bnd)' /proc/self/status"]
+        mounts: [{{source: ./zero, target: /etc/lastcap}}]
+        """)
+    stack = run_stack(spec_dir)
+    stack.wait_exit()
+    caps = dict(line.split("| ", 1)[1].split(":\t") for line in stack.out.splitlines() if "Cap" in line)
+    assert caps == {"CapPrm": "0000000000000000", "CapEff": "0000000000000000", "CapBnd": "0000000000000000"}, stack.out + stack.err

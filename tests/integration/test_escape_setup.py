@@ -7,7 +7,9 @@ are followed, inside the sandbox only.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,29 @@ def test_a_bind_over_cap_last_cap_does_not_keep_the_bounding_set(run_stack, spec
     stack.wait_exit()
     caps = dict(line.split("| ", 1)[1].split(":\t") for line in stack.out.splitlines() if "Cap" in line)
     assert caps == {"CapPrm": "0000000000000000", "CapEff": "0000000000000000", "CapBnd": "0000000000000000"}, stack.out + stack.err
+
+
+@pytest.mark.parametrize("userns", [True, False])
+def test_a_writable_bind_keeps_a_read_only_mount_below_its_source_read_only(spec_dir: Path, tmp_path: Path, userns: bool) -> None:
+    """The host has a read-only mount below a writable bind's source (in a mount namespace of
+    the test's own, where sandboxd runs): what the spec makes writable is the source's own mount,
+    not the host's read-only mounts under it (as docker keeps them)."""
+    source = tmp_path / "src"
+    archive = source / "archive"
+    archive.mkdir(parents=True)
+    archive.chmod(0o777)
+    (archive / "f").write_text("original\n")
+    write(spec_dir, "box.yaml", f"""
+        kind: service
+        restart: no
+        userns: {str(userns).lower()}
+        command: [sh, -c, "echo changed > /data/archive/f; echo made > /data/archive/new; true"]
+        mounts: [{{source: {source}, target: /data, readonly: false}}]
+        """)
+    script = f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && exec "$2" -m sandboxd up "$3"'
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(archive), sys.executable, str(spec_dir)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert "box: running -> exited" in done.stderr, done.stderr
+    assert (archive / "f").read_text() == "original\n" and not (archive / "new").exists(), done.stdout + done.stderr

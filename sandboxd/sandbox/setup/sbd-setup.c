@@ -691,10 +691,14 @@ static void mount_inside(const struct op *op, bool bind)
     int tree = FD(op, 1);
     ensure_mountpoint(real, I(op, 3) != 0);
     CHECK(syscall(SYS_move_mount, tree, "", AT_FDCWD, real, SBD_MOVE_MOUNT_F_EMPTY_PATH), "move_mount: ", real);
-    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, SBD_MOUNT_ATTR_RDONLY, 0, 0};
-    if (I(op, 2))
-        attr = (struct mount_attr_arg){SBD_MOUNT_ATTR_RDONLY | SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, 0, 0, 0};
+    /* nosuid and nodev on every mount of the tree; read-only all of it, or writable only its own
+     * mount: a read-only mount of the host's below the source stays so (as docker keeps it). */
+    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV | (I(op, 2) ? SBD_MOUNT_ATTR_RDONLY : 0), 0, 0, 0};
     CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, AT_RECURSIVE, &attr, sizeof attr), "mount_setattr: ", real);
+    if (!I(op, 2)) {
+        struct mount_attr_arg writable = {0, SBD_MOUNT_ATTR_RDONLY, 0, 0};
+        CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, 0, &writable, sizeof writable), "mount_setattr: ", real);
+    }
     CHECK(close(tree), "", "");
 }
 

@@ -426,7 +426,10 @@ static bool lexists(const char *path)
     return lstat(path, &st) == 0;
 }
 
-/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is. */
+/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is.
+ * More than 40 symlinks on the way is a failure (ELOOP), never a path left partly resolved:
+ * the kernel would follow what is left afresh, with 40 more, wherever it leads (the host's
+ * root under the old root included), past the check that is made on this answer. */
 static bool join_real(char *path, const char *rest, int *links)
 {
     if (rest[0] == '/') {
@@ -459,8 +462,10 @@ static bool join_real(char *path, const char *rest, int *links)
             continue;
         }
         char target[PATH_BUF];
+        if (++*links > 40)
+            fail_errno("", ELOOP, newpath);
         ssize_t length = readlink(newpath, target, sizeof target - 1);
-        if (++*links > 40 || length < 0) {
+        if (length < 0) {
             join(path, newpath, rest);
             return false;
         }
@@ -579,16 +584,12 @@ static bool kept(const struct arg *keep, int64_t cap)
     return false;
 }
 
+/* Every capability the kernel knows (PR_CAPBSET_READ says EINVAL past the last) not kept. Not
+ * from /proc/sys/kernel/cap_last_cap: this runs after pivot_root, where a bind of the spec's may
+ * cover that file (through a symlink of the image's) and say "0". */
 static void drop_bounding_set(const struct arg *keep)
 {
-    const char *path = "/proc/sys/kernel/cap_last_cap";
-    char text[16] = {0};
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    CHECK(fd, "", path);
-    CHECK(read(fd, text, sizeof text - 1), "", path);
-    close(fd);
-    int last = atoi(text);
-    for (int cap = 0; cap <= last; cap++) {
+    for (int cap = 0; cap < 64 && (prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0 || errno != EINVAL); cap++) {
         if (kept(keep, cap))
             continue;
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
@@ -698,10 +699,14 @@ static void mount_inside(const struct op *op, bool bind)
     int tree = FD(op, 1);
     ensure_mountpoint(real, I(op, 3) != 0);
     CHECK(syscall(SYS_move_mount, tree, "", AT_FDCWD, real, SBD_MOVE_MOUNT_F_EMPTY_PATH), "move_mount: ", real);
-    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, SBD_MOUNT_ATTR_RDONLY, 0, 0};
-    if (I(op, 2))
-        attr = (struct mount_attr_arg){SBD_MOUNT_ATTR_RDONLY | SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, 0, 0, 0};
+    /* nosuid and nodev on every mount of the tree; read-only all of it, or writable only its own
+     * mount: a read-only mount of the host's below the source stays so (as docker keeps it). */
+    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV | (I(op, 2) ? SBD_MOUNT_ATTR_RDONLY : 0), 0, 0, 0};
     CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, AT_RECURSIVE, &attr, sizeof attr), "mount_setattr: ", real);
+    if (!I(op, 2)) {
+        struct mount_attr_arg writable = {0, SBD_MOUNT_ATTR_RDONLY, 0, 0};
+        CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, 0, &writable, sizeof writable), "mount_setattr: ", real);
+    }
     CHECK(close(tree), "", "");
 }
 

@@ -283,7 +283,13 @@ def test_binds_are_attached_after_pivot_root_where_their_symlinks_lead_inside(ch
     calls = fake.calls
     pivot = calls.index(("pivot_root", ".", OLD_ROOT.lstrip("/")))
     assert pivot < calls.index(("move_mount", 60, "/data"))
-    assert calls.index(("move_mount", 60, "/data")) + 1 == calls.index(("mount_setattr", "/data", abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV, abi.MOUNT_ATTR_RDONLY, True))
+    # nosuid and nodev on the whole tree; writable only the bind's own mount (a read-only mount of
+    # the host's below its source stays read-only: test_escape_setup.py).
+    attached = calls.index(("move_mount", 60, "/data"))
+    assert calls[attached + 1 : attached + 3] == [
+        ("mount_setattr", "/data", abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV, 0, True),
+        ("mount_setattr", "/data", 0, abi.MOUNT_ATTR_RDONLY, False),
+    ]
     # The symlink is followed inside the sandbox: the file's mount point is made on its own /run.
     stub = "/run/systemd/resolve/stub-resolv.conf"
     assert pivot < calls.index(("makedirs", "/run/systemd/resolve", 0o777)) < calls.index(("create_file", stub)) < calls.index(("move_mount", 61, stub))

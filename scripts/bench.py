@@ -1148,11 +1148,19 @@ class ClientPhase:
 
 
 def instance_cgroups(stack: Stack) -> list[str]:
-    """The per-connection cgroups (SERVICE@N) of the stack now."""
+    """The per-connection cgroups (SERVICE@N) of the stack now: below their service's cgroup
+    (STACK/SERVICE/SERVICE@N, where they share its limits)."""
+    found: list[str] = []
     try:
-        return [entry.name for entry in os.scandir(instance_cgroup(stack)) if "@" in entry.name and entry.is_dir()]
+        services = [entry.path for entry in os.scandir(instance_cgroup(stack)) if entry.is_dir()]
     except FileNotFoundError:
-        return []
+        return found
+    for service in services:
+        try:
+            found += [entry.name for entry in os.scandir(service) if "@" in entry.name and entry.is_dir()]
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def wait_listening(run: Running, port: int, timeout: float = 10.0) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import io
 from collections import deque
 from enum import Enum
@@ -107,11 +109,15 @@ def instance_rows() -> list[tuple[InstanceState, InstanceEvent, InstanceState]]:
 
 
 class FakeRuntime:
-    """What the machine touches of a service's runtime record: its state and its name."""
+    """What the machine touches of a service's runtime record: its state, its name, the reason
+    of its state, whether it was ever ready, and its spec's `ready`."""
 
     def __init__(self, state: State, name: str = "svc") -> None:
         self.state = state
         self.name = name
+        self.reason = ""
+        self.was_ready = False
+        self.spec = types.SimpleNamespace(ready="notify")
 
 
 class Recorder:

@@ -246,8 +246,8 @@ def _broken_stack(instance: str, broken: list[ServiceStatus]) -> int:
     for svc in broken:
         for line in failure_report(svc["name"], svc["state"], svc["reason"], RUNTIME_ROOT / instance / "logs"):
             sys.stderr.write(f"sandboxd: {escape_controls(line) if sys.stderr.isatty() else line}\n")
-    names = " ".join(svc["name"] for svc in broken)
-    sys.stderr.write(f"sandboxd: stack {instance!r} keeps running; see sandboxd ps -p {instance}, sandboxd logs -p {instance} {names}; stop it with sandboxd down -p {instance}\n")
+    names, p = " ".join(svc["name"] for svc in broken), f"-p {instance}"
+    sys.stderr.write(f"sandboxd: stack {instance!r} keeps running; see sandboxd ps {p}, sandboxd logs {p} {names}; stop it with sandboxd down {p}\n")
     return 1
 
 

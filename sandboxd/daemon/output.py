@@ -51,17 +51,7 @@ class Output:
 
     def drain(self, rt: ServiceRuntime) -> None:
         """Show what is left in the pipe, the last unfinished line too, and stop reading it."""
-        while True:
-            try:
-                data = os.read(rt.output.r, 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            self._take(rt, data)
-        if rt.output.partial:
-            self._emit(rt.spec.name, rt.output.partial)
-            rt.output.partial = b""
+        self.read_waiting(rt)
         asyncio.get_running_loop().remove_reader(rt.output.r)
 
     def release(self) -> None:

@@ -8,8 +8,10 @@ run `python -m sandboxd`; what is polled (status, readiness) asks the stack's co
 directly, and logs are read from the stack's log files, so waiting costs no process per poll.
 
 `up` and every wait raise SandboxdError at once when a service has failed or is crash-looping
-(in backoff) before it was ready (naming it and why: its exit code or signal, "oom-killed"…), and every SandboxdError raised here ends with the last lines of
-the services' logs (the failing one's first), as a test report should show them.
+(in backoff) before it was ready, naming it and why (its exit code or signal, "oom-killed",
+"pids limit reached", start_timeout…); every SandboxdError raised here ends with the last lines
+of the services' logs (the failing one's first), as a test report should show them. A stack
+whose `up` failed so is brought down before the error is raised.
 """
 
 from __future__ import annotations

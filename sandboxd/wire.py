@@ -16,6 +16,9 @@ TypedDicts name its keys and the types of their values, nothing more (the bytes 
     ApplyRequest    {"cmd": "apply", "folder": DIR, "env": ["SVC:KEY=VALUE"…], "variables"?: {NAME: VALUE}}
                  ◀─────────────────────── ApplyAnswer: {"ok": true} + ApplyResult:
                                             added, removed, changed, sockets_replaced
+    UsageRequest    {"cmd": "usage", "services"?: [NAME…]}
+                 ◀─────────────────────── UsageAnswer: {"ok": true, "services": [ServiceUsage]}:
+                                            I/O bytes (cgroup), network bytes (its netns)
     ExecInfoRequest {"cmd": "exec_info", "services": [NAME], "user"?: "USER[:GROUP]", "session"?: true}
                  ◀─────────────────────── ExecInfoAnswer: {"ok": true} + ExecInfo: init_pid,
                                             cgroup, cgroup_tasks, capabilities, seccomp_filter,
@@ -25,6 +28,9 @@ TypedDicts name its keys and the types of their values, nothing more (the bytes 
 `sandboxd ps --json` prints the StatusAnswer without its "ok" (a StackStatus), and `Stack.status()`
 (testing/stack.py) returns that. `conforms` checks a decoded answer against its TypedDict, so that
 the CLI refuses a malformed answer where it reads it, not with a KeyError three calls later.
+
+The last part types what the CLI prints with `--json` (logs, stats, ls, volume ls, up -d, down):
+a script reads those shapes, and the unit tests check them with `conforms`.
 
 Typing only, and no import of sandboxd's: the CLI's quick verbs import this module, and so does
 every layer that speaks the protocol (its place in pyproject.toml's layers: below sandbox).
@@ -73,7 +79,12 @@ class ExecInfoRequest(TypedDict):
     session: NotRequired[bool]  # a cgroup of the command's own, removed when the connection closes
 
 
-Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | ApplyRequest | ExecInfoRequest
+class UsageRequest(TypedDict):
+    cmd: Literal["usage"]
+    services: NotRequired[list[str]]  # absent or empty: every service
+
+
+Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | ApplyRequest | ExecInfoRequest | UsageRequest
 
 # ── answers ──
 
@@ -137,6 +148,17 @@ class ExecInfo(TypedDict):
     exec_cgroup: NotRequired[str]  # with session: the command's own cgroup, below the service's
 
 
+class ServiceUsage(TypedDict):
+    """What `stats` reads besides a status: bytes so far. A counter is absent where the host does
+    not give it (no I/O accounting for the cgroup; a service in the host's network namespace)."""
+
+    name: str
+    io_read_bytes: NotRequired[int]  # the cgroup's io.stat (cgroup2) or blkio (v1), else its live processes' /proc/PID/io
+    io_write_bytes: NotRequired[int]
+    net_rx_bytes: NotRequired[int]  # /proc/PID/net/dev of its init (its own netns), all links but lo
+    net_tx_bytes: NotRequired[int]
+
+
 class Done(TypedDict):
     ok: Literal[True]
 
@@ -158,7 +180,94 @@ class ExecInfoAnswer(ExecInfo):
     ok: Literal[True]
 
 
-Answer = Done | StatusAnswer | ApplyAnswer | ExecInfoAnswer | Refusal
+class UsageAnswer(TypedDict):
+    ok: Literal[True]
+    services: list[ServiceUsage]
+
+
+Answer = Done | StatusAnswer | ApplyAnswer | ExecInfoAnswer | UsageAnswer | Refusal
+
+# ── what the CLI prints with --json ──
+
+
+class LogLine(TypedDict):
+    """`sandboxd logs --json`: one object a line."""
+
+    time: str  # RFC 3339, UTC, microseconds: 2026-11-26T06:00:00.123456Z
+    service: str
+    stream: NotRequired[str]  # "stdout" or "stderr", where the log knows it
+    text: str
+
+
+class ServiceStats(TypedDict):
+    """One service in `sandboxd stats --json`."""
+
+    name: str
+    state: str
+    pid: int
+    cpu_percent: float  # of one CPU, over the interval (200.0: two CPUs' worth)
+    cpu_seconds: float
+    memory: int  # bytes
+    processes: int
+    io_read_bytes: NotRequired[int]  # absent where the host does not count them (see ServiceUsage)
+    io_write_bytes: NotRequired[int]
+    net_rx_bytes: NotRequired[int]
+    net_tx_bytes: NotRequired[int]
+
+
+class StackStats(TypedDict):
+    """`sandboxd stats --json`: one object per sample (with --once, one)."""
+
+    stack: str
+    time: str  # RFC 3339, UTC, when the sample ended
+    interval: float  # seconds the CPU % was measured over
+    services: list[ServiceStats]
+
+
+class StackListing(TypedDict):
+    """One stack in `sandboxd ls --json`."""
+
+    name: str
+    pid: int
+
+
+class VolumeListing(TypedDict):
+    """One volume in `sandboxd volume ls --json`."""
+
+    name: str
+    size: int  # bytes
+
+
+class UpResult(TypedDict):
+    """`sandboxd up -d --json` once the stack is up: what it started, and their status."""
+
+    stack: str
+    pid: int  # the supervisor's
+    folder: str
+    started: list[str]  # the services running (or ready) when up returned
+    services: list[ServiceStatus]
+
+
+class ReloadResult(ApplyResult):
+    """`sandboxd up DIR --json` (or `reload --json`) against a running stack."""
+
+    stack: str
+
+
+class ServicesResult(TypedDict):
+    """`sandboxd stop|start|restart|kill|reload SERVICE… --json`: what was done, to which services."""
+
+    stack: str
+    services: list[str]
+    done: str  # "stopped", "started", "restarted", "reloaded", "sent SIGTERM"
+
+
+class DownResult(TypedDict):
+    """`sandboxd down --json`: the stack that ended and the services it stopped."""
+
+    stack: str
+    pid: int  # the supervisor that ended
+    stopped: list[str]
 
 
 def conforms(value: object, shape: object, where: str = "answer") -> str:

@@ -214,7 +214,7 @@ ACCEPT_ANSWER = b"ok\n"
 ACCEPT_MAX_FAILURES = 5  # a client phase stops after this many failed connections
 ACCEPT_WARM_UP = 20  # connections to each accept-mode server before the rounds, not counted
 
-SUMMARY = re.compile(r"services launched in (\d+) ms(?:, median launch ([0-9.]+) ms)?")
+SUMMARY = re.compile(r"services? launched in (\d+) ms(?:, median launch ([0-9.]+) ms)?")
 
 SVC = """\
 import os, socket, time

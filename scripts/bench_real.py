@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SANDBOXD = Path(sys.executable).parent / "sandboxd"
-SUMMARY = re.compile(r"services launched in ([0-9.]+) ms(?:, median launch ([0-9.]+) ms)?")
+SUMMARY = re.compile(r"services? launched in ([0-9.]+) ms(?:, median launch ([0-9.]+) ms)?")
 AB_RATE = re.compile(r"Requests per second:\s+([0-9.]+)")
 AB_TIME = re.compile(r"Time per request:\s+([0-9.]+) \[ms\] \(mean\)")
 AB_FAILED = re.compile(r"Failed requests:\s+([0-9]+)")

@@ -15,6 +15,10 @@
                              descriptor with a program of one op that fails (it reads the program,
                              moves the channel, reports SetupFailed and exits 127)
       vfork + exec sbd-setup os.posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK)) of the same
+      vfork + sbd-setup spawn what the fork server does: os.posix_spawn of `sbd-setup spawn`,
+                             which clones the init from itself (CLONE_PARENT|CLONE_NEWPID|
+                             CLONE_PIDFD; no cgroup, no user namespace here) and sends its pid and
+                             pidfd back; the init runs the same one-op program; both reaped
     The syscalls of a real set-up (namespaces, mounts) cost the same whichever way runs them and
     are not in these figures; request to exec of whole launches is the `latency` section.
 """
@@ -35,7 +39,7 @@ from pathlib import Path
 RUNS = 200
 QUICK_RUNS = 50
 WARMUP = 10
-CASES = ("fork + _exit", "fork + Python walk", "fork + exec sbd-setup", "vfork + exec sbd-setup")
+CASES = ("fork + _exit", "fork + Python walk", "fork + exec sbd-setup", "vfork + exec sbd-setup", "vfork + sbd-setup spawn")
 
 
 def _rss_kib(pid: int) -> int:
@@ -130,13 +134,28 @@ def _measure(rss_kib: int, runs: int) -> dict[str, list[float]]:
         os.posix_spawn(f"/proc/self/fd/{interpreter}", [SETUP_NAME, str(fd), str(theirs.fileno()), "-1"], {})
         os.close(fd)
 
-    cases: dict[str, Callable[[], None]] = dict(zip(CASES, (fork_exit, fork_walk, fork_exec, spawn_exec)))
+    def spawn_clone() -> None:
+        fd = program()
+        reply, reply_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        reply_theirs.set_inheritable(True)
+        numbers = (reply_theirs.fileno(), fd, theirs.fileno(), -1, 0, -1, 0, -1, -1, 0)
+        os.posix_spawn(f"/proc/self/fd/{interpreter}", [SETUP_NAME, "spawn", *(str(n) for n in numbers), "-"], {})
+        os.close(fd)
+        reply_theirs.close()
+        _msg, fds, _flags, _addr = socket.recv_fds(reply, 64, 1)
+        reply.close()
+        for pidfd in fds:
+            os.close(pidfd)
+
+    cases: dict[str, Callable[[], None]] = dict(zip(CASES, (fork_exit, fork_walk, fork_exec, spawn_exec, spawn_clone)))
+    children = {name: 2 if name == "vfork + sbd-setup spawn" else 1 for name in CASES}  # the spawner and the init
     times: dict[str, list[float]] = {name: [] for name in CASES}
     for round_ in range(WARMUP + runs):
         for name, case in cases.items():
             started = time.perf_counter_ns()
             case()
-            os.wait()
+            for _ in range(children[name]):
+                os.wait()
             took = (time.perf_counter_ns() - started) / 1e6
             ours.setblocking(False)
             try:

@@ -24,10 +24,12 @@ from sandboxd.wire import (
     ServicesRequest,
     StatusAnswer,
     StatusRequest,
+    UsageAnswer,
+    UsageRequest,
     conforms,
 )
 
-ANSWERS: dict[str, type] = {"status": StatusAnswer, "apply": ApplyAnswer, "exec_info": ExecInfoAnswer}  # others: Done
+ANSWERS: dict[str, type] = {"status": StatusAnswer, "apply": ApplyAnswer, "exec_info": ExecInfoAnswer, "usage": UsageAnswer}  # others: Done
 
 
 def running_stacks() -> dict[str, int]:
@@ -63,7 +65,7 @@ def connect(stack: str, timeout: float = 60.0) -> socket.socket:
     command runs: when it closes (however the CLI ends), the stack ends what is left of it."""
     path = RUNTIME_ROOT / stack / "control.sock"
     if os.geteuid() != 0 and not os.access(path, os.W_OK):
-        raise HostError(f"the control socket of stack {stack!r} belongs to root (mode 0600)", "run sandboxd as root (e.g. sudo sandboxd ...)")
+        raise HostError(f"the control socket of stack {stack!r} belongs to root (mode 0600); run sandboxd as root (e.g. sudo sandboxd ...)")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -80,6 +82,8 @@ def ask(sock: socket.socket, message: StatusRequest) -> StatusAnswer: ...
 def ask(sock: socket.socket, message: ApplyRequest) -> ApplyAnswer: ...
 @overload
 def ask(sock: socket.socket, message: ExecInfoRequest) -> ExecInfoAnswer: ...
+@overload
+def ask(sock: socket.socket, message: UsageRequest) -> UsageAnswer: ...
 @overload
 def ask(sock: socket.socket, message: ServicesRequest | KillRequest | DownRequest) -> Done: ...
 def ask(sock: socket.socket, message: Request) -> Answer:
@@ -112,6 +116,8 @@ def request(stack: str, message: StatusRequest, timeout: float = ...) -> StatusA
 def request(stack: str, message: ApplyRequest, timeout: float = ...) -> ApplyAnswer: ...
 @overload
 def request(stack: str, message: ExecInfoRequest, timeout: float = ...) -> ExecInfoAnswer: ...
+@overload
+def request(stack: str, message: UsageRequest, timeout: float = ...) -> UsageAnswer: ...
 @overload
 def request(stack: str, message: ServicesRequest | KillRequest | DownRequest, timeout: float = ...) -> Done: ...
 def request(stack: str, message: Request, timeout: float = 60.0) -> Answer:

@@ -4,8 +4,10 @@ it raises into a message on stderr and the error's exit code.
 Only what a verb needs is imported when it runs, so quick verbs stay quick: the parser
 (parser.py) imports the command modules, and they import at the top only the standard library and
 sandboxd.errors. The verbs are in stack.py (up, reload of a stack, down, ls, config), services.py
-(ps, start, stop, restart, kill, reload of services, logs, stats), run.py (exec) and store.py
-(image, volume); client.py is the control socket's client.
+(ps, start, stop, restart, kill, reload of services), logs.py (logs; times.py parses --since and
+--until), stats.py (stats), run.py (exec) and store.py (image, volume); results.py builds what
+--json prints for a whole stack; client.py is the control socket's client. completion.py writes
+the shell completion and the man page from the same parser.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 
 from sandboxd.cli.parser import build_parser
-from sandboxd.errors import SandboxdError, SpecErrors
+from sandboxd.errors import HostError, SandboxdError, SpecErrors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except SandboxdError as e:
         print(f"sandboxd: {e}", file=sys.stderr)
         return e.exit_code
+    except PermissionError as e:  # a file of root's that a verb read without checking first
+        where = f": {e.filename}" if e.filename else ""
+        print(f"sandboxd: permission denied{where}; sandboxd {args.verb} needs root here: run it as root (e.g. sudo sandboxd {args.verb} ...)", file=sys.stderr)
+        return HostError.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `sandboxd ps --json | head`

@@ -8,19 +8,28 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from sandboxd.cli.logs import cmd_logs
 from sandboxd.cli.run import cmd_exec, exec_env, exec_user, exec_workdir
-from sandboxd.cli.services import cmd_control, cmd_logs, cmd_ps, cmd_stats
+from sandboxd.cli.services import cmd_control, cmd_ps
 from sandboxd.cli.stack import cmd_config, cmd_down, cmd_ls, cmd_reload_stack, cmd_up
+from sandboxd.cli.stats import cmd_stats
 from sandboxd.cli.store import cmd_image, cmd_volume
+from sandboxd.cli.times import stamp_bound
 
 if TYPE_CHECKING:
     from typing import TypeAlias
 
     Verbs: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers returns
 
+STACK_HELP = "the stack's name (default: the one stack running)"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sandboxd", description="Run isolated services with sockets bound by sandboxd.")
+    parser = argparse.ArgumentParser(
+        prog="sandboxd",
+        description="Run isolated services with sockets bound by sandboxd. Every verb that reports takes --json "
+        "(logs and stats: one object a line); sandboxd VERB --help says what each option does.",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     _add_up(verbs)
@@ -35,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_up(verbs: Verbs) -> None:
     up = verbs.add_parser("up", help="validate a spec folder and run its services (in the foreground, or -d)")
-    up.add_argument("dir", help="folder of *.yaml unit specs")
+    up.add_argument("dir", help="the spec folder: its *.yaml files with units (kind: ...)")
     up.add_argument("-p", "--project-name", help="name of the stack (default: the folder's name)")
     up.add_argument("-d", "--detach", action="store_true", help="run in the background; return once every eager service has started")
     up.add_argument("--wait", action="store_true", help="with -d: return once every eager service is ready")
     up.add_argument("--timeout", type=float, default=60.0, help="with -d: give up after this many seconds")
     up.add_argument("-e", "--env", action="append", default=[], metavar="SERVICE:KEY=VALUE", help="override a service's environment")
     _add_env_file(up)
+    _add_json(up, "with -d, or against a running stack: print what was started (or changed) as one JSON object")
     up.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
                     help="registry images: pull those the store lacks (missing, the default), pull all again (always), or none (never)")
     up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
@@ -52,28 +62,32 @@ def _add_service_verbs(verbs: Verbs) -> None:
     """ps and status, stop, start, restart, reload and kill: the verbs on a running stack's services."""
     for verb, text in (("ps", "show the services of a running stack"), ("status", "the same as ps")):
         ps = verbs.add_parser(verb, help=text)
-        ps.add_argument("services", nargs="*")
-        ps.add_argument("-p", "--project-name")
-        ps.add_argument("--json", action="store_true")
+        ps.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all)")
+        _add_stack(ps)
+        _add_json(ps, "print the status as JSON (the stack and each service's state, pid, reason, sockets)")
+        ps.add_argument("--services", dest="services_only", action="store_true", help="print only the services' names, one a line (as compose's ps --services)")
         ps.set_defaults(func=cmd_ps)
     for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
-        control = verbs.add_parser(verb, help=text)
-        control.add_argument("services", nargs="+")
-        control.add_argument("-p", "--project-name")
+        control = verbs.add_parser(verb, help=f"{text} (no SERVICE: every service of the stack)")
+        control.add_argument("services", nargs="*", metavar="SERVICE", help="the services (default: all)")
+        _add_stack(control)
+        _add_json(control, "print what was done, to which services, as one JSON object")
         control.set_defaults(func=cmd_control)
     reload = verbs.add_parser(
         "reload",
         help="SERVICE…: the services' own reload (reload_signal; with ready: notify until READY=1 again); "
         "no service: apply the changed spec to the running stack",
     )
-    reload.add_argument("services", nargs="*")
-    reload.add_argument("-p", "--project-name")
+    reload.add_argument("services", nargs="*", metavar="SERVICE", help="the services to reload (none: the whole stack's spec)")
+    _add_stack(reload)
+    _add_json(reload, "print what was done (or what the new spec changed) as one JSON object")
     reload.add_argument("--dir", help="with no service: the spec folder to apply (default: the one the stack came from)")
     reload.set_defaults(func=lambda a: cmd_control(a) if a.services else cmd_reload_stack(a))
     kill = verbs.add_parser("kill", help="send a signal to services (default SIGTERM)")
-    kill.add_argument("services", nargs="+")
-    kill.add_argument("-s", "--signal", default="SIGTERM")
-    kill.add_argument("-p", "--project-name")
+    kill.add_argument("services", nargs="+", metavar="SERVICE", help="the services to signal")
+    kill.add_argument("-s", "--signal", default="SIGTERM", help="the signal, by name (SIGHUP or HUP; default SIGTERM)")
+    _add_stack(kill)
+    _add_json(kill, "print what was done, to which services, as one JSON object")
     kill.set_defaults(func=cmd_control)
 
 
@@ -85,9 +99,9 @@ def _add_exec(verbs: Verbs) -> None:
         "with a terminal allocated inside the sandbox or with pipes: never the caller's own descriptors. "
         "Options come before SERVICE.",
     )
-    execute.add_argument("service")
+    execute.add_argument("service", help="the service whose sandbox the command joins")
     execute.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG…]")
-    execute.add_argument("-p", "--project-name")
+    _add_stack(execute)
     terminal = execute.add_mutually_exclusive_group()
     terminal.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None,
                           help="a terminal inside the sandbox (default when stdin and stdout are terminals)")
@@ -100,17 +114,24 @@ def _add_exec(verbs: Verbs) -> None:
 
 
 def _add_logs_and_stats(verbs: Verbs) -> None:
-    logs = verbs.add_parser("logs", help="show what services printed")
-    logs.add_argument("services", nargs="*")
-    logs.add_argument("-p", "--project-name")
-    logs.add_argument("-f", "--follow", action="store_true")
-    logs.add_argument("--since", help="only lines at or after this UTC time, like 2026-11-26T06:00:00")
-    logs.add_argument("--tail", type=int, help="only the last N lines")
+    logs = verbs.add_parser("logs", help="show what services printed, merged by time (sandboxd's own messages: logs sandboxd)")
+    logs.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all but sandboxd)")
+    _add_stack(logs)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the stack ends (or Ctrl-C)")
+    logs.add_argument("-t", "--timestamps", action="store_true", help="show each line's time (UTC, RFC 3339)")
+    moment = "a duration back from now (10m, 2h, 30s, 1h30m) or a time (2026-11-26T06:00:00Z; without Z or an offset: local time)"
+    logs.add_argument("--since", type=stamp_bound, metavar="WHEN", help=f"only lines at or after WHEN: {moment}")
+    logs.add_argument("--until", type=stamp_bound, metavar="WHEN", help="only lines before WHEN (the same forms as --since)")
+    logs.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines (after --since and --until)")
+    _add_json(logs, "one JSON object a line: time, service, text")
     logs.set_defaults(func=cmd_logs)
-    stats = verbs.add_parser("stats", help="live resource use of a running stack")
-    stats.add_argument("services", nargs="*")
-    stats.add_argument("-p", "--project-name")
-    stats.add_argument("--once", action="store_true", help="print once instead of refreshing every second")
+    stats = verbs.add_parser("stats", help="resource use of a running stack's services: CPU share, memory, processes, I/O and network bytes")
+    stats.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all)")
+    _add_stack(stats)
+    stats.add_argument("--once", "--no-stream", action="store_true", help="print one sample (measured over one interval) and exit")
+    stats.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="SECONDS",
+                       help="the time between samples, over which CPU %% is measured (default 1)")
+    _add_json(stats, "one JSON object per sample, on a line of its own")
     stats.set_defaults(func=cmd_stats)
 
 
@@ -118,15 +139,35 @@ def _add_stack_verbs(verbs: Verbs) -> None:
     """down, ls and config (up, the first verb, has its own function)."""
     down = verbs.add_parser("down", help="stop a running stack and remove everything it made")
     down.add_argument("dir", nargs="?", help="the spec folder (its name is the stack's name)")
-    down.add_argument("-p", "--project-name")
+    _add_stack(down)
+    _add_json(down, "print the stack, its supervisor's pid and the services stopped as one JSON object")
     down.set_defaults(func=cmd_down)
     ls = verbs.add_parser("ls", help="list the stacks running on this host")
-    ls.add_argument("--json", action="store_true")
+    _add_json(ls, "print the stacks as a JSON array of {name, pid}")
     ls.set_defaults(func=cmd_ls)
     config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
-    config.add_argument("dir")
+    config.add_argument("dir", help="the spec folder")
+    _add_json(config, "print JSON (what config always prints: the resolved units, plans and limits)")
     _add_env_file(config)
     config.set_defaults(func=cmd_config)
+
+
+def _add_stack(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("-p", "--project-name", metavar="NAME", help=STACK_HELP)
+
+
+def _add_json(verb: argparse.ArgumentParser, text: str) -> None:
+    verb.add_argument("--json", action="store_true", help=text)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
 
 
 def _add_env_file(verb: argparse.ArgumentParser) -> None:
@@ -139,16 +180,16 @@ def _add_image(verbs: Verbs) -> None:
     image = verbs.add_parser("image", help="build, list, pull, import and remove root file system images")
     image_verbs = image.add_subparsers(dest="action", metavar="ACTION", required=True)
     image_build = image_verbs.add_parser("build", help="build images from definitions (images/NAME/build), if changed")
-    image_build.add_argument("names", nargs="*", help="definition folders (images/NAME) or names found in images/ here or above")
+    image_build.add_argument("names", nargs="*", metavar="NAME", help="definition folders (images/NAME) or names found in images/ here or above")
     image_build.add_argument("--force", action="store_true", help="build even if the definition did not change")
     image_ls = image_verbs.add_parser("ls", help="list the stored images")
-    image_ls.add_argument("--json", action="store_true")
+    _add_json(image_ls, "print the images as a JSON array (name, source, digest, created, size, config, reference)")
     image_rm = image_verbs.add_parser("rm", help="remove stored images")
-    image_rm.add_argument("names", nargs="+", help="store names, or the references pulled images were pulled by")
+    image_rm.add_argument("names", nargs="+", metavar="NAME", help="store names, or the references pulled images were pulled by")
     image_pull = image_verbs.add_parser("pull", help="pull images from their registries (with skopeo) into the store")
-    image_pull.add_argument("references", nargs="+", help="like redis:7, docker.io/library/redis:7, localhost:5000/app:1, NAME@sha256:DIGEST")
+    image_pull.add_argument("references", nargs="+", metavar="REFERENCE", help="like redis:7, docker.io/library/redis:7, localhost:5000/app:1, NAME@sha256:DIGEST")
     image_import = image_verbs.add_parser("import", help="import an OCI image layout (folder or tar) or a docker save archive")
-    image_import.add_argument("file")
+    image_import.add_argument("file", help="an OCI layout folder, an OCI tar or a docker save tar")
     image_import.add_argument("--name", help="the image's name (default: its tag)")
     image.set_defaults(func=cmd_image)
 
@@ -156,7 +197,8 @@ def _add_image(verbs: Verbs) -> None:
 def _add_volume(verbs: Verbs) -> None:
     volume = verbs.add_parser("volume", help="list and remove named volumes")
     volume_verbs = volume.add_subparsers(dest="action", metavar="ACTION", required=True)
-    volume_verbs.add_parser("ls", help="list volumes")
+    volume_ls = volume_verbs.add_parser("ls", help="list volumes")
+    _add_json(volume_ls, "print the volumes as a JSON array of {name, size}")
     volume_rm = volume_verbs.add_parser("rm", help="remove volumes and their data")
-    volume_rm.add_argument("names", nargs="+")
+    volume_rm.add_argument("names", nargs="+", metavar="NAME", help="the volumes (refused for one in use)")
     volume.set_defaults(func=cmd_volume)

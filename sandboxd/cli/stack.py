@@ -21,7 +21,7 @@ from sandboxd.errors import HostError, SandboxdError
 if TYPE_CHECKING:
     from sandboxd.sandbox.handle import ForkServer
     from sandboxd.spec.model import Stack
-    from sandboxd.wire import ServiceStatus
+    from sandboxd.wire import ServiceStatus, StackStatus
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -45,6 +45,11 @@ def _reload_stack(name: str, args: argparse.Namespace) -> int:
     _pull_images(Path(args.dir), getattr(args, "pull", "missing"), variables)
     folder = str(Path(args.dir).resolve())
     answer = request(name, {"cmd": "apply", "folder": folder, "env": args.env, "variables": variables}, timeout=300)
+    if getattr(args, "json", False):
+        from sandboxd.cli.results import print_json, reload_result
+
+        print_json(reload_result(name, answer))
+        return 0
     changes = [f"{what}: {', '.join(answer[what])}" for what in ("added", "removed", "changed", "sockets_replaced") if answer[what]]
     print(f"stack {name!r} reloaded: " + ("; ".join(changes) if changes else "nothing changed"))
     return 0
@@ -203,7 +208,6 @@ def _wait_until_up(args: argparse.Namespace, instance: str, daemon: int, log: IO
     import time
 
     from sandboxd.cli.client import choose_stack, request
-    from sandboxd.cli.services import print_status
 
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -228,7 +232,7 @@ def _wait_until_up(args: argparse.Namespace, instance: str, daemon: int, log: IO
         if not pending:
             if sys.stderr.isatty():
                 sys.stderr.write("\r\033[K")
-            print_status(status, sys.stdout)
+            _print_up(args, status)
             return 0
         time.sleep(0.02)
     raise HostError(f"stack {instance!r} did not come up within {args.timeout:g} s", f"see: sandboxd logs -p {instance}")
@@ -251,6 +255,18 @@ def _broken_stack(instance: str, broken: list[ServiceStatus]) -> int:
     return 1
 
 
+def _print_up(args: argparse.Namespace, status: StackStatus) -> None:
+    """What `up -d` prints once the stack is up: its status table, or with --json an UpResult."""
+    from sandboxd.cli.services import print_status
+
+    if args.json:
+        from sandboxd.cli.results import print_json, up_result
+
+        print_json(up_result(status))
+    else:
+        print_status(status, sys.stdout)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     import time
 
@@ -262,6 +278,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     cleaned = clean_stale()  # a stack whose supervisor died: remove what it left
     if name and name not in running_stacks():
         if name in cleaned:
+            if args.json:
+                from sandboxd.cli.results import print_json
+
+                print_json({"stack": name, "pid": 0, "stopped": []})
+                return 0
             print(f"stack {name!r} was dead; removed what it left behind")
             return 0
         raise SandboxdError(f"no stack named {name!r} is running")
@@ -269,9 +290,15 @@ def cmd_down(args: argparse.Namespace) -> int:
     pid = running_stacks()[stack]
     if sys.stderr.isatty():
         sys.stderr.write(f"sandboxd: stopping stack {stack!r}…\r")
+    before = request(stack, {"cmd": "status"}) if args.json else None
     request(stack, {"cmd": "down"})
     while _alive(pid):  # a zombie counts as gone: its parent (init, after `up -d`) reaps it when it can
         time.sleep(0.01)
+    if before is not None:
+        from sandboxd.cli.results import down_result, print_json
+
+        print_json(down_result(before))
+        return 0
     print(f"stack {stack!r} is down")
     return 0
 
@@ -286,7 +313,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         clean_stale()
     stacks = running_stacks()
     if args.json:
-        print(json.dumps([{"name": name, "pid": pid} for name, pid in stacks.items()]))
+        from sandboxd.cli.results import listing
+
+        print(json.dumps(listing(stacks)))
     else:
         for name, pid in stacks.items():
             print(f"{name}\tpid {pid}")

@@ -14,6 +14,7 @@ from sandboxd.errors import HostError
 
 if TYPE_CHECKING:
     from sandboxd.store.images import Image
+    from sandboxd.wire import VolumeListing
 
 
 def cmd_image(args: argparse.Namespace) -> int:
@@ -108,6 +109,12 @@ def cmd_volume(args: argparse.Namespace) -> int:
     from sandboxd.store import volumes
 
     if args.action == "ls":
+        if args.json:
+            import json
+
+            listed: list[VolumeListing] = [{"name": name, "size": size} for name, size in volumes.list_volumes()]
+            print(json.dumps(listed))
+            return 0
         print(f"{'NAME':<32} {'SIZE':>9}")
         for name, size in volumes.list_volumes():
             print(f"{name:<32} {size / (1 << 20):>8.1f}M")

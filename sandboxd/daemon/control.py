@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sandboxd.errors import SandboxdError
-from sandboxd.wire import Answer, ApplyResult, ExecInfo, StackStatus
+from sandboxd.wire import Answer, ApplyResult, ExecInfo, ServiceUsage, StackStatus
 
 
 class Verbs(Protocol):
@@ -33,6 +33,8 @@ class Verbs(Protocol):
     def knows(self, name: str) -> bool: ...
 
     def status(self, names: list[str]) -> StackStatus: ...
+
+    def usage(self, names: list[str]) -> list[ServiceUsage]: ...
 
     async def stop_service(self, name: str) -> None: ...
 
@@ -104,6 +106,8 @@ class ControlServer:
         match cmd:
             case "status":
                 return {"ok": True, **sup.status(names)}
+            case "usage":
+                return {"ok": True, "services": sup.usage(names)}
             case "stop":
                 await asyncio.gather(*(sup.stop_service(n) for n in names))
             case "start":

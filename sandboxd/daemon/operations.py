@@ -19,7 +19,7 @@ from sandboxd.daemon.states import ALIVE, State
 from sandboxd.daemon.stopping import Stopper, signal_init
 from sandboxd.host.cgroups import Cgroup
 from sandboxd.host.identity import lookup_identity
-from sandboxd.wire import ApplyResult, ExecInfo, ServiceStatus, SocketStatus, StackStatus
+from sandboxd.wire import ApplyResult, ExecInfo, ServiceStatus, ServiceUsage, SocketStatus, StackStatus
 
 
 class Operations:
@@ -64,6 +64,13 @@ class Operations:
             "userns": record.userns if record is not None else {},  # root inside is host uid `uid`
             "services": [self._status_of(rt) for rt in chosen],
         }
+
+    def usage(self, names: list[str]) -> list[ServiceUsage]:
+        """I/O and network bytes of the services named (all if none), for `sandboxd stats`."""
+        from sandboxd.daemon.usage import service_usage
+
+        services = self.running.services
+        return [service_usage(rt) for rt in ([services[n] for n in names] if names else services.values())]
 
     def _status_of(self, rt: ServiceRuntime) -> ServiceStatus:
         sockets: list[SocketStatus] = []

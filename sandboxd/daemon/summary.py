@@ -14,7 +14,7 @@ def print_summary(console: Console, running: RunningStack, elapsed: float) -> No
     services = running.services.values()
     latencies = [(rt.launch.exec_ns - rt.launch.requested_ns) / 1e6 for rt in services if rt.launch.exec_ns]
     median = f", median launch {statistics.median(latencies):.1f} ms" if latencies else ""
-    console.note(f"stack {running.instance!r}: {len(services)} services launched in {elapsed * 1000:.0f} ms{median}")
+    console.note(f"stack {running.instance!r}: {counted(len(services), 'service')} launched in {elapsed * 1000:.0f} ms{median}")
     for rt in services:
         where = f"pid {rt.launch.pid}" if rt.state in (State.RUNNING, State.READY) else rt.state.label
         if rt.state is State.RUNNING and rt.spec.ready != "started":
@@ -23,6 +23,11 @@ def print_summary(console: Console, running: RunningStack, elapsed: float) -> No
             where += f", status: {rt.notify.status_text}"
         socks = _sockets(running, rt) + [f"uses {name}" for name in rt.spec.uses]
         console.note(f"  {rt.spec.name}: {where}; {_network(running, rt)}; " + ("; ".join(socks) or "no sockets"))
+
+
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """`count` and the noun in its number: "1 service", "0 services", "3 services"."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def _sockets(running: RunningStack, rt: ServiceRuntime) -> list[str]:

@@ -248,8 +248,14 @@ class _CapData(ctypes.Structure):
 
 
 def last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
+    """The highest capability this kernel knows: the last one PR_CAPBSET_READ accepts (at most 63).
+    Not read from /proc/sys/kernel/cap_last_cap: inside a sandbox's mount namespace, where exec,
+    health checks and reload commands drop their bounding set, a service may have bound a file of
+    its own over it (as sbd-setup.c asks the kernel too)."""
+    cap = 0
+    while cap < 63 and _libc.prctl(abi.PR_CAPBSET_READ, cap + 1, 0, 0, 0) >= 0:
+        cap += 1
+    return cap
 
 
 def drop_bounding_set(keep: set[int]) -> None:

@@ -93,12 +93,14 @@ def host_pid(pid: int, pidfd: int = -1) -> int:
 _store_userns: dict[tuple[int, ...], int] = {}
 
 
-def storage_userns(ids: UserNamespace) -> int:
+def storage_userns(ids: UserNamespace, interpreter: int) -> int:
     """The user namespace that volumes and binds are idmapped through (plan.swapped_id_map): a
     file stored as store_uid + N is the sandbox's own N inside, everything else keeps its host
     owner. -1 when the stack runs as the stored block itself (a single block): no idmap needed.
-    Made once per stack's ids by a child that unshares it and waits while its maps are written;
-    held by descriptor here for the life of the fork server."""
+    Made once per stack's ids by a process that unshares it and waits while its maps are written:
+    the set-up interpreter (`interpreter`, the sealed copy: `sbd-setup userns`), started with
+    vfork semantics, not a fork of this heap. Held by descriptor here for the life of the fork
+    server."""
     if (ids.store_uid, ids.store_gid) == (ids.uid, ids.gid):
         return -1
     key = (ids.store_uid, ids.store_gid, ids.uid, ids.gid, ids.count)
@@ -106,19 +108,13 @@ def storage_userns(ids: UserNamespace) -> int:
         return _store_userns[key]
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     done_r, done_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(done_w)  # else the read below never sees the end
-            os.close(ready_r)
-            linux.unshare(abi.CLONE_NEWUSER)
-            os.write(ready_w, b"1")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
+    pid = -1
     try:
+        with inheritable([ready_w, done_r]):
+            pid = os.posix_spawn(f"/proc/self/fd/{interpreter}", ["sbd-setup", "userns", str(ready_w), str(done_r)], {})
+        os.close(ready_w)
+        os.close(done_r)
+        ready_w = done_r = -1
         if os.read(ready_r, 1) != b"1":
             raise OSError(errno.EPERM, "unshare(CLONE_NEWUSER) failed", "the storage user namespace")
         child = host_pid(pid)
@@ -127,9 +123,11 @@ def storage_userns(ids: UserNamespace) -> int:
                 f.write(swapped_id_map(stored, running, ids.count))
         _store_userns[key] = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(ready_r)
-        os.close(done_w)
-        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            if fd >= 0:
+                os.close(fd)
+        if pid > 0:
+            os.waitpid(pid, 0)
     return _store_userns[key]
 
 

@@ -10,26 +10,30 @@ fork server gets SIGKILL (PR_SET_PDEATHSIG), and when the init of a pid namespac
 kills every process in it and in every namespace nested in it, which is every sandbox. No service
 outlives sandboxd.
 
-    supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)      sandbox init (pid 1 of its own ns)
-    ────────────────────              ───────────────────────────────────────      ──────────────────────────────────
+    supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)
+    ────────────────────              ───────────────────────────────────────
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
     LaunchSandbox + SCM_RIGHTS ─────▶ [status, output, socket fds..., held bind sources..., netns?]
                                       detached.py: a detached copy of each source
                                       and of the image, the sandbox's /dev; idmap
                                       those stored through the stack's ids
                                       program.py: the set-up program, on a pipe
-                                      clone3(NEWPID[, NEWUSER]) into the ──clone──▶ [userns: wait on a pipe]
-                                      cgroup [userns: in the service's
-                                      netns, with its sysfs made there]
-                                      [userns: uid/gid maps, idmap copies ─pipe──▶ become root inside]
-                                       of host ids]                                 child.py: execveat(sealed sbd-setup)
-                                                                                    sbd-setup.c, op by op: join cgroups;
-                                                                                    unshare(mnt,uts,ipc,net); setsid;
-                                                                                    the mounts; pivot_root; hostname;
-                                                                                    lo up; fds; seccomp; caps
-            ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ─────────────── Executing (creds carry its host pid)
-            ◀──────────── EOF (the channel is close-on-exec) ──────────────────── execveat(sealed copy of dumb-init, -- command...)
-                                                                                  or SetupFailed(step, ...); _exit(127)
+                                      posix_spawn (vfork) ──▶ spawner: sbd-setup spawn (host root)
+                                                              [userns: in the service's netns,
+                                                              its sysfs made there]
+                                                              clone3(PARENT, NEWPID[, NEWUSER],
+                                                              INTO_CGROUP, PIDFD) ──clone──▶ sandbox init (pid 1 of its ns,
+                                                              [userns: uid/gid maps,           the fork server's child)
+                                                              idmap of host-id trees]          [userns: waits on a pipe]
+                                      ◀── pid + pidfd ─────── SCM_RIGHTS; lets it go ─pipe──▶ [userns: becomes root inside]
+                                          (reaps it)          _exit                            the program, op by op: join
+                                                                                               cgroups; unshare(mnt,uts,ipc,
+                                                                                               net); setsid; the mounts;
+                                                                                               pivot_root; hostname; lo up;
+                                                                                               fds; seccomp; caps
+            ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ──────────────────────────── Executing (creds carry its host pid)
+            ◀──────────── EOF (the channel is close-on-exec) ───────────────────────────────── execveat(sealed copy of dumb-init, -- command...)
+                                                                                               or SetupFailed(step, ...); _exit(127)
             ◀──Exited(id, status)── waitpid()
 
 The messages are protocol.py's; RunCommand and StartProxy fork into a running sandbox (join.py).
@@ -39,11 +43,12 @@ server starts (`linux.clone_into_cgroup_works`); without it the child joins its 
 The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
 server copies it once into a sealed, execute-only memfd (`detached.sealed_copy`), and every
 sandbox executes that descriptor, as runc does with its own binary since CVE-2019-5736. So with
-the set-up interpreter (setup/sbd-setup): a child executes the fork server's sealed copy of it
-right after the clone (and the user namespace's maps), so that the set-up runs in a small static
-process of its own, not in the copy of this Python heap that a fork makes (copy-on-write faults
-on every page it touches). The descriptors its program names are made inheritable for the
-moment of the clone (`detached.inheritable`); all else of the fork server's is close-on-exec.
+the set-up interpreter (setup/sbd-setup): the fork server starts its own sealed copy
+of it with vfork semantics (os.posix_spawn), and that small static process clones the sandbox's
+init from itself (`_spawn_sandbox`): no step of a sandbox's set-up runs in a copy of this Python
+heap (a fork of it cost some 2.5 ms in page-table copies and copy-on-write faults, and as much
+again in its exit or exec). The descriptors the program names are made inheritable for the
+moment of the spawn (`detached.inheritable`); all else of the fork server's is close-on-exec.
 """
 
 from __future__ import annotations
@@ -60,14 +65,13 @@ import socket
 from typing import NoReturn
 
 from sandboxd.kernel import abi, linux
-from sandboxd.kernel.seam import LINUX
-from sandboxd.plan.launch import HOST_IDS, STORE_IDS, SYSFS_OF_NETNS, UserNamespace
-from sandboxd.sandbox.child import EXIT_SETUP_FAILED, EXIT_UNEXPECTED, SETUP_BINARY, enter_setup, is_dir_fd, root_entries
+from sandboxd.plan.launch import HOST_IDS, STORE_IDS, SYSFS_OF_NETNS
+from sandboxd.sandbox.child import EXIT_UNEXPECTED, SETUP_BINARY, SETUP_NAME, is_dir_fd, root_entries
 from sandboxd.sandbox.confine import Step
-from sandboxd.sandbox.detached import detached_bind, detached_dev, host_pid, idmap, inheritable, sealed_copy, storage_userns
+from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheritable, sealed_copy, storage_userns
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import encode as encode_program
-from sandboxd.sandbox.program import READONLY, Descriptors, HostView, Trees, compile_launch
+from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch
 from sandboxd.sandbox.protocol import Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
@@ -85,6 +89,10 @@ def serve(conn: socket.socket) -> NoReturn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         make_decoders()
         linux.clone_into_cgroup_works()  # probed now, once, rather than at the first sandbox
+        try:
+            sealed_copy(str(SETUP_BINARY))  # now too, not at the first sandbox; a failure is that launch's to report
+        except OSError:
+            pass
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -182,16 +190,11 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pid
             doing.name = "fork"
         cgroup_fd = os.open(request.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         match request:
-            case LaunchSandbox(plan=plan):
+            case LaunchSandbox():
                 # What the program names crosses the exec of the interpreter; nothing else does.
                 kept = [received.status, received.output, *received.sockets, init_fd, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd]
                 with inheritable([fd for fd in kept if fd >= 0]):
-                    if plan.userns:
-                        pid = _fork_userns_sandbox(request, plan.userns, cgroup_fd, own_netns, received, program_fd, host_id_trees)
-                    else:
-                        pid = _fork_sandbox_init(cgroup_fd, own_pidns)
-                        if pid == 0:
-                            _sandbox_child(request, received, program_fd, -1)
+                    pid = _spawn_sandbox(request, cgroup_fd, received, program_fd, host_id_trees)
             case RunCommand():
                 pid = linux.fork_into_cgroup(cgroup_fd)
                 if pid == 0:
@@ -257,7 +260,7 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     binds = [op for op in plan.mounts if op.kind == "bind"]
     if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
         raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", plan.service)
-    store = storage_userns(plan.userns) if plan.userns and any(op.options == STORE_IDS for op in binds) else -1
+    store = storage_userns(plan.userns, sealed_copy(str(SETUP_BINARY))) if plan.userns and any(op.options == STORE_IDS for op in binds) else -1
     copies: list[int] = []
     host_id_trees: list[tuple[int, str]] = []
     image_tree = -1
@@ -290,124 +293,60 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     return init_fd, Trees(tuple(copies), image_tree, -1, dev_tree), host_id_trees
 
 
-def _sandbox_child(request: LaunchSandbox, received: _Received, program_fd: int, sysfs: int) -> NoReturn:
-    """In the cloned child: the set-up interpreter, the fork server's sealed copy (child.py)."""
-    enter_setup(LINUX, bool(request.plan.userns), sealed_copy(str(SETUP_BINARY)), program_fd, received.status, sysfs)  # made already
+def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]) -> int:
+    """Start the sandbox's init through the set-up interpreter's spawner (setup/sbd-setup.c,
+    `spawn`), started with vfork semantics (os.posix_spawn: no copy of this heap); returns the
+    init's pid, a child of this process's (CLONE_PARENT), which reaps it and the spawner both.
 
-
-def _fork_sandbox_init(cgroup_fd: int, own_pidns: int) -> int:
-    """Fork the sandbox's init: pid 1 of a new pid namespace, born in its cgroup where the kernel
-    allows (clone3 CLONE_INTO_CGROUP, probed once); else forked, then joining it itself."""
-    if linux.clone_into_cgroup_works():
-        return linux.fork_into_cgroup(cgroup_fd, abi.CLONE_NEWPID)
-    linux.unshare(abi.CLONE_NEWPID)
-    pid = -1
-    try:
-        pid = os.fork()
-        if pid == 0:
-            with open(f"/proc/self/fd/{cgroup_fd}/cgroup.procs", "w") as f:
-                f.write("0")
-        return pid
-    finally:
-        if pid != 0:
-            # Back to our own namespace for children, so the next unshare(CLONE_NEWPID) works.
-            linux.setns(own_pidns, abi.CLONE_NEWPID)
-
-
-def _fork_userns_sandbox(
-    request: LaunchSandbox, ids: UserNamespace, cgroup_fd: int, own_netns: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]
-) -> int:
-    """Fork a sandbox with a user namespace of its own; the child becomes it (child.py) once this
-    process has set up what only it may (`_fork_in_user_namespace`). It was born in its network
-    namespace; it joins its v1 cgroups itself (its program), as any sandbox."""
-    pid, sysfs = _fork_in_user_namespace(request, cgroup_fd, received.netns, own_netns, ids, host_id_trees)
-    if pid == 0:
-        _sandbox_child(request, received, program_fd, sysfs)
-    return pid
-
-
-def _fork_in_user_namespace(
-    request: LaunchSandbox, cgroup_fd: int, netns_fd: int, own_netns: int, ids: UserNamespace, host_id_trees: list[tuple[int, str]]
-) -> tuple[int, int]:
-    """Fork the sandbox's init into a new user and pid namespace, born in its cgroup, and in the
-    service's network namespace if sandboxd made one (`netns_fd`). Returns its pid (0 in the
-    child) and the sysfs made for it (or -1).
-
-    The child may not do anything as root-inside before its uid and gid maps exist, and only a
-    process outside (this one, root in the parent namespace) may write maps that name other ids
-    than its own. So the child waits on a pipe while this process writes the maps, idmaps the
-    trees that keep the host's ids (HOST_IDS) through the child's user namespace, and then lets it
-    go. The child still has the host's root's ids underneath (only its capabilities are confined
-    to its namespace until it becomes root inside), so it joins its v1 cgroups itself, as any
-    sandbox does: a write of "0" to each `tasks` file, which the kernel does without the global
-    lock that a write of its pid from here would take.
-
-    A child in a new user namespace may not join a network namespace of the host's user namespace,
-    nor mount a sysfs for it: so this process joins it for the moment of the clone (the child is
-    born there) and makes the sysfs there, detached, for the child to attach.
+    What only a process of the host's namespaces may do is the spawner's, as this process's own
+    rules say it (`_spawn_argv`): in a user namespace the clone is in the service's network
+    namespace, whose sysfs it makes there (a child in a new user namespace may join neither, nor
+    mount a sysfs for it), and as the block's last ids; the uid and gid maps (only a process
+    outside may write maps naming other ids than its own) and the idmap of the trees that keep
+    the host's ids (HOST_IDS) through the init's user namespace, while the init waits for them.
     """
-    wait_r, wait_w = os.pipe2(os.O_CLOEXEC)
-    pid, pidfd, sysfs = -1, -1, -1
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        pid, pidfd, sysfs = _clone_in_user_namespace(request, cgroup_fd, netns_fd, own_netns, ids)
-        if pid == 0:
-            os.close(wait_w)
-            if os.read(wait_r, 1) != b"1":
-                os._exit(EXIT_SETUP_FAILED)  # the fork server could not set it up; it says why
-            os.close(wait_r)
-            return 0, sysfs
-        child = host_pid(pid, pidfd)
-        for kind, first in (("uid_map", ids.uid), ("gid_map", ids.gid)):
-            with open(f"/proc/{child}/{kind}", "w") as f:
-                f.write(f"0 {first} {ids.count}\n")
-        if host_id_trees:
-            userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                for tree, source in host_id_trees:
-                    idmap(tree, userns, source)
-            finally:
-                os.close(userns)
-        os.write(wait_w, b"1")
+        argv = _spawn_argv(request, theirs.fileno(), cgroup_fd, received, program_fd, [tree for tree, _ in host_id_trees])
+        with inheritable([theirs.fileno(), cgroup_fd]):
+            os.posix_spawn(f"/proc/self/fd/{sealed_copy(str(SETUP_BINARY))}", argv, {})  # made already
+        theirs.close()
+        msg, fds, _flags, _addr = socket.recv_fds(ours, 64, 1)
     finally:
-        if pid != 0:
-            for fd in (wait_r, wait_w, pidfd, sysfs):
-                if fd >= 0:
-                    os.close(fd)
-    return pid, -1
+        ours.close()
+        theirs.close()
+    for fd in fds:
+        os.close(fd)  # the pidfd: the supervisor opens its own
+    if msg[:1] == b"P" and len(fds) == 1:
+        return int(msg[1:])
+    error, _, what = msg[1:].decode(errors="replace").partition(" ")
+    if msg[:1] != b"E" or not error.isdigit():
+        raise OSError(errno.ECHILD, "the set-up interpreter ended before it cloned the sandbox", str(SETUP_BINARY))
+    number = int(error)
+    if what.startswith("idmap "):
+        _tree, source = host_id_trees[int(what.split()[1])]
+        if number == errno.EINVAL:
+            raise OSError(number, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source)
+        raise OSError(number, f"mount_setattr: {os.strerror(number)}", source)
+    raise OSError(number, f"{what}: {os.strerror(number)}", request.plan.service)
 
 
-def _clone_in_user_namespace(request: LaunchSandbox, cgroup_fd: int, netns_fd: int, own_netns: int, ids: UserNamespace) -> tuple[int, int, int]:
-    """The clone itself: (pid, pidfd, sysfs), in the service's network namespace for the moment.
+def _spawn_argv(request: LaunchSandbox, reply: int, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[int]) -> list[str]:
+    """The spawner's arguments (sbd-setup.c, `spawn`): what the request says of the clone. A
+    child in a user namespace is born in its network namespace (with its sysfs made there) and
+    joins its v1 cgroups itself (its program), as any sandbox.
 
     The new user namespace's owner is whoever's effective ids clone it. The kernel counts what
     its processes hold (inotify instances, user namespaces ...) against their user inside and
     against that owner outside, and a process of the host's user namespace running as the owner
     has every capability inside. So the owner is the block's last id: not the host's root, whose
     limits a sandbox must not use up, nor the block's root, as which sandboxd runs a proxy to a
-    unix socket of a root service. Root's capabilities stay for the clone.
-    """
-    pid, pidfd, sysfs = -1, -1, -1
-    if netns_fd >= 0:
-        linux.setns(netns_fd, abi.CLONE_NEWNET)
-    try:
-        if netns_fd >= 0 and any(op.kind == "sysfs" and op.options == SYSFS_OF_NETNS for op in request.plan.mounts):
-            sysfs = linux.detached_mount("sysfs", READONLY | abi.MOUNT_ATTR_NOEXEC)
-            os.set_inheritable(sysfs, True)  # for the interpreter (R_SYSFS); closed here after the clone
-        os.setegid(ids.gid + ids.count - 1)
-        os.seteuid(ids.uid + ids.count - 1)
-        try:
-            linux.raise_effective_capabilities()
-            pid, pidfd = linux.fork_into_cgroup_with_pidfd(cgroup_fd, abi.CLONE_NEWPID | abi.CLONE_NEWUSER)
-        finally:
-            if pid != 0:
-                os.seteuid(0)  # the effective capabilities come back with it
-                os.setegid(0)
-    except BaseException:
-        if sysfs >= 0:
-            os.close(sysfs)
-        raise
-    finally:
-        if netns_fd >= 0 and pid != 0:
-            linux.setns(own_netns, abi.CLONE_NEWNET)
-    return pid, pidfd, sysfs
-
+    unix socket of a root service. Root's capabilities stay for the clone."""
+    ids = request.plan.userns
+    netns = received.netns if ids else -1
+    sysfs = netns >= 0 and any(op.kind == "sysfs" and op.options == SYSFS_OF_NETNS for op in request.plan.mounts)
+    into_cgroup = linux.clone_into_cgroup_works()
+    mapped = (ids.uid, ids.gid, ids.count) if ids else (-1, -1, 0)
+    trees = ",".join(str(tree) for tree in host_id_trees) or "-"
+    numbers = (reply, program_fd, received.status, cgroup_fd, int(into_cgroup), netns, int(sysfs), *mapped)
+    return [SETUP_NAME, "spawn", *(str(n) for n in numbers), trees]

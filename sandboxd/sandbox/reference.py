@@ -200,7 +200,10 @@ class _State:
         if a[2]:
             k.mount_setattr(real, READONLY)
         else:
-            k.mount_setattr(real, abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV, abi.MOUNT_ATTR_RDONLY)
+            # nosuid and nodev on the whole tree, writable only its own mount: a read-only mount
+            # of the host's below the source stays read-only (sbd-setup.c does the same).
+            k.mount_setattr(real, abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV)
+            k.mount_setattr(real, 0, abi.MOUNT_ATTR_RDONLY, recursive=False)
         k.close(tree)
 
     def ensure_mountpoint(self, target: str, is_dir: bool) -> None:

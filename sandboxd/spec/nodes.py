@@ -210,6 +210,33 @@ class Key:
 
 UNIT_NAME = object()  # the default of a key that defaults to the unit's name (a socket's service, its fdname)
 
+# docker compose's service keys that sandboxd writes differently: what to write instead, said in
+# the unknown-key error of a service (keys.py's table), where a compose user puts them first.
+COMPOSE_KEYS = {
+    "ports": "a socket unit (kind: socket, listen: tcp:0.0.0.0:8080) beside the service: sandboxd binds the port and passes the socket in",
+    "expose": "a socket unit (kind: socket, listen: ...) for each port the service serves",
+    "depends_on": "after: [db] or after: [{service: db, condition: ready}] (conditions: started, ready, completed)",
+    "healthcheck": "ready: {exec: [CMD, ARG], interval: 5s, timeout: 5s, retries: 3}",
+    "volumes": "mounts: [{source: ./data, target: /data}] or [{volume: NAME, target: /data}] (readonly: true for :ro)",
+    "entrypoint": "command: the whole argv (the entrypoint followed by its arguments)",
+    "build": "image: NAME with a definition in images/NAME/build (built by sandboxd image build or at up)",
+    "container_name": "name: (a unit's name; by default its file's name)",
+    "env": "environment:",
+    "working_dir": "workdir:",
+    "networks": "network: NAME, with a unit of kind: network named NAME",
+    "network_mode": "network: host, none or private (the default), or a network's name",
+    "cap_add": "capabilities: [NET_BIND_SERVICE, ...]",
+    "cap_drop": "capabilities: (a service has none but those listed)",
+    "read_only": "readonly_root: true (the default)",
+    "stop_grace_period": "stop_timeout: 10s",
+    "mem_limit": "limits: {memory: 256M}",
+    "cpus": "limits: {cpu: 0.5}",
+    "pids_limit": "limits: {pids: 100}",
+    "deploy": "limits: {memory: ..., cpu: ..., pids: ...}",
+    "security_opt": "seccomp: default, unconfined, or a list of system calls to allow",
+    "privileged": "capabilities: [...] (only those the service needs; there is no privileged mode)",
+}
+
 
 def read_keys(node: Node, table: Mapping[str, Key], folder: Path, what: str) -> tuple[dict[str, Any], list[Problem]]:
     """The parsed values of the keys present, and the problems of all keys, unknown and missing ones too."""
@@ -217,9 +244,7 @@ def read_keys(node: Node, table: Mapping[str, Key], folder: Path, what: str) -> 
     values: dict[str, Any] = {}
     for key, (key_node, value_node) in entries.items():
         if key not in table:
-            close = difflib.get_close_matches(key, list(table), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(table)}"
-            problems.append((key_node, f".{key}", f"unknown key '{key}'; {hint}"))
+            problems.append((key_node, f".{key}", f"unknown key '{key}'; {unknown_key_hint(key, table)}"))
             continue
         try:
             values[key] = table[key].parse(value_node, folder)
@@ -229,6 +254,15 @@ def read_keys(node: Node, table: Mapping[str, Key], folder: Path, what: str) -> 
         if key not in entries and isinstance(spec.default, Required):
             problems.append((node, f".{key}", f"missing key '{key}'; expected {spec.default.hint}"))
     return values, problems
+
+
+def unknown_key_hint(key: str, table: Mapping[str, Key]) -> str:
+    """What to write instead of an unknown key: in a service, the sandboxd key for a compose key;
+    else the known key it is closest to, or the list of known keys."""
+    if key in COMPOSE_KEYS and "command" in table and "mounts" in table:  # a service's table
+        return f"this is docker compose's key; sandboxd's: {COMPOSE_KEYS[key]}"
+    close = difflib.get_close_matches(key, list(table), n=1)
+    return f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(table)}"
 
 
 def with_defaults(values: dict[str, Any], table: Mapping[str, Key], name: str) -> dict[str, Any]:

@@ -191,7 +191,7 @@ class Stack:
         raise AssertionError(f"timed out waiting for {text!r}:\nstdout:\n{self.out}\nstderr:\n{self.err}")
 
     def wait_up(self) -> None:
-        self.wait_for("services launched", "err")
+        self.wait_for(" launched in ", "err")
 
     def lines(self, service: str) -> list[str]:
         self._read()

@@ -178,10 +178,17 @@ def test_the_interpreter_follows_symlinks_inside_as_realpath_does_and_refuses_th
     code, said = interpreted([Op("s", "bind_inside", (str(where), -1, 1, 1, "/nowhere"))])
     message = decode_status(said)  # the mount point made where realpath leads, the move of no tree refused there
     assert isinstance(message, SetupFailed) and message.path == real and message.detail.startswith("move_mount: ")
-    # A symlink loop is left as it is (realpath, not strict); its mount point cannot be made (os.makedirs's error).
+    # A symlink loop, or more than 40 symlinks on the way, is ELOOP at the link where it stops: never
+    # a path left partly resolved, which the kernel would follow afresh past the check (into `old`).
     loop = tmp_path / "loop"
     code, said = interpreted([Op("s", "bind_inside", (str(loop / "c"), -1, 1, 1, "/nowhere"))])
-    assert said == python_failure("s", lambda: os.makedirs(os.path.realpath(loop / "c").rsplit("/", 1)[0], exist_ok=True))
+    assert said == python_failure("s", lambda: os.stat(loop))
+    for n in range(1, 45):
+        (tmp_path / f"l{n}").symlink_to(f"l{n + 1}")
+    (tmp_path / "l45").symlink_to("old/sub")
+    code, said = interpreted([Op("s", "bind_inside", (str(tmp_path / "l1" / "c"), -1, 1, 1, str(tmp_path / "old")))])
+    assert (code, said) == (127, protocol_encode(SetupFailed("s", f"{os.strerror(errno.ELOOP)} ({tmp_path / 'l41'})", str(tmp_path / "l41"), 127)))
+    assert not (tmp_path / "old" / "sub" / "c").exists()
 
 
 @needs_binary

@@ -118,6 +118,38 @@ class Cgroup:
             pass
         return 0
 
+    def io_bytes(self) -> tuple[int, int] | None:
+        """Bytes read and written so far: from cgroup2's io.stat (io controller on), else from the
+        v1 blkio directory of its own (a hybrid host, with an I/O limit), else the sum of its live
+        processes' /proc/PID/io (what the dead ones did is then not counted); None if none is readable."""
+        try:
+            lines = (self.path / "io.stat").read_text().splitlines()
+            fields = [dict(f.split("=", 1) for f in line.split()[1:] if "=" in f) for line in lines]
+            return sum(int(f.get("rbytes", 0)) for f in fields), sum(int(f.get("wbytes", 0)) for f in fields)
+        except (OSError, ValueError):
+            pass
+        if "blkio" in self.v1:
+            try:
+                text = (self.v1["blkio"] / "blkio.throttle.io_service_bytes").read_text()
+            except OSError:
+                return None
+            rows = [line.split() for line in text.splitlines()]
+            return (sum(int(r[2]) for r in rows if len(r) == 3 and r[1] == "Read"),
+                    sum(int(r[2]) for r in rows if len(r) == 3 and r[1] == "Write"))
+        return self._process_io()
+
+    def _process_io(self) -> tuple[int, int] | None:
+        """read_bytes and write_bytes of /proc/PID/io, summed over the cgroup's processes."""
+        read = written = 0
+        found = False
+        for pid in self.pids():
+            try:
+                fields = dict(line.split(": ", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+                read, written, found = read + int(fields["read_bytes"]), written + int(fields["write_bytes"]), True
+            except (OSError, ValueError, KeyError):
+                continue
+        return (read, written) if found else None
+
     def holds_sockets_besides(self, listening: list[socket.socket]) -> bool:
         """Whether any process in the cgroup has a socket open other than `listening` (a connection)."""
         known = {f"socket:[{os.fstat(s.fileno()).st_ino}]" for s in listening}

@@ -1,12 +1,14 @@
 /*
  * sbd-setup: the interpreter of a sandbox's set-up program (sandboxd/sandbox/program.py).
  *
- * The fork server clones a child into the sandbox's new namespaces; the child becomes root of
- * its user namespace and executes this program (sandboxd/sandbox/child.py):
+ * The fork server starts it with vfork semantics (posix_spawn) as the spawner of a sandbox's
+ * init (`spawn`, below: it clones the init from itself, the host's side of a user namespace
+ * done), and the init, a copy of this small process, walks the program (`interpret`). Or, on
+ * its own, for tests and scripts/bench (and `sbd-setup userns READY DONE`: hold_userns):
  *
  *     sbd-setup PROGRAM_FD CHANNEL_FD SYSFS_FD
  *
- * It reads the whole program from PROGRAM_FD (the encoding is ops.py's), moves the status channel
+ * The walk reads the whole program from PROGRAM_FD (the encoding is ops.py's), moves the status channel
  * clear of the service's fds 3.., and runs the ops in order, as bubblewrap walks its SetupOp
  * list: each op's guards are tested at that moment, every call is checked, and the first that
  * fails ends it: SetupFailed(step, detail, path, 127) on the channel, the same JSON the Python
@@ -424,7 +426,10 @@ static bool lexists(const char *path)
     return lstat(path, &st) == 0;
 }
 
-/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is. */
+/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is.
+ * More than 40 symlinks on the way is a failure (ELOOP), never a path left partly resolved:
+ * the kernel would follow what is left afresh, with 40 more, wherever it leads (the host's
+ * root under the old root included), past the check that is made on this answer. */
 static bool join_real(char *path, const char *rest, int *links)
 {
     if (rest[0] == '/') {
@@ -457,8 +462,10 @@ static bool join_real(char *path, const char *rest, int *links)
             continue;
         }
         char target[PATH_BUF];
+        if (++*links > 40)
+            fail_errno("", ELOOP, newpath);
         ssize_t length = readlink(newpath, target, sizeof target - 1);
-        if (++*links > 40 || length < 0) {
+        if (length < 0) {
             join(path, newpath, rest);
             return false;
         }
@@ -577,16 +584,12 @@ static bool kept(const struct arg *keep, int64_t cap)
     return false;
 }
 
+/* Every capability the kernel knows (PR_CAPBSET_READ says EINVAL past the last) not kept. Not
+ * from /proc/sys/kernel/cap_last_cap: this runs after pivot_root, where a bind of the spec's may
+ * cover that file (through a symlink of the image's) and say "0". */
 static void drop_bounding_set(const struct arg *keep)
 {
-    const char *path = "/proc/sys/kernel/cap_last_cap";
-    char text[16] = {0};
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    CHECK(fd, "", path);
-    CHECK(read(fd, text, sizeof text - 1), "", path);
-    close(fd);
-    int last = atoi(text);
-    for (int cap = 0; cap <= last; cap++) {
+    for (int cap = 0; cap < 64 && (prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0 || errno != EINVAL); cap++) {
         if (kept(keep, cap))
             continue;
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
@@ -643,6 +646,23 @@ static void close_others(int low, int a, int b)
     }
 }
 
+/* One message with one descriptor (SCM_RIGHTS). */
+static ssize_t send_with_fd(int socket_fd, const char *data, size_t n, int fd)
+{
+    union {
+        char buffer[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control = {{0}};
+    struct iovec iov = {(void *)data, n};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    return sendmsg(socket_fd, &msg, MSG_NOSIGNAL);
+}
+
 static void report_executing(int listener)
 {
     struct timespec now;
@@ -655,18 +675,7 @@ static void report_executing(int listener)
         }
         return;
     }
-    union {
-        char buffer[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } control = {{0}};
-    struct iovec iov = {json, (size_t)n};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
-    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cmsg), &listener, sizeof(int));
-    CHECK(sendmsg(channel, &msg, MSG_NOSIGNAL), "", "");
+    CHECK(send_with_fd(channel, json, (size_t)n, listener), "", "");
 }
 
 /* bind_inside, tmpfs_inside: after pivot_root, at the realpath of the target (a symlink on the
@@ -690,10 +699,14 @@ static void mount_inside(const struct op *op, bool bind)
     int tree = FD(op, 1);
     ensure_mountpoint(real, I(op, 3) != 0);
     CHECK(syscall(SYS_move_mount, tree, "", AT_FDCWD, real, SBD_MOVE_MOUNT_F_EMPTY_PATH), "move_mount: ", real);
-    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, SBD_MOUNT_ATTR_RDONLY, 0, 0};
-    if (I(op, 2))
-        attr = (struct mount_attr_arg){SBD_MOUNT_ATTR_RDONLY | SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, 0, 0, 0};
+    /* nosuid and nodev on every mount of the tree; read-only all of it, or writable only its own
+     * mount: a read-only mount of the host's below the source stays so (as docker keeps it). */
+    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV | (I(op, 2) ? SBD_MOUNT_ATTR_RDONLY : 0), 0, 0, 0};
     CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, AT_RECURSIVE, &attr, sizeof attr), "mount_setattr: ", real);
+    if (!I(op, 2)) {
+        struct mount_attr_arg writable = {0, SBD_MOUNT_ATTR_RDONLY, 0, 0};
+        CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, 0, &writable, sizeof writable), "mount_setattr: ", real);
+    }
     CHECK(close(tree), "", "");
 }
 
@@ -783,14 +796,10 @@ static long run(const struct op *op)
     return r;
 }
 
-int main(int argc, char **argv)
+/* ── the program's walk, in the sandbox's init ── */
+
+static _Noreturn void interpret(int program_fd, int sysfs)
 {
-    if (argc != 4) {
-        fprintf(stderr, "usage: sbd-setup PROGRAM_FD CHANNEL_FD SYSFS_FD (run by sandboxd's fork server)\n");
-        return EXIT_UNEXPECTED;
-    }
-    int program_fd = atoi(argv[1]);
-    channel = atoi(argv[2]);
     size_t length;
     uint8_t *data = read_all(program_fd, &length);
     close(program_fd);
@@ -803,7 +812,7 @@ int main(int argc, char **argv)
         malformed();
     struct op *ops = calloc((size_t)count + 1, sizeof *ops);
     if (!ops)
-        return EXIT_UNEXPECTED;
+        _exit(EXIT_UNEXPECTED);
     for (uint32_t k = 0; k < count; k++)
         read_op(&r, &ops[k]);
     int moved = fcntl(channel, F_DUPFD_CLOEXEC, lowest); /* clear of the service's fds 3.. */
@@ -814,7 +823,7 @@ int main(int argc, char **argv)
     for (int k = 0; k < MAX_REGISTERS; k++)
         registers[k] = -1;
     registers[0] = channel;
-    registers[1] = atoi(argv[3]);
+    registers[1] = sysfs;
     for (uint32_t k = 0; k < count; k++) {
         current = &ops[k];
         step = ops[k].step;
@@ -830,4 +839,244 @@ int main(int argc, char **argv)
             marks |= 1ull << ops[k].mark;
     }
     fail_with("the set-up program ended without an exec", "", EXIT_UNEXPECTED);
+}
+
+/* ── spawn: the clone of the sandbox's init, in a process of its own ──
+ *
+ *     sbd-setup spawn REPLY PROGRAM CHANNEL CGROUP INTO_CGROUP NETNS SYSFS UID GID COUNT TREES
+ *
+ * The fork server starts this with vfork semantics (posix_spawn: no copy of its heap) and the
+ * arguments its request says (forkserver.py); this process, the host's root in the fork
+ * server's namespaces, does what needs the host's side of the sandbox: in a user namespace it
+ * joins the service's network namespace NETNS (-1: none) for the clone and makes the sysfs
+ * there (SYSFS 1); clone3 of the init with CLONE_PARENT (so that the init is the fork server's
+ * child, which reaps it), CLONE_NEWPID, CLONE_PIDFD, born in CGROUP (INTO_CGROUP 1; 0: it joins
+ * it itself; -1 with 0: none, for scripts/bench) and, with UID >= 0, CLONE_NEWUSER, cloned as the block's last ids; then it writes
+ * the maps "0 UID COUNT" and "0 GID COUNT", idmaps the detached TREES (comma-separated fds, or
+ * -) through the init's user namespace, and sends on REPLY "P<pid>" with the pidfd (SCM_RIGHTS),
+ * or "E<errno> <what>" (what: setns, sysfs, clone3, uid_map, gid_map, userns, idmap K for the
+ * Kth tree), before it lets the init go and exits. The init, a copy of this small process,
+ * becomes root of its user namespace and walks the program (interpret) on CHANNEL.
+ */
+
+#define SPAWN_ARGC 13
+#define SBD_FSCONFIG_CMD_CREATE 6
+#define SBD_MOUNT_ATTR_NOEXEC 0x8
+#define SBD_MOUNT_ATTR_IDMAP 0x100000
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+
+struct sbd_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup;
+};
+
+static int reply = -1;
+
+static _Noreturn void spawn_failed(int error, const char *what)
+{
+    char text[64];
+    int n = snprintf(text, sizeof text, "E%d %s", error, what);
+    if (send(reply, text, (size_t)n, MSG_NOSIGNAL) < 0) {
+        /* the fork server reads EOF instead: it says so */
+    }
+    _exit(EXIT_SETUP_FAILED);
+}
+
+static void send_pid(pid_t pid, int pidfd)
+{
+    char text[32];
+    int n = snprintf(text, sizeof text, "P%d", (int)pid);
+    if (send_with_fd(reply, text, (size_t)n, pidfd) < 0)
+        _exit(EXIT_SETUP_FAILED); /* the init reads EOF on its pipe and exits */
+}
+
+/* A read-only sysfs of the network namespace this process is in, detached (linux.detached_mount). */
+static int detached_sysfs(void)
+{
+    int fs = (int)syscall(SYS_fsopen, "sysfs", 0);
+    if (fs < 0)
+        return -1;
+    long mnt = -1;
+    if (syscall(SYS_fsconfig, fs, SBD_FSCONFIG_CMD_CREATE, NULL, NULL, 0) == 0)
+        mnt = syscall(SYS_fsmount, fs, 0, SBD_MOUNT_ATTR_RDONLY | SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV | SBD_MOUNT_ATTR_NOEXEC);
+    int error = errno;
+    close(fs);
+    errno = error;
+    return (int)mnt;
+}
+
+/* The host's pid of the init: this process's /proc is the host's, and a pidfd's fdinfo tells
+ * the pid as the /proc it is read through numbers it (detached.host_pid). */
+static long host_pid(int pidfd)
+{
+    char path[64], text[4096];
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", pidfd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    text[n] = 0;
+    char *line = strstr(text, "\nPid:");
+    return line ? strtol(line + 5, NULL, 10) : -1;
+}
+
+static void write_map(long pid, const char *kind, long first, long count)
+{
+    char path[64], map[64];
+    snprintf(path, sizeof path, "/proc/%ld/%s", pid, kind);
+    int n = snprintf(map, sizeof map, "0 %ld %ld\n", first, count);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, map, (size_t)n) != n)
+        spawn_failed(errno, kind);
+    close(fd);
+}
+
+/* The maps, then the trees that keep the host's ids idmapped through the init's user namespace. */
+static void set_up_userns(long pid, long uid, long gid, long count, const char *trees)
+{
+    write_map(pid, "uid_map", uid, count);
+    write_map(pid, "gid_map", gid, count);
+    if (strcmp(trees, "-") == 0)
+        return;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/ns/user", pid);
+    int userns = open(path, O_RDONLY | O_CLOEXEC);
+    if (userns < 0)
+        spawn_failed(errno, "userns");
+    const char *p = trees;
+    for (int k = 0; *p; k++) {
+        char *end;
+        int tree = (int)strtol(p, &end, 10);
+        struct mount_attr_arg attr = {SBD_MOUNT_ATTR_IDMAP, 0, 0, (uint64_t)userns};
+        if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr) < 0) {
+            char what[32];
+            snprintf(what, sizeof what, "idmap %d", k);
+            spawn_failed(errno, what);
+        }
+        p = *end == ',' ? end + 1 : end;
+    }
+    close(userns);
+}
+
+/* In the init: wait to be let go (in a user namespace), join the cgroup if it was not born in
+ * it, become root of the user namespace, walk the program. */
+static _Noreturn void init_child(int release, bool userns, int cgroup, bool into_cgroup, int program_fd, int sysfs)
+{
+    char go = 0;
+    close(reply);
+    if (userns && read(release, &go, 1) != 1)
+        _exit(EXIT_SETUP_FAILED); /* the spawner could not set it up; the fork server says why */
+    close(release);
+    if (!into_cgroup && cgroup >= 0) {
+        step = "join the cgroup";
+        int procs = openat(cgroup, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+        if (procs < 0 || write(procs, "0", 1) != 1)
+            fail_errno("", errno, "cgroup.procs");
+        close(procs);
+    }
+    if (cgroup >= 0)
+        close(cgroup);
+    if (userns) {
+        step = "become root of the user namespace";
+        if (setgroups(0, NULL) < 0 || setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+            fail_errno("", errno, "");
+    }
+    interpret(program_fd, sysfs);
+}
+
+/* Cloned as the block's last ids, with root's capabilities (forkserver.py says why); back to
+ * root's ids after, which brings back the effective capabilities. */
+static pid_t clone_init(struct sbd_clone_args *args, bool userns, long uid, long gid, long count)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[2];
+    if (userns) {
+        if (syscall(SYS_capget, &header, caps) < 0 || setresgid(-1, (gid_t)(gid + count - 1), -1) < 0 || setresuid(-1, (uid_t)(uid + count - 1), -1) < 0)
+            spawn_failed(errno, "clone3");
+        for (int word = 0; word < 2; word++)
+            caps[word].effective = caps[word].permitted;
+        if (syscall(SYS_capset, &header, caps) < 0)
+            spawn_failed(errno, "clone3");
+    }
+    pid_t pid = (pid_t)syscall(SYS_clone3, args, sizeof *args);
+    int error = errno;
+    if (pid != 0 && userns && (setresuid(-1, 0, -1) < 0 || setresgid(-1, 0, -1) < 0))
+        _exit(EXIT_UNEXPECTED);
+    errno = error;
+    return pid;
+}
+
+static _Noreturn void spawn(char **argv)
+{
+    reply = atoi(argv[2]);
+    int program_fd = atoi(argv[3]), cgroup = atoi(argv[5]), netns = atoi(argv[7]);
+    bool into_cgroup = atoi(argv[6]) != 0, want_sysfs = atoi(argv[8]) != 0;
+    long uid = atol(argv[9]), gid = atol(argv[10]), count = atol(argv[11]);
+    bool userns = uid >= 0;
+    channel = atoi(argv[4]);
+    if (netns >= 0 && setns(netns, CLONE_NEWNET) < 0)
+        spawn_failed(errno, "setns");
+    int sysfs = -1;
+    if (want_sysfs && (sysfs = detached_sysfs()) < 0)
+        spawn_failed(errno, "sysfs");
+    int release[2];
+    if (pipe2(release, O_CLOEXEC) < 0)
+        spawn_failed(errno, "clone3");
+    int pidfd = -1;
+    struct sbd_clone_args args = {
+        .flags = CLONE_PARENT | CLONE_NEWPID | CLONE_PIDFD | (into_cgroup ? CLONE_INTO_CGROUP : 0) | (userns ? CLONE_NEWUSER : 0),
+        .pidfd = (uint64_t)(uintptr_t)&pidfd,
+        .exit_signal = 0, /* CLONE_PARENT: the kernel gives it this process's own (SIGCHLD) */
+        .cgroup = into_cgroup ? (uint64_t)cgroup : 0,
+    };
+    pid_t pid = clone_init(&args, userns, uid, gid, count);
+    if (pid == 0) {
+        close(release[1]);
+        init_child(release[0], userns, cgroup, into_cgroup, program_fd, sysfs);
+    }
+    if (pid < 0)
+        spawn_failed(errno, "clone3");
+    if (userns) {
+        long host = host_pid(pidfd);
+        if (host < 0)
+            spawn_failed(errno, "uid_map");
+        set_up_userns(host, uid, gid, count, argv[12]);
+    }
+    send_pid(pid, pidfd);
+    if (write(release[1], "1", 1) != 1)
+        _exit(EXIT_UNEXPECTED);
+    _exit(0);
+}
+
+
+/* sbd-setup userns READY DONE: a user namespace of its own, held while the fork server writes
+ * its maps and opens it (detached.storage_userns): "1" on READY once it exists, exit at EOF on DONE. */
+static _Noreturn void hold_userns(char **argv)
+{
+    char end;
+    if (unshare(CLONE_NEWUSER) < 0)
+        _exit(EXIT_SETUP_FAILED);
+    if (write(atoi(argv[2]), "1", 1) != 1)
+        _exit(EXIT_UNEXPECTED);
+    while (read(atoi(argv[3]), &end, 1) > 0)
+        continue;
+    _exit(0);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 4 && strcmp(argv[1], "userns") == 0)
+        hold_userns(argv);
+    if (argc == SPAWN_ARGC && strcmp(argv[1], "spawn") == 0)
+        spawn(argv);
+    if (argc != 4) {
+        fprintf(stderr, "usage: sbd-setup PROGRAM_FD CHANNEL_FD SYSFS_FD, or sbd-setup spawn ... (run by sandboxd's fork server)\n");
+        return EXIT_UNEXPECTED;
+    }
+    channel = atoi(argv[2]);
+    interpret(atoi(argv[1]), atoi(argv[3]));
 }

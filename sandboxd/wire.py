@@ -110,6 +110,9 @@ class ServiceStatus(TypedDict):
     cpu_seconds: float
     processes: int
     instances: int  # active per-connection instances
+    reason: str  # failed or backoff: why ("exited with code 3; restarting in 0.4 s"); else ""
+    exit_code: NotRequired[int]  # failed or backoff after an exit: its code (absent when a signal killed it)
+    signal: NotRequired[str]  # ... or the signal that killed it ("SIGKILL")
 
 
 class StackStatus(TypedDict):

@@ -20,7 +20,8 @@ def print_status(status: StackStatus, out: TextIO) -> None:
     rows = [("SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "MEMORY", "CPU", "SOCKETS / STATUS")]
     for svc in status["services"]:
         socks = " ".join(s["address"] for s in svc["sockets"])
-        extra = f"{socks} {escape_controls(svc['status_text'])}".strip()  # the service's STATUS=, its own text
+        # Why it failed or is in backoff; the service's STATUS=, its own text.
+        extra = " ".join(part for part in (socks, escape_controls(svc["reason"]), escape_controls(svc["status_text"])) if part)
         state = svc["state"] + (" (ready)" if svc["ready"] and svc["state"] != "ready" and svc["state"] == "running" else "")
         rows.append(
             (

@@ -21,7 +21,7 @@ from sandboxd.errors import HostError, SandboxdError
 if TYPE_CHECKING:
     from sandboxd.sandbox.handle import ForkServer
     from sandboxd.spec.model import Stack
-    from sandboxd.wire import StackStatus
+    from sandboxd.wire import ServiceStatus, StackStatus
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -203,7 +203,8 @@ def _be_the_supervisor(args: argparse.Namespace, instance: str, log: IO[bytes]) 
 
 def _wait_until_up(args: argparse.Namespace, instance: str, daemon: int, log: IO[bytes]) -> int:
     """Poll the new stack's status until every eager service has started (is ready, with --wait),
-    then print it; if the supervisor exits first, show what it wrote to `log` and pass on its code."""
+    then print it; if the supervisor exits first, show what it wrote to `log` and pass on its code.
+    A service that failed (with --wait: or is in backoff, crash-looping) ends the wait at once."""
     import time
 
     from sandboxd.cli.client import choose_stack, request
@@ -220,6 +221,9 @@ def _wait_until_up(args: argparse.Namespace, instance: str, daemon: int, log: IO
         except SandboxdError:
             time.sleep(0.02)
             continue
+        broken = [s for s in status["services"] if s["state"] == "failed" or (args.wait and s["state"] == "backoff")]
+        if broken:
+            return _broken_stack(instance, broken)
         waiting_for = {"starting"} | ({"running"} if args.wait else set())
         pending = [s for s in status["services"] if s["state"] in waiting_for and not (s["state"] == "running" and s["ready"])]
         if sys.stderr.isatty():
@@ -232,6 +236,23 @@ def _wait_until_up(args: argparse.Namespace, instance: str, daemon: int, log: IO
             return 0
         time.sleep(0.02)
     raise HostError(f"stack {instance!r} did not come up within {args.timeout:g} s", f"see: sandboxd logs -p {instance}")
+
+
+def _broken_stack(instance: str, broken: list[ServiceStatus]) -> int:
+    """`up -d` gives up at once: each broken service, why, and the last lines of its output, to
+    stderr; exit code 1. The stack keeps running (as compose leaves the other containers up)."""
+    from sandboxd.daemon.console import escape_controls
+    from sandboxd.daemon.failures import failure_report
+    from sandboxd.host.paths import RUNTIME_ROOT
+
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    for svc in broken:
+        for line in failure_report(svc["name"], svc["state"], svc["reason"], RUNTIME_ROOT / instance / "logs"):
+            sys.stderr.write(f"sandboxd: {escape_controls(line) if sys.stderr.isatty() else line}\n")
+    names, p = " ".join(svc["name"] for svc in broken), f"-p {instance}"
+    sys.stderr.write(f"sandboxd: stack {instance!r} keeps running; see sandboxd ps {p}, sandboxd logs {p} {names}; stop it with sandboxd down {p}\n")
+    return 1
 
 
 def _print_up(args: argparse.Namespace, status: StackStatus) -> None:

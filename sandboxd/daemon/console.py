@@ -73,9 +73,18 @@ class Console:
         self.prefix.setdefault(name, f"{name.ljust(self.width)} | ")
 
     def line(self, name: str, data: bytes) -> None:
-        text = decode_output(data).rstrip("\r\n")
+        """A line a service printed: into its log file, and onto the terminal."""
+        self.record(name, data)
+        self.show(name, data)
+
+    def record(self, name: str, data: bytes) -> None:
+        """A line a service printed, into its log file (if the stack has them)."""
         if self.logs is not None:
-            self.logs.write(name, text)
+            self.logs.write(name, decode_output(data).rstrip("\r\n"))
+
+    def show(self, name: str, data: bytes) -> None:
+        """A line a service printed, onto the terminal (not when detached)."""
+        text = decode_output(data).rstrip("\r\n")
         if not self.quiet:
             shown = escape_controls(text) if self.escape_out else _as_printed(text)
             self.out.write(self.prefix.get(name, f"{name} | ") + shown + "\n")

@@ -13,9 +13,10 @@ from sandboxd.daemon.dependencies import Dependencies
 from sandboxd.daemon.forks import Ended, ForkServerLink, Sent
 from sandboxd.daemon.handoff import BindHandoff
 from sandboxd.daemon.machine import ServiceMachine
+from sandboxd.daemon.output import Output
 from sandboxd.daemon.readiness import FdStore
-from sandboxd.daemon.restart import Outcome, StartLimiter, classify, restart_delay, should_restart
-from sandboxd.daemon.runtime import Launch, RunningStack, ServiceRuntime
+from sandboxd.daemon.restart import Outcome, StartLimiter, classify, exit_details, restart_delay, should_restart
+from sandboxd.daemon.runtime import ExitStatus, Launch, RunningStack, ServiceRuntime
 from sandboxd.daemon.states import FINAL, Event, State
 from sandboxd.daemon.stopping import signal_init
 from sandboxd.daemon.tasks import Background
@@ -34,6 +35,7 @@ class Lifecycle:
         handoff: BindHandoff,
         dependencies: Dependencies,
         console: Console,
+        output: Output,
     ) -> None:
         self.machine = machine
         self.running = running
@@ -43,6 +45,7 @@ class Lifecycle:
         self.handoff = handoff
         self.dependencies = dependencies
         self.console = console
+        self.output = output
 
     # ── starting ──
 
@@ -127,6 +130,7 @@ class Lifecycle:
     def _on_exit(self, rt: ServiceRuntime, ended: Ended) -> None:
         if ended.failure:
             rt.launch.error = LaunchError(rt.spec.name, "fork", ended.failure)
+        self.output.read_waiting(rt)  # its last words are in its log before its exit is said
         self._release_sandbox(rt)
         outcome, text, usage = self._judge(rt, ended.status)
         match rt.state:
@@ -164,6 +168,7 @@ class Lifecycle:
         """How it ended, in words, and what it used: a failed set-up or sandboxd's verdict outweighs
         the wait status."""
         outcome, text = classify(status)
+        rt.launch.exit = ExitStatus(*exit_details(status)) if rt.launch.error is None else None
         why = rt.cgroup.why_failed()
         if why:
             text = f"{why}; {text}"

@@ -103,3 +103,8 @@ def follow(directory: Path, names: list[str], alive: Callable[[], bool]) -> Iter
                     yield name, stamp, text
         if quiet:
             time.sleep(0.1)
+
+
+def tail(directory: Path, name: str, count: int) -> list[str]:
+    """The text of the last `count` lines kept for `name`."""
+    return [text for _stamp, text in read(directory, name)[-count:]] if count > 0 else []

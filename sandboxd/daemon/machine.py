@@ -19,6 +19,8 @@ class ServiceMachine:
         self.quiet_starts = True
         self.actions: dict[Action, Callable[[ServiceRuntime], None]] = {}
         self.entered: Callable[[State], None] = lambda state: None
+        # Told of a service that failed for good before it was ever ready (the foreground says so at once).
+        self.failed_before_ready: Callable[[ServiceRuntime], None] = lambda rt: None
 
     def bind(self, actions: Mapping[Action, Callable[[ServiceRuntime], None]], entered: Callable[[State], None]) -> None:
         """Who does each action of the table, and who is told of every state a service enters."""
@@ -34,13 +36,17 @@ class ServiceMachine:
     def transition(self, rt: ServiceRuntime, event: Event, reason: str) -> None:
         """Take the row for the service's state and `event` (TransitionRefused if there is none)."""
         step = LIFE.step(rt.state, event)
-        old, rt.state = rt.state, step.next
+        old, rt.state, rt.reason = rt.state, step.next, reason
+        if step.next is State.READY or (step.next is State.RUNNING and rt.spec.ready == "started"):
+            rt.was_ready = True
         if not (self.quiet_starts and (old, step.next) in QUIET_UNTIL_SUMMARY):
             self.console.note(describe(rt.name, old, step.next, reason))
         if step.next is not old:
             self.entered(step.next)
         if step.action is not None:
             self.actions[step.action](rt)
+        if step.next is State.FAILED and old is not State.FAILED and not rt.was_ready:
+            self.failed_before_ready(rt)
 
 
 def describe(name: str, old: State, new: State, reason: str) -> str:

@@ -82,7 +82,8 @@ class Operations:
             sockets.append(entry)
         stats = rt.cgroup.stats()
         alive = rt.state in (State.RUNNING, State.READY, State.RELOADING, State.STOPPING)
-        return {
+        broken = rt.state in (State.FAILED, State.BACKOFF)
+        status: ServiceStatus = {
             "name": rt.spec.name,
             "state": rt.state.label,
             "pid": rt.launch.pid if alive else 0,
@@ -95,7 +96,15 @@ class Operations:
             "cpu_seconds": round(stats["cpu_usec"] / 1e6, 3),
             "processes": stats["processes"],
             "instances": rt.connections.active,
+            "reason": rt.reason if broken else "",
         }
+        ended = rt.launch.exit
+        if broken and ended is not None:
+            if ended.code is not None:
+                status["exit_code"] = ended.code
+            if ended.signal is not None:
+                status["signal"] = ended.signal
+        return status
 
     async def stop_service(self, name: str) -> None:
         await self.stopper.stop_by_hand(self.running.services[name])

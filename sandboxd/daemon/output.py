@@ -1,5 +1,7 @@
-"""What the services print: read from each service's output pipe a line at a time, and held back
-until the start-up summary is printed, so that the summary comes first."""
+"""What the services print: read from each service's output pipe a line at a time, written to its
+log file at once, and held back from the terminal until the start-up summary is printed, so that
+the summary comes first there. What a sandbox printed is in its log before its exit is judged
+(`read_waiting`): `up -d` and the Stack API quote the last lines of a service that failed."""
 
 from __future__ import annotations
 
@@ -22,38 +24,45 @@ class Output:
             data = os.read(rt.output.r, 65536)
         except BlockingIOError:
             return
-        *lines, rt.output.partial = (rt.output.partial + data).split(b"\n")
-        for line in lines:
-            self._emit(rt.spec.name, line)
+        self._take(rt, data)
         if len(rt.output.partial) > MAX_LINE:
             self._emit(rt.spec.name, rt.output.partial)
             rt.output.partial = b""
 
-    def drain(self, rt: ServiceRuntime) -> None:
-        """Show what is left in the pipe, the last unfinished line too, and stop reading it."""
-        while True:
+    def read_waiting(self, rt: ServiceRuntime) -> None:
+        """What is in the pipe now, the unfinished line too: a sandbox's init exited, and its last
+        words go to the log before its exit is judged and said."""
+        while rt.output.r >= 0:
             try:
                 data = os.read(rt.output.r, 65536)
             except BlockingIOError:
                 break
             if not data:
                 break
-            *lines, rt.output.partial = (rt.output.partial + data).split(b"\n")
-            for line in lines:
-                self._emit(rt.spec.name, line)
+            self._take(rt, data)
         if rt.output.partial:
             self._emit(rt.spec.name, rt.output.partial)
             rt.output.partial = b""
+
+    def _take(self, rt: ServiceRuntime, data: bytes) -> None:
+        *lines, rt.output.partial = (rt.output.partial + data).split(b"\n")
+        for line in lines:
+            self._emit(rt.spec.name, line)
+
+    def drain(self, rt: ServiceRuntime) -> None:
+        """Show what is left in the pipe, the last unfinished line too, and stop reading it."""
+        self.read_waiting(rt)
         asyncio.get_running_loop().remove_reader(rt.output.r)
 
     def release(self) -> None:
         """The summary is out: what was held is shown, and from now on every line at once."""
         held, self.held = self.held or [], None
         for name, line in held:
-            self.console.line(name, line)
+            self.console.show(name, line)
 
     def _emit(self, name: str, line: bytes) -> None:
+        self.console.record(name, line)
         if self.held is None:
-            self.console.line(name, line)
+            self.console.show(name, line)
         else:
             self.held.append((name, line))

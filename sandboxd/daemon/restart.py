@@ -60,6 +60,22 @@ def classify(status: int) -> tuple[Outcome, str]:
     return ("success" if sig in CLEAN_SIGNALS else "signal"), f"killed by {name}"
 
 
+def exit_details(status: int) -> tuple[int | None, str | None]:
+    """The exit code or the signal's name of a wait status, read as `classify` reads it (128+n
+    from dumb-init is signal n): one of the two is None."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+    else:
+        code = os.WEXITSTATUS(status)
+        if not 128 < code < 128 + signal.NSIG:
+            return code, None
+        sig = code - 128
+    try:
+        return None, signal.Signals(sig).name
+    except ValueError:
+        return None, f"signal {sig}"
+
+
 def should_restart(policy: Restart, outcome: Outcome) -> bool:
     return outcome in RESTART_ON[policy]
 

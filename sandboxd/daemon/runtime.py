@@ -73,6 +73,15 @@ class Verdict:
     signal: int
 
 
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a sandbox's init ended, as numbers a script reads (`sandboxd ps --json`): its exit code,
+    or the name of the signal that killed it (restart.py's `exit_details`)."""
+
+    code: int | None
+    signal: str | None
+
+
 @dataclass
 class Launch:
     """The service's current sandbox: one launch, from the request to the exit (lifecycle.py)."""
@@ -87,6 +96,7 @@ class Launch:
     started_at: float = 0.0  # when it began to run (monotonic)
     verdict: Verdict | None = None  # set when sandboxd kills it for a failure (stopping.py)
     kill_timer: asyncio.TimerHandle | None = None  # SIGKILL to its cgroup after stop_timeout
+    exit: ExitStatus | None = None  # set where its exit is judged (lifecycle.py); None if it could not start
 
 
 @dataclass
@@ -178,6 +188,8 @@ class ServiceRuntime:
     cgroup: Cgroup
     output: OutputPipe
     state: State = State.STOPPED
+    reason: str = ""  # why it is in its state: the reason of the transition into it (machine.py)
+    was_ready: bool = False  # it was ready once (or, with ready: started, running) since the stack began
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set once it runs, or will not
     launch: Launch = field(default_factory=Launch)
     restarts: Restarts = field(init=False)

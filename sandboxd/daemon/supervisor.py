@@ -40,6 +40,7 @@ from sandboxd.daemon.activation import Activation
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.control import ControlServer
 from sandboxd.daemon.dependencies import Dependencies
+from sandboxd.daemon.failures import failure_report
 from sandboxd.daemon.forks import ForkServerLink
 from sandboxd.daemon.health import HealthChecks
 from sandboxd.daemon.handoff import BindHandoff
@@ -109,7 +110,7 @@ class Supervisor:
         self.proxies = Proxies(running, link, tasks, console)
         self.activation = Activation(machine, running, link, tasks, self.resources.cgroups, console)
         self.stopper = Stopper(machine, console, self.activation.unwatch)
-        self.lifecycle = Lifecycle(machine, running, link, tasks, fdstore, handoff, self.dependencies, console)
+        self.lifecycle = Lifecycle(machine, running, link, tasks, fdstore, handoff, self.dependencies, console, self.output)
         self.runtimes = Runtimes(running, self.resources, self.output, self.readiness)
         reload = Reload(running, self.resources, self.runtimes, self.lifecycle, self.stopper, console)
         self.operations = Operations(running, self.resources, self.lifecycle, self.stopper, link, reload, console, self.stop_requested)
@@ -127,6 +128,16 @@ class Supervisor:
             },
             entered=self.dependencies.entered,
         )
+        machine.failed_before_ready = self._report_failure
+
+    def _report_failure(self, rt: ServiceRuntime) -> None:
+        """In the foreground, a service that failed for good before it was ever ready is said at
+        once, with the last lines of its output (as `up -d` says it); the others keep running, as
+        compose's do. Detached, its log and `sandboxd ps` say it."""
+        if self.detached or self.running.stopping:
+            return
+        for line in failure_report(rt.name, rt.state.label, rt.reason, self.running.runtime_dir / "logs"):
+            self.console.note(line)
 
     def _arm(self, rt: ServiceRuntime) -> None:
         """The ARM action: the sandbox runs."""

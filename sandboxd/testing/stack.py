@@ -7,9 +7,11 @@ brings it down and removes everything it made. Bringing a stack up and down, res
 run `python -m sandboxd`; what is polled (status, readiness) asks the stack's control socket
 directly, and logs are read from the stack's log files, so waiting costs no process per poll.
 
-Every wait raises SandboxdError at once when a service has failed or is crash-looping (in
-backoff) before it was ready, and every SandboxdError raised here ends with the last lines of
-the services' logs (the failing one's first), as a test report should show them.
+`up` and every wait raise SandboxdError at once when a service has failed or is crash-looping
+(in backoff) before it was ready, naming it and why (its exit code or signal, "oom-killed",
+"pids limit reached", start_timeout…); every SandboxdError raised here ends with the last lines
+of the services' logs (the failing one's first), as a test report should show them. A stack
+whose `up` failed so is brought down before the error is raised.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from sandboxd.cli.client import request
+from sandboxd.cli.client import request, running_stacks
 from sandboxd.daemon import logs
 from sandboxd.errors import SandboxdError
 from sandboxd.host.paths import RUNTIME_ROOT
@@ -57,9 +59,22 @@ class Stack:
         return result.stdout
 
     def up(self) -> Stack:
-        """Bring the stack up detached and return once every eager service is ready (`up -d --wait`)."""
+        """Bring the stack up detached and return once every eager service is ready (`up -d --wait`).
+        If a service fails or crash-loops (backoff) first: SandboxdError at once, naming it, why,
+        and with the last lines of the logs (as `wait_ready` raises it), the stack brought down."""
         env = [f"--env={svc}:{key}={value}" for svc, pairs in self.environment.items() for key, value in pairs.items()]
-        self._cli("up", "-d", "--wait", "-p", self.name, *env, str(self.path))
+        try:
+            self._cli("up", "-d", "--wait", "-p", self.name, *env, str(self.path))
+        except SandboxdError as failed:
+            if self.name not in running_stacks():
+                raise
+            self.running = True  # `up -d` leaves a stack with a broken service running: this one goes
+            try:
+                services = self.status()["services"]
+                broken = [s for s in services if s["state"] in BROKEN and not s["ready"]]
+                raise (self._broken(broken, services, "every service to be ready") if broken else failed) from None
+            finally:
+                self.down()
         self.running = True
         return self
 
@@ -159,8 +174,7 @@ class Stack:
             services = self.status()["services"]
             broken = [s for s in services if s["state"] in BROKEN and not s["ready"] and (not service or s["name"] == service)]
             if broken:
-                names = ", ".join(f"{s['name']} ({s['state']}{': ' + s['status_text'] if s['status_text'] else ''})" for s in broken)
-                raise SandboxdError(f"stack {self.name!r}: {names} while waiting for {what}" + self._tails([s["name"] for s in broken], services))
+                raise self._broken(broken, services, what)
             if time.monotonic() >= deadline:
                 seen = f" (last: {last()})" if last() else ""
                 names = ", ".join(f"{s['name']} ({s['state']})" for s in services if not s["ready"] and s["state"] not in ("waiting", "exited"))
@@ -170,6 +184,13 @@ class Stack:
                     + self._tails([service] if service else [], services)
                 )
             time.sleep(POLL)
+
+    def _broken(self, broken: list[ServiceStatus], services: list[ServiceStatus], what: str) -> SandboxdError:
+        """The error for services found failed or in backoff: their names and states, why each is
+        (its reason: "exited with code 3; restarting in 0.4 s"), then the logs' last lines."""
+        names = ", ".join(f"{s['name']} ({s['state']}{': ' + s['status_text'] if s['status_text'] else ''})" for s in broken)
+        reasons = "".join(f"\n{s['name']}: {s['reason']}" for s in broken if s["reason"])
+        return SandboxdError(f"stack {self.name!r}: {names} while waiting for {what}{reasons}" + self._tails([s["name"] for s in broken], services))
 
     def _tails(self, first: list[str], services: list[ServiceStatus]) -> str:
         """The last TAIL lines of each service's log, the ones in `first` before the others."""

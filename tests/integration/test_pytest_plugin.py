@@ -74,15 +74,17 @@ def test_wait_strategies_see_a_log_line_and_an_http_answer(sandboxd_stack, spec_
 
 
 def test_waiting_on_a_service_that_crashes_at_start_fails_at_once_with_its_output(sandboxd_stack, spec_dir: Path) -> None:
-    """A service that exits at start is in backoff (restarting) or failed: wait_ready says so at
-    once, with what it printed, instead of waiting its whole timeout."""
+    """A service that exits at start is in backoff (restarting) or failed: bringing the stack up
+    (`up -d --wait`), or else wait_ready, says so at once, with why and what it printed, instead
+    of waiting its whole timeout."""
     write(spec_dir, "ok.yaml", "kind: service\ncommand: [sleep, '600']\n")
     write(spec_dir, "crash.yaml", "kind: service\nrestart: on-failure\ncommand: [sh, -c, 'echo config file missing >&2; exit 3']\n")
-    stack = sandboxd_stack(spec_dir)
     with pytest.raises(SandboxdError) as failed:
+        stack = sandboxd_stack(spec_dir)  # raises here if `up -d --wait` saw the crash
         stack.wait_ready(timeout=3600)
     message = str(failed.value)
     assert "timed out" not in message
     assert re.search(r"crash \((backoff|failed)\) while waiting for every service to be ready", message), message
+    assert re.search(r"\ncrash: exited with code 3(; restarting in [0-9.]+ s|; gave up after .*)?\n", message), message
     assert "--- last lines of crash ---\nconfig file missing" in message
     assert message.index("--- last lines of crash ---") < message.index("--- last lines of ok ---")

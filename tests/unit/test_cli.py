@@ -23,7 +23,7 @@ from sandboxd.wire import DownResult, LogLine, ReloadResult, ServiceStats, Stack
 NOW = datetime(2026, 11, 26, 6, 0, 0, tzinfo=UTC)
 SERVICE: Any = {
     "name": "web", "state": "ready", "pid": 42, "uptime": 1.5, "restarts": 0, "ready": True, "status_text": "",
-    "sockets": [], "memory": 1 << 20, "cpu_seconds": 0.25, "processes": 1, "instances": 0,
+    "sockets": [], "memory": 1 << 20, "cpu_seconds": 0.25, "processes": 1, "instances": 0, "reason": "",
 }
 STATUS: Any = {"stack": "st", "folder": "/srv/st", "pid": 7, "started": 1.0, "userns": {}, "services": [SERVICE, {**SERVICE, "name": "db", "pid": 0, "state": "stopped"}]}
 

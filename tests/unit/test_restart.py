@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.daemon.restart import StartLimiter, classify, restart_delay, should_restart
+from sandboxd.daemon.restart import StartLimiter, classify, exit_details, restart_delay, should_restart
 from sandboxd.spec.load import load_stack
 from sandboxd.spec.model import Service
 from .spec_snippets import STEM_SERVICE
@@ -40,6 +40,20 @@ def killed(sig: int) -> int:
 )
 def test_wait_status_is_classified_as_systemd_does(status: int, expected: tuple[str, str]) -> None:
     assert classify(status) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (exited(0), (0, None)),
+        (exited(3), (3, None)),
+        (exited(128), (128, None)),
+        (killed(signal.SIGKILL), (None, "SIGKILL")),
+        (exited(128 + signal.SIGSEGV), (None, "SIGSEGV")),  # as dumb-init reports it, read as classify reads it
+    ],
+)
+def test_an_exit_is_kept_as_its_code_or_its_signal_as_classify_reads_it(status: int, expected: tuple[int | None, str | None]) -> None:
+    assert exit_details(status) == expected
 
 
 @pytest.mark.parametrize(

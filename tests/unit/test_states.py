@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import io
 from collections import deque
 from enum import Enum
@@ -107,11 +109,15 @@ def instance_rows() -> list[tuple[InstanceState, InstanceEvent, InstanceState]]:
 
 
 class FakeRuntime:
-    """What the machine touches of a service's runtime record: its state and its name."""
+    """What the machine touches of a service's runtime record: its state, its name, the reason
+    of its state, whether it was ever ready, and its spec's `ready`."""
 
     def __init__(self, state: State, name: str = "svc") -> None:
         self.state = state
         self.name = name
+        self.reason = ""
+        self.was_ready = False
+        self.spec = types.SimpleNamespace(ready="notify")
 
 
 class Recorder:
@@ -308,3 +314,30 @@ def test_every_instance_state_is_reachable_and_can_end() -> None:
     assert reachable(INSTANCE_LIFE, InstanceState.STARTING) == set(InstanceState)
     for state in InstanceState:
         assert InstanceState.ENDED in reachable(INSTANCE_LIFE, state)
+
+
+def test_the_reason_of_each_transition_is_kept_with_the_service() -> None:
+    m, _recorder, _err = machine()
+    rt = FakeRuntime(State.RUNNING)
+    transition(m, rt, Event.EXIT_RESTART, "exited with code 3; restarting in 0.4 s")
+    assert (rt.state, rt.reason) == (State.BACKOFF, "exited with code 3; restarting in 0.4 s")
+    transition(m, rt, Event.DELAY_ELAPSED, "restart #1")
+    assert rt.reason == "restart #1"
+
+
+def test_a_service_failing_for_good_before_it_was_ever_ready_is_told_once() -> None:
+    m, _recorder, _err = machine()
+    told: list[object] = []
+    m.failed_before_ready = told.append
+    never = FakeRuntime(State.RUNNING)
+    transition(m, never, Event.EXIT_FAILURE, "exited with code 3")
+    assert told == [never]
+    once = FakeRuntime(State.RUNNING)
+    transition(m, once, Event.READY, "READY=1")
+    assert once.was_ready
+    transition(m, once, Event.EXIT_FAILURE, "exited with code 3")
+    assert told == [never]  # it was ready once: not a failure to start
+    started = FakeRuntime(State.STARTING)
+    started.spec.ready = "started"
+    transition(m, started, Event.LAUNCHED, "pid 7")
+    assert started.was_ready  # with ready: started, running is ready

@@ -16,7 +16,7 @@ from sandboxd.wire import ExecInfoAnswer, StatusAnswer, conforms
 SERVICE = {
     "name": "web", "state": "ready", "pid": 42, "uptime": 1.5, "restarts": 0, "ready": True, "status_text": "",
     "sockets": [{"socket": "web", "address": "tcp:127.0.0.1:8080", "fdname": "web", "netns": "host"}],
-    "memory": 1 << 20, "cpu_seconds": 0.25, "processes": 1, "instances": 0,
+    "memory": 1 << 20, "cpu_seconds": 0.25, "processes": 1, "instances": 0, "reason": "",
 }
 STATUS = {"ok": True, "stack": "st", "folder": "/srv/st", "pid": 7, "started": 1.0, "userns": {}, "services": [SERVICE]}
 

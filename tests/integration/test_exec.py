@@ -319,8 +319,8 @@ say(waiting="resize")
 while not resized:
     signal.pause()
 say(size=list(os.get_terminal_size(0)))
-say(waiting="interrupt")
-try:
+try:  # entered before it says it waits: a Ctrl-C right after the line is written is caught too
+    say(waiting="interrupt")
     time.sleep(120)
 except KeyboardInterrupt:
     say(interrupted=True)

@@ -93,8 +93,6 @@ def serve(conn: socket.socket) -> NoReturn:
             sealed_copy(str(SETUP_BINARY))  # now too, not at the first sandbox; a failure is that launch's to report
         except OSError:
             pass
-        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -113,7 +111,7 @@ def serve(conn: socket.socket) -> NoReturn:
                     if isinstance(request, HoldDescriptors):
                         held += fds
                         continue
-                    _fork_request(conn, request, fds, own_pidns, own_netns, children)
+                    _fork_request(conn, request, fds, children)
                 else:
                     try:
                         os.read(wake_r, 4096)
@@ -171,7 +169,7 @@ class _Received:
         return _Received(status, output, rest[:first_source], rest[first_source:], netns)
 
 
-def _fork_request(conn: socket.socket, request: Request, fds: list[int], own_pidns: int, own_netns: int, children: dict[int, int]) -> None:
+def _fork_request(conn: socket.socket, request: Request, fds: list[int], children: dict[int, int]) -> None:
     """Fork what a request asks for; ForkFailed if that fails here. Every descriptor received
     or made for it is closed here once the child holds its own."""
     received = _Received.sort(request, fds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from sandboxd.cli.export import add_export
 from sandboxd.cli.logs import cmd_logs
 from sandboxd.cli.run import cmd_exec, exec_env, exec_user, exec_workdir
 from sandboxd.cli.services import cmd_control, cmd_ps
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_verbs(verbs)
     _add_image(verbs)
     _add_volume(verbs)
+    add_export(verbs, _add_env_file)
     return parser
 
 

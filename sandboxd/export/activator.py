@@ -13,9 +13,9 @@ which binds the sockets in the pod's network namespace, puts them on fds 3, 4 ..
 order, sets LISTEN_FDS, LISTEN_PID (its own pid, kept by exec) and LISTEN_FDNAMES, and execs the
 program. `accept: true` becomes `--accept MAX`: it stays, and forks the program per connection.
 
-A socket bound on the host in sandboxd (`netns: host`) is bound on all the pod's addresses here,
-so that its Kubernetes Service reaches it; one bound in the service's own namespace keeps its
-address. `proxy:` sockets need no activator: the program binds its own address, and the Service
+A socket bound on the host in sandboxd (`netns: host`), or on a network's address, is bound on
+all the pod's addresses here, so that its Kubernetes Service reaches it; one bound on the loopback
+of the service's own namespace keeps its address. `proxy:` sockets need no activator: the program binds its own address, and the Service
 forwards to it.
 """
 
@@ -32,8 +32,10 @@ VOLUME = "sandboxd-activator"
 
 
 def pod_address(sock: Socket, address: Address) -> Address:
-    """Where the activator binds `address` in the pod: a host-bound inet socket on every address."""
-    if address.is_inet and socket_namespace(sock) is None:
+    """Where the activator binds `address` in the pod: on every address, unless it is the loopback
+    of the service's own namespace (the host's, or a network's, addresses are not the pod's)."""
+    loopback = address.host in ("127.0.0.1", "::1") and socket_namespace(sock) is not None
+    if address.is_inet and not loopback:
         return Address(address.family, "::" if ":" in str(address.host) else "0.0.0.0", address.port, None)
     return address
 

@@ -187,7 +187,7 @@ def _socket_units(stack: Stack, sock: Socket, names: Names, notes: UnitNotes) ->
     extra: list[UnitFile] = []
     if sock.accept:
         lines += [("Accept", "yes"), ("MaxConnections", str(sock.max_connections))]
-        notes.approximated("accept", "Accept=yes, the template " + names.service(sock.service), "one instance per connection, each in a sandbox of its own")
+        notes.mapped("accept", "Accept=yes, the template " + names.service(sock.service), "one instance per connection, each in a sandbox of its own")
         notes.mapped("max_connections", "MaxConnections=")
         notes.mapped("service", f"the template {names.service(sock.service)}")
     else:

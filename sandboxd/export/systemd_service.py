@@ -117,6 +117,11 @@ def program(service: Service, notes: UnitNotes) -> Lines:
     lines.append(("WorkingDirectory", escape_specifiers(service.workdir or "/")))
     notes.mapped("workdir", "WorkingDirectory=")
     notes.approximated("hostname", "ProtectHostname=yes", f"a uts namespace of its own, but systemd 252 cannot name it {service.hostname!r}: it keeps the host's name")
+    if service.readonly_root:
+        notes.mapped("readonly_root", "ProtectSystem=strict")
+    else:
+        notes.unexpressible("readonly_root", "systemd has no writable layer over a read-only root: the root stays read-only (ProtectSystem=strict); "
+                            "give the program a tmpfs: or a volume where it writes")  # fmt: skip
     if service.image == "host":
         notes.mapped("image", "(no RootDirectory=)", "the host's root, read-only (ProtectSystem=strict)")
     else:

@@ -173,17 +173,24 @@ SMALL: dict[str, str] = {
         image: IMAGE
         command: [/usr/bin/python3, /app/srv.py]
         ready: {exec: [/bin/true], interval: 1s}
+        network: [{name: net, address: 10.6.0.2}]
         ---
         kind: socket
         name: srv
-        listen: tcp:0.0.0.0:5000
+        listen: tcp:10.6.0.2:5000
+        netns: service
         ---
         kind: service
         name: client
         image: IMAGE
         command: [/bin/sleep, infinity]
+        network: [net]
         uses: [srv]
         after: [{service: srv, condition: ready}]
+        ---
+        kind: network
+        name: net
+        subnet: 10.6.0.0/24
         """,
     "accept mode": """\
         kind: service

@@ -179,7 +179,7 @@ def _socket_units(stack: Stack, sock: Socket, names: Names, notes: UnitNotes) ->
     unit.add("Unit", "PartOf", names.target)
     for address in sock.listen:
         unit.add("Socket", _LISTEN[address.family], listen_value(address))
-    notes.mapped("listen", "ListenStream=, ListenDatagram=, ListenSequentialPacket=")
+    notes.mapped("listen", ", ".join(sorted({f"{_LISTEN[a.family]}=" for a in sock.listen})))
     lines = [("FileDescriptorName", sock.fdname), ("Backlog", str(sock.backlog)), ("SocketMode", f"{sock.mode:04o}"),
              ("ReusePort", "yes" if sock.reuseport else "no")]  # fmt: skip
     for key, (directive, _value) in zip(("fdname", "backlog", "mode", "reuseport"), lines):

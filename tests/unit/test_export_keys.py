@@ -9,6 +9,7 @@ export reports it as "no mapping yet" (never dropping it), and this test refuses
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,13 @@ from .export_stacks import RICH, SMALL
 from .spec_snippets import WriteSpecs
 
 
-def rich_folder(folder: Path, write_specs: WriteSpecs, image: str) -> Path:
+def write_files(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def rich_folder(folder: Path, write_specs: WriteSpecs | Callable[[Path, dict[str, str]], Path], image: str) -> Path:
     (folder / "app").mkdir(parents=True, exist_ok=True)
     (folder / "api.env").write_text("FROM_FILE=1\n")
     return write_specs(folder, {"stack.yaml": RICH.replace("IMAGE", image)})
@@ -34,11 +41,13 @@ def both(stack_k8s: Stack, stack_systemd: Stack) -> list[Decision]:
     return export_kubernetes(stack_k8s).decisions + export_systemd(stack_systemd)[1]
 
 
-@pytest.fixture
-def rich(tmp_path: Path, write_specs: WriteSpecs) -> list[Decision]:
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory: pytest.TempPathFactory) -> list[Decision]:
     """Both engines' decisions on the rich stack (a registry image for Kubernetes, host for systemd)."""
     from sandboxd.spec.load import load_stack
 
+    tmp_path = tmp_path_factory.mktemp("rich")
+    write_specs = write_files
     kube = load_stack(rich_folder(tmp_path / "rich", write_specs, "registry.example/app:1"))
     host = load_stack(rich_folder(tmp_path / "rich-host", write_specs, "host"))
     return both(kube, host)

@@ -58,17 +58,25 @@ def test_each_small_stack_passes_the_schemas(tmp_path: Path, write_specs: WriteS
     validate(export_file(folder, tmp_path / "out.yaml", "--seccomp", "localhost"))
 
 
-def rich_folder(tmp_path: Path, write_specs: WriteSpecs) -> Path:
+def rich_folder(tmp_path: Path, write_specs: WriteSpecs | Callable[[Path, dict[str, str]], Path]) -> Path:
     folder = tmp_path / "rich"
     (folder / "app").mkdir(parents=True, exist_ok=True)
     (folder / "api.env").write_text("FROM_FILE=1\n")
     return write_specs(folder, {"stack.yaml": RICH.replace("IMAGE", IMAGE)})
 
 
-@pytest.fixture
-def docs(tmp_path: Path, write_specs: WriteSpecs) -> Docs:
-    documents = export_file(rich_folder(tmp_path, write_specs), tmp_path / "out.yaml")
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory: pytest.TempPathFactory) -> Docs:
+    """The rich stack's objects by kind and name (exported once for the module's tests: they only read)."""
+    tmp_path = tmp_path_factory.mktemp("rich")
+    documents = export_file(rich_folder(tmp_path, write_rich), tmp_path / "out.yaml")
     return {(d["kind"], d["metadata"]["name"]): d for d in documents}
+
+
+def write_rich(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
 
 
 def workload(docs: Docs, name: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from sandboxd.export.decisions import NO_MAPPING, UNIT_KEY, Decision, expected_k
 from sandboxd.export.kubernetes import export_kubernetes
 from sandboxd.export.systemd import export_systemd
 from sandboxd.spec.keys import KINDS
-from sandboxd.spec.model import Limits, Stack
+from sandboxd.spec.model import Limits, Network, Service, Socket, Stack, Volume
 
 from .export_stacks import RICH, SMALL
 from .spec_snippets import WriteSpecs
@@ -59,7 +59,8 @@ def test_the_rich_stack_gives_every_key_of_every_kind(tmp_path: Path, write_spec
 
     stack = load_stack(rich_folder(tmp_path / "rich", write_specs, "registry.example/app:1"))
     given: dict[str, set[str]] = {kind: set() for kind in KINDS}
-    for unit in (*stack.services, *stack.sockets, *stack.networks, *stack.volumes):
+    units: list[Service | Socket | Network | Volume] = [*stack.services, *stack.sockets, *stack.networks, *stack.volumes]
+    for unit in units:
         kind = type(unit).__name__.lower()
         given[kind] |= set(key_lines(unit.file, unit.line))
     for kind, (_cls, keys) in KINDS.items():

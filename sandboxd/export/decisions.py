@@ -112,6 +112,17 @@ def notes_for(engine: str, unit: Unit) -> UnitNotes:
     return UnitNotes(engine, unit, key_lines(unit.file, unit.line))
 
 
+def implied_socket(notes: UnitNotes, sockets: list[str], to: str) -> None:
+    """A service's own `listen:` (being added to `kind: service`: an implied socket unit named after
+    the service). Once the key is in spec/keys.py and load.py puts that socket among the stack's,
+    the socket is exported with the others and the key is decided here as mapped to it; until load
+    makes the socket, the key is left undecided, so that the test of every key fails instead."""
+    if "listen" in KINDS["service"][1] and notes.unit.name in sockets and notes.given("listen"):
+        notes.mapped("listen", to, "the implied socket's keys are decided with it")
+    elif "listen" in KINDS["service"][1] and not notes.given("listen"):
+        notes.nothing("listen", "no socket of its own")
+
+
 def not_expressible(decisions: list[Decision]) -> list[Decision]:
     """The decisions a user should read before a move: what is lost or changed, for keys the spec gave."""
     return [d for d in decisions if d.status in ("not expressible", "approximated") and d.given]

@@ -26,7 +26,7 @@ from typing import Any
 
 from sandboxd.errors import SpecError, SpecErrors
 from sandboxd.export.activator import ACTIVATOR_IMAGE, activated, pod_address
-from sandboxd.export.decisions import UNIT_KEY, Decision, UnitNotes, notes_for
+from sandboxd.export.decisions import UNIT_KEY, Decision, UnitNotes, implied_socket, notes_for
 from sandboxd.export.lines import key_lines
 from sandboxd.export.pod import k8s_name, labels, pod_spec, profile_name
 from sandboxd.export.policies import exposed, network_label, note_network, note_network_unit, policies, service_ports
@@ -76,6 +76,7 @@ def export_kubernetes(stack: Stack, options: KubernetesOptions | None = None) ->
         _lifecycle(service, notes, service.name in inits)
         _after(stack, service, pod, containers, notes)
         note_network(stack, service, notes)
+        implied_socket(notes, [s.name for s in stack.sockets_of(service.name)], f"the socket {service.name}'s Service and activator")
         if service.name not in inits:
             out.documents.append(_workload(stack, service, pod, options))
         out.decisions += notes.decisions()

@@ -18,7 +18,7 @@ keys they would carry reported: RestartSteps= and RestartMaxDelaySec= (254), Pri
 from __future__ import annotations
 
 from sandboxd.errors import SpecError, SpecErrors
-from sandboxd.export.decisions import UNIT_KEY, Decision, UnitNotes, notes_for
+from sandboxd.export.decisions import UNIT_KEY, Decision, UnitNotes, implied_socket, notes_for
 from sandboxd.export.lines import key_lines
 from sandboxd.export.systemd_service import VOLUMES_DIR, confinement, files, identity, life, posture, program, readiness, resources
 from sandboxd.export.unitfile import UnitFile, escape_specifiers, quote_command
@@ -63,6 +63,7 @@ def export_systemd(stack: Stack, version: int = DEFAULT_VERSION) -> tuple[dict[s
     for service in stack.services:
         notes = notes_for(ENGINE, service)
         units.append(_service_unit(stack, service, names, notes, version, service.name in completed))
+        implied_socket(notes, [s.name for s in stack.sockets_of(service.name)], f"{stack.name}-{service.name}.socket")
         decisions += notes.decisions()
     for sock in stack.sockets:
         notes = notes_for(ENGINE, sock)

@@ -13,6 +13,13 @@ which binds the sockets in the pod's network namespace, puts them on fds 3, 4 ..
 order, sets LISTEN_FDS, LISTEN_PID (its own pid, kept by exec) and LISTEN_FDNAMES, and execs the
 program. `accept: true` becomes `--accept MAX`: it stays, and forks the program per connection.
 
+The activator image (`--activator-image`, default sandboxd-activator:0.1.0), built once and pushed
+to the cluster's registry:
+
+    gcc -static -Os -o sbd-activate sandboxd/export/activator.c
+    printf 'FROM scratch\nCOPY sbd-activate /sbd-activate\n' > Containerfile
+    podman build -t REGISTRY/sandboxd-activator:0.1.0 . && podman push REGISTRY/sandboxd-activator:0.1.0
+
 A socket bound on the host in sandboxd (`netns: host`), or on a network's address, is bound on
 all the pod's addresses here, so that its Kubernetes Service reaches it; one bound on the loopback
 of the service's own namespace keeps its address. `proxy:` sockets need no activator: the program binds its own address, and the Service

@@ -179,7 +179,9 @@ def _after(stack: Stack, service: Service, pod: Object, containers: Mapping[str,
         if dependency.condition != "completed":
             continue
         init_pod = containers[dependency.service][0]
-        pod.setdefault("initContainers", []).extend([*init_pod.get("initContainers", []), *init_pod["containers"]])
+        present = {c["name"] for c in pod.get("initContainers", [])}
+        added = [c for c in (*init_pod.get("initContainers", []), *init_pod["containers"]) if c["name"] not in present]
+        pod.setdefault("initContainers", []).extend(added)
         names = {v["name"] for v in pod["volumes"]}
         pod["volumes"] += [v for v in init_pod["volumes"] if v["name"] not in names]
     if others:
@@ -224,7 +226,11 @@ def _note_socket(stack: Stack, sock: Socket, notes: UnitNotes) -> None:
     owner = socket_namespace(sock)
     if owner is None:
         moved = [str(pod_address(sock, a)) for a in sock.listen if a.is_inet] if sock.proxy is None else []
-        notes.approximated("netns", "the pod's network namespace, reached through its Service", "bound on the pod's addresses" + (f" ({', '.join(moved)})" if moved else ""))
+        local = any(a.is_inet and a.host in ("127.0.0.1", "::1") for a in sock.listen)
+        why = "bound on the pod's addresses" + (f" ({', '.join(moved)})" if moved else "")
+        if local:
+            why += "; the host's own processes have no form: only the pods that use: it are let in (NetworkPolicy)"
+        notes.approximated("netns", "the pod's network namespace, reached through its Service", why)
     elif owner == sock.service:
         notes.mapped("netns", "the pod's network namespace")
     else:

@@ -42,7 +42,7 @@ def container(stack: Stack, service: Service, notes: UnitNotes, seccomp: str) ->
     if command:
         spec["command"] = list(command)
         notes.mapped("command", "containers[].command" + (" (after the activator's arguments)" if volumes else ""))
-    else:
+    elif "command" not in notes.made:  # not decided already: unexpressible when an activator needed it
         notes.nothing("command", "the image's entrypoint and command")
     if service.workdir:
         spec["workingDir"] = service.workdir
@@ -192,7 +192,11 @@ def pod_spec(stack: Stack, service: Service, notes: UnitNotes, seccomp: str, act
     init = activator_init(main, activator_image)
     if init is not None:
         spec["initContainers"] = [init]
-    if service.userns:
+    if service.network == "host":
+        spec["hostNetwork"] = True  # decided with the other network keys (policies.py)
+    if service.userns and service.network == "host":
+        notes.unexpressible("userns", "Kubernetes refuses hostUsers: false with hostNetwork: the pod keeps the node's ids")
+    elif service.userns:
         spec["hostUsers"] = False
         notes.mapped("userns", "hostUsers: false", "a user namespace per pod (on by default from Kubernetes 1.33)")
     else:

@@ -229,3 +229,26 @@ def test_an_image_given_on_the_command_line_replaces_host(tmp_path: Path, write_
     exported = export_kubernetes(load_stack(folder), KubernetesOptions(images={"web": "python:3.11"}))
     [deployment] = [d for d in exported.documents if d["kind"] == "Deployment"]
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "python:3.11"
+
+
+def decisions_of(tmp_path: Path, write_specs: WriteSpecs, text: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    exported = export_kubernetes(load_stack(write_specs(tmp_path / "s", text)))
+    validate(exported.documents)
+    return exported.documents, {d.key: d.status for d in exported.decisions if d.kind == "service"}
+
+
+def test_a_host_network_service_keeps_the_nodes_ids_and_says_so(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    documents, found = decisions_of(tmp_path, write_specs, f"kind: service\nname: h\nimage: {IMAGE}\ncommand: [/bin/true]\nnetwork: host\n")
+    [deployment] = [d for d in documents if d["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["spec"]["hostNetwork"] is True
+    assert "hostUsers" not in deployment["spec"]["template"]["spec"]
+    assert found["userns"] == "not expressible"
+
+
+def test_a_socket_of_a_service_without_a_command_is_reported(tmp_path: Path, write_specs: WriteSpecs) -> None:
+    text = f"kind: service\nname: s\nimage: {IMAGE}\n---\nkind: socket\nname: s\nlisten: tcp:0.0.0.0:80\n"
+    exported = export_kubernetes(load_stack(write_specs(tmp_path / "s", text)))
+    found = {(d.kind, d.key): d for d in exported.decisions}
+    assert found[("socket", "listen")].status == "not expressible"
+    assert found[("service", "command")].status == "not expressible"
+    assert not [d for d in exported.documents if d["kind"] == "Service"]

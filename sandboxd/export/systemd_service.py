@@ -59,7 +59,8 @@ def identity(service: Service, notes: UnitNotes) -> Lines:
         if not service.user:
             lines.append(("DynamicUser", "yes"))
             notes.approximated("userns", "PrivateUsers=yes, DynamicUser=yes",
-                               "root of a user namespace becomes a dynamic unprivileged user: files it writes belong to that user")  # fmt: skip
+                               "root of a user namespace becomes a dynamic unprivileged user: files it writes belong to that user, "
+                               "and a volume's folder is root's (give user: to have it chowned)")  # fmt: skip
         else:
             notes.approximated("userns", "PrivateUsers=yes", "systemd maps only the unit's user and root; every other id is nobody")
     else:

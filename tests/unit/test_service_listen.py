@@ -170,3 +170,67 @@ def test_without_a_handoff_table_the_programs_own_address_is_a_validation_error(
     with pytest.raises(SpecErrors) as raised:
         intercept_bind(stack, stack.service("redis"), "aarch64")
     assert "no seccomp table for aarch64" in str(raised.value.errors[0])
+
+
+def test_listen_overrides_replace_then_add_addresses_and_follow_a_services_listen(tmp_path: Path, stack_of: StackOf) -> None:
+    from sandboxd.spec.overrides import with_overrides
+
+    files = {"web.yaml": WEB + "listen: tcp:127.0.0.1:8080\n", "admin.yaml": "kind: socket\nservice: web\nlisten: unix:/run/admin.sock\n"}
+    stack = stack_of(tmp_path, files)
+    changed = with_overrides(stack, ["web:A=1"], ["web=tcp:127.0.0.1:0", "web=unix:@web"])
+    assert changed.socket("web").listen == (parse_address("tcp:127.0.0.1:0"), parse_address("unix:@web"))
+    assert changed.service("web").listen == changed.socket("web").listen
+    assert changed.socket("admin") == stack.socket("admin")
+    assert dict(changed.service("web").environment) == {"A": "1"}
+    assert with_overrides(stack, [], ["admin=tcp:127.0.0.1:0"]).service("web").listen == stack.service("web").listen
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("nosuch=tcp:127.0.0.1:0", "expected SOCKET=ADDRESS with a socket of the stack (web), got 'nosuch=tcp:127.0.0.1:0'"),
+        ("web", "expected SOCKET=ADDRESS with a socket of the stack (web), got 'web'"),
+        ("web=tcp:localhost:80", "'web=tcp:localhost:80': expected an IP address like 127.0.0.1 or [::1], got 'localhost' (host names are not resolved)"),
+    ],
+)
+def test_a_bad_listen_override_is_a_spec_error_under_its_option(tmp_path: Path, stack_of: StackOf, override: str, expected: str) -> None:
+    from sandboxd.spec.overrides import with_listen
+
+    stack = stack_of(tmp_path, {"web.yaml": WEB + "listen: tcp:127.0.0.1:8080\n"})
+    with pytest.raises(SpecErrors) as raised:
+        with_listen(stack, [override])
+    (error,) = raised.value.errors
+    assert (error.key, error.message) == ("--listen", expected)
+
+
+@pytest.mark.parametrize(("family", "address"), [(socket.AF_INET, ("127.0.0.1", 0)), (socket.AF_INET6, ("::1", 0)), (socket.AF_UNIX, "\0sandboxd-queue-test")])
+def test_accept_queue_counts_connections_made_and_not_yet_accepted(family: int, address: object) -> None:
+    from sandboxd.host.queues import accept_queue
+
+    with socket.socket(family) as server:
+        server.bind(address)
+        server.listen(8)
+        assert accept_queue(server) == 0
+        clients = [socket.socket(family) for _ in range(3)]
+        for client in clients:
+            client.connect(server.getsockname())
+        assert accept_queue(server) == 3
+        server.accept()[0].close()
+        assert accept_queue(server) == 2
+        for client in clients:
+            client.close()
+
+
+def test_a_datagram_socket_has_no_accept_queue() -> None:
+    from sandboxd.host.queues import accept_queue
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert accept_queue(udp) is None
+
+
+def test_queues_answer_is_typed_on_the_wire() -> None:
+    from sandboxd.wire import QueuesAnswer, conforms
+
+    good = {"ok": True, "sockets": [{"socket": "web", "index": 0, "address": "tcp:127.0.0.1:80", "service": "web", "queued": 0}, {"socket": "dns", "index": 0, "address": "udp:127.0.0.1:53", "service": "dns"}]}
+    assert conforms(good, QueuesAnswer) == ""
+    assert conforms({"ok": True, "sockets": [{"socket": "web", "index": 0, "address": "x", "service": "web", "queued": "1"}]}, QueuesAnswer) != ""

@@ -234,3 +234,22 @@ def test_queues_answer_is_typed_on_the_wire() -> None:
     good = {"ok": True, "sockets": [{"socket": "web", "index": 0, "address": "tcp:127.0.0.1:80", "service": "web", "queued": 0}, {"socket": "dns", "index": 0, "address": "udp:127.0.0.1:53", "service": "dns"}]}
     assert conforms(good, QueuesAnswer) == ""
     assert conforms({"ok": True, "sockets": [{"socket": "web", "index": 0, "address": "x", "service": "web", "queued": "1"}]}, QueuesAnswer) != ""
+
+
+@pytest.mark.parametrize(
+    ("netns", "ready", "intercept", "said"),
+    [
+        ("service", HEALTH, True, "given to the program when it binds tcp:0.0.0.0:6379"),
+        ("host", "", True, "given to the program if it binds tcp:0.0.0.0:6379, else forwarded to it"),
+        ("host", "", False, "forwarded to tcp:0.0.0.0:6379"),  # no handoff table on this machine
+        ("host", HEALTH, True, "forwarded to tcp:0.0.0.0:6379"),
+    ],
+)
+def test_the_summary_says_the_one_thing_a_proxy_socket_does(tmp_path: Path, stack_of: StackOf, netns: str, ready: str, intercept: bool, said: str) -> None:
+    from types import SimpleNamespace
+
+    from sandboxd.daemon.proxy import proxy_plan
+
+    stack = stack_of(tmp_path, {"redis.yaml": REDIS.format(ready=ready, netns=netns, listen="tcp:0.0.0.0:6379", proxy="tcp:0.0.0.0:6379", extra="")})
+    rt = SimpleNamespace(spec=stack.service("redis"), plan=SimpleNamespace(intercept_bind=intercept))
+    assert proxy_plan(stack.socket("redis"), rt) == said  # type: ignore[arg-type]

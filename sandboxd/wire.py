@@ -13,12 +13,16 @@ TypedDicts name its keys and the types of their values, nothing more (the bytes 
     KillRequest     {"cmd": "kill", "services": [NAME…], "signal"?: "SIGHUP"}
     DownRequest     {"cmd": "down"}
                  ◀─────────────────────── Done: {"ok": true}
-    ApplyRequest    {"cmd": "apply", "folder": DIR, "env": ["SVC:KEY=VALUE"…], "variables"?: {NAME: VALUE}}
+    ApplyRequest    {"cmd": "apply", "folder": DIR, "env": ["SVC:KEY=VALUE"…], "variables"?: {NAME: VALUE},
+                     "listen"?: ["SOCKET=ADDRESS"…]}
                  ◀─────────────────────── ApplyAnswer: {"ok": true} + ApplyResult:
                                             added, removed, changed, sockets_replaced
     UsageRequest    {"cmd": "usage", "services"?: [NAME…]}
                  ◀─────────────────────── UsageAnswer: {"ok": true, "services": [ServiceUsage]}:
                                             I/O bytes (cgroup), network bytes (its netns)
+    QueuesRequest   {"cmd": "queues", "sockets"?: [NAME…]}
+                 ◀─────────────────────── QueuesAnswer: {"ok": true, "sockets": [SocketQueue]}:
+                                            each listening socket's accept queue (host/queues.py)
     ExecInfoRequest {"cmd": "exec_info", "services": [NAME], "user"?: "USER[:GROUP]", "session"?: true}
                  ◀─────────────────────── ExecInfoAnswer: {"ok": true} + ExecInfo: init_pid,
                                             cgroup, cgroup_tasks, capabilities, seccomp_filter,
@@ -70,6 +74,7 @@ class ApplyRequest(TypedDict):
     folder: str  # the spec folder, absolute
     env: list[str]  # `up --env SVC:KEY=VALUE`
     variables: NotRequired[dict[str, str]]  # for ${VAR}: the caller's environment and .env (or --env-file)
+    listen: NotRequired[list[str]]  # `up --listen SOCKET=ADDRESS`
 
 
 class ExecInfoRequest(TypedDict):
@@ -84,7 +89,12 @@ class UsageRequest(TypedDict):
     services: NotRequired[list[str]]  # absent or empty: every service
 
 
-Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | ApplyRequest | ExecInfoRequest | UsageRequest
+class QueuesRequest(TypedDict):
+    cmd: Literal["queues"]
+    sockets: NotRequired[list[str]]  # socket units' names; absent or empty: every socket
+
+
+Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | ApplyRequest | ExecInfoRequest | UsageRequest | QueuesRequest
 
 # ── answers ──
 
@@ -159,6 +169,16 @@ class ServiceUsage(TypedDict):
     net_tx_bytes: NotRequired[int]
 
 
+class SocketQueue(TypedDict):
+    """One listening socket (one `listen` entry of a socket unit) and its accept queue."""
+
+    socket: str  # the socket unit's name
+    index: int  # which of its listen entries, from 0
+    address: str  # the real address, as SocketStatus has it
+    service: str  # the service it feeds
+    queued: NotRequired[int]  # connections made and not yet accepted; absent for a datagram socket, or where the kernel does not say
+
+
 class Done(TypedDict):
     ok: Literal[True]
 
@@ -185,7 +205,12 @@ class UsageAnswer(TypedDict):
     services: list[ServiceUsage]
 
 
-Answer = Done | StatusAnswer | ApplyAnswer | ExecInfoAnswer | UsageAnswer | Refusal
+class QueuesAnswer(TypedDict):
+    ok: Literal[True]
+    sockets: list[SocketQueue]
+
+
+Answer = Done | StatusAnswer | ApplyAnswer | ExecInfoAnswer | UsageAnswer | QueuesAnswer | Refusal
 
 # ── what the CLI prints with --json ──
 

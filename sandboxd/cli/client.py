@@ -20,6 +20,8 @@ from sandboxd.wire import (
     ExecInfoAnswer,
     ExecInfoRequest,
     KillRequest,
+    QueuesAnswer,
+    QueuesRequest,
     Request,
     ServicesRequest,
     StatusAnswer,
@@ -29,7 +31,7 @@ from sandboxd.wire import (
     conforms,
 )
 
-ANSWERS: dict[str, type] = {"status": StatusAnswer, "apply": ApplyAnswer, "exec_info": ExecInfoAnswer, "usage": UsageAnswer}  # others: Done
+ANSWERS: dict[str, type] = {"status": StatusAnswer, "apply": ApplyAnswer, "exec_info": ExecInfoAnswer, "usage": UsageAnswer, "queues": QueuesAnswer}  # others: Done
 
 
 def running_stacks() -> dict[str, int]:
@@ -85,6 +87,8 @@ def ask(sock: socket.socket, message: ExecInfoRequest) -> ExecInfoAnswer: ...
 @overload
 def ask(sock: socket.socket, message: UsageRequest) -> UsageAnswer: ...
 @overload
+def ask(sock: socket.socket, message: QueuesRequest) -> QueuesAnswer: ...
+@overload
 def ask(sock: socket.socket, message: ServicesRequest | KillRequest | DownRequest) -> Done: ...
 def ask(sock: socket.socket, message: Request) -> Answer:
     """One request on an open connection, and its answer (raised as SandboxdError if refused, or
@@ -118,6 +122,8 @@ def request(stack: str, message: ApplyRequest, timeout: float = ...) -> ApplyAns
 def request(stack: str, message: ExecInfoRequest, timeout: float = ...) -> ExecInfoAnswer: ...
 @overload
 def request(stack: str, message: UsageRequest, timeout: float = ...) -> UsageAnswer: ...
+@overload
+def request(stack: str, message: QueuesRequest, timeout: float = ...) -> QueuesAnswer: ...
 @overload
 def request(stack: str, message: ServicesRequest | KillRequest | DownRequest, timeout: float = ...) -> Done: ...
 def request(stack: str, message: Request, timeout: float = 60.0) -> Answer:

@@ -52,6 +52,8 @@ def _add_up(verbs: Verbs) -> None:
     up.add_argument("--wait", action="store_true", help="with -d: return once every eager service is ready")
     up.add_argument("--timeout", type=float, default=60.0, help="with -d: give up after this many seconds")
     up.add_argument("-e", "--env", action="append", default=[], metavar="SERVICE:KEY=VALUE", help="override a service's environment")
+    up.add_argument("--listen", action="append", default=[], metavar="SOCKET=ADDRESS",
+                    help="bind a socket unit (or a service's listen:) on ADDRESS instead, like web=tcp:127.0.0.1:0; repeated for one socket: its addresses in order")
     _add_env_file(up)
     _add_json(up, "with -d, or against a running stack: print what was started (or changed) as one JSON object")
     up.add_argument("--pull", choices=("always", "missing", "never"), default="missing",

@@ -21,7 +21,7 @@ from sandboxd.errors import HostError, SandboxdError
 if TYPE_CHECKING:
     from sandboxd.sandbox.handle import ForkServer
     from sandboxd.spec.model import Stack
-    from sandboxd.wire import ServiceStatus, StackStatus
+    from sandboxd.wire import ApplyRequest, ServiceStatus, StackStatus
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -44,7 +44,8 @@ def _reload_stack(name: str, args: argparse.Namespace) -> int:
     variables = _variables(args)
     _pull_images(Path(args.dir), getattr(args, "pull", "missing"), variables)
     folder = str(Path(args.dir).resolve())
-    answer = request(name, {"cmd": "apply", "folder": folder, "env": args.env, "variables": variables}, timeout=300)
+    message: ApplyRequest = {"cmd": "apply", "folder": folder, "env": args.env, "variables": variables, "listen": getattr(args, "listen", [])}
+    answer = request(name, message, timeout=300)
     if getattr(args, "json", False):
         from sandboxd.cli.results import print_json, reload_result
 
@@ -60,18 +61,18 @@ def cmd_reload_stack(args: argparse.Namespace) -> int:
 
     stack = choose_stack(args.project_name)
     folder = args.dir or request(stack, {"cmd": "status"})["folder"]
-    args.dir, args.env = folder, []
+    args.dir, args.env, args.listen = folder, [], []
     return _reload_stack(stack, args)
 
 
 def _stack_to_run(args: argparse.Namespace) -> tuple[Stack, str]:
-    """The stack `up` is to run (its spec folder with the -e overrides) and its instance name;
-    refused unless this process is root."""
+    """The stack `up` is to run (its spec folder with the -e and --listen overrides) and its
+    instance name; refused unless this process is root."""
     from sandboxd.host.state import instance_name
     from sandboxd.spec.load import load_stack
-    from sandboxd.spec.overrides import with_environment
+    from sandboxd.spec.overrides import with_overrides
 
-    stack = with_environment(load_stack(Path(args.dir), _variables(args)), args.env)
+    stack = with_overrides(load_stack(Path(args.dir), _variables(args)), args.env, args.listen)
     instance = instance_name(stack, args.project_name)
     if os.geteuid() != 0:
         raise HostError("sandboxd up needs root: it creates namespaces, cgroups and mounts", "run it as root (e.g. sudo sandboxd up DIR)")

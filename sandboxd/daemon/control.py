@@ -2,6 +2,7 @@
 The verbs, their answers and every key's type are in sandboxd/wire.py (drawn there):
 
     status                                             ->  the stack's and each service's state
+    queues                                             ->  each listening socket's accept queue
     stop, start, restart, kill, reload, down           ->  {"ok": true} once done
     apply (a reload of the stack's folder)             ->  what was added, removed, changed
     exec_info (with session: a cgroup of the command's own, emptied and removed when this
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sandboxd.errors import SandboxdError
-from sandboxd.wire import Answer, ApplyResult, ExecInfo, ServiceUsage, StackStatus
+from sandboxd.wire import Answer, ApplyResult, ExecInfo, ServiceUsage, SocketQueue, StackStatus
 
 
 class Verbs(Protocol):
@@ -36,6 +37,10 @@ class Verbs(Protocol):
 
     def usage(self, names: list[str]) -> list[ServiceUsage]: ...
 
+    def knows_socket(self, name: str) -> bool: ...
+
+    def queues(self, sockets: list[str]) -> list[SocketQueue]: ...
+
     async def stop_service(self, name: str) -> None: ...
 
     def start_service(self, name: str) -> None: ...
@@ -46,7 +51,7 @@ class Verbs(Protocol):
 
     def request_down(self) -> None: ...
 
-    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None) -> ApplyResult: ...
+    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None, listen: list[str] | None = None) -> ApplyResult: ...
 
     def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo: ...
 
@@ -108,6 +113,11 @@ class ControlServer:
                 return {"ok": True, **sup.status(names)}
             case "usage":
                 return {"ok": True, "services": sup.usage(names)}
+            case "queues":
+                sockets = _names(request.get("sockets"))
+                if unknown := [n for n in sockets if not sup.knows_socket(n)]:
+                    return {"ok": False, "error": f"no socket {', '.join(repr(n) for n in unknown)} in stack {sup.instance!r}"}
+                return {"ok": True, "sockets": sup.queues(sockets)}
             case "stop":
                 await asyncio.gather(*(sup.stop_service(n) for n in names))
             case "start":
@@ -122,7 +132,8 @@ class ControlServer:
                 sup.request_down()
             case "apply":
                 variables = _variables(request.get("variables"))
-                return {"ok": True, **await sup.apply_folder(str(request["folder"]), _names(request.get("env")), variables)}
+                listen = _names(request.get("listen"))
+                return {"ok": True, **await sup.apply_folder(str(request["folder"]), _names(request.get("env")), variables, listen)}
             case "exec_info":
                 info = sup.exec_info(names[0], str(request.get("user", "")), session=bool(request.get("session")) and execs is not None)
                 if "exec_cgroup" in info and execs is not None:

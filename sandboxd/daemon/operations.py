@@ -19,7 +19,7 @@ from sandboxd.daemon.states import ALIVE, State
 from sandboxd.daemon.stopping import Stopper, signal_init
 from sandboxd.host.cgroups import Cgroup
 from sandboxd.host.identity import lookup_identity
-from sandboxd.wire import ApplyResult, ExecInfo, ServiceStatus, ServiceUsage, SocketStatus, StackStatus
+from sandboxd.wire import ApplyResult, ExecInfo, ServiceStatus, ServiceUsage, SocketQueue, SocketStatus, StackStatus
 
 
 class Operations:
@@ -71,6 +71,24 @@ class Operations:
 
         services = self.running.services
         return [service_usage(rt) for rt in ([services[n] for n in names] if names else services.values())]
+
+    def knows_socket(self, name: str) -> bool:
+        return any(sock.name == name for sock in self.running.stack.sockets)
+
+    def queues(self, sockets: list[str]) -> list[SocketQueue]:
+        """The accept queue of every listening socket of the units named (all if none): what
+        `Stack.wait_for_accept` watches, asked of the sockets sandboxd holds (host/queues.py)."""
+        from sandboxd.host.queues import accept_queue
+
+        found: list[SocketQueue] = []
+        for (name, index), bound in sorted(self.running.sockets.items()):
+            if sockets and name not in sockets:
+                continue
+            entry: SocketQueue = {"socket": name, "index": index, "address": bound.real_address(), "service": self.running.socket_unit(name).service}
+            if (queued := accept_queue(bound.sock)) is not None:
+                entry["queued"] = queued
+            found.append(entry)
+        return found
 
     def _status_of(self, rt: ServiceRuntime) -> ServiceStatus:
         sockets: list[SocketStatus] = []
@@ -129,8 +147,8 @@ class Operations:
     def request_down(self) -> None:
         self.stop_requested.set()
 
-    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None) -> ApplyResult:
-        return await self.reload.apply_folder(folder, env, variables)
+    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None, listen: list[str] | None = None) -> ApplyResult:
+        return await self.reload.apply_folder(folder, env, variables, listen)
 
     def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo:
         """What `sandboxd exec` needs to run a command confined as the service is. With `user`

@@ -40,12 +40,23 @@ from sandboxd.host.facts import proxy_binary
 from sandboxd.host.listening import listening
 from sandboxd.kernel import linux
 from sandboxd.sandbox.handle import read_status
-from sandboxd.spec.model import Address, Socket
+from sandboxd.spec.model import Address, Socket, hands_off, holds_proxy_address
 
 POLL_FIRST = 0.005  # seconds between looks while the program starts; growing to POLL_MAX
 POLL_MAX = 0.1
 WARN_AFTER = 30.0  # seconds without anything listening on a proxy address before saying so
 NOBODY = 65534
+
+
+def proxy_plan(sock: Socket, rt: ServiceRuntime) -> str:
+    """What becomes of a `proxy:` socket, as the startup summary says it before the program
+    binds anything: handed to the program at its bind(), forwarded, or either (the handoff when
+    it binds the address with a socket like this one, else forwarding)."""
+    if holds_proxy_address(sock):
+        return f"given to the program when it binds {sock.proxy}"
+    if rt.plan.intercept_bind and hands_off(sock, rt.spec):
+        return f"given to the program if it binds {sock.proxy}, else forwarded to it"
+    return f"forwarded to {sock.proxy}"
 
 
 def proxy_target(target: Address, init_pid: int) -> str:
@@ -69,9 +80,11 @@ class Proxies:
         self.console = console
 
     def start(self, rt: ServiceRuntime) -> None:
-        """Its sandbox runs: watch each proxy's address until the program listens there."""
+        """Its sandbox runs: watch each proxy's address until the program listens there. Not for a
+        socket that holds the proxy's address in the program's namespace: what listens there is
+        sandboxd's own socket, which the program gets at its bind() (the handoff, the only way)."""
         for sock in self.running.stack.sockets_of(rt.spec.name):
-            if sock.proxy is not None:
+            if sock.proxy is not None and not holds_proxy_address(sock):
                 self.tasks.spawn(self._proxy_while_running(rt, sock, rt.launch.id), "the proxy watch")
 
     def _same_sandbox(self, rt: ServiceRuntime, launch_id: int) -> bool:

@@ -32,18 +32,19 @@ class Reload:
         self.stopper = stopper
         self.console = console
 
-    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None) -> ApplyResult:
+    async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None, listen: list[str] | None = None) -> ApplyResult:
         """Load, validate and plan the folder again (as `up` does), then apply the difference.
-        `variables`: what ${VAR} takes (the caller's); None: this process's and the folder's .env."""
+        `variables`: what ${VAR} takes (the caller's); None: this process's and the folder's .env.
+        `env`, `listen`: the caller's `--env` and `--listen` overrides."""
         from sandboxd.host.limits import enforceable_limits
         from sandboxd.host.pins import pin_mounts
         from sandboxd.host.prepare import make_plans
         from sandboxd.spec.load import load_stack
-        from sandboxd.spec.overrides import with_environment
+        from sandboxd.spec.overrides import with_overrides
         from sandboxd.store.volumes import create, volumes_dir
 
         try:
-            stack = with_environment(load_stack(Path(folder), variables), env)
+            stack = with_overrides(load_stack(Path(folder), variables), env, listen)
             # In a thread: an image build may take a while, and the loop supervises meanwhile.
             userns = self.resources.stack_userns(stack)
             plans = await asyncio.to_thread(make_plans, stack, str(self.running.runtime_dir), False, userns, True)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import statistics
 
 from sandboxd.daemon.console import Console
+from sandboxd.daemon.proxy import proxy_plan
 from sandboxd.daemon.runtime import RunningStack, ServiceRuntime
 from sandboxd.daemon.states import State
+from sandboxd.spec.model import socket_namespace
 
 
 def print_summary(console: Console, running: RunningStack, elapsed: float) -> None:
@@ -37,7 +39,9 @@ def _sockets(running: RunningStack, rt: ServiceRuntime) -> list[str]:
         inside = f" in {unit.netns if unit.netns != 'service' else rt.spec.name}'s namespace" if unit.netns != "host" else ""
         socks.append(f"{running.sockets[key].real_address()}{inside} (fd {fd} {rt.plan.fd_names[fd - 3]})")
     for key in rt.plan.proxied:
-        socks.append(f"{running.sockets[key].real_address()} (forwarded to {running.socket_unit(key[0]).proxy})")
+        unit = running.socket_unit(key[0])
+        inside = f" in {rt.spec.name}'s namespace" if socket_namespace(unit) == rt.spec.name else ""
+        socks.append(f"{running.sockets[key].real_address()}{inside} ({proxy_plan(unit, rt)})")
     return socks
 
 

@@ -58,7 +58,7 @@ from sandboxd.daemon.runtimes import Runtimes
 from sandboxd.daemon.states import Action, Event, State
 from sandboxd.daemon.stopping import Stopper
 from sandboxd.daemon.summary import print_summary
-from sandboxd.daemon.tasks import Background
+from sandboxd.daemon.tasks import Background, drop_stop_signals, held_back_at_the_end
 from sandboxd.errors import HostError
 from sandboxd.host.cgroups import CgroupHost, cgroup_manager
 from sandboxd.host.pins import SourceFds
@@ -158,11 +158,9 @@ class Supervisor:
         """Bring the stack up in the foreground until SIGINT/SIGTERM or until every service is done."""
         try:
             self._prepare()
-            return asyncio.run(self._main())
+            return asyncio.run(held_back_at_the_end(self._main()))
         finally:
-            # A Ctrl-C now must not cut the clean-up short and leave things behind.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            drop_stop_signals()  # a Ctrl-C now must not cut the clean-up short and leave things behind
             if self.link.server is not None:
                 self.link.server.stop()
             self.resources.cleanup()

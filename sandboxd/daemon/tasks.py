@@ -4,10 +4,33 @@ a health check): each is held until it ends, and a failure is said at once, not 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Coroutine
 from functools import partial
 
 from sandboxd.daemon.console import Console
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+async def held_back_at_the_end(main: Coroutine[object, object, int]) -> int:
+    """Await `main`; once it has ended, SIGINT and SIGTERM are blocked (held pending, not acted on).
+
+    Closing the event loop puts Python's own handlers back, so a Ctrl-C arriving between the loop's
+    end and the clean-up would raise KeyboardInterrupt there (and a SIGTERM end the process) with
+    cgroups and sockets still to remove. `drop_stop_signals` ends the hold."""
+    try:
+        return await main
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def drop_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM from now on and unblock them: one held back is discarded."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class Background:

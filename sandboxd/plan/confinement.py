@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from sandboxd.errors import SpecError, SpecErrors
 from sandboxd.kernel.abi import CAPABILITIES
 from sandboxd.kernel.seccomp import SeccompUnsupported, build_filter
-from sandboxd.spec.model import hands_off
+from sandboxd.spec.model import hands_off, holds_proxy_address
 
 if TYPE_CHECKING:
     from sandboxd.spec.model import Service, Stack
@@ -40,5 +40,18 @@ def seccomp_filter(service: Service, architecture: str) -> str:
 
 def intercept_bind(stack: Stack, service: Service, architecture: str) -> bool:
     """Whether a `proxy:` socket of the service may be handed to the program when it binds the
-    proxy's address (one listen address, a seccomp table for this machine)."""
-    return architecture in HANDOFF_ARCHITECTURES and any(hands_off(s, service) for s in stack.sockets_of(service.name))
+    proxy's address (one listen address, a seccomp table for this machine). A socket that holds
+    the proxy's address in the service's own namespace works through the handoff alone: on a
+    machine without it, that is a validation error."""
+    if architecture in HANDOFF_ARCHITECTURES:
+        return any(hands_off(s, service) for s in stack.sockets_of(service.name))
+    held = [s for s in stack.sockets_of(service.name) if holds_proxy_address(s)]
+    if held:
+        sock = held[0]
+        message = (
+            f"this socket holds {sock.proxy} inside the namespace of '{service.name}', which the program can only bind through "
+            f"the handoff, and the handoff has no seccomp table for {architecture}; bind the socket in the host's namespace "
+            "(netns: host) or make the program listen on another port and proxy to that"
+        )
+        raise SpecErrors([SpecError(sock.file, sock.line, "proxy", message)])
+    return False

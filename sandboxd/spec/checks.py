@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandboxd.errors import SpecError
-from sandboxd.spec.model import Address, Network, Service, Socket, Volume, socket_namespace
+from sandboxd.spec.model import Address, Network, Service, Socket, Volume, holds_proxy_address, socket_namespace
 
 @dataclass(frozen=True)
 class Found:
@@ -64,11 +64,27 @@ def _suggest(name: str, known: Iterable[str], kinds: str) -> str:
 def _duplicate_names(found: list[Found]) -> list[SpecError]:
     firsts = {kind: _first_of_each(found, kind) for kind in {unit.kind for unit in found}}
     duplicates = [(unit, firsts[unit.kind][unit.name]) for unit in found if unit.name is not None]
-    return [
-        unit.error("name", f"duplicate {unit.kind} '{unit.name}' (also defined at {first.where('name')})")
-        for unit, first in duplicates
-        if first is not unit
-    ]
+    errors = []
+    for unit, first in duplicates:
+        if first is unit or (_implied(unit) and _implied(first)):
+            continue  # two services of one name, reported as such
+        if _implied(unit) or _implied(first):
+            explicit, implied = (first, unit) if _implied(unit) else (unit, first)
+            errors.append(
+                explicit.error(
+                    "name",
+                    f"socket '{explicit.name}' is also the socket that service '{implied.name}' has through its listen: "
+                    f"({implied.where('listen')}); keep one: remove listen: from the service, or remove this socket unit "
+                    "(or rename it) and let the service's listen: give the address",
+                )
+            )
+            continue
+        errors.append(unit.error("name", f"duplicate {unit.kind} '{unit.name}' (also defined at {first.where('name')})"))
+    return errors
+
+
+def _implied(unit: Found) -> bool:
+    return isinstance(unit.unit, Socket) and unit.unit.implied
 
 
 def _missing_services(found: list[Found]) -> list[SpecError]:
@@ -335,7 +351,35 @@ def _bad_proxies(found: list[Found]) -> list[SpecError]:
         for index, address in enumerate(sock.listen):
             if address.socktype != socket.SOCK_STREAM:
                 errors.append(unit.error(unit.key("listen", index), f"{address} is not a stream socket; a proxy forwards tcp: or unix: connections"))
+        errors += _proxy_on_its_own_address(unit, sock)
     return errors
+
+
+def _proxy_on_its_own_address(unit: Found, sock: Socket) -> list[SpecError]:
+    """A socket bound in its service's namespace on the proxy's own address: the program's bind()
+    of that address can only work through the handoff (it is given this socket), as sandboxd's
+    socket holds the address; forwarding to it could never work."""
+    if not holds_proxy_address(sock):
+        return []
+    held = f"this socket holds {sock.proxy} inside the namespace of '{sock.service}' (netns: {sock.netns})"
+    if len(sock.listen) != 1:
+        return [
+            unit.error(
+                "listen",
+                f"{held}, so the program's bind() of it only works when it is given this socket (the handoff), which needs "
+                f"one listen address; give this socket only that address, or proxy to another port",
+            )
+        ]
+    if sock.handoff is False:
+        return [
+            unit.error(
+                "handoff",
+                f"{held}: with handoff: false the program's own bind() of it fails (EADDRINUSE) and nothing can be forwarded "
+                f"to it; remove handoff: false (the program is given this socket when it binds {sock.proxy}), or make the "
+                "program listen on another port and proxy to that",
+            )
+        ]
+    return []
 
 
 def _bad_roots(found: list[Found]) -> list[SpecError]:

@@ -374,6 +374,7 @@ _SERVICE_KEYS = {
     "shm_size": Key(scalar(parse_tmpfs_size), None),
     "fdstore_max": Key(checked(lambda v: is_int(v) and 0 <= v <= 4096, "a whole number from 0 to 4096"), 0),
     "after": Key(list_of(_dependency, "a list of service names or {service, condition} mappings", single=True), ()),
+    "listen": Key(_listen, ()),  # the addresses of the socket unit it implies (implied.py)
 }
 _SOCKET_KEYS = {
     "service": Key(unit_name, UNIT_NAME),

@@ -12,7 +12,8 @@ each naming file, line and key. In order:
                     and the folder's `.env`, a service's `env_file:` read into its environment
                     (envfile.py)
     each document   one unit: its `kind` picks the key table (keys.py); `name` defaults to the
-                    file's stem when the file holds one unit of that kind
+                    file's stem when the file holds one unit of that kind; a service's
+                    `listen:` adds the socket unit it implies (implied.py)
     all units       the checks between units (checks.py): names, addresses, `uses`, networks ...
 
 Reading the files (spec files, `.env` and env files), checking who may change them, and opening mount sources to see what they name
@@ -32,6 +33,7 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 from sandboxd.errors import SpecError, SpecErrors
 from sandboxd.spec.checks import Found, check_units
 from sandboxd.spec.envfile import read_env_file, resolve_environment
+from sandboxd.spec.implied import implied_found
 from sandboxd.spec.interpolate import interpolate
 from sandboxd.spec.keys import KINDS, unit_name
 from sandboxd.spec.model import NAME, Network, Service, Socket, Stack, Volume
@@ -227,5 +229,7 @@ def _load_unit(node: MappingNode, kind: str, file: Path, count: int, found: list
         for index, item in enumerate(value_node.value if isinstance(value_node, SequenceNode) else ()):
             lines.setdefault(f"{key_node.value}[{index}]", line_of(item))
     found.append(Found(kind, name, file, lines, unit))
+    if isinstance(unit, Service) and unit.listen:
+        found.append(implied_found(unit, lines))
     return problems
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import re
 import socket
 from dataclasses import dataclass
@@ -216,6 +217,10 @@ class Service:
     shm_size: int | None  # bytes: /dev/shm's cap; None = tmpfs_size
     image: str  # "host", an absolute path to a root file system folder, or an image name
     env_file: tuple[EnvFile, ...] = ()  # read at load time: `environment` holds what they gave
+    # `listen:` on the service: the addresses of the socket unit it implies (implied.py), named
+    # as the service, its fdname the service's name, every other socket key at its default; that
+    # Socket is in Stack.sockets with `implied` set. () = no implied socket.
+    listen: tuple[Address, ...] = ()
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -241,6 +246,7 @@ class Socket:
     proxy: Address | None  # forward each connection to this address inside the service's sandbox
     handoff: bool | None  # with proxy: a program that binds that address itself gets this socket
     # instead; None = yes unless the service has a readiness check (see `hands_off`)
+    implied: bool = False  # made from a service's `listen:`, not written as a unit of its own
 
 
 @dataclass(frozen=True)
@@ -323,10 +329,38 @@ NAME_RULE = "1 to 63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit
 def hands_off(sock: Socket, service: Service) -> bool:
     """Whether a program that binds the proxy address of `sock` is given the socket itself. Not by
     default when the service has a readiness check: a handed-off socket is served from the moment
-    the program accepts, while forwarding waits until it is ready."""
+    the program accepts, while forwarding waits until it is ready. Always when the socket holds
+    the proxy's address in the program's own namespace (`holds_proxy_address`): there the
+    program's own bind() would fail with EADDRINUSE, and nothing could be forwarded to it."""
     if sock.proxy is None or len(sock.listen) != 1:
         return False
+    if holds_proxy_address(sock):
+        return sock.handoff is not False  # checks.py refuses handoff: false here
     return sock.handoff if sock.handoff is not None else service.ready == "started"
+
+
+def holds_proxy_address(sock: Socket) -> bool:
+    """Whether `sock` is bound, in its service's own network namespace, on an address that takes
+    the proxy's: the same address and port, or one of them the unspecified address (0.0.0.0,
+    [::]) of the same IP version; or the same abstract unix name (a unix path of the socket is
+    the host's file, the proxy's one of the sandbox's own file system)."""
+    target = sock.proxy
+    if target is None or socket_namespace(sock) != sock.service:
+        return False
+    return any(takes_address(address, target) for address in sock.listen if address.is_inet or address.is_abstract)
+
+
+def takes_address(a: Address, b: Address) -> bool:
+    """Whether sockets of one type bound on `a` and `b` in one network namespace (and one file
+    system) get in each other's way."""
+    if a.socktype != b.socktype:
+        return False
+    if not (a.is_inet and b.is_inet):
+        return a.path is not None and a.path == b.path
+    if a.port != b.port or a.port == 0:
+        return False
+    host_a, host_b = ipaddress.ip_address(a.host or ""), ipaddress.ip_address(b.host or "")
+    return host_a.version == host_b.version and (host_a == host_b or host_a.is_unspecified or host_b.is_unspecified)
 
 
 def socket_namespace(sock: Socket) -> str | None:

@@ -213,7 +213,7 @@ UNIT_NAME = object()  # the default of a key that defaults to the unit's name (a
 # docker compose's service keys that sandboxd writes differently: what to write instead, said in
 # the unknown-key error of a service (keys.py's table), where a compose user puts them first.
 COMPOSE_KEYS = {
-    "ports": "a socket unit (kind: socket, listen: tcp:0.0.0.0:8080) beside the service: sandboxd binds the port and passes the socket in",
+    "ports": "listen: tcp:0.0.0.0:8080 (or a list): sandboxd binds the port and passes the socket in; a socket unit (kind: socket) for more options",
     "expose": "a socket unit (kind: socket, listen: ...) for each port the service serves",
     "depends_on": "after: [db] or after: [{service: db, condition: ready}] (conditions: started, ready, completed)",
     "healthcheck": "ready: {exec: [CMD, ARG], interval: 5s, timeout: 5s, retries: 3}",

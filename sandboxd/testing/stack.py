@@ -19,11 +19,12 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -32,7 +33,7 @@ from sandboxd.cli.client import request, running_stacks
 from sandboxd.daemon import logs
 from sandboxd.errors import SandboxdError
 from sandboxd.host.paths import RUNTIME_ROOT
-from sandboxd.wire import ServiceStatus, StackStatus
+from sandboxd.wire import ServiceStatus, SocketQueue, StackStatus
 
 T = TypeVar("T")
 POLL = 0.02  # seconds between two looks at the stack while waiting
@@ -43,12 +44,25 @@ BROKEN = ("failed", "backoff")  # a service in one of these before it was ready 
 class Stack:
     """A spec folder brought up as a stack of its own; `with Stack(...)` brings it up, then down."""
 
-    def __init__(self, path: str | os.PathLike[str], name: str | None = None, environment: dict[str, dict[str, str]] | None = None) -> None:
-        """`environment`: per service, variables set on top of the spec's (`sandboxd up --env`).
-        `name` defaults to the folder's name and a random suffix. Nothing runs until `up`."""
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        environment: dict[str, dict[str, str]] | None = None,
+        listen: Mapping[str, str | Sequence[str]] | None = None,
+    ) -> None:
+        """A stack of the spec folder `path`; nothing runs until `up` (or `with`).
+
+        `name`: the stack's name (`-p`); by default the folder's name and a random suffix, so
+        that the same folder runs many times at once. `environment`: per service, variables set
+        on top of the spec's (`sandboxd up --env`). `listen`: per socket unit (or service with
+        `listen:`), the address or addresses to bind instead of the spec's (`sandboxd up
+        --listen`), like `{"web": "tcp:127.0.0.1:0"}`: port 0 gives each stack a free port,
+        which `address("web")` then says."""
         self.path = Path(path).resolve()
         self.name = name or f"{self.path.name}-{uuid.uuid4().hex[:8]}"
         self.environment = environment or {}
+        self.listen = {sock: [given] if isinstance(given, str) else list(given) for sock, given in (listen or {}).items()}
         self.running = False
 
     def _cli(self, *args: str, check: bool = True) -> str:
@@ -63,6 +77,7 @@ class Stack:
         If a service fails or crash-loops (backoff) first: SandboxdError at once, naming it, why,
         and with the last lines of the logs (as `wait_ready` raises it), the stack brought down."""
         env = [f"--env={svc}:{key}={value}" for svc, pairs in self.environment.items() for key, value in pairs.items()]
+        env += [f"--listen={sock}={address}" for sock, addresses in self.listen.items() for address in addresses]
         try:
             self._cli("up", "-d", "--wait", "-p", self.name, *env, str(self.path))
         except SandboxdError as failed:
@@ -85,9 +100,11 @@ class Stack:
             self.running = False
 
     def __enter__(self) -> Stack:
+        """Bring the stack up (`up`) and return it."""
         return self.up()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        """Bring the stack down (`down`), whether the block raised or not."""
         self.down()
 
     def status(self) -> StackStatus:
@@ -103,17 +120,22 @@ class Stack:
             "services": answer["services"],
         }
 
-    def address(self, socket_name: str) -> tuple[str, int] | str:
-        """The real address of a socket unit's first listen entry: (host, port), or a unix path."""
-        for service in self.status()["services"]:
-            for sock in service["sockets"]:
-                if sock["socket"] == socket_name:
-                    family, _, rest = sock["address"].partition(":")
-                    if family in ("tcp", "udp"):
-                        host, _, port = rest.rpartition(":")
-                        return host.strip("[]"), int(port)
-                    return str(rest)
-        raise SandboxdError(f"no socket {socket_name!r} in stack {self.name!r}")
+    def address(self, socket_name: str, index: int = 0) -> tuple[str, int] | str:
+        """The real address of a socket unit's listen entry `index` (the first by default), as
+        bound: (host, port) for tcp and udp, port 0 resolved to the port the kernel chose; a
+        path (or `@name`) for a unix socket. A service's `listen:` is the socket of its name."""
+        found = self.addresses().get(socket_name, [])
+        if index < len(found):
+            return found[index]
+        raise SandboxdError(f"no socket {socket_name!r} with a listen entry {index} in stack {self.name!r}")
+
+    def addresses(self) -> dict[str, list[tuple[str, int] | str]]:
+        """Every socket unit's real addresses by socket name, in the order of its listen entries
+        (as `address` gives each)."""
+        found: dict[str, list[tuple[str, int] | str]] = {}
+        for entry in request(self.name, {"cmd": "queues"})["sockets"]:
+            found.setdefault(entry["socket"], []).append(_address(entry["address"]))
+        return found
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every service is ready, waiting for its first connection, or exited (done).
@@ -162,6 +184,38 @@ class Stack:
 
         what = f"GET {path} on {socket_name} ({host}:{port}) to answer {status}"
         return self._wait(answered, what, timeout, last=lambda: seen[0] if seen else "")
+
+    def wait_for_accept(self, socket_name: str, index: int = 0, timeout: float = 30.0) -> None:
+        """Wait until the service behind a stream socket accepts connections: with sockets bound
+        first, a connect() succeeds long before (the kernel queues it), so this makes one probe
+        connection to the socket's address and returns once the socket's accept queue, which
+        sandboxd reads from the kernel, is empty: the service has taken every connection that
+        waited, the probe's included (clients connecting meanwhile may delay that). The probe is
+        then closed, having sent nothing. It starts an on-demand service; for an `accept: true`
+        socket sandboxd itself accepts, and for a forwarding proxy the proxy does, once the
+        program listens (and is ready). SandboxdError if the service fails first, on timeout, for
+        a datagram socket, or for one bound inside a service's namespace (not reachable here)."""
+        entry = self._queue(socket_name, index)
+        if "queued" not in entry:
+            raise SandboxdError(f"socket {socket_name!r} of stack {self.name!r} ({entry['address']}) has no accept queue sandboxd can read (a datagram socket, or one it cannot see)")
+        address = _address(entry["address"])
+        netns = next((s["netns"] for svc in self.status()["services"] for s in svc["sockets"] if s["socket"] == socket_name), "host")
+        if netns != "host":
+            raise SandboxdError(f"socket {socket_name!r} of stack {self.name!r} is bound inside a service's network namespace (netns: {netns}); a probe from here cannot reach it")
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        target: str | tuple[str, int] = "\0" + address[1:] if isinstance(address, str) and address.startswith("@") else address
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(timeout)
+            probe.connect(target)
+            self._wait(lambda: self._queue(socket_name, index).get("queued") == 0, f"{entry['service']} to accept on {socket_name} ({entry['address']})", timeout, entry["service"])
+
+    def _queue(self, socket_name: str, index: int) -> SocketQueue:
+        """The accept queue of listen entry `index` of a socket unit, asked of the control socket."""
+        answer = request(self.name, {"cmd": "queues", "sockets": [socket_name]})
+        for entry in answer["sockets"]:
+            if entry["index"] == index:
+                return entry
+        raise SandboxdError(f"no socket {socket_name!r} with a listen entry {index} in stack {self.name!r}")
 
     def _wait(self, check: Callable[[], T | None | bool], what: str, timeout: float, service: str = "", last: Callable[[], str] = lambda: "") -> T:
         """Poll `check` until it returns something true (returned); SandboxdError at once when a
@@ -213,6 +267,17 @@ class Stack:
         argv = [sys.executable, "-m", "sandboxd", "exec", "-T", "-p", self.name, service, "--", *argv]
         return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
+    def failure_report(self) -> str:
+        """The services' states and the last lines of their logs, the failed or crash-looping
+        ones first: what the pytest plugin adds to the report of a test that failed."""
+        try:
+            services = self.status()["services"]
+        except SandboxdError as e:
+            return f"stack {self.name!r}: no status ({e})"
+        broken = [s["name"] for s in services if s["state"] in BROKEN]
+        states = "\n".join(f"{s['name']}: {s['state']}{': ' + s['reason'] if s['reason'] else ''}" for s in services)
+        return f"stack {self.name!r} ({self.path})\n{states}" + self._tails(broken, services)
+
     def restart(self, service: str) -> None:
         """Restart one service (`sandboxd restart`); returns once its new sandbox is launched."""
         self._cli("restart", "-p", self.name, service)
@@ -224,3 +289,13 @@ class Stack:
     def start(self, service: str) -> None:
         """Start a stopped service again (`sandboxd start`)."""
         self._cli("start", "-p", self.name, service)
+
+
+def _address(text: str) -> tuple[str, int] | str:
+    """`tcp:HOST:PORT` or `udp:HOST:PORT` as (host, port), brackets of IPv6 removed; a unix
+    socket's path (or `@name`)."""
+    family, _, rest = text.partition(":")
+    if family in ("tcp", "udp"):
+        host, _, port = rest.rpartition(":")
+        return host.strip("[]"), int(port)
+    return rest

@@ -17,7 +17,7 @@ SERVICE_KEYS = KINDS["service"][1]
 @pytest.mark.parametrize(
     ("key", "value", "pointer"),
     [
-        ("ports", '["8080:80"]', "a socket unit (kind: socket, listen: tcp:0.0.0.0:8080)"),
+        ("ports", '["8080:80"]', "listen: tcp:0.0.0.0:8080 (or a list)"),
         ("depends_on", "[db]", "after: [db]"),
         ("healthcheck", "{test: [CMD, true]}", "ready: {exec: [CMD, ARG]"),
         ("volumes", '["./data:/data"]', "mounts: [{source: ./data, target: /data}]"),

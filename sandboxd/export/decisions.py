@@ -109,17 +109,17 @@ def expected_keys(kind: str) -> list[str]:
 
 def notes_for(engine: str, unit: Unit) -> UnitNotes:
     """An empty record for `unit`, with the lines its keys were written on."""
+    if isinstance(unit, Socket) and unit.implied:  # a service's listen: (spec/implied.py): written on its line, every other key a default
+        return UnitNotes(engine, unit, {"listen": unit.line})
     return UnitNotes(engine, unit, key_lines(unit.file, unit.line))
 
 
 def implied_socket(notes: UnitNotes, sockets: list[str], to: str) -> None:
-    """A service's own `listen:` (being added to `kind: service`: an implied socket unit named after
-    the service). Once the key is in spec/keys.py and load.py puts that socket among the stack's,
-    the socket is exported with the others and the key is decided here as mapped to it; until load
-    makes the socket, the key is left undecided, so that the test of every key fails instead."""
-    if "listen" in KINDS["service"][1] and notes.unit.name in sockets and notes.given("listen"):
+    """A service's own `listen:`: the socket unit it implies (spec/implied.py), named after the
+    service, is among the stack's sockets and exported with them; the key is mapped to it here."""
+    if notes.unit.name in sockets and notes.given("listen"):
         notes.mapped("listen", to, "the implied socket's keys are decided with it")
-    elif "listen" in KINDS["service"][1] and not notes.given("listen"):
+    elif not notes.given("listen"):
         notes.nothing("listen", "no socket of its own")
 
 

@@ -108,6 +108,12 @@ name: web
 image: IMAGE
 command: [/usr/bin/python3, -m, http.server, "8001"]
 ---
+kind: service
+name: metrics
+image: IMAGE
+command: [/usr/bin/python3, /app/metrics.py]
+listen: tcp:0.0.0.0:9100
+---
 kind: network
 name: back
 subnet: 10.1.0.0/24

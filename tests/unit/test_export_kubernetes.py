@@ -172,6 +172,7 @@ ARRIVES: dict[str, tuple[Callable[[Docs], object], object]] = {
     "socket.accept": (lambda d: activator_args(d, "echo")[2], 16),
     "socket.max_connections": (lambda d: activator_args(d, "echo")[2], 16),
     "socket.proxy": (lambda d: (d[("Service", "web")]["spec"]["ports"][0]["targetPort"], main_container(d, "web")["command"][0]), (8001, "/usr/bin/python3")),
+    "service.listen": (lambda d: (d[("Service", "metrics")]["spec"]["ports"][0]["port"], activator_args(d, "metrics")[0]), (9100, [{"listen": "tcp:0.0.0.0:9100", "name": "metrics", "backlog": "4096"}])),
     "network.internal": (lambda d: d[("NetworkPolicy", "rich-network-back")]["spec"]["egress"],
                          [{"to": [{"podSelector": {"matchLabels": {"sandboxd.network/back": "member"}}}]}]),
     "volume": (lambda d: d[("PersistentVolumeClaim", "data")]["spec"]["accessModes"], ["ReadWriteOnce"]),

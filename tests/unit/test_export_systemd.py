@@ -142,6 +142,7 @@ ARRIVES: dict[str, tuple[Callable[[Units], object], object]] = {
     "socket.proxy": (lambda u: (one(u, "rich-web.socket", "Socket", "Service"), one(u, "rich-web-proxy.service", "Service", "ExecStart"),
                                 one(u, "rich-web-proxy.service", "Unit", "JoinsNamespaceOf")),
                      ("rich-web-proxy.service", "/lib/systemd/systemd-socket-proxyd 127.0.0.1:8001", "rich-web.service")),
+    "service.listen": (lambda u: (one(u, "rich-metrics.socket", "Socket", "ListenStream"), one(u, "rich-metrics.socket", "Socket", "Service")), ("0.0.0.0:9100", "rich-metrics.service")),
     "volume": (lambda u: values(u, API, "Service", "ExecStartPre"), ["+/bin/mkdir -p /var/lib/sandboxd/volumes/data", "+/bin/chown 1000:1000 /var/lib/sandboxd/volumes/data"]),
 }  # fmt: skip
 

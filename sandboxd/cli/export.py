@@ -121,7 +121,8 @@ def _report(decisions: list[Decision], as_json: bool) -> None:
         print(f"  {decision}", file=sys.stderr)
     defaults = [d for d in decisions if d.status in ("not expressible", "approximated") and not d.given]
     if shown or defaults:
-        print(f"sandboxd: {len(shown)} keys given are not expressible or approximated (listed above); {len(defaults)} more "
+        given = "1 key given is" if len(shown) == 1 else f"{len(shown)} keys given are"
+        print(f"sandboxd: {given} not expressible or approximated (listed above); {len(defaults)} more "
               "for keys left at their defaults (all of them: --json)", file=sys.stderr)  # fmt: skip
 
 

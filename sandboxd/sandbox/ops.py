@@ -143,7 +143,10 @@ _ENCODED: dict[Op, bytes] = {}  # most ops recur from launch to launch (the same
 _ENCODED_MAX = 4096  # (bounded: the fork server's heap is what every fork copies)
 
 
-def encode_op(op: Op) -> bytes:
+def encode_op(op: Op, keep: bool = True) -> bytes:
+    """The op's encoding; kept for the next launch unless `keep` is false (an op of one launch's own)."""
+    if not keep:
+        return _encode_op(op)
     encoded = _ENCODED.get(op)
     if encoded is None:
         if len(_ENCODED) >= _ENCODED_MAX:
@@ -168,7 +171,13 @@ def encode(ops: Sequence[Op], channel_lowest: int) -> bytes:
     """The program as the interpreter reads it: it moves the status channel to an fd numbered
     `channel_lowest` or above (clear of the service's fds 3..) before the first op. Raises
     ValueError for a string with a NUL in it."""
-    return b"SBD1" + struct.pack("<Ii", len(ops), channel_lowest) + b"".join(encode_op(op) for op in ops)
+    return program_head(len(ops), channel_lowest) + b"".join(encode_op(op) for op in ops)
+
+
+def program_head(count: int, channel_lowest: int) -> bytes:
+    """What comes before a program's `count` ops (`encode`): a program may be put together from
+    ops encoded earlier."""
+    return b"SBD1" + struct.pack("<Ii", count, channel_lowest)
 
 
 class OpRecorder(Step):

@@ -62,6 +62,7 @@ import os
 import selectors
 import signal
 import socket
+import time
 from typing import NoReturn
 
 from sandboxd.kernel import abi, linux
@@ -268,13 +269,18 @@ _root_seen: tuple[tuple[int, int, int, int], tuple[tuple[str, EntryKind, str], .
 
 def _root_entries() -> tuple[tuple[str, EntryKind, str], ...]:
     """The host root's entries (child.root_entries), listed again only once "/" changed: an
-    entry made, removed, renamed or replaced changes its directory's mtime."""
+    entry made, removed, renamed or replaced changes its directory's mtime. The kernel's clock
+    for it is coarse (a tick), so a listing is kept only if "/" had been still for a second by
+    then: two changes within one tick leave the same mtime."""
     global _root_seen
     st = os.stat("/")
     seen = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-    if _root_seen is None or _root_seen[0] != seen:
-        _root_seen = (seen, root_entries())
-    return _root_seen[1]
+    if _root_seen is not None and _root_seen[0] == seen:
+        return _root_seen[1]
+    entries = root_entries()
+    still = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > 1_000_000_000
+    _root_seen = (seen, entries) if still else None
+    return entries
 
 
 def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tuple[int, Trees, list[tuple[int, str]]]:

@@ -25,7 +25,9 @@ from sandboxd.daemon.tasks import Background
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import CgroupManager
 from sandboxd.plan.environment import with_descriptors
+from sandboxd.plan.launch import LaunchPlan
 from sandboxd.sandbox.handle import read_status
+from sandboxd.sandbox.protocol import Connection
 
 
 class Activation:
@@ -40,6 +42,7 @@ class Activation:
         self.console = console
         self.watching: set[str] = set()  # services whose sockets the loop watches
         self.instances: dict[int, Instance] = {}  # by request id
+        self.connection_plans: dict[str, tuple[LaunchPlan, LaunchPlan]] = {}  # by service: (its plan, its connections')
         self.no_instances = asyncio.Event()
         self.no_instances.set()
 
@@ -95,14 +98,14 @@ class Activation:
         env = list(with_descriptors(rt.plan.env, ("connection",)))
         if isinstance(peer, tuple):
             env += [("REMOTE_ADDR", str(peer[0])), ("REMOTE_PORT", str(peer[1]))]
-        plan = dataclasses.replace(rt.plan, service=name, env=tuple(env), fd_names=("connection",), fd_sockets=())
+        plan, connection = self._connection_plan(rt), Connection(name, tuple(env))
         cgroup = self.cgroups.create(name, parent=rt.cgroup)
         netns, sources = self.running.netns_fd(rt), rt.source_fds()
         root = str(self.running.root_dir)
         try:
             sent = self.link.send(
                 lambda server, request_id: server.send_launch(
-                    request_id, plan, str(cgroup.path), cgroup.v1_tasks_files, root, rt.output.w, [conn.fileno()], netns, sources
+                    request_id, plan, str(cgroup.path), cgroup.v1_tasks_files, root, rt.output.w, [conn.fileno()], netns, sources, connection
                 )
             )
         finally:
@@ -114,6 +117,14 @@ class Activation:
         self.tasks.spawn(self._follow(instance, sent), f"{name}: following its sandbox")
         if rt.connections.active >= max_connections:
             self.unwatch(rt)
+
+    def _connection_plan(self, rt: ServiceRuntime) -> LaunchPlan:
+        """What the plans of a service's connections share (the connection at fd 3), one object
+        while the service's plan is the same: the fork server decodes and compiles it once."""
+        made = self.connection_plans.get(rt.spec.name)
+        if made is None or made[0] is not rt.plan:
+            made = self.connection_plans[rt.spec.name] = (rt.plan, dataclasses.replace(rt.plan, fd_names=("connection",), fd_sockets=()))
+        return made[1]
 
     def _on_instance_status(self, instance: Instance) -> None:
         assert instance.channel is not None

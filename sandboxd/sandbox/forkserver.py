@@ -62,16 +62,18 @@ import os
 import selectors
 import signal
 import socket
+import time
 from typing import NoReturn
 
 from sandboxd.kernel import abi, linux
-from sandboxd.plan.launch import HOST_IDS, STORE_IDS, SYSFS_OF_NETNS
+from sandboxd.kernel.seam import EntryKind
+from sandboxd.plan.launch import HOST_IDS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan
 from sandboxd.sandbox.child import EXIT_UNEXPECTED, SETUP_BINARY, SETUP_NAME, is_dir_fd, root_entries
 from sandboxd.sandbox.confine import Step
 from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheritable, sealed_copy, storage_userns
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
-from sandboxd.sandbox.ops import encode as encode_program
-from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch
+from sandboxd.sandbox.ops import Op, encode_op, program_head
+from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch, with_environment
 from sandboxd.sandbox.protocol import Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
@@ -211,24 +213,42 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], childre
                 os.close(fd)
 
 
-_programs: dict[object, bytes] = {}
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """A compiled program kept for the next launch of the same plan: the encoding of every op
+    but the last, and the last (the execve: a connection's environment goes in it)."""
+
+    plan: LaunchPlan  # what it was compiled from (kept by its id: no other plan takes it meanwhile)
+    body: bytes
+    execve: Op
+    count: int
+
+
+_programs: dict[tuple[object, ...], _Program] = {}
 
 
 def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: Trees) -> int:
     """The launch's set-up program (program.py), compiled and written to a pipe whose read end
     (returned) the interpreter reads it from. A child in a user namespace is born in its network
-    namespace: its program joins none."""
+    namespace: its program joins none.
+
+    A restart, a connection in accept mode: the same plan (the very object, protocol.py decodes
+    a plan's text once), the same descriptors and trees, the same program but for a connection's
+    environment, so it is compiled and encoded once."""
     plan = request.plan
     netns = -1 if plan.userns else received.netns
     fds = Descriptors(received.output, tuple(received.sockets), init_fd, netns, tuple(received.cgroup_tasks))
     tmpfs_root = any(op.kind == "tmpfs-root" for op in plan.mounts)
-    view = HostView(tuple(is_dir_fd(tree) for tree in trees.binds), root_entries() if tmpfs_root else ())
-    key = (plan, request.root, fds, trees, view)  # a restart, a connection in accept mode: the same program
-    data = _programs.get(key)
-    if data is None:
+    view = HostView(tuple(is_dir_fd(tree) for tree in trees.binds), _root_entries() if tmpfs_root else ())
+    key = (id(plan), request.root, fds, trees, view)
+    kept = _programs.get(key)
+    if kept is None or kept.plan is not plan:
         if len(_programs) >= 64:
             _programs.clear()
-        data = _programs[key] = encode_program(compile_launch(request, fds, trees, view), 3 + len(received.sockets))
+        ops = compile_launch(dataclasses.replace(request, connection=None), fds, trees, view)
+        kept = _programs[key] = _Program(plan, b"".join(encode_op(op) for op in ops[:-1]), ops[-1], len(ops))
+    execve = kept.execve if request.connection is None else with_environment(kept.execve, request.connection.env)
+    data = program_head(kept.count, 3 + len(received.sockets)) + kept.body + encode_op(execve, keep=request.connection is None)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         if len(data) > 65536:
@@ -244,6 +264,25 @@ def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: T
     return read_end
 
 
+_root_seen: tuple[tuple[int, int, int, int], tuple[tuple[str, EntryKind, str], ...]] | None = None
+
+
+def _root_entries() -> tuple[tuple[str, EntryKind, str], ...]:
+    """The host root's entries (child.root_entries), listed again only once "/" changed: an
+    entry made, removed, renamed or replaced changes its directory's mtime. The kernel's clock
+    for it is coarse (a tick), so a listing is kept only if "/" had been still for a second by
+    then: two changes within one tick leave the same mtime."""
+    global _root_seen
+    st = os.stat("/")
+    seen = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    if _root_seen is not None and _root_seen[0] == seen:
+        return _root_seen[1]
+    entries = root_entries()
+    still = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > 1_000_000_000
+    _root_seen = (seen, entries) if still else None
+    return entries
+
+
 def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tuple[int, Trees, list[tuple[int, str]]]:
     """Before the fork: the sealed init, a detached copy of each bind source and of the image,
     the sandbox's /dev. In a user namespace the copies stored through the stack's ids are
@@ -257,7 +296,7 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     sealed_copy(str(SETUP_BINARY))  # once per fork server, as the init's; executed by every child
     binds = [op for op in plan.mounts if op.kind == "bind"]
     if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
-        raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", plan.service)
+        raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", request.launched().service)
     store = storage_userns(plan.userns, sealed_copy(str(SETUP_BINARY))) if plan.userns and any(op.options == STORE_IDS for op in binds) else -1
     copies: list[int] = []
     host_id_trees: list[tuple[int, str]] = []
@@ -326,7 +365,7 @@ def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, 
         if number == errno.EINVAL:
             raise OSError(number, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source)
         raise OSError(number, f"mount_setattr: {os.strerror(number)}", source)
-    raise OSError(number, f"{what}: {os.strerror(number)}", request.plan.service)
+    raise OSError(number, f"{what}: {os.strerror(number)}", request.launched().service)
 
 
 def _spawn_argv(request: LaunchSandbox, reply: int, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[int]) -> list[str]:

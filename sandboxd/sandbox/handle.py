@@ -18,7 +18,7 @@ from sandboxd.kernel import abi, linux
 from sandboxd.plan.launch import LaunchPlan
 from sandboxd.sandbox.child import SETUP_BINARY
 from sandboxd.sandbox.forkserver import serve
-from sandboxd.sandbox.protocol import HoldDescriptors, LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode
+from sandboxd.sandbox.protocol import Connection, HoldDescriptors, LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode
 
 
 @dataclass
@@ -85,15 +85,18 @@ class ForkServer:
         socket_fds: list[int],
         netns_fd: int = -1,
         source_fds: list[int] | None = None,
+        connection: Connection | None = None,
     ) -> socket.socket:
         """Ask for a sandbox born in cgroup2 directory `cgroup` that also joins `cgroup_tasks`.
 
         With `netns_fd`, the sandbox joins that network namespace instead of creating one.
         `source_fds` are the held descriptors of its bind sources (pins.py), one per bind in the
-        order of the plan's mounts. Returns the supervisor's end of its status channel.
+        order of the plan's mounts. With `connection`, the sandbox is a connection's: `plan`
+        (the same object for every connection of a service) with its name and environment.
+        Returns the supervisor's end of its status channel.
         """
         sources = list(source_fds or [])
-        request = LaunchSandbox(launch_id, plan, cgroup, tuple(cgroup_tasks), root, netns_fd >= 0, len(sources))
+        request = LaunchSandbox(launch_id, plan, cgroup, tuple(cgroup_tasks), root, netns_fd >= 0, len(sources), connection)
         return self._send(request, [output_fd, *socket_fds, *sources] + ([netns_fd] if netns_fd >= 0 else []))
 
     def send_exec(

@@ -32,7 +32,7 @@ the same order (tests/unit/test_program.py compares the two).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
@@ -113,37 +113,76 @@ class Op(NamedTuple):
     mark: int = -1
 
 
+_U32, _I32, _I64 = struct.Struct("<I").pack, struct.Struct("<i").pack, struct.Struct("<q").pack
+_OP_HEAD, _GUARD_HEAD = struct.Struct("<HhhBBB").pack, struct.Struct("<Bh").pack
+
+
 def _str(value: str) -> bytes:
     data = value.encode("utf-8", "surrogateescape")
     if b"\0" in data:
         raise ValueError(f"embedded null byte in {value!r}")
-    return struct.pack("<I", len(data)) + data + b"\0"
+    return _U32(len(data)) + data + b"\0"
 
 
-def _arg(kind: str, value: Arg) -> bytes:
-    match kind, value:
-        case "f", int():
-            return b"f" + struct.pack("<i", value)
-        case "i", int():
-            return b"i" + struct.pack("<q", value)
-        case "s" | "z", str():
-            return b"s" + _str(value)
-        case "z", None:
-            return b"n"
-        case "b", bytes():
-            return b"b" + struct.pack("<I", len(value)) + value
-        case "S", tuple():
-            return b"S" + struct.pack("<I", len(value)) + b"".join(_str(str(item)) for item in value)
-        case "I", tuple():
-            return b"I" + struct.pack("<I", len(value)) + b"".join(struct.pack("<q", int(item)) for item in value)
-    raise TypeError(f"argument {value!r} is no {kind!r}")
+def _int_arg(tag: bytes, pack: Callable[[int], bytes]) -> Callable[[Arg], bytes]:
+    def encode(value: Arg) -> bytes:
+        if not isinstance(value, int):
+            raise TypeError(f"argument {value!r} is no {tag.decode()!r}")
+        return tag + pack(value)
+
+    return encode
+
+
+def _str_arg(value: Arg) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"argument {value!r} is no 's'")
+    return b"s" + _str(value)
+
+
+def _optional_str_arg(value: Arg) -> bytes:
+    return b"n" if value is None else _str_arg(value)
+
+
+def _bytes_arg(value: Arg) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"argument {value!r} is no 'b'")
+    return b"b" + _U32(len(value)) + value
+
+
+def _strs_arg(value: Arg) -> bytes:
+    if not isinstance(value, tuple):
+        raise TypeError(f"argument {value!r} is no 'S'")
+    return b"S" + _U32(len(value)) + b"".join([_str(str(item)) for item in value])
+
+
+def _ints_arg(value: Arg) -> bytes:
+    if not isinstance(value, tuple):
+        raise TypeError(f"argument {value!r} is no 'I'")
+    return b"I" + _U32(len(value)) + b"".join([_I64(int(item)) for item in value])
+
+
+# Each argument kind's encoder (a call per argument, no match: a program has some 500 arguments).
+_ARGS: dict[str, Callable[[Arg], bytes]] = {
+    "f": _int_arg(b"f", _I32),
+    "i": _int_arg(b"i", _I64),
+    "s": _str_arg,
+    "z": _optional_str_arg,
+    "b": _bytes_arg,
+    "S": _strs_arg,
+    "I": _ints_arg,
+}
+_CALL_ARGS = {name: tuple(_ARGS[kind] for kind in kinds) for name, kinds in CALLS.items()}
+_GUARD_NUMBERS = {test: number for number, test in enumerate(GUARD_TESTS)}
 
 
 _ENCODED: dict[Op, bytes] = {}  # most ops recur from launch to launch (the same steps, paths and fds)
 _ENCODED_MAX = 4096  # (bounded: the fork server's heap is what every fork copies)
 
 
-def encode_op(op: Op) -> bytes:
+def encode_op(op: Op, keep: bool = True) -> bytes:
+    """The op's encoding; kept for the next launch unless `keep` is false (an op of one launch's own)."""
+    if not keep:
+        return _encode_op(op)
     encoded = _ENCODED.get(op)
     if encoded is None:
         if len(_ENCODED) >= _ENCODED_MAX:
@@ -153,22 +192,29 @@ def encode_op(op: Op) -> bytes:
 
 
 def _encode_op(op: Op) -> bytes:
-    kinds = CALLS[op.call]
-    if len(kinds) != len(op.args):
-        raise TypeError(f"{op.call} takes {len(kinds)} arguments, not {len(op.args)}")
-    body = struct.pack("<HhhBBB", CALL_NUMBERS[op.call], op.into, op.mark, len(op.guards), len(op.tolerate), len(op.args)) + _str(op.step)
+    encoders = _CALL_ARGS[op.call]
+    if len(encoders) != len(op.args):
+        raise TypeError(f"{op.call} takes {len(encoders)} arguments, not {len(op.args)}")
+    parts = [_OP_HEAD(CALL_NUMBERS[op.call], op.into, op.mark, len(op.guards), len(op.tolerate), len(op.args)), _str(op.step)]
     for guard in op.guards:
-        body += struct.pack("<Bh", GUARD_TESTS.index(guard.test), guard.mark) + _str(guard.path)
-    body += b"".join(struct.pack("<i", e) for e in op.tolerate)
-    body += b"".join(_arg(kind, value) for kind, value in zip(kinds, op.args))
-    return struct.pack("<I", 4 + len(body)) + body
+        parts += (_GUARD_HEAD(_GUARD_NUMBERS[guard.test], guard.mark), _str(guard.path))
+    parts += [_I32(e) for e in op.tolerate]
+    parts += [encoder(value) for encoder, value in zip(encoders, op.args)]
+    body = b"".join(parts)
+    return _U32(4 + len(body)) + body
 
 
 def encode(ops: Sequence[Op], channel_lowest: int) -> bytes:
     """The program as the interpreter reads it: it moves the status channel to an fd numbered
     `channel_lowest` or above (clear of the service's fds 3..) before the first op. Raises
     ValueError for a string with a NUL in it."""
-    return b"SBD1" + struct.pack("<Ii", len(ops), channel_lowest) + b"".join(encode_op(op) for op in ops)
+    return program_head(len(ops), channel_lowest) + b"".join(encode_op(op) for op in ops)
+
+
+def program_head(count: int, channel_lowest: int) -> bytes:
+    """What comes before a program's `count` ops (`encode`): a program may be put together from
+    ops encoded earlier."""
+    return b"SBD1" + struct.pack("<Ii", count, channel_lowest)
 
 
 class OpRecorder(Step):

@@ -89,8 +89,10 @@ def init_name(argv: tuple[str, ...]) -> str:
 
 
 def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view: HostView) -> tuple[Op, ...]:
-    """Every step from the clone to the exec of the init, in the order of the module's docstring."""
-    plan = request.plan
+    """Every step from the clone to the exec of the init, in the order of the module's docstring,
+    for the plan the request launches (a connection's, with `connection`). Only the last op, the
+    execve, holds the environment (`with_environment`); no op holds the service's name."""
+    plan = request.launched()
     k = OpRecorder()
     k.name = "reset signals"
     k.record("reset_signals")
@@ -137,6 +139,13 @@ def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view:
     k.name = f"execute {init_name(plan.argv)}"
     k.record("execve", init_fd, tuple(plan.argv), tuple(f"{key}={value}" for key, value in plan.env))
     return tuple(k.ops)
+
+
+def with_environment(execve: Op, env: tuple[tuple[str, str], ...]) -> Op:
+    """A program's last op (compile_launch's execve) with the environment `env` in place of its own."""
+    assert execve.call == "execve"
+    init_fd, argv, _env = execve.args
+    return execve._replace(args=(init_fd, argv, tuple(f"{key}={value}" for key, value in env)))
 
 
 def is_dir(path: str) -> Guard:

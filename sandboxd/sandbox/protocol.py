@@ -29,36 +29,36 @@ it): the fork server's socket, for its life, and a status channel per request:
 reports on a channel of its own with the same Executing-less exchange: EOF, or SetupFailed.
 
 A message on the wire is one JSON object, `{"type": kind, "arg": fields}` (runc's syncT has the
-same shape). The one encoder (`to_wire`) walks a dataclass's fields; the one decoder (`from_wire`)
-is driven by their type hints, so a message type is its dataclass and nothing else: no field
-list is written twice. A decoded message has exactly the types its hints say (tuples for
-sequences, a nested dataclass for a nested object, a Literal's values only), or decoding fails
-with ProtocolError.
+same shape), made and read by codec.py from the message's dataclass and its type hints. A
+launch's plan is written last, as its JSON text was kept (`_plan_text`), and the fork server
+decodes the text of a plan once (`_decode_launch`): a service's plan is the same at every launch,
+and a connection's (accept mode) is its service's beside the `Connection` of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar, Union
 
 from sandboxd.plan.launch import LaunchPlan, MountOp
-
-# JSON as the wire carries it.
-Wire = Union[None, bool, int, float, str, list["Wire"], dict[str, "Wire"]]
-T = TypeVar("T")
-
-
-class ProtocolError(ValueError):
-    """A message that is not what the protocol says (not JSON, an unknown type, a field's type)."""
+from sandboxd.sandbox.codec import WIRE_SCALARS, Wire, decode_fields, decoder, wire_forms
+from sandboxd.sandbox.codec import ProtocolError as ProtocolError
+from sandboxd.sandbox.codec import from_wire as from_wire
+from sandboxd.sandbox.codec import to_wire as to_wire
 
 
 # ── requests: supervisor -> fork server ──
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What a connection's sandbox (accept mode) has of its own: its name and its environment,
+    in place of its plan's. The rest of its plan is the same for every connection, and so is its
+    text on the wire: the fork server decodes and compiles it once (`LaunchSandbox.launched`)."""
+
+    service: str
+    env: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class LaunchSandbox:
     """Make a sandbox from `plan`, born in cgroup2 directory `cgroup` and joining `cgroup_tasks`
     (v1 hierarchies), its root built at `root`. Descriptors: status channel, output, the sockets
     (fds 3.. of the service), `sources` held bind sources (one per bind, in the plan's order)
-    and, with `netns`, the network namespace to join."""
+    and, with `netns`, the network namespace to join. With `connection`, the sandbox is that
+    connection's: `plan` with the connection's name and environment."""
 
     id: int
     plan: LaunchPlan
@@ -75,6 +76,13 @@ class LaunchSandbox:
     root: str
     netns: bool
     sources: int
+    connection: Connection | None = None
+
+    def launched(self) -> LaunchPlan:
+        """The plan of the sandbox this launches: `plan`, with a connection's name and environment."""
+        if self.connection is None:
+            return self.plan
+        return dataclasses.replace(self.plan, service=self.connection.service, env=self.connection.env)
 
 
 @dataclass(frozen=True)
@@ -201,9 +209,50 @@ def encode(message: Request | HoldDescriptors | Reply | Status) -> bytes:
 def _encode_launch(message: LaunchSandbox) -> bytes:
     """A LaunchSandbox as encode makes any message, its plan's JSON text put in as _plan_text
     kept it (the object `plan` last among the fields)."""
-    rest = {name: to_wire(getattr(message, name)) for name, _form in _wire_forms(LaunchSandbox) if name != "plan"}
+    rest = {name: to_wire(getattr(message, name)) for name, _form in wire_forms(LaunchSandbox) if name != "plan"}
     head = json.dumps({"type": "launch", "arg": rest}, separators=(",", ":"))
     return f'{head[:-2]},"plan":{_plan_text(message.plan)}}}}}'.encode()
+
+
+_LAUNCH_HEAD = b'{"type":"launch","arg":{'
+_PLAN_FIELD = b',"plan":'
+# The plans decoded lately, by their text. A service's plan is sent unchanged at every launch
+# (and a connection's is its service's: Connection), so its text is decoded once, and every
+# launch of it gets the very same object (which the fork server's programs are kept by).
+_PLANS: dict[bytes, LaunchPlan] = {}
+_PLANS_MAX = 64
+
+
+def _decode_launch(data: bytes) -> LaunchSandbox | None:
+    """A launch as `_encode_launch` wrote it (the plan's text last, compact JSON), its plan
+    decoded once per text; None for any other form of it (the generic decoder then reads it).
+    No string can hold the plan's key unescaped: its first `,"plan":` is where the plan begins."""
+    cut = data.find(_PLAN_FIELD)
+    if cut < 0 or not data.endswith(b"}}"):
+        return None
+    text = data[cut + len(_PLAN_FIELD) : -2]
+    plan = _PLANS.get(text)
+    if plan is None:
+        try:
+            wire = json.loads(text)
+        except ValueError as e:
+            raise ProtocolError(f"not JSON: {e}") from None
+        try:
+            plan = from_wire(LaunchPlan, wire)
+        except ProtocolError as e:
+            raise ProtocolError(f"LaunchSandbox.plan: {e}") from None
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[text] = plan
+    try:
+        head = json.loads(data[:cut] + b"}}")
+    except ValueError as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(head, dict) or set(head) != {"type", "arg"}:
+        raise ProtocolError("a message is {'type': ..., 'arg': ...}")
+    message = decode_fields(LaunchSandbox, head["arg"], {"plan": plan})
+    assert isinstance(message, LaunchSandbox)
+    return message
 
 
 def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
@@ -220,6 +269,8 @@ def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
 
 
 def decode_request(data: bytes) -> Request | HoldDescriptors:
+    if data.startswith(_LAUNCH_HEAD) and (launch := _decode_launch(data)) is not None:
+        return launch
     message = _decode(data, (LaunchSandbox, RunCommand, StartProxy, HoldDescriptors))
     assert isinstance(message, LaunchSandbox | RunCommand | StartProxy | HoldDescriptors)
     return message
@@ -241,63 +292,7 @@ def make_decoders() -> None:
     """Make every message's decoder now, rather than at the first message of its type (the fork
     server is forked with them made)."""
     for cls in _KINDS.values():
-        _decoder(cls)
-
-
-# ── the generic codec ──
-
-
-def to_wire(value: object) -> Wire:
-    """A dataclass as a JSON object of its fields, recursively; tuples and lists as arrays."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, tuple | list):
-        return [to_wire(item) for item in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _dataclass_wire(value)
-    raise TypeError(f"{type(value).__name__} has no wire form")
-
-
-def _dataclass_wire(value: object) -> Wire:
-    cls: type = type(value)
-    wire: dict[str, Wire] = {}
-    for name, form in _wire_forms(cls):
-        item = getattr(value, name)
-        # What its hint says is a scalar, or a tuple of scalars, goes as it is: no call per value.
-        if form is _AS_IS and type(item) in _WIRE_SCALARS:
-            wire[name] = item
-        elif form is _SCALARS_LIST and type(item) is tuple and all(type(v) in _WIRE_SCALARS for v in item):
-            wire[name] = list(item)
-        else:
-            wire[name] = to_wire(item)
-    return wire
-
-
-_AS_IS, _SCALARS_LIST, _WALKED = "as is", "list of scalars", "walked"
-_WIRE_SCALARS = frozenset((int, str, bool, float, type(None)))
-
-
-@functools.cache
-def _wire_forms(cls: type) -> tuple[tuple[str, str], ...]:
-    """Each field of dataclass `cls` with how its value goes on the wire, by its type hint."""
-    hints = typing.get_type_hints(cls)
-    forms = []
-    for f in dataclasses.fields(cls):
-        hint, form = hints[f.name], _WALKED
-        if hint in _SCALARS or typing.get_origin(hint) is Literal:
-            form = _AS_IS
-        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,) and typing.get_args(hint)[0] in _SCALARS:
-            form = _SCALARS_LIST
-        forms.append((f.name, form))
-    return tuple(forms)
-
-
-def from_wire(cls: type[T], wire: Wire) -> T:
-    """`wire` decoded as `cls` (a dataclass), each field as its type hint says."""
-    hint: object = cls
-    value = _decoder(hint)(wire)
-    assert isinstance(value, cls)
-    return value
+        decoder(cls)
 
 
 # The JSON text of the plans encoded lately, and of their fields that are no scalars, by
@@ -315,9 +310,9 @@ def _plan_text(plan: LaunchPlan) -> str:
         return known[1]
     scalars: dict[str, Wire] = {}
     parts = []
-    for name, _form in _wire_forms(LaunchPlan):
+    for name, _form in wire_forms(LaunchPlan):
         value = getattr(plan, name)
-        if type(value) in _WIRE_SCALARS:
+        if type(value) in WIRE_SCALARS:
             scalars[name] = value
         else:
             parts.append(f'"{name}":{_kept_text(value)}')
@@ -365,110 +360,3 @@ def _keep(value: object, text: str) -> None:
     if len(_TEXTS) >= _TEXTS_MAX:
         _TEXTS.clear()
     _TEXTS[id(value)] = (value, text)
-
-
-Decoder = Callable[[Wire], object]
-
-
-@functools.cache
-def _decoder(hint: object) -> Decoder:
-    """A decoder for values of type hint `hint`, made once per hint (the fork server decodes a
-    plan per launch: no hint is looked at twice)."""
-    if hint in _SCALARS:
-        return _scalar(typing.cast(type, hint))
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _dataclass(hint)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return _sequence(_decoder(args[0]), _scalar_type(args[0]))
-    if origin is tuple:
-        return _fixed_tuple(tuple(_decoder(a) for a in args), tuple(_scalar_type(a) for a in args))
-    if origin is Literal:
-        return _literal(args)
-    if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        return _optional(_decoder(next(a for a in args if a is not type(None))))
-    raise TypeError(f"no wire form for {hint!r}")
-
-
-_SCALARS = (int, str, bool, float, type(None))
-
-
-def _scalar_type(hint: object) -> type | None:
-    """The type a value of `hint` has on the wire exactly as decoded, if it is a scalar's: a
-    decoder takes such a value as it is, without a call per value."""
-    return typing.cast(type, hint) if hint in _SCALARS else None
-
-
-def _scalar(cls: type) -> Decoder:
-    def decode(wire: Wire) -> object:
-        # bool is an int to Python, never to the protocol; a float may arrive as a whole number.
-        if type(wire) is cls or (cls is float and type(wire) is int):
-            return wire
-        raise ProtocolError(f"expected {cls.__name__}, got {wire!r}")
-
-    return decode
-
-
-def _sequence(item: Decoder, scalar: type | None) -> Decoder:
-    def decode(wire: Wire) -> object:
-        if not isinstance(wire, list):
-            raise ProtocolError(f"expected an array, got {wire!r}")
-        return tuple(v if type(v) is scalar else item(v) for v in wire)
-
-    return decode
-
-
-def _fixed_tuple(items: tuple[Decoder, ...], scalars: tuple[type | None, ...]) -> Decoder:
-    def decode(wire: Wire) -> object:
-        if not isinstance(wire, list) or len(wire) != len(items):
-            raise ProtocolError(f"expected an array of {len(items)}, got {wire!r}")
-        return tuple(v if type(v) is scalar else item(v) for item, scalar, v in zip(items, scalars, wire))
-
-    return decode
-
-
-def _literal(values: tuple[object, ...]) -> Decoder:
-    def decode(wire: Wire) -> object:
-        if wire not in values or type(wire) is bool:
-            raise ProtocolError(f"expected one of {values}, got {wire!r}")
-        return wire
-
-    return decode
-
-
-def _optional(inner: Decoder) -> Decoder:
-    def decode(wire: Wire) -> object:
-        return None if wire is None else inner(wire)
-
-    return decode
-
-
-def _dataclass(cls: type) -> Decoder:
-    hints = typing.get_type_hints(cls)
-    fields = [
-        (f.name, _scalar_type(hints[f.name]), _decoder(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        for f in dataclasses.fields(cls)
-    ]
-    known = {name for name, _, _, _ in fields}
-
-    def decode(wire: Wire) -> object:
-        if not isinstance(wire, dict):
-            raise ProtocolError(f"expected an object for {cls.__name__}, got {wire!r}")
-        values: dict[str, object] = {}
-        for name, scalar, field_decoder, required in fields:
-            if name in wire:
-                value = wire[name]
-                if type(value) is scalar:
-                    values[name] = value
-                    continue
-                try:
-                    values[name] = field_decoder(value)
-                except ProtocolError as e:
-                    raise ProtocolError(f"{cls.__name__}.{name}: {e}") from None
-            elif required:
-                raise ProtocolError(f"{cls.__name__} lacks its field {name}")
-        if len(values) != len(wire):
-            raise ProtocolError(f"{cls.__name__} has no field {sorted(set(wire) - known)}")
-        return cls(**values)
-
-    return decode

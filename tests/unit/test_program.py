@@ -3,6 +3,7 @@ child needs before it can run one."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -21,9 +22,9 @@ from sandboxd.plan.launch import LaunchPlan, MountOp
 from sandboxd.sandbox import handle
 from sandboxd.sandbox.child import SETUP_BINARY
 from sandboxd.sandbox.confine import Step, failure
-from sandboxd.sandbox.ops import CALLS, GUARD_TESTS, Guard, Op, OpRecorder, encode, encode_op, register
-from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch
-from sandboxd.sandbox.protocol import Executing, LaunchSandbox, SetupFailed, decode_status
+from sandboxd.sandbox.ops import CALLS, GUARD_TESTS, Guard, Op, OpRecorder, encode, encode_op, program_head, register
+from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch, with_environment
+from sandboxd.sandbox.protocol import Connection, Executing, LaunchSandbox, SetupFailed, decode_status
 from sandboxd.sandbox.protocol import encode as protocol_encode
 from sandboxd.sandbox.reference import run_program
 
@@ -60,6 +61,9 @@ def test_an_op_is_one_length_prefixed_record() -> None:
 def test_an_op_with_the_wrong_arguments_or_a_nul_byte_is_refused() -> None:
     with pytest.raises(TypeError):
         encode_op(Op("x", "mount", ("/proc",)))
+    for wrong in (Op("x", "chdir", (5,)), Op("x", "close", ("3",)), Op("x", "setgroups", ("1",)), Op("x", "write", (3, "0"))):
+        with pytest.raises(TypeError, match="is no"):
+            encode_op(wrong)
     with pytest.raises(ValueError, match="null byte"):
         encode_op(Op("x", "chdir", ("/a\0b",)))
 
@@ -83,6 +87,16 @@ def test_the_compiled_program_ends_with_the_report_and_the_exec_of_the_sealed_in
     assert ops[-1].args[1:] == (("/init", "--", "/bin/serve"), ("A=b=c",))
     assert ops[0].call == "reset_signals"
     assert all(op.call in CALLS for op in ops)
+
+
+def test_a_connections_program_is_its_services_with_its_own_environment_in_the_exec() -> None:
+    service = launch(mounts=(MountOp("tmpfs-root", "/"), MountOp("proc", "/proc"), MountOp("tmpfs", "/tmp", options="size=1m")))
+    connection = dataclasses.replace(service, connection=Connection("svc@7", (("A", "b=c"), ("REMOTE_PORT", "4711"))))
+    fds, view = Descriptors(5, (6,), 80), HostView((), (("usr", "dir", ""), ("bin", "symlink", "usr/bin"), ("vmlinuz", "other", "")))
+    ops, own = compile_launch(service, fds, Trees(), view), compile_launch(connection, fds, Trees(), view)
+    assert own[-1].args[2] == ("A=b=c", "REMOTE_PORT=4711")
+    assert own == (*ops[:-1], with_environment(ops[-1], connection.launched().env))
+    assert encode(own, 4) == program_head(len(ops), 4) + b"".join(encode_op(op) for op in ops[:-1]) + encode_op(own[-1], keep=False)
 
 
 def test_a_guard_skips_its_op_and_a_tolerated_errno_is_no_failure() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from sandboxd.plan.launch import HOST_IDS, LaunchPlan, MountOp, UserNamespace
 from sandboxd.sandbox.protocol import (
+    Connection,
     Executing,
     Exited,
     ForkFailed,
@@ -158,3 +159,30 @@ def test_descriptors_to_hold_survive_the_wire() -> None:
     from sandboxd.sandbox.protocol import HoldDescriptors
 
     assert decode_request(encode(HoldDescriptors(1))) == HoldDescriptors(1)
+
+
+def test_a_plans_text_is_decoded_once_and_a_connection_brings_its_own_name_and_environment() -> None:
+    connection = Connection("web@7", (("PATH", "/bin"), ("REMOTE_PORT", "4711")))
+    first, second = (dataclasses.replace(REQUESTS[0], id=n, connection=connection if n == 11 else None) for n in (10, 11))
+    decoded = [decode_request(encode(request)) for request in (first, second)]
+    assert decoded == [first, second]
+    assert isinstance(decoded[0], LaunchSandbox) and isinstance(decoded[1], LaunchSandbox)
+    assert decoded[0].plan is decoded[1].plan  # the fork server keeps its program by it
+    assert decoded[0].launched() is decoded[0].plan
+    assert decoded[1].launched() == dataclasses.replace(PLAN, service="web@7", env=connection.env)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "complaint"),
+    [
+        (b'"net":"join"', b'"net":"bridge"', r"LaunchSandbox.plan: LaunchPlan.net: expected one of"),
+        (b'"netns":true', b'"netns":1', r"LaunchSandbox.netns: expected bool"),
+        (b'"sources":1', b'"sources":1,"extra":2', r"LaunchSandbox has no field \['extra'\]"),
+        (b'"hostname":"web"', b'"hostname":"web",', r"not JSON"),
+    ],
+)
+def test_a_launch_in_its_compact_form_is_checked_as_any_message(old: bytes, new: bytes, complaint: str) -> None:
+    data = encode(dataclasses.replace(REQUESTS[0], plan=dataclasses.replace(PLAN, workdir="/compact")))
+    assert data.startswith(b'{"type":"launch","arg":{') and old in data
+    with pytest.raises(ProtocolError, match=complaint):
+        decode_request(data.replace(old, new))

@@ -92,7 +92,7 @@ class Reload:
             for key in [k for k in running.sockets if k[0] in replaced]:
                 close_socket(running.sockets.pop(key))
             if planned is not None:
-                self.networks.apply(stack, planned)
+                await self.networks.apply(stack, planned)
             running.stack, running.limits, running.plans = stack, limits, plans
             running.pinned.update(pinned)
             self._bind_anew(stack, replaced)

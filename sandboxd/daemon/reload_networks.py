@@ -9,6 +9,7 @@ once the reload is done)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from sandboxd.daemon.console import Console
@@ -58,15 +59,17 @@ class NetworkReload:
                 record.save()
         return PlannedNetworks(networks, chosen, steps)
 
-    def apply(self, stack: Stack, planned: PlannedNetworks) -> None:
+    async def apply(self, stack: Stack, planned: PlannedNetworks) -> None:
         """Make the running networks those planned (their services are stopped, the sockets
-        bound in namespaces given up closed), with every service's /etc/hosts up to date."""
+        bound in namespaces given up closed), with every service's /etc/hosts up to date. In a
+        thread: pyroute2's netlink sockets run an event loop of their own, which cannot run
+        inside this one (a namespace is entered by the calling thread only, and left again)."""
         from sandboxd.host.network import Namespaces, apply_steps, write_name_files
 
         running = self.running
         if running.namespaces is None:
             running.namespaces = Namespaces()
-        apply_steps(running.namespaces, planned.steps, planned.networks)
+        await asyncio.to_thread(apply_steps, running.namespaces, planned.steps, planned.networks)
         running.networks = planned.networks
         write_name_files(running.runtime_dir, stack, planned.networks)
         record = self.resources.record

@@ -168,10 +168,13 @@ class Links:
         ports[member.service] = number
         bridge.link("set", index=port, master=BRIDGE_INDEX, state="up")
         inside = self.of(member.service)
+        # Looked up by its name: the kernel numbers the peer itself (the index asked for holds
+        # only while the namespace has had no other link), and a reload makes links anew.
+        (index,) = inside.link_lookup(ifname=member.ifname)
         for address in member.addresses:
             ip, prefix = address.split("/")
-            inside.addr("add", index=member.ifindex, address=ip, prefixlen=int(prefix), flags=IFA_F_NODAD if ":" in ip else 0)
-        inside.link("set", index=member.ifindex, state="up")
+            inside.addr("add", index=index, address=ip, prefixlen=int(prefix), flags=IFA_F_NODAD if ":" in ip else 0)
+        inside.link("set", index=index, state="up")
 
     def remove_member(self, network: str, service: str) -> None:
         """The service's veth pair on the network, both ends at once (its bridge port frees)."""

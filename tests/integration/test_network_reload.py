@@ -218,3 +218,20 @@ def test_an_address_of_an_unchanged_service_given_to_a_new_one_is_refused_and_no
         assert _namespaces("netrefuse") == ({"sbd-back": ["sbd0", "sbd1"]}, 2)
     finally:
         sbd("down", "-p", "netrefuse")
+
+
+def test_a_network_added_to_a_stack_that_had_none(spec_dir: Path) -> None:
+    solo = "kind: service\nname: solo\ncommand: [sleep, '1000']\n---\n"
+    _write_stack(spec_dir, solo)
+    sbd("up", "-d", "-p", "netnew", str(spec_dir))
+    try:
+        before = _running("netnew")
+        back = NETWORK.format(name="back", subnet="10.213.87.0/24")
+        _write_stack(spec_dir, solo, back, _service("client", "[back]", "client.py"), _service("server", "[back]", "server.py", "environment: {GREETING: hi}\n"), SOCKET)
+        result = sbd("up", "-d", "-p", "netnew", str(spec_dir))
+        assert result.stdout.strip() == "stack 'netnew' reloaded: added: client, server; sockets_replaced: server"
+        assert _lines_until("netnew", "client", "GOT hi") == ["ADDRESS 10.213.87.3", "GOT hi"]
+        assert _running("netnew")["solo"] == before["solo"]
+        assert _namespaces("netnew") == ({"sbd-back": ["sbd0", "sbd1"]}, 2)
+    finally:
+        sbd("down", "-p", "netnew")

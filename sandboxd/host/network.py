@@ -12,11 +12,15 @@ shows nothing of sandboxd's, and the bridge has no address, no route and no forw
 can leave the network.
 
 Links and addresses are made through netlink with pyroute2. Its import costs about 0.2 s, so
-this module is imported only by stacks that have networks or sockets bound in a service's
-namespace.
+pyroute2 is imported only by stacks that have networks or sockets bound in a service's namespace.
+A reload (plan/network_steps.py) removes links one by one, both ends at once, before it gives up
+a namespace, and makes new ones on the bridges that stay. A service's MAC address is made of its
+first IP address (as docker did), so a link made anew for an address keeps the MAC that the
+peers' neighbour caches hold for it.
 
 Subnets not given in the spec are chosen at start, avoiding the host's routes and the subnets of
-every other running sandboxd stack (recorded in their state files, read under a lock).
+every other running sandboxd stack (recorded in their state files, read under a lock); a reload
+keeps them.
 """
 
 from __future__ import annotations

@@ -52,14 +52,14 @@ class StackResources:
         # Every cgroup of the stack is made below these (a dead run's are removed deepest first):
         # recorded once here, the state file is not rewritten for each service's cgroups.
         self.record.add("cgroups", *(str(path) for path in self.cgroups.stack_dirs()))
-        joined = [name for name, plan in running.plans.items() if plan.net == "join"]
-        if joined or running.stack.networks:
-            self._prepare_networks(joined)
+        if running.stack.networks or any(plan.net == "join" for plan in running.plans.values()):
+            self._prepare_networks()
         running.sockets = bind_sockets(running.stack.sockets, self.record, running.inside)
 
-    def _prepare_networks(self, joined: list[str]) -> None:
-        from sandboxd.host.network import Namespaces, allocation_lock, build_networks, choose_subnets
-        from sandboxd.plan.networks import RESOLV_CONF, hosts_file, plan_networks
+    def _prepare_networks(self) -> None:
+        from sandboxd.host.network import Namespaces, allocation_lock, build_networks, choose_subnets, write_name_files
+        from sandboxd.plan.network_steps import own_namespaces
+        from sandboxd.plan.networks import plan_networks
 
         assert self.record is not None
         running = self.running
@@ -69,14 +69,9 @@ class StackResources:
             self.record.subnets = [cidr for cidrs in subnets.values() for cidr in cidrs]
             self.record.save()
         running.networks = plan_networks(running.stack, subnets)
-        for name in joined:
-            running.namespaces.create(name, loopback=running.stack.service(name).network != "none", for_userns=running.plans[name].userns is not None)
-        for service in running.stack.services:
-            if service.attachments:
-                etc = running.runtime_dir / "etc" / service.name
-                etc.mkdir(parents=True, exist_ok=True)
-                (etc / "hosts").write_text(hosts_file(service, running.networks))
-                (etc / "resolv.conf").write_text(RESOLV_CONF)
+        for name, kind in own_namespaces(running.stack, running.plans).items():
+            running.namespaces.create(name, kind.loopback, kind.for_userns)
+        write_name_files(running.runtime_dir, running.stack, running.networks)
         build_networks(running.namespaces, running.networks)
 
     def stack_userns(self, stack: Stack) -> UserNamespace | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 
+from sandboxd.errors import HostError
 from sandboxd.plan.launch import IPAddress, IPNetwork, Member, NetMode, NetworkPlan
 from sandboxd.spec.model import Service, Stack
 
@@ -37,25 +38,47 @@ def _free_hosts(net: IPNetwork, taken: set[IPAddress]) -> Iterator[IPAddress]:
     return (ip for ip in hosts if ip not in taken)
 
 
-def plan_networks(stack: Stack, subnets: dict[str, tuple[str, ...]]) -> tuple[NetworkPlan, ...]:
+def _held_before(member: Member | None, net: IPNetwork, fixed: set[IPAddress]) -> IPAddress | None:
+    """The address a member had in `net` before a reload, if it may keep it: still a host
+    address of the subnet, and not one that a service is given now (`address:`)."""
+    for address in member.addresses if member is not None else ():
+        ip = ipaddress.ip_interface(address).ip
+        if ip in net and ip not in fixed and ip != net.network_address and not (ip.version == 4 and ip == net.broadcast_address):
+            return ip
+    return None
+
+
+def plan_networks(stack: Stack, subnets: dict[str, tuple[str, ...]], previous: tuple[NetworkPlan, ...] = ()) -> tuple[NetworkPlan, ...]:
     """Addresses for every member of every network: fixed ones first, then in service name order.
 
     `subnets` gives each network's subnets (the spec's, or those chosen at start). The first host
     address of each subnet is left free, as a gateway would take it, so addresses start at .2.
+    `previous` (a reload: the networks the stack runs with) keeps a member's address where its
+    network and its own `address:` allow: it stays in the subnet and no service is given it now.
     """
+    before = {(network.name, m.service): m for network in previous for m in network.members}
     plans = []
     for network in stack.networks:
         nets = [ipaddress.ip_network(c) for c in subnets[network.name]]
         attachments = [(svc, a) for svc in stack.members(network.name) for a in svc.attachments if a.network == network.name]
-        taken: set[IPAddress] = {ipaddress.ip_address(addr) for _, a in attachments for addr in a.addresses}
-        free = {net.version: _free_hosts(net, taken) for net in nets}
+        fixed_ips: set[IPAddress] = {ipaddress.ip_address(addr) for _, a in attachments for addr in a.addresses}
+        kept = {
+            (svc.name, net.version): ip
+            for svc, a in attachments
+            if not a.addresses
+            for net in nets
+            if (ip := _held_before(before.get((network.name, svc.name)), net, fixed_ips))
+        }
+        free = {net.version: _free_hosts(net, fixed_ips | set(kept.values())) for net in nets}
         members = []
         for svc, attachment in attachments:
             fixed = {ipaddress.ip_address(addr).version: addr for addr in attachment.addresses}
             addresses = []
             for net in nets:
-                ip = fixed.get(net.version) or str(next(free[net.version]))
-                addresses.append(f"{ip}/{net.prefixlen}")
+                address = fixed.get(net.version) or kept.get((svc.name, net.version)) or next(free[net.version], None)
+                if address is None:
+                    raise HostError(f"network '{network.name}' has no free address left in {net} for service '{svc.name}'", "give the network a larger subnet")
+                addresses.append(f"{address}/{net.prefixlen}")
             index = [a.network for a in svc.attachments].index(network.name)
             members.append(Member(svc.name, _ifnames(svc)[index], 2 + index, tuple(addresses)))
         plans.append(NetworkPlan(network.name, f"sbd-{network.name}"[:15], tuple(str(n) for n in nets), tuple(members)))

@@ -4,8 +4,9 @@ Units are compared by their content, not by where they are written (file and lin
 count). A service is changed when its own spec changed or any socket feeding it did; sockets whose
 definition did not change keep their descriptors, so their clients notice nothing.
 
-Changes to networks, and to services or sockets that live in a network namespace made before the
-service (`network: [..]`, `netns:`), are refused for now: they need `sandboxd down` and `up`.
+What a change does to the stack's networks, and what of it cannot be done while the stack runs, is
+decided with the plans (plan/network_steps.py): a service's network is part of its spec here, so a
+service whose networks or addresses changed is changed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandboxd.spec.model import Mount, Service, Socket, Stack
+from sandboxd.spec.model import Mount, Service, Stack
 
 
 def _content(unit: Any) -> Any:
@@ -67,20 +68,3 @@ def diff(old: Stack, new: Stack) -> StackDiff:
 def _moved(old: Stack, new: Stack, service: Service) -> bool:
     """Whether the service's relative mount sources now name places in another spec folder."""
     return old.folder != new.folder and any(m.given and not m.given.startswith("/") for m in service.mounts)
-
-
-def refusal(old: Stack, new: Stack, change: StackDiff) -> str:
-    """Why this change cannot be applied to the running stack, or "" if it can."""
-    if _content(old.networks) != _content(new.networks):
-        return "the networks changed"
-    namespaced = {s.name for s in (*old.services, *new.services) if s.attachments} | {
-        s.service if s.netns == "service" else s.netns for s in (*old.sockets, *new.sockets) if s.netns != "host"
-    }
-    for name in (*change.added, *change.removed, *change.changed):
-        if name in namespaced:
-            return f"service '{name}' lives in a network namespace made before it (a network or a socket bound inside it)"
-    sockets = {s.name: s for s in (*old.sockets, *new.sockets)}
-    for name in change.sockets_replaced:
-        if isinstance(sockets.get(name), Socket) and sockets[name].netns != "host":
-            return f"socket '{name}' is bound inside a service's network namespace"
-    return ""

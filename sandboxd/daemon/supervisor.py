@@ -70,6 +70,8 @@ from sandboxd.spec.model import Limits, Stack
 if TYPE_CHECKING:
     from sandboxd.host.subids import Lease
 
+RECORD_RETRY = 2.0  # seconds between attempts to write a state record the full disk refused
+
 
 class Supervisor:
     def __init__(
@@ -209,9 +211,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
         await control.start()
+        loop.set_exception_handler(lambda loop, context: self._on_loop_exception(control, context))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
         self.link.listen(self.recovery.on_death)
+        self._save_unsaved_record()
         for rt in self.running.services.values():
             self.runtimes.attach(rt)
         started = time.monotonic()
@@ -235,6 +239,26 @@ class Supervisor:
         if self.stop_requested.is_set():
             return 0
         return 1 if any(rt.state is State.FAILED for rt in self.running.services.values()) else 0
+
+    def _save_unsaved_record(self) -> None:
+        """A state record that could not be written (the runtime directory was full) is written
+        again, whole, once there is room: looked at every RECORD_RETRY seconds."""
+        record = self.resources.record
+        if record is not None and record.unsaved:
+            record.save()
+            if not record.unsaved:
+                self.console.note("the state file is written again")
+        asyncio.get_running_loop().call_later(RECORD_RETRY, self._save_unsaved_record)
+
+    def _on_loop_exception(self, control: ControlServer, context: dict[str, object]) -> None:
+        """asyncio's accept of the control socket ran out of descriptors (EMFILE): it stops
+        accepting for a second and tries again; said once until a client is served again."""
+        if context.get("message") == "socket.accept() out of system resource":
+            if not control.short_of_descriptors:
+                control.short_of_descriptors = True
+                self.console.note(f"control socket: cannot accept a connection ({context.get('exception')}); trying again every second")
+            return
+        asyncio.get_running_loop().default_exception_handler(context)
 
     def _start_all(self) -> None:
         """Every service at once: those fed by a connection wait for it, those with `after:` for that."""

@@ -298,6 +298,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     before = request(stack, {"cmd": "status"}, timeout=ASK_TIMEOUT) if args.json else None
     try:
         request(stack, {"cmd": "down"}, timeout=ASK_TIMEOUT)
+    except HostError:
+        raise  # not root: the socket was not even tried
     except (SandboxdError, OSError) as e:
         sys.stderr.write(f"sandboxd: stack {stack!r} does not answer ({e}); sending SIGTERM to its supervisor (pid {pid})\n")
         _signal(pid, signal.SIGTERM)

@@ -133,6 +133,11 @@ class Lifecycle:
         self.output.read_waiting(rt)  # its last words are in its log before its exit is said
         self._release_sandbox(rt)
         outcome, text, usage = self._judge(rt, ended.status)
+        if ended.server_died:
+            self._after_fork_server_death(rt, text)
+            rt.settled.set()
+            self.dependencies.check_done()
+            return
         match rt.state:
             case State.IDLE_STOPPING if not self.running.stopping:
                 self.machine.transition(rt, Event.EXIT_REARM, f"{text}; waiting for the next connection")
@@ -199,6 +204,28 @@ class Lifecycle:
             return
         delay = restart_delay(rt.spec, rt.restarts.limiter.in_a_row)
         self.machine.transition(rt, Event.EXIT_RESTART, f"{text}; restarting in {delay:g} s")
+
+    def _after_fork_server_death(self, rt: ServiceRuntime, text: str) -> None:
+        """Its sandbox died with the fork server (recovery.py): a final state with the reason,
+        then, with a new fork server, started again as its `restart:` says (an on-demand or
+        idle-stopped one waits for the next connection again)."""
+        was = rt.state
+        if not self.machine.allows(rt, Event.FORK_SERVER_DIED):
+            return
+        again = self.link.server is not None and not self.running.stopping
+        on_demand = rt.spec.start == "on-demand" or was is State.IDLE_STOPPING
+        restart = again and was is not State.STOPPING and (on_demand or should_restart(rt.spec.restart, "signal"))
+        reason = f"its sandbox died with sandboxd's fork server ({text})"
+        if again and not restart and was is not State.STOPPING:
+            reason += f"; not started again (restart: {rt.spec.restart})"
+        self.machine.transition(rt, Event.FORK_SERVER_DIED, reason)
+        if not restart:
+            return
+        if on_demand:
+            self.machine.transition(rt, Event.WAIT, "waiting for the next connection, with a new fork server")
+            return
+        rt.restarts.count += 1
+        self.machine.transition(rt, Event.START, f"{rt.restarts.reason()}, with a new fork server")
 
     # ── restarting ──
 

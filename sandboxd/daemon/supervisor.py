@@ -20,6 +20,7 @@ the few others it calls:
     proxy.py         proxies to programs that bind their own address; handoff.py gives them the socket
     dependencies.py  after: dependencies, and the end of a foreground stack
     forks.py         requests to the fork server and their ends
+    recovery.py      the fork server's death survived; a stop that always ends
     output.py        the services' output; summary.py, the start-up summary
     operations.py    the control socket's verbs (control.py); reload.py applies a changed spec
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 from collections.abc import Awaitable
@@ -51,6 +51,7 @@ from sandboxd.daemon.operations import Operations
 from sandboxd.daemon.output import Output
 from sandboxd.daemon.proxy import Proxies
 from sandboxd.daemon.readiness import FdStore, Readiness
+from sandboxd.daemon.recovery import ForkServerRecovery, StopBound, shield_from_oom_killer
 from sandboxd.daemon.reload import Reload
 from sandboxd.daemon.resources import StackResources
 from sandboxd.daemon.runtime import RunningStack, ServiceRuntime
@@ -68,6 +69,8 @@ from sandboxd.spec.model import Limits, Stack
 
 if TYPE_CHECKING:
     from sandboxd.host.subids import Lease
+
+RECORD_RETRY = 2.0  # seconds between attempts to write a state record the full disk refused
 
 
 class Supervisor:
@@ -114,6 +117,8 @@ class Supervisor:
         self.runtimes = Runtimes(running, self.resources, self.output, self.readiness)
         reload = Reload(running, self.resources, self.runtimes, self.lifecycle, self.stopper, console)
         self.operations = Operations(running, self.resources, self.lifecycle, self.stopper, link, reload, console, self.stop_requested)
+        self.recovery = ForkServerRecovery(running, link, tasks, console, self._held_by_fork_servers, self.stop_requested.set)
+        self.stop_bound = StopBound(running, link, console)
         machine.bind(
             {
                 Action.LAUNCH: self.lifecycle.launch,
@@ -138,6 +143,10 @@ class Supervisor:
             return
         for line in failure_report(rt.name, rt.state.label, rt.reason, self.running.runtime_dir / "logs"):
             self.console.note(line)
+
+    def _held_by_fork_servers(self) -> list[int]:
+        """What every fork server holds until it exits: the stack's lease of ids (cli/stack.py)."""
+        return [self.resources.ids.fd] if self.resources.ids is not None else []
 
     def _arm(self, rt: ServiceRuntime) -> None:
         """The ARM action: the sandbox runs."""
@@ -187,7 +196,10 @@ class Supervisor:
         self._claim_runtime_dir()
         if self.link.server is None:  # forked first, while this process has no thread and no event loop
             self.link.server = ForkServer.start()
+        why = shield_from_oom_killer()  # after the fork server's fork: it starts at 0, and puts itself back to 0 anyway
         self.resources.prepare(self.detached)
+        if why and self.console.logs is not None:  # in the log only: the host decides (CAP_SYS_RESOURCE)
+            self.console.logs.write("sandboxd", f"not shielded from the OOM killer: {why}")
         for service in self.running.stack.services:
             self.runtimes.add(service)
 
@@ -197,9 +209,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
         await control.start()
+        loop.set_exception_handler(lambda loop, context: self._on_loop_exception(control, context))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
-        self.link.listen(self._on_fork_server_death)
+        self.link.listen(self.recovery.on_death)
+        self._save_unsaved_record()
         for rt in self.running.services.values():
             self.runtimes.attach(rt)
         started = time.monotonic()
@@ -213,13 +227,36 @@ class Supervisor:
         if self.stop_requested.is_set():
             self.console.note("stopping all services")
         await self._stop_all()
+        self.stop_bound.disarm()
         await control.close()
         for rt in self.running.services.values():
             self.output.drain(rt)
         self.link.close()
+        if self.recovery.gave_up:
+            return 1
         if self.stop_requested.is_set():
             return 0
         return 1 if any(rt.state is State.FAILED for rt in self.running.services.values()) else 0
+
+    def _save_unsaved_record(self) -> None:
+        """A state record that could not be written (the runtime directory was full) is written
+        again, whole, once there is room: looked at every RECORD_RETRY seconds."""
+        record = self.resources.record
+        if record is not None and record.unsaved:
+            record.save()
+            if not record.unsaved:
+                self.console.note("the state file is written again")
+        asyncio.get_running_loop().call_later(RECORD_RETRY, self._save_unsaved_record)
+
+    def _on_loop_exception(self, control: ControlServer, context: dict[str, object]) -> None:
+        """asyncio's accept of the control socket ran out of descriptors (EMFILE): it stops
+        accepting for a second and tries again; said once until a client is served again."""
+        if context.get("message") == "socket.accept() out of system resource":
+            if not control.short_of_descriptors:
+                control.short_of_descriptors = True
+                self.console.note(f"control socket: cannot accept a connection ({context.get('exception')}); trying again every second")
+            return
+        asyncio.get_running_loop().default_exception_handler(context)
 
     def _start_all(self) -> None:
         """Every service at once: those fed by a connection wait for it, those with `after:` for that."""
@@ -235,21 +272,20 @@ class Supervisor:
                 self.lifecycle.start(rt)
 
     def _on_signal(self) -> None:
+        """SIGINT or SIGTERM: stop the stack; a second one (Ctrl-C again, or `kill` again of a
+        detached supervisor that is already stopping): kill every cgroup now."""
         if self.stop_requested.is_set():
             self.console.note("second interrupt: killing every service now")
             self.running.stopping = True
             for rt in self.running.services.values():
                 rt.cgroup.kill()
+            self.stop_bound.arm(after_kill=True)
         self.stop_requested.set()
-
-    def _on_fork_server_death(self) -> None:
-        self.console.note("the fork server died; stopping")
-        for rt in self.running.services.values():
-            rt.cgroup.kill()
-        os.kill(os.getpid(), signal.SIGTERM)
 
     async def _stop_all(self) -> None:
         self.running.stopping = True
+        if self.stop_bound.timer is None:
+            self.stop_bound.arm()
         for rt in self.running.services.values():
             self.activation.unwatch(rt)
             if rt.state is State.WAITING:

@@ -12,6 +12,8 @@ TypedDicts name its keys and the types of their values, nothing more (the bytes 
     ServicesRequest {"cmd": "stop"|"start"|"restart"|"reload", "services": [NAME…]}
     KillRequest     {"cmd": "kill", "services": [NAME…], "signal"?: "SIGHUP"}
     DownRequest     {"cmd": "down"}
+    UpgradeRequest  {"cmd": "upgrade", "token": TEXT}: the exec follows; its outcome is in
+                    the runtime directory's upgrade.json, with the token (daemon/upgrade.py)
                  ◀─────────────────────── Done: {"ok": true}
     ApplyRequest    {"cmd": "apply", "folder": DIR, "env": ["SVC:KEY=VALUE"…], "variables"?: {NAME: VALUE}}
                  ◀─────────────────────── ApplyAnswer: {"ok": true} + ApplyResult:
@@ -65,6 +67,12 @@ class DownRequest(TypedDict):
     cmd: Literal["down"]
 
 
+class UpgradeRequest(TypedDict):
+    cmd: Literal["upgrade"]
+    token: str  # names the outcome the CLI waits for
+    format: NotRequired[int]  # tests only: the record is written with this format number
+
+
 class ApplyRequest(TypedDict):
     cmd: Literal["apply"]
     folder: str  # the spec folder, absolute
@@ -84,7 +92,7 @@ class UsageRequest(TypedDict):
     services: NotRequired[list[str]]  # absent or empty: every service
 
 
-Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | ApplyRequest | ExecInfoRequest | UsageRequest
+Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | UpgradeRequest | ApplyRequest | ExecInfoRequest | UsageRequest
 
 # ── answers ──
 

@@ -25,6 +25,7 @@ from sandboxd.wire import (
     StatusAnswer,
     StatusRequest,
     UsageAnswer,
+    UpgradeRequest,
     UsageRequest,
     conforms,
 )
@@ -85,7 +86,7 @@ def ask(sock: socket.socket, message: ExecInfoRequest) -> ExecInfoAnswer: ...
 @overload
 def ask(sock: socket.socket, message: UsageRequest) -> UsageAnswer: ...
 @overload
-def ask(sock: socket.socket, message: ServicesRequest | KillRequest | DownRequest) -> Done: ...
+def ask(sock: socket.socket, message: ServicesRequest | KillRequest | DownRequest | UpgradeRequest) -> Done: ...
 def ask(sock: socket.socket, message: Request) -> Answer:
     """One request on an open connection, and its answer (raised as SandboxdError if refused, or
     if it is not what the protocol says the request is answered with: see wire.py)."""
@@ -119,7 +120,7 @@ def request(stack: str, message: ExecInfoRequest, timeout: float = ...) -> ExecI
 @overload
 def request(stack: str, message: UsageRequest, timeout: float = ...) -> UsageAnswer: ...
 @overload
-def request(stack: str, message: ServicesRequest | KillRequest | DownRequest, timeout: float = ...) -> Done: ...
+def request(stack: str, message: ServicesRequest | KillRequest | DownRequest | UpgradeRequest, timeout: float = ...) -> Done: ...
 def request(stack: str, message: Request, timeout: float = 60.0) -> Answer:
     """One request on a connection of its own (see ask)."""
     with connect(stack, timeout) as sock:

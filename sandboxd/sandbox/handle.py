@@ -32,10 +32,10 @@ class Launched:
 class ForkServer:
     """The supervisor's handle on the fork server."""
 
-    def __init__(self, conn: socket.socket, pid: int) -> None:
+    def __init__(self, conn: socket.socket, pid: int, last_id: int = 0) -> None:
         self.conn = conn
         self.pid = pid
-        self._next_id = 0
+        self._next_id = last_id  # the last request id used (an upgrade carries it over)
 
     @staticmethod
     def start() -> ForkServer:
@@ -72,6 +72,10 @@ class ForkServer:
 
     def next_id(self) -> int:
         self._next_id += 1
+        return self._next_id
+
+    @property
+    def last_id(self) -> int:
         return self._next_id
 
     def send_launch(

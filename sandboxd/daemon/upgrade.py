@@ -144,8 +144,8 @@ class Upgrade:
                 error = _check_record(memfd, fds)
             if not error:
                 error = _execute(memfd, fds)
-        except OSError as e:
-            error = f"the record could not be written: {e}"
+        except Exception as e:  # noqa: BLE001 - whatever it was, this process goes on as before
+            error = f"the state record could not be made: {e!r}"
         finally:
             if memfd >= 0:
                 os.close(memfd)

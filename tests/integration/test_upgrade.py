@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_until, write
+from conftest import cgroup_dir, wait_until, write
 
 SERVER = r'''
 import os, socket
@@ -233,6 +233,17 @@ def test_a_foreground_stack_is_upgraded_and_still_stops_on_ctrl_c(run_stack, spe
     stack.wait_for("serving", "out")
     before = _what_ps_says("fg")
     port = _port(_status("fg"), "api")
+    # A `sandboxd exec` running: its command ends with its control connection, which an exec
+    # of the supervisor would cut; the upgrade is refused, and goes through once it has ended.
+    cli = subprocess.Popen([sys.executable, "-m", "sandboxd", "exec", "-T", "-p", "fg", "api", "--", "sleep", "1000"], stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (cgroup_dir("api", "sbd-exec-1", stack="fg") / "cgroup.procs").exists(), "the exec's cgroup")
+        refused = sbd("upgrade", "-p", "fg", check=False)
+        assert refused.returncode != 0 and "a `sandboxd exec` is running (api: sbd-exec-1)" in refused.stderr
+    finally:
+        cli.send_signal(signal.SIGINT)
+        cli.wait()
+    wait_until(lambda: not cgroup_dir("api", "sbd-exec-1", stack="fg").exists(), "the exec's cgroup to be removed")
     assert "pid" in sbd("upgrade", "-p", "fg").stdout
     stack.wait_for("upgraded in place from sandboxd", "err")  # said on the same terminal
     assert _what_ps_says("fg") == before and _ask(port) == "api"

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import Awaitable
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.forks import Ended, ForkServerLink, Sent
@@ -50,12 +51,13 @@ class Activation:
         self.connection_plans: dict[str, tuple[LaunchPlan, LaunchPlan]] = {}  # by service: (its plan, its connections')
         self.no_instances = asyncio.Event()
         self.no_instances.set()
+        self.settling = False  # an upgrade is settling: connections wait in the queue (upgrade.py)
 
     # ── activation: on the first connection, or one sandbox per connection ──
 
     def watch(self, rt: ServiceRuntime) -> None:
         """The WATCH action (and again once an instance ends): a connection starts something."""
-        if rt.spec.name in self.watching or rt.spec.name in self.paused or self.running.stopping:
+        if rt.spec.name in self.watching or rt.spec.name in self.paused or self.running.stopping or self.settling:
             return
         loop = asyncio.get_running_loop()
         for key in rt.plan.fd_sockets + rt.plan.proxied:
@@ -192,6 +194,15 @@ class Activation:
 
     async def _follow(self, instance: Instance, sent: Sent) -> None:
         self._on_instance_exit(instance, sent.id, await self.link.ended(sent))
+
+    def adopt(self, instance: Instance, request_id: int, end: Awaitable[Ended]) -> None:
+        """Follow an instance an upgrade carried over (resume.py), under its request id."""
+        self.instances[request_id] = instance
+        self.no_instances.clear()
+        self.tasks.spawn(self._adopted(instance, request_id, end), f"{instance.name}: following its sandbox")
+
+    async def _adopted(self, instance: Instance, request_id: int, end: Awaitable[Ended]) -> None:
+        self._on_instance_exit(instance, request_id, await end)
 
     def _on_instance_exit(self, instance: Instance, request_id: int, ended: Ended) -> None:
         del self.instances[request_id]

@@ -7,6 +7,7 @@ The verbs, their answers and every key's type are in sandboxd/wire.py (drawn the
     apply (a reload of the stack's folder)             ->  what was added, removed, changed
     exec_info (with session: a cgroup of the command's own, emptied and removed when this
                connection closes)                      ->  pid, cgroups, confinement
+    upgrade (token)                                    ->  {"ok": true} once the exec follows (upgrade.py)
     anything refused                                   ->  {"ok": false, "error": TEXT}
 
 The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Protocol
 
@@ -65,6 +67,8 @@ class Verbs(Protocol):
 
     async def reload_service(self, name: str) -> str: ...
 
+    async def upgrade(self, token: str, record_format: int | None) -> str: ...
+
 
 IDLE_FIRST = 30.0  # seconds a new connection has to send its first request
 WHOLE_REQUEST = 30.0  # seconds a request that began has to end
@@ -80,7 +84,11 @@ class ControlServer:
         self.clients: set[asyncio.StreamWriter] = set()
         self.short_of_descriptors = False  # its accept failed (EMFILE): asyncio tries again in a second
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen; or serve `sock`, the listening socket an upgrade carried over."""
+        if sock is not None:
+            self.server = await asyncio.start_unix_server(self._serve, sock=sock)
+            return
         self.path.unlink(missing_ok=True)
         old = os.umask(0o177)
         try:
@@ -88,6 +96,10 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+
+    def listening_fd(self) -> int:
+        assert isinstance(self.server, asyncio.Server)
+        return int(self.server.sockets[0].fileno())
 
     async def close(self) -> None:
         if self.server is not None:
@@ -160,6 +172,11 @@ class ControlServer:
                 if "exec_cgroup" in info and execs is not None:
                     execs.append(info["exec_cgroup"])
                 return {"ok": True, **info}
+            case "upgrade":
+                fmt = request.get("format")
+                error = await sup.upgrade(str(request["token"]), fmt if type(fmt) is int else None)
+                if error:
+                    return {"ok": False, "error": error}
             case "reload":
                 errors = await asyncio.gather(*(sup.reload_service(n) for n in names))
                 if any(errors):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.dependencies import Dependencies
@@ -127,6 +128,13 @@ class Lifecycle:
     async def _follow(self, rt: ServiceRuntime, sent: Sent) -> None:
         self._on_exit(rt, await self.link.ended(sent))
 
+    def adopt(self, rt: ServiceRuntime, end: Awaitable[Ended]) -> None:
+        """Follow a sandbox an upgrade carried over (resume.py): its exit is judged as ever."""
+        self.tasks.spawn(self._adopted(rt, end), f"{rt.spec.name}: following its sandbox")
+
+    async def _adopted(self, rt: ServiceRuntime, end: Awaitable[Ended]) -> None:
+        self._on_exit(rt, await end)
+
     def _on_exit(self, rt: ServiceRuntime, ended: Ended) -> None:
         if ended.failure:
             rt.launch.error = LaunchError(rt.spec.name, "fork", ended.failure)
@@ -234,6 +242,10 @@ class Lifecycle:
         rt.restarts.count += 1
         delay = restart_delay(rt.spec, rt.restarts.limiter.in_a_row)
         rt.restarts.timer = asyncio.get_running_loop().call_later(delay, self._restart_after_backoff, rt)
+
+    def restart_at(self, rt: ServiceRuntime, when: float) -> None:
+        """In backoff when an upgrade carried it over: the restart when it was due (loop time)."""
+        rt.restarts.timer = asyncio.get_running_loop().call_at(when, self._restart_after_backoff, rt)
 
     def cancel_restart(self, rt: ServiceRuntime) -> None:
         """The CANCEL_RESTART action."""

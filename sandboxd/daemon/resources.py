@@ -103,7 +103,7 @@ class StackResources:
         if self.record is not None:
             close_sockets(running.sockets, self.record)
         self.cgroups.teardown()
-        for path in (running.runtime_dir / "state.json", running.runtime_dir / "state.json.tmp"):
+        for path in (running.runtime_dir / "state.json", running.runtime_dir / "state.json.tmp", running.runtime_dir / "upgrade.json", running.runtime_dir / "upgrade.json.tmp"):
             path.unlink(missing_ok=True)
         if self.console.logs is not None:
             self.console.logs.close()

@@ -23,6 +23,7 @@ the few others it calls:
     recovery.py      the fork server's death survived; a stop that always ends
     output.py        the services' output; summary.py, the start-up summary
     operations.py    the control socket's verbs (control.py); reload.py applies a changed spec
+    upgrade.py       upgrade in place: the state record, its check, the exec; resume.py, the new side
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from sandboxd.host.paths import RUNTIME_ROOT
@@ -60,6 +62,7 @@ from sandboxd.daemon.states import Action, Event, State
 from sandboxd.daemon.stopping import Stopper
 from sandboxd.daemon.summary import print_summary
 from sandboxd.daemon.tasks import Background, drop_stop_signals, held_back_at_the_end
+from sandboxd.daemon.upgrade import Upgrade
 from sandboxd.errors import HostError
 from sandboxd.host.cgroups import CgroupHost, cgroup_manager
 from sandboxd.host.pins import SourceFds
@@ -96,6 +99,7 @@ class Supervisor:
         self.link = ForkServerLink(fork_server)
         self.done = asyncio.Event()
         self.stop_requested = asyncio.Event()
+        self.control: ControlServer | None = None  # once the loop runs
         self._compose()
 
     def _compose(self) -> None:
@@ -119,6 +123,8 @@ class Supervisor:
         self.operations = Operations(running, self.resources, self.lifecycle, self.stopper, link, reload, console, self.stop_requested)
         self.recovery = ForkServerRecovery(running, link, tasks, console, self._held_by_fork_servers, self.stop_requested.set)
         self.stop_bound = StopBound(running, link, console)
+        self.upgrade = Upgrade(self)
+        self.operations.upgrader = self.upgrade.request
         machine.bind(
             {
                 Action.LAUNCH: self.lifecycle.launch,
@@ -169,10 +175,21 @@ class Supervisor:
             self._prepare()
             return asyncio.run(held_back_at_the_end(self._main()))
         finally:
-            drop_stop_signals()  # a Ctrl-C now must not cut the clean-up short and leave things behind
-            if self.link.server is not None:
-                self.link.server.stop()
-            self.resources.cleanup()
+            self._end()
+
+    def resume(self, control: socket.socket, restore: Callable[[], None]) -> int:
+        """Run a stack an upgrade handed over (upgrade.py), its runtime rebuilt (resume.py):
+        `restore` re-arms it in the loop; the control socket is the one inherited."""
+        try:
+            return asyncio.run(held_back_at_the_end(self._resumed(control, restore)))
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        drop_stop_signals()  # a Ctrl-C now must not cut the clean-up short and leave things behind
+        if self.link.server is not None:
+            self.link.server.stop()
+        self.resources.cleanup()
 
     def _claim_runtime_dir(self) -> None:
         """Make the stack's runtime directory, atomically: whoever made it owns the name. A second
@@ -206,16 +223,7 @@ class Supervisor:
     # ── the event loop ──
 
     async def _main(self) -> int:
-        loop = asyncio.get_running_loop()
-        control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
-        await control.start()
-        loop.set_exception_handler(lambda loop, context: self._on_loop_exception(control, context))
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal)
-        self.link.listen(self.recovery.on_death)
-        self._save_unsaved_record()
-        for rt in self.running.services.values():
-            self.runtimes.attach(rt)
+        control = await self._serve(None)
         started = time.monotonic()
         self._start_all()
         settled = asyncio.gather(*(rt.settled.wait() for rt in self.running.services.values()))
@@ -223,6 +231,31 @@ class Supervisor:
         print_summary(self.console, self.running, time.monotonic() - started)
         self.machine.quiet_starts = False
         self.output.release()
+        return await self._until_down(control)
+
+    async def _resumed(self, sock: socket.socket, restore: Callable[[], None]) -> int:
+        control = await self._serve(sock)
+        self.machine.quiet_starts = False
+        self.output.release()
+        restore()
+        return await self._until_down(control)
+
+    async def _serve(self, sock: socket.socket | None) -> ControlServer:
+        """The control socket (bound now, or inherited), the signals, the fork server's replies,
+        each service's output and notify messages."""
+        loop = asyncio.get_running_loop()
+        self.control = control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
+        await control.start(sock)
+        loop.set_exception_handler(lambda loop, context: self._on_loop_exception(control, context))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        self.link.listen(self.recovery.on_death)
+        self._save_unsaved_record()
+        for rt in self.running.services.values():
+            self.runtimes.attach(rt)
+        return control
+
+    async def _until_down(self, control: ControlServer) -> int:
         await _first_of(self.stop_requested.wait(), self.done.wait())
         if self.stop_requested.is_set():
             self.console.note("stopping all services")

@@ -35,7 +35,6 @@ class ForkServer:
     def __init__(self, conn: socket.socket, pid: int) -> None:
         self.conn = conn
         self.pid = pid
-        self._next_id = 0
 
     @staticmethod
     def start(replacing: bool = False) -> ForkServer:
@@ -76,10 +75,6 @@ class ForkServer:
     def hold(self, fds: list[int]) -> None:
         """Have the fork server keep copies of `fds` open until it exits (HoldDescriptors)."""
         socket.send_fds(self.conn, [encode(HoldDescriptors(len(fds)))], fds)
-
-    def next_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
 
     def send_launch(
         self,

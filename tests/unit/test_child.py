@@ -60,6 +60,9 @@ def request(mounts: Sequence[MountOp], **fields: object) -> LaunchSandbox:
     return LaunchSandbox(1, LaunchPlan(**plan), "/sys/fs/cgroup/unified/sandboxd/st/svc", (), ROOT, False, 0)  # type: ignore[arg-type]
 
 
+HOSTNAME_TREE = 77  # the copy of the service's /etc/hostname file
+
+
 @pytest.fixture
 def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -141,7 +144,9 @@ def test_a_planned_service_on_the_host_root_walks_without_a_mount_point_of_its_o
     paths = PathFacts({"/": True, "/bin/serve": False, "/etc": True, "/proc/kcore": False, "/proc/sys": True})
     plan = plan_stack(load_stack(tmp_path), HostFacts(architecture="x86_64", init_path="/opt/dumb-init", paths=paths))["a"]
     fake = kernel()
-    walk(fake, LaunchSandbox(1, plan, "/sys/fs/cgroup/unified/x", (), ROOT, False, 0), channel)
+    fake.file_trees.add(HOSTNAME_TREE)
+    walk(fake, LaunchSandbox(1, plan, "/sys/fs/cgroup/unified/x", (), ROOT, False, 0), channel, binds=(HOSTNAME_TREE,))
+    assert ("move_mount", HOSTNAME_TREE, "/etc/hostname") in fake.calls  # its own /etc/hostname, sandboxd's file
     mounted = [call[2] for call in fake.named("mount")]
     # The plan's order: /proc, /sys and /dev first, then what is hidden in them, then the tmpfs.
     assert mounted.index("/proc") < mounted.index("/proc/kcore") < mounted.index("/tmp")

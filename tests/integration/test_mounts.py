@@ -66,6 +66,16 @@ def said(stack: object, name: str) -> dict[str, str]:
     return {**values, **{line: "" for line in lines if "=" not in line}}
 
 
+def checked(stack: object) -> dict[str, str]:
+    """What CHECKS printed, once it has exited 0 and found every mount as it should be."""
+    assert stack.wait_exit() == 0, stack.err  # type: ignore[attr-defined]
+    out = said(stack, "box")
+    assert "answer: 42" in out and "hello" in out, stack.out + stack.err  # type: ignore[attr-defined]
+    assert {"config-read-only", "app-read-only", "etc-read-only", "srv-read-only", "tmpfs-writable", "hostname-read-only"} <= out.keys(), stack.out  # type: ignore[attr-defined]
+    assert out["hostname"] == "box-host"
+    return out
+
+
 def md5(path: str) -> str:
     return subprocess.run(["md5sum"], stdin=open(path, "rb"), capture_output=True, text=True, check=True).stdout.strip()
 
@@ -77,12 +87,7 @@ def test_a_file_a_folder_and_a_tmpfs_are_mounted_where_nothing_was_on_the_host_r
     before = host_entries()
     extra = f"userns: {str(userns).lower()}\n"
     write(spec_dir, "box.yaml", spec("box", config, data, extra, tmpfs=("/sbd-new-top",) if root == "tmpfs-root" else ()))
-    stack = run_stack(spec_dir)
-    assert stack.wait_exit() == 0, stack.err
-    out = said(stack, "box")
-    assert "answer: 42" in out and "hello" in out, stack.out + stack.err
-    assert {"config-read-only", "app-read-only", "etc-read-only", "srv-read-only", "tmpfs-writable", "hostname-read-only"} <= out.keys(), stack.out
-    assert out["hostname"] == "box-host"
+    out = checked(run_stack(spec_dir))
     assert out["passwd"] == md5("/etc/passwd")  # the rest of /etc is the host's
     host_etc = set(os.listdir("/etc")) | {".", "..", "app", "hostname"}
     assert set(out["etc"].split()) == host_etc
@@ -98,12 +103,7 @@ def test_a_file_a_folder_and_a_tmpfs_are_mounted_where_nothing_was_in_an_image(r
     before_image = set(os.listdir(rootfs / "etc"))
     before = host_entries()
     write(spec_dir, "box.yaml", spec("box", config, data, image="busybox"))
-    stack = run_stack(spec_dir)
-    assert stack.wait_exit() == 0, stack.err
-    out = said(stack, "box")
-    assert "answer: 42" in out and "hello" in out, stack.out + stack.err
-    assert {"config-read-only", "app-read-only", "etc-read-only", "srv-read-only", "tmpfs-writable", "hostname-read-only"} <= out.keys(), stack.out
-    assert out["hostname"] == "box-host"
+    out = checked(run_stack(spec_dir))
     assert set(out["etc"].split()) == before_image | {".", "..", "app", "hostname"}
     assert set(os.listdir(rootfs / "etc")) == before_image and host_entries() == before
 

@@ -12,6 +12,8 @@ TypedDicts name its keys and the types of their values, nothing more (the bytes 
     ServicesRequest {"cmd": "stop"|"start"|"restart"|"reload", "services": [NAME…]}
     KillRequest     {"cmd": "kill", "services": [NAME…], "signal"?: "SIGHUP"}
     DownRequest     {"cmd": "down"}
+    UpgradeRequest  {"cmd": "upgrade", "token": TEXT}: the exec follows; its outcome is in
+                    the runtime directory's upgrade.json, with the token (daemon/upgrade.py)
                  ◀─────────────────────── Done: {"ok": true}
     ApplyRequest    {"cmd": "apply", "folder": DIR, "env": ["SVC:KEY=VALUE"…], "variables"?: {NAME: VALUE},
                      "listen"?: ["SOCKET=ADDRESS"…]}
@@ -69,6 +71,12 @@ class DownRequest(TypedDict):
     cmd: Literal["down"]
 
 
+class UpgradeRequest(TypedDict):
+    cmd: Literal["upgrade"]
+    token: str  # names the outcome the CLI waits for
+    format: NotRequired[int]  # tests only: the record is written with this format number
+
+
 class ApplyRequest(TypedDict):
     cmd: Literal["apply"]
     folder: str  # the spec folder, absolute
@@ -94,7 +102,7 @@ class QueuesRequest(TypedDict):
     sockets: NotRequired[list[str]]  # socket units' names; absent or empty: every socket
 
 
-Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | ApplyRequest | ExecInfoRequest | UsageRequest | QueuesRequest
+Request = StatusRequest | ServicesRequest | KillRequest | DownRequest | UpgradeRequest | ApplyRequest | ExecInfoRequest | UsageRequest | QueuesRequest
 
 # ── answers ──
 

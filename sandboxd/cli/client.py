@@ -27,6 +27,7 @@ from sandboxd.wire import (
     StatusAnswer,
     StatusRequest,
     UsageAnswer,
+    UpgradeRequest,
     UsageRequest,
     conforms,
 )
@@ -89,7 +90,7 @@ def ask(sock: socket.socket, message: UsageRequest) -> UsageAnswer: ...
 @overload
 def ask(sock: socket.socket, message: QueuesRequest) -> QueuesAnswer: ...
 @overload
-def ask(sock: socket.socket, message: ServicesRequest | KillRequest | DownRequest) -> Done: ...
+def ask(sock: socket.socket, message: ServicesRequest | KillRequest | DownRequest | UpgradeRequest) -> Done: ...
 def ask(sock: socket.socket, message: Request) -> Answer:
     """One request on an open connection, and its answer (raised as SandboxdError if refused, or
     if it is not what the protocol says the request is answered with: see wire.py)."""
@@ -125,7 +126,7 @@ def request(stack: str, message: UsageRequest, timeout: float = ...) -> UsageAns
 @overload
 def request(stack: str, message: QueuesRequest, timeout: float = ...) -> QueuesAnswer: ...
 @overload
-def request(stack: str, message: ServicesRequest | KillRequest | DownRequest, timeout: float = ...) -> Done: ...
+def request(stack: str, message: ServicesRequest | KillRequest | DownRequest | UpgradeRequest, timeout: float = ...) -> Done: ...
 def request(stack: str, message: Request, timeout: float = 60.0) -> Answer:
     """One request on a connection of its own (see ask)."""
     with connect(stack, timeout) as sock:

@@ -14,6 +14,7 @@ from sandboxd.cli.run import cmd_exec, exec_env, exec_user, exec_workdir
 from sandboxd.cli.services import cmd_control, cmd_ps
 from sandboxd.cli.stack import cmd_config, cmd_down, cmd_ls, cmd_reload_stack, cmd_up
 from sandboxd.cli.stats import cmd_stats
+from sandboxd.cli.upgrade import cmd_upgrade
 from sandboxd.cli.store import cmd_image, cmd_volume
 from sandboxd.cli.times import stamp_bound
 
@@ -154,6 +155,15 @@ def _add_stack_verbs(verbs: Verbs) -> None:
     _add_json(config, "print JSON (what config always prints: the resolved units, plans and limits)")
     _add_env_file(config)
     config.set_defaults(func=cmd_config)
+    for verb, text in (("upgrade", "execute the installed sandboxd in a running stack's supervisor: same pid, every service kept running"),
+                       ("reexec", "the same as upgrade")):
+        upgrade = verbs.add_parser(verb, help=text)
+        upgrade.add_argument("stack", nargs="?", metavar="STACK", help=STACK_HELP)
+        _add_stack(upgrade)
+        _add_json(upgrade, "print the outcome (stack, pid, version, previous) as one JSON object")
+        upgrade.add_argument("--timeout", type=_positive_seconds, default=60.0, help="give up waiting for the outcome after this many seconds")
+        upgrade.add_argument("--test-record-format", type=int, help=argparse.SUPPRESS)  # tests: a record the new code must refuse
+        upgrade.set_defaults(func=cmd_upgrade)
 
 
 def _add_stack(verb: argparse.ArgumentParser) -> None:

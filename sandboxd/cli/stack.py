@@ -11,12 +11,17 @@ supervisor, and polls the control socket until the stack is up.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NoReturn
 
 from sandboxd.errors import HostError, SandboxdError
+
+ASK_TIMEOUT = 10.0  # seconds for a stack to answer `down` (it answers at once, then stops)
+DOWN_GRACE = 10.0  # seconds past the stop timeouts before `down` escalates, and between its steps
 
 if TYPE_CHECKING:
     from sandboxd.sandbox.handle import ForkServer
@@ -291,10 +296,15 @@ def cmd_down(args: argparse.Namespace) -> int:
     pid = running_stacks()[stack]
     if sys.stderr.isatty():
         sys.stderr.write(f"sandboxd: stopping stack {stack!r}…\r")
-    before = request(stack, {"cmd": "status"}) if args.json else None
-    request(stack, {"cmd": "down"})
-    while _alive(pid):  # a zombie counts as gone: its parent (init, after `up -d`) reaps it when it can
-        time.sleep(0.01)
+    before = request(stack, {"cmd": "status"}, timeout=ASK_TIMEOUT) if args.json else None
+    try:
+        request(stack, {"cmd": "down"}, timeout=ASK_TIMEOUT)
+    except HostError:
+        raise  # not root: the socket was not even tried
+    except (SandboxdError, OSError) as e:
+        sys.stderr.write(f"sandboxd: stack {stack!r} does not answer ({e}); sending SIGTERM to its supervisor (pid {pid})\n")
+        _signal(pid, signal.SIGTERM)
+    _wait_until_down(stack, pid)
     if before is not None:
         from sandboxd.cli.results import down_result, print_json
 
@@ -302,6 +312,43 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     print(f"stack {stack!r} is down")
     return 0
+
+
+def _wait_until_down(stack: str, pid: int) -> None:
+    """Wait for the supervisor to end, never without bound: after the stack's longest stop_timeout
+    and DOWN_GRACE, a second SIGTERM (every service's cgroup is killed); DOWN_GRACE later, SIGKILL
+    to the supervisor (its fork server and every sandbox die with it) and what it left is removed."""
+    import time
+
+    from sandboxd.host.paths import RUNTIME_ROOT, alive
+    from sandboxd.host.state import clean_stale
+
+    try:
+        stop_timeout = float(json.loads((RUNTIME_ROOT / stack / "state.json").read_text()).get("stop_timeout", 10.0))
+    except (OSError, ValueError, TypeError):
+        stop_timeout = 10.0
+    steps = [
+        (1.0, f"waiting for stack {stack!r} (pid {pid}) to stop its services (each within its stop_timeout; the longest is {stop_timeout:g} s)", None),
+        (stop_timeout + DOWN_GRACE, f"stack {stack!r} is still stopping after {stop_timeout + DOWN_GRACE:g} s: SIGTERM again, which kills every service", signal.SIGTERM),
+        (stop_timeout + 2 * DOWN_GRACE, f"stack {stack!r} is still not down: SIGKILL to its supervisor (pid {pid}); its services die with it", signal.SIGKILL),
+    ]
+    started = time.monotonic()
+    while alive(pid):  # a zombie counts as gone: its parent (init, after `up -d`) reaps it when it can
+        if steps and time.monotonic() - started >= steps[0][0]:
+            _after, text, sig = steps.pop(0)
+            sys.stderr.write(f"sandboxd: {text}\n")
+            if sig is not None:
+                _signal(pid, sig)
+        time.sleep(0.01)
+    if not steps:
+        clean_stale()  # what the killed supervisor could not remove itself
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 import time
+from collections.abc import Awaitable
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.forks import Ended, ForkServerLink, Sent
@@ -29,6 +31,8 @@ from sandboxd.plan.launch import LaunchPlan
 from sandboxd.sandbox.handle import read_status
 from sandboxd.sandbox.protocol import Connection
 
+ACCEPT_PAUSE = 1.0  # seconds without accepting after a connection could not be taken (asyncio's ACCEPT_RETRY_DELAY)
+
 
 class Activation:
     def __init__(
@@ -41,16 +45,19 @@ class Activation:
         self.cgroups = cgroups
         self.console = console
         self.watching: set[str] = set()  # services whose sockets the loop watches
+        self.paused: set[str] = set()  # accept-mode services not accepting for a moment (_pause)
+        self.short: set[str] = set()  # ... and not accepting since the last time that was said
         self.instances: dict[int, Instance] = {}  # by request id
         self.connection_plans: dict[str, tuple[LaunchPlan, LaunchPlan]] = {}  # by service: (its plan, its connections')
         self.no_instances = asyncio.Event()
         self.no_instances.set()
+        self.settling = False  # an upgrade is settling: connections wait in the queue (upgrade.py)
 
     # ── activation: on the first connection, or one sandbox per connection ──
 
     def watch(self, rt: ServiceRuntime) -> None:
         """The WATCH action (and again once an instance ends): a connection starts something."""
-        if rt.spec.name in self.watching or self.running.stopping:
+        if rt.spec.name in self.watching or rt.spec.name in self.paused or self.running.stopping or self.settling:
             return
         loop = asyncio.get_running_loop()
         for key in rt.plan.fd_sockets + rt.plan.proxied:
@@ -89,8 +96,44 @@ class Activation:
             return
         try:
             conn, peer = self.running.sockets[key].sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        except OSError as e:
+            self._pause(rt, key, e)  # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection waits in the queue
+            return
+        try:
+            self._start_instance(rt, key, conn, peer, max_connections)
+            if rt.spec.name in self.short:
+                self.short.discard(rt.spec.name)
+                self.console.note(f"socket {key[0]}: accepting connections for {rt.spec.name} again")
+        except OSError as e:
+            # Accepted, but its sandbox cannot be asked for (descriptors used up, no fork server):
+            # this connection is closed; the next ones wait in the queue until there is room.
+            conn.close()
+            rt.connections.active -= 1
+            if not self.instances:
+                self.no_instances.set()
+            self._pause(rt, key, e)
+
+    def _pause(self, rt: ServiceRuntime, key: SocketKey, error: OSError) -> None:
+        """Stop accepting on the service's sockets for ACCEPT_PAUSE seconds (asyncio's own accept
+        loop does the same): a socket whose connections cannot be taken stays readable, and
+        watching it meanwhile would spin. Said once per pause."""
+        self.unwatch(rt)
+        if rt.spec.name not in self.short:
+            self.short.add(rt.spec.name)
+            self.console.note(f"socket {key[0]}: cannot accept a connection for {rt.spec.name} ({error.strerror or error}); trying again every {ACCEPT_PAUSE:g} s, connections wait in its queue")
+        self.paused.add(rt.spec.name)
+
+        def resume() -> None:
+            self.paused.discard(rt.spec.name)
+            if not self.running.stopping and rt.state is State.WAITING:
+                self.watch(rt)
+
+        asyncio.get_running_loop().call_later(ACCEPT_PAUSE, resume)
+
+    def _start_instance(self, rt: ServiceRuntime, key: SocketKey, conn: socket.socket, peer: object, max_connections: int) -> None:
+        """A sandbox of its own for the accepted connection `conn`."""
         rt.connections.counter += 1
         rt.connections.active += 1
         self.no_instances.clear()
@@ -108,8 +151,10 @@ class Activation:
                     request_id, plan, str(cgroup.path), cgroup.v1_tasks_files, root, rt.output.w, [conn.fileno()], netns, sources, connection
                 )
             )
-        finally:
-            conn.close()  # the fork server holds its own copy now
+        except OSError:
+            self.cgroups.remove(cgroup)
+            raise
+        conn.close()  # the fork server holds its own copy now
         instance = Instance(rt, name, cgroup, sent.channel)
         self.instances[sent.id] = instance
         # By its number: asyncio formats the repr of an object it is given to look it up first.
@@ -149,6 +194,15 @@ class Activation:
 
     async def _follow(self, instance: Instance, sent: Sent) -> None:
         self._on_instance_exit(instance, sent.id, await self.link.ended(sent))
+
+    def adopt(self, instance: Instance, request_id: int, end: Awaitable[Ended]) -> None:
+        """Follow an instance an upgrade carried over (resume.py), under its request id."""
+        self.instances[request_id] = instance
+        self.no_instances.clear()
+        self.tasks.spawn(self._adopted(instance, request_id, end), f"{instance.name}: following its sandbox")
+
+    async def _adopted(self, instance: Instance, request_id: int, end: Awaitable[Ended]) -> None:
+        self._on_instance_exit(instance, request_id, await end)
 
     def _on_instance_exit(self, instance: Instance, request_id: int, ended: Ended) -> None:
         del self.instances[request_id]

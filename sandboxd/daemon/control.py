@@ -7,10 +7,17 @@ The verbs, their answers and every key's type are in sandboxd/wire.py (drawn the
     apply (a reload of the stack's folder)             ->  what was added, removed, changed
     exec_info (with session: a cgroup of the command's own, emptied and removed when this
                connection closes)                      ->  pid, cgroups, confinement
+    upgrade (token)                                    ->  {"ok": true} once the exec follows (upgrade.py)
     anything refused                                   ->  {"ok": false, "error": TEXT}
 
 The socket is `/run/sandboxd/<stack>/control.sock`, mode 0600: only root may steer a stack
 (a non-root user gets a clear refusal from the CLI before it even connects).
+
+Each connection is served on its own, so a client that hangs holds only itself, within bounds:
+its first request must come within IDLE_FIRST seconds, a request once begun must end (its
+newline) within WHOLE_REQUEST seconds and within MAX_REQUEST bytes, and an answer must be read
+within READ_ANSWER seconds; otherwise the connection is closed. After its first request a
+connection may stay idle for as long as it likes: `sandboxd exec` holds one while its command runs.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Protocol
 
@@ -59,41 +67,66 @@ class Verbs(Protocol):
 
     async def reload_service(self, name: str) -> str: ...
 
+    async def upgrade(self, token: str, record_format: int | None) -> str: ...
+
+
+IDLE_FIRST = 30.0  # seconds a new connection has to send its first request
+WHOLE_REQUEST = 30.0  # seconds a request that began has to end
+READ_ANSWER = 30.0  # seconds a client has to read an answer
+MAX_REQUEST = 1 << 20  # bytes of one request
+
 
 class ControlServer:
     def __init__(self, verbs: Verbs, path: Path) -> None:
         self.verbs = verbs
         self.path = path
         self.server: asyncio.AbstractServer | None = None
+        self.clients: set[asyncio.StreamWriter] = set()
+        self.short_of_descriptors = False  # its accept failed (EMFILE): asyncio tries again in a second
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen; or serve `sock`, the listening socket an upgrade carried over."""
+        if sock is not None:
+            self.server = await asyncio.start_unix_server(self._serve, sock=sock)
+            return
         self.path.unlink(missing_ok=True)
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_REQUEST)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
 
+    def listening_fd(self) -> int:
+        assert isinstance(self.server, asyncio.Server)
+        return int(self.server.sockets[0].fileno())
+
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            for writer in list(self.clients):
+                writer.close()  # a client that hangs does not hold the stack's end
             await self.server.wait_closed()
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         execs: list[str] = []  # cgroups of `sandboxd exec` commands whose CLI holds this connection
+        self.clients.add(writer)
+        self.short_of_descriptors = False
         try:
-            while line := await reader.readline():
+            first = True
+            while line := await _next_request(reader, IDLE_FIRST if first else None):
+                first = False
                 try:
                     answer: Answer = await self.handle(_request(json.loads(line)), execs)
                 except (ValueError, KeyError, TypeError, OSError, SandboxdError) as e:
                     answer = {"ok": False, "error": f"bad request: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)}
                 writer.write(json.dumps(answer).encode() + b"\n")
-                await writer.drain()
-        except ConnectionError:
-            pass
+                await asyncio.wait_for(writer.drain(), READ_ANSWER)
+        except (ConnectionError, TimeoutError, ValueError):
+            pass  # gone, hung, or a request over MAX_REQUEST: the connection is closed
         finally:
+            self.clients.discard(writer)
             writer.close()
             # The connection closes when the CLI ends, however it ends (the kernel closes it).
             for path in execs:
@@ -139,6 +172,11 @@ class ControlServer:
                 if "exec_cgroup" in info and execs is not None:
                     execs.append(info["exec_cgroup"])
                 return {"ok": True, **info}
+            case "upgrade":
+                fmt = request.get("format")
+                error = await sup.upgrade(str(request["token"]), fmt if type(fmt) is int else None)
+                if error:
+                    return {"ok": False, "error": error}
             case "reload":
                 errors = await asyncio.gather(*(sup.reload_service(n) for n in names))
                 if any(errors):
@@ -146,6 +184,15 @@ class ControlServer:
             case _:
                 return {"ok": False, "error": f"unknown command {cmd!r}"}
         return {"ok": True}
+
+
+async def _next_request(reader: asyncio.StreamReader, idle: float | None) -> bytes:
+    """The next request's line (b"" at the end): its first byte within `idle` seconds (None:
+    whenever it comes), the rest within WHOLE_REQUEST. TimeoutError if not."""
+    start = await asyncio.wait_for(reader.read(1), idle)
+    if not start or start == b"\n":
+        return start
+    return start + await asyncio.wait_for(reader.readline(), WHOLE_REQUEST)
 
 
 def _request(value: object) -> dict[str, object]:

@@ -11,6 +11,12 @@ sandbox, a proxy) has an id; the fork server reports how it ended on its connect
 (the messages are sandbox/protocol.py's replies)
 
 `send` sends one request and `ended` is the one coroutine that awaits its end, whoever asked.
+
+When the fork server dies (EOF on its connection: SIGKILL from the OOM killer or an operator),
+every sandbox it forked dies with its pid namespace, and no `Exited` will ever come: the link
+says so to `on_death` (recovery.py), which may `replace` it with a new fork server, and
+`lose_pending` then ends every request still awaited as `Ended(SIGKILLED, server_died=True)`,
+so that each waiter (a service's sandbox, an instance, a health check, a proxy) takes its end.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncio
 import os
 import signal
 import socket
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,10 +36,14 @@ from sandboxd.sandbox.protocol import NOT_FORKED, ForkFailed
 
 
 
+SIGKILLED = signal.SIGKILL.value  # the wait status of a process killed by SIGKILL
+
+
 @dataclass(frozen=True)
 class Ended:
     status: int  # its wait status
     failure: str = ""  # what the fork server said when it could not fork
+    server_died: bool = False  # the fork server died first: its sandbox died with it
 
 
 @dataclass
@@ -44,21 +55,43 @@ class Sent:
 
 class ForkServerLink:
     def __init__(self, server: ForkServer | None = None) -> None:
-        self.server = server  # started by the supervisor before its event loop, if not given
+        self.server = server  # started by the supervisor before its event loop, if not given; None once it died
         self.pending: dict[int, asyncio.Future[Ended]] = {}
+        self.on_death: Callable[[ForkServer], None] = lambda dead: None
+        self.next_id = 0  # request ids go on across fork servers: an id is never reused
+        self.lost_up_to = 0  # the last id sent to a fork server that died
 
-    def listen(self, on_death: Callable[[], None]) -> None:
+    def listen(self, on_death: Callable[[ForkServer], None]) -> None:
+        """Read the fork server's replies from the event loop; `on_death(server)` once it died."""
         assert self.server is not None
-        asyncio.get_running_loop().add_reader(self.server.conn, self._on_message, on_death)
+        self.on_death = on_death
+        asyncio.get_running_loop().add_reader(self.server.conn, self._on_message)
 
     def close(self) -> None:
-        assert self.server is not None
-        asyncio.get_running_loop().remove_reader(self.server.conn)
+        if self.server is not None:
+            asyncio.get_running_loop().remove_reader(self.server.conn)
+
+    def replace(self, server: ForkServer) -> None:
+        """A new fork server in place of the one that died; the next requests go to it."""
+        self.server = server
+        asyncio.get_running_loop().add_reader(server.conn, self._on_message)
+
+    def lose_pending(self) -> int:
+        """End every request sent to the fork server that died and still awaited: it will never
+        say their end, and what it forked died with it (those sent to its successor wait on).
+        Returns how many there were."""
+        lost = [end for request_id, end in self.pending.items() if request_id <= self.lost_up_to and not end.done()]
+        for end in lost:
+            end.set_result(Ended(SIGKILLED, server_died=True))
+        return len(lost)
 
     def send(self, request: Callable[[ForkServer, int], socket.socket]) -> Sent:
-        """Send one request: `request` sends it with the id it is given and returns its status channel."""
-        assert self.server is not None
-        request_id = self.server.next_id()
+        """Send one request: `request` sends it with the id it is given and returns its status channel.
+        Without a fork server (it died and none replaced it), OSError(EPIPE)."""
+        if self.server is None:
+            raise OSError(errno.EPIPE, "sandboxd's fork server is gone")
+        self.next_id += 1
+        request_id = self.next_id
         end: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = end
         try:
@@ -75,15 +108,18 @@ class ForkServerLink:
         finally:
             self.pending.pop(sent.id, None)
 
-    def _on_message(self, on_death: Callable[[], None]) -> None:
+    def _on_message(self) -> None:
         assert self.server is not None
         try:
             reply = self.server.receive()
         except BlockingIOError:
             return
+        except ConnectionError:
+            reply = None
         if reply is None:
-            self.close()
-            on_death()
+            dead, self.server, self.lost_up_to = self.server, None, self.next_id
+            asyncio.get_running_loop().remove_reader(dead.conn)
+            self.on_death(dead)
             return
         end = self.pending.get(reply.id)
         if end is not None and not end.done():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.dependencies import Dependencies
@@ -127,12 +128,24 @@ class Lifecycle:
     async def _follow(self, rt: ServiceRuntime, sent: Sent) -> None:
         self._on_exit(rt, await self.link.ended(sent))
 
+    def adopt(self, rt: ServiceRuntime, end: Awaitable[Ended]) -> None:
+        """Follow a sandbox an upgrade carried over (resume.py): its exit is judged as ever."""
+        self.tasks.spawn(self._adopted(rt, end), f"{rt.spec.name}: following its sandbox")
+
+    async def _adopted(self, rt: ServiceRuntime, end: Awaitable[Ended]) -> None:
+        self._on_exit(rt, await end)
+
     def _on_exit(self, rt: ServiceRuntime, ended: Ended) -> None:
         if ended.failure:
             rt.launch.error = LaunchError(rt.spec.name, "fork", ended.failure)
         self.output.read_waiting(rt)  # its last words are in its log before its exit is said
         self._release_sandbox(rt)
         outcome, text, usage = self._judge(rt, ended.status)
+        if ended.server_died:
+            self._after_fork_server_death(rt, text)
+            rt.settled.set()
+            self.dependencies.check_done()
+            return
         match rt.state:
             case State.IDLE_STOPPING if not self.running.stopping:
                 self.machine.transition(rt, Event.EXIT_REARM, f"{text}; waiting for the next connection")
@@ -200,6 +213,28 @@ class Lifecycle:
         delay = restart_delay(rt.spec, rt.restarts.limiter.in_a_row)
         self.machine.transition(rt, Event.EXIT_RESTART, f"{text}; restarting in {delay:g} s")
 
+    def _after_fork_server_death(self, rt: ServiceRuntime, text: str) -> None:
+        """Its sandbox died with the fork server (recovery.py): a final state with the reason,
+        then, with a new fork server, started again as its `restart:` says (an on-demand or
+        idle-stopped one waits for the next connection again)."""
+        was = rt.state
+        if not self.machine.allows(rt, Event.FORK_SERVER_DIED):
+            return
+        again = self.link.server is not None and not self.running.stopping
+        on_demand = rt.spec.start == "on-demand" or was is State.IDLE_STOPPING
+        restart = again and was is not State.STOPPING and (on_demand or should_restart(rt.spec.restart, "signal"))
+        reason = f"its sandbox died with sandboxd's fork server ({text})"
+        if again and not restart and was is not State.STOPPING:
+            reason += f"; not started again (restart: {rt.spec.restart})"
+        self.machine.transition(rt, Event.FORK_SERVER_DIED, reason)
+        if not restart:
+            return
+        if on_demand:
+            self.machine.transition(rt, Event.WAIT, "waiting for the next connection, with a new fork server")
+            return
+        rt.restarts.count += 1
+        self.machine.transition(rt, Event.START, f"{rt.restarts.reason()}, with a new fork server")
+
     # ── restarting ──
 
     def restart_later(self, rt: ServiceRuntime) -> None:
@@ -207,6 +242,10 @@ class Lifecycle:
         rt.restarts.count += 1
         delay = restart_delay(rt.spec, rt.restarts.limiter.in_a_row)
         rt.restarts.timer = asyncio.get_running_loop().call_later(delay, self._restart_after_backoff, rt)
+
+    def restart_at(self, rt: ServiceRuntime, when: float) -> None:
+        """In backoff when an upgrade carried it over: the restart when it was due (loop time)."""
+        rt.restarts.timer = asyncio.get_running_loop().call_at(when, self._restart_after_backoff, rt)
 
     def cancel_restart(self, rt: ServiceRuntime) -> None:
         """The CANCEL_RESTART action."""

@@ -8,6 +8,7 @@ supervisor anything. Standard library only: the CLI imports this module to read.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -19,20 +20,48 @@ KEEP = 3
 
 
 class LogFiles:
+    """The open log files. Writing never fails: a line that does not fit (the disk is full,
+    ENOSPC, or the descriptors are used up) is dropped and counted, and the first line written
+    after it says how many were dropped (`dropped_notice`). A line is whole or not there at all."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, tuple[int, int]] = {}  # name -> (fd, size)
+        self.dropped: dict[str, tuple[int, str]] = {}  # name -> (lines dropped, why), until written again
 
     def write(self, name: str, text: str) -> None:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        # A service's text came from its bytes by surrogateescape: the file gets those bytes back.
+        data = f"{stamp} {text}\n".encode("utf-8", errors="surrogateescape")
+        if name in self.dropped:
+            count, why = self.dropped[name]
+            data = f"{stamp} {dropped_notice(count, why)}\n".encode() + data
+        try:
+            self._append(name, data)
+        except OSError as e:
+            count, _why = self.dropped.get(name, (0, ""))
+            self.dropped[name] = (count + 1, e.strerror or str(e))
+            return
+        self.dropped.pop(name, None)
+
+    def _append(self, name: str, data: bytes) -> None:
+        """`data` at the end of the file, whole, or OSError and the file as it was."""
         fd, size = self.files.get(name, (-1, 0))
         if fd < 0:
             fd = os.open(self.directory / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             size = os.fstat(fd).st_size
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        # A service's text came from its bytes by surrogateescape: the file gets those bytes back.
-        data = f"{stamp} {text}\n".encode("utf-8", errors="surrogateescape")
-        os.write(fd, data)
+            self.files[name] = (fd, size)
+        try:
+            written = os.write(fd, data)
+            if written < len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            try:
+                os.ftruncate(fd, size)  # no part of a line: the next one starts where a line ended
+            except OSError:
+                pass
+            raise
         size += len(data)
         if size >= MAX_BYTES:
             os.close(fd)
@@ -53,6 +82,11 @@ class LogFiles:
             if fd >= 0:
                 os.close(fd)
         self.files.clear()
+
+
+def dropped_notice(count: int, why: str) -> str:
+    """The line that stands for the lines that could not be written."""
+    return f"sandboxd: {count} line{'' if count == 1 else 's'} dropped here ({why})"
 
 
 def _lines(data: bytes) -> list[str]:

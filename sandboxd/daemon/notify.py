@@ -55,6 +55,13 @@ class NotifySocket:
         self.sock.bind(str(path))
         os.chmod(path, 0o666)  # a service that drops privileges must still be able to notify
 
+    @classmethod
+    def adopt(cls, path: Path, sock: socket.socket) -> NotifySocket:
+        """A notify socket bound already (an upgrade carried it over: resume.py)."""
+        notify = cls.__new__(cls)
+        notify.path, notify.sock = path, sock
+        return notify
+
     def receive(self) -> Message | None:
         """One message, or None when none is waiting."""
         fds = array.array("i")

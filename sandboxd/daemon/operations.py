@@ -4,9 +4,11 @@ exec, reload, down, and applying a changed spec (reload.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from sandboxd.daemon.console import Console
@@ -44,6 +46,9 @@ class Operations:
         self.stop_requested = stop_requested
         self.started_wall = time.time()
         self.exec_count = 0  # `sandboxd exec` commands so far: each gets a cgroup sbd-exec-N of its own
+        self.sessions: set[str] = set()  # the cgroups of the `sandboxd exec` commands running now
+        self.busy = 0  # verbs under way that await something (an upgrade waits for them: upgrade.py)
+        self.upgrader: Callable[[str, int | None], Awaitable[str]] | None = None  # upgrade.py's Upgrade.request
 
     @property
     def instance(self) -> str:
@@ -124,8 +129,22 @@ class Operations:
                 status["signal"] = ended.signal
         return status
 
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+    async def upgrade(self, token: str, record_format: int | None) -> str:
+        """Execute the installed sandboxd in this process (upgrade.py): "" once accepted, else why not."""
+        assert self.upgrader is not None
+        return await self.upgrader(token, record_format)
+
     async def stop_service(self, name: str) -> None:
-        await self.stopper.stop_by_hand(self.running.services[name])
+        with self._working():
+            await self.stopper.stop_by_hand(self.running.services[name])
 
     def start_service(self, name: str) -> None:
         self.lifecycle.start_by_hand(self.running.services[name])
@@ -134,7 +153,7 @@ class Operations:
         """Stop, then start; the stack is held meanwhile (a foreground stack whose services are all
         stopped for a moment would otherwise end)."""
         rt = self.running.services[name]
-        with self.lifecycle.dependencies.held():
+        with self.lifecycle.dependencies.held(), self._working():
             await self.stopper.stop_by_hand(rt)
             self.lifecycle.start_by_hand(rt)
 
@@ -148,7 +167,8 @@ class Operations:
         self.stop_requested.set()
 
     async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None, listen: list[str] | None = None) -> ApplyResult:
-        return await self.reload.apply_folder(folder, env, variables, listen)
+        with self._working():
+            return await self.reload.apply_folder(folder, env, variables, listen)
 
     def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo:
         """What `sandboxd exec` needs to run a command confined as the service is. With `user`
@@ -182,6 +202,7 @@ class Operations:
         self.exec_count += 1
         exec_cgroup = rt.cgroup.path / f"sbd-exec-{self.exec_count}"
         exec_cgroup.mkdir()
+        self.sessions.add(f"{name}: sbd-exec-{self.exec_count}")
         return {"exec_cgroup": str(exec_cgroup), **info}  # its key first, as it always was on the wire
 
     async def end_exec(self, path: str) -> None:
@@ -191,6 +212,7 @@ class Operations:
         from sandboxd.sandbox.relay import HANGUP_GRACE
 
         cgroup = Cgroup(Path(path))
+        self.sessions.discard(f"{cgroup.path.parent.name}: {cgroup.path.name}")
         if cgroup.populated():
             for pid in cgroup.pids():
                 try:
@@ -212,6 +234,10 @@ class Operations:
     async def reload_service(self, name: str) -> str:
         """The service's own reload: its reload_signal to the main process; with ready: notify, wait
         for RELOADING=1 and READY=1 (up to start_timeout). Returns an error text, or ""."""
+        with self._working():
+            return await self._reload_service(name)
+
+    async def _reload_service(self, name: str) -> str:
         rt = self.running.services[name]
         if rt.state not in (State.RUNNING, State.READY):
             return f"{name} is not running ({rt.state.label})"

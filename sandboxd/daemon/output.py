@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.runtime import ServiceRuntime
 
 MAX_LINE = 65536  # a longer line without a newline is shown in pieces of this size
+MAX_HELD = 4 << 20  # bytes held back for the terminal until the summary; beyond, the oldest go (the log has them)
 
 
 class Output:
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.held: list[tuple[str, bytes]] | None = []  # None once the summary is out
+        self.held: deque[tuple[str, bytes]] | None = deque()  # None once the summary is out
+        self.held_bytes = 0
+        self.held_dropped = 0  # lines no longer held for the terminal (they are in the logs)
 
     def on_output(self, rt: ServiceRuntime) -> None:
         try:
@@ -56,7 +60,9 @@ class Output:
 
     def release(self) -> None:
         """The summary is out: what was held is shown, and from now on every line at once."""
-        held, self.held = self.held or [], None
+        held, self.held = self.held or deque(), None
+        if self.held_dropped:
+            self.console.note(f"{self.held_dropped} earlier lines of the services' output are not shown here (see sandboxd logs)")
         for name, line in held:
             self.console.show(name, line)
 
@@ -66,3 +72,8 @@ class Output:
             self.console.show(name, line)
         else:
             self.held.append((name, line))
+            self.held_bytes += len(line)
+            while self.held_bytes > MAX_HELD:
+                _name, old = self.held.popleft()
+                self.held_bytes -= len(old)
+                self.held_dropped += 1

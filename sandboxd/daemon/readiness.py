@@ -130,6 +130,10 @@ class FdStore:
             message.fds.remove(fd)
             rt.fdstore.append(StoredFd(name, fd, poll))
             known.add((st.st_dev, st.st_ino))
+        self.watch(rt)
+
+    def watch(self, rt: ServiceRuntime) -> None:
+        """Look at the stored descriptors every FDSTORE_POLL seconds, if there are any."""
         if rt.fdstore and rt.fdstore_timer is None:
             rt.fdstore_timer = asyncio.get_running_loop().call_later(FDSTORE_POLL, self._fdstore_poll, rt)
 

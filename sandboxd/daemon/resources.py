@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.logs import LogFiles
 from sandboxd.daemon.runtime import RunningStack
+from sandboxd.errors import HostError
 from sandboxd.host.cgroups import CgroupManager
 from sandboxd.host.pins import close_all
 from sandboxd.host.sockets import bind_sockets, close_sockets
@@ -41,10 +42,13 @@ class StackResources:
         """The state record, the logs, the cgroup tree, the networks and the sockets."""
         running = self.running
         running.root_dir.mkdir(exist_ok=True)
-        self.record = StateRecord(running.runtime_dir)
+        longest = max((service.stop_timeout for service in running.stack.services), default=10.0)
+        self.record = StateRecord(running.runtime_dir, stop_timeout=longest)
         if self.ids is not None:
             self.record.userns = dataclasses.asdict(self.ids.userns)
         self.record.save()
+        if self.record.unsaved:
+            raise HostError(f"cannot write {running.runtime_dir / 'state.json'}: {self.record.unsaved}", "make room in the runtime directory (SANDBOXD_RUNTIME_DIR, else /run/sandboxd)")
         self.console.logs = LogFiles(running.runtime_dir / "logs")
         self.console.quiet = detached
         for warning in self.cgroups.setup():
@@ -99,7 +103,7 @@ class StackResources:
         if self.record is not None:
             close_sockets(running.sockets, self.record)
         self.cgroups.teardown()
-        for path in (running.runtime_dir / "state.json", running.runtime_dir / "state.json.tmp"):
+        for path in (running.runtime_dir / "state.json", running.runtime_dir / "state.json.tmp", running.runtime_dir / "upgrade.json", running.runtime_dir / "upgrade.json.tmp"):
             path.unlink(missing_ok=True)
         if self.console.logs is not None:
             self.console.logs.close()

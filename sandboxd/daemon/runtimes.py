@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 from sandboxd.daemon.notify import NotifySocket
 from sandboxd.daemon.output import Output
@@ -15,6 +16,14 @@ from sandboxd.errors import HostError
 from sandboxd.host.pins import pin_own
 from sandboxd.plan.environment import uses_notify
 from sandboxd.spec.model import Service
+
+
+def write_hostname_file(etc: Path, hostname: str) -> None:
+    """The service's /etc/hostname (plan/mounts.py binds it), made anew: a sandbox still running
+    keeps the one it was given."""
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hostname.tmp").write_text(hostname + "\n")
+    os.replace(etc / "hostname.tmp", etc / "hostname")
 
 
 class Runtimes:
@@ -36,6 +45,7 @@ class Runtimes:
             (self.running.runtime_dir / "notify").mkdir(exist_ok=True)
             rt.notify.socket = NotifySocket(self.running.runtime_dir / "notify" / rt.spec.name)
         self.running.services[service.name] = rt
+        write_hostname_file(self.running.runtime_dir / "etc" / service.name, service.hostname)
         self.pin_own(rt)
         return rt
 

@@ -9,7 +9,9 @@ state here: a service waiting for its `after:` dependencies is `pending`, one st
 
 Which exit event a service gets is decided by restart.py's rules (lifecycle.py): restart it
 (`exit: restart`), wait for the next connection (`exit: rearm`), or end (`exit: success`,
-`exit: failure`); an exit after a stop is `exit: stopped`. The tables, drawn from the rows below:
+`exit: failure`); an exit after a stop is `exit: stopped`. The death of the fork server ends every
+sandbox at once (`fork server died`): a running service is then `failed`, one being stopped is
+`stopped`, each with that reason; recovery.py starts a new fork server and starts them again. The tables, drawn from the rows below:
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class Event(Enum):
     EXIT_SUCCESS = "exit: success"
     EXIT_FAILURE = "exit: failure"
     EXIT_STOPPED = "exit: stopped"
+    # The fork server died (SIGKILL: the OOM killer, an operator), and every sandbox with it, as
+    # its pid namespace went: sandboxd's fault, not the service's; recovery.py then restarts the
+    # services per their `restart:` with a new fork server, or stops the stack.
+    FORK_SERVER_DIED = "fork server died"
 
 
 class Action(Enum):
@@ -182,6 +188,8 @@ LIFE: Table[State, Event] = Table(
         (ALIVE, Event.EXIT_SUCCESS, _S.EXITED, None),
         (ALIVE, Event.EXIT_FAILURE, _S.FAILED, None),
         ((_S.STOPPING, _S.IDLE_STOPPING), Event.EXIT_STOPPED, _S.STOPPED, None),
+        (ALIVE, Event.FORK_SERVER_DIED, _S.FAILED, None),
+        ((_S.STOPPING, _S.IDLE_STOPPING), Event.FORK_SERVER_DIED, _S.STOPPED, None),
     ],
 )
 

@@ -20,18 +20,20 @@ the few others it calls:
     proxy.py         proxies to programs that bind their own address; handoff.py gives them the socket
     dependencies.py  after: dependencies, and the end of a foreground stack
     forks.py         requests to the fork server and their ends
+    recovery.py      the fork server's death survived; a stop that always ends
     output.py        the services' output; summary.py, the start-up summary
     operations.py    the control socket's verbs (control.py); reload.py applies a changed spec
+    upgrade.py       upgrade in place: the state record, its check, the exec; resume.py, the new side
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
+import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from sandboxd.host.paths import RUNTIME_ROOT
@@ -51,6 +53,7 @@ from sandboxd.daemon.operations import Operations
 from sandboxd.daemon.output import Output
 from sandboxd.daemon.proxy import Proxies
 from sandboxd.daemon.readiness import FdStore, Readiness
+from sandboxd.daemon.recovery import ForkServerRecovery, StopBound, shield_from_oom_killer
 from sandboxd.daemon.reload import Reload
 from sandboxd.daemon.resources import StackResources
 from sandboxd.daemon.runtime import RunningStack, ServiceRuntime
@@ -59,6 +62,7 @@ from sandboxd.daemon.states import Action, Event, State
 from sandboxd.daemon.stopping import Stopper
 from sandboxd.daemon.summary import print_summary
 from sandboxd.daemon.tasks import Background, drop_stop_signals, held_back_at_the_end
+from sandboxd.daemon.upgrade import Upgrade
 from sandboxd.errors import HostError
 from sandboxd.host.cgroups import CgroupHost, cgroup_manager
 from sandboxd.host.pins import SourceFds
@@ -68,6 +72,8 @@ from sandboxd.spec.model import Limits, Stack
 
 if TYPE_CHECKING:
     from sandboxd.host.subids import Lease
+
+RECORD_RETRY = 2.0  # seconds between attempts to write a state record the full disk refused
 
 
 class Supervisor:
@@ -93,6 +99,7 @@ class Supervisor:
         self.link = ForkServerLink(fork_server)
         self.done = asyncio.Event()
         self.stop_requested = asyncio.Event()
+        self.control: ControlServer | None = None  # once the loop runs
         self._compose()
 
     def _compose(self) -> None:
@@ -114,6 +121,10 @@ class Supervisor:
         self.runtimes = Runtimes(running, self.resources, self.output, self.readiness)
         reload = Reload(running, self.resources, self.runtimes, self.lifecycle, self.stopper, console)
         self.operations = Operations(running, self.resources, self.lifecycle, self.stopper, link, reload, console, self.stop_requested)
+        self.recovery = ForkServerRecovery(running, link, tasks, console, self._held_by_fork_servers, self.stop_requested.set)
+        self.stop_bound = StopBound(running, link, console)
+        self.upgrade = Upgrade(self)
+        self.operations.upgrader = self.upgrade.request
         machine.bind(
             {
                 Action.LAUNCH: self.lifecycle.launch,
@@ -139,6 +150,10 @@ class Supervisor:
         for line in failure_report(rt.name, rt.state.label, rt.reason, self.running.runtime_dir / "logs"):
             self.console.note(line)
 
+    def _held_by_fork_servers(self) -> list[int]:
+        """What every fork server holds until it exits: the stack's lease of ids (cli/stack.py)."""
+        return [self.resources.ids.fd] if self.resources.ids is not None else []
+
     def _arm(self, rt: ServiceRuntime) -> None:
         """The ARM action: the sandbox runs."""
         self.readiness.arm(rt)
@@ -160,10 +175,21 @@ class Supervisor:
             self._prepare()
             return asyncio.run(held_back_at_the_end(self._main()))
         finally:
-            drop_stop_signals()  # a Ctrl-C now must not cut the clean-up short and leave things behind
-            if self.link.server is not None:
-                self.link.server.stop()
-            self.resources.cleanup()
+            self._end()
+
+    def resume(self, control: socket.socket, restore: Callable[[], None]) -> int:
+        """Run a stack an upgrade handed over (upgrade.py), its runtime rebuilt (resume.py):
+        `restore` re-arms it in the loop; the control socket is the one inherited."""
+        try:
+            return asyncio.run(held_back_at_the_end(self._resumed(control, restore)))
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        drop_stop_signals()  # a Ctrl-C now must not cut the clean-up short and leave things behind
+        if self.link.server is not None:
+            self.link.server.stop()
+        self.resources.cleanup()
 
     def _claim_runtime_dir(self) -> None:
         """Make the stack's runtime directory, atomically: whoever made it owns the name. A second
@@ -187,21 +213,17 @@ class Supervisor:
         self._claim_runtime_dir()
         if self.link.server is None:  # forked first, while this process has no thread and no event loop
             self.link.server = ForkServer.start()
+        why = shield_from_oom_killer()  # after the fork server's fork: it starts at 0, and puts itself back to 0 anyway
         self.resources.prepare(self.detached)
+        if why and self.console.logs is not None:  # in the log only: the host decides (CAP_SYS_RESOURCE)
+            self.console.logs.write("sandboxd", f"not shielded from the OOM killer: {why}")
         for service in self.running.stack.services:
             self.runtimes.add(service)
 
     # ── the event loop ──
 
     async def _main(self) -> int:
-        loop = asyncio.get_running_loop()
-        control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
-        await control.start()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal)
-        self.link.listen(self._on_fork_server_death)
-        for rt in self.running.services.values():
-            self.runtimes.attach(rt)
+        control = await self._serve(None)
         started = time.monotonic()
         self._start_all()
         settled = asyncio.gather(*(rt.settled.wait() for rt in self.running.services.values()))
@@ -209,17 +231,65 @@ class Supervisor:
         print_summary(self.console, self.running, time.monotonic() - started)
         self.machine.quiet_starts = False
         self.output.release()
+        return await self._until_down(control)
+
+    async def _resumed(self, sock: socket.socket, restore: Callable[[], None]) -> int:
+        control = await self._serve(sock)
+        self.machine.quiet_starts = False
+        self.output.release()
+        restore()
+        return await self._until_down(control)
+
+    async def _serve(self, sock: socket.socket | None) -> ControlServer:
+        """The control socket (bound now, or inherited), the signals, the fork server's replies,
+        each service's output and notify messages."""
+        loop = asyncio.get_running_loop()
+        self.control = control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
+        await control.start(sock)
+        loop.set_exception_handler(lambda loop, context: self._on_loop_exception(control, context))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        self.link.listen(self.recovery.on_death)
+        self._save_unsaved_record()
+        for rt in self.running.services.values():
+            self.runtimes.attach(rt)
+        return control
+
+    async def _until_down(self, control: ControlServer) -> int:
         await _first_of(self.stop_requested.wait(), self.done.wait())
         if self.stop_requested.is_set():
             self.console.note("stopping all services")
         await self._stop_all()
+        self.stop_bound.disarm()
         await control.close()
         for rt in self.running.services.values():
             self.output.drain(rt)
         self.link.close()
+        if self.recovery.gave_up:
+            return 1
         if self.stop_requested.is_set():
             return 0
         return 1 if any(rt.state is State.FAILED for rt in self.running.services.values()) else 0
+
+    def _save_unsaved_record(self) -> None:
+        """A state record that could not be written (the runtime directory was full) is written
+        again, whole, once there is room: looked at every RECORD_RETRY seconds."""
+        record = self.resources.record
+        if record is not None and record.unsaved:
+            record.save()
+            if not record.unsaved:
+                self.console.note("the state file is written again")
+        asyncio.get_running_loop().call_later(RECORD_RETRY, self._save_unsaved_record)
+
+    def _on_loop_exception(self, control: ControlServer, context: dict[str, object]) -> None:
+        """asyncio's accept of the control socket ran out of descriptors (EMFILE): it stops
+        accepting for a second and tries again; said once until a client is served again."""
+        if context.get("message") == "socket.accept() out of system resource":
+            if not control.short_of_descriptors:
+                control.short_of_descriptors = True
+                self.console.note(f"control socket: cannot accept a connection ({context.get('exception')}); trying again every second")
+            return
+        asyncio.get_running_loop().default_exception_handler(context)
 
     def _start_all(self) -> None:
         """Every service at once: those fed by a connection wait for it, those with `after:` for that."""
@@ -235,21 +305,20 @@ class Supervisor:
                 self.lifecycle.start(rt)
 
     def _on_signal(self) -> None:
+        """SIGINT or SIGTERM: stop the stack; a second one (Ctrl-C again, or `kill` again of a
+        detached supervisor that is already stopping): kill every cgroup now."""
         if self.stop_requested.is_set():
             self.console.note("second interrupt: killing every service now")
             self.running.stopping = True
             for rt in self.running.services.values():
                 rt.cgroup.kill()
+            self.stop_bound.arm(after_kill=True)
         self.stop_requested.set()
-
-    def _on_fork_server_death(self) -> None:
-        self.console.note("the fork server died; stopping")
-        for rt in self.running.services.values():
-            rt.cgroup.kill()
-        os.kill(os.getpid(), signal.SIGTERM)
 
     async def _stop_all(self) -> None:
         self.running.stopping = True
+        if self.stop_bound.timer is None:
+            self.stop_bound.arm()
         for rt in self.running.services.values():
             self.activation.unwatch(rt)
             if rt.state is State.WAITING:

@@ -9,6 +9,7 @@ removes what it lists.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -37,12 +38,26 @@ class StateRecord:
     dirs: list[str] = field(default_factory=list)
     subnets: list[str] = field(default_factory=list)  # so that other stacks choose others
     userns: dict[str, int] = field(default_factory=dict)  # the block of ids held (subids.py), for people and tools
+    stop_timeout: float = 10.0  # the longest of its services': how long `sandboxd down` waits before it escalates
+    unsaved: str = ""  # why the last save could not be written (the file on disk is the one before)
 
     def save(self) -> None:
+        """Write the record to a temporary file and rename it over state.json: a reader sees the
+        old record or the new one, never a part. Should the directory be full (ENOSPC), the old
+        record stays, `unsaved` says why, and the next save writes the whole record again."""
         tmp = self.directory / "state.json.tmp"
-        data = {"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs, "subnets": self.subnets, "userns": self.userns}
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.directory / "state.json")
+        data = {"pid": self.pid, "cgroups": self.cgroups, "files": self.files, "dirs": self.dirs, "subnets": self.subnets, "userns": self.userns, "stop_timeout": self.stop_timeout}
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(data))
+            os.replace(tmp, self.directory / "state.json")
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            tmp.unlink(missing_ok=True)
+            self.unsaved = e.strerror or str(e)
+            return
+        self.unsaved = ""
 
     def add(self, kind: str, *paths: str) -> None:
         """Record `paths` (cgroups, files or dirs) just made, in one rewrite of the file."""

@@ -26,7 +26,7 @@ from sandboxd.kernel.seam import EntryKind, Kernel
 
 Call = tuple[object, ...]
 # Queries of the file tree are answered, not recorded: a test reads what was done.
-_PATH_ARGUMENT = {"mount": 1, "umount2": 0, "mount_setattr": 0, "move_mount": 1, "pivot_root": 0, "chdir": 0, "mkdir": 0,
+_PATH_ARGUMENT = {"mount": 1, "umount2": 0, "clone_tree": 0, "mount_setattr": 0, "move_mount": 1, "pivot_root": 0, "chdir": 0, "mkdir": 0,
                   "makedirs": 0, "create_file": 0, "symlink": 1, "rmdir": 0, "write_file": 0, "open": 0}  # fmt: skip
 
 
@@ -67,6 +67,7 @@ class RecordingKernel:
             self.links[path] = target
         self._devices = 1
         self.devices: dict[str, int] = {"/": 1}
+        self.read_only: set[str] = set()  # mounts (host paths) made read-only: writes below them are EROFS
         for path in mount_points:
             self._new_mount(path)
         self.trees = {fd: list(entries) for fd, entries in (trees or {}).items()}
@@ -99,9 +100,20 @@ class RecordingKernel:
             parent = posixpath.dirname(parent)
         self.entries[path] = kind
 
-    def _new_mount(self, host_path: str) -> None:
+    def _new_mount(self, host_path: str, read_only: bool = False) -> None:
         self._devices += 1
         self.devices[host_path] = self._devices
+        (self.read_only.add if read_only else self.read_only.discard)(host_path)
+
+    def _mount_of(self, host_path: str) -> str:
+        while host_path not in self.devices:
+            host_path = posixpath.dirname(host_path)
+        return host_path
+
+    def _writable(self, path: str) -> None:
+        """EROFS if the folder `path` is made in is on a read-only mount."""
+        if self._mount_of(posixpath.dirname(self._host(path))) in self.read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
 
     def _host(self, path: str) -> str:
         """Where `path`, as the process names it now, is in the model (the host's view)."""
@@ -238,6 +250,8 @@ class RecordingKernel:
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
         self._do("mount", source, target, fstype, flags, data)
+        if flags & abi.MS_REMOUNT and flags & abi.MS_RDONLY:
+            self.read_only.add(self._mount_of(self._host(self._resolve(target))))
         if flags & abi.MS_REMOUNT or (flags & (abi.MS_PRIVATE | abi.MS_SLAVE) and not flags & abi.MS_BIND):
             return  # the same mount, other flags or propagation
         where = self._host(self._resolve(target))
@@ -248,7 +262,7 @@ class RecordingKernel:
             self._copy(self._host(dict(option.split("=", 1) for option in data.split(","))["lowerdir"]), where)
         elif flags & abi.MS_BIND and source is not None:
             self._copy(self._host(self._resolve(source)), where)
-        self._new_mount(where)
+        self._new_mount(where, bool(flags & abi.MS_RDONLY))
 
     def _copy(self, source: str, target: str) -> None:
         """What a bind (or an overlay's lower layer) shows at `target`: the entries below `source`."""
@@ -271,6 +285,27 @@ class RecordingKernel:
 
     def mount_setattr(self, path: str, attr_set: int, attr_clr: int = 0, recursive: bool = True) -> None:
         self._do("mount_setattr", path, attr_set, attr_clr, recursive)
+        where = self._mount_of(self._host(self._resolve(path)))
+        for mount in [m for m in self.devices if m == where or (recursive and _under(m, where))]:
+            if attr_set & abi.MOUNT_ATTR_RDONLY:
+                self.read_only.add(mount)
+            elif attr_clr & abi.MOUNT_ATTR_RDONLY:
+                self.read_only.discard(mount)
+
+    def clone_tree(self, path: str) -> int:
+        """A new descriptor whose tree holds what is below `path` now (or a single file)."""
+        self._do("clone_tree", path)
+        where = self._host(posixpath.join(self._resolve(posixpath.dirname(path)), posixpath.basename(path)))
+        fd = self._fd()
+        entries = []
+        for entry, kind in sorted(self.entries.items()):
+            if entry != where and _under(entry, where):
+                name = entry[len(where) :].lstrip("/")
+                entries.append(f"{name} -> {self.links[entry]}" if kind == "symlink" else name + "/" if kind == "dir" else name)
+        self.trees[fd] = entries
+        if self.entries.get(where) != "dir":
+            self.file_trees.add(fd)
+        return fd
 
     def move_mount(self, fd: int, target: str) -> None:
         self._do("move_mount", fd, target)
@@ -331,6 +366,7 @@ class RecordingKernel:
     def mkdir(self, path: str, mode: int = 0o777) -> None:
         self._do("mkdir", path, mode)
         where = self._host(path)
+        self._writable(path)
         if where in self.entries:
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
         if self.entries.get(posixpath.dirname(where)) != "dir":
@@ -339,17 +375,24 @@ class RecordingKernel:
 
     def makedirs(self, path: str, mode: int = 0o777) -> None:
         self._do("makedirs", path, mode)
+        existing = self._host(path)
+        while existing not in self.entries:
+            existing = posixpath.dirname(existing)
+        if existing != self._host(path) and self._mount_of(existing) in self.read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
         self._add(self._host(path), self.entries.get(self._host(path), "dir"))
 
     def create_file(self, path: str) -> None:
         self._do("create_file", path)
         where = self._host(path)
+        self._writable(path)
         if self.entries.get(posixpath.dirname(where)) != "dir":
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         self.entries.setdefault(where, "file")
 
     def symlink(self, target: str, path: str) -> None:
         self._do("symlink", target, path)
+        self._writable(path)
         self._add(self._host(path), "symlink")
         self.links[self._host(path)] = target
 

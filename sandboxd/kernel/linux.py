@@ -142,6 +142,15 @@ def clone_mount_tree(fd: int, name: str = "") -> int:
     return int(result)
 
 
+def clone_path_tree(path: str) -> int:
+    """A detached copy of the mount tree at `path` (its last name not followed, as a bind of a
+    symlink's own entry would not): open_tree(OPEN_TREE_CLONE | AT_RECURSIVE | AT_SYMLINK_NOFOLLOW)."""
+    flags = abi.OPEN_TREE_CLONE | abi.OPEN_TREE_CLOEXEC | abi.AT_RECURSIVE | abi.AT_SYMLINK_NOFOLLOW
+    result = _libc.syscall(abi.SYS_OPEN_TREE, ctypes.c_int(abi.AT_FDCWD), _b(path), ctypes.c_uint(flags))
+    _check(result, "open_tree", path)
+    return int(result)
+
+
 def move_mount(fd: int, target: str) -> None:
     """Attach the detached mount `fd` on `target` (a path in the caller's mount namespace)."""
     result = _libc.syscall(abi.SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(abi.AT_FDCWD), _b(target), ctypes.c_uint(abi.MOVE_MOUNT_F_EMPTY_PATH))

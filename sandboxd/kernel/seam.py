@@ -83,6 +83,9 @@ class Kernel(Confining, Protocol):
     def umount2(self, target: str, flags: int = 0) -> None: ...
     def mount_setattr(self, path: str, attr_set: int, attr_clr: int = 0, recursive: bool = True) -> None: ...
     def move_mount(self, fd: int, target: str) -> None: ...
+    def clone_tree(self, path: str) -> int:
+        """A detached copy of the mount tree at `path`, its last name not followed."""
+
     def pivot_root(self, new_root: str, put_old: str) -> None: ...
 
     # ── the file tree ──
@@ -198,6 +201,7 @@ class LinuxKernel:
         linux.mount_setattr(path, attr_set, attr_clr, recursive)
 
     move_mount = staticmethod(linux.move_mount)
+    clone_tree = staticmethod(linux.clone_path_tree)
     pivot_root = staticmethod(linux.pivot_root)
     chdir = staticmethod(os.chdir)
     lexists = staticmethod(os.path.lexists)

@@ -11,9 +11,11 @@
     4. the spec's mounts, tmpfs and used sockets, and sandboxd's own binds (notify socket, /etc
        files of networks): parents before children, so a bind below another lands on top of it
 
-The targets the spec asks for are checked against PathFacts (on the host's root a target must
-exist, or be new at the top level); `target_paths` says which paths that check may look at, so
-that the prepare step looks at them first.
+The targets the spec asks for are checked against PathFacts (on the host's root: a file where a
+directory is mounted, or the other way round, is refused; a target that does not exist is made,
+a new top-level one in the root's tmpfs, a deeper one by the set-up in a cover of its deepest
+existing folder); `target_paths` says which paths that check may look at, so that the prepare
+step looks at them first.
 """
 
 from __future__ import annotations
@@ -101,9 +103,15 @@ def requested_mounts(stack: Stack, service: Service, facts: HostFacts, owner: tu
     return requests, own_tmpfs
 
 
+def hostname_file(service: Service, facts: HostFacts) -> str:
+    """The file sandboxd writes with the service's host name, bound read-only on /etc/hostname."""
+    return f"{facts.runtime_dir}/etc/{service.name}/hostname"
+
+
 def sandboxd_binds(service: Service, facts: HostFacts) -> list[MountOp]:
-    """sandboxd's own files in the sandbox: the notify socket, the /etc files of its networks."""
-    binds = []
+    """sandboxd's own files in the sandbox: its /etc/hostname (as docker makes one), the notify
+    socket, the /etc files of its networks."""
+    binds = [MountOp("bind", "/etc/hostname", hostname_file(service, facts))]
     if uses_notify(service):
         binds.append(MountOp("bind", NOTIFY_PATH_IN_SANDBOX, f"{facts.runtime_dir}/notify/{service.name}", readonly=False))
     if service.attachments:
@@ -125,28 +133,41 @@ def _first_missing(path: str, exists: Callable[[str], bool]) -> str | None:
     return next((prefix for prefix in _prefixes(path) if not exists(prefix)), None)
 
 
-def _target_errors(service: Service, target: str, line: int, key: str, paths: PathFacts, hidden: tuple[str, ...]) -> tuple[list[SpecError], str | None]:
-    """Check one mount target; returns (errors, the mount point to make in a root of its own, or None)."""
+def _kind_error(target: str, directory: bool, paths: PathFacts) -> str | None:
+    """Why a mount of a directory (or of a file: not `directory`) cannot go at `target` on the
+    host's root, if it cannot: a file where a directory is mounted or the other way round, or a
+    file on the way to the target."""
+    missing = _first_missing(target, paths.exists)
+    if missing is None:
+        if paths.is_dir(target) != directory:
+            what = "a directory, and what is mounted there is a file" if paths.is_dir(target) else "a file, and what is mounted there is a directory"
+            return f"{target} is {what}; mount a {'file' if not directory else 'directory'} at a path that is one, or at a new path"
+        return None
+    parent = posixpath.dirname(missing)
+    if parent != "/" and not paths.is_dir(parent):
+        return f"{parent} is a file on the host's root, so {target} cannot be made below it"
+    return None
+
+
+def _target_errors(service: Service, request: MountRequest, directory: bool, paths: PathFacts, hidden: tuple[str, ...]) -> tuple[list[SpecError], str | None]:
+    """Check one mount target; returns (errors, the top-level mount point to make in a root of its
+    own, or None). On the host's root a target that does not exist is made: at the top level in
+    the root's tmpfs, deeper in a cover of its deepest existing folder (program.py), so that only
+    a target sandboxd manages, and one whose kind does not fit what is there, are refused."""
+    target, line, key = request.op.target, request.line, request.key
     if target in ("/", "/proc", "/dev", "/sys") or any(is_under(target, d) for d in ("/proc", "/dev")):
         return [SpecError(service.file, line, key, f"cannot mount over {target}: sandboxd manages it")], None
     if any(is_under(target, d) for d in TMPFS_DIRS) or service.image != "host":
-        return [], None  # an image's root is an overlay: mount points are made in its upper layer
+        return [], None  # the sandbox's own tmpfs, or an image's overlay: mount points are made there
     if any(is_under(target, h) and target != h for h in hidden):
         return [], None  # made in the hidden folder's mask (an empty tmpfs, sealed after the mounts)
+    problem = _kind_error(target, directory, paths)
+    if problem is not None:
+        return [SpecError(service.file, line, key, problem)], None
     missing = _first_missing(target, paths.exists)
-    if missing is None:
-        return [], None
-    if missing.count("/") == 1:
+    if missing is not None and missing.count("/") == 1:
         return [], target  # made, with its parents, in the root's tmpfs before it is sealed
-    return [
-        SpecError(
-            service.file,
-            line,
-            key,
-            f"{target} does not exist in the image and {posixpath.dirname(missing)} is read-only; "
-            "use an existing path, a new top-level directory (like /app), or a path under /tmp or /run",
-        )
-    ], None
+    return [], None
 
 
 def check_targets(service: Service, requests: Sequence[MountRequest], facts: HostFacts) -> tuple[list[SpecError], dict[str, bool]]:
@@ -155,10 +176,11 @@ def check_targets(service: Service, requests: Sequence[MountRequest], facts: Hos
     errors: list[SpecError] = []
     new_tops: dict[str, bool] = {}
     for request in requests:
-        found, top = _target_errors(service, request.op.target, request.line, request.key, facts.paths, facts.hidden)
+        directory = request.directory or facts.paths.is_dir(request.op.source)
+        found, top = _target_errors(service, request, directory, facts.paths, facts.hidden)
         errors.extend(found)
         if top is not None:
-            new_tops[top] = new_tops.get(top, False) or request.directory or facts.paths.is_dir(request.op.source)
+            new_tops[top] = new_tops.get(top, False) or directory
     return errors, new_tops
 
 
@@ -275,6 +297,8 @@ def service_mounts(
     masks = [MountOp("mask", path) for path in _unused_socket_files(stack, service)]
     masks += [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC] + hidden
     mounts[at:at] = masks
-    binds = [request.op for request in requests] + sandboxd_binds(service, facts)
+    # /etc/hostname before the spec's mounts: a spec's own /etc or /etc/hostname goes over it.
+    own = sandboxd_binds(service, facts)
+    binds = own[:1] + [request.op for request in requests] + own[1:]
     mounts += sorted(binds, key=lambda m: m.target.count("/"))
     return mounts, hidden

@@ -87,6 +87,7 @@ def serve(conn: socket.socket) -> NoReturn:
         gc.disable()
         gc.freeze()
         linux.prctl(abi.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _reset_oom_score_adj()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         make_decoders()
@@ -122,6 +123,16 @@ def serve(conn: socket.socket) -> NoReturn:
                     _reap(conn, children)
     except BaseException:  # noqa: BLE001 - a request that is not the protocol's ends it too
         os._exit(EXIT_UNEXPECTED)
+
+
+def _reset_oom_score_adj() -> None:
+    """The supervisor shields itself from the OOM killer (daemon/recovery.py); the sandboxes,
+    which inherit this process's value, must not be: back to the kernel's default, 0."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("0")
+    except OSError:
+        pass
 
 
 def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:

@@ -35,11 +35,14 @@ class ForkServer:
     def __init__(self, conn: socket.socket, pid: int) -> None:
         self.conn = conn
         self.pid = pid
-        self._next_id = 0
 
     @staticmethod
-    def start() -> ForkServer:
+    def start(replacing: bool = False) -> ForkServer:
         """Fork the fork server as pid 1 of a new pid namespace. Call before any thread exists.
+
+        `replacing`: a fork server in place of one that died, forked from the running supervisor
+        (daemon/recovery.py), which holds sockets, pipes and pidfds by then: the new fork server
+        closes every descriptor it inherited but its connection, so that it holds none of them.
 
         A fork costs in proportion to the pages of the process forked and those the child then
         touches (copy on write), so `sandboxd up` starts the fork server first, before it reads
@@ -58,6 +61,9 @@ class ForkServer:
                 pid = os.fork()
                 if pid == 0:
                     parent.close()
+                    if replacing:
+                        os.closerange(3, child.fileno())
+                        os.closerange(child.fileno() + 1, 1 << 20)
                     serve(child)
             finally:
                 linux.setns(own_pidns, abi.CLONE_NEWPID)
@@ -69,10 +75,6 @@ class ForkServer:
     def hold(self, fds: list[int]) -> None:
         """Have the fork server keep copies of `fds` open until it exits (HoldDescriptors)."""
         socket.send_fds(self.conn, [encode(HoldDescriptors(len(fds)))], fds)
-
-    def next_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
 
     def send_launch(
         self,

@@ -81,6 +81,7 @@ CALLS: dict[str, str] = {
     "fail": "iss",  # fail with errno, text and path (guarded)
     "bind_inside": "sfiis",  # target, tree, readonly, is_dir, refuse_under
     "tmpfs_inside": "szs",  # target, options, refuse_under
+    "seal_covers": "",  # the tmpfs covers bind_inside and tmpfs_inside made, read-only
     "report_executing": "",
     "report_executing_with": "f",  # with the listener, by SCM_RIGHTS
     "execve": "fSS",

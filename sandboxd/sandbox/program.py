@@ -22,8 +22,10 @@ walks its SetupOp list. The steps, in this order, each named so that its failure
 (Root of the user namespace the child became before it executed the interpreter: child.py.)
 
 What the walk used to ask while it ran is a guard the interpreter evaluates at that moment
-(ops.py), or a higher-level op (`bind_inside`, `tmpfs_inside`: at the realpath of the target,
-after pivot_root, refusing one under the old root), or an answer of the fork server's that is
+(ops.py), or a higher-level op (`bind_inside`, `tmpfs_inside`: after pivot_root, at the target
+resolved inside the sandbox and mounted by descriptor, refusing one under the old root; what is
+missing of the target is made where it would be, a read-only folder on the way first covered
+by a tmpfs that binds its entries back, sealed by `seal_covers`), or an answer of the fork server's that is
 the same (`HostView`: whether a bind's tree is a directory; the host root's entries, listed
 before the child's mount namespace differs from the fork server's).
 """
@@ -169,7 +171,9 @@ class RootProgram:
     pivoted into (bubblewrap's order of steps).
 
     Binds and the spec's own tmpfs are made after pivot_root, so that a target's path (and any
-    symlink in it) resolves inside the sandbox, never on the host.
+    symlink in it) resolves inside the sandbox, never on the host. A target missing below a
+    read-only folder (the host's /etc) gets its mount point in a cover of that folder: a tmpfs
+    with the folder's entries bound back on it, read-only once every mount is made (sbd-setup.c).
     """
 
     def __init__(self, k: OpRecorder, root: str, mounts: tuple[MountOp, ...], trees: Trees, view: HostView, locked: bool) -> None:
@@ -343,6 +347,9 @@ class RootProgram:
         """The last of the walk: masks that held mount points, an image's root with readonly_root,
         read-only; the host's root detached (unless it is the sandbox's, in place)."""
         k = self.k
+        if self.inside:
+            k.name = "make the folders made for mount points read-only"
+            k.record("seal_covers")
         for path, mark in self.masks_to_seal:
             k.name = f"make {path} read-only"
             with k.when(Guard("marked", mark=mark)):

@@ -51,6 +51,7 @@ class _State:
         self.channel = channel
         self.registers = registers
         self.marks: set[int] = set()
+        self.covers: list[str] = []  # folders covered to hold mount points, sealed by seal_covers
 
     def fd(self, value: Arg) -> int:
         assert isinstance(value, int)
@@ -178,13 +179,18 @@ class _State:
                 raise OSError(_int(a[0]), _str(a[1]), _str(a[2]))
             case "bind_inside" | "tmpfs_inside":
                 self.mount_inside(call, a)
+            case "seal_covers":
+                for folder in self.covers:
+                    k.mount_setattr(folder, READONLY | abi.MOUNT_ATTR_RDONLY, recursive=False)
+                self.covers.clear()
             case _:
                 raise ValueError(f"no such call in a set-up program: {call}")
 
     def mount_inside(self, call: str, a: tuple[Arg, ...]) -> None:
         """After pivot_root: a bind's detached tree or a tmpfs at the realpath of the target (a
         symlink on the way is followed inside the sandbox); one that leads under `refuse_under`
-        (the host's root, still at OLD_ROOT) is refused."""
+        (the host's root, still at OLD_ROOT) is refused. (The C resolves the target by descriptors
+        and mounts on the descriptor; the fake has paths only.)"""
         k, target = self.kernel, _str(a[0])
         real = k.realpath(target)
         refuse_under = _str(a[-1])
@@ -207,13 +213,48 @@ class _State:
         k.close(tree)
 
     def ensure_mountpoint(self, target: str, is_dir: bool) -> None:
+        """What is missing of `target`, made; a read-only folder on the way covered first."""
         if self.kernel.lexists(target):
             return
+        try:
+            self.make_mountpoint(target, is_dir)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            folder = os.path.dirname(target)
+            while not self.kernel.lexists(folder):
+                folder = os.path.dirname(folder)
+            if folder == "/":
+                raise OSError(errno.EROFS, "is a new top-level path on the sandbox's read-only root, reached through a symlink", target) from None
+            self.cover(folder)
+            self.make_mountpoint(target, is_dir)
+
+    def make_mountpoint(self, target: str, is_dir: bool) -> None:
         self.kernel.makedirs(os.path.dirname(target))
         if is_dir:
             self.kernel.mkdir(target)
         else:
             self.kernel.create_file(target)
+
+    def cover(self, folder: str) -> None:
+        """A tmpfs over the read-only `folder` with each of its entries made again on it and a
+        copy of its tree bound there (a symlink made as it was), sealed by seal_covers."""
+        k = self.kernel
+        entries = [(name, kind, k.readlink(f"{folder}/{name}") if kind == "symlink" else "") for name, kind in k.list_dir(folder)]
+        trees = {name: k.clone_tree(f"{folder}/{name}") for name, kind, _ in entries if kind != "symlink"}
+        k.mount("tmpfs", folder, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, "size=1m")
+        for name, kind, link in entries:
+            path = f"{folder}/{name}"
+            if kind == "symlink":
+                k.symlink(link, path)
+                continue
+            if kind == "dir":
+                k.mkdir(path, 0o755)
+            else:
+                k.create_file(path)
+            k.move_mount(trees[name], path)
+            k.close(trees[name])
+        self.covers.append(folder)
 
 
 def _int(value: Arg) -> int:

@@ -85,11 +85,12 @@ def test_root_file_system_folder_runs_as_an_image(run_stack, spec_dir: Path, sto
         image: {busybox_root(store)}
         restart: no
         workdir: /etc
-        command: ["/bin/sh", "-c", "pwd; cat hostname"]
+        command: ["/bin/sh", "-c", "pwd; cat group hostname"]
         """)
     stack = run_stack(spec_dir)
     assert stack.wait_exit() == 0
-    assert stack.lines("box") == ["/etc", "busybox"]
+    # The image's /etc/group (images/busybox/build); /etc/hostname is the service's own, as docker's.
+    assert stack.lines("box") == ["/etc", "root:x:0:", "nogroup:x:65534:", "box"]
 
 
 def test_volume_outlives_the_stack_until_removed(run_stack, spec_dir: Path, store: Path) -> None:

@@ -60,6 +60,9 @@ def request(mounts: Sequence[MountOp], **fields: object) -> LaunchSandbox:
     return LaunchSandbox(1, LaunchPlan(**plan), "/sys/fs/cgroup/unified/sandboxd/st/svc", (), ROOT, False, 0)  # type: ignore[arg-type]
 
 
+HOSTNAME_TREE = 77  # the copy of the service's /etc/hostname file
+
+
 @pytest.fixture
 def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -141,7 +144,9 @@ def test_a_planned_service_on_the_host_root_walks_without_a_mount_point_of_its_o
     paths = PathFacts({"/": True, "/bin/serve": False, "/etc": True, "/proc/kcore": False, "/proc/sys": True})
     plan = plan_stack(load_stack(tmp_path), HostFacts(architecture="x86_64", init_path="/opt/dumb-init", paths=paths))["a"]
     fake = kernel()
-    walk(fake, LaunchSandbox(1, plan, "/sys/fs/cgroup/unified/x", (), ROOT, False, 0), channel)
+    fake.file_trees.add(HOSTNAME_TREE)
+    walk(fake, LaunchSandbox(1, plan, "/sys/fs/cgroup/unified/x", (), ROOT, False, 0), channel, binds=(HOSTNAME_TREE,))
+    assert ("move_mount", HOSTNAME_TREE, "/etc/hostname") in fake.calls  # its own /etc/hostname, sandboxd's file
     mounted = [call[2] for call in fake.named("mount")]
     # The plan's order: /proc, /sys and /dev first, then what is hidden in them, then the tmpfs.
     assert mounted.index("/proc") < mounted.index("/proc/kcore") < mounted.index("/tmp")
@@ -355,3 +360,35 @@ def test_the_child_reports_executing_with_only_its_descriptors_left_and_executes
     assert isinstance(decode_status(data), Executing) and len(fds) == 1  # with the bind() listener
     assert fake.order().index("install_seccomp_listener") < fake.order().index("drop_bounding_set")
     assert isinstance(decode_status(channel[0].recv(4096)), Executing)
+
+
+def test_a_target_below_a_read_only_folder_is_made_in_a_cover_of_it_that_binds_its_entries_back(channel) -> None:
+    # /etc is the host's, read-only in place: its entries are copied onto a tmpfs over it, the new
+    # mount points made there, and the cover sealed after every mount; nothing is made in the host's /etc.
+    fake = kernel(trees={60: [], 61: []}, file_trees=[61], links={**HOST_LINKS, "/etc/localtime": "/usr/share/zoneinfo/UTC"})
+    binds = [MountOp("bind", "/etc/app/config.yaml", "/cfg/config.yaml"), MountOp("bind", "/etc/app2/data", "/srv/data")]
+    walk(fake, request([IN_PLACE, *BASE, *binds]), channel, binds=(61, 60))
+    calls = fake.calls
+    cover = calls.index(("mount", "tmpfs", "/etc", "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, "size=1m"))
+    clones = [c for c in calls[:cover] if c[0] == "clone_tree"]
+    assert clones == [("clone_tree", "/etc/hosts"), ("clone_tree", "/etc/resolv.conf")]  # the symlink is made again, not bound
+    assert ("symlink", "/usr/share/zoneinfo/UTC", "/etc/localtime") in calls[cover:]
+    assert cover < calls.index(("create_file", "/etc/hosts")) < calls.index(("create_file", "/etc/app/config.yaml")) < calls.index(("move_mount", 61, "/etc/app/config.yaml"))
+    assert calls.count(("mount", "tmpfs", "/etc", "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, "size=1m")) == 1  # /etc/app2 goes in the same cover
+    assert calls.index(("move_mount", 60, "/etc/app2/data")) < calls.index(("mount_setattr", "/etc", READONLY | abi.MOUNT_ATTR_RDONLY, 0, False))
+    assert "pivot_root" not in fake.order() and fake.lexists("/etc/hosts")
+
+
+def test_a_target_on_the_sandboxs_own_tmpfs_or_an_image_needs_no_cover(channel) -> None:
+    fake = kernel(trees={IMAGE_TREE: ["etc/"], 60: []})
+    walk(fake, request([IN_PLACE, *BASE, MountOp("bind", "/tmp/a/b", "/srv/data")]), channel, binds=(60,))
+    assert not fake.named("clone_tree") and ("makedirs", "/tmp/a", 0o777) in fake.calls
+    fake = kernel(trees={IMAGE_TREE: ["etc/"], 60: []})
+    walk(fake, request([MountOp("image-root", "/", IMAGE, readonly=True), *BASE, MountOp("bind", "/etc/app/x", "/srv/data")]), channel, binds=(60,))
+    assert not fake.named("clone_tree") and ("move_mount", 60, "/etc/app/x") in fake.calls
+
+
+def test_a_new_top_level_target_through_a_symlink_on_the_read_only_root_is_refused(channel) -> None:
+    fake = kernel(links={**HOST_LINKS, "/srv/data": "/newtop/data"}, trees={60: []})
+    code, message = failed(fake, request([IN_PLACE, *BASE, MountOp("bind", "/srv/data/x", "/srv")]), channel, binds=(60,))
+    assert code == 127 and message.path == "/newtop/data/x" and "new top-level path" in message.detail

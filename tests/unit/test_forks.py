@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from typing import Any, cast
 
 import pytest
 
-from sandboxd.daemon.forks import NOT_FORKED, Ended, ForkServerLink
+from sandboxd.daemon.forks import NOT_FORKED, SIGKILLED, Ended, ForkServerLink
 from sandboxd.sandbox.handle import ForkServer
 from sandboxd.sandbox.protocol import Exited, ForkFailed, Reply, decode_reply, encode
 
@@ -62,7 +63,7 @@ def test_each_end_reaches_the_request_that_awaits_it(server: FakeForkServer) -> 
 
     async def scenario() -> None:
         link = link_to(server)
-        link.listen(on_death=lambda: pytest.fail("the fork server is alive"))
+        link.listen(on_death=lambda dead: pytest.fail("the fork server is alive"))
         first, second = link.send(server.request), link.send(server.request)
         assert (first.id, second.id) == (1, 2)
         server.report(Exited(2, 9))
@@ -80,7 +81,7 @@ def test_an_end_no_longer_awaited_is_forgotten(server: FakeForkServer) -> None:
 
     async def scenario() -> None:
         link = link_to(server)
-        link.listen(on_death=lambda: None)
+        link.listen(on_death=lambda dead: None)
         sent = link.send(server.request)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(link.ended(sent), 0.01)
@@ -111,9 +112,52 @@ def test_the_fork_servers_death_is_said_once(server: FakeForkServer) -> None:
 
     async def scenario() -> None:
         link = link_to(server)
-        link.listen(on_death=lambda: deaths.append("dead"))
+        link.listen(on_death=lambda dead: deaths.append("dead" if dead is cast(Any, server) else "another"))
         server.other.close()
         await asyncio.sleep(0.05)
+        assert link.server is None
 
     run(scenario)
     assert deaths == ["dead"]
+
+
+def test_the_requests_of_a_dead_fork_server_end_as_lost_and_its_successors_wait_on(server: FakeForkServer) -> None:
+    successor = FakeForkServer()
+
+    async def scenario() -> None:
+        link = link_to(server)
+        gone: list[object] = []
+        link.listen(on_death=lambda dead: (gone.append(dead), link.replace(cast(ForkServer, successor))))
+        lost = [link.send(server.request), link.send(server.request)]
+        server.other.close()
+        while not gone:
+            await asyncio.sleep(0.001)
+        kept = link.send(successor.request)
+        assert kept.id == 3  # ids go on: none of the dead one's is used again
+        assert link.lose_pending() == 2
+        assert [await link.ended(sent) for sent in lost] == [Ended(SIGKILLED, server_died=True)] * 2
+        assert link.lose_pending() == 0
+        successor.report(Exited(kept.id, 0))
+        assert await link.ended(kept) == Ended(0)
+        link.close()
+
+    try:
+        run(scenario)
+    finally:
+        successor.close()
+
+
+def test_without_a_fork_server_a_request_is_refused_with_epipe(server: FakeForkServer) -> None:
+
+    async def scenario() -> None:
+        link = link_to(server)
+        link.listen(on_death=lambda dead: None)
+        server.other.close()
+        while link.server is not None:
+            await asyncio.sleep(0.001)
+        with pytest.raises(OSError) as refused:
+            link.send(server.request)
+        assert refused.value.errno == errno.EPIPE
+        assert link.pending == {}
+
+    run(scenario)

@@ -206,6 +206,22 @@ def test_the_interpreter_follows_symlinks_inside_as_realpath_does_and_refuses_th
 
 
 @needs_binary
+def test_the_interpreter_refuses_a_file_where_a_folder_is_and_the_other_way_round_by_name(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "link").symlink_to("folder")
+    for target, is_dir, detail in [
+        (tmp_path / "link", 0, "is a directory, and what is mounted there is a file"),
+        (tmp_path / "file", 1, "is not a directory, and what is mounted there is one"),
+    ]:
+        real = os.path.realpath(target)
+        code, said = interpreted([Op("s", "bind_inside", (str(target), -1, 1, is_dir, "/nowhere"))])
+        assert (code, said) == (127, protocol_encode(SetupFailed("s", f"{detail} ({real})", real, 127)))
+    code, said = interpreted([Op("s", "bind_inside", (str(tmp_path / "file" / "x"), -1, 1, 1, "/nowhere"))])
+    assert said == protocol_encode(SetupFailed("s", f"{os.strerror(errno.ENOTDIR)} ({tmp_path / 'file'})", str(tmp_path / "file"), 127))
+
+
+@needs_binary
 def test_the_interpreter_skips_a_guarded_op_reports_executing_and_executes(tmp_path: Path) -> None:
     made = tmp_path / "made"
     program = os.open("/bin/true", os.O_RDONLY | os.O_CLOEXEC)

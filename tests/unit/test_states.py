@@ -15,6 +15,7 @@ from sandboxd.daemon.console import Console
 from sandboxd.daemon.machine import ServiceMachine
 from sandboxd.daemon.runtime import Instance, ServiceRuntime
 from sandboxd.daemon.states import (
+    ALIVE,
     INSTANCE_LIFE,
     LIFE,
     Action,
@@ -77,6 +78,12 @@ ready          exit: failure      failed         -
 reloading      exit: failure      failed         -
 stopping       exit: stopped      stopped        -
 idle-stopping  exit: stopped      stopped        -
+starting       fork server died   failed         -
+running        fork server died   failed         -
+ready          fork server died   failed         -
+reloading      fork server died   failed         -
+stopping       fork server died   stopped        -
+idle-stopping  fork server died   stopped        -
 """
 
 INSTANCE_ROWS = """
@@ -341,3 +348,26 @@ def test_a_service_failing_for_good_before_it_was_ever_ready_is_told_once() -> N
     started.spec.ready = "started"
     transition(m, started, Event.LAUNCHED, "pid 7")
     assert started.was_ready  # with ready: started, running is ready
+
+
+SANDBOX_MAY_EXIST = (*ALIVE, State.STOPPING, State.IDLE_STOPPING)
+
+
+@pytest.mark.parametrize("state", SANDBOX_MAY_EXIST, ids=lambda s: s.value)
+def test_the_fork_server_dying_takes_every_service_with_a_sandbox_to_a_final_state(state: State) -> None:
+    m, _recorder, err = machine()
+    rt = FakeRuntime(state)
+    transition(m, rt, Event.FORK_SERVER_DIED, "the fork server died (killed by SIGKILL)")
+    assert rt.state in LIFE.final
+    assert rt.reason == "the fork server died (killed by SIGKILL)"
+    assert "the fork server died" in err.getvalue()
+
+
+@pytest.mark.parametrize("state", [s for s in State if s not in SANDBOX_MAY_EXIST], ids=lambda s: s.value)
+def test_a_service_without_a_sandbox_is_not_touched_by_the_fork_server_dying(state: State) -> None:
+    assert not LIFE.allows(state, Event.FORK_SERVER_DIED)
+
+
+def test_a_service_failed_by_the_fork_server_dying_may_be_started_again() -> None:
+    assert LIFE.step(State.FAILED, Event.START).next is State.STARTING
+    assert LIFE.step(State.STOPPED, Event.WAIT).next is State.WAITING

@@ -22,6 +22,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <grp.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
@@ -67,7 +68,7 @@ enum call {
     C_KEEP_ONLY_CAPABILITIES, C_INSTALL_SECCOMP, C_INSTALL_SECCOMP_LISTENER, C_OPEN, C_DUP_ABOVE,
     C_DUP2, C_CLOSE_OTHERS, C_MOUNT, C_UMOUNT2, C_MOUNT_SETATTR, C_MOVE_MOUNT, C_PIVOT_ROOT,
     C_CHDIR, C_MKDIR, C_MAKEDIRS, C_CREATE_FILE, C_SYMLINK, C_RMDIR, C_FAIL, C_BIND_INSIDE,
-    C_TMPFS_INSIDE, C_REPORT_EXECUTING, C_REPORT_EXECUTING_WITH, C_EXECVE, C_COUNT
+    C_TMPFS_INSIDE, C_SEAL_COVERS, C_REPORT_EXECUTING, C_REPORT_EXECUTING_WITH, C_EXECVE, C_COUNT
 };
 
 /* The guards, in the order of ops.GUARD_TESTS. */
@@ -403,17 +404,6 @@ static void dirname_of(const char *path, char *out)
             out[--n] = 0;
 }
 
-/* posixpath.join(a, b) into out */
-static void join(char *out, const char *a, const char *b)
-{
-    char joined[PATH_BUF];
-    if (b[0] == '/' || !a[0])
-        snprintf(joined, sizeof joined, "%s", b);
-    else
-        snprintf(joined, sizeof joined, "%s%s%s", a, a[strlen(a) - 1] == '/' ? "" : "/", b);
-    memcpy(out, joined, strlen(joined) + 1);
-}
-
 static bool is_dir(const char *path)
 {
     struct stat st;
@@ -424,65 +414,6 @@ static bool lexists(const char *path)
 {
     struct stat st;
     return lstat(path, &st) == 0;
-}
-
-/* posixpath.realpath(path) (not strict): what exists is resolved, the rest appended as it is.
- * More than 40 symlinks on the way is a failure (ELOOP), never a path left partly resolved:
- * the kernel would follow what is left afresh, with 40 more, wherever it leads (the host's
- * root under the old root included), past the check that is made on this answer. */
-static bool join_real(char *path, const char *rest, int *links)
-{
-    if (rest[0] == '/') {
-        strcpy(path, "/");
-        rest++;
-    }
-    while (*rest) {
-        const char *slash = strchr(rest, '/');
-        size_t n = slash ? (size_t)(slash - rest) : strlen(rest);
-        char name[PATH_BUF], newpath[PATH_BUF];
-        snprintf(name, sizeof name, "%.*s", (int)n, rest);
-        rest = slash ? slash + 1 : rest + n;
-        if (!n || strcmp(name, ".") == 0)
-            continue;
-        if (strcmp(name, "..") == 0) {
-            char head[PATH_BUF];
-            const char *tail = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-            bool up = strcmp(tail, "..") == 0;
-            dirname_of(path, head);
-            if (up)
-                join(path, path, "../..");
-            else
-                strcpy(path, head);
-            continue;
-        }
-        join(newpath, path, name);
-        struct stat st;
-        if (lstat(newpath, &st) != 0 || !S_ISLNK(st.st_mode)) {
-            strcpy(path, newpath);
-            continue;
-        }
-        char target[PATH_BUF];
-        if (++*links > 40)
-            fail_errno("", ELOOP, newpath);
-        ssize_t length = readlink(newpath, target, sizeof target - 1);
-        if (length < 0) {
-            join(path, newpath, rest);
-            return false;
-        }
-        target[length] = 0;
-        if (!join_real(path, target, links)) {
-            join(path, path, rest);
-            return false;
-        }
-    }
-    return true;
-}
-
-static void realpath_of(const char *path, char *out)
-{
-    int links = 0;
-    out[0] = 0;
-    join_real(out, path, &links);
 }
 
 /* os.makedirs(path, mode, exist_ok=True); a failure names the path that failed. `inner`: for a
@@ -511,22 +442,6 @@ static void makedirs_at(const char *path, mode_t mode, bool inner)
 static void makedirs(const char *path, mode_t mode)
 {
     makedirs_at(path, mode, false);
-}
-
-static void ensure_mountpoint(const char *target, bool directory)
-{
-    char parent[PATH_BUF];
-    if (lexists(target))
-        return;
-    dirname_of(target, parent);
-    makedirs(parent, 0777);
-    if (directory) {
-        CHECK(mkdir(target, 0777), "", target);
-    } else {
-        int fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
-        CHECK(fd, "", target);
-        close(fd);
-    }
 }
 
 static bool holds(const struct guard *g)
@@ -678,36 +593,322 @@ static void report_executing(int listener)
     CHECK(send_with_fd(channel, json, (size_t)n, listener), "", "");
 }
 
-/* bind_inside, tmpfs_inside: after pivot_root, at the realpath of the target (a symlink on the
- * way is followed inside the sandbox); one that leads under `refuse_under` is refused. */
-static void mount_inside(const struct op *op, bool bind)
+/* ── bind_inside, tmpfs_inside, seal_covers: the spec's mounts, after pivot_root ──
+ *
+ * A target is resolved once, by descriptors, and mounted on the descriptor it resolved to: the
+ * kernel never looks the path up again, so nothing renamed or swapped for a symlink in between
+ * (by a service of another sandbox writing a volume that an image's symlink leads into) moves
+ * the mount. The walk goes one name at a time with openat2(O_PATH | O_NOFOLLOW,
+ * RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS); a symlink is read and its target walked in its place
+ * from the sandbox's root (absolute) or where it is (relative), `..` goes back to the folder the
+ * walk came from (never above the root): posixpath.realpath's answer, found inside the sandbox.
+ * More than 40 symlinks is ELOOP at the link where it stops; a walk that reaches `refuse_under`
+ * (the host's root, still at OLD_ROOT) is refused before anything is made there.
+ *
+ * What is missing of the target is made (folders, then a folder or an empty file), in the
+ * deepest folder that exists. When that folder is read-only (the host's root, a folder bound
+ * from it, a mask), it is covered first, in the sandbox's mount namespace only: a tmpfs over it
+ * holds a mount point for each of its entries (a folder, an empty file, the symlink itself) with
+ * a copy of that entry's mount tree bound on it (open_tree(OPEN_TREE_CLONE | AT_RECURSIVE): the
+ * mounts below it, masks included, come along), and then the new mount point. seal_covers makes
+ * every cover read-only (itself only: the binds on it keep their flags) once all mounts are made.
+ * The host's file system is never written.
+ */
+
+#define SBD_OPEN_TREE_CLONE 1
+#define SBD_MOVE_MOUNT_T_EMPTY_PATH 0x40
+#define SBD_FSCONFIG_SET_FLAG 0
+#define SBD_FSCONFIG_SET_STRING 1
+#define SBD_FSCONFIG_CMD_CREATE 6
+#define SBD_RESOLVE_NO_MAGICLINKS 0x02
+#define SBD_RESOLVE_IN_ROOT 0x10
+#define MAX_DEPTH 256
+#define MAX_COVERS 64
+
+struct sbd_open_how {
+    uint64_t flags, mode, resolve;
+};
+
+/* "A/B" into `out` (of PATH_BUF), or "/B" when A is "/"; a longer path is ENAMETOOLONG. */
+static void path_of(char *out, const char *a, const char *b)
 {
-    const char *target = S(op, 0), *refuse_under = S(op, bind ? 4 : 2);
-    char real[PATH_BUF];
-    realpath_of(target, real);
-    size_t n = strlen(refuse_under);
-    if (n && strncmp(real, refuse_under, n) == 0 && (real[n] == 0 || real[n] == '/')) {
-        char detail[PATH_BUF + 64];
-        snprintf(detail, sizeof detail, "leads out of the sandbox through a symlink (%s)", target);
-        fail_with(detail, target, EXIT_SETUP_FAILED);
+    if (snprintf(out, PATH_BUF, "%s/%s", strcmp(a, "/") ? a : "", b) >= PATH_BUF)
+        fail_errno("", ENAMETOOLONG, a);
+}
+
+static int covers[MAX_COVERS];
+static int ncovers;
+
+/* The entry `name` of the folder `dir` itself (a symlink is not followed), as O_PATH. */
+static int open_entry(int dir, const char *name)
+{
+    struct sbd_open_how how = {O_PATH | O_NOFOLLOW | O_CLOEXEC, 0, SBD_RESOLVE_IN_ROOT | SBD_RESOLVE_NO_MAGICLINKS};
+    return (int)syscall(SYS_openat2, dir, name, &how, sizeof how);
+}
+
+static void attach(int tree, int target, const char *path)
+{
+    CHECK(syscall(SYS_move_mount, tree, "", target, "", SBD_MOVE_MOUNT_F_EMPTY_PATH | SBD_MOVE_MOUNT_T_EMPTY_PATH), "move_mount: ", path);
+}
+
+static void set_attr(int mount_fd, uint64_t set, uint64_t clear, bool recursive, const char *path)
+{
+    struct mount_attr_arg attr = {set, clear, 0, 0};
+    CHECK(syscall(SYS_mount_setattr, mount_fd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &attr, sizeof attr), "mount_setattr: ", path);
+}
+
+/* A detached tmpfs with `options` ("key=value,..."; a key alone is a flag), nosuid and nodev. */
+static int new_tmpfs(const char *options, const char *path)
+{
+    int fs = (int)syscall(SYS_fsopen, "tmpfs", 1 /* FSOPEN_CLOEXEC */);
+    CHECK(fs, "fsopen: ", path);
+    char copy[PATH_BUF];
+    snprintf(copy, sizeof copy, "%s", options ? options : "");
+    for (char *save = NULL, *option = strtok_r(copy, ",", &save); option; option = strtok_r(NULL, ",", &save)) {
+        char *value = strchr(option, '=');
+        if (value)
+            *value++ = 0;
+        CHECK(syscall(SYS_fsconfig, fs, value ? SBD_FSCONFIG_SET_STRING : SBD_FSCONFIG_SET_FLAG, option, value, 0), "fsconfig: ", path);
     }
-    if (!bind) {
-        ensure_mountpoint(real, true);
-        CHECK(mount("tmpfs", real, "tmpfs", MS_NOSUID | MS_NODEV, S(op, 1)), "mount: ", real);
+    CHECK(syscall(SYS_fsconfig, fs, SBD_FSCONFIG_CMD_CREATE, NULL, NULL, 0), "fsconfig: ", path);
+    int mnt = (int)syscall(SYS_fsmount, fs, 1 /* FSMOUNT_CLOEXEC */, SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV);
+    CHECK(mnt, "fsmount: ", path);
+    close(fs);
+    return mnt;
+}
+
+/* The names in the folder `dir` (O_PATH), but . and .., as one NUL-separated list; `*count` of them. */
+static char *list_names(int dir, const char *path, size_t *count)
+{
+    int fd = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    CHECK(fd, "", path);
+    DIR *d = fdopendir(fd);
+    if (!d)
+        fail_errno("", errno, path);
+    struct text names = {0};
+    put(&names, "", 0);
+    *count = 0;
+    for (struct dirent *e; (errno = 0, e = readdir(d));) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        put(&names, e->d_name, strlen(e->d_name) + 1);
+        ++*count;
+    }
+    if (errno)
+        fail_errno("", errno, path);
+    closedir(d);
+    return names.data;
+}
+
+/* The entry `name` of `dir` again in the cover `mnt`: its mount point, and a copy of its tree on it. */
+static void copy_entry(int dir, int mnt, const char *name, const char *path)
+{
+    struct stat st;
+    char where[PATH_BUF];
+    path_of(where, path, name);
+    CHECK(fstatat(dir, name, &st, AT_SYMLINK_NOFOLLOW), "", where);
+    if (S_ISLNK(st.st_mode)) {
+        char link[PATH_BUF];
+        ssize_t n = readlinkat(dir, name, link, sizeof link - 1);
+        CHECK(n, "", where);
+        link[n] = 0;
+        CHECK(symlinkat(link, mnt, name), "", where);
         return;
     }
-    int tree = FD(op, 1);
-    ensure_mountpoint(real, I(op, 3) != 0);
-    CHECK(syscall(SYS_move_mount, tree, "", AT_FDCWD, real, SBD_MOVE_MOUNT_F_EMPTY_PATH), "move_mount: ", real);
-    /* nosuid and nodev on every mount of the tree; read-only all of it, or writable only its own
-     * mount: a read-only mount of the host's below the source stays so (as docker keeps it). */
-    struct mount_attr_arg attr = {SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV | (I(op, 2) ? SBD_MOUNT_ATTR_RDONLY : 0), 0, 0, 0};
-    CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, AT_RECURSIVE, &attr, sizeof attr), "mount_setattr: ", real);
-    if (!I(op, 2)) {
-        struct mount_attr_arg writable = {0, SBD_MOUNT_ATTR_RDONLY, 0, 0};
-        CHECK(syscall(SYS_mount_setattr, AT_FDCWD, real, 0, &writable, sizeof writable), "mount_setattr: ", real);
+    if (S_ISDIR(st.st_mode)) {
+        CHECK(mkdirat(mnt, name, 0755), "", where);
+    } else {
+        int fd = openat(mnt, name, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
+        CHECK(fd, "", where);
+        close(fd);
+    }
+    int tree = (int)syscall(SYS_open_tree, dir, name, SBD_OPEN_TREE_CLONE | O_CLOEXEC | AT_RECURSIVE | AT_SYMLINK_NOFOLLOW);
+    CHECK(tree, "open_tree: ", where);
+    int point = open_entry(mnt, name);
+    CHECK(point, "", where);
+    attach(tree, point, where);
+    close(point);
+    close(tree);
+}
+
+/* Cover the read-only folder `dir` (at `path`) with a tmpfs that shows the same entries and can
+ * take new mount points; returns the tmpfs's root, where the walk goes on. */
+static int cover(int dir, const char *path)
+{
+    if (ncovers == MAX_COVERS)
+        fail_with("too many read-only folders to make mount points in", path, EXIT_SETUP_FAILED);
+    struct stat st;
+    CHECK(fstat(dir, &st), "", path);
+    size_t count;
+    char *names = list_names(dir, path, &count);
+    char options[128];
+    snprintf(options, sizeof options, "mode=%o,uid=%u,gid=%u,size=1m,nr_inodes=%zu", (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid, (unsigned)st.st_gid, count + 1024);
+    int mnt = new_tmpfs(options, path);
+    const char *name = names;
+    for (size_t k = 0; k < count; k++, name += strlen(name) + 1)
+        copy_entry(dir, mnt, name, path);
+    free(names);
+    attach(mnt, dir, path);
+    covers[ncovers++] = mnt;
+    return mnt;
+}
+
+struct walk {
+    int fds[MAX_DEPTH]; /* fds[0] the sandbox's root, fds[k] the folder k names down */
+    int depth;
+    char path[PATH_BUF]; /* where the walk is, as realpath names it */
+    const char *target, *refuse_under;
+};
+
+static void walk_down(struct walk *w, int fd, const char *name)
+{
+    if (w->depth + 1 == MAX_DEPTH)
+        fail_errno("", ENAMETOOLONG, w->target);
+    w->fds[++w->depth] = fd;
+    size_t n = strlen(w->path);
+    snprintf(w->path + n, sizeof w->path - n, "%s%s", n > 1 ? "/" : "", name);
+    size_t u = strlen(w->refuse_under);
+    if (u && strncmp(w->path, w->refuse_under, u) == 0 && (w->path[u] == 0 || w->path[u] == '/')) {
+        char detail[PATH_BUF + 64];
+        snprintf(detail, sizeof detail, "leads out of the sandbox through a symlink (%s)", w->target);
+        fail_with(detail, w->target, EXIT_SETUP_FAILED);
+    }
+}
+
+static void walk_up(struct walk *w, int to)
+{
+    while (w->depth > to) {
+        close(w->fds[w->depth--]);
+        char *slash = strrchr(w->path, '/');
+        slash[slash == w->path ? 1 : 0] = 0;
+    }
+}
+
+/* Make the missing `name` in the folder the walk is at (a folder, or an empty file), covering
+ * that folder first if it is read-only; returns it as O_PATH. Something made there meanwhile
+ * (EEXIST) is taken as it is: its kind is checked like any found. */
+static int make_entry(struct walk *w, const char *name, bool folder)
+{
+    char where[PATH_BUF];
+    path_of(where, w->path, name);
+    for (bool covered = false;; covered = true) {
+        int dir = w->fds[w->depth];
+        int made = folder ? mkdirat(dir, name, 0755) : openat(dir, name, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (made >= 0 || errno == EEXIST) {
+            if (made >= 0 && !folder)
+                close(made);
+            break;
+        }
+        if (errno != EROFS || covered)
+            fail_errno("", errno, where);
+        if (w->depth == 0)
+            fail_with("is a new top-level path on the sandbox's read-only root, reached through a symlink", w->target, EXIT_SETUP_FAILED);
+        int mnt = cover(dir, w->path);
+        close(dir);
+        w->fds[w->depth] = fcntl(mnt, F_DUPFD_CLOEXEC, 0);
+        CHECK(w->fds[w->depth], "", w->path);
+    }
+    int fd = open_entry(w->fds[w->depth], name);
+    CHECK(fd, "", where);
+    return fd;
+}
+
+/* Resolve the absolute `w->target` inside the sandbox's root (above), making what is missing of
+ * it (the last name a folder if `directory`); the walk ends at it. */
+static void resolve_target(struct walk *w, bool directory)
+{
+    char todo[PATH_BUF], next[PATH_BUF], where[PATH_BUF], link[PATH_BUF];
+    int links = 0;
+    bool making = false;
+    snprintf(todo, sizeof todo, "%s", w->target);
+    w->depth = 0;
+    strcpy(w->path, "/");
+    w->fds[0] = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    CHECK(w->fds[0], "", "/");
+    for (char *rest = todo; *(rest += strspn(rest, "/"));) {
+        size_t n = strcspn(rest, "/");
+        char name[PATH_BUF];
+        snprintf(name, sizeof name, "%.*s", (int)n, rest);
+        rest += n;
+        bool last = !rest[strspn(rest, "/")];
+        path_of(where, w->path, name);
+        if (strcmp(name, ".") == 0)
+            continue;
+        if (strcmp(name, "..") == 0) {
+            if (making)
+                fail_errno("", ENOENT, where);
+            walk_up(w, w->depth ? w->depth - 1 : 0);
+            continue;
+        }
+        int fd = making ? -1 : open_entry(w->fds[w->depth], name);
+        if (fd < 0 && !making && errno != ENOENT)
+            fail_errno("", errno, where);
+        if (fd < 0) {
+            making = true;
+            fd = make_entry(w, name, !last || directory);
+        }
+        struct stat st;
+        CHECK(fstat(fd, &st), "", where);
+        if (S_ISLNK(st.st_mode)) {
+            if (++links > 40)
+                fail_errno("", ELOOP, where);
+            ssize_t length = readlinkat(fd, "", link, sizeof link - 1);
+            CHECK(length, "", where);
+            link[length] = 0;
+            close(fd);
+            if (link[0] == '/')
+                walk_up(w, 0);
+            path_of(next, link, rest);
+            memcpy(todo, next, strlen(next) + 1);
+            rest = todo;
+            continue;
+        }
+        walk_down(w, fd, name);
+        if (!last && !S_ISDIR(st.st_mode))
+            fail_errno("", ENOTDIR, w->path);
+    }
+    if (w->depth == 0)
+        fail_with("leads to the sandbox's root, which sandboxd mounts", w->target, EXIT_SETUP_FAILED);
+}
+
+/* bind_inside (target, tree, readonly, is_dir, refuse_under), tmpfs_inside (target, options,
+ * refuse_under): the tree or a new tmpfs on the target's descriptor, then its flags set
+ * through the tree's own descriptor. */
+static void mount_inside(const struct op *op, bool bind)
+{
+    bool directory = !bind || I(op, 3) != 0, readonly = bind && I(op, 2) != 0;
+    struct walk w = {.target = S(op, 0), .refuse_under = S(op, bind ? 4 : 2)};
+    resolve_target(&w, directory);
+    int target = w.fds[w.depth];
+    struct stat st;
+    CHECK(fstat(target, &st), "", w.path);
+    if (S_ISDIR(st.st_mode) != directory) {
+        char detail[PATH_BUF + 64];
+        snprintf(detail, sizeof detail, directory ? "is not a directory, and what is mounted there is one (%s)" : "is a directory, and what is mounted there is a file (%s)", w.path);
+        fail_with(detail, w.path, EXIT_SETUP_FAILED);
+    }
+    int tree = bind ? FD(op, 1) : new_tmpfs(S(op, 1), w.path);
+    attach(tree, target, w.path);
+    if (bind) {
+        /* nosuid and nodev on every mount of the tree; read-only all of it, or writable only its
+         * own mount: a read-only mount of the host's below the source stays so (as docker keeps it). */
+        set_attr(tree, SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV | (readonly ? SBD_MOUNT_ATTR_RDONLY : 0), 0, true, w.path);
+        if (!readonly)
+            set_attr(tree, 0, SBD_MOUNT_ATTR_RDONLY, false, w.path);
     }
     CHECK(close(tree), "", "");
+    walk_up(&w, 0);
+    close(w.fds[0]);
+}
+
+/* The covers read-only, each itself only (the binds on it keep their flags). */
+static void seal_covers(void)
+{
+    for (int k = 0; k < ncovers; k++) {
+        set_attr(covers[k], SBD_MOUNT_ATTR_RDONLY | SBD_MOUNT_ATTR_NOSUID | SBD_MOUNT_ATTR_NODEV, 0, false, "a folder made to hold mount points");
+        close(covers[k]);
+    }
+    ncovers = 0;
 }
 
 /* ── one op ── */
@@ -784,6 +985,7 @@ static long run(const struct op *op)
     }
     case C_BIND_INSIDE: mount_inside(op, true); break;
     case C_TMPFS_INSIDE: mount_inside(op, false); break;
+    case C_SEAL_COVERS: seal_covers(); break;
     case C_REPORT_EXECUTING: report_executing(-1); break;
     case C_REPORT_EXECUTING_WITH: report_executing(FD(op, 0)); break;
     case C_EXECVE:

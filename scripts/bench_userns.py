@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import select
 import shutil
@@ -28,6 +30,7 @@ RUNS = 200
 QUICK_RUNS = 60
 WARMUP = 10
 TARGET_MS = 0.5
+_launch_ids = itertools.count(1)  # request ids, as the supervisor's link numbers them (forks.py)
 
 
 def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) -> float:
@@ -36,7 +39,7 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
 
     assert isinstance(fork_server, ForkServer)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    launch_id = fork_server.next_id()
+    launch_id = next(_launch_ids)
     started = time.monotonic_ns()
     # The bind's source, held as the supervisor holds it (pins.py).
     sources = [os.open(op.source, os.O_PATH | os.O_CLOEXEC) for op in plan.mounts if op.kind == "bind"]  # type: ignore[attr-defined]
@@ -70,6 +73,7 @@ def _launch_ms(fork_server: object, plan: object, cgroup: object, root: Path) ->
 
 
 def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> list[str]:
+    from sandboxd.daemon.runtimes import write_hostname_file
     from sandboxd.host.cgroups import cgroup_manager, detect
     from sandboxd.sandbox.handle import ForkServer
     from sandboxd.host.prepare import make_plans
@@ -81,12 +85,16 @@ def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> l
     (folder / "default.yaml").write_text("kind: service\ncommand: ['true']\nmounts: [{source: ., target: /tmp/b}]\n")
     (folder / "host.yaml").write_text("kind: service\ncommand: ['true']\nuserns: false\nmounts: [{source: ., target: /tmp/b}]\n")
     instance = "sbdbench-userns"
+    runtime_dir = Path(f"/run/sandboxd/{instance}")
     ids = lease(instance)
     cgroups = cgroup_manager(detect(), instance)
     fork_server = ForkServer.start()
     times: dict[str, list[float]] = {"host": [], "default": []}
     try:
-        plans = make_plans(load_stack(folder), f"/run/sandboxd/{instance}", echo=False, userns=ids.userns)
+        stack = load_stack(folder)
+        plans = make_plans(stack, str(runtime_dir), echo=False, userns=ids.userns)
+        for service in stack.services:  # what the supervisor writes for each service (its /etc/hostname)
+            write_hostname_file(runtime_dir / "etc" / service.name, service.hostname)
         cgroups.setup()
         groups = {name: cgroups.create(name) for name in times}
         for round_ in range(WARMUP + runs):
@@ -102,6 +110,9 @@ def userns_section(root: Path, quick: bool, problem: Callable[[str], None]) -> l
         cgroups.teardown()
         ids.release()
         shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            runtime_dir.parent.rmdir()  # /run/sandboxd, unless a stack runs
     host, default = (statistics.median(times[n]) for n in ("host", "default"))
     cost = default - host
     mean_cost = statistics.fmean(times["default"]) - statistics.fmean(times["host"])

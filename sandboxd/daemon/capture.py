@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sandboxd.daemon.health import HealthChecks
     from sandboxd.daemon.operations import Operations
     from sandboxd.daemon.output import Output
+    from sandboxd.daemon.proxy import Proxies
     from sandboxd.daemon.resources import StackResources
     from sandboxd.daemon.runtime import RunningStack
 
@@ -33,6 +34,7 @@ class Upgradable(Protocol):
     link: ForkServerLink
     activation: Activation
     health: HealthChecks
+    proxies: Proxies
     output: Output
     console: Console
     operations: Operations
@@ -75,7 +77,7 @@ def capture(sup: Upgradable, token: str, upgrades: int, record_format: int | Non
     specs = {name: rt.spec for name, rt in running.services.items()}  # as a service changed its own (WATCHDOG_USEC=)
     spec = pack_spec((running.stack, running.plans, running.limits, running.networks, ids.userns if ids is not None else None, specs))
     namespaces = running.namespaces.fds if running.namespaces is not None else {}
-    services = tuple(_service(rt, named) for rt in running.services.values())
+    services = tuple(_service(rt, named, sup.proxies.started.get(rt.name, {})) for rt in running.services.values())
     instances = tuple(
         InstanceRecord(request_id, i.rt.name, i.name, named(i.pidfd, f"{i.name}: pidfd"), i.state.value) for request_id, i in sup.activation.instances.items()
     )
@@ -109,7 +111,7 @@ def capture(sup: Upgradable, token: str, upgrades: int, record_format: int | Non
     )
 
 
-def _service(rt: ServiceRuntime, named: _Named) -> ServiceRecord:
+def _service(rt: ServiceRuntime, named: _Named, proxies: dict[str, int]) -> ServiceRecord:
     launch, name = rt.launch, rt.name
     ended = launch.exit
     timer = rt.restarts.timer
@@ -138,4 +140,5 @@ def _service(rt: ServiceRuntime, named: _Named) -> ServiceRecord:
         baseline=tuple(rt.cgroup.baseline.items()),
         connections=rt.connections.counter,
         active=rt.connections.active,
+        proxies=tuple(sorted(proxies.items())),
     )

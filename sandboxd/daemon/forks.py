@@ -26,7 +26,7 @@ import os
 import signal
 import socket
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sandboxd.daemon.runtime import ServiceRuntime, command_env
@@ -100,6 +100,20 @@ class ForkServerLink:
             del self.pending[request_id]
             raise
         return Sent(request_id, channel, end)
+
+    def adopt(self, request_id: int) -> Awaitable[Ended]:
+        """The end of a request the sandboxd this one was upgraded from sent (resume.py), awaited
+        under its id, registered now: the fork server's reply names it."""
+        future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+
+        async def ended() -> Ended:
+            try:
+                return await future
+            finally:
+                self.pending.pop(request_id, None)
+
+        return ended()
 
     async def ended(self, sent: Sent) -> Ended:
         """How what `sent` started ended. Cancelled (a timeout), its end is no longer awaited."""

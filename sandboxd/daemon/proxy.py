@@ -29,9 +29,10 @@ import errno
 import os
 import signal
 import stat
+from collections.abc import Awaitable
 
 from sandboxd.daemon.console import Console
-from sandboxd.daemon.forks import ForkServerLink
+from sandboxd.daemon.forks import Ended, ForkServerLink
 from sandboxd.daemon.runtime import RunningStack, ServiceRuntime
 from sandboxd.daemon.states import ALIVE, State
 from sandboxd.daemon.tasks import Background
@@ -78,6 +79,7 @@ class Proxies:
         self.link = link
         self.tasks = tasks
         self.console = console
+        self.started: dict[str, dict[str, int]] = {}  # service -> socket -> request id of its running proxy
 
     def start(self, rt: ServiceRuntime) -> None:
         """Its sandbox runs: watch each proxy's address until the program listens there. Not for a
@@ -87,13 +89,26 @@ class Proxies:
             if sock.proxy is not None and not holds_proxy_address(sock):
                 self.tasks.spawn(self._proxy_while_running(rt, sock, rt.launch.id), "the proxy watch")
 
+    def adopt(self, rt: ServiceRuntime, running: dict[str, int]) -> None:
+        """After an upgrade in place (resume.py): each proxy socket watched again; a proxy the
+        sandboxd before started (`running`: socket -> request id) forwards on, and its end is
+        awaited under its request id, then it is started again as any proxy that ended."""
+        for sock in self.running.stack.sockets_of(rt.spec.name):
+            if sock.proxy is not None and not holds_proxy_address(sock):
+                self.tasks.spawn(self._proxy_while_running(rt, sock, rt.launch.id, running.get(sock.name)), "the proxy watch")
+
     def _same_sandbox(self, rt: ServiceRuntime, launch_id: int) -> bool:
         return rt.launch.id == launch_id and rt.state in ALIVE and not self.running.stopping and rt.launch.pid > 0
 
-    async def _proxy_while_running(self, rt: ServiceRuntime, sock: Socket, launch_id: int) -> None:
+    async def _proxy_while_running(self, rt: ServiceRuntime, sock: Socket, launch_id: int, adopted: int | None = None) -> None:
         assert sock.proxy is not None
         pid = rt.launch.pid
         delay, waited, warned, failures = POLL_FIRST, 0.0, False, 0
+        if adopted is not None:  # started by the sandboxd this one was upgraded from
+            status = await self._ended(rt, sock, adopted, self.link.adopt(adopted))
+            failures += 1
+            if not await self._pause_after(rt, sock, launch_id, f"wait status {status}", failures):
+                return
         while self._same_sandbox(rt, launch_id) and sock.name not in rt.handoff.handed_off:
             try:
                 # With a readiness check, connections wait for it too: a program may listen a
@@ -116,13 +131,29 @@ class Proxies:
                 text = f"wait status {status}"
             except OSError as e:
                 text = f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e)
-            if not self._same_sandbox(rt, launch_id):
-                return
             failures += 1
-            pause = min(POLL_MAX * 2**failures, 5.0)
-            self.console.note(f"{rt.spec.name}: the proxy of socket {sock.name} ended ({text}); starting it again in {pause:g} s")
-            await asyncio.sleep(pause)
+            if not await self._pause_after(rt, sock, launch_id, text, failures):
+                return
             delay = POLL_FIRST
+
+    async def _pause_after(self, rt: ServiceRuntime, sock: Socket, launch_id: int, text: str, failures: int) -> bool:
+        """A proxy ended (`text` says how): False if its sandbox is gone too, else True once it
+        may be started again (a pause growing with the ends in a row)."""
+        if not self._same_sandbox(rt, launch_id):
+            return False
+        pause = min(POLL_MAX * 2**failures, 5.0)
+        self.console.note(f"{rt.spec.name}: the proxy of socket {sock.name} ended ({text}); starting it again in {pause:g} s")
+        await asyncio.sleep(pause)
+        return True
+
+    async def _ended(self, rt: ServiceRuntime, sock: Socket, request_id: int, end: Awaitable[Ended]) -> int:
+        """The wait status of the running proxy `request_id`, known as running until it ended
+        (an upgrade carries it over: capture.py)."""
+        self.started.setdefault(rt.spec.name, {})[sock.name] = request_id
+        try:
+            return (await end).status
+        finally:
+            del self.started[rt.spec.name][sock.name]
 
     async def _run_proxy(self, rt: ServiceRuntime, sock: Socket, pid: int) -> int:
         assert sock.proxy is not None
@@ -148,7 +179,7 @@ class Proxies:
             if target_fd >= 0:
                 os.close(target_fd)
         try:
-            status = (await self.link.ended(sent)).status
+            status = await self._ended(rt, sock, sent.id, self.link.ended(sent))
             try:
                 _kind, _ = read_status(sent.channel, f"{rt.spec.name} (proxy)")
             except LaunchError as e:

@@ -15,7 +15,8 @@ field against the new code's classes. Pure: encoding, decoding and the checks, n
     control_fd, lease_fd                      the control socket, the subordinate ids' lock
     state_*                                   the state file's lists (host/state.py)
     netns, sockets                            network namespaces and bound sockets, by descriptor
-    services, instances                       each service's runtime; each per-connection sandbox
+    services, instances                       each service's runtime (its running proxies by request id);
+                                              each per-connection sandbox
     started_wall, exec_count                  what `ps` and `exec` count
     spec                                      base64 pickle of (stack, plans, limits, networks, userns)
     descriptors                               (fd, what, kind) of every inherited descriptor
@@ -91,6 +92,7 @@ class ServiceRecord:
     baseline: tuple[tuple[str, int], ...]
     connections: int  # per-connection instances counted so far (their names)
     active: int  # ... and running now
+    proxies: tuple[tuple[str, int], ...]  # (socket, the fork server's request id) of each running proxy
 
 
 @dataclass(frozen=True)

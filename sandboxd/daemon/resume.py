@@ -133,30 +133,17 @@ def _rebuild_service(sup: Supervisor, rec: ServiceRecord, spec: Service) -> None
     running.services[rec.name] = rt
 
 
-def _end_of(link: ForkServerLink, request_id: int) -> Awaitable[Ended]:
-    """The end of a request the old process sent, awaited under its id (registered now)."""
-    future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
-    link.pending[request_id] = future
-
-    async def ended() -> Ended:
-        try:
-            return await future
-        finally:
-            link.pending.pop(request_id, None)
-
-    return ended()
-
-
 def _restore(sup: Supervisor, record: StackRecord) -> None:
     """In the loop, before it reads anything: every end awaited again, every service's timers and
     watches as at a launch, the outcome for the CLI; then the signals held across the exec."""
     for rec in record.services:
         rt = sup.running.services[rec.name]
         if rt.state in ALIVE:
-            sup.lifecycle.adopt(rt, _end_of(sup.link, rt.launch.id))
+            sup.lifecycle.adopt(rt, sup.link.adopt(rt.launch.id))
             if rec.listener >= 0:
                 sup.lifecycle.handoff.watch(rt, rec.listener)
                 rt.handoff.handed_off = set(rec.handed_off)
+            sup.proxies.adopt(rt, dict(rec.proxies))
             sup.readiness.arm(rt)
             sup.health.arm(rt)
             sup.idle.arm(rt)
@@ -169,7 +156,7 @@ def _restore(sup: Supervisor, record: StackRecord) -> None:
         rt = sup.running.services[inst.service]
         cgroup = sup.resources.cgroups.create(inst.name, parent=rt.cgroup)
         instance = Instance(rt, inst.name, cgroup, None, inst.pidfd, InstanceState(inst.state))
-        sup.activation.adopt(instance, inst.id, _end_of(sup.link, inst.id))
+        sup.activation.adopt(instance, inst.id, sup.link.adopt(inst.id))
     asyncio.get_running_loop().call_soon(sup.dependencies.release)
     sup.dependencies.check_done()
     previous = f"sandboxd {record.version}"

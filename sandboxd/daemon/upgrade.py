@@ -6,7 +6,7 @@ descriptor a sandbox depends on, as systemd's daemon-reexec does.
     ───  upgrade(token) ──────▶ settle: no launch, stop, control request,
                                 health check or exec in flight (bounded;
                                 activation and health checks paused)
-         ◀── refused: why ───── (not settled in time; a proxy forwards)
+         ◀── refused: why ───── (not settled in time; a `sandboxd exec` runs)
          ◀── {"ok": true} ───── accepted; then, in one callback of the loop:
                                 the record (record.py) into a memfd;
                                 `python -m sandboxd.daemon.reexec check FD`
@@ -24,7 +24,8 @@ the fork server's replies on its link, control requests in the control socket's 
 process takes them all from there. What cannot be carried is waited for (a launch until its
 child execs, a stop until its exit, a health check until its end, a control request until it is
 answered) or refused: a running `sandboxd exec` (its command's life is bound to its control
-connection) and a running forwarding proxy are refused with the reason.
+connection) is refused with the reason. A running proxy (systemd-socket-proxyd, a child of the
+fork server) goes on forwarding; the new process awaits its end under its request id (proxy.py).
 """
 
 from __future__ import annotations
@@ -175,13 +176,11 @@ def unsettled(sup: Upgradable) -> tuple[str, bool]:
             return f"{rt.name} is being killed", False
         if rt.health.probe is not None:
             return f"{rt.name}: its health check is running", False
-        proxied = [s.name for s in sup.running.stack.sockets_of(rt.name) if s.proxy is not None and s.name not in rt.handoff.handed_off]
-        if rt.state in ALIVE and proxied:
-            return f"{rt.name}: a proxy forwards socket {proxied[0]} (proxies are not carried over yet)", True
     for instance in sup.activation.instances.values():
         if instance.channel is not None or instance.state in (InstanceState.STARTING, InstanceState.STOPPING):
             return f"{instance.name} is starting", False
     known = {rt.launch.id for rt in sup.running.services.values() if rt.state in ALIVE} | set(sup.activation.instances)
+    known |= {request_id for running in sup.proxies.started.values() for request_id in running.values()}
     if set(sup.link.pending) - known:
         return "a request to the fork server is under way", False
     return "", False

@@ -248,3 +248,71 @@ def test_a_foreground_stack_is_upgraded_and_still_stops_on_ctrl_c(run_stack, spe
     stack.wait_for("upgraded in place from sandboxd", "err")  # said on the same terminal
     assert _what_ps_says("fg") == before and _ask(port) == "api"
     assert stack.stop() == 0  # SIGINT, handled by the new code
+
+
+OWN_BIND = r'''
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 7000))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(b"cache\n")
+    c.close()
+'''
+
+
+def _proxies(stack: str, service: str) -> list[int]:
+    """The pids of the proxies running in the service's cgroup (systemd-socket-proxyd)."""
+    pids = (cgroup_dir(service, stack=stack) / "cgroup.procs").read_text().split()
+    return [int(pid) for pid in pids if _comm(pid) == "systemd-socket-"]
+
+
+def _comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def test_a_forwarding_proxy_forwards_on_across_an_upgrade_and_is_restarted_after_it(spec_dir: Path) -> None:
+    write(spec_dir, "own.py", OWN_BIND)
+    write(
+        spec_dir,
+        "cache.yaml",
+        """
+        kind: service
+        command: [python3, /t/own.py]
+        mounts: [{source: ., target: /t}]
+        ---
+        kind: socket
+        listen: tcp:127.0.0.1:0
+        proxy: tcp:127.0.0.1:7000
+        handoff: false
+        """,
+    )
+    try:
+        sbd("up", "-d", "--wait", "-p", "upgp", str(spec_dir))
+        port = _port(_status("upgp"), "cache")
+        assert _ask(port) == "cache"
+        wait_until(lambda: len(_proxies("upgp", "cache")) == 1, "the proxy to run")
+        [proxy] = _proxies("upgp", "cache")
+        load = Load({"cache": port})
+        try:
+            load.at_least(3)
+            assert "pid" in sbd("upgrade", "upgp").stdout
+            load.at_least(5)
+        finally:
+            load.stop()
+        assert load.errors == []
+        assert _proxies("upgp", "cache") == [proxy]  # the same proxy forwarded throughout
+
+        # The new supervisor awaits the end of the proxy the old one started: killed, it is started again.
+        os.kill(proxy, signal.SIGKILL)
+        wait_until(lambda: _proxies("upgp", "cache") not in ([], [proxy]), "a new proxy")
+        assert _ask(port) == "cache"
+        assert sbd("logs", "-p", "upgp", "sandboxd").stdout.count("the proxy of socket cache ended") == 1
+    finally:
+        sbd("down", "-p", "upgp")
+    assert not Path("/run/sandboxd/upgp").exists()

@@ -20,12 +20,7 @@ class FakeForkServer:
     def __init__(self) -> None:
         self.conn, self.other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.conn.setblocking(False)
-        self.ids = 0
         self.channels: list[socket.socket] = []
-
-    def next_id(self) -> int:
-        self.ids += 1
-        return self.ids
 
     def request(self, server: ForkServer, request_id: int) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -32,7 +32,7 @@ def _service(**changes: object) -> ServiceRecord:
         launch=LaunchRecord(7, 1234, 20, 12.5, 1, 2, None, None),
         restarts=2, starts=(1.0, 2.0), restart_at=None, output_r=21, output_w=22, partial="aGk=",
         notify_fd=23, status_text="up", main_pid=1235, listener=-1, handed_off=(),
-        fdstore=(), sources=(("/srv", 24),), baseline=(("oom_kills", 0),), connections=0, active=0,
+        fdstore=(), sources=(("/srv", 24),), baseline=(("oom_kills", 0),), connections=0, active=0, proxies=(("cache", 31),),
     )  # fmt: skip
     return dataclasses.replace(service, **changes)  # type: ignore[arg-type]
 

@@ -33,6 +33,7 @@ from collections.abc import Awaitable
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.forks import Ended, ForkServerLink
+from sandboxd.daemon.restart import classify
 from sandboxd.daemon.runtime import RunningStack, ServiceRuntime
 from sandboxd.daemon.states import ALIVE, State
 from sandboxd.daemon.tasks import Background
@@ -107,7 +108,7 @@ class Proxies:
         if adopted is not None:  # started by the sandboxd this one was upgraded from
             status = await self._ended(rt, sock, adopted, self.link.adopt(adopted))
             failures += 1
-            if not await self._pause_after(rt, sock, launch_id, f"wait status {status}", failures):
+            if not await self._pause_after(rt, sock, launch_id, classify(status)[1], failures):
                 return
         while self._same_sandbox(rt, launch_id) and sock.name not in rt.handoff.handed_off:
             try:
@@ -128,7 +129,7 @@ class Proxies:
             self.console.note(f"{rt.spec.name}: {sock.proxy} listens; socket {sock.name} is forwarded to it")
             try:
                 status = await self._run_proxy(rt, sock, pid)
-                text = f"wait status {status}"
+                text = classify(status)[1]
             except OSError as e:
                 text = f"{e.strerror or e} ({e.filename})" if e.filename else str(e.strerror or e)
             failures += 1

@@ -227,17 +227,21 @@ def apply_steps(namespaces: Namespaces, steps: NetworkSteps, networks: tuple[Net
         raise HostError(f"cannot change the networks: {e}", NETWORK_HINT) from None
 
 
+NAME_FILES = ("hosts", "resolv.conf")  # what write_name_files writes in runtime_dir/etc/NAME (runtimes.py writes hostname there)
+
+
 def write_name_files(runtime_dir: Path, stack: Stack, networks: tuple[NetworkPlan, ...]) -> None:
     """The /etc/hosts and /etc/resolv.conf of every service on a network, in runtime_dir/etc/NAME.
     A hosts file is rewritten in place when it changes (a reload): sandboxes running with it bound
     see the new names at once, as compose's services resolve a new container's."""
     etc = runtime_dir / "etc"
     for service in stack.services:
-        if not service.attachments:
-            shutil.rmtree(etc / service.name, ignore_errors=True)
+        if not service.attachments:  # off every network now: its name files go, its /etc/hostname stays
+            for name in NAME_FILES:
+                (etc / service.name / name).unlink(missing_ok=True)
             continue
         (etc / service.name).mkdir(parents=True, exist_ok=True)
-        for name, text in (("hosts", hosts_file(service, networks)), ("resolv.conf", RESOLV_CONF)):
+        for name, text in zip(NAME_FILES, (hosts_file(service, networks), RESOLV_CONF)):
             path = etc / service.name / name
             if not path.exists() or path.read_text() != text:
                 with open(path, "w") as f:  # the same file: no rename, which a bind would not follow

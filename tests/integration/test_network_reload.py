@@ -235,3 +235,22 @@ def test_a_network_added_to_a_stack_that_had_none(spec_dir: Path) -> None:
         assert _namespaces("netnew") == ({"sbd-back": ["sbd0", "sbd1"]}, 2)
     finally:
         sbd("down", "-p", "netnew")
+
+
+def test_a_service_off_every_network_still_starts_after_a_reload_of_one_on_a_network(spec_dir: Path) -> None:
+    # A reload rewrites the name files of the services on networks; the others' runtime files
+    # (their /etc/hostname) must stay, or every later start of theirs fails.
+    back = NETWORK.format(name="back", subnet="10.213.88.0/24")
+    solo = "kind: service\nname: solo\nhostname: alone\ncommand: [sleep, '1000']\n---\n"
+    _write_stack(spec_dir, solo, back, _service("server", "[back]", "server.py", "environment: {GREETING: old}\n"), SOCKET)
+    sbd("up", "-d", "-p", "netsolo", str(spec_dir))
+    try:
+        before = _running("netsolo")
+        _write_stack(spec_dir, solo, back, _service("server", "[back]", "server.py", "environment: {GREETING: new}\n"), SOCKET)
+        assert sbd("up", "-d", "-p", "netsolo", str(spec_dir)).stdout.strip().startswith("stack 'netsolo' reloaded: changed: server")
+        sbd("restart", "-p", "netsolo", "solo")
+        after = _running("netsolo")
+        assert after["solo"] != before["solo"] and after["solo"][1] == 0  # a new sandbox, not a crash loop
+        assert sbd("exec", "-T", "-p", "netsolo", "solo", "--", "cat", "/etc/hostname").stdout == "alone\n"
+    finally:
+        sbd("down", "-p", "netsolo")

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import wait_until, write
 from test_faults import children, detached, free_port, sbd, services, supervisor_pid
 
@@ -61,7 +63,8 @@ else:
 """
 
 
-def test_covers_stay_read_only_keep_host_flags_and_hidden_paths_and_propagate_nothing(spec_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("root", ["in-place", "tmpfs-root"])
+def test_covers_stay_read_only_keep_host_flags_and_hidden_paths_and_propagate_nothing(spec_dir: Path, tmp_path: Path, root: str) -> None:
     """In a mount namespace of the test's own, /opt is a tmpfs with a writable, a noexec and a
     read-only mount below it, and /etc/ssh holds a host key (hidden). The spec mounts below /opt,
     /etc, /etc/ssh and /var/lib (all covered). In the sandbox, as root with no capabilities and in
@@ -85,9 +88,10 @@ cat /opt/app/cfg /etc/app/cfg /etc/ssh/app/cfg /var/lib/app/cfg | tr '\n' ' ' | 
 """
     (tmp_path / "probe.sh").write_text(script)
     mounts = [{"source": str(tmp_path / "cfg"), "target": t} for t in ("/opt/app/cfg", "/etc/app/cfg", "/etc/ssh/app/cfg", "/var/lib/app/cfg")]
-    mounts.append({"source": str(tmp_path / "probe.sh"), "target": "/probe.sh"})
+    probe = "/probe.sh" if root == "tmpfs-root" else "/opt/app/probe.sh"  # a new top-level path makes the root a tmpfs
+    mounts.append({"source": str(tmp_path / "probe.sh"), "target": probe})
     for userns in (False, True):
-        write(spec_dir, "box.yaml", f"kind: service\nrestart: no\nuserns: {str(userns).lower()}\ncommand: [sh, /probe.sh]\nmounts: {json.dumps(mounts)}\n")
+        write(spec_dir, "box.yaml", f"kind: service\nrestart: no\nuserns: {str(userns).lower()}\ncommand: [sh, {probe}]\nmounts: {json.dumps(mounts)}\n")
         write(spec_dir, "plain.yaml", f"kind: service\nrestart: no\nuserns: {str(userns).lower()}\ncommand: [sh, -c, 'cat /etc/shadow >/dev/null 2>&1 && echo shadow-readable || echo shadow-unreadable']\n")
         host = r"""
 set -e
@@ -186,7 +190,7 @@ def test_sandboxes_after_an_upgrade_and_a_new_fork_server_hold_what_they_held_be
         os.kill(fork_server, signal.SIGKILL)
         seen: list[object] = []
         try:
-            wait_until(lambda: seen.append(s := services("fps")["long"]) or (s["restarts"] > restarts and s["state"] == "running"), "long running again, with a new fork server")
+            wait_until(lambda: seen.append(s := services("fps")["long"]) or (s["restarts"] > restarts and s["state"] == "ready"), "long ready again, with a new fork server")
         except AssertionError:
             raise AssertionError(seen[-1], sbd("logs", "-p", "fps", "sandboxd").stdout) from None
         assert children(supervisor) != [fork_server]

@@ -9,6 +9,7 @@ created with the unit's mode after removing a stale socket file at the same path
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -50,6 +51,19 @@ def _make_parent(path: Path, record: StateRecord) -> None:
         record.add("dirs", str(directory))
 
 
+def _chmod_socket_file(path: Path, mode: int) -> None:
+    """chmod the socket file just bound at `path`, never what a symlink there leads to: whoever
+    may write its folder can swap the new file for a link to /etc/shadow before this runs.
+    Anything but a socket there now is refused (EEXIST)."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise FileExistsError(errno.EEXIST, "the socket file was replaced by something else", str(path))
+        os.chmod(f"/proc/self/fd/{fd}", mode)  # the inode the descriptor holds (O_PATH: no other way)
+    finally:
+        os.close(fd)
+
+
 def bind_address(unit: Socket, address: Address, record: StateRecord) -> socket.socket:
     family = socket.AF_UNIX
     if address.is_inet:
@@ -76,7 +90,7 @@ def bind_address(unit: Socket, address: Address, record: StateRecord) -> socket.
             except FileNotFoundError:
                 pass
             sock.bind(str(path))  # recorded already (bind_sockets)
-            os.chmod(path, unit.mode)
+            _chmod_socket_file(path, unit.mode)
         if address.socktype != socket.SOCK_DGRAM:
             sock.listen(unit.backlog)
     except OSError as e:

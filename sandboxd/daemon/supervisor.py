@@ -61,7 +61,7 @@ from sandboxd.daemon.runtimes import Runtimes
 from sandboxd.daemon.states import Action, Event, State
 from sandboxd.daemon.stopping import Stopper
 from sandboxd.daemon.summary import print_summary
-from sandboxd.daemon.tasks import Background, drop_stop_signals, held_back_at_the_end
+from sandboxd.daemon.tasks import Background, drop_stop_signals, held_back_at_the_end, signal_free_executor
 from sandboxd.daemon.upgrade import Upgrade
 from sandboxd.errors import HostError
 from sandboxd.host.cgroups import CgroupHost, cgroup_manager
@@ -247,6 +247,7 @@ class Supervisor:
         self.control = control = ControlServer(self.operations, self.running.runtime_dir / "control.sock")
         await control.start(sock)
         loop.set_exception_handler(lambda loop, context: self._on_loop_exception(control, context))
+        loop.set_default_executor(signal_free_executor())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
         self.link.listen(self.recovery.on_death)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from sandboxd.daemon.console import Console
@@ -24,6 +25,18 @@ async def held_back_at_the_end(main: Coroutine[object, object, int]) -> int:
         return await main
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _block_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def signal_free_executor() -> ThreadPoolExecutor:
+    """The loop's executor (asyncio.to_thread): its threads block SIGINT and SIGTERM, so the kernel
+    gives those to the main thread, where the loop handles them and where `held_back_at_the_end`
+    holds them (a thread that does not block them could take a late SIGTERM with its default
+    action, ending the process before the clean-up)."""
+    return ThreadPoolExecutor(thread_name_prefix="sandboxd", initializer=_block_stop_signals)
 
 
 def drop_stop_signals() -> None:

@@ -122,6 +122,7 @@ echo "host-mounts=$before $after"
         assert "shared=0" in lines, out
         box = [line for line in out.splitlines() if line.startswith("box") and "shadow-" in line]
         plain = [line for line in out.splitlines() if line.startswith("plain") and "shadow-" in line]
+        assert len(box) == len(plain) == 1, out
         assert [b.split("| ")[1] for b in box] == [p.split("| ")[1] for p in plain], out
         counts = next(line for line in lines if line.startswith("host-mounts=")).split("=")[1].split()
         assert counts[0] == counts[1], out

@@ -171,10 +171,12 @@ def test_a_second_sigterm_to_a_detached_supervisor_that_is_stopping_kills_every_
     stubborn(spec_dir)
     sbd("up", "-d", "-p", "twice", str(spec_dir))
     supervisor = supervisor_pid("twice")
+    service = services("twice")["stubborn"]["pid"]
     os.kill(supervisor, signal.SIGTERM)
     wait_until(lambda: services("twice")["stubborn"]["state"] == "stopping", "the service is stopping")
     os.kill(supervisor, signal.SIGTERM)
     wait_until(lambda: not Path(f"/proc/{supervisor}").exists() or "Z" in Path(f"/proc/{supervisor}/stat").read_text().rsplit(")", 1)[1].split()[0], "the supervisor's end")
+    assert not Path(f"/proc/{service}").exists() and not (RUNTIME / "twice").exists()  # its own end removed them, not the `ls` below
     assert sbd("ls").stdout.count("twice") == 0
 
 

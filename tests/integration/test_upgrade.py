@@ -301,12 +301,13 @@ def test_a_forwarding_proxy_forwards_on_across_an_upgrade_and_is_restarted_after
         load = Load({"cache": port})
         try:
             load.at_least(3)
-            assert "pid" in sbd("upgrade", "upgp").stdout
+            assert "(unchanged)" in sbd("upgrade", "upgp").stdout
             load.at_least(5)
         finally:
             load.stop()
         assert load.errors == []
         assert _proxies("upgp", "cache") == [proxy]  # the same proxy forwarded throughout
+        assert sbd("logs", "-p", "upgp", "sandboxd").stdout.count("upgraded in place from sandboxd") == 1
 
         # The new supervisor awaits the end of the proxy the old one started: killed, it is started again.
         os.kill(proxy, signal.SIGKILL)

@@ -92,6 +92,8 @@ def test_every_key_has_a_decision_in_each_small_stack(tmp_path: Path, write_spec
     decisions = both(kube, host)
     assert not [str(d) for d in decisions if d.why == NO_MAPPING]
     units = {(d.engine, d.kind, d.unit) for d in decisions}
+    every = (("service", kube.services), ("socket", kube.sockets), ("network", kube.networks), ("volume", kube.volumes))
+    assert units == {(engine, kind, u.name) for engine in ("kubernetes", "systemd") for kind, of_kind in every for u in of_kind}  # no unit left out
     for engine, kind, unit in units:
         keys = {d.key for d in decisions if (d.engine, d.kind, d.unit) == (engine, kind, unit)}
         assert set(expected_keys(kind)) <= keys
@@ -127,7 +129,7 @@ def test_an_unmappable_key_is_reported_with_its_line(rich: list[Decision], engin
     assert decision.given and decision.why
     text = decision.file.read_text().splitlines()
     written = text[decision.line - 1]
-    assert written.split(":")[0].strip(" -") in (key.split(".")[0], "limits"), written
+    assert written.split(":")[0].strip(" -") == key.split(".")[0], written
 
 
 def test_accept_and_on_demand_are_reported_for_kubernetes(rich: list[Decision]) -> None:

@@ -297,8 +297,12 @@ def service_mounts(
     masks = [MountOp("mask", path) for path in _unused_socket_files(stack, service)]
     masks += [MountOp("mask", path) for path in MASKED] + [MountOp("readonly", path) for path in READONLY_PROC] + hidden
     mounts[at:at] = masks
-    # /etc/hostname before the spec's mounts: a spec's own /etc or /etc/hostname goes over it.
+    # A spec's own /etc or /etc/hostname is what the sandbox sees there: sandboxd's /etc/hostname
+    # is left out then (bound below it, it would make the file in a spec's /etc, or cover that /etc).
     own = sandboxd_binds(service, facts)
-    binds = own[:1] + [request.op for request in requests] + own[1:]
+    hostname, rest = own[:1], own[1:]
+    if any(request.op.target in ("/etc", "/etc/hostname") for request in requests):
+        hostname = []
+    binds = hostname + [request.op for request in requests] + rest
     mounts += sorted(binds, key=lambda m: m.target.count("/"))
     return mounts, hidden

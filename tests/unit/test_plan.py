@@ -90,6 +90,15 @@ def test_init_runs_the_command_after_double_dash(tmp_path):
     assert p.argv == ("/opt/sandboxd/bin/dumb-init", "--", "-weird", "--flags")
 
 
+def test_a_spec_mount_of_etc_or_etc_hostname_takes_the_place_of_sandboxds_hostname_file(tmp_path):
+    for target in ("/etc", "/etc/hostname"):
+        spec = f"kind: service\nname: a\ncommand: [x]\nmounts: [{{source: /etc/hostname, target: {target}}}]\n"
+        if target == "/etc":
+            spec = "kind: service\nname: a\ncommand: [x]\nmounts: [{source: data, target: /etc}]\n"
+        binds = [(m.target, m.source) for m in plans(tmp_path, spec)["a"].mounts if m.kind == "bind" and m.target.startswith("/etc")]
+        assert len(binds) == 1 and binds[0][0] == target, binds  # the spec's, not sandboxd's file below or over it
+
+
 def test_every_service_gets_mount_uts_ipc_and_net_namespaces(tmp_path):
     p = plans(tmp_path, "kind: service\nname: a\ncommand: [x]\n")["a"]
     assert p.clone_flags == CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET

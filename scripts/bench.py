@@ -680,13 +680,15 @@ class StartRun:
     gone_seconds: float | None = None  # SIGINT until exited and the stack's dirs are gone
     supervisor_cpu: float | None = None  # s, sandboxd up and its fork server, until all answered
     init_cpu: float | None = None  # s, all sandbox inits (the set-up before exec, then dumb-init)
+    server_cpu: float | None = None  # s, the fork server's part of supervisor_cpu (with the spawners it reaped)
 
 
 def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
     with running(lambda: spawn_sandboxd(stack, logs)) as run:
         seconds = wait_accepting(run, stack.paths)
         own = sandboxd_processes(run)
-        supervisor_cpu = sum(own_cpu_seconds(pid) for pid in own)
+        cpus = [own_cpu_seconds(pid) for pid in own]
+        supervisor_cpu, server_cpu = sum(cpus), sum(cpus[1:])
         init_cpu = sum(run_seconds(pid) for server in own[1:] for pid in children(server))
         if len(own) != 2:
             problem(f"expected sandboxd and one fork server, found pids {own}")
@@ -698,7 +700,7 @@ def start_sandboxd(stack: Stack, logs: Path) -> StartRun:
         after_exit = wait_gone(stack)
     gone = stop_seconds + after_exit if after_exit is not None else None
     check_clean_after(stack, code)
-    return StartRun(seconds, stop_seconds, float(match[1]) if match else None, gone, supervisor_cpu, init_cpu)
+    return StartRun(seconds, stop_seconds, float(match[1]) if match else None, gone, supervisor_cpu, init_cpu, server_cpu)
 
 
 def start_baseline(stack: Stack, logs: Path) -> StartRun:
@@ -1425,11 +1427,12 @@ def start_table(rows: list[StartRow], reps: int) -> list[str]:
     lines = [
         f"parallel start (until all N accept, {what}; stop = SIGINT to exit; launch = sandboxd's own 'launched in')",
         "  cpu/svc = CPU of sandboxd up and its fork server until all N answered, start-up included (bytecode cached), / N;",
-        f"  cpu/launch = what one more service costs them: the rise of that CPU from the row above, / the rise of N (start-up excluded; target ≤ {TARGET_CPU_MS:g} ms);",
+        f"  cpu/launch = what one more service costs them: the rise of that CPU from the row above, / the rise of N (start-up excluded; target ≤ {TARGET_CPU_MS:g} ms),",
+        "    and in brackets the supervisor's part + the fork server's (with the spawners it reaped);",
         "  init/svc = run time of the sandboxes' inits by then (the forked set-up before exec, then dumb-init) / N",
-        f"  {'N':<6}{'sandboxd':<11}{'baseline':<11}{'ratio':<8}{'stop':<9}{'base stop':<11}{'launch':<10}{'cpu/svc':<10}{'cpu/launch':<12}{'init/svc':<10}target",
+        f"  {'N':<6}{'sandboxd':<11}{'baseline':<11}{'ratio':<8}{'stop':<9}{'base stop':<11}{'launch':<10}{'cpu/svc':<10}{'cpu/launch':<24}{'init/svc':<10}target",
     ]
-    before: tuple[int, float] | None = None  # (N, CPU) of the row above
+    before: tuple[int, float, float] | None = None  # (N, CPU, the fork server's part) of the row above
     for row in rows:
         s = row.median(row.sandboxd, lambda r: r.seconds)
         b = row.median(row.baseline, lambda r: r.seconds)
@@ -1442,11 +1445,15 @@ def start_table(rows: list[StartRow], reps: int) -> list[str]:
         target = f"≤ {TARGET_RATIO[row.n]:.2f}x" if row.n in TARGET_RATIO else ""
         launch_text = f"{launch:.0f} ms" if launch is not None else "—"
         cpu_text = f"{cpu * 1000 / row.n:.2f} ms" if cpu is not None else "—"
-        marginal = f"{(cpu - before[1]) * 1000 / (row.n - before[0]):.2f} ms" if cpu is not None and before is not None else "—"
-        before = (row.n, cpu) if cpu is not None else None
+        server = row.median(row.sandboxd, lambda r: r.server_cpu)
+        marginal = "—"
+        if cpu is not None and server is not None and before is not None:
+            per = [(now - then) * 1000 / (row.n - before[0]) for now, then in ((cpu, before[1]), (cpu - server, before[1] - before[2]), (server, before[2]))]
+            marginal = f"{per[0]:.2f} ms ({per[1]:.2f}+{per[2]:.2f})"
+        before = (row.n, cpu, server) if cpu is not None and server is not None else None
         init_text = f"{init * 1000 / row.n:.2f} ms" if init is not None else "—"
         cells = f"  {row.n:<6}{fmt_s(s):<11}{fmt_s(b):<11}{ratio:<8}{fmt_s(stop_s):<9}{fmt_s(stop_b):<11}{launch_text:<10}"
-        lines.append((cells + f"{cpu_text:<10}{marginal:<12}{init_text:<10}" + target).rstrip())
+        lines.append((cells + f"{cpu_text:<10}{marginal:<24}{init_text:<10}" + target).rstrip())
     return lines
 
 

@@ -142,9 +142,9 @@ class Activation:
         if isinstance(peer, tuple):
             env += [("REMOTE_ADDR", str(peer[0])), ("REMOTE_PORT", str(peer[1]))]
         plan, connection = self._connection_plan(rt), Connection(name, tuple(env))
-        cgroup = self.cgroups.create(name, parent=rt.cgroup)
-        netns, sources = self.running.netns_fd(rt), rt.source_fds()
+        netns, sources = self.running.netns_fd(rt), rt.source_fds()  # before the cgroup: either may fail
         root = str(self.running.root_dir)
+        cgroup = self.cgroups.create(name, parent=rt.cgroup)
         try:
             sent = self.link.send(
                 lambda server, request_id: server.send_launch(

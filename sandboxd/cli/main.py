@@ -2,8 +2,8 @@
 it raises into a message on stderr and the error's exit code.
 
 Only what a verb needs is imported when it runs, so quick verbs stay quick: the parser
-(parser.py) imports the command modules, and they import at the top only the standard library and
-sandboxd.errors. The verbs are in stack.py (up, reload of a stack, down, ls, config), services.py
+(parser.py) builds the sub-parser of the verb given alone and imports its command module, and
+the command modules import at the top only the standard library and sandboxd.errors. The verbs are in stack.py (up, reload of a stack, down, ls, config), services.py
 (ps, start, stop, restart, kill, reload of services), logs.py (logs; times.py parses --since and
 --until), stats.py (stats), run.py (exec) and store.py (image, volume); results.py builds what
 --json prints for a whole stack; client.py is the control socket's client. completion.py writes
@@ -15,13 +15,16 @@ from __future__ import annotations
 import os
 import sys
 
-from sandboxd.cli.parser import build_parser
+from sandboxd.cli.parser import VERBS, build_parser
 from sandboxd.errors import HostError, SandboxdError, SpecErrors
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    # A verb first (as every command line but `sandboxd --help` and `--version` has it): only its
+    # sub-parser is built, and only its command module imported (parser.py).
+    parser = build_parser(words[0] if words and words[0] in VERBS else None)
+    args = parser.parse_args(words)
     if args.version:
         from sandboxd import __version__
 

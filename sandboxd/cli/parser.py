@@ -1,6 +1,11 @@
 """The argparse tree of `sandboxd`: one function a group of verbs, added in the order `--help`
-lists them. Each verb's `func` is its command function; this module imports only the command
-modules, whose own imports wait until a verb runs.
+lists them. Each verb's `func` is its command function, imported as its sub-parser is built.
+
+`main` builds only the sub-parser of the verb it was given (`build_parser(verb)`): the other two
+dozen are not built and their command modules not imported (what they import at the top, such as
+datetime for logs and stats or secrets for upgrade, would be imported for nothing). The whole tree
+(`build_parser()`) is for `sandboxd --help`, a mistyped verb's error (it lists the verbs), the
+shell completion and the man page (completion.py): a verb's sub-parser is the same in both.
 """
 
 from __future__ import annotations
@@ -8,25 +13,27 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from sandboxd.cli.export import add_export
-from sandboxd.cli.logs import cmd_logs
-from sandboxd.cli.run import cmd_exec, exec_env, exec_user, exec_workdir
-from sandboxd.cli.services import cmd_control, cmd_ps
-from sandboxd.cli.stack import cmd_config, cmd_down, cmd_ls, cmd_reload_stack, cmd_up
-from sandboxd.cli.stats import cmd_stats
-from sandboxd.cli.upgrade import cmd_upgrade
-from sandboxd.cli.store import cmd_image, cmd_volume
-from sandboxd.cli.times import stamp_bound
-
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from collections.abc import Callable
+
     Verbs: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers returns
+    Wanted: TypeAlias = Callable[[str], bool]  # whether a verb's sub-parser is to be built
 
 STACK_HELP = "the stack's name (default: the one stack running)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Every verb, in the order `--help` lists them.
+VERBS = ("up", "ps", "status", "stop", "start", "restart", "reload", "kill", "exec", "logs", "stats", "down", "ls", "config",
+         "upgrade", "reexec", "image", "volume", "export")
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser of the command line; with `verb` (one of VERBS), of that verb only."""
+    if verb is not None and verb not in VERBS:
+        raise ValueError(f"not a verb: {verb!r}")
+    wanted: Wanted = (lambda name: True) if verb is None else (lambda name: name == verb)
     parser = argparse.ArgumentParser(
         prog="sandboxd",
         description="Run isolated services with sockets bound by sandboxd. Every verb that reports takes --json "
@@ -34,18 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
-    _add_up(verbs)
-    _add_service_verbs(verbs)
-    _add_exec(verbs)
-    _add_logs_and_stats(verbs)
-    _add_stack_verbs(verbs)
-    _add_image(verbs)
-    _add_volume(verbs)
-    add_export(verbs, _add_env_file)
+    _add_up(verbs, wanted)
+    _add_service_verbs(verbs, wanted)
+    _add_exec(verbs, wanted)
+    _add_logs_and_stats(verbs, wanted)
+    _add_stack_verbs(verbs, wanted)
+    _add_image(verbs, wanted)
+    _add_volume(verbs, wanted)
+    if wanted("export"):
+        from sandboxd.cli.export import add_export
+
+        add_export(verbs, _add_env_file)
     return parser
 
 
-def _add_up(verbs: Verbs) -> None:
+def _add_up(verbs: Verbs, wanted: Wanted) -> None:
+    if not wanted("up"):
+        return
+    from sandboxd.cli.stack import cmd_up
+
     up = verbs.add_parser("up", help="validate a spec folder and run its services (in the foreground, or -d)")
     up.add_argument("dir", help="the spec folder: its *.yaml files with units (kind: ...)")
     up.add_argument("-p", "--project-name", help="name of the stack (default: the folder's name)")
@@ -63,9 +77,13 @@ def _add_up(verbs: Verbs) -> None:
     up.set_defaults(func=cmd_up)
 
 
-def _add_service_verbs(verbs: Verbs) -> None:
+def _add_service_verbs(verbs: Verbs, wanted: Wanted) -> None:
     """ps and status, stop, start, restart, reload and kill: the verbs on a running stack's services."""
+    from sandboxd.cli.services import cmd_control, cmd_ps
+
     for verb, text in (("ps", "show the services of a running stack"), ("status", "the same as ps")):
+        if not wanted(verb):
+            continue
         ps = verbs.add_parser(verb, help=text)
         ps.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all)")
         _add_stack(ps)
@@ -73,11 +91,28 @@ def _add_service_verbs(verbs: Verbs) -> None:
         ps.add_argument("--services", dest="services_only", action="store_true", help="print only the services' names, one a line (as compose's ps --services)")
         ps.set_defaults(func=cmd_ps)
     for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
+        if not wanted(verb):
+            continue
         control = verbs.add_parser(verb, help=f"{text} (no SERVICE: every service of the stack)")
         control.add_argument("services", nargs="*", metavar="SERVICE", help="the services (default: all)")
         _add_stack(control)
         _add_json(control, "print what was done, to which services, as one JSON object")
         control.set_defaults(func=cmd_control)
+    if wanted("reload"):
+        _add_reload(verbs)
+    if wanted("kill"):
+        kill = verbs.add_parser("kill", help="send a signal to services (default SIGTERM)")
+        kill.add_argument("services", nargs="+", metavar="SERVICE", help="the services to signal")
+        kill.add_argument("-s", "--signal", default="SIGTERM", help="the signal, by name (SIGHUP or HUP; default SIGTERM)")
+        _add_stack(kill)
+        _add_json(kill, "print what was done, to which services, as one JSON object")
+        kill.set_defaults(func=cmd_control)
+
+
+def _add_reload(verbs: Verbs) -> None:
+    from sandboxd.cli.services import cmd_control
+    from sandboxd.cli.stack import cmd_reload_stack
+
     reload = verbs.add_parser(
         "reload",
         help="SERVICE…: the services' own reload (reload_signal; with ready: notify until READY=1 again); "
@@ -88,15 +123,13 @@ def _add_service_verbs(verbs: Verbs) -> None:
     _add_json(reload, "print what was done (or what the new spec changed) as one JSON object")
     reload.add_argument("--dir", help="with no service: the spec folder to apply (default: the one the stack came from)")
     reload.set_defaults(func=lambda a: cmd_control(a) if a.services else cmd_reload_stack(a))
-    kill = verbs.add_parser("kill", help="send a signal to services (default SIGTERM)")
-    kill.add_argument("services", nargs="+", metavar="SERVICE", help="the services to signal")
-    kill.add_argument("-s", "--signal", default="SIGTERM", help="the signal, by name (SIGHUP or HUP; default SIGTERM)")
-    _add_stack(kill)
-    _add_json(kill, "print what was done, to which services, as one JSON object")
-    kill.set_defaults(func=cmd_control)
 
 
-def _add_exec(verbs: Verbs) -> None:
+def _add_exec(verbs: Verbs, wanted: Wanted) -> None:
+    if not wanted("exec"):
+        return
+    from sandboxd.cli.run import cmd_exec, exec_env, exec_user, exec_workdir
+
     execute = verbs.add_parser(
         "exec",
         help="run a command inside a running service's sandbox",
@@ -118,7 +151,17 @@ def _add_exec(verbs: Verbs) -> None:
     execute.set_defaults(func=cmd_exec)
 
 
-def _add_logs_and_stats(verbs: Verbs) -> None:
+def _add_logs_and_stats(verbs: Verbs, wanted: Wanted) -> None:
+    if wanted("logs"):
+        _add_logs(verbs)
+    if wanted("stats"):
+        _add_stats(verbs)
+
+
+def _add_logs(verbs: Verbs) -> None:
+    from sandboxd.cli.logs import cmd_logs
+    from sandboxd.cli.times import stamp_bound
+
     logs = verbs.add_parser("logs", help="show what services printed, merged by time (sandboxd's own messages: logs sandboxd)")
     logs.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all but sandboxd)")
     _add_stack(logs)
@@ -130,6 +173,11 @@ def _add_logs_and_stats(verbs: Verbs) -> None:
     logs.add_argument("-n", "--tail", type=int, metavar="N", help="only the last N lines (after --since and --until)")
     _add_json(logs, "one JSON object a line: time, service, text")
     logs.set_defaults(func=cmd_logs)
+
+
+def _add_stats(verbs: Verbs) -> None:
+    from sandboxd.cli.stats import cmd_stats
+
     stats = verbs.add_parser("stats", help="resource use of a running stack's services: CPU share, memory, processes, I/O and network bytes")
     stats.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all)")
     _add_stack(stats)
@@ -140,23 +188,32 @@ def _add_logs_and_stats(verbs: Verbs) -> None:
     stats.set_defaults(func=cmd_stats)
 
 
-def _add_stack_verbs(verbs: Verbs) -> None:
-    """down, ls and config (up, the first verb, has its own function)."""
-    down = verbs.add_parser("down", help="stop a running stack and remove everything it made")
-    down.add_argument("dir", nargs="?", help="the spec folder (its name is the stack's name)")
-    _add_stack(down)
-    _add_json(down, "print the stack, its supervisor's pid and the services stopped as one JSON object")
-    down.set_defaults(func=cmd_down)
-    ls = verbs.add_parser("ls", help="list the stacks running on this host")
-    _add_json(ls, "print the stacks as a JSON array of {name, pid}")
-    ls.set_defaults(func=cmd_ls)
-    config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
-    config.add_argument("dir", help="the spec folder")
-    _add_json(config, "print JSON (what config always prints: the resolved units, plans and limits)")
-    _add_env_file(config)
-    config.set_defaults(func=cmd_config)
+def _add_stack_verbs(verbs: Verbs, wanted: Wanted) -> None:
+    """down, ls and config (up, the first verb, has its own function), upgrade and reexec."""
+    from sandboxd.cli.stack import cmd_config, cmd_down, cmd_ls
+
+    if wanted("down"):
+        down = verbs.add_parser("down", help="stop a running stack and remove everything it made")
+        down.add_argument("dir", nargs="?", help="the spec folder (its name is the stack's name)")
+        _add_stack(down)
+        _add_json(down, "print the stack, its supervisor's pid and the services stopped as one JSON object")
+        down.set_defaults(func=cmd_down)
+    if wanted("ls"):
+        ls = verbs.add_parser("ls", help="list the stacks running on this host")
+        _add_json(ls, "print the stacks as a JSON array of {name, pid}")
+        ls.set_defaults(func=cmd_ls)
+    if wanted("config"):
+        config = verbs.add_parser("config", help="print the resolved units and launch plans, or the validation errors")
+        config.add_argument("dir", help="the spec folder")
+        _add_json(config, "print JSON (what config always prints: the resolved units, plans and limits)")
+        _add_env_file(config)
+        config.set_defaults(func=cmd_config)
     for verb, text in (("upgrade", "execute the installed sandboxd in a running stack's supervisor: same pid, every service kept running"),
                        ("reexec", "the same as upgrade")):
+        if not wanted(verb):
+            continue
+        from sandboxd.cli.upgrade import cmd_upgrade
+
         upgrade = verbs.add_parser(verb, help=text)
         upgrade.add_argument("stack", nargs="?", metavar="STACK", help=STACK_HELP)
         _add_stack(upgrade)
@@ -190,7 +247,11 @@ def _add_env_file(verb: argparse.ArgumentParser) -> None:
                       "(repeatable, the later file winning; the environment wins over both)")
 
 
-def _add_image(verbs: Verbs) -> None:
+def _add_image(verbs: Verbs, wanted: Wanted) -> None:
+    if not wanted("image"):
+        return
+    from sandboxd.cli.store import cmd_image
+
     image = verbs.add_parser("image", help="build, list, pull, import and remove root file system images")
     image_verbs = image.add_subparsers(dest="action", metavar="ACTION", required=True)
     image_build = image_verbs.add_parser("build", help="build images from definitions (images/NAME/build), if changed")
@@ -208,7 +269,11 @@ def _add_image(verbs: Verbs) -> None:
     image.set_defaults(func=cmd_image)
 
 
-def _add_volume(verbs: Verbs) -> None:
+def _add_volume(verbs: Verbs, wanted: Wanted) -> None:
+    if not wanted("volume"):
+        return
+    from sandboxd.cli.store import cmd_volume
+
     volume = verbs.add_parser("volume", help="list and remove named volumes")
     volume_verbs = volume.add_subparsers(dest="action", metavar="ACTION", required=True)
     volume_ls = volume_verbs.add_parser("ls", help="list volumes")

@@ -67,7 +67,7 @@ SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
 SYS_CLONE3 = 435
-# Those that differ, by platform.machine() (mount_setattr is newer than the unified table too).
+# Those that differ, by uname's machine (linux.machine()) (mount_setattr is newer than the unified table too).
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"pivot_root": 155, "mount_setattr": 442, "seccomp": 317, "openat2": 437, "pidfd_getfd": 438},
     "aarch64": {"pivot_root": 41, "mount_setattr": 442, "seccomp": 277, "openat2": 437, "pidfd_getfd": 438},

@@ -12,12 +12,10 @@ glibc wrapper on every distribution we support and go through `syscall(2)` with 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
 import os
-import platform
 import signal
 import socket
 import stat
@@ -26,7 +24,17 @@ from dataclasses import dataclass
 
 from sandboxd.kernel import abi
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# By soname, as the dynamic loader finds it: ctypes.util.find_library would run `ldconfig -p`
+# (a subprocess, and shutil, tempfile and subprocess imported) at every start of the CLI. A libc
+# of another soname (musl's) is the one the interpreter itself is linked with: dlopen(NULL) finds it.
+def _load_libc(kind: type[ctypes.CDLL]) -> ctypes.CDLL:
+    try:
+        return kind("libc.so.6", use_errno=True)
+    except OSError:
+        return kind(None, use_errno=True)
+
+
+_libc = _load_libc(ctypes.CDLL)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
@@ -38,7 +46,7 @@ _libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 
 # The same libc, called with the GIL held (as os.fork holds it), for clone3 below.
-_libc_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc_gil = _load_libc(ctypes.PyDLL)
 _libc_gil.syscall.restype = ctypes.c_long
 
 
@@ -76,7 +84,7 @@ def _check(result: int, call: str, path: str | None = None) -> None:
 @functools.cache
 def machine() -> str:
     """The machine as uname says it ("x86_64"), asked once: the one place sandboxd learns it."""
-    return platform.machine()
+    return os.uname().machine  # what platform.machine() returns, without importing platform
 
 
 def _syscall_number(name: str) -> int:

@@ -79,11 +79,11 @@ def _add_up(verbs: Verbs, wanted: Wanted) -> None:
 
 def _add_service_verbs(verbs: Verbs, wanted: Wanted) -> None:
     """ps and status, stop, start, restart, reload and kill: the verbs on a running stack's services."""
-    from sandboxd.cli.services import cmd_control, cmd_ps
-
     for verb, text in (("ps", "show the services of a running stack"), ("status", "the same as ps")):
         if not wanted(verb):
             continue
+        from sandboxd.cli.services import cmd_ps
+
         ps = verbs.add_parser(verb, help=text)
         ps.add_argument("services", nargs="*", metavar="SERVICE", help="only these services (default: all)")
         _add_stack(ps)
@@ -93,6 +93,8 @@ def _add_service_verbs(verbs: Verbs, wanted: Wanted) -> None:
     for verb, text in (("stop", "stop services"), ("start", "start stopped services"), ("restart", "stop and start services")):
         if not wanted(verb):
             continue
+        from sandboxd.cli.services import cmd_control
+
         control = verbs.add_parser(verb, help=f"{text} (no SERVICE: every service of the stack)")
         control.add_argument("services", nargs="*", metavar="SERVICE", help="the services (default: all)")
         _add_stack(control)
@@ -101,6 +103,8 @@ def _add_service_verbs(verbs: Verbs, wanted: Wanted) -> None:
     if wanted("reload"):
         _add_reload(verbs)
     if wanted("kill"):
+        from sandboxd.cli.services import cmd_control
+
         kill = verbs.add_parser("kill", help="send a signal to services (default SIGTERM)")
         kill.add_argument("services", nargs="+", metavar="SERVICE", help="the services to signal")
         kill.add_argument("-s", "--signal", default="SIGTERM", help="the signal, by name (SIGHUP or HUP; default SIGTERM)")

@@ -24,6 +24,8 @@ ASK_TIMEOUT = 10.0  # seconds for a stack to answer `down` (it answers at once, 
 DOWN_GRACE = 10.0  # seconds past the stop timeouts before `down` escalates, and between its steps
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sandboxd.sandbox.handle import ForkServer
     from sandboxd.spec.model import Stack
     from sandboxd.wire import ApplyRequest, ServiceStatus, StackStatus
@@ -274,9 +276,6 @@ def _print_up(args: argparse.Namespace, status: StackStatus) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    import time
-
-    from sandboxd.host.paths import alive as _alive
     from sandboxd.cli.client import choose_stack, request, running_stacks
     from sandboxd.host.state import clean_stale
 
@@ -317,10 +316,12 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _wait_until_down(stack: str, pid: int) -> None:
     """Wait for the supervisor to end, never without bound: after the stack's longest stop_timeout
     and DOWN_GRACE, a second SIGTERM (every service's cgroup is killed); DOWN_GRACE later, SIGKILL
-    to the supervisor (its fork server and every sandbox die with it) and what it left is removed."""
+    to the supervisor (its fork server and every sandbox die with it) and what it left is removed.
+    The wait is on a pidfd of the supervisor, which turns readable the moment it exits: `down`
+    returns then, not at the next tick of a poll."""
     import time
 
-    from sandboxd.host.paths import RUNTIME_ROOT, alive
+    from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.state import clean_stale
 
     try:
@@ -333,15 +334,48 @@ def _wait_until_down(stack: str, pid: int) -> None:
         (stop_timeout + 2 * DOWN_GRACE, f"stack {stack!r} is still not down: SIGKILL to its supervisor (pid {pid}); its services die with it", signal.SIGKILL),
     ]
     started = time.monotonic()
-    while alive(pid):  # a zombie counts as gone: its parent (init, after `up -d`) reaps it when it can
-        if steps and time.monotonic() - started >= steps[0][0]:
-            _after, text, sig = steps.pop(0)
-            sys.stderr.write(f"sandboxd: {text}\n")
-            if sig is not None:
-                _signal(pid, sig)
-        time.sleep(0.01)
+    exited = _exit_waiter(pid)
+    # A zombie counts as gone: its parent (init, after `up -d`) reaps it when it can.
+    while not exited(steps[0][0] - (time.monotonic() - started) if steps else None):  # (None: until it exits)
+        _after, text, sig = steps.pop(0)
+        sys.stderr.write(f"sandboxd: {text}\n")
+        if sig is not None:
+            _signal(pid, sig)
     if not steps:
         clean_stale()  # what the killed supervisor could not remove itself
+
+
+def _exit_waiter(pid: int) -> Callable[[float | None], bool]:
+    """A function that waits up to a number of seconds (None: without end) for `pid` to have
+    exited, and says whether it has."""
+    import select
+
+    from sandboxd.host.paths import alive
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return lambda timeout: True
+    except OSError:  # no pidfds (a kernel before 5.3): a poll of /proc
+        import time
+
+        def poll(timeout: float | None) -> bool:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while alive(pid):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.01)
+            return True
+
+        return poll
+
+    def wait(timeout: float | None) -> bool:
+        ready, _, _ = select.select([pidfd], [], [], None if timeout is None else max(timeout, 0.0))
+        if ready:
+            os.close(pidfd)
+        return bool(ready)
+
+    return wait
 
 
 def _signal(pid: int, sig: int) -> None:

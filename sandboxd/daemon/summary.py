@@ -3,7 +3,6 @@ launch took, and for each service where it runs, its network and its sockets."""
 
 from __future__ import annotations
 
-import statistics
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.proxy import proxy_plan
@@ -13,6 +12,8 @@ from sandboxd.spec.model import socket_namespace
 
 
 def print_summary(console: Console, running: RunningStack, elapsed: float) -> None:
+    import statistics  # here, not at the top: printed after the first launches (it imports fractions and decimal)
+
     services = running.services.values()
     latencies = [(rt.launch.exec_ns - rt.launch.requested_ns) / 1e6 for rt in services if rt.launch.exec_ns]
     median = f", median launch {statistics.median(latencies):.1f} ms" if latencies else ""

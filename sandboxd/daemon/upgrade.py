@@ -38,12 +38,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandboxd import __version__
-from sandboxd.daemon.capture import Upgradable, capture
-from sandboxd.daemon.record import encode
 from sandboxd.daemon.states import ALIVE, InstanceState, State
 from sandboxd.spec.model import HealthCheck
+
+if TYPE_CHECKING:
+    from sandboxd.daemon.capture import Upgradable
 
 SETTLE_TIMEOUT = 10.0  # seconds an upgrade waits for the stack to be quiet enough to hand over
 CHECK_TIMEOUT = 60.0  # seconds the new code has to read the record
@@ -138,6 +140,9 @@ class Upgrade:
         memfd = -1
         try:
             if not error:
+                from sandboxd.daemon.capture import capture  # the record's modules (and pickle) wait for an upgrade
+                from sandboxd.daemon.record import encode
+
                 record = capture(sup, token, self.upgrades + 1, record_format)
                 fds = [d.fd for d in record.descriptors]
                 memfd = os.memfd_create("sandboxd-upgrade-record", 0)

@@ -12,14 +12,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandboxd.host.cgroups import SANDBOXD, Cgroup, remove_empty
 from sandboxd.host.paths import RUNTIME_ROOT  # shared with the light CLI side
 from sandboxd.host.paths import alive as _alive
 
@@ -76,6 +74,10 @@ def clean_name(name: str) -> str:
 
 def remove_recorded(directory: Path) -> None:
     """Remove everything a (dead) run recorded, then its runtime directory."""
+    # Here, not at the top: `sandboxd ls` and `down` import this module for clean_stale, which
+    # comes here only for a dead run's leftovers.
+    from sandboxd.host.cgroups import SANDBOXD, Cgroup, remove_empty
+
     try:
         data = json.loads((directory / "state.json").read_text())
     except (OSError, ValueError):
@@ -107,6 +109,8 @@ def remove_recorded(directory: Path) -> None:
 def _remove_tree(directory: Path) -> None:
     """rmtree, retried briefly: the sandbox root below it is a mount point in the mount namespaces
     of the dead run's sandboxes, which the kernel tears down a moment after their last process."""
+    import shutil
+
     for _ in range(100):
         try:
             shutil.rmtree(directory)

@@ -9,7 +9,6 @@ valid ones only, so that one mistake is reported once.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
@@ -56,6 +55,8 @@ def _first_of_each(found: list[Found], kind: str) -> dict[str, Found]:
 
 
 def _suggest(name: str, known: Iterable[str], kinds: str) -> str:
+    import difflib  # for a "did you mean" hint alone: not imported by a spec without a mistake
+
     if close := difflib.get_close_matches(name, list(known), n=1):
         return f"; did you mean '{close[0]}'?"
     return f"; {kinds} in this folder: {', '.join(sorted(known))}" if known else f"; this folder has no {kinds}"

@@ -22,7 +22,6 @@ Reading the files (spec files, `.env` and env files), checking who may change th
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -173,7 +172,11 @@ def _looks_like_a_unit(node: Node) -> bool:
     if not isinstance(node, MappingNode):
         return False
     keys = [key.value for key, _ in node.value if isinstance(key.value, str)]
-    return any(key in UNIT_KEYS or key.lower() == "kind" or difflib.get_close_matches(key.lower(), ["kind"], cutoff=0.7) for key in keys)
+    if any(key in UNIT_KEYS or key.lower() == "kind" for key in keys):
+        return True
+    import difflib  # for a misspelt "kind" alone: not imported by a spec without a mistake
+
+    return any(difflib.get_close_matches(key.lower(), ["kind"], cutoff=0.7) for key in keys)
 
 
 # libyaml's parser, where PyYAML was built with it: the same nodes, 20 times faster than the

@@ -11,7 +11,6 @@ keys. keys.py holds the tables of each kind of unit.
 
 from __future__ import annotations
 
-import difflib
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -261,6 +260,8 @@ def unknown_key_hint(key: str, table: Mapping[str, Key]) -> str:
     else the known key it is closest to, or the list of known keys."""
     if key in COMPOSE_KEYS and "command" in table and "mounts" in table:  # a service's table
         return f"this is docker compose's key; sandboxd's: {COMPOSE_KEYS[key]}"
+    import difflib  # for a "did you mean" hint alone: not imported by a spec without a mistake
+
     close = difflib.get_close_matches(key, list(table), n=1)
     return f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(table)}"
 

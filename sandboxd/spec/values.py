@@ -9,7 +9,6 @@ on their own, by the command line and the tests.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import math
 import os
@@ -179,6 +178,8 @@ def parse_capability(value: object) -> str:
 
     name = str(value).upper().removeprefix("CAP_") if isinstance(value, str) else ""
     if name not in CAPABILITIES:
+        import difflib  # for a "did you mean" hint alone: not imported by a spec without a mistake
+
         close = difflib.get_close_matches(name, list(CAPABILITIES), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"expected a capability name like NET_BIND_SERVICE, got {describe(value)}{hint}")
@@ -190,6 +191,8 @@ def parse_syscall(value: object) -> str:
     from sandboxd.kernel.seccomp import known_calls
 
     if not isinstance(value, str) or value not in known_calls():
+        import difflib  # for a "did you mean" hint alone: not imported by a spec without a mistake
+
         close = difflib.get_close_matches(str(value), sorted(known_calls()), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; the filter refuses only: {', '.join(sorted(known_calls()))}"
         raise ValueError(f"{describe(value)} is not refused by the default filter{hint}")

@@ -121,13 +121,15 @@ What is measured, and how:
 10. The cost of the default user namespace per launch: see scripts/bench_userns.py.
 11. The cost per sandbox of the ways to run its set-up (a fork of the fork server's heap and the
     Python walk, the exec of the static interpreter, a vfork): see scripts/bench_setup.py.
+12. sandboxd's own start-up (exec to its first launch request, N = 10 and 100) and the control
+    verbs ls, ps --json and down, beside `python -c pass`: see scripts/bench_startup.py.
 
 Every sandboxd's stderr is scanned for lines that look like trouble (tracebacks, errors, "could
 not", warnings, SIGKILL); every line a peer or its launcher writes on stderr is kept too, the
 tool's name in front; they are listed at the end, numbers folded, with a count.
 
 `--only SECTIONS` runs some of these (start = 1 and 2, latency, memory, on-demand, accept,
-control, proxy, images, userns, setup; peers = start, latency, memory, accept); --quick runs N = 10 and 50
+control, proxy, images, userns, setup, startup; peers = start, latency, memory, accept); --quick runs N = 10 and 50
 only.
 
 Every process started is stopped in a finally (SIGINT, then SIGKILL after 30 s), only by its
@@ -1654,7 +1656,7 @@ def leftovers() -> list[str]:
 # ───────────────────────────── main ─────────────────────────────
 
 
-SECTIONS = ("start", "latency", "memory", "on-demand", "accept", "control", "proxy", "images", "userns", "setup")
+SECTIONS = ("start", "latency", "memory", "on-demand", "accept", "control", "proxy", "images", "userns", "setup", "startup")
 PEER_SECTIONS = ("start", "latency", "memory", "accept")  # `--only peers`: where the peers run
 
 
@@ -1758,6 +1760,11 @@ def bench(args: argparse.Namespace, root: Path) -> list[str]:
 
         note("set-up: fork and the Python walk, exec of sbd-setup, vfork; interleaved")
         lines += bench_setup.setup_section(root, args.quick, problem)
+    if "startup" in on:
+        import bench_startup  # section 12: sandboxd's own start-up and the control verbs (see its docstring)
+
+        note("start-up: exec to first launch request, ls, ps --json, down; beside python -c pass")
+        lines += bench_startup.startup_section(root, args.quick, problem)
     return lines
 
 

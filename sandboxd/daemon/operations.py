@@ -10,11 +10,11 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandboxd.daemon.console import Console
 from sandboxd.daemon.forks import ForkServerLink
 from sandboxd.daemon.lifecycle import Lifecycle
-from sandboxd.daemon.reload import Reload
 from sandboxd.daemon.resources import StackResources
 from sandboxd.daemon.runtime import RunningStack, ServiceRuntime, command_env
 from sandboxd.daemon.states import ALIVE, State
@@ -22,6 +22,9 @@ from sandboxd.daemon.stopping import Stopper, signal_init
 from sandboxd.host.cgroups import Cgroup
 from sandboxd.host.identity import lookup_identity
 from sandboxd.wire import ApplyResult, ExecInfo, ServiceStatus, ServiceUsage, SocketQueue, SocketStatus, StackStatus
+
+if TYPE_CHECKING:
+    from sandboxd.daemon.reload import Reload
 
 
 class Operations:
@@ -32,7 +35,7 @@ class Operations:
         lifecycle: Lifecycle,
         stopper: Stopper,
         link: ForkServerLink,
-        reload: Reload,
+        reload: Callable[[], Reload],  # makes the one Reload, at the first: its modules wait until then
         console: Console,
         stop_requested: asyncio.Event,
     ) -> None:
@@ -41,7 +44,8 @@ class Operations:
         self.lifecycle = lifecycle
         self.stopper = stopper
         self.link = link
-        self.reload = reload
+        self.make_reload = reload
+        self.reload: Reload | None = None
         self.console = console
         self.stop_requested = stop_requested
         self.started_wall = time.time()
@@ -168,6 +172,8 @@ class Operations:
 
     async def apply_folder(self, folder: str, env: list[str], variables: dict[str, str] | None = None, listen: list[str] | None = None) -> ApplyResult:
         with self._working():
+            if self.reload is None:
+                self.reload = self.make_reload()
             return await self.reload.apply_folder(folder, env, variables, listen)
 
     def exec_info(self, name: str, user: str = "", session: bool = False) -> ExecInfo:

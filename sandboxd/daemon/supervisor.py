@@ -54,7 +54,6 @@ from sandboxd.daemon.output import Output
 from sandboxd.daemon.proxy import Proxies
 from sandboxd.daemon.readiness import FdStore, Readiness
 from sandboxd.daemon.recovery import ForkServerRecovery, StopBound, shield_from_oom_killer
-from sandboxd.daemon.reload import Reload
 from sandboxd.daemon.resources import StackResources
 from sandboxd.daemon.runtime import RunningStack, ServiceRuntime
 from sandboxd.daemon.runtimes import Runtimes
@@ -71,6 +70,7 @@ from sandboxd.sandbox.handle import ForkServer
 from sandboxd.spec.model import Limits, Stack
 
 if TYPE_CHECKING:
+    from sandboxd.daemon.reload import Reload
     from sandboxd.host.subids import Lease
 
 RECORD_RETRY = 2.0  # seconds between attempts to write a state record the full disk refused
@@ -119,7 +119,11 @@ class Supervisor:
         self.stopper = Stopper(machine, console, self.activation.unwatch)
         self.lifecycle = Lifecycle(machine, running, link, tasks, fdstore, handoff, self.dependencies, console, self.output)
         self.runtimes = Runtimes(running, self.resources, self.output, self.readiness)
-        reload = Reload(running, self.resources, self.runtimes, self.lifecycle, self.stopper, console)
+        def reload() -> Reload:  # at the first reload of the spec: what applies one is imported then
+            from sandboxd.daemon.reload import Reload
+
+            return Reload(running, self.resources, self.runtimes, self.lifecycle, self.stopper, console)
+
         self.operations = Operations(running, self.resources, self.lifecycle, self.stopper, link, reload, console, self.stop_requested)
         self.recovery = ForkServerRecovery(running, link, tasks, console, self._held_by_fork_servers, self.stop_requested.set)
         self.stop_bound = StopBound(running, link, console)

@@ -18,7 +18,7 @@ from conftest import HANG, wait_until, write
 # Never imported before the first launch of a stack of host-root services.
 NOT_BEFORE_FIRST_LAUNCH = (
     "pickle", "statistics", "difflib", "ctypes.util", "platform", "secrets", "glob", "tempfile",
-    "sandboxd.daemon.record", "sandboxd.daemon.capture", "sandboxd.daemon.resume", "sandboxd.store.pull", "sandboxd.store.oci",
+    "sandboxd.daemon.record", "sandboxd.daemon.capture", "sandboxd.daemon.resume", "sandboxd.daemon.reload", "sandboxd.daemon.reload_networks", "sandboxd.store.pull", "sandboxd.store.oci",
     "sandboxd.export", "sandboxd.cli.logs", "sandboxd.cli.stats", "sandboxd.cli.export", "sandboxd.cli.upgrade", "sandboxd.cli.store",
     "sandboxd.cli.run", "sandboxd.cli.times", "sandboxd.cli.services",
 )  # fmt: skip

@@ -11,7 +11,9 @@ shell completion and the man page (completion.py): a verb's sub-parser is the sa
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import os
+import sys
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -24,6 +26,38 @@ if TYPE_CHECKING:
 STACK_HELP = "the stack's name (default: the one stack running)"
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, its width found as argparse finds it (shutil.get_terminal_size, less
+    2) without importing shutil, which brings bz2 and lzma: argparse makes a formatter for every
+    add_argument, so every verb would import them."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+def _columns() -> int:
+    """What shutil.get_terminal_size().columns says: $COLUMNS, else the terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ is not None else 0
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser with _Formatter, for the top and every verb (add_subparsers makes its
+    parsers of the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 # Every verb, in the order `--help` lists them.
 VERBS = ("up", "ps", "status", "stop", "start", "restart", "reload", "kill", "exec", "logs", "stats", "down", "ls", "config",
          "upgrade", "reexec", "image", "volume", "export")
@@ -34,7 +68,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     if verb is not None and verb not in VERBS:
         raise ValueError(f"not a verb: {verb!r}")
     wanted: Wanted = (lambda name: True) if verb is None else (lambda name: name == verb)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sandboxd",
         description="Run isolated services with sockets bound by sandboxd. Every verb that reports takes --json "
         "(logs and stats: one object a line); sandboxd VERB --help says what each option does.",

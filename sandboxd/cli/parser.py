@@ -68,7 +68,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     if verb is not None and verb not in VERBS:
         raise ValueError(f"not a verb: {verb!r}")
     wanted: Wanted = (lambda name: True) if verb is None else (lambda name: name == verb)
-    parser = _Parser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="sandboxd",
         description="Run isolated services with sockets bound by sandboxd. Every verb that reports takes --json "
         "(logs and stats: one object a line); sandboxd VERB --help says what each option does.",

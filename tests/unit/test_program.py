@@ -266,13 +266,13 @@ def test_the_init_forwards_every_signal_to_the_commands_group_and_stops_it_for_t
     said = tmp_path / "said"
     names = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "ALRM", "WINCH", "CONT")
     # The trap of a child of the command too: the whole group gets the signal (dumb-init's setsid mode).
-    script = f"trap 'echo child >> {said}' USR2; (trap '' HUP INT QUIT USR1 TERM ALRM; trap 'echo grandchild >> {said}' USR2; while :; do sleep 0.01; done) & "
+    script = f"trap 'echo child >> {said}' USR2; (trap '' HUP INT QUIT USR1 TERM ALRM; trap 'echo grandchild >> {said}' USR2; echo set >> {said}; while :; do sleep 0.01; done) & "
     script += "".join(f"trap 'echo {name} >> {said}' {name}; " for name in names if name != "USR2")
     script += f"echo ready >> {said}; while [ ! -e {tmp_path}/end ]; do sleep 0.01; done; kill $!; exit 3"
     init, channel = started(("sh", "-c", script))
     with channel:
         assert channel.recv(4096) == b""
-        wait_for(lambda: said.exists() and "ready" in said.read_text())
+        wait_for(lambda: said.exists() and {"ready", "set"} <= set(said.read_text().split()))  # both set their traps
         for name in names:
             init.send_signal(getattr(signal, f"SIG{name}"))
             expected = ("child", "grandchild") if name == "USR2" else (name,)

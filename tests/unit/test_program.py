@@ -11,6 +11,7 @@ import socket
 import struct
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -318,3 +319,12 @@ def test_the_init_holds_no_descriptor_once_the_command_runs(tmp_path: Path) -> N
         assert os.listdir(f"/proc/{init.pid}/fd") == []
         (tmp_path / "end").write_text("")
         assert init.wait(timeout=30) == 0
+
+
+def test_the_python_twin_of_init_exec_exits_as_its_command_did() -> None:
+    """LINUX.init_exec (kernel/seam.py), the real call of the seam that the reference runs through:
+    the command's code, 128+n when signal n killed it, a signal sent to the init reaching its trap."""
+    run = "import sys; from sandboxd.kernel.seam import LINUX; LINUX.init_exec(sys.argv[1:], {'PATH': '/usr/bin:/bin'})"
+    for script, code in (("exit 5", 5), ("kill -USR1 $$", 128 + signal.SIGUSR1), ("trap 'exit 6' HUP; kill -HUP $PPID; while :; do sleep 0.01; done", 6)):
+        done = subprocess.run([sys.executable, "-c", run, "sh", "-c", script], timeout=30, stderr=subprocess.DEVNULL)
+        assert done.returncode == code, script

@@ -1035,12 +1035,14 @@ static long run(const struct op *op)
     case C_INSTALL_SECCOMP: {
         struct sock_fprog fprog = filter_of(&op->args[0]);
         CHECK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0), "prctl(PR_SET_SECCOMP): ", "");
+        free(fprog.filter); /* the kernel has its copy: nothing of the heap is kept by the init */
         break;
     }
     case C_INSTALL_SECCOMP_LISTENER: {
         struct sock_fprog fprog = filter_of(&op->args[0]);
         r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog);
         CHECK(r, "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER): ", "");
+        free(fprog.filter);
         break;
     }
     case C_OPEN: r = open(S(op, 0), (int)I(op, 1)); CHECK(r, "", S(op, 0)); break;

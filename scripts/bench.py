@@ -29,7 +29,7 @@ What is measured, and how:
    (10 ms here) and rounds each field down, and the run time of its live threads from
    /proc/PID/task/*/schedstat, to the nanosecond but without ended threads and reaped children.
    "init/svc" is the run time (schedstat) of the sandboxes' inits (the children of the fork
-   server: the forked set-up before exec, then dumb-init) / N. Baseline ("no isolation") and
+   server: the set-up, then sbd-setup as the init) / N. Baseline ("no isolation") and
    peers: bench_peers.LAUNCHER, a small Python launcher spawned the same way (so every tool pays
    one interpreter start), binds the N sockets itself and starts the N programs one after another,
    each with its socket at fd 3 (SVC_FD=3, LISTEN_FDS=1, LISTEN_FDNAMES, not LISTEN_PID: svc.py
@@ -69,7 +69,7 @@ What is measured, and how:
    until all 100 accept, then after a 1 s settle): sandboxd's own RSS (VmRSS) and PSS
    (smaps_rollup), of `sandboxd up` (the supervisor) and of its fork server (its direct child, a
    fork of it that is pid 1 of a pid namespace of its own) each, and both
-   together. Extra memory per sandbox: the mean PSS of the sandbox inits (dumb-init, the children
+   together. Extra memory per sandbox: the mean PSS of the sandbox inits (sbd-setup, the children
    of the fork server), and the sum of PSS of every process in the stack's service cgroups / N
    minus the sum of PSS of the baseline's N programs / N; for each peer, the sum of PSS of every
    process below its launcher (its wrappers and the programs) / N minus the same baseline.
@@ -681,7 +681,7 @@ class StartRun:
     launch_all_ms: float | None = None
     gone_seconds: float | None = None  # SIGINT until exited and the stack's dirs are gone
     supervisor_cpu: float | None = None  # s, sandboxd up and its fork server, until all answered
-    init_cpu: float | None = None  # s, all sandbox inits (the set-up before exec, then dumb-init)
+    init_cpu: float | None = None  # s, all sandbox inits (the set-up, then sbd-setup as the init)
     server_cpu: float | None = None  # s, the fork server's part of supervisor_cpu (with the spawners it reaped)
 
 
@@ -1431,7 +1431,7 @@ def start_table(rows: list[StartRow], reps: int) -> list[str]:
         "  cpu/svc = CPU of sandboxd up and its fork server until all N answered, start-up included (bytecode cached), / N;",
         f"  cpu/launch = what one more service costs them: the rise of that CPU from the row above, / the rise of N (start-up excluded; target ≤ {TARGET_CPU_MS:g} ms),",
         "    and in brackets the supervisor's part + the fork server's (with the spawners it reaped);",
-        "  init/svc = run time of the sandboxes' inits by then (the forked set-up before exec, then dumb-init) / N",
+        "  init/svc = run time of the sandboxes' inits by then (the set-up, then sbd-setup as the init) / N",
         f"  {'N':<6}{'sandboxd':<11}{'baseline':<11}{'ratio':<8}{'stop':<9}{'base stop':<11}{'launch':<10}{'cpu/svc':<10}{'cpu/launch':<24}{'init/svc':<10}target",
     ]
     before: tuple[int, float, float] | None = None  # (N, CPU, the fork server's part) of the row above

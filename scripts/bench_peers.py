@@ -32,7 +32,7 @@ namespaces, no user namespace, the program, its socket at fd 3, the client. Not 
   sets its default rlimits and a hostname, calls setsid; the program is pid 1; lo up. Without
   --disable_clone_newuser it would add a user namespace (its default), which sandboxd does not
   use yet; the cgroup namespace is off for the same reason.
-- sandboxd does more per sandbox than any of them: a cgroup of its own, an init (dumb-init) in
+- sandboxd does more per sandbox than any of them: a cgroup of its own, an init (sbd-setup) in
   front of the program, capabilities dropped, a seccomp filter, masked and read-only /proc paths,
   a sysfs, tmpfs /tmp and /run, and (for the bench's /b, a new top-level directory) a root built
   on a tmpfs with the host's top-level entries bound into it. `sandboxd config DIR` prints it.

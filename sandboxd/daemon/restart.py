@@ -42,7 +42,8 @@ RESTART_ON: dict[Restart, frozenset[Outcome]] = {
 def classify(status: int) -> tuple[Outcome, str]:
     """The outcome and a description of a wait status of the sandbox's init.
 
-    dumb-init exits with 128+n when the service was killed by signal n, so such a code is read as
+    The sandbox's init (sbd-setup) exits with 128+n when the service was killed by signal n, as
+    dumb-init and tini do, so such a code is read as
     that signal (a service that itself exits with 130 looks the same; systemd's own ambiguity with
     shells).
     """
@@ -62,7 +63,7 @@ def classify(status: int) -> tuple[Outcome, str]:
 
 def exit_details(status: int) -> tuple[int | None, str | None]:
     """The exit code or the signal's name of a wait status, read as `classify` reads it (128+n
-    from dumb-init is signal n): one of the two is None."""
+    from the init is signal n): one of the two is None."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
     else:

@@ -5,8 +5,6 @@
     cgroup_host()      how cgroups are mounted: mode, sandboxd's own cgroup, whether cgroup.kill
                        exists (cgroups/hierarchy.py)
     proxy_binary()     systemd-socket-proxyd, for `proxy:` sockets
-    init_path()        dumb-init, pid 1 of a sandbox on the host's root
-    static_init_path() tini-static, pid 1 of a sandbox on an image
     subordinate_ids()  the block of ids a stack's user namespaces would get now (subids.py)
 
 A fact the host lacks is a HostError that says what to install, raised when first asked for, so
@@ -18,10 +16,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 
 from sandboxd.errors import HostError
 from sandboxd.kernel import linux
@@ -53,25 +49,6 @@ def proxy_binary() -> str:
     if found:
         return found
     raise HostError("sockets with proxy: need systemd-socket-proxyd, which is not installed", "apt-get install systemd (it ships the proxy)")
-
-
-@cache
-def init_path() -> str:
-    """Where dumb-init lives: beside the Python that runs sandboxd (its wheel installs it there)."""
-    found = _installed("dumb-init", before=(str(Path(sys.executable).parent / "dumb-init"),))
-    if found:
-        return found
-    raise HostError("dumb-init, the init sandboxd runs as pid 1 of each sandbox, is not installed", "pip install dumb-init")
-
-
-@cache
-def static_init_path() -> str:
-    """The init of sandboxes on an image. The image has its own C library or none, so the init
-    must need none: dumb-init's wheel links glibc dynamically; Debian's tini-static does not."""
-    found = _installed("tini-static", after=("/usr/bin/tini-static",))
-    if found:
-        return found
-    raise HostError("services with image: need a statically linked init (tini-static), which is not installed", "apt-get install tini")
 
 
 def subordinate_ids() -> UserNamespace:

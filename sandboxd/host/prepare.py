@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from sandboxd.errors import SpecError, SpecErrors
-from sandboxd.host.facts import architecture, init_path, proxy_binary, static_init_path, subordinate_ids
+from sandboxd.host.facts import architecture, proxy_binary, subordinate_ids
 from sandboxd.host.identity import host_accounts, image_accounts
 from sandboxd.plan.identity import HOST
 from sandboxd.plan.launch import Accounts, HostFacts, LaunchPlan, PathFacts, UserNamespace
@@ -82,13 +82,11 @@ def gather_facts(stack: Stack, runtime_dir: str, echo: bool, userns: UserNamespa
     if any(sock.proxy is not None for sock in stack.sockets):
         proxy_binary()  # a HostError now rather than clients held for ever
     facts = HostFacts(
-        init_path(),
         runtime_dir,
         userns=userns if userns is not None else subordinate_ids(),
         volumes_dir=str(volumes_dir()),
         hidden=hidden_paths(),
         images=images,
-        static_init_path=static_init_path() if images else "",
     )
     return survey(stack, facts)
 

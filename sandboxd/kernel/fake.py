@@ -6,7 +6,7 @@ The model is what the sandbox child's walk asks about: which paths exist and wha
 is after pivot_root and where the old root went, and what a detached tree holds once it is
 attached. A tmpfs mounted on a path hides what was below it; a bind shows its source's
 entries, an overlay its lower layer's, `move_mount` the tree's. Nothing is really mounted, written or executed:
-`execve` and `exit` raise ProcessEnded, so a test sees the end of a set-up.
+`init_exec` and `exit` raise ProcessEnded, so a test sees the end of a set-up.
 
 `fail(call, path)` makes the next such call fail as the real one would (OSError with the
 call's name, the errno's text and the path), once.
@@ -31,7 +31,7 @@ _PATH_ARGUMENT = {"mount": 1, "umount2": 0, "clone_tree": 0, "mount_setattr": 0,
 
 
 class ProcessEnded(BaseException):
-    """The process would be gone (`exit`: its code) or replaced (`execve`: None)."""
+    """The process would be gone (`exit`: its code) or the command's init (`init_exec`: None)."""
 
     def __init__(self, code: int | None) -> None:
         super().__init__(code)
@@ -407,8 +407,8 @@ class RecordingKernel:
         self._do("send", data, tuple(fds))
         channel.send(data)
 
-    def execve(self, fd: int, argv: list[str], env: dict[str, str]) -> NoReturn:
-        self._do("execve", fd, list(argv), dict(env))
+    def init_exec(self, argv: list[str], env: dict[str, str]) -> NoReturn:
+        self._do("init_exec", list(argv), dict(env))
         raise ProcessEnded(None)
 
     def exit(self, code: int) -> NoReturn:

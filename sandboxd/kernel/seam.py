@@ -19,6 +19,7 @@ Every call raises OSError(errno, text, path) on failure, the path being the one 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -114,7 +115,11 @@ class Kernel(Confining, Protocol):
 
     # ── the end of a set-up ──
     def send(self, channel: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None: ...
-    def execve(self, fd: int, argv: list[str], env: dict[str, str]) -> NoReturn: ...
+    def init_exec(self, argv: list[str], env: dict[str, str]) -> NoReturn:
+        """Fork `argv` in a session of its own and execute it (PATH from `env`); stay as its
+        init: every signal forwarded to its process group, every child reaped, exit as it did
+        (128+n when signal n killed it). sbd-setup.c's init_exec says why and how."""
+
     def exit(self, code: int) -> NoReturn: ...
 
 
@@ -148,8 +153,43 @@ def _send(channel: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
         channel.send(data)
 
 
-def _execve(fd: int, argv: list[str], env: dict[str, str]) -> NoReturn:
-    os.execve(fd, argv, env)
+STOPPING_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # forwarded as SIGSTOP, as dumb-init does
+
+
+def _init_exec(argv: list[str], env: dict[str, str]) -> NoReturn:
+    every = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+    signal.pthread_sigmask(signal.SIG_SETMASK, every)
+    executed_r, executed_w = os.pipe2(os.O_CLOEXEC)
+    command = os.fork()
+    if command == 0:
+        try:
+            os.setsid()
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.execvpe(argv[0], argv, env)
+        except OSError as e:  # (sbd-setup.c reports it on the status channel too)
+            os._exit(127 if e.errno == errno.ENOENT else 126)
+        finally:
+            os._exit(126)
+    os.close(executed_w)
+    os.read(executed_r, 1)
+    os.closerange(0, 1 << 20)
+    while True:
+        sig = signal.sigwaitinfo(every).si_signo
+        if sig != signal.SIGCHLD:
+            try:
+                os.killpg(command, signal.SIGSTOP if sig in STOPPING_SIGNALS else sig)
+            except ProcessLookupError:
+                pass
+            continue
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == command:
+                os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 
 
 class LinuxKernel:
@@ -242,7 +282,7 @@ class LinuxKernel:
 
     rmdir = staticmethod(os.rmdir)
     send = staticmethod(_send)
-    execve = staticmethod(_execve)
+    init_exec = staticmethod(_init_exec)
     exit = staticmethod(os._exit)
 
 

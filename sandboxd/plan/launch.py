@@ -180,7 +180,6 @@ class PathFacts:
 
 @dataclass(frozen=True)
 class HostFacts:
-    init_path: str  # the small init that runs as pid 1 of each sandbox (dumb-init)
     runtime_dir: str = "/run/sandboxd/stack"  # where the stack's generated files (hosts) live
     userns: UserNamespace = UserNamespace(100000, 100000, 65536, 100000, 100000)  # the stack's ids (subids.py)
     volumes_dir: str = "/var/lib/sandboxd/volumes"
@@ -188,7 +187,6 @@ class HostFacts:
     # ProtectHome= and InaccessiblePaths=): the state directory (image store, volumes, id leases)
     # and, from prepare.py, the host's SSH private keys. /run/user needs nothing: /run is a tmpfs.
     hidden: tuple[str, ...] = ("/root", "/home", "/var/lib/sandboxd")
-    static_init_path: str = ""  # the init of sandboxes on an image: linked statically (tini-static)
     images: Mapping[str, PlannedImage] = field(default_factory=dict)  # by the spec's `image:` value (a name or a folder)
     architecture: str = ""  # the machine, as uname says ("x86_64"); "" unknown
     accounts: Mapping[str, Accounts] = field(default_factory=dict)  # by `image:` value; "host" for the host's

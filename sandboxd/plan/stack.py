@@ -119,9 +119,8 @@ def plan_service(stack: Stack, service: Service, facts: HostFacts) -> LaunchPlan
         raise SpecErrors([error])
     return LaunchPlan(
         service=service.name,
-        # "--" ends the init's own options, so a command may start with "-". tini's -g forwards
-        # signals to the service's process group, as dumb-init does by default.
-        argv=(facts.init_path, "--", *found.argv) if found.image is None else (facts.static_init_path, "-g", "--", *found.argv),
+        # The command itself: the set-up interpreter forks it and stays as its init (sbd-setup.c).
+        argv=found.argv,
         env=service_environment(service, found.env, fd_names),
         hostname=service.hostname,
         workdir=found.workdir,

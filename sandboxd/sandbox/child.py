@@ -5,8 +5,10 @@ The init is cloned by the set-up interpreter itself (setup/sbd-setup.c, `spawn`:
 server starts it with vfork semantics, forkserver.py), so no Python runs in it: in a user
 namespace it becomes root inside (setgroups, setresgid and setresuid to the mapped 0) once the
 spawner has written its maps, then walks its program (program.py) op by op and reports on the
-status channel: Executing, then the exec of the init, or the first SetupFailed(step, detail,
-path) and exit EXIT_SETUP_FAILED (EXIT_UNEXPECTED for a malformed program).
+status channel: Executing, then init_exec (the command forked as pid 2 and executed, this process
+staying as its init; the channel's EOF once the command executed), or the first SetupFailed(step,
+detail, path) and exit EXIT_SETUP_FAILED (EXIT_UNEXPECTED for a malformed program; a command that
+cannot be executed: 127 not found, 126 otherwise).
 """
 
 from __future__ import annotations

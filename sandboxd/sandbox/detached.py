@@ -1,4 +1,5 @@
-"""What the fork server makes for a launch before it forks: detached mounts and the sealed init.
+"""What the fork server makes for a launch before it forks: detached mounts and the sealed copy of
+the set-up interpreter, which is every sandbox's init.
 
 A sandbox cannot make these itself. open_tree copies only mounts of the caller's own mount
 namespace, which a sandbox has left; a tmpfs mounted in a user namespace holds no usable device
@@ -135,8 +136,8 @@ _sealed_inits: dict[str, int] = {}  # the fork server's sealed copies, by path o
 
 
 def sealed_copy(path: str) -> int:
-    """The fork server's read-only, sealed, execute-only copy of the init at `path`, made at its
-    first launch and shared by every sandbox after it (no copy per launch).
+    """The fork server's read-only, sealed, execute-only copy of the program at `path` (sbd-setup,
+    which becomes each sandbox's init), made once and shared by every sandbox (no copy per launch).
 
     Why: an init executed from its file on the host leaves that file in reach through /proc/1/exe;
     uid 0 in the sandbox owns it, and with the root built on a tmpfs its mount is writable: only
@@ -148,10 +149,11 @@ def sealed_copy(path: str) -> int:
     file it cannot read non-dumpable. So, without CAP_SYS_PTRACE (which docker withholds too), no
     process of the sandbox reaches its init's /proc/1/mem (read or write), environ, exe, fd/,
     root or map_files, nor its memory through process_vm_readv/writev, nor its descriptors
-    through pidfd_getfd. What this does not cover: a service given CAP_DAC_OVERRIDE or
-    CAP_DAC_READ_SEARCH reads the copy, so its init stays dumpable; a host with
-    fs.suid_dumpable=1 makes every such process dumpable; the service's own processes reach one
-    another as processes of one uid always do (ptrace itself is refused by seccomp).
+    through pidfd_getfd. The init makes itself non-dumpable as well (PR_SET_DUMPABLE 0, once the
+    command runs: sbd-setup.c's init_exec), which covers a service given CAP_DAC_OVERRIDE or
+    CAP_DAC_READ_SEARCH, which reads the copy, and a host with fs.suid_dumpable=1. What this does
+    not cover: the service's own processes reach one another as processes of one uid always do
+    (ptrace itself is refused by seccomp).
     """
     fd = _sealed_inits.get(path)
     if fd is not None:

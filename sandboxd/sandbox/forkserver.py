@@ -32,7 +32,9 @@ outlives sandboxd.
                                                                                                pivot_root; hostname; lo up;
                                                                                                fds; seccomp; caps
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ──────────────────────────── Executing (creds carry its host pid)
-            ◀──────────── EOF (the channel is close-on-exec) ───────────────────────────────── execveat(sealed copy of dumb-init, -- command...)
+            ◀──────────── EOF (once the command executed) ──────────────────────────────────── init_exec: fork ──▶ command (pid 2, setsid)
+                                                                                               the init stays: forwards signals,
+                                                                                               reaps, exits as the command did
                                                                                                or SetupFailed(step, ...); _exit(127)
             ◀──Exited(id, status)── waitpid()
 
@@ -40,12 +42,13 @@ The messages are protocol.py's; RunCommand and StartProxy fork into a running sa
 Whether the kernel forks into a cgroup (clone3 CLONE_INTO_CGROUP) is probed once, when the fork
 server starts (`linux.clone_into_cgroup_works`); without it the child joins its cgroup after a fork.
 
-The init (dumb-init, or tini-static on an image) never runs from its file on the host: the fork
-server copies it once into a sealed, execute-only memfd (`detached.sealed_copy`), and every
-sandbox executes that descriptor, as runc does with its own binary since CVE-2019-5736. So with
-the set-up interpreter (setup/sbd-setup): the fork server starts its own sealed copy
-of it with vfork semantics (os.posix_spawn), and that small static process clones the sandbox's
-init from itself (`_spawn_sandbox`): no step of a sandbox's set-up runs in a copy of this Python
+The sandbox's init is the set-up interpreter itself (setup/sbd-setup, static: it needs nothing
+of an image's), which never runs from its file on the host: the fork server copies it once into
+a sealed, execute-only memfd (`detached.sealed_copy`) and executes that descriptor, as runc does
+with its own binary since CVE-2019-5736: the fork server starts its sealed copy with vfork
+semantics (os.posix_spawn), and that small static process clones the sandbox's init from itself
+(`_spawn_sandbox`), which runs the program and stays as pid 1 once it forked the command (no
+exec of a second init: each costs 0.5-1 ms of CPU). No step of a sandbox's set-up runs in a copy of this Python
 heap (a fork of it cost some 2.5 ms in page-table copies and copy-on-write faults, and as much
 again in its exit or exec). The descriptors the program names are made inheritable for the
 moment of the spawn (`detached.inheritable`); all else of the fork server's is close-on-exec.
@@ -186,24 +189,24 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], childre
     """Fork what a request asks for; ForkFailed if that fails here. Every descriptor received
     or made for it is closed here once the child holds its own."""
     received = _Received.sort(request, fds)
-    cgroup_fd, init_fd, program_fd = -1, -1, -1
+    cgroup_fd, program_fd = -1, -1
     trees = Trees()
     host_id_trees: list[tuple[int, str]] = []
     doing = Step("fork")
     try:
         if isinstance(request, LaunchSandbox):
-            init_fd, trees, host_id_trees = _prepare_launch(request, received.sources, doing)
+            trees, host_id_trees = _prepare_launch(request, received.sources, doing)
             doing.name = "open the v1 cgroups' tasks files"
             for path in request.cgroup_tasks:
                 received.cgroup_tasks.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
             doing.name = "compile the set-up program"
-            program_fd = _program(request, received, init_fd, trees)
+            program_fd = _program(request, received, trees)
             doing.name = "fork"
         cgroup_fd = os.open(request.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         match request:
             case LaunchSandbox():
                 # What the program names crosses the exec of the interpreter; nothing else does.
-                kept = [received.status, received.output, *received.sockets, init_fd, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd]
+                kept = [received.status, received.output, *received.sockets, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd]
                 with inheritable([fd for fd in kept if fd >= 0]):
                     pid = _spawn_sandbox(request, cgroup_fd, received, program_fd, host_id_trees)
             case RunCommand():
@@ -227,18 +230,18 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], childre
 @dataclasses.dataclass(frozen=True)
 class _Program:
     """A compiled program kept for the next launch of the same plan: the encoding of every op
-    but the last, and the last (the execve: a connection's environment goes in it)."""
+    but the last, and the last (init_exec: a connection's environment goes in it)."""
 
     plan: LaunchPlan  # what it was compiled from (kept by its id: no other plan takes it meanwhile)
     body: bytes
-    execve: Op
+    init_exec: Op
     count: int
 
 
 _programs: dict[tuple[object, ...], _Program] = {}
 
 
-def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: Trees) -> int:
+def _program(request: LaunchSandbox, received: _Received, trees: Trees) -> int:
     """The launch's set-up program (program.py), compiled and written to a pipe whose read end
     (returned) the interpreter reads it from. A child in a user namespace is born in its network
     namespace: its program joins none.
@@ -248,7 +251,7 @@ def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: T
     environment, so it is compiled and encoded once."""
     plan = request.plan
     netns = -1 if plan.userns else received.netns
-    fds = Descriptors(received.output, tuple(received.sockets), init_fd, netns, tuple(received.cgroup_tasks))
+    fds = Descriptors(received.output, tuple(received.sockets), netns, tuple(received.cgroup_tasks))
     tmpfs_root = any(op.kind == "tmpfs-root" for op in plan.mounts)
     view = HostView(tuple(is_dir_fd(tree) for tree in trees.binds), _root_entries() if tmpfs_root else ())
     key = (id(plan), request.root, fds, trees, view)
@@ -258,8 +261,8 @@ def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: T
             _programs.clear()
         ops = compile_launch(dataclasses.replace(request, connection=None), fds, trees, view)
         kept = _programs[key] = _Program(plan, b"".join(encode_op(op) for op in ops[:-1]), ops[-1], len(ops))
-    execve = kept.execve if request.connection is None else with_environment(kept.execve, request.connection.env)
-    data = program_head(kept.count, 3 + len(received.sockets)) + kept.body + encode_op(execve, keep=request.connection is None)
+    last = kept.init_exec if request.connection is None else with_environment(kept.init_exec, request.connection.env)
+    data = program_head(kept.count, 3 + len(received.sockets)) + kept.body + encode_op(last, keep=request.connection is None)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         if len(data) > 65536:
@@ -294,17 +297,15 @@ def _root_entries() -> tuple[tuple[str, EntryKind, str], ...]:
     return entries
 
 
-def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tuple[int, Trees, list[tuple[int, str]]]:
-    """Before the fork: the sealed init, a detached copy of each bind source and of the image,
+def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tuple[Trees, list[tuple[int, str]]]:
+    """Before the fork: a detached copy of each bind source and of the image,
     the sandbox's /dev. In a user namespace the copies stored through the stack's ids are
     idmapped here (STORE_IDS); those seen with the host's ids (HOST_IDS, returned) once the
     sandbox's own user namespace exists: only root of the host's user namespace may idmap a
     mount of the host's file systems."""
     plan = request.plan
-    doing.name = f"make a sealed copy of the init {plan.argv[0]}"
-    init_fd = sealed_copy(plan.argv[0])
     doing.name = "make a sealed copy of the set-up interpreter"
-    sealed_copy(str(SETUP_BINARY))  # once per fork server, as the init's; executed by every child
+    sealed_copy(str(SETUP_BINARY))  # once per fork server; executed by every child
     binds = [op for op in plan.mounts if op.kind == "bind"]
     if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
         raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", request.launched().service)
@@ -338,7 +339,7 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
                 os.close(fd)
         raise
     doing.name = "fork"
-    return init_fd, Trees(tuple(copies), image_tree, -1, dev_tree), host_id_trees
+    return Trees(tuple(copies), image_tree, -1, dev_tree), host_id_trees
 
 
 def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]) -> int:

@@ -66,7 +66,7 @@ CALLS: dict[str, str] = {
     "open": "si",
     "dup_above": "fi",
     "dup2": "fi",
-    "close_others": "iff",  # closerange around the two kept fds, from `low` up
+    "close_others": "if",  # closerange around the kept fd, from `low` up
     "mount": "zsziz",
     "umount2": "si",
     "mount_setattr": "siii",
@@ -84,7 +84,7 @@ CALLS: dict[str, str] = {
     "seal_covers": "",  # the tmpfs covers bind_inside and tmpfs_inside made, read-only
     "report_executing": "",
     "report_executing_with": "f",  # with the listener, by SCM_RIGHTS
-    "execve": "fSS",
+    "init_exec": "SS",  # argv, environment: the command forked as pid 2, this process its init
 }
 CALL_NUMBERS = {name: number for number, name in enumerate(CALLS)}
 

@@ -8,7 +8,6 @@ walks its SetupOp list. The steps, in this order, each named so that its failure
     join cgroups                     the v1 hierarchies: "0" to the tasks files the fork server opened
     join the service's network ns    when sandboxd made one (in a user namespace: born in it)
     create namespaces                unshare(mount, uts, ipc[, net]); setsid
-    take the sealed copy of the init moved clear of fds 3..
     build the root (RootProgram)     / private; the plan's mounts in order; pivot_root; the
                                      binds and the spec's tmpfs inside; seal; detach the old root
     set hostname, bring up lo
@@ -17,7 +16,9 @@ walks its SetupOp list. The steps, in this order, each named so that its failure
     install the bind() listener      with the plan's intercept_bind
     confine                          seccomp, bounding set, ids, capabilities (confine.py)
     report Executing                 on the status channel, with the listener
-    execute the init                 the sealed copy, by descriptor; the channel closes on exec
+    execute the command              init_exec: forked as pid 2 (a session of its own) and
+                                     executed; this process stays as the sandbox's init
+                                     (sbd-setup.c), the channel closed once the command executed
 
 (Root of the user namespace the child became before it executed the interpreter: child.py.)
 
@@ -65,13 +66,12 @@ class Trees:
 @dataclass(frozen=True)
 class Descriptors:
     """What else the child holds: the output pipe, the sockets (fds 3.. of the service), the
-    fork server's sealed copy of the init, the network namespace to join (or -1), and the `tasks`
+    network namespace to join (or -1), and the `tasks`
     files of its v1 cgroups (a hybrid host), opened by the fork server: a child in a user namespace
     of its own may no longer open them, and may still write "0" to them to join them."""
 
     output: int
     sockets: tuple[int, ...]
-    init: int
     netns: int = -1
     cgroup_tasks: tuple[int, ...] = ()
 
@@ -85,15 +85,10 @@ class HostView:
     root_entries: tuple[tuple[str, EntryKind, str], ...] = ()
 
 
-def init_name(argv: tuple[str, ...]) -> str:
-    """The command behind the init, as a failure to execute it names it."""
-    return argv[argv.index("--") + 1] if "--" in argv else argv[0]
-
-
 def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view: HostView) -> tuple[Op, ...]:
-    """Every step from the clone to the exec of the init, in the order of the module's docstring,
-    for the plan the request launches (a connection's, with `connection`). Only the last op, the
-    execve, holds the environment (`with_environment`); no op holds the service's name."""
+    """Every step from the clone to the command's exec, in the order of the module's docstring,
+    for the plan the request launches (a connection's, with `connection`). Only the last op,
+    init_exec, holds the environment (`with_environment`); no op holds the service's name."""
     plan = request.launched()
     k = OpRecorder()
     k.name = "reset signals"
@@ -109,10 +104,6 @@ def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view:
     k.name = "create namespaces"
     k.record("unshare", plan.clone_flags)
     k.record("setsid")
-    # The init is the fork server's sealed copy (sealed_copy), executed through its descriptor:
-    # /proc/1/exe is that memfd, never a file of the host's, wherever sandboxd is installed.
-    k.name = f"take the sealed copy of the init {plan.argv[0]}"
-    init_fd = k.dup_above(fds.init, 3 + len(fds.sockets))  # clear of fds 3..
     RootProgram(k, request.root, plan.mounts, trees, view, bool(plan.userns)).build()
     k.name = "set hostname"
     if plan.clone_flags & abi.CLONE_NEWUTS:  # never the host's
@@ -125,7 +116,7 @@ def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view:
     k.name = f"change directory to {plan.workdir}"
     k.chdir(plan.workdir)
     # Whatever else this process holds, inherited or ours, the service does not get.
-    k.record("close_others", 3 + len(fds.sockets), register(R_CHANNEL), init_fd)
+    k.record("close_others", 3 + len(fds.sockets), register(R_CHANNEL))
     listener = 0  # a register is negative
     if plan.intercept_bind:
         k.name = "install the bind() listener"
@@ -138,16 +129,18 @@ def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view:
         k.close(listener)
     else:
         k.record("report_executing")
-    k.name = f"execute {init_name(plan.argv)}"
-    k.record("execve", init_fd, tuple(plan.argv), tuple(f"{key}={value}" for key, value in plan.env))
+    # The init is this process, the sealed copy of sbd-setup the fork server executed: /proc/1/exe
+    # is that memfd, never a file of the host's or of an image's, wherever sandboxd is installed.
+    k.name = f"execute {plan.argv[0]}"
+    k.record("init_exec", tuple(plan.argv), tuple(f"{key}={value}" for key, value in plan.env))
     return tuple(k.ops)
 
 
-def with_environment(execve: Op, env: tuple[tuple[str, str], ...]) -> Op:
-    """A program's last op (compile_launch's execve) with the environment `env` in place of its own."""
-    assert execve.call == "execve"
-    init_fd, argv, _env = execve.args
-    return execve._replace(args=(init_fd, argv, tuple(f"{key}={value}" for key, value in env)))
+def with_environment(init_exec: Op, env: tuple[tuple[str, str], ...]) -> Op:
+    """A program's last op (compile_launch's init_exec) with the environment `env` in place of its own."""
+    assert init_exec.call == "init_exec"
+    argv, _env = init_exec.args
+    return init_exec._replace(args=(argv, tuple(f"{key}={value}" for key, value in env)))
 
 
 def is_dir(path: str) -> Guard:

@@ -21,7 +21,7 @@ it): the fork server's socket, for its life, and a status channel per request:
                    SCM_CREDENTIALS: the child's pid as the host numbers it;
                    SCM_RIGHTS: its bind() listener, with the plan's intercept_bind
                  ◀─────────────────────────────────────────────────────────── EOF: it executed
-                   (the channel is close-on-exec)
+                   (close-on-exec; a sandbox's init closes its own once the command executed)
                  ◀─────────────────────────────────────────────────────────── SetupFailed(step, detail,
                                                                                 path, exit); _exit(exit)
 

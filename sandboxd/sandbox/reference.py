@@ -28,7 +28,7 @@ from sandboxd.sandbox.protocol import Executing, encode
 
 
 def run_program(kernel: Kernel, ops: Sequence[Op], channel: socket.socket, registers: dict[int, int]) -> NoReturn:
-    """Run `ops` to the exec of the init; on the first failure, report it on `channel` and exit.
+    """Run `ops` to init_exec; on the first failure, report it on `channel` and exit.
     `registers`: those set before the program starts (R_SYSFS); R_CHANNEL is `channel`'s."""
     step = Step()
     state = _State(kernel, channel, {**registers, R_CHANNEL: channel.fileno()})
@@ -36,7 +36,7 @@ def run_program(kernel: Kernel, ops: Sequence[Op], channel: socket.socket, regis
         for op in ops:
             step.name = op.step
             state.run(op)
-        raise RuntimeError("the program ended without an exec")
+        raise RuntimeError("the program ended without init_exec")
     except OSError as e:
         report(kernel, channel, failure(step, e, EXIT_SETUP_FAILED))
         kernel.exit(EXIT_SETUP_FAILED)
@@ -136,16 +136,15 @@ class _State:
             case "dup2":
                 k.dup2(self.fd(a[0]), _int(a[1]))
             case "close_others":
-                keep = sorted((self.fd(a[1]), self.fd(a[2])))
-                k.closerange(_int(a[0]), keep[0])
-                k.closerange(keep[0] + 1, keep[1])
-                k.closerange(keep[1] + 1, 1 << 20)
+                keep = self.fd(a[1])
+                k.closerange(_int(a[0]), keep)
+                k.closerange(keep + 1, 1 << 20)
             case "report_executing":
                 report(k, self.channel, Executing(time.monotonic_ns()))
             case "report_executing_with":
                 k.send(self.channel, encode(Executing(time.monotonic_ns())), [self.fd(a[0])])
-            case "execve":
-                k.execve(self.fd(a[0]), [str(arg) for arg in _tuple(a[1])], dict(str(kv).split("=", 1) for kv in _tuple(a[2])))
+            case "init_exec":
+                k.init_exec([str(arg) for arg in _tuple(a[0])], dict(str(kv).split("=", 1) for kv in _tuple(a[1])))
             case _:
                 self.file_call(call, args)
         return None

@@ -5,7 +5,7 @@ own, reading the probe's report (the probe's stack runs within the first test, s
 a test). The probe runs on both kinds of host root: `probe` mounts its folder at a new top-level
 directory (/t), which builds the root on a tmpfs; `inplace` mounts it below /tmp, which keeps the
 host's root in place; `userns` and `userns_bound` do the same in a user namespace. One more
-service, `image`, runs on a folder image (busybox) under tini and checks what it can reach of its
+service, `image`, runs on a folder image (busybox) under sbd-setup as its init and checks what it can reach of its
 init. The tests after those are about sandboxd's own mechanisms (pinned bind mounts, the allow
 list of the seccomp filter, user namespaces).
 """
@@ -250,7 +250,7 @@ _report: dict[str, dict[str, object]] = {}
 
 
 def _busybox_image(folder: Path) -> Path:
-    """A folder image with nothing but a static busybox: its init is tini-static."""
+    """A folder image with nothing but a static busybox: its init is sbd-setup, static, as everywhere."""
     rootfs = folder / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
     busybox = subprocess.run(["sh", "-c", "command -v busybox"], capture_output=True, text=True).stdout.strip()

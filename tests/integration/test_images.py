@@ -58,7 +58,7 @@ def test_service_runs_on_the_image_not_on_the_host(run_stack, spec_dir: Path, st
     assert "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" in lines  # the image's passwd, not the host's
     assert "no-python" in lines
     assert "read-only" in lines
-    assert "pid=2" in lines  # the service is pid 2 under tini, as under dumb-init
+    assert "pid=2" in lines  # the service is pid 2 under sbd-setup, on an image as on the host's root
 
 
 def test_writable_layer_is_fresh_on_every_start_and_never_reaches_the_image(run_stack, spec_dir: Path, store: Path) -> None:

@@ -24,7 +24,7 @@ from sandboxd.sandbox.reference import run_program
 from sandboxd.spec.load import load_stack
 
 ROOT = "/run/sandboxd/st/root"  # where a root of its own is built
-INIT, DEV_TREE, IMAGE_TREE, SYSFS_TREE = 80, 90, 91, 92
+DEV_TREE, IMAGE_TREE, SYSFS_TREE = 90, 91, 92
 OUTPUT, SOCKET = 5, 6
 MOUNT_CALLS = ("mount", "umount2", "mount_setattr", "move_mount", "pivot_root")
 FLAGS = abi.CLONE_NEWNS | abi.CLONE_NEWUTS | abi.CLONE_NEWIPC | abi.CLONE_NEWNET
@@ -55,7 +55,7 @@ def kernel(tree: Sequence[str] = HOST, links: dict[str, str] | None = None, tree
 
 
 def request(mounts: Sequence[MountOp], **fields: object) -> LaunchSandbox:
-    plan = dict(service="svc", argv=("/opt/dumb-init", "--", "/bin/serve"), env=(("PATH", "/bin"),), hostname="svc", workdir="/", clone_flags=FLAGS, mounts=tuple(mounts), fd_names=())
+    plan = dict(service="svc", argv=("/bin/serve",), env=(("PATH", "/bin"),), hostname="svc", workdir="/", clone_flags=FLAGS, mounts=tuple(mounts), fd_names=())
     plan.update(fields)
     return LaunchSandbox(1, LaunchPlan(**plan), "/sys/fs/cgroup/unified/sandboxd/st/svc", (), ROOT, False, 0)  # type: ignore[arg-type]
 
@@ -74,12 +74,11 @@ def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 @dataclass(frozen=True)
 class Init:
-    """What the program executed at its end."""
+    """What the program executed at its end (init_exec: the command, forked by its init)."""
 
-    fd: int
     argv: list[str]
     env: dict[str, str]
-    name: str  # the command behind the init, as the step of its exec names it
+    name: str  # the command, as the step of its exec names it
 
 
 def host_view(fake: RecordingKernel, trees: Trees) -> HostView:
@@ -99,10 +98,10 @@ def run(fake: RecordingKernel, launch: LaunchSandbox, channel: tuple[socket.sock
 
 def walk(fake: RecordingKernel, launch: LaunchSandbox, channel: tuple[socket.socket, socket.socket], binds: tuple[int, ...] = (), netns: int = -1) -> Init:
     trees = Trees(binds, IMAGE_TREE, SYSFS_TREE, DEV_TREE)
-    assert run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), INIT, netns), trees) is None
-    ops = compile_launch(launch, Descriptors(OUTPUT, (SOCKET,), INIT, netns), trees, host_view(fake, trees))
-    (_, fd, argv, env) = fake.named("execve")[-1]
-    return Init(fd, argv, env, ops[-1].step.removeprefix("execute "))  # type: ignore[arg-type]
+    assert run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), netns), trees) is None
+    ops = compile_launch(launch, Descriptors(OUTPUT, (SOCKET,), netns), trees, host_view(fake, trees))
+    (_, argv, env) = fake.named("init_exec")[-1]
+    return Init(argv, env, ops[-1].step.removeprefix("execute "))  # type: ignore[arg-type]
 
 
 def mounts_of(fake: RecordingKernel) -> list[tuple[object, ...]]:
@@ -110,7 +109,7 @@ def mounts_of(fake: RecordingKernel) -> list[tuple[object, ...]]:
 
 
 def failed(fake: RecordingKernel, launch: LaunchSandbox, channel: tuple[socket.socket, socket.socket], binds: tuple[int, ...] = ()) -> tuple[int | None, SetupFailed]:
-    code = run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), INIT), Trees(binds, IMAGE_TREE, SYSFS_TREE, DEV_TREE))
+    code = run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,)), Trees(binds, IMAGE_TREE, SYSFS_TREE, DEV_TREE))
     message = decode_status(channel[0].recv(4096))
     assert isinstance(message, SetupFailed)
     return code, message
@@ -142,7 +141,7 @@ def test_host_root_in_place_is_sealed_in_one_call_and_each_covered_mount_is_deta
 def test_a_planned_service_on_the_host_root_walks_without_a_mount_point_of_its_own(tmp_path: Path, channel) -> None:
     (tmp_path / "stack.yaml").write_text("kind: service\nname: a\ncommand: [/bin/serve]\nuserns: false\n")
     paths = PathFacts({"/": True, "/bin/serve": False, "/etc": True, "/proc/kcore": False, "/proc/sys": True})
-    plan = plan_stack(load_stack(tmp_path), HostFacts(architecture="x86_64", init_path="/opt/dumb-init", paths=paths))["a"]
+    plan = plan_stack(load_stack(tmp_path), HostFacts(architecture="x86_64", paths=paths))["a"]
     fake = kernel()
     fake.file_trees.add(HOSTNAME_TREE)
     walk(fake, LaunchSandbox(1, plan, "/sys/fs/cgroup/unified/x", (), ROOT, False, 0), channel, binds=(HOSTNAME_TREE,))
@@ -211,7 +210,7 @@ def test_in_a_user_namespace_the_program_creates_the_namespaces_first_and_confin
     # (Root of its user namespace it became before the walk: sbd-setup.c's init_child.)
     walk(fake, request([IN_PLACE, *BASE], userns=IDS, uid=1000, gid=1000, capabilities=(10,), seccomp_filter="00"), channel)
     order = fake.order()
-    assert order[0:4] == ["reset_signals", "unshare", "setsid", "dup_above"]
+    assert order[0:4] == ["reset_signals", "unshare", "setsid", "mount"]
     assert fake.calls[1] == ("unshare", FLAGS)
     # The confinement, last, in the order the kernel allows it.
     confinement = [c for c in fake.calls if c[0] in ("prctl", "install_seccomp", "drop_bounding_set", "setgroups", "setgid", "setuid", "keep_only_capabilities")]
@@ -227,7 +226,7 @@ def test_in_a_user_namespace_the_program_creates_the_namespaces_first_and_confin
         ("prctl", abi.PR_SET_NO_NEW_PRIVS, 1),
     ]
     assert order[-2] == "send" and order.index("keep_only_capabilities") < order.index("send")
-    assert order[-1] == "execve"
+    assert order[-1] == "init_exec"
 
 
 def test_a_mount_the_user_namespace_locked_stays_and_only_there(channel) -> None:
@@ -245,7 +244,7 @@ def test_a_mount_the_user_namespace_locked_stays_and_only_there(channel) -> None
 def test_the_child_joins_its_v1_cgroups_first_by_writing_0_to_the_tasks_files_it_was_given(channel) -> None:
     fake = kernel()
     launch = request([IN_PLACE, *BASE], userns=IDS)
-    assert run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), INIT, cgroup_tasks=(50, 51)), Trees((), IMAGE_TREE, SYSFS_TREE, DEV_TREE)) is None
+    assert run(fake, launch, channel, Descriptors(OUTPUT, (SOCKET,), cgroup_tasks=(50, 51)), Trees((), IMAGE_TREE, SYSFS_TREE, DEV_TREE)) is None
     # "0" moves the writer alone (no global lock); by descriptor, since in its user namespace it may not open them.
     assert fake.calls[1:5] == [("write", 50, b"0"), ("close", 50), ("write", 51, b"0"), ("close", 51)]
     assert fake.order().index("close") < fake.order().index("unshare")
@@ -346,16 +345,16 @@ def test_a_failure_that_is_no_oserror_exits_126_saying_what_it_was(channel) -> N
     assert (code, message.step, message.detail, message.exit) == (126, "set hostname", "ValueError('embedded null byte')", 126)
 
 
-def test_the_child_reports_executing_with_only_its_descriptors_left_and_executes_the_sealed_init(channel) -> None:
+def test_the_child_reports_executing_with_only_its_descriptors_left_and_stays_as_the_commands_init(channel) -> None:
     fake = kernel()
     init = walk(fake, request([IN_PLACE, *BASE], intercept_bind=True), channel)
-    # The fake numbers descriptors from 1001: the init's copy, the output's, the socket's, /dev/null.
-    assert fake.named("dup_above") == [("dup_above", INIT, 4), ("dup_above", OUTPUT, 100), ("dup_above", SOCKET, 100)]  # the init clear of fd 3
-    assert init == Init(1001, ["/opt/dumb-init", "--", "/bin/serve"], {"PATH": "/bin"}, "/bin/serve")
+    # The fake numbers descriptors from 1001: the output's copy, the socket's, /dev/null.
+    assert fake.named("dup_above") == [("dup_above", OUTPUT, 100), ("dup_above", SOCKET, 100)]
+    assert init == Init(["/bin/serve"], {"PATH": "/bin"}, "/bin/serve")  # the command itself, no other init's
     assert fake.named("open") == [("open", "/dev/null", os.O_RDONLY | os.O_CLOEXEC)]
-    assert fake.named("dup2") == [("dup2", 1004, 0), ("dup2", 1002, 1), ("dup2", 1002, 2), ("dup2", 1003, 3)]
-    keep = sorted((channel[1].fileno(), init.fd))
-    assert fake.named("closerange") == [("closerange", 4, keep[0]), ("closerange", keep[0] + 1, keep[1]), ("closerange", keep[1] + 1, 1 << 20)]
+    assert fake.named("dup2") == [("dup2", 1003, 0), ("dup2", 1001, 1), ("dup2", 1001, 2), ("dup2", 1002, 3)]
+    keep = channel[1].fileno()
+    assert fake.named("closerange") == [("closerange", 4, keep), ("closerange", keep + 1, 1 << 20)]
     ((_, data, fds),) = fake.named("send")
     assert isinstance(decode_status(data), Executing) and len(fds) == 1  # with the bind() listener
     assert fake.order().index("install_seccomp_listener") < fake.order().index("drop_bounding_set")

@@ -39,15 +39,15 @@ def plan_with(tmp_path: Path, stack_of: StackOf) -> PlanWith:
     def plan(text: str, config: ImageConfig = ImageConfig()) -> LaunchPlan:
         rootfs = make_rootfs(tmp_path / "rootfs")
         stack = stack_of(tmp_path / "stack", text)
-        facts = HostFacts("/opt/dumb-init", architecture="x86_64", static_init_path="/usr/bin/tini-static", volumes_dir="/var/lib/sandboxd/volumes", images={"web": Image("web", rootfs, config)})
+        facts = HostFacts(architecture="x86_64", volumes_dir="/var/lib/sandboxd/volumes", images={"web": Image("web", rootfs, config)})
         return plan_stack(stack, survey(stack, facts))[stack.services[0].name]
 
     return plan
 
 
-def test_image_service_runs_tini_on_an_overlay_of_the_image(tmp_path: Path, plan_with: PlanWith) -> None:
+def test_image_service_runs_its_command_on_an_overlay_of_the_image(tmp_path: Path, plan_with: PlanWith) -> None:
     plan = plan_with("kind: service\nname: a\nimage: web\ncommand: [serve, --fast]\n")
-    assert plan.argv == ("/usr/bin/tini-static", "-g", "--", "serve", "--fast")
+    assert plan.argv == ("serve", "--fast")
     assert plan.mounts[0].kind == "image-root"
     assert plan.mounts[0].source == str(tmp_path / "rootfs")
     assert plan.mounts[0].readonly is True
@@ -61,11 +61,11 @@ def test_writable_root_is_asked_for_with_readonly_root_false(plan_with: PlanWith
 def test_command_replaces_cmd_and_keeps_entrypoint_as_docker_does(plan_with: PlanWith) -> None:
     config = ImageConfig(env=(("PATH", "/bin"), ("MODE", "image")), entrypoint=("/bin/sh", "-c"), cmd=("serve",), workdir="/srv", user="web")
     plan = plan_with("kind: service\nname: a\nimage: web\n", config)
-    assert plan.argv[3:] == ("/bin/sh", "-c", "serve")
+    assert plan.argv == ("/bin/sh", "-c", "serve")
     assert (plan.workdir, plan.uid, plan.gid) == ("/srv", 101, 102)
     assert dict(plan.env)["PATH"] == "/bin"
     plan = plan_with("kind: service\nname: a\nimage: web\ncommand: [echo hi]\nworkdir: /\nenvironment: {MODE: spec}\n", config)
-    assert plan.argv[3:] == ("/bin/sh", "-c", "echo hi")
+    assert plan.argv == ("/bin/sh", "-c", "echo hi")
     assert plan.workdir == "/"
     assert dict(plan.env)["MODE"] == "spec"
 

@@ -138,7 +138,7 @@ def test_services_on_networks_join_a_namespace_made_before_they_start(tmp_path: 
         "kind: socket\nname: p\nnetns: service\nlisten: udp:0.0.0.0:53\n---\n" + NETWORK,
     )
     assert {s.name: net_mode(stack, s) for s in stack.services} == {"a": "join", "h": "host", "n": "none", "p": "join"}
-    plans = plan_stack(stack, HostFacts("/init", "/run/sandboxd/x", architecture="x86_64", paths=PathFacts({"/bin/x": False})))
+    plans = plan_stack(stack, HostFacts("/run/sandboxd/x", architecture="x86_64", paths=PathFacts({"/bin/x": False})))
     assert plans["a"].clone_flags & 0x40000000 == 0  # no fresh network namespace: it joins its own
     assert plans["n"].clone_flags & 0x40000000
     assert ("bind", "/etc/hosts", "/run/sandboxd/x/etc/a/hosts") in [(m.kind, m.target, m.source) for m in plans["a"].mounts]

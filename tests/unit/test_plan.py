@@ -16,7 +16,7 @@ from sandboxd.plan.stack import paths_asked, plan_stack
 from sandboxd.sandbox.protocol import from_wire, to_wire
 from sandboxd.spec.load import load_stack
 
-FACTS = HostFacts(architecture="x86_64", init_path="/opt/sandboxd/bin/dumb-init")
+FACTS = HostFacts(architecture="x86_64")
 HOST_PATHS = {"/", "/srv", "/srv/data", "/etc", "/usr", "/usr/bin/x", "/usr/bin/y", "/usr/bin/serve", "/bin/-weird", "/bin/x", "/srv/data/db.sock"}
 
 
@@ -85,9 +85,9 @@ def test_spec_environment_overrides_default_path(tmp_path):
     assert env == {"PATH": "/bin", "A": "b"}
 
 
-def test_init_runs_the_command_after_double_dash(tmp_path):
+def test_the_plan_runs_the_command_itself_even_one_that_starts_with_a_dash(tmp_path):
     p = plans(tmp_path, "kind: service\nname: a\ncommand: -weird --flags\n")["a"]
-    assert p.argv == ("/opt/sandboxd/bin/dumb-init", "--", "-weird", "--flags")
+    assert p.argv == ("-weird", "--flags")  # no init of another program's in front: sbd-setup is the init
 
 
 def test_a_spec_mount_of_etc_or_etc_hostname_takes_the_place_of_sandboxds_hostname_file(tmp_path):
@@ -264,7 +264,7 @@ def test_program_inside_a_bind_mount_is_found_through_its_source(tmp_path):
         p = plans(tmp_path, "kind: service\nname: a\ncommand: [/app/run.sh]\nmounts: [{source: data, target: /app}]\n")
     finally:
         HOST_PATHS.discard(str(tmp_path / "data" / "run.sh"))
-    assert p["a"].argv[2] == "/app/run.sh"
+    assert p["a"].argv[0] == "/app/run.sh"
 
 
 def test_default_seccomp_filter_is_planned_and_can_be_relaxed(tmp_path):
@@ -289,7 +289,7 @@ def test_seccomp_names_a_call_the_filter_does_not_refuse(tmp_path):
 # ── user namespaces (the default) ──
 
 IDS = UserNamespace(uid=165536, gid=165536, count=65536, store_uid=100000, store_gid=100000)
-USERNS_FACTS = HostFacts(architecture="x86_64", init_path="/opt/sandboxd/bin/dumb-init", userns=IDS, hidden=("/root", "/home", "/var/lib/sandboxd", "/etc/ssh/ssh_host_ed25519_key"))
+USERNS_FACTS = HostFacts(architecture="x86_64", userns=IDS, hidden=("/root", "/home", "/var/lib/sandboxd", "/etc/ssh/ssh_host_ed25519_key"))
 
 
 def userns_plans(tmp_path: Path, text: str) -> dict[str, LaunchPlan]:
@@ -338,7 +338,7 @@ def test_an_images_tree_keeps_its_owners_in_a_user_namespace(tmp_path):
     (tmp_path / "stack.yaml").write_text(f"kind: service\nname: a\ncommand: [/bin/x]\nimage: {rootfs}\n")
     from sandboxd.store.images import Image
 
-    facts = HostFacts(architecture="x86_64", init_path="/i", userns=IDS, static_init_path="/tini", images={str(rootfs): Image(str(rootfs), rootfs)}, paths=PathFacts({f"{rootfs}/bin/x": False}))
+    facts = HostFacts(architecture="x86_64", userns=IDS, images={str(rootfs): Image(str(rootfs), rootfs)}, paths=PathFacts({f"{rootfs}/bin/x": False}))
     p = plan_stack(load_stack(tmp_path), facts)["a"]
     assert p.mounts[0] == MountOp("image-root", "/", str(rootfs), readonly=True, options=HOST_IDS)
     assert not any(m.kind == "mask" and m.target in ("/root", "/home") for m in p.mounts)  # the image's own tree
@@ -431,8 +431,6 @@ def test_planning_opens_no_file_and_asks_no_nss(tmp_path, monkeypatch):
     stack = load_stack(tmp_path)
     rootfs = Path("/nonexistent/images/busybox/trees/1")  # no such image on disk: its facts say all
     facts = HostFacts(
-        init_path="/i",
-        static_init_path="/tini",
         images={"busybox": Image("busybox", rootfs, ImageConfig(entrypoint=("/bin/httpd",), cmd=("-f",)))},
         accounts={"busybox": Accounts({"app": (500, 600)}), "host": Accounts({"alice": (1000, 1000)}, {"staff": 50})},
         paths=PathFacts({f"{rootfs}/bin/httpd": False, "/usr/bin/serve": False, str(tmp_path / "data"): True}),
@@ -447,7 +445,7 @@ def test_planning_opens_no_file_and_asks_no_nss(tmp_path, monkeypatch):
         for module, name in ((builtins, "open"), (os, "open"), (os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"), (pwd, "getpwnam"), (grp, "getgrnam")):
             m.setattr(module, name, _no_io)
         p = plan_stack(stack, facts)
-    assert (p["web"].argv, p["web"].uid, p["web"].gid) == (("/tini", "-g", "--", "/bin/httpd", "-f"), 500, 600)
+    assert (p["web"].argv, p["web"].uid, p["web"].gid) == (("/bin/httpd", "-f"), 500, 600)
     assert p["web"].mounts[0] == MountOp("image-root", "/", str(rootfs), readonly=True, options=HOST_IDS)
     assert (p["api"].uid, p["api"].gid) == (1000, 50)
     assert p["api"].mounts[:2] == (MountOp("tmpfs-root", "/", "/", readonly=True), MountOp("mountpoint", "/app/data", options="dir"))
@@ -478,7 +476,7 @@ def test_survey_looks_at_the_host_for_every_answer_planning_needs(tmp_path):
     (rootfs / "etc" / "passwd").write_text("app:x:500:600::/:/bin/sh\n")
     (tmp_path / "stack.yaml").write_text("kind: service\nname: a\nimage: img\ncommand: [x]\nuser: app\n")
     stack = load_stack(tmp_path)
-    facts = survey(stack, HostFacts(architecture="x86_64", init_path="/i", static_init_path="/tini", images={"img": Image("img", rootfs)}))
+    facts = survey(stack, HostFacts(architecture="x86_64", images={"img": Image("img", rootfs)}))
     assert facts.accounts["img"].users == {"app": (500, 600)}
     assert facts.paths.exists(f"{rootfs}/bin/x") and not facts.paths.exists(f"{rootfs}/usr/bin/x")
     assert set(facts.paths.found) <= paths_asked(stack, facts)

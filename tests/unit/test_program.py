@@ -9,7 +9,10 @@ import os
 import re
 import socket
 import struct
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +36,7 @@ SOURCE = Path(__file__).parents[2] / "sandboxd" / "sandbox" / "setup" / "sbd-set
 
 def launch(**fields: object) -> LaunchSandbox:
     mounts = (MountOp("rbind-root", "/", "/", options="in-place"), MountOp("proc", "/proc"))
-    plan = dict(service="svc", argv=("/init", "--", "/bin/serve"), env=(("A", "b=c"),), hostname="svc", workdir="/", clone_flags=abi.CLONE_NEWNS, mounts=mounts, fd_names=())
+    plan = dict(service="svc", argv=("/bin/serve",), env=(("A", "b=c"),), hostname="svc", workdir="/", clone_flags=abi.CLONE_NEWNS, mounts=mounts, fd_names=())
     plan.update(fields)
     return LaunchSandbox(1, LaunchPlan(**plan), "/sys/fs/cgroup/x", (), "/run/x/root", False, 0)  # type: ignore[arg-type]
 
@@ -80,11 +83,11 @@ def test_the_recorder_gives_results_registers_and_ops_their_guards() -> None:
     assert k.ops[2].guards == () and k.ops[2].args == (first,)
 
 
-def test_the_compiled_program_ends_with_the_report_and_the_exec_of_the_sealed_init() -> None:
-    ops = compile_launch(launch(), Descriptors(5, (6,), 80), Trees(), HostView())
-    assert [op.call for op in ops[-2:]] == ["report_executing", "execve"]
+def test_the_compiled_program_ends_with_the_report_and_the_command_under_the_interpreter_as_its_init() -> None:
+    ops = compile_launch(launch(), Descriptors(5, (6,)), Trees(), HostView())
+    assert [op.call for op in ops[-2:]] == ["report_executing", "init_exec"]
     assert ops[-1].step == "execute /bin/serve"
-    assert ops[-1].args[1:] == (("/init", "--", "/bin/serve"), ("A=b=c",))
+    assert ops[-1].args == (("/bin/serve",), ("A=b=c",))
     assert ops[0].call == "reset_signals"
     assert all(op.call in CALLS for op in ops)
 
@@ -92,9 +95,9 @@ def test_the_compiled_program_ends_with_the_report_and_the_exec_of_the_sealed_in
 def test_a_connections_program_is_its_services_with_its_own_environment_in_the_exec() -> None:
     service = launch(mounts=(MountOp("tmpfs-root", "/"), MountOp("proc", "/proc"), MountOp("tmpfs", "/tmp", options="size=1m")))
     connection = dataclasses.replace(service, connection=Connection("svc@7", (("A", "b=c"), ("REMOTE_PORT", "4711"))))
-    fds, view = Descriptors(5, (6,), 80), HostView((), (("usr", "dir", ""), ("bin", "symlink", "usr/bin"), ("vmlinuz", "other", "")))
+    fds, view = Descriptors(5, (6,)), HostView((), (("usr", "dir", ""), ("bin", "symlink", "usr/bin"), ("vmlinuz", "other", "")))
     ops, own = compile_launch(service, fds, Trees(), view), compile_launch(connection, fds, Trees(), view)
-    assert own[-1].args[2] == ("A=b=c", "REMOTE_PORT=4711")
+    assert own[-1].args[1] == ("A=b=c", "REMOTE_PORT=4711")
     assert own == (*ops[:-1], with_environment(ops[-1], connection.launched().env))
     assert encode(own, 4) == program_head(len(ops), 4) + b"".join(encode_op(op) for op in ops[:-1]) + encode_op(own[-1], keep=False)
 
@@ -108,11 +111,11 @@ def test_a_guard_skips_its_op_and_a_tolerated_errno_is_no_failure() -> None:
         Op("c", "mkdir", ("/new", 0o755), (Guard("absent", "/new"),), mark=0),
         Op("d", "rmdir", ("/new",), (Guard("marked", mark=0),)),
         Op("e", "rmdir", ("/never",), (Guard("marked", mark=1),)),
-        Op("f", "execve", (3, ("x",), ()), ()),
+        Op("f", "init_exec", (("x",), ()), ()),
     ]
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as unused, pytest.raises(ProcessEnded):
         run_program(fake, ops, unused, {})
-    assert fake.calls == [("umount2", "/proc", 2), ("mkdir", "/new", 0o755), ("rmdir", "/new"), ("execve", 3, ["x"], {})]
+    assert fake.calls == [("umount2", "/proc", 2), ("mkdir", "/new", 0o755), ("rmdir", "/new"), ("init_exec", ["x"], {})]
 
 
 def test_a_failing_op_reports_its_step_and_path_and_exits_127() -> None:
@@ -224,17 +227,104 @@ def test_the_interpreter_refuses_a_file_where_a_folder_is_and_the_other_way_roun
 @needs_binary
 def test_the_interpreter_skips_a_guarded_op_reports_executing_and_executes(tmp_path: Path) -> None:
     made = tmp_path / "made"
-    program = os.open("/bin/true", os.O_RDONLY | os.O_CLOEXEC)
-    os.set_inheritable(program, True)
-    try:
-        ops = [
-            Op("a", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),
-            Op("b", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),  # skipped: made by a
-            Op("c", "report_executing"),
-            Op("execute /bin/true", "execve", (program, ("true",), ("A=1",))),
-        ]
-        code, said = interpreted(ops, (program,))
-    finally:
-        os.close(program)
+    ops = [
+        Op("a", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),
+        Op("b", "mkdir", (str(made), 0o755), (Guard("absent", str(made)),)),  # skipped: made by a
+        Op("c", "report_executing"),
+        Op("execute true", "init_exec", (("true",), ("PATH=/usr/bin:/bin",))),  # found in PATH of its own environment
+    ]
+    code, said = interpreted(ops)
     assert code == 0 and made.is_dir()
     assert isinstance(decode_status(said), Executing)
+
+
+def started(argv: tuple[str, ...], env: tuple[str, ...] = ("PATH=/usr/bin:/bin",)) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """The interpreter run on Executing and init_exec of `argv`, and our end of its channel, at
+    the channel's EOF (the command executed) or its first message."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_end, write_end = os.pipe()
+    os.write(write_end, encode([Op("c", "report_executing"), Op(f"execute {argv[0]}", "init_exec", (argv, env))], 3))
+    os.close(write_end)
+    with theirs:
+        init = subprocess.Popen([str(SETUP_BINARY), str(read_end), str(theirs.fileno()), "-1"], pass_fds=(read_end, theirs.fileno()), stderr=subprocess.DEVNULL)
+        os.close(read_end)
+    ours.settimeout(30)
+    assert isinstance(decode_status(ours.recv(4096)), Executing)
+    return init, ours
+
+
+@needs_binary
+def test_the_init_exits_with_the_commands_code_or_128_plus_the_signal_that_killed_it() -> None:
+    for argv, code in ((("sh", "-c", "exit 7"), 7), (("sh", "-c", "kill -SEGV $$"), 128 + 11), (("true",), 0)):
+        init, channel = started(argv)
+        with channel:
+            assert channel.recv(4096) == b""  # the command executed: the init holds the channel no more
+            assert init.wait(timeout=30) == code
+
+
+@needs_binary
+def test_the_init_forwards_every_signal_to_the_commands_group_and_stops_it_for_the_terminal_ones(tmp_path: Path) -> None:
+    said = tmp_path / "said"
+    names = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "ALRM", "WINCH", "CONT")
+    # The trap of a child of the command too: the whole group gets the signal (dumb-init's setsid mode).
+    script = f"trap 'echo child >> {said}' USR2; (trap '' HUP INT QUIT USR1 TERM ALRM; trap 'echo grandchild >> {said}' USR2; echo set >> {said}; while :; do sleep 0.01; done) & "
+    script += "".join(f"trap 'echo {name} >> {said}' {name}; " for name in names if name != "USR2")
+    script += f"echo ready >> {said}; while [ ! -e {tmp_path}/end ]; do sleep 0.01; done; kill $!; exit 3"
+    init, channel = started(("sh", "-c", script))
+    with channel:
+        assert channel.recv(4096) == b""
+        wait_for(lambda: said.exists() and {"ready", "set"} <= set(said.read_text().split()))  # both set their traps
+        for name in names:
+            init.send_signal(getattr(signal, f"SIG{name}"))
+            expected = ("child", "grandchild") if name == "USR2" else (name,)
+            wait_for(lambda: all(line in said.read_text().split() for line in expected), lambda: f"{name}: {said.read_text().split()}")
+        init.send_signal(signal.SIGTSTP)  # forwarded as SIGSTOP: no terminal is there to stop for
+        wait_for(lambda: _state(init.pid) == "T")
+        init.send_signal(signal.SIGCONT)
+        wait_for(lambda: _state(init.pid) != "T")
+        (tmp_path / "end").write_text("")
+        assert init.wait(timeout=30) == 3
+
+
+def _state(init_pid: int) -> str:
+    """The state letter of the init's first child (the command)."""
+    child = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()[0]
+    return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def wait_for(condition: Callable[[], bool], what: Callable[[], str] = lambda: "") -> None:
+    for _ in range(3000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"not in 30 s: {what()}")
+
+
+@needs_binary
+def test_a_command_that_cannot_be_executed_is_a_failed_step_with_127_or_126(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("not a program\n")
+    for command, detail, code in (("no-such-program", "No such file or directory", 127), (str(tmp_path / "plain"), "Permission denied", 126)):
+        init, channel = started((command, "x"))
+        with channel:
+            assert decode_status(channel.recv(4096)) == SetupFailed(f"execute {command}", detail, "", code)
+            assert channel.recv(4096) == b""
+            assert init.wait(timeout=30) == code
+
+
+@needs_binary
+def test_the_init_holds_no_descriptor_once_the_command_runs(tmp_path: Path) -> None:
+    init, channel = started(("sh", "-c", f"while [ ! -e {tmp_path}/end ]; do sleep 0.01; done"))
+    with channel:
+        assert channel.recv(4096) == b""
+        assert os.listdir(f"/proc/{init.pid}/fd") == []
+        (tmp_path / "end").write_text("")
+        assert init.wait(timeout=30) == 0
+
+
+def test_the_python_twin_of_init_exec_exits_as_its_command_did() -> None:
+    """LINUX.init_exec (kernel/seam.py), the real call of the seam that the reference runs through:
+    the command's code, 128+n when signal n killed it, a signal sent to the init reaching its trap."""
+    run = "import sys; from sandboxd.kernel.seam import LINUX; LINUX.init_exec(sys.argv[1:], {'PATH': '/usr/bin:/bin'})"
+    for script, code in (("exit 5", 5), ("kill -USR1 $$", 128 + signal.SIGUSR1), ("trap 'exit 6' HUP; kill -HUP $PPID; while :; do sleep 0.01; done", 6)):
+        done = subprocess.run([sys.executable, "-c", run, "sh", "-c", script], timeout=30, stderr=subprocess.DEVNULL)
+        assert done.returncode == code, script

@@ -28,7 +28,7 @@ from sandboxd.sandbox.protocol import (
 
 PLAN = LaunchPlan(
     service="web",
-    argv=("/opt/dumb-init", "--", "/bin/serve", "-p", "80"),
+    argv=("/bin/serve", "-p", "80"),
     env=(("PATH", "/bin"), ("LISTEN_FDS", "1")),
     hostname="web",
     workdir="/srv",

@@ -15,7 +15,7 @@ from sandboxd.spec.diff import diff
 from sandboxd.spec.model import Stack
 from .spec_snippets import STEM_SERVICE, StackOf
 
-FACTS = HostFacts("/init", "/run/sandboxd/x", architecture="x86_64", paths=PathFacts({"/bin/x": False}))
+FACTS = HostFacts("/run/sandboxd/x", architecture="x86_64", paths=PathFacts({"/bin/x": False}))
 BACK = "kind: network\nname: back\nsubnet: [10.9.0.0/24, 'fd00:9::/64']\n"
 FRONT = "kind: network\nname: front\nsubnet: 10.8.0.0/24\n"
 

@@ -34,7 +34,7 @@ def killed(sig: int) -> int:
         (exited(3), ("exit-code", "exited with code 3")),
         (killed(signal.SIGKILL), ("signal", "killed by SIGKILL")),
         (killed(signal.SIGTERM), ("success", "killed by SIGTERM")),
-        (exited(128 + signal.SIGSEGV), ("signal", "killed by SIGSEGV")),  # as dumb-init reports it
+        (exited(128 + signal.SIGSEGV), ("signal", "killed by SIGSEGV")),  # as the init reports it
         (exited(128 + signal.SIGPIPE), ("success", "killed by SIGPIPE")),
     ],
 )
@@ -49,7 +49,7 @@ def test_wait_status_is_classified_as_systemd_does(status: int, expected: tuple[
         (exited(3), (3, None)),
         (exited(128), (128, None)),
         (killed(signal.SIGKILL), (None, "SIGKILL")),
-        (exited(128 + signal.SIGSEGV), (None, "SIGSEGV")),  # as dumb-init reports it, read as classify reads it
+        (exited(128 + signal.SIGSEGV), (None, "SIGSEGV")),  # as the init reports it, read as classify reads it
     ],
 )
 def test_an_exit_is_kept_as_its_code_or_its_signal_as_classify_reads_it(status: int, expected: tuple[int | None, str | None]) -> None:

@@ -104,7 +104,7 @@ def test_the_plan_passes_the_implied_socket_as_fd_3_named_after_the_service(tmp_
     from sandboxd.plan.stack import plan_stack
 
     stack = stack_of(tmp_path, {"web.yaml": "kind: service\ncommand: [/bin/true]\nlisten: [tcp:127.0.0.1:0, 'tcp:[::1]:0']\n"})
-    plan = plan_stack(stack, survey(stack, HostFacts("/opt/dumb-init", architecture="x86_64")))["web"]
+    plan = plan_stack(stack, survey(stack, HostFacts(architecture="x86_64")))["web"]
     assert plan.fd_names == ("web", "web")
     assert ("LISTEN_FDS", "2") in plan.env and ("LISTEN_FDNAMES", "web:web") in plan.env
 

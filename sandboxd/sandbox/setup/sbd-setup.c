@@ -14,8 +14,10 @@
  * fails ends it: SetupFailed(step, detail, path, 127) on the channel, the same JSON the Python
  * code sends (protocol.py: encode; confine.py: failure), then exit 127. The last ops report
  * Executing(CLOCK_MONOTONIC ns), with the bind() listener by SCM_RIGHTS when there is one, and
- * execute the sealed init by descriptor; the channel is close-on-exec, so its EOF says the
- * exec happened. sandboxd/sandbox/reference.py is this file's twin in Python, for unit tests.
+ * `init_exec`: the command is forked as pid 2 and executed, and this process stays as the
+ * sandbox's init (pid 1: it forwards signals, reaps orphans, exits as the command did); the
+ * channel's EOF says the command executed. sandboxd/sandbox/reference.py is this file's twin in
+ * Python, for unit tests.
  *
  * No dependency beyond libc and the kernel's headers; built static by scripts/build-setup.sh.
  */
@@ -24,6 +26,7 @@
 #include <fcntl.h>
 #include <dirent.h>
 #include <grp.h>
+#include <malloc.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -42,6 +45,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -68,7 +72,7 @@ enum call {
     C_KEEP_ONLY_CAPABILITIES, C_INSTALL_SECCOMP, C_INSTALL_SECCOMP_LISTENER, C_OPEN, C_DUP_ABOVE,
     C_DUP2, C_CLOSE_OTHERS, C_MOUNT, C_UMOUNT2, C_MOUNT_SETATTR, C_MOVE_MOUNT, C_PIVOT_ROOT,
     C_CHDIR, C_MKDIR, C_MAKEDIRS, C_CREATE_FILE, C_SYMLINK, C_RMDIR, C_FAIL, C_BIND_INSIDE,
-    C_TMPFS_INSIDE, C_SEAL_COVERS, C_REPORT_EXECUTING, C_REPORT_EXECUTING_WITH, C_EXECVE, C_COUNT
+    C_TMPFS_INSIDE, C_SEAL_COVERS, C_REPORT_EXECUTING, C_REPORT_EXECUTING_WITH, C_INIT_EXEC, C_COUNT
 };
 
 /* The guards, in the order of ops.GUARD_TESTS. */
@@ -214,7 +218,7 @@ static _Noreturn void fail_with(const char *detail, const char *path, int code)
 }
 
 /* An OSError's report: "PREFIXstrerror (path)", as linux.py's wrappers and confine.failure make it. */
-static _Noreturn void fail_errno(const char *prefix, int error, const char *path)
+static _Noreturn void fail_errno_with(const char *prefix, int error, const char *path, int code)
 {
     struct text t = {0};
     put(&t, prefix, strlen(prefix));
@@ -225,7 +229,12 @@ static _Noreturn void fail_errno(const char *prefix, int error, const char *path
         put(&t, path, strlen(path));
         put(&t, ")", 1);
     }
-    fail_with(t.data, path, EXIT_SETUP_FAILED);
+    fail_with(t.data, path, code);
+}
+
+static _Noreturn void fail_errno(const char *prefix, int error, const char *path)
+{
+    fail_errno_with(prefix, error, path, EXIT_SETUP_FAILED);
 }
 
 static bool tolerated(int error)
@@ -548,11 +557,10 @@ static struct sock_fprog filter_of(const struct arg *program)
     return fprog;
 }
 
-static void close_others(int low, int a, int b)
+static void close_others(int low, int keep)
 {
-    int keep[2] = {a < b ? a : b, a < b ? b : a};
-    int ranges[3][2] = {{low, keep[0]}, {keep[0] + 1, keep[1]}, {keep[1] + 1, 1 << 20}};
-    for (int k = 0; k < 3; k++) { /* os.closerange(low, high): low .. high - 1 */
+    int ranges[2][2] = {{low, keep}, {keep + 1, 1 << 20}};
+    for (int k = 0; k < 2; k++) { /* os.closerange(low, high): low .. high - 1 */
         if (ranges[k][0] >= ranges[k][1])
             continue;
         if (syscall(SYS_close_range, ranges[k][0], ranges[k][1] - 1, 0) < 0)
@@ -911,6 +919,90 @@ static void seal_covers(void)
     ncovers = 0;
 }
 
+/* ── init_exec: the command as pid 2, this process staying as the sandbox's init ──
+ *
+ * The last op (argv, environment). Every signal is blocked first, and stays so in this process:
+ * the kernel gives the init of a pid namespace no signal whose disposition is SIG_DFL, not even
+ * one sent from the parent namespace (only SIGKILL and SIGSTOP are forced), but a blocked one
+ * waits, and sigwaitinfo takes it. The command is forked into a session and process group of
+ * its own (setsid, as dumb-init's default) with the signal mask emptied, and executed as
+ * execvp does, PATH read from its own environment. The status channel and a pipe are
+ * close-on-exec: the pipe's EOF says the command executed or died trying; the child reports a
+ * failure itself (SetupFailed on the channel, as any step: exit 127 when the command is not
+ * found, 126 when it cannot be executed). Then this process gives up what it no longer needs
+ * (the program's memory, every descriptor, the channel's close being the EOF that tells the
+ * supervisor the command runs), becomes undumpable (no process of the service may ptrace it or
+ * read its memory), and loops as dumb-init does: each signal goes to the command's process
+ * group (SIGTSTP, SIGTTIN and SIGTTOU as SIGSTOP: no terminal is there to stop for), and every
+ * child is reaped (orphans are reparented to the init of their namespace). When the command
+ * ends, so does this process, with its exit code, or 128+n when signal n killed it; the kernel
+ * then kills whatever is left in the namespace. (dumb-init sends SIGTERM to the group first and
+ * exits at once: the SIGKILL that follows is the same end.)
+ */
+
+static uint8_t *program_data;
+static struct op *program_ops;
+static uint32_t program_count;
+
+static void release_program(void)
+{
+    for (uint32_t k = 0; k < program_count; k++)
+        for (int a = 0; a < program_ops[k].nargs; a++) {
+            free(program_ops[k].args[a].strs);
+            free(program_ops[k].args[a].ints);
+        }
+    free(program_ops);
+    free(program_data);
+    program_ops = NULL;
+    program_data = NULL;
+    malloc_trim(0);
+}
+
+static _Noreturn void init_exec(char **argv, char **envp)
+{
+    sigset_t all, none;
+    sigfillset(&all);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    int executed[2];
+    CHECK(pipe2(executed, O_CLOEXEC), "", "");
+    pid_t command = fork();
+    CHECK(command, "fork: ", "");
+    if (command == 0) {
+        close(executed[0]);
+        if (setsid() < 0)
+            fail_errno("setsid: ", errno, "");
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        environ = envp;
+        execvp(argv[0], argv);
+        int error = errno;
+        fail_errno_with("", error, "", error == ENOENT ? EXIT_SETUP_FAILED : EXIT_UNEXPECTED);
+    }
+    close(executed[1]);
+    char byte;
+    while (read(executed[0], &byte, 1) < 0 && errno == EINTR)
+        continue;
+    release_program();
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (syscall(SYS_close_range, 0, ~0U, 0) < 0)
+        for (int fd = 0; fd < 1 << 20; fd++)
+            close(fd);
+    for (;;) {
+        siginfo_t info;
+        int sig = sigwaitinfo(&all, &info);
+        if (sig < 0)
+            continue;
+        if (sig != SIGCHLD) {
+            kill(-command, sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU ? SIGSTOP : sig);
+            continue;
+        }
+        int status;
+        for (pid_t dead; (dead = waitpid(-1, &status, WNOHANG)) > 0;)
+            if (dead == command)
+                _exit(WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status));
+    }
+}
+
 /* ── one op ── */
 
 static long run(const struct op *op)
@@ -943,18 +1035,20 @@ static long run(const struct op *op)
     case C_INSTALL_SECCOMP: {
         struct sock_fprog fprog = filter_of(&op->args[0]);
         CHECK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0), "prctl(PR_SET_SECCOMP): ", "");
+        free(fprog.filter); /* the kernel has its copy: nothing of the heap is kept by the init */
         break;
     }
     case C_INSTALL_SECCOMP_LISTENER: {
         struct sock_fprog fprog = filter_of(&op->args[0]);
         r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog);
         CHECK(r, "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER): ", "");
+        free(fprog.filter);
         break;
     }
     case C_OPEN: r = open(S(op, 0), (int)I(op, 1)); CHECK(r, "", S(op, 0)); break;
     case C_DUP_ABOVE: r = fcntl(FD(op, 0), F_DUPFD_CLOEXEC, (int)I(op, 1)); CHECK(r, "", ""); break;
     case C_DUP2: CHECK(dup2(FD(op, 0), (int)I(op, 1)), "", ""); break;
-    case C_CLOSE_OTHERS: close_others((int)I(op, 0), FD(op, 1), FD(op, 2)); break;
+    case C_CLOSE_OTHERS: close_others((int)I(op, 0), FD(op, 1)); break;
     case C_MOUNT: CHECK(mount(S(op, 0), S(op, 1), S(op, 2), (unsigned long)I(op, 3), S(op, 4)), "mount: ", S(op, 1)); break;
     case C_UMOUNT2: CHECK(umount2(S(op, 0), (int)I(op, 1)), "umount2: ", S(op, 0)); break;
     case C_MOUNT_SETATTR: {
@@ -988,11 +1082,10 @@ static long run(const struct op *op)
     case C_SEAL_COVERS: seal_covers(); break;
     case C_REPORT_EXECUTING: report_executing(-1); break;
     case C_REPORT_EXECUTING_WITH: report_executing(FD(op, 0)); break;
-    case C_EXECVE:
-        if (op->args[1].tag != 'S' || op->args[2].tag != 'S')
+    case C_INIT_EXEC:
+        if (op->args[0].tag != 'S' || op->args[1].tag != 'S' || op->args[0].n == 0)
             malformed();
-        syscall(SYS_execveat, FD(op, 0), "", op->args[1].strs, op->args[2].strs, AT_EMPTY_PATH);
-        fail_errno("", errno, "");
+        init_exec(op->args[0].strs, op->args[1].strs);
     case C_COUNT: malformed();
     }
     return r;
@@ -1003,7 +1096,7 @@ static long run(const struct op *op)
 static _Noreturn void interpret(int program_fd, int sysfs)
 {
     size_t length;
-    uint8_t *data = read_all(program_fd, &length);
+    uint8_t *data = program_data = read_all(program_fd, &length);
     close(program_fd);
     struct reader r = {data, data + length};
     if (memcmp(take(&r, 4), "SBD1", 4) != 0)
@@ -1012,11 +1105,12 @@ static _Noreturn void interpret(int program_fd, int sysfs)
     int lowest = (int32_t)take_le(&r, 4);
     if (count > length)
         malformed();
-    struct op *ops = calloc((size_t)count + 1, sizeof *ops);
+    struct op *ops = program_ops = calloc((size_t)count + 1, sizeof *ops);
     if (!ops)
         _exit(EXIT_UNEXPECTED);
     for (uint32_t k = 0; k < count; k++)
         read_op(&r, &ops[k]);
+    program_count = count;
     int moved = fcntl(channel, F_DUPFD_CLOEXEC, lowest); /* clear of the service's fds 3.. */
     if (moved < 0)
         fail_errno("", errno, "");
@@ -1040,7 +1134,7 @@ static _Noreturn void interpret(int program_fd, int sysfs)
         if (ops[k].mark >= 0)
             marks |= 1ull << ops[k].mark;
     }
-    fail_with("the set-up program ended without an exec", "", EXIT_UNEXPECTED);
+    fail_with("the set-up program ended without init_exec", "", EXIT_UNEXPECTED);
 }
 
 /* ── spawn: the clone of the sandbox's init, in a process of its own ──

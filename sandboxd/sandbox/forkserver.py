@@ -26,9 +26,9 @@ outlives sandboxd.
                                                               [userns: uid/gid maps,           the fork server's child)
                                                               idmap of host-id trees]          [userns: waits on a pipe]
                                       ◀── pid + pidfd ─────── SCM_RIGHTS; lets it go ─pipe──▶ [userns: becomes root inside]
-                                          (reaps it)          _exit                            the program, op by op: join
-                                                                                               cgroups; unshare(mnt,uts,ipc,
-                                                                                               net); setsid; the mounts;
+                                          (in the selector:   _exit                            the program, op by op: join
+                                          the next requests                                    cgroups; unshare(mnt,uts,ipc,
+                                          meanwhile; reaps it)                                 net); setsid; the mounts;
                                                                                                pivot_root; hostname; lo up;
                                                                                                fds; seccomp; caps
             ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ──────────────────────────── Executing (creds carry its host pid)
@@ -74,14 +74,18 @@ from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheri
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import Op, encode_op, program_head
 from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch, with_environment
-from sandboxd.sandbox.protocol import Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
+from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
 
 
 def serve(conn: socket.socket) -> NoReturn:
-    """The fork server's loop: requests in, exit statuses out. Never returns."""
+    """The fork server's loop: requests in, exit statuses out. Never returns.
+
+    A launch does not hold up the requests behind it: its spawner's reply channel goes into the
+    selector beside the request socket (`_Pending`), and its reply, or the spawner's end without
+    one, completes it (`_launch_replied`) while the next requests are served."""
     try:
         # Children of this process must not copy pages: the collector would touch every object.
         gc.disable()
@@ -99,7 +103,7 @@ def serve(conn: socket.socket) -> NoReturn:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        children: dict[int, int] = {}  # pid in our namespace -> request id
+        children = Children()
         held: list[int] = []  # HoldDescriptors: open until this process exits
         selector = selectors.DefaultSelector()
         selector.register(conn, selectors.EVENT_READ, "request")
@@ -114,13 +118,15 @@ def serve(conn: socket.socket) -> NoReturn:
                     if isinstance(request, HoldDescriptors):
                         held += fds
                         continue
-                    _fork_request(conn, request, fds, children)
-                else:
+                    _fork_request(conn, request, fds, children, selector)
+                elif key.data == "sigchld":
                     try:
                         os.read(wake_r, 4096)
                     except BlockingIOError:
                         pass
                     _reap(conn, children)
+                else:
+                    _launch_replied(conn, key.data, children, selector)
     except BaseException:  # noqa: BLE001 - a request that is not the protocol's ends it too
         os._exit(EXIT_UNEXPECTED)
 
@@ -148,7 +154,70 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
-def _reap(conn: socket.socket, children: dict[int, int]) -> None:
+class Children:
+    """Which request each child of the fork server is of, and so which request an exit status
+    (`Exited`) goes to. Pure bookkeeping, no system calls (tests/unit/test_forkserver.py).
+
+    A launch's init is known by its pid only once its spawner's reply is read, and it may have
+    exited and been reaped (waitpid of any child, at SIGCHLD) before that: its status is then
+    kept (`unclaimed`), and the reply claims it (`launched`), so that its Exited is sent once,
+    after the reply, to its own request. Whether the init named by a reply was reaped already is
+    told by its pidfd (`_reaped_already`), not guessed from its pid: a pid once reaped may be
+    another process's by then. What nothing claims (the init of a launch whose spawner failed
+    after the clone, a process this one inherited as the init of its pid namespace) is dropped
+    once no launch awaits its reply, and the oldest beyond UNCLAIMED_MAX."""
+
+    UNCLAIMED_MAX = 4096
+
+    def __init__(self) -> None:
+        self.running: dict[int, int] = {}  # pid -> request id
+        self.helpers: set[int] = set()  # pids of spawners: reaped without a word
+        self.unclaimed: dict[int, int] = {}  # pid -> wait status, reaped before any reply named it
+        self.awaited = 0  # launches whose spawner has not replied yet
+
+    def forked(self, pid: int, request_id: int) -> None:
+        """A child whose pid is known at once (a command, a proxy)."""
+        self.running[pid] = request_id
+
+    def awaiting(self) -> None:
+        """A launch sent to a spawner; `launched` or `not_launched` ends it."""
+        self.awaited += 1
+
+    def launched(self, pid: int, request_id: int, reaped: bool) -> Exited | None:
+        """The spawner says the init of `request_id` is `pid`; `reaped`: that very process was
+        reaped already (its pidfd says so). Returns its Exited when it was."""
+        self.awaited -= 1
+        status = self.unclaimed.pop(pid, None)
+        self._forget()
+        if reaped:
+            return Exited(request_id, status if status is not None else NOT_FORKED)
+        self.running[pid] = request_id
+        return None
+
+    def not_launched(self) -> None:
+        """A launch's spawner failed (ForkFailed): no Exited for it."""
+        self.awaited -= 1
+        self._forget()
+
+    def reaped(self, pid: int, status: int) -> Exited | None:
+        request_id = self.running.pop(pid, None)
+        if request_id is not None:
+            return Exited(request_id, status)
+        if pid in self.helpers:
+            self.helpers.discard(pid)
+        elif self.awaited:
+            self.unclaimed.pop(pid, None)
+            self.unclaimed[pid] = status
+            while len(self.unclaimed) > self.UNCLAIMED_MAX:
+                del self.unclaimed[next(iter(self.unclaimed))]
+        return None
+
+    def _forget(self) -> None:
+        if not self.awaited:
+            self.unclaimed.clear()
+
+
+def _reap(conn: socket.socket, children: Children) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -156,9 +225,18 @@ def _reap(conn: socket.socket, children: dict[int, int]) -> None:
             return
         if pid == 0:
             return
-        request_id = children.pop(pid, None)
-        if request_id is not None:
-            conn.send(encode(Exited(request_id, status)))
+        exited = children.reaped(pid, status)
+        if exited is not None:
+            conn.send(encode(exited))
+
+
+def _reaped_already(pidfd: int) -> bool:
+    """Whether the child `pidfd` refers to is reaped already (it is no child to wait for)."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
 
 
 @dataclasses.dataclass
@@ -182,9 +260,10 @@ class _Received:
         return _Received(status, output, rest[:first_source], rest[first_source:], netns)
 
 
-def _fork_request(conn: socket.socket, request: Request, fds: list[int], children: dict[int, int]) -> None:
+def _fork_request(conn: socket.socket, request: Request, fds: list[int], children: Children, selector: selectors.BaseSelector) -> None:
     """Fork what a request asks for; ForkFailed if that fails here. Every descriptor received
-    or made for it is closed here once the child holds its own."""
+    or made for it is closed here once the child (or a launch's spawner) holds its own. A
+    launch is left pending on its spawner's reply (`_Pending`, in `selector`)."""
     received = _Received.sort(request, fds)
     cgroup_fd, init_fd, program_fd = -1, -1, -1
     trees = Trees()
@@ -205,23 +284,31 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], childre
                 # What the program names crosses the exec of the interpreter; nothing else does.
                 kept = [received.status, received.output, *received.sockets, init_fd, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd]
                 with inheritable([fd for fd in kept if fd >= 0]):
-                    pid = _spawn_sandbox(request, cgroup_fd, received, program_fd, host_id_trees)
+                    pending = _spawn_sandbox(request, cgroup_fd, received, program_fd, host_id_trees)
+                children.awaiting()
+                children.helpers.add(pending.spawner)
+                selector.register(pending.reply, selectors.EVENT_READ, pending)
             case RunCommand():
                 pid = linux.fork_into_cgroup(cgroup_fd)
                 if pid == 0:
                     run_in_sandbox(request, received.status, received.output)
+                children.forked(pid, request.id)
             case StartProxy():
                 pid = linux.fork_into_cgroup(cgroup_fd)
                 if pid == 0:
                     run_proxy(request, received.status, received.output, received.sockets)
-        children[pid] = request.id
+                children.forked(pid, request.id)
     except (OSError, ValueError) as e:
-        detail = f"{e.strerror} ({e.filename or request.cgroup})" if isinstance(e, OSError) else str(e)
-        conn.send(encode(ForkFailed(request.id, f"{doing.name}: {detail}")))
+        conn.send(encode(ForkFailed(request.id, _failure(doing.name, e, request.cgroup))))
     finally:
         for fd in [*fds, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, cgroup_fd, program_fd]:
             if fd >= 0:
                 os.close(fd)
+
+
+def _failure(step: str, e: OSError | ValueError, cgroup: str) -> str:
+    """A ForkFailed's detail: the step, the error and the path it names."""
+    return f"{step}: {e.strerror} ({e.filename or cgroup})" if isinstance(e, OSError) else f"{step}: {e}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,10 +428,23 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     return init_fd, Trees(tuple(copies), image_tree, -1, dev_tree), host_id_trees
 
 
-def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]) -> int:
+@dataclasses.dataclass
+class _Pending:
+    """A launch whose spawner has not replied yet: what its reply completes."""
+
+    request_id: int
+    cgroup: str
+    service: str
+    idmapped: list[str]  # the sources of the trees the spawner idmaps, in its order (for its errors)
+    reply: socket.socket  # the fork server's end of the spawner's reply channel (non-blocking)
+    spawner: int  # its pid
+
+
+def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]) -> _Pending:
     """Start the sandbox's init through the set-up interpreter's spawner (setup/sbd-setup.c,
-    `spawn`), started with vfork semantics (os.posix_spawn: no copy of this heap); returns the
-    init's pid, a child of this process's (CLONE_PARENT), which reaps it and the spawner both.
+    `spawn`), started with vfork semantics (os.posix_spawn: no copy of this heap). Its reply,
+    the init's pid (a child of this process's, CLONE_PARENT, which reaps it and the spawner
+    both) or why there is none, comes later on the returned launch's channel (`_launch_replied`).
 
     What only a process of the host's namespaces may do is the spawner's, as this process's own
     rules say it (`_spawn_argv`): in a user namespace the clone is in the service's network
@@ -357,26 +457,54 @@ def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, 
     try:
         argv = _spawn_argv(request, theirs.fileno(), cgroup_fd, received, program_fd, [tree for tree, _ in host_id_trees])
         with inheritable([theirs.fileno(), cgroup_fd]):
-            os.posix_spawn(f"/proc/self/fd/{sealed_copy(str(SETUP_BINARY))}", argv, {})  # made already
-        theirs.close()
-        msg, fds, _flags, _addr = socket.recv_fds(ours, 64, 1)
-    finally:
+            spawner = os.posix_spawn(f"/proc/self/fd/{sealed_copy(str(SETUP_BINARY))}", argv, {})  # made already
+    except BaseException:
         ours.close()
+        raise
+    finally:
         theirs.close()
-    for fd in fds:
-        os.close(fd)  # the pidfd: the supervisor opens its own
-    if msg[:1] == b"P" and len(fds) == 1:
-        return int(msg[1:])
+    ours.setblocking(False)
+    return _Pending(request.id, request.cgroup, request.launched().service, [source for _, source in host_id_trees], ours, spawner)
+
+
+def _launch_replied(conn: socket.socket, pending: _Pending, children: Children, selector: selectors.BaseSelector) -> None:
+    """The spawner of a pending launch replied, or ended without a word: the init's pid with its
+    pidfd, else ForkFailed with what failed, as a failure before the spawn says it."""
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(pending.reply, 64, 1)
+    except BlockingIOError:
+        return
+    except OSError:
+        msg, fds = b"", []
+    selector.unregister(pending.reply)
+    pending.reply.close()
+    try:
+        if msg[:1] == b"P" and len(fds) == 1:
+            # The pidfd: whether this very init was reaped already; the supervisor opens its own.
+            exited = children.launched(int(msg[1:]), pending.request_id, _reaped_already(fds[0]))
+            if exited is not None:
+                conn.send(encode(exited))
+            return
+        children.not_launched()
+        conn.send(encode(ForkFailed(pending.request_id, _failure("fork", _spawn_error(msg, pending), pending.cgroup))))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _spawn_error(msg: bytes, pending: _Pending) -> OSError:
+    """The OSError a spawner's failure reply ("E<errno> <what>") or its silence stands for."""
     error, _, what = msg[1:].decode(errors="replace").partition(" ")
     if msg[:1] != b"E" or not error.isdigit():
-        raise OSError(errno.ECHILD, "the set-up interpreter ended before it cloned the sandbox", str(SETUP_BINARY))
+        return OSError(errno.ECHILD, "the set-up interpreter ended before it cloned the sandbox", str(SETUP_BINARY))
     number = int(error)
-    if what.startswith("idmap "):
-        _tree, source = host_id_trees[int(what.split()[1])]
+    tree = what.removeprefix("idmap ")
+    if tree != what and tree.isdigit() and int(tree) < len(pending.idmapped):
+        source = pending.idmapped[int(tree)]
         if number == errno.EINVAL:
-            raise OSError(number, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source)
-        raise OSError(number, f"mount_setattr: {os.strerror(number)}", source)
-    raise OSError(number, f"{what}: {os.strerror(number)}", request.launched().service)
+            return OSError(number, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source)
+        return OSError(number, f"mount_setattr: {os.strerror(number)}", source)
+    return OSError(number, f"{what}: {os.strerror(number)}", pending.service)
 
 
 def _spawn_argv(request: LaunchSandbox, reply: int, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[int]) -> list[str]:

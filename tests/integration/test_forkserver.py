@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,9 +31,12 @@ def services(stack: str) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def detached(spec_dir: Path, stack: str) -> Iterator[None]:
-    sbd("up", "-d", "-p", stack, str(spec_dir))
+def detached(spec_dir: Path, stack: str, up_fails: bool = False) -> Iterator[None]:
+    """`up -d` of the folder (which fails when a service failed before it was ready, if
+    `up_fails`); `down` afterwards, whatever happened."""
     try:
+        up = sbd("up", "-d", "-p", stack, str(spec_dir), check=not up_fails)
+        assert up.returncode == (1 if up_fails else 0), up.stdout + up.stderr
         yield
     finally:
         assert sbd("down", "-p", stack, check=False).returncode == 0
@@ -42,7 +44,12 @@ def detached(spec_dir: Path, stack: str) -> Iterator[None]:
 
 def settled(stack: str, wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
     """`ps` once every service named is in its wanted state."""
-    return wait_until(lambda: (s := services(stack)) if all(s[name]["state"] == state for name, state in wanted.items()) else None, f"the states {wanted}")
+
+    def now() -> dict[str, dict[str, Any]] | None:
+        seen = services(stack)
+        return seen if all(seen[name]["state"] == state for name, state in wanted.items()) else None
+
+    return wait_until(now, f"the states {wanted}")
 
 
 QUITTERS = 12
@@ -59,7 +66,7 @@ def test_many_launches_at_once_each_end_reaches_its_own_service(spec_dir: Path) 
         userns = "true" if k % 2 else "false"
         write(spec_dir, f"stays{k}.yaml", f"kind: service\nuserns: {userns}\ncommand: [sleep, '3600']\n")
     wanted = {f"quits{k}": "failed" if k else "exited" for k in range(QUITTERS)} | {f"stays{k}": "running" for k in range(STAYERS)}
-    with detached(spec_dir, "pipelined"):
+    with detached(spec_dir, "pipelined", up_fails=True):
         now = settled("pipelined", wanted)
         for k in range(1, QUITTERS):
             assert now[f"quits{k}"]["exit_code"] == k, now[f"quits{k}"]
@@ -70,3 +77,4 @@ def test_many_launches_at_once_each_end_reaches_its_own_service(spec_dir: Path) 
         for k in range(1, QUITTERS):
             said = [line for line in log.splitlines() if f"quits{k}: " in line and f"exited with code {k}" in line]
             assert len(said) == 1, log
+

@@ -13,27 +13,30 @@ outlives sandboxd.
     supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)
     ────────────────────              ───────────────────────────────────────
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
+                                      posix_spawn (vfork), once ──▶ resident spawner: sbd-setup
+                                                                    serve (host root), its channel
+                                                                    in the fork server's selector
     LaunchSandbox + SCM_RIGHTS ─────▶ [status, output, socket fds..., held bind sources..., netns?]
                                       detached.py: a detached copy of each source
                                       and of the image, the sandbox's /dev; idmap
                                       those stored through the stack's ids
                                       program.py: the set-up program, on a pipe
-                                      posix_spawn (vfork) ──▶ spawner: sbd-setup spawn (host root)
-                                                              [userns: in the service's netns,
-                                                              its sysfs made there]
-                                                              clone3(PARENT, NEWPID[, NEWUSER],
-                                                              INTO_CGROUP, PIDFD) ──clone──▶ sandbox init (pid 1 of its ns,
-                                                              [userns: uid/gid maps,           the fork server's child)
-                                                              idmap of host-id trees]          [userns: waits on a pipe]
-                                      ◀── pid + pidfd ─────── SCM_RIGHTS; lets it go ─pipe──▶ [userns: becomes root inside]
-                                          (in the selector:   _exit                            the program, op by op: join
-                                          the next requests                                    cgroups; unshare(mnt,uts,ipc,
-                                          meanwhile; reaps it)                                 net); setsid; the mounts;
-                                                                                               pivot_root; hostname; lo up;
-                                                                                               fds; seccomp; caps
-            ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ──────────────────────────── Executing (creds carry its host pid)
-            ◀──────────── EOF (the channel is close-on-exec) ───────────────────────────────── execveat(sealed copy of dumb-init, -- command...)
-                                                                                               or SetupFailed(step, ...); _exit(127)
+                                      the spawner's arguments ────▶ [userns: in the service's netns,
+                                      + SCM_RIGHTS: what the        its sysfs made there]
+                                      program names; the next       clone3(PARENT, NEWPID[, NEWUSER],
+                                      requests meanwhile            INTO_CGROUP, PIDFD) ──clone──▶ sandbox init (pid 1 of its ns,
+                                                                    [userns: uid/gid maps,         the fork server's child): each
+                                                                    idmap of host-id trees]        descriptor at its number in the
+                                                                    its own netns again            fork server, no other; waits
+                                      ◀── pid + pidfd ───────────── SCM_RIGHTS; lets it go ─pipe─▶ [userns: becomes root inside]
+                                          (reaps it)                closes what it received        the program, op by op: join
+                                                                                                   cgroups; unshare(mnt,uts,ipc,
+                                                                                                   net); setsid; the mounts;
+                                                                                                   pivot_root; hostname; lo up;
+                                                                                                   fds; seccomp; caps
+            ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ──────────────────────────────── Executing (creds carry its host pid)
+            ◀──────────── EOF (the channel is close-on-exec) ───────────────────────────────────── execveat(sealed copy of dumb-init, -- command...)
+                                                                                                   or SetupFailed(step, ...); _exit(127)
             ◀──Exited(id, status)── waitpid()
 
 The messages are protocol.py's; RunCommand and StartProxy fork into a running sandbox (join.py).
@@ -44,21 +47,27 @@ The init (dumb-init, or tini-static on an image) never runs from its file on the
 server copies it once into a sealed, execute-only memfd (`detached.sealed_copy`), and every
 sandbox executes that descriptor, as runc does with its own binary since CVE-2019-5736. So with
 the set-up interpreter (setup/sbd-setup): the fork server starts its own sealed copy
-of it with vfork semantics (os.posix_spawn), and that small static process clones the sandbox's
-init from itself (`_spawn_sandbox`): no step of a sandbox's set-up runs in a copy of this Python
-heap (a fork of it cost some 2.5 ms in page-table copies and copy-on-write faults, and as much
-again in its exit or exec). The descriptors the program names are made inheritable for the
-moment of the spawn (`detached.inheritable`); all else of the fork server's is close-on-exec.
+of it once with vfork semantics (os.posix_spawn), and that small static process, resident,
+clones each sandbox's init from itself (`_spawn_sandbox`): no step of a sandbox's set-up runs in
+a copy of this Python heap (a fork of it cost some 2.5 ms in page-table copies and copy-on-write
+faults, and as much again in its exit or exec), and no exec happens before the sandbox's own
+(a spawner executed per launch cost about 1 ms of CPU more). The spawner holds nothing of a
+launch once it replied to it: the descriptors it received are closed, its network namespace and
+ids are its own again (sbd-setup.c, `serve`), and the init gets only what the program names.
+A launch does not wait for its reply: the next requests are served meanwhile (`Children` says
+how an exit that comes before the reply finds its request).
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import dataclasses
 import errno
 import fcntl
 import gc
 import os
+import select
 import selectors
 import signal
 import socket
@@ -83,9 +92,10 @@ MAX_FDS = 250
 def serve(conn: socket.socket) -> NoReturn:
     """The fork server's loop: requests in, exit statuses out. Never returns.
 
-    A launch does not hold up the requests behind it: its spawner's reply channel goes into the
-    selector beside the request socket (`_Pending`), and its reply, or the spawner's end without
-    one, completes it (`_launch_replied`) while the next requests are served."""
+    A launch does not hold up the requests behind it: it goes to the resident spawner
+    (`_Resident`), whose channel is in the selector beside the request socket, and its reply, or
+    the spawner's end without one, completes it (`_spawner_replied`) while the next requests are
+    served."""
     try:
         # Children of this process must not copy pages: the collector would touch every object.
         gc.disable()
@@ -96,10 +106,6 @@ def serve(conn: socket.socket) -> NoReturn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         make_decoders()
         linux.clone_into_cgroup_works()  # probed now, once, rather than at the first sandbox
-        try:
-            sealed_copy(str(SETUP_BINARY))  # now too, not at the first sandbox; a failure is that launch's to report
-        except OSError:
-            pass
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -108,6 +114,10 @@ def serve(conn: socket.socket) -> NoReturn:
         selector = selectors.DefaultSelector()
         selector.register(conn, selectors.EVENT_READ, "request")
         selector.register(wake_r, selectors.EVENT_READ, "sigchld")
+        try:
+            _resident(children, selector)  # now, not at the first sandbox; a failure is that launch's to report
+        except OSError:
+            pass
         while True:
             for key, _ in selector.select():
                 if key.data == "request":
@@ -126,7 +136,7 @@ def serve(conn: socket.socket) -> NoReturn:
                         pass
                     _reap(conn, children)
                 else:
-                    _launch_replied(conn, key.data, children, selector)
+                    _spawner_replied(conn, key.data, children, selector)
     except BaseException:  # noqa: BLE001 - a request that is not the protocol's ends it too
         os._exit(EXIT_UNEXPECTED)
 
@@ -281,13 +291,9 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], childre
         cgroup_fd = os.open(request.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         match request:
             case LaunchSandbox():
-                # What the program names crosses the exec of the interpreter; nothing else does.
-                kept = [received.status, received.output, *received.sockets, init_fd, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd]
-                with inheritable([fd for fd in kept if fd >= 0]):
-                    pending = _spawn_sandbox(request, cgroup_fd, received, program_fd, host_id_trees)
-                children.awaiting()
-                children.helpers.add(pending.spawner)
-                selector.register(pending.reply, selectors.EVENT_READ, pending)
+                # What the program names reaches the init at its number here; nothing else does.
+                kept = [received.status, received.output, *received.sockets, init_fd, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd, cgroup_fd]
+                _spawn_sandbox(conn, request, cgroup_fd, received, program_fd, host_id_trees, [fd for fd in kept if fd >= 0], children, selector)
             case RunCommand():
                 pid = linux.fork_into_cgroup(cgroup_fd)
                 if pid == 0:
@@ -430,66 +436,157 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
 
 @dataclasses.dataclass
 class _Pending:
-    """A launch whose spawner has not replied yet: what its reply completes."""
+    """A launch sent to the spawner and not replied to yet: what its reply completes."""
 
     request_id: int
     cgroup: str
     service: str
     idmapped: list[str]  # the sources of the trees the spawner idmaps, in its order (for its errors)
-    reply: socket.socket  # the fork server's end of the spawner's reply channel (non-blocking)
-    spawner: int  # its pid
 
 
-def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]) -> _Pending:
-    """Start the sandbox's init through the set-up interpreter's spawner (setup/sbd-setup.c,
-    `spawn`), started with vfork semantics (os.posix_spawn: no copy of this heap). Its reply,
-    the init's pid (a child of this process's, CLONE_PARENT, which reaps it and the spawner
-    both) or why there is none, comes later on the returned launch's channel (`_launch_replied`).
+@dataclasses.dataclass
+class _Resident:
+    """The resident spawner: one set-up interpreter (sbd-setup.c, `serve`) started from this
+    process's sealed copy of it, which clones every sandbox's init (CLONE_PARENT: this process's
+    child) and replies to each launch in order, on a channel in this process's selector. Started
+    again at the next launch once it died; the launches it had not replied to fail (ForkFailed)."""
+
+    pid: int
+    channel: socket.socket  # non-blocking
+    waiting: collections.deque[_Pending] = dataclasses.field(default_factory=collections.deque)
+
+
+_spawner: _Resident | None = None
+MAX_PASSED = 1024  # a launch's descriptors (sbd-setup.c, MAX_PASSED)
+FDS_PER_MESSAGE = 250  # under the kernel's SCM_MAX_FD (253)
+
+
+def _resident(children: Children, selector: selectors.BaseSelector) -> _Resident:
+    """The resident spawner, started if there is none (with vfork semantics: no copy of this heap)."""
+    global _spawner
+    if _spawner is None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            interpreter = sealed_copy(str(SETUP_BINARY))
+            with inheritable([theirs.fileno()]):
+                pid = os.posix_spawn(f"/proc/self/fd/{interpreter}", [SETUP_NAME, "serve", str(theirs.fileno())], {})
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        children.helpers.add(pid)
+        _spawner = _Resident(pid, ours)
+        selector.register(ours, selectors.EVENT_READ, _spawner)
+    return _spawner
+
+
+def _spawn_sandbox(
+    conn: socket.socket,
+    request: LaunchSandbox,
+    cgroup_fd: int,
+    received: _Received,
+    program_fd: int,
+    host_id_trees: list[tuple[int, str]],
+    passed: list[int],
+    children: Children,
+    selector: selectors.BaseSelector,
+) -> None:
+    """Have the resident spawner (setup/sbd-setup.c, `serve`) start the sandbox's init, with
+    `passed`, the descriptors the program names, each at its number here. Its reply, the init's
+    pid (a child of this process's, CLONE_PARENT, which reaps it) or why there is none, comes
+    later on the spawner's channel (`_spawner_replied`).
 
     What only a process of the host's namespaces may do is the spawner's, as this process's own
-    rules say it (`_spawn_argv`): in a user namespace the clone is in the service's network
+    rules say it (`_spawn_request`): in a user namespace the clone is in the service's network
     namespace, whose sysfs it makes there (a child in a new user namespace may join neither, nor
     mount a sysfs for it), and as the block's last ids; the uid and gid maps (only a process
     outside may write maps naming other ids than its own) and the idmap of the trees that keep
     the host's ids (HOST_IDS) through the init's user namespace, while the init waits for them.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        argv = _spawn_argv(request, theirs.fileno(), cgroup_fd, received, program_fd, [tree for tree, _ in host_id_trees])
-        with inheritable([theirs.fileno(), cgroup_fd]):
-            spawner = os.posix_spawn(f"/proc/self/fd/{sealed_copy(str(SETUP_BINARY))}", argv, {})  # made already
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    ours.setblocking(False)
-    return _Pending(request.id, request.cgroup, request.launched().service, [source for _, source in host_id_trees], ours, spawner)
+    if len(passed) > MAX_PASSED:
+        raise OSError(errno.EMSGSIZE, f"{len(passed)} descriptors for the sandbox, more than {MAX_PASSED}", request.launched().service)
+    text = _spawn_request(request, cgroup_fd, received, program_fd, [tree for tree, _ in host_id_trees], passed)
+    for attempt in (1, 2):
+        spawner = _resident(children, selector)
+        sent = 0
+        try:
+            for start in range(0, len(passed), FDS_PER_MESSAGE):
+                _send_to_spawner(conn, spawner, text if start == 0 else b"+", passed[start : start + FDS_PER_MESSAGE], children, selector)
+                sent += 1
+            break
+        except OSError as e:
+            dead = e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+            if dead or sent:  # it is gone, or has part of a request: a new one takes the next
+                _forget_spawner(conn, spawner, children, selector)
+            if not dead or attempt == 2:
+                raise
+    spawner.waiting.append(_Pending(request.id, request.cgroup, request.launched().service, [source for _, source in host_id_trees]))
+    children.awaiting()
 
 
-def _launch_replied(conn: socket.socket, pending: _Pending, children: Children, selector: selectors.BaseSelector) -> None:
-    """The spawner of a pending launch replied, or ended without a word: the init's pid with its
-    pidfd, else ForkFailed with what failed, as a failure before the spawn says it."""
-    try:
-        msg, fds, _flags, _addr = socket.recv_fds(pending.reply, 64, 1)
-    except BlockingIOError:
-        return
-    except OSError:
-        msg, fds = b"", []
-    selector.unregister(pending.reply)
-    pending.reply.close()
-    try:
-        if msg[:1] == b"P" and len(fds) == 1:
-            # The pidfd: whether this very init was reaped already; the supervisor opens its own.
-            exited = children.launched(int(msg[1:]), pending.request_id, _reaped_already(fds[0]))
-            if exited is not None:
-                conn.send(encode(exited))
+def _send_to_spawner(conn: socket.socket, spawner: _Resident, text: bytes, fds: list[int], children: Children, selector: selectors.BaseSelector) -> None:
+    """One message to the spawner. While its queue is full, its replies are read (it may be
+    waiting for room for them); it died meanwhile: OSError(EPIPE)."""
+    while True:
+        try:
+            socket.send_fds(spawner.channel, [text], fds)
             return
-        children.not_launched()
-        conn.send(encode(ForkFailed(pending.request_id, _failure("fork", _spawn_error(msg, pending), pending.cgroup))))
-    finally:
-        for fd in fds:
-            os.close(fd)
+        except BlockingIOError:
+            pass
+        readable, _writable, _ = select.select([spawner.channel], [spawner.channel], [])
+        if readable:
+            _spawner_replied(conn, spawner, children, selector)
+        if _spawner is not spawner:
+            raise OSError(errno.EPIPE, "the set-up interpreter ended before it cloned the sandbox", str(SETUP_BINARY))
+
+
+def _spawner_replied(conn: socket.socket, spawner: _Resident, children: Children, selector: selectors.BaseSelector) -> None:
+    """Every reply the spawner has sent, each to the launch it answers (they come in order): the
+    init's pid with its pidfd, else ForkFailed with what failed, as a failure before the spawn
+    says it. At its end (EOF) the launches it had not replied to fail, and it is forgotten."""
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(spawner.channel, 64, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg, fds = b"", []
+        try:
+            if not msg:
+                _forget_spawner(conn, spawner, children, selector)
+                return
+            if not spawner.waiting:
+                continue  # no launch asked: nothing to complete
+            pending = spawner.waiting.popleft()
+            if msg[:1] == b"P" and len(fds) == 1 and msg[1:].isdigit():
+                # The pidfd: whether this very init was reaped already; the supervisor opens its own.
+                exited = children.launched(int(msg[1:]), pending.request_id, _reaped_already(fds[0]))
+                if exited is not None:
+                    conn.send(encode(exited))
+            else:
+                _launch_failed(conn, pending, msg, children)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _forget_spawner(conn: socket.socket, spawner: _Resident, children: Children, selector: selectors.BaseSelector) -> None:
+    """The spawner is gone (or is left to its EOF): the launches it had not replied to fail; the
+    next launch starts a new one."""
+    global _spawner
+    if _spawner is spawner:
+        _spawner = None
+        selector.unregister(spawner.channel)
+        spawner.channel.close()
+    while spawner.waiting:
+        _launch_failed(conn, spawner.waiting.popleft(), b"", children)
+
+
+def _launch_failed(conn: socket.socket, pending: _Pending, msg: bytes, children: Children) -> None:
+    children.not_launched()
+    conn.send(encode(ForkFailed(pending.request_id, _failure("fork", _spawn_error(msg, pending), pending.cgroup))))
 
 
 def _spawn_error(msg: bytes, pending: _Pending) -> OSError:
@@ -507,8 +604,9 @@ def _spawn_error(msg: bytes, pending: _Pending) -> OSError:
     return OSError(number, f"{what}: {os.strerror(number)}", pending.service)
 
 
-def _spawn_argv(request: LaunchSandbox, reply: int, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[int]) -> list[str]:
-    """The spawner's arguments (sbd-setup.c, `spawn`): what the request says of the clone. A
+def _spawn_request(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[int], passed: list[int]) -> bytes:
+    """The spawner's request (sbd-setup.c, `parse_request`): what the request says of the clone,
+    every descriptor named by its number here, and those numbers of `passed`, in their order. A
     child in a user namespace is born in its network namespace (with its sysfs made there) and
     joins its v1 cgroups itself (its program), as any sandbox.
 
@@ -524,5 +622,5 @@ def _spawn_argv(request: LaunchSandbox, reply: int, cgroup_fd: int, received: _R
     into_cgroup = linux.clone_into_cgroup_works()
     mapped = (ids.uid, ids.gid, ids.count) if ids else (-1, -1, 0)
     trees = ",".join(str(tree) for tree in host_id_trees) or "-"
-    numbers = (reply, program_fd, received.status, cgroup_fd, int(into_cgroup), netns, int(sysfs), *mapped)
-    return [SETUP_NAME, "spawn", *(str(n) for n in numbers), trees]
+    numbers = (program_fd, received.status, cgroup_fd, int(into_cgroup), netns, int(sysfs), *mapped)
+    return " ".join([*(str(n) for n in numbers), trees, str(len(passed)), *(str(fd) for fd in passed)]).encode()

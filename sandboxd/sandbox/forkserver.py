@@ -13,29 +13,32 @@ outlives sandboxd.
     supervisor (asyncio)              fork server (pid 1, sandboxd's pid ns)
     ────────────────────              ───────────────────────────────────────
     ForkServer.start() ──fork───────▶ serve(): select on request socket + SIGCHLD
+                                      posix_spawn (vfork), once ──▶ resident spawner: sbd-setup
+                                                                    serve (host root), its channel
+                                                                    in the fork server's selector
     LaunchSandbox + SCM_RIGHTS ─────▶ [status, output, socket fds..., held bind sources..., netns?]
                                       detached.py: a detached copy of each source
                                       and of the image, the sandbox's /dev; idmap
                                       those stored through the stack's ids
                                       program.py: the set-up program, on a pipe
-                                      posix_spawn (vfork) ──▶ spawner: sbd-setup spawn (host root)
-                                                              [userns: in the service's netns,
-                                                              its sysfs made there]
-                                                              clone3(PARENT, NEWPID[, NEWUSER],
-                                                              INTO_CGROUP, PIDFD) ──clone──▶ sandbox init (pid 1 of its ns,
-                                                              [userns: uid/gid maps,           the fork server's child)
-                                                              idmap of host-id trees]          [userns: waits on a pipe]
-                                      ◀── pid + pidfd ─────── SCM_RIGHTS; lets it go ─pipe──▶ [userns: becomes root inside]
-                                          (reaps it)          _exit                            the program, op by op: join
-                                                                                               cgroups; unshare(mnt,uts,ipc,
-                                                                                               net); setsid; the mounts;
-                                                                                               pivot_root; hostname; lo up;
-                                                                                               fds; seccomp; caps
-            ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ──────────────────────────── Executing (creds carry its host pid)
-            ◀──────────── EOF (once the command executed) ──────────────────────────────────── init_exec: fork ──▶ command (pid 2, setsid)
-                                                                                               the init stays: forwards signals,
-                                                                                               reaps, exits as the command did
-                                                                                               or SetupFailed(step, ...); _exit(127)
+                                      the spawner's arguments ────▶ [userns: in the service's netns,
+                                      + SCM_RIGHTS: what the        its sysfs made there]
+                                      program names; the next       clone3(PARENT, NEWPID[, NEWUSER],
+                                      requests meanwhile            INTO_CGROUP, PIDFD) ──clone──▶ sandbox init (pid 1 of its ns,
+                                                                    [userns: uid/gid maps,         the fork server's child): each
+                                                                    idmap of host-id trees]        descriptor at its number in the
+                                                                    its own netns again            fork server, no other; waits
+                                      ◀── pid + pidfd ───────────── SCM_RIGHTS; lets it go ─pipe─▶ [userns: becomes root inside]
+                                          (reaps it)                closes what it received        the program, op by op: join
+                                                                                                   cgroups; unshare(mnt,uts,ipc,
+                                                                                                   net); setsid; the mounts;
+                                                                                                   pivot_root; hostname; lo up;
+                                                                                                   fds; seccomp; caps
+            ◀──────────── status channel (SEQPACKET, SO_PASSCRED) ──────────────────────────────── Executing (creds carry its host pid)
+            ◀──────────── EOF (once the command executed) ─────────────────────────────────────── init_exec: fork ──▶ command (pid 2, setsid)
+                                                                                                   the init stays: forwards signals,
+                                                                                                   reaps, exits as the command did
+                                                                                                   or SetupFailed(step, ...); _exit(127)
             ◀──Exited(id, status)── waitpid()
 
 The messages are protocol.py's; RunCommand and StartProxy fork into a running sandbox (join.py).
@@ -45,23 +48,29 @@ server starts (`linux.clone_into_cgroup_works`); without it the child joins its 
 The sandbox's init is the set-up interpreter itself (setup/sbd-setup, static: it needs nothing
 of an image's), which never runs from its file on the host: the fork server copies it once into
 a sealed, execute-only memfd (`detached.sealed_copy`) and executes that descriptor, as runc does
-with its own binary since CVE-2019-5736: the fork server starts its sealed copy with vfork
-semantics (os.posix_spawn), and that small static process clones the sandbox's init from itself
-(`_spawn_sandbox`), which runs the program and stays as pid 1 once it forked the command (no
-exec of a second init: each costs 0.5-1 ms of CPU). No step of a sandbox's set-up runs in a copy of this Python
-heap (a fork of it cost some 2.5 ms in page-table copies and copy-on-write faults, and as much
-again in its exit or exec). The descriptors the program names are made inheritable for the
-moment of the spawn (`detached.inheritable`); all else of the fork server's is close-on-exec.
+with its own binary since CVE-2019-5736. The fork server starts its sealed copy once with vfork
+semantics (os.posix_spawn), and that small static process, resident, clones each sandbox's init
+from itself (`_spawn_sandbox`), which runs the program and stays as pid 1 once it forked the
+command: no step of a sandbox's set-up runs in a copy of this Python heap (a fork of it cost some
+2.5 ms in page-table copies and copy-on-write faults, and as much again in its exit or exec), and
+no exec happens before the command's own (each costs 0.5-1 ms of CPU here: a spawner executed per
+launch, a second init). The spawner holds nothing of a launch once it replied to it: the
+descriptors it received are closed, its network namespace and ids are its own again (sbd-setup.c,
+`serve`), and the init gets only what the program names. A launch does not wait for its reply:
+the next requests are served meanwhile (`Children` says how an exit that comes before the reply
+finds its request).
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import dataclasses
 import errno
 import fcntl
 import gc
 import os
+import select
 import selectors
 import signal
 import socket
@@ -77,14 +86,19 @@ from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheri
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import Op, encode_op, program_head
 from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch, with_environment
-from sandboxd.sandbox.protocol import Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
+from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
 
 
 def serve(conn: socket.socket) -> NoReturn:
-    """The fork server's loop: requests in, exit statuses out. Never returns."""
+    """The fork server's loop: requests in, exit statuses out. Never returns.
+
+    A launch does not hold up the requests behind it: it goes to the resident spawner
+    (`_Resident`), whose channel is in the selector beside the request socket, and its reply, or
+    the spawner's end without one, completes it (`_spawner_replied`) while the next requests are
+    served."""
     try:
         # Children of this process must not copy pages: the collector would touch every object.
         gc.disable()
@@ -95,18 +109,18 @@ def serve(conn: socket.socket) -> NoReturn:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         make_decoders()
         linux.clone_into_cgroup_works()  # probed now, once, rather than at the first sandbox
-        try:
-            sealed_copy(str(SETUP_BINARY))  # now too, not at the first sandbox; a failure is that launch's to report
-        except OSError:
-            pass
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        children: dict[int, int] = {}  # pid in our namespace -> request id
+        children = Children()
         held: list[int] = []  # HoldDescriptors: open until this process exits
         selector = selectors.DefaultSelector()
         selector.register(conn, selectors.EVENT_READ, "request")
         selector.register(wake_r, selectors.EVENT_READ, "sigchld")
+        try:
+            _resident(children, selector)  # now, not at the first sandbox; a failure is that launch's to report
+        except OSError:
+            pass
         while True:
             for key, _ in selector.select():
                 if key.data == "request":
@@ -117,13 +131,15 @@ def serve(conn: socket.socket) -> NoReturn:
                     if isinstance(request, HoldDescriptors):
                         held += fds
                         continue
-                    _fork_request(conn, request, fds, children)
-                else:
+                    _fork_request(conn, request, fds, children, selector)
+                elif key.data == "sigchld":
                     try:
                         os.read(wake_r, 4096)
                     except BlockingIOError:
                         pass
                     _reap(conn, children)
+                else:
+                    _spawner_replied(conn, key.data, children, selector)
     except BaseException:  # noqa: BLE001 - a request that is not the protocol's ends it too
         os._exit(EXIT_UNEXPECTED)
 
@@ -151,7 +167,70 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
-def _reap(conn: socket.socket, children: dict[int, int]) -> None:
+class Children:
+    """Which request each child of the fork server is of, and so which request an exit status
+    (`Exited`) goes to. Pure bookkeeping, no system calls (tests/unit/test_forkserver.py).
+
+    A launch's init is known by its pid only once its spawner's reply is read, and it may have
+    exited and been reaped (waitpid of any child, at SIGCHLD) before that: its status is then
+    kept (`unclaimed`), and the reply claims it (`launched`), so that its Exited is sent once,
+    after the reply, to its own request. Whether the init named by a reply was reaped already is
+    told by its pidfd (`_reaped_already`), not guessed from its pid: a pid once reaped may be
+    another process's by then. What nothing claims (the init of a launch whose spawner failed
+    after the clone, a process this one inherited as the init of its pid namespace) is dropped
+    once no launch awaits its reply, and the oldest beyond UNCLAIMED_MAX."""
+
+    UNCLAIMED_MAX = 4096
+
+    def __init__(self) -> None:
+        self.running: dict[int, int] = {}  # pid -> request id
+        self.helpers: set[int] = set()  # pids of spawners: reaped without a word
+        self.unclaimed: dict[int, int] = {}  # pid -> wait status, reaped before any reply named it
+        self.awaited = 0  # launches whose spawner has not replied yet
+
+    def forked(self, pid: int, request_id: int) -> None:
+        """A child whose pid is known at once (a command, a proxy)."""
+        self.running[pid] = request_id
+
+    def awaiting(self) -> None:
+        """A launch sent to a spawner; `launched` or `not_launched` ends it."""
+        self.awaited += 1
+
+    def launched(self, pid: int, request_id: int, reaped: bool) -> Exited | None:
+        """The spawner says the init of `request_id` is `pid`; `reaped`: that very process was
+        reaped already (its pidfd says so). Returns its Exited when it was."""
+        self.awaited -= 1
+        status = self.unclaimed.pop(pid, None)
+        self._forget()
+        if reaped:
+            return Exited(request_id, status if status is not None else NOT_FORKED)
+        self.running[pid] = request_id
+        return None
+
+    def not_launched(self) -> None:
+        """A launch's spawner failed (ForkFailed): no Exited for it."""
+        self.awaited -= 1
+        self._forget()
+
+    def reaped(self, pid: int, status: int) -> Exited | None:
+        request_id = self.running.pop(pid, None)
+        if request_id is not None:
+            return Exited(request_id, status)
+        if pid in self.helpers:
+            self.helpers.discard(pid)
+        elif self.awaited:
+            self.unclaimed.pop(pid, None)
+            self.unclaimed[pid] = status
+            while len(self.unclaimed) > self.UNCLAIMED_MAX:
+                del self.unclaimed[next(iter(self.unclaimed))]
+        return None
+
+    def _forget(self) -> None:
+        if not self.awaited:
+            self.unclaimed.clear()
+
+
+def _reap(conn: socket.socket, children: Children) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -159,9 +238,18 @@ def _reap(conn: socket.socket, children: dict[int, int]) -> None:
             return
         if pid == 0:
             return
-        request_id = children.pop(pid, None)
-        if request_id is not None:
-            conn.send(encode(Exited(request_id, status)))
+        exited = children.reaped(pid, status)
+        if exited is not None:
+            conn.send(encode(exited))
+
+
+def _reaped_already(pidfd: int) -> bool:
+    """Whether the child `pidfd` refers to is reaped already (it is no child to wait for)."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
 
 
 @dataclasses.dataclass
@@ -185,9 +273,10 @@ class _Received:
         return _Received(status, output, rest[:first_source], rest[first_source:], netns)
 
 
-def _fork_request(conn: socket.socket, request: Request, fds: list[int], children: dict[int, int]) -> None:
+def _fork_request(conn: socket.socket, request: Request, fds: list[int], children: Children, selector: selectors.BaseSelector) -> None:
     """Fork what a request asks for; ForkFailed if that fails here. Every descriptor received
-    or made for it is closed here once the child holds its own."""
+    or made for it is closed here once the child (or a launch's spawner) holds its own. A
+    launch is left pending on its spawner's reply (`_Pending`, in `selector`)."""
     received = _Received.sort(request, fds)
     cgroup_fd, program_fd = -1, -1
     trees = Trees()
@@ -205,26 +294,30 @@ def _fork_request(conn: socket.socket, request: Request, fds: list[int], childre
         cgroup_fd = os.open(request.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         match request:
             case LaunchSandbox():
-                # What the program names crosses the exec of the interpreter; nothing else does.
-                kept = [received.status, received.output, *received.sockets, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd]
-                with inheritable([fd for fd in kept if fd >= 0]):
-                    pid = _spawn_sandbox(request, cgroup_fd, received, program_fd, host_id_trees)
+                # What the program names reaches the init at its number here; nothing else does.
+                kept = [received.status, received.output, *received.sockets, received.netns, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, program_fd, cgroup_fd]
+                _spawn_sandbox(conn, request, cgroup_fd, received, program_fd, host_id_trees, [fd for fd in kept if fd >= 0], children, selector)
             case RunCommand():
                 pid = linux.fork_into_cgroup(cgroup_fd)
                 if pid == 0:
                     run_in_sandbox(request, received.status, received.output)
+                children.forked(pid, request.id)
             case StartProxy():
                 pid = linux.fork_into_cgroup(cgroup_fd)
                 if pid == 0:
                     run_proxy(request, received.status, received.output, received.sockets)
-        children[pid] = request.id
+                children.forked(pid, request.id)
     except (OSError, ValueError) as e:
-        detail = f"{e.strerror} ({e.filename or request.cgroup})" if isinstance(e, OSError) else str(e)
-        conn.send(encode(ForkFailed(request.id, f"{doing.name}: {detail}")))
+        conn.send(encode(ForkFailed(request.id, _failure(doing.name, e, request.cgroup))))
     finally:
         for fd in [*fds, *received.cgroup_tasks, *trees.binds, trees.image, trees.dev, cgroup_fd, program_fd]:
             if fd >= 0:
                 os.close(fd)
+
+
+def _failure(step: str, e: OSError | ValueError, cgroup: str) -> str:
+    """A ForkFailed's detail: the step, the error and the path it names."""
+    return f"{step}: {e.strerror} ({e.filename or cgroup})" if isinstance(e, OSError) else f"{step}: {e}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,46 +435,179 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     return Trees(tuple(copies), image_tree, -1, dev_tree), host_id_trees
 
 
-def _spawn_sandbox(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[tuple[int, str]]) -> int:
-    """Start the sandbox's init through the set-up interpreter's spawner (setup/sbd-setup.c,
-    `spawn`), started with vfork semantics (os.posix_spawn: no copy of this heap); returns the
-    init's pid, a child of this process's (CLONE_PARENT), which reaps it and the spawner both.
+@dataclasses.dataclass
+class _Pending:
+    """A launch sent to the spawner and not replied to yet: what its reply completes."""
+
+    request_id: int
+    cgroup: str
+    service: str
+    idmapped: list[str]  # the sources of the trees the spawner idmaps, in its order (for its errors)
+
+
+@dataclasses.dataclass
+class _Resident:
+    """The resident spawner: one set-up interpreter (sbd-setup.c, `serve`) started from this
+    process's sealed copy of it, which clones every sandbox's init (CLONE_PARENT: this process's
+    child) and replies to each launch in order, on a channel in this process's selector. Started
+    again at the next launch once it died; the launches it had not replied to fail (ForkFailed)."""
+
+    pid: int
+    channel: socket.socket  # non-blocking
+    waiting: collections.deque[_Pending] = dataclasses.field(default_factory=collections.deque)
+
+
+_spawner: _Resident | None = None
+MAX_PASSED = 1024  # a launch's descriptors (sbd-setup.c, MAX_PASSED)
+FDS_PER_MESSAGE = 250  # under the kernel's SCM_MAX_FD (253)
+
+
+def _resident(children: Children, selector: selectors.BaseSelector) -> _Resident:
+    """The resident spawner, started if there is none (with vfork semantics: no copy of this heap)."""
+    global _spawner
+    if _spawner is None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            interpreter = sealed_copy(str(SETUP_BINARY))
+            with inheritable([theirs.fileno()]):
+                pid = os.posix_spawn(f"/proc/self/fd/{interpreter}", [SETUP_NAME, "serve", str(theirs.fileno())], {})
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        children.helpers.add(pid)
+        _spawner = _Resident(pid, ours)
+        selector.register(ours, selectors.EVENT_READ, _spawner)
+    return _spawner
+
+
+def _spawn_sandbox(
+    conn: socket.socket,
+    request: LaunchSandbox,
+    cgroup_fd: int,
+    received: _Received,
+    program_fd: int,
+    host_id_trees: list[tuple[int, str]],
+    passed: list[int],
+    children: Children,
+    selector: selectors.BaseSelector,
+) -> None:
+    """Have the resident spawner (setup/sbd-setup.c, `serve`) start the sandbox's init, with
+    `passed`, the descriptors the program names, each at its number here. Its reply, the init's
+    pid (a child of this process's, CLONE_PARENT, which reaps it) or why there is none, comes
+    later on the spawner's channel (`_spawner_replied`).
 
     What only a process of the host's namespaces may do is the spawner's, as this process's own
-    rules say it (`_spawn_argv`): in a user namespace the clone is in the service's network
+    rules say it (`_spawn_request`): in a user namespace the clone is in the service's network
     namespace, whose sysfs it makes there (a child in a new user namespace may join neither, nor
     mount a sysfs for it), and as the block's last ids; the uid and gid maps (only a process
     outside may write maps naming other ids than its own) and the idmap of the trees that keep
     the host's ids (HOST_IDS) through the init's user namespace, while the init waits for them.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        argv = _spawn_argv(request, theirs.fileno(), cgroup_fd, received, program_fd, [tree for tree, _ in host_id_trees])
-        with inheritable([theirs.fileno(), cgroup_fd]):
-            os.posix_spawn(f"/proc/self/fd/{sealed_copy(str(SETUP_BINARY))}", argv, {})  # made already
-        theirs.close()
-        msg, fds, _flags, _addr = socket.recv_fds(ours, 64, 1)
-    finally:
-        ours.close()
-        theirs.close()
-    for fd in fds:
-        os.close(fd)  # the pidfd: the supervisor opens its own
-    if msg[:1] == b"P" and len(fds) == 1:
-        return int(msg[1:])
+    if len(passed) > MAX_PASSED:
+        raise OSError(errno.EMSGSIZE, f"{len(passed)} descriptors for the sandbox, more than {MAX_PASSED}", request.launched().service)
+    text = _spawn_request(request, cgroup_fd, received, program_fd, [tree for tree, _ in host_id_trees], passed)
+    for attempt in (1, 2):
+        spawner = _resident(children, selector)
+        sent = 0
+        try:
+            for start in range(0, len(passed), FDS_PER_MESSAGE):
+                _send_to_spawner(conn, spawner, text if start == 0 else b"+", passed[start : start + FDS_PER_MESSAGE], children, selector)
+                sent += 1
+            break
+        except OSError as e:
+            dead = e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+            if dead or sent:  # it is gone, or has part of a request: a new one takes the next
+                _forget_spawner(conn, spawner, children, selector)
+            if not dead or attempt == 2:
+                raise
+    spawner.waiting.append(_Pending(request.id, request.cgroup, request.launched().service, [source for _, source in host_id_trees]))
+    children.awaiting()
+
+
+def _send_to_spawner(conn: socket.socket, spawner: _Resident, text: bytes, fds: list[int], children: Children, selector: selectors.BaseSelector) -> None:
+    """One message to the spawner. While its queue is full, its replies are read (it may be
+    waiting for room for them); it died meanwhile: OSError(EPIPE)."""
+    while True:
+        try:
+            socket.send_fds(spawner.channel, [text], fds)
+            return
+        except BlockingIOError:
+            pass
+        readable, _writable, _ = select.select([spawner.channel], [spawner.channel], [])
+        if readable:
+            _spawner_replied(conn, spawner, children, selector)
+        if _spawner is not spawner:
+            raise OSError(errno.EPIPE, "the set-up interpreter ended before it cloned the sandbox", str(SETUP_BINARY))
+
+
+def _spawner_replied(conn: socket.socket, spawner: _Resident, children: Children, selector: selectors.BaseSelector) -> None:
+    """Every reply the spawner has sent, each to the launch it answers (they come in order): the
+    init's pid with its pidfd, else ForkFailed with what failed, as a failure before the spawn
+    says it. At its end (EOF) the launches it had not replied to fail, and it is forgotten."""
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(spawner.channel, 64, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg, fds = b"", []
+        try:
+            if not msg:
+                _forget_spawner(conn, spawner, children, selector)
+                return
+            if not spawner.waiting:
+                continue  # no launch asked: nothing to complete
+            pending = spawner.waiting.popleft()
+            if msg[:1] == b"P" and len(fds) == 1 and msg[1:].isdigit():
+                # The pidfd: whether this very init was reaped already; the supervisor opens its own.
+                exited = children.launched(int(msg[1:]), pending.request_id, _reaped_already(fds[0]))
+                if exited is not None:
+                    conn.send(encode(exited))
+            else:
+                _launch_failed(conn, pending, msg, children)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _forget_spawner(conn: socket.socket, spawner: _Resident, children: Children, selector: selectors.BaseSelector) -> None:
+    """The spawner is gone (or is left to its EOF): the launches it had not replied to fail; the
+    next launch starts a new one."""
+    global _spawner
+    if _spawner is spawner:
+        _spawner = None
+        selector.unregister(spawner.channel)
+        spawner.channel.close()
+    while spawner.waiting:
+        _launch_failed(conn, spawner.waiting.popleft(), b"", children)
+
+
+def _launch_failed(conn: socket.socket, pending: _Pending, msg: bytes, children: Children) -> None:
+    children.not_launched()
+    conn.send(encode(ForkFailed(pending.request_id, _failure("fork", _spawn_error(msg, pending), pending.cgroup))))
+
+
+def _spawn_error(msg: bytes, pending: _Pending) -> OSError:
+    """The OSError a spawner's failure reply ("E<errno> <what>") or its silence stands for."""
     error, _, what = msg[1:].decode(errors="replace").partition(" ")
     if msg[:1] != b"E" or not error.isdigit():
-        raise OSError(errno.ECHILD, "the set-up interpreter ended before it cloned the sandbox", str(SETUP_BINARY))
+        return OSError(errno.ECHILD, "the set-up interpreter ended before it cloned the sandbox", str(SETUP_BINARY))
     number = int(error)
-    if what.startswith("idmap "):
-        _tree, source = host_id_trees[int(what.split()[1])]
+    tree = what.removeprefix("idmap ")
+    if tree != what and tree.isdigit() and int(tree) < len(pending.idmapped):
+        source = pending.idmapped[int(tree)]
         if number == errno.EINVAL:
-            raise OSError(number, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source)
-        raise OSError(number, f"mount_setattr: {os.strerror(number)}", source)
-    raise OSError(number, f"{what}: {os.strerror(number)}", request.launched().service)
+            return OSError(number, "its file system cannot be idmapped (a user namespace needs that for mounts; userns: false does not)", source)
+        return OSError(number, f"mount_setattr: {os.strerror(number)}", source)
+    return OSError(number, f"{what}: {os.strerror(number)}", pending.service)
 
 
-def _spawn_argv(request: LaunchSandbox, reply: int, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[int]) -> list[str]:
-    """The spawner's arguments (sbd-setup.c, `spawn`): what the request says of the clone. A
+def _spawn_request(request: LaunchSandbox, cgroup_fd: int, received: _Received, program_fd: int, host_id_trees: list[int], passed: list[int]) -> bytes:
+    """The spawner's request (sbd-setup.c, `parse_request`): what the request says of the clone,
+    every descriptor named by its number here, and those numbers of `passed`, in their order. A
     child in a user namespace is born in its network namespace (with its sysfs made there) and
     joins its v1 cgroups itself (its program), as any sandbox.
 
@@ -397,5 +623,5 @@ def _spawn_argv(request: LaunchSandbox, reply: int, cgroup_fd: int, received: _R
     into_cgroup = linux.clone_into_cgroup_works()
     mapped = (ids.uid, ids.gid, ids.count) if ids else (-1, -1, 0)
     trees = ",".join(str(tree) for tree in host_id_trees) or "-"
-    numbers = (reply, program_fd, received.status, cgroup_fd, int(into_cgroup), netns, int(sysfs), *mapped)
-    return [SETUP_NAME, "spawn", *(str(n) for n in numbers), trees]
+    numbers = (program_fd, received.status, cgroup_fd, int(into_cgroup), netns, int(sysfs), *mapped)
+    return " ".join([*(str(n) for n in numbers), trees, str(len(passed)), *(str(fd) for fd in passed)]).encode()

@@ -42,6 +42,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -1137,28 +1138,36 @@ static _Noreturn void interpret(int program_fd, int sysfs)
     fail_with("the set-up program ended without init_exec", "", EXIT_UNEXPECTED);
 }
 
-/* ── spawn: the clone of the sandbox's init, in a process of its own ──
+/* ── spawn: the clone of the sandbox's init, by a process of the host's side ──
  *
+ *     sbd-setup serve SOCKET
  *     sbd-setup spawn REPLY PROGRAM CHANNEL CGROUP INTO_CGROUP NETNS SYSFS UID GID COUNT TREES
  *
- * The fork server starts this with vfork semantics (posix_spawn: no copy of its heap) and the
- * arguments its request says (forkserver.py); this process, the host's root in the fork
- * server's namespaces, does what needs the host's side of the sandbox: in a user namespace it
- * joins the service's network namespace NETNS (-1: none) for the clone and makes the sysfs
- * there (SYSFS 1); clone3 of the init with CLONE_PARENT (so that the init is the fork server's
- * child, which reaps it), CLONE_NEWPID, CLONE_PIDFD, born in CGROUP (INTO_CGROUP 1; 0: it joins
- * it itself; -1 with 0: none, for scripts/bench) and, with UID >= 0, CLONE_NEWUSER, cloned as the block's last ids; then it writes
- * the maps "0 UID COUNT" and "0 GID COUNT", idmaps the detached TREES (comma-separated fds, or
- * -) through the init's user namespace, and sends on REPLY "P<pid>" with the pidfd (SCM_RIGHTS),
- * or "E<errno> <what>" (what: setns, sysfs, clone3, uid_map, gid_map, userns, idmap K for the
- * Kth tree), before it lets the init go and exits. The init, a copy of this small process,
- * becomes root of its user namespace and walks the program (interpret) on CHANNEL.
+ * The fork server starts `serve` once, with vfork semantics (posix_spawn: no copy of its heap),
+ * from its sealed copy of this file, and sends it one request per launch on SOCKET (`serve`,
+ * below: the arguments of `spawn` and the launch's descriptors by SCM_RIGHTS); `spawn` does
+ * the same for one launch given on the command line (scripts/bench_setup.py). This process, the
+ * host's root in the fork server's namespaces, does what needs the host's side of the sandbox
+ * (`spawn_one`): in a user namespace it joins the service's network namespace NETNS (-1: none)
+ * for the clone and makes the sysfs there (SYSFS 1); clone3 of the init with CLONE_PARENT (so
+ * that the init is the fork server's child, which reaps it), CLONE_NEWPID, CLONE_PIDFD, born in
+ * CGROUP (INTO_CGROUP 1; 0: it joins it itself; -1 with 0: none, for scripts/bench) and, with
+ * UID >= 0, CLONE_NEWUSER, cloned as the block's last ids; then it writes the maps "0 UID COUNT"
+ * and "0 GID COUNT", idmaps the detached TREES (comma-separated fds, or -) through the init's
+ * user namespace, and replies "P<pid>" with the pidfd (SCM_RIGHTS), or "E<errno> <what>" (what:
+ * setns, sysfs, clone3, uid_map, gid_map, userns, idmap K for the Kth tree, request, fds), before
+ * it lets the init go. The init, a copy of this small process, waits to be let go (it runs no
+ * step before its launch's reply is on its way: an init whose spawner died first exits), becomes
+ * root of its user namespace and walks the program (interpret) on CHANNEL.
  */
 
 #define SPAWN_ARGC 13
 #define SBD_FSCONFIG_CMD_CREATE 6
 #define SBD_MOUNT_ATTR_NOEXEC 0x8
 #define SBD_MOUNT_ATTR_IDMAP 0x100000
+#define MAX_PASSED 1024 /* a request's descriptors */
+#define MAX_TREES 256
+#define FDS_PER_MESSAGE 250
 #ifndef CLONE_INTO_CGROUP
 #define CLONE_INTO_CGROUP 0x200000000ULL
 #endif
@@ -1167,24 +1176,49 @@ struct sbd_clone_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup;
 };
 
-static int reply = -1;
+/* One launch. The spawner uses the descriptors as it holds them; the init gets each of `passed`
+ * at its number in the fork server (`target`: the numbers the program names) and nothing else
+ * of the spawner's. With npassed 0 (`spawn`) every descriptor is where it was inherited. */
+struct spawn_request {
+    int program, channel, cgroup; /* the init's numbers */
+    int cgroup_here, netns_here;  /* the spawner's */
+    bool into_cgroup, want_sysfs;
+    long uid, gid, count;
+    int ntrees, trees[MAX_TREES]; /* the spawner's */
+    int npassed, passed[MAX_PASSED], target[MAX_PASSED];
+};
 
-static _Noreturn void spawn_failed(int error, const char *what)
+/* Why a launch failed: an errno and what failed ("E<errno> <what>"). */
+struct failure {
+    int error;
+    char what[32];
+};
+
+static int reply = -1;        /* where the replies go: `spawn`'s REPLY, `serve`'s SOCKET */
+static int home_netns = -1;   /* `serve`: its own network namespace, joined again after each clone */
+static rlim_t home_nofile;    /* `serve`: the soft RLIMIT_NOFILE it was started with, the init's */
+
+static bool failed(struct failure *f, int error, const char *what)
+{
+    f->error = error ? error : EIO;
+    snprintf(f->what, sizeof f->what, "%s", what);
+    return false;
+}
+
+static void send_failure(const struct failure *f)
 {
     char text[64];
-    int n = snprintf(text, sizeof text, "E%d %s", error, what);
+    int n = snprintf(text, sizeof text, "E%d %s", f->error, f->what);
     if (send(reply, text, (size_t)n, MSG_NOSIGNAL) < 0) {
         /* the fork server reads EOF instead: it says so */
     }
-    _exit(EXIT_SETUP_FAILED);
 }
 
-static void send_pid(pid_t pid, int pidfd)
+static bool send_pid(pid_t pid, int pidfd)
 {
     char text[32];
     int n = snprintf(text, sizeof text, "P%d", (int)pid);
-    if (send_with_fd(reply, text, (size_t)n, pidfd) < 0)
-        _exit(EXIT_SETUP_FAILED); /* the init reads EOF on its pipe and exits */
+    return send_with_fd(reply, text, (size_t)n, pidfd) >= 0;
 }
 
 /* A read-only sysfs of the network namespace this process is in, detached (linux.detached_mount). */
@@ -1220,132 +1254,442 @@ static long host_pid(int pidfd)
     return line ? strtol(line + 5, NULL, 10) : -1;
 }
 
-static void write_map(long pid, const char *kind, long first, long count)
+static bool write_map(long pid, const char *kind, long first, long count, struct failure *f)
 {
     char path[64], map[64];
     snprintf(path, sizeof path, "/proc/%ld/%s", pid, kind);
     int n = snprintf(map, sizeof map, "0 %ld %ld\n", first, count);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0 || write(fd, map, (size_t)n) != n)
-        spawn_failed(errno, kind);
-    close(fd);
+    bool written = fd >= 0 && write(fd, map, (size_t)n) == n;
+    int error = errno;
+    if (fd >= 0)
+        close(fd);
+    return written || failed(f, error, kind);
 }
 
 /* The maps, then the trees that keep the host's ids idmapped through the init's user namespace. */
-static void set_up_userns(long pid, long uid, long gid, long count, const char *trees)
+static bool set_up_userns(long pid, const struct spawn_request *rq, struct failure *f)
 {
-    write_map(pid, "uid_map", uid, count);
-    write_map(pid, "gid_map", gid, count);
-    if (strcmp(trees, "-") == 0)
-        return;
+    if (!write_map(pid, "uid_map", rq->uid, rq->count, f) || !write_map(pid, "gid_map", rq->gid, rq->count, f))
+        return false;
+    if (rq->ntrees == 0)
+        return true;
     char path[64];
     snprintf(path, sizeof path, "/proc/%ld/ns/user", pid);
     int userns = open(path, O_RDONLY | O_CLOEXEC);
     if (userns < 0)
-        spawn_failed(errno, "userns");
-    const char *p = trees;
-    for (int k = 0; *p; k++) {
-        char *end;
-        int tree = (int)strtol(p, &end, 10);
+        return failed(f, errno, "userns");
+    bool done = true;
+    for (int k = 0; k < rq->ntrees && done; k++) {
         struct mount_attr_arg attr = {SBD_MOUNT_ATTR_IDMAP, 0, 0, (uint64_t)userns};
-        if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr) < 0) {
+        if (syscall(SYS_mount_setattr, rq->trees[k], "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr) < 0) {
             char what[32];
             snprintf(what, sizeof what, "idmap %d", k);
-            spawn_failed(errno, what);
+            done = failed(f, errno, what);
         }
-        p = *end == ',' ? end + 1 : end;
     }
     close(userns);
+    return done;
 }
 
-/* In the init: wait to be let go (in a user namespace), join the cgroup if it was not born in
- * it, become root of the user namespace, walk the program. */
-static _Noreturn void init_child(int release, bool userns, int cgroup, bool into_cgroup, int program_fd, int sysfs)
+/* In the init, first (`serve`): each passed descriptor at its number in the fork server, not
+ * close-on-exec (as the fork server's inheritable ones crossed the exec of `spawn`); the
+ * release socket and the sysfs at the lowest numbers left; every other descriptor of the
+ * spawner's closed (its socket, its home network namespace, the release socket pair's other end), and
+ * RLIMIT_NOFILE as it was started with. Each is first copied above every number in play, so that
+ * no move overwrites a descriptor still to be moved. A failure is reported on the channel. */
+static void place_descriptors(const struct spawn_request *rq, int *release, int *sysfs)
+{
+    int channel_here = -1, high = 3;
+    for (int k = 0; k < rq->npassed; k++) {
+        if (rq->target[k] == rq->channel)
+            channel_here = rq->passed[k];
+        high = rq->passed[k] >= high ? rq->passed[k] + 1 : high;
+        high = rq->target[k] >= high ? rq->target[k] + 1 : high;
+    }
+    int own[] = {*release, *sysfs, reply, home_netns};
+    for (size_t k = 0; k < sizeof own / sizeof *own; k++)
+        high = own[k] >= high ? own[k] + 1 : high;
+    channel = channel_here;
+    step = "place the sandbox's descriptors";
+    int moved[MAX_PASSED];
+    for (int k = 0; k < rq->npassed; k++)
+        if ((moved[k] = fcntl(rq->passed[k], F_DUPFD_CLOEXEC, high)) < 0)
+            fail_errno("", errno, "");
+    int release_moved = fcntl(*release, F_DUPFD_CLOEXEC, high);
+    int sysfs_moved = *sysfs >= 0 ? fcntl(*sysfs, F_DUPFD, high) : -1; /* not close-on-exec, as fsmount made it */
+    if (release_moved < 0 || (*sysfs >= 0 && sysfs_moved < 0))
+        fail_errno("", errno, "");
+    for (int k = 0; k < rq->npassed; k++)
+        if (rq->target[k] == rq->channel)
+            channel = moved[k];
+    if (syscall(SYS_close_range, 3, high - 1, 0) < 0)
+        fail_errno("close_range: ", errno, "");
+    for (int k = 0; k < rq->npassed; k++)
+        if (dup2(moved[k], rq->target[k]) < 0)
+            fail_errno("", errno, "");
+    channel = rq->channel;
+    if ((*release = fcntl(release_moved, F_DUPFD_CLOEXEC, 3)) < 0 || (sysfs_moved >= 0 && (*sysfs = fcntl(sysfs_moved, F_DUPFD, 3)) < 0))
+        fail_errno("", errno, "");
+    if (syscall(SYS_close_range, high, ~0U, 0) < 0)
+        fail_errno("close_range: ", errno, "");
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) < 0 || (limit.rlim_cur = home_nofile, setrlimit(RLIMIT_NOFILE, &limit) < 0))
+        fail_errno("setrlimit: ", errno, "");
+    reply = home_netns = -1;
+}
+
+/* In the init: wait to be let go, join the cgroup if it was not born in it, become root of the
+ * user namespace, walk the program. */
+static _Noreturn void init_child(const struct spawn_request *rq, int release, bool userns, int sysfs)
 {
     char go = 0;
-    close(reply);
-    if (userns && read(release, &go, 1) != 1)
+    if (rq->npassed)
+        place_descriptors(rq, &release, &sysfs);
+    channel = rq->channel;
+    if (reply >= 0)
+        close(reply);
+    if (read(release, &go, 1) != 1)
         _exit(EXIT_SETUP_FAILED); /* the spawner could not set it up; the fork server says why */
     close(release);
-    if (!into_cgroup && cgroup >= 0) {
+    if (!rq->into_cgroup && rq->cgroup >= 0) {
         step = "join the cgroup";
-        int procs = openat(cgroup, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+        int procs = openat(rq->cgroup, "cgroup.procs", O_WRONLY | O_CLOEXEC);
         if (procs < 0 || write(procs, "0", 1) != 1)
             fail_errno("", errno, "cgroup.procs");
         close(procs);
     }
-    if (cgroup >= 0)
-        close(cgroup);
+    if (rq->cgroup >= 0)
+        close(rq->cgroup);
     if (userns) {
         step = "become root of the user namespace";
         if (setgroups(0, NULL) < 0 || setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
             fail_errno("", errno, "");
     }
-    interpret(program_fd, sysfs);
+    interpret(rq->program, sysfs);
 }
 
 /* Cloned as the block's last ids, with root's capabilities (forkserver.py says why); back to
- * root's ids after, which brings back the effective capabilities. */
-static pid_t clone_init(struct sbd_clone_args *args, bool userns, long uid, long gid, long count)
+ * root's ids after, which brings back the effective capabilities (a spawner that cannot go
+ * back exits: it serves no other launch with other ids). */
+static pid_t clone_init(struct sbd_clone_args *args, const struct spawn_request *rq)
 {
     struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct caps[2];
+    bool userns = rq->uid >= 0;
+    pid_t pid = -1;
+    int error = 0;
     if (userns) {
-        if (syscall(SYS_capget, &header, caps) < 0 || setresgid(-1, (gid_t)(gid + count - 1), -1) < 0 || setresuid(-1, (uid_t)(uid + count - 1), -1) < 0)
-            spawn_failed(errno, "clone3");
+        if (syscall(SYS_capget, &header, caps) < 0)
+            return -1;
         for (int word = 0; word < 2; word++)
             caps[word].effective = caps[word].permitted;
-        if (syscall(SYS_capset, &header, caps) < 0)
-            spawn_failed(errno, "clone3");
+        if (setresgid(-1, (gid_t)(rq->gid + rq->count - 1), -1) < 0 || setresuid(-1, (uid_t)(rq->uid + rq->count - 1), -1) < 0 || syscall(SYS_capset, &header, caps) < 0)
+            error = errno;
     }
-    pid_t pid = (pid_t)syscall(SYS_clone3, args, sizeof *args);
-    int error = errno;
+    if (!error) {
+        pid = (pid_t)syscall(SYS_clone3, args, sizeof *args);
+        error = errno;
+    }
     if (pid != 0 && userns && (setresuid(-1, 0, -1) < 0 || setresgid(-1, 0, -1) < 0))
         _exit(EXIT_UNEXPECTED);
     errno = error;
     return pid;
 }
 
+/* One launch, up to the init's pid: true with the pid, its pidfd and the release socket's end
+ * (written once the reply is sent), or false with what failed. The spawner is as before after
+ * it (its network namespace, its ids); the caller closes the request's descriptors. */
+static bool spawn_one(const struct spawn_request *rq, pid_t *pid, int *pidfd, int *release_out, struct failure *f)
+{
+    bool userns = rq->uid >= 0;
+    if (rq->netns_here >= 0 && setns(rq->netns_here, CLONE_NEWNET) < 0)
+        return failed(f, errno, "setns");
+    int sysfs = -1, release[2] = {-1, -1};
+    bool ok = true;
+    if (rq->want_sysfs && (sysfs = detached_sysfs()) < 0)
+        ok = failed(f, errno, "sysfs");
+    /* A socket pair, not a pipe: letting go an init that died already is no SIGPIPE. */
+    if (ok && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, release) < 0)
+        ok = failed(f, errno, "clone3");
+    *pidfd = -1;
+    *pid = -1;
+    if (ok) {
+        struct sbd_clone_args args = {
+            .flags = CLONE_PARENT | CLONE_NEWPID | CLONE_PIDFD | (rq->into_cgroup ? CLONE_INTO_CGROUP : 0) | (userns ? CLONE_NEWUSER : 0),
+            .pidfd = (uint64_t)(uintptr_t)pidfd,
+            .exit_signal = 0, /* CLONE_PARENT: the kernel gives it this process's own (SIGCHLD) */
+            .cgroup = rq->into_cgroup ? (uint64_t)rq->cgroup_here : 0,
+        };
+        *pid = clone_init(&args, rq);
+        if (*pid == 0) {
+            close(release[1]);
+            init_child(rq, release[0], userns, sysfs);
+        }
+        if (*pid < 0)
+            ok = failed(f, errno, "clone3");
+    }
+    if (rq->netns_here >= 0 && home_netns >= 0 && setns(home_netns, CLONE_NEWNET) < 0)
+        _exit(EXIT_UNEXPECTED); /* no other launch in this one's network namespace */
+    if (sysfs >= 0)
+        close(sysfs);
+    if (release[0] >= 0)
+        close(release[0]);
+    if (ok && userns) {
+        long host = host_pid(*pidfd);
+        ok = host < 0 ? failed(f, errno, "uid_map") : set_up_userns(host, rq, f);
+    }
+    if (!ok) {
+        if (release[1] >= 0)
+            close(release[1]); /* the init, if there is one, reads EOF and exits */
+        if (*pidfd >= 0)
+            close(*pidfd);
+        return false;
+    }
+    *release_out = release[1];
+    return true;
+}
+
+/* The reply, then the init let go (the socket pair's other end is what it waits on). */
+static bool launched(pid_t pid, int pidfd, int release)
+{
+    bool sent = send_pid(pid, pidfd);
+    if (sent && send(release, "1", 1, MSG_NOSIGNAL) != 1) {
+        /* the init is gone already (killed with its cgroup): the fork server reaps it */
+    }
+    close(release);
+    close(pidfd);
+    return sent;
+}
+
+static bool parse_trees(const char *text, struct spawn_request *rq)
+{
+    rq->ntrees = 0;
+    if (strcmp(text, "-") == 0)
+        return true;
+    for (const char *p = text; *p;) {
+        char *end;
+        long tree = strtol(p, &end, 10);
+        if (end == p || tree < 0 || rq->ntrees == MAX_TREES || (*end && *end != ','))
+            return false;
+        rq->trees[rq->ntrees++] = (int)tree;
+        p = *end == ',' ? end + 1 : end;
+    }
+    return true;
+}
+
 static _Noreturn void spawn(char **argv)
 {
+    static struct spawn_request rq;
     reply = atoi(argv[2]);
-    int program_fd = atoi(argv[3]), cgroup = atoi(argv[5]), netns = atoi(argv[7]);
-    bool into_cgroup = atoi(argv[6]) != 0, want_sysfs = atoi(argv[8]) != 0;
-    long uid = atol(argv[9]), gid = atol(argv[10]), count = atol(argv[11]);
-    bool userns = uid >= 0;
-    channel = atoi(argv[4]);
-    if (netns >= 0 && setns(netns, CLONE_NEWNET) < 0)
-        spawn_failed(errno, "setns");
-    int sysfs = -1;
-    if (want_sysfs && (sysfs = detached_sysfs()) < 0)
-        spawn_failed(errno, "sysfs");
-    int release[2];
-    if (pipe2(release, O_CLOEXEC) < 0)
-        spawn_failed(errno, "clone3");
-    int pidfd = -1;
-    struct sbd_clone_args args = {
-        .flags = CLONE_PARENT | CLONE_NEWPID | CLONE_PIDFD | (into_cgroup ? CLONE_INTO_CGROUP : 0) | (userns ? CLONE_NEWUSER : 0),
-        .pidfd = (uint64_t)(uintptr_t)&pidfd,
-        .exit_signal = 0, /* CLONE_PARENT: the kernel gives it this process's own (SIGCHLD) */
-        .cgroup = into_cgroup ? (uint64_t)cgroup : 0,
-    };
-    pid_t pid = clone_init(&args, userns, uid, gid, count);
-    if (pid == 0) {
-        close(release[1]);
-        init_child(release[0], userns, cgroup, into_cgroup, program_fd, sysfs);
+    rq.program = atoi(argv[3]);
+    rq.channel = atoi(argv[4]);
+    rq.cgroup = rq.cgroup_here = atoi(argv[5]);
+    rq.into_cgroup = atoi(argv[6]) != 0;
+    rq.netns_here = atoi(argv[7]);
+    rq.want_sysfs = atoi(argv[8]) != 0;
+    rq.uid = atol(argv[9]);
+    rq.gid = atol(argv[10]);
+    rq.count = atol(argv[11]);
+    struct failure f = {0};
+    pid_t pid;
+    int pidfd, release;
+    if (!parse_trees(argv[12], &rq))
+        failed(&f, EINVAL, "request");
+    else if (spawn_one(&rq, &pid, &pidfd, &release, &f))
+        _exit(launched(pid, pidfd, release) ? 0 : EXIT_SETUP_FAILED);
+    send_failure(&f);
+    _exit(EXIT_SETUP_FAILED);
+}
+
+/* A request's text: "PROGRAM CHANNEL CGROUP INTO_CGROUP NETNS SYSFS UID GID COUNT TREES N
+ * TARGET..." (spawn's arguments, every descriptor named by its number in the fork server,
+ * -1 for none; N descriptors come with it, TARGET each one's number there, in their order). */
+static bool parse_request(char *text, const int *received, int nreceived, struct spawn_request *rq)
+{
+    char *words[16 + MAX_PASSED], *save = NULL;
+    int n = 0;
+    for (char *word = strtok_r(text, " ", &save); word && n < (int)(sizeof words / sizeof *words); word = strtok_r(NULL, " ", &save))
+        words[n++] = word;
+    if (n < 11)
+        return false;
+    long numbers[11];
+    for (int k = 0; k < 11; k++) {
+        char *end;
+        numbers[k] = k == 9 ? 0 : strtol(words[k], &end, 10);
+        if (k != 9 && (*end || end == words[k]))
+            return false;
     }
-    if (pid < 0)
-        spawn_failed(errno, "clone3");
-    if (userns) {
-        long host = host_pid(pidfd);
-        if (host < 0)
-            spawn_failed(errno, "uid_map");
-        set_up_userns(host, uid, gid, count, argv[12]);
+    rq->npassed = (int)numbers[10];
+    if (rq->npassed != nreceived || rq->npassed < 1 || n != 11 + rq->npassed)
+        return false;
+    for (int k = 0; k < rq->npassed; k++) {
+        char *end;
+        rq->target[k] = (int)strtol(words[11 + k], &end, 10);
+        rq->passed[k] = received[k];
+        if (*end || end == words[11 + k] || rq->target[k] < 0)
+            return false;
+        for (int j = 0; j < k; j++)
+            if (rq->target[j] == rq->target[k])
+                return false;
     }
-    send_pid(pid, pidfd);
-    if (write(release[1], "1", 1) != 1)
+    rq->program = (int)numbers[0];
+    rq->channel = (int)numbers[1];
+    rq->cgroup = (int)numbers[2];
+    rq->into_cgroup = numbers[3] != 0;
+    rq->want_sysfs = numbers[5] != 0;
+    rq->uid = numbers[6];
+    rq->gid = numbers[7];
+    rq->count = numbers[8];
+    /* What the spawner itself uses, by the number it received it at. */
+    int named[3] = {(int)numbers[2], (int)numbers[4], -1}, here[3] = {-1, -1, -1};
+    for (int k = 0; k < rq->npassed; k++)
+        for (int j = 0; j < 2; j++)
+            if (named[j] >= 0 && rq->target[k] == named[j])
+                here[j] = rq->passed[k];
+    if ((named[0] >= 0 && here[0] < 0) || (named[1] >= 0 && here[1] < 0))
+        return false;
+    bool program_named = false, channel_named = false;
+    for (int k = 0; k < rq->npassed; k++) {
+        program_named |= rq->target[k] == rq->program;
+        channel_named |= rq->target[k] == rq->channel;
+    }
+    if (!program_named || !channel_named)
+        return false;
+    rq->cgroup_here = here[0];
+    rq->netns_here = here[1];
+    if (!parse_trees(words[9], rq))
+        return false;
+    for (int t = 0; t < rq->ntrees; t++) {
+        int found = -1;
+        for (int k = 0; k < rq->npassed; k++)
+            if (rq->target[k] == rq->trees[t])
+                found = rq->passed[k];
+        if (found < 0)
+            return false;
+        rq->trees[t] = found;
+    }
+    return true;
+}
+
+/* One message of a request: its text (NUL-terminated) and the descriptors beside it, appended
+ * to `fds` (close-on-exec: none crosses an exec of this process's by accident). */
+static ssize_t receive(char *text, size_t size, int *fds, int *nfds, bool *truncated)
+{
+    union {
+        char buffer[CMSG_SPACE(sizeof(int) * FDS_PER_MESSAGE)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {text, size - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
+    ssize_t n;
+    do
+        n = recvmsg(reply, &msg, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return n;
+    text[n] = 0;
+    *truncated = (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int k = 0; k < count; k++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + k * sizeof(int), sizeof fd);
+            if (*nfds < MAX_PASSED)
+                fds[(*nfds)++] = fd;
+            else {
+                close(fd);
+                *truncated = true;
+            }
+        }
+    }
+    return n;
+}
+
+/* A descriptor of this process's own, moved clear of 0, 1 and 2 (which the init keeps as the
+ * fork server's): the init closes all of them but those. */
+static int clear_of_stdio(int fd)
+{
+    if (fd > 2)
+        return fd;
+    int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (moved < 0)
         _exit(EXIT_UNEXPECTED);
-    _exit(0);
+    close(fd);
+    return moved;
+}
+
+/* sbd-setup serve SOCKET: one launch per request on SOCKET (parse_request; a request's
+ * descriptors may come in several messages of FDS_PER_MESSAGE, the next ones' text "+"), one
+ * reply each, in order; it exits at EOF. Between two launches it holds nothing of either: every
+ * descriptor received is closed once its launch is replied to, its network namespace and ids
+ * are its own again, and it keeps no other state of a launch's. */
+static _Noreturn void serve(char **argv)
+{
+    static struct spawn_request rq;
+    static char text[16 * (16 + MAX_PASSED)];
+    static int fds[MAX_PASSED];
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    reply = clear_of_stdio(atoi(argv[2]));
+    if (fcntl(reply, F_SETFD, FD_CLOEXEC) < 0 || (home_netns = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC)) < 0)
+        _exit(EXIT_UNEXPECTED);
+    home_netns = clear_of_stdio(home_netns);
+    /* Room above the fork server's numbers for place_descriptors; the init gets its own back. */
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) < 0)
+        _exit(EXIT_UNEXPECTED);
+    home_nofile = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+    for (;;) {
+        int nfds = 0;
+        bool truncated = false;
+        ssize_t n = receive(text, sizeof text, fds, &nfds, &truncated);
+        if (n <= 0)
+            _exit(n == 0 ? 0 : EXIT_UNEXPECTED);
+        if (strcmp(text, "+") == 0) { /* the rest of a request cut short, replied to already */
+            for (int k = 0; k < nfds; k++)
+                close(fds[k]);
+            continue;
+        }
+        struct failure f = {0};
+        char *end;
+        long wanted = -1;
+        char *words = strrchr(text, ' ') ? text : NULL;
+        /* N, the eleventh word: how many descriptors to wait for */
+        if (words) {
+            const char *p = text;
+            for (int k = 0; k < 10 && p; k++)
+                p = strchr(p, ' ') ? strchr(p, ' ') + 1 : NULL;
+            if (p)
+                wanted = strtol(p, &end, 10);
+        }
+        while (!truncated && wanted > nfds && wanted <= MAX_PASSED) {
+            char more[8];
+            int before = nfds;
+            if (receive(more, sizeof more, fds, &nfds, &truncated) <= 0)
+                _exit(EXIT_UNEXPECTED);
+            if (strcmp(more, "+") != 0 || nfds == before)
+                truncated = true;
+        }
+        pid_t pid;
+        int pidfd, release;
+        bool sent = true;
+        if (truncated)
+            failed(&f, EMSGSIZE, "fds");
+        else if (!parse_request(text, fds, nfds, &rq))
+            failed(&f, EINVAL, "request");
+        else if (spawn_one(&rq, &pid, &pidfd, &release, &f))
+            sent = launched(pid, pidfd, release);
+        if (f.error) /* one reply to each request, whatever happened */
+            send_failure(&f);
+        for (int k = 0; k < nfds; k++)
+            close(fds[k]);
+        if (!sent)
+            _exit(EXIT_UNEXPECTED);
+    }
 }
 
 
@@ -1369,6 +1713,8 @@ int main(int argc, char **argv)
         hold_userns(argv);
     if (argc == SPAWN_ARGC && strcmp(argv[1], "spawn") == 0)
         spawn(argv);
+    if (argc == 3 && strcmp(argv[1], "serve") == 0)
+        serve(argv);
     if (argc != 4) {
         fprintf(stderr, "usage: sbd-setup PROGRAM_FD CHANNEL_FD SYSFS_FD, or sbd-setup spawn ... (run by sandboxd's fork server)\n");
         return EXIT_UNEXPECTED;

@@ -1,0 +1,176 @@
+"""The fork server goes on serving requests while its launches are under way (forkserver.py:
+a launch waits for its spawner's reply in the selector, not in a blocking read): many launches
+sent at once each end in their own service, and a sandbox that exits at once, maybe before its
+spawner's reply was read, is reported once, to its own service, with its own exit code. The one
+resident spawner (sbd-setup serve) hands each sandbox only its own descriptors, and once killed
+with a launch in its queue, that launch fails with the reason and the next one gets a new one.
+
+No wait here is timed: each ends on its event (a state in `ps`); the bound of every wait (HANG)
+only ends a hang."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from conftest import HANG, wait_until, write
+
+
+def sbd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "sandboxd", *args], capture_output=True, text=True, timeout=HANG * 2)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def services(stack: str) -> dict[str, dict[str, Any]]:
+    return {svc["name"]: svc for svc in json.loads(sbd("ps", "--json", "-p", stack).stdout)["services"]}
+
+
+@contextlib.contextmanager
+def detached(spec_dir: Path, stack: str, up_fails: bool = False) -> Iterator[None]:
+    """`up -d` of the folder (which fails when a service failed before it was ready, if
+    `up_fails`); `down` afterwards, whatever happened."""
+    try:
+        up = sbd("up", "-d", "-p", stack, str(spec_dir), check=not up_fails)
+        assert up.returncode == (1 if up_fails else 0), up.stdout + up.stderr
+        yield
+    finally:
+        assert sbd("down", "-p", stack, check=False).returncode == 0
+
+
+def settled(stack: str, wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """`ps` once every service named is in its wanted state."""
+
+    def now() -> dict[str, dict[str, Any]] | None:
+        seen = services(stack)
+        return seen if all(seen[name]["state"] == state for name, state in wanted.items()) else None
+
+    return wait_until(now, f"the states {wanted}")
+
+
+QUITTERS = 12
+STAYERS = 12
+
+
+def test_many_launches_at_once_each_end_reaches_its_own_service(spec_dir: Path) -> None:
+    """Two dozen launches sent together: those that exit at once, each with an exit code of its
+    own, and with and without a user namespace; every exit goes to its own service, once."""
+    for k in range(QUITTERS):
+        userns = "true" if k % 2 else "false"
+        write(spec_dir, f"quits{k}.yaml", f"kind: service\nrestart: 'no'\nuserns: {userns}\ncommand: [sh, -c, 'exit {k}']\n")
+    for k in range(STAYERS):
+        userns = "true" if k % 2 else "false"
+        write(spec_dir, f"stays{k}.yaml", f"kind: service\nuserns: {userns}\ncommand: [sleep, '3600']\n")
+    wanted = {f"quits{k}": "failed" if k else "exited" for k in range(QUITTERS)} | {f"stays{k}": "running" for k in range(STAYERS)}
+    with detached(spec_dir, "pipelined", up_fails=True):
+        now = settled("pipelined", wanted)
+        for k in range(1, QUITTERS):
+            assert now[f"quits{k}"]["exit_code"] == k, now[f"quits{k}"]
+            assert now[f"quits{k}"]["restarts"] == 0
+        pids = [now[f"stays{k}"]["pid"] for k in range(STAYERS)]
+        assert len(set(pids)) == STAYERS and all(pid > 0 for pid in pids)
+        log = sbd("logs", "-p", "pipelined", "sandboxd").stdout
+        for k in range(1, QUITTERS):
+            said = [line for line in log.splitlines() if f"quits{k}: " in line and f"exited with code {k}" in line]
+            assert len(said) == 1, log
+
+
+# ── the resident spawner (sbd-setup serve) ──
+
+FDS = r"""
+import os, sys
+fds = {}
+for name in os.listdir("/proc/self/fd"):
+    try:
+        fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    except OSError:
+        pass  # the listing's own descriptor, closed by now
+print("FDS", sys.argv[1], sorted(fds), " ".join(fds[fd] for fd in sorted(fds) if fd > 2), flush=True)
+import time; time.sleep(600)
+"""
+
+
+def fork_server_of(stack: str) -> int:
+    supervisor = int(json.loads((Path("/run/sandboxd") / stack / "state.json").read_text())["pid"])
+    [fork_server] = [int(p) for p in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
+    return fork_server
+
+
+def spawner_of(stack: str) -> int:
+    """The resident spawner's pid: the fork server's child that runs `sbd-setup serve`."""
+    fork_server = fork_server_of(stack)
+
+    def found() -> int:
+        for pid in Path(f"/proc/{fork_server}/task/{fork_server}/children").read_text().split():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sbd-setup", b"serve"]:
+                    return int(pid)
+            except OSError:
+                pass
+        return 0
+
+    return wait_until(found, "the resident spawner")
+
+
+def test_each_sandbox_holds_only_the_descriptors_its_plan_hands_it(spec_dir: Path) -> None:
+    """Sandboxes cloned one after the other by the one spawner, with more or fewer sockets and
+    binds, with and without a user namespace: each holds 0, 1, 2 and its own sockets, nothing
+    another launch handed the spawner, nor the spawner's own descriptors; its init the same."""
+    (spec_dir / "fds.py").write_text(FDS)
+    for k in range(8):
+        sockets = "".join(f"---\nkind: socket\nname: s{k}x{j}\nservice: many{k}\nlisten: tcp:127.0.0.1:0\n" for j in range(k % 4))
+        binds = ", ".join(["{source: ., target: /t}"] + [f"{{source: ., target: /extra{j}}}" for j in range(k % 3)])
+        write(spec_dir, f"many{k}.yaml", f"kind: service\nname: many{k}\nuserns: {'true' if k % 2 else 'false'}\nmounts: [{binds}]\ncommand: [python3, /t/fds.py, many{k}]\n{sockets}")
+    with detached(spec_dir, "handed"):
+        now = settled("handed", {f"many{k}": "running" for k in range(8)})
+        for k in range(8):
+            line = wait_until(lambda: next((line for line in sbd("logs", "-p", "handed", f"many{k}").stdout.splitlines() if "FDS " in line), None), f"many{k}'s descriptors")
+            words = line[line.index("FDS ") :].split(" ", 2)
+            numbers = [int(n) for n in words[2].split("]")[0].strip("[").split(",") if n.strip()]
+            links = words[2].split("]", 1)[1].split()
+            assert numbers == list(range(3 + k % 4)), line
+            assert all(link.startswith("socket:") for link in links), line
+            init = now[f"many{k}"]["pid"]
+            assert sorted(int(fd) for fd in os.listdir(f"/proc/{init}/fd")) == list(range(3 + k % 4)), f"the init of many{k}"
+        spawner = spawner_of("handed")
+        held = sorted(int(fd) for fd in os.listdir(f"/proc/{spawner}/fd"))
+        assert len(held) == 5, [os.readlink(f"/proc/{spawner}/fd/{fd}") for fd in held]  # 0, 1, 2, its socket, its network namespace
+        assert os.readlink(f"/proc/{spawner}/ns/net") == os.readlink(f"/proc/{fork_server_of('handed')}/ns/net")
+        assert os.readlink(f"/proc/{spawner}/cwd") == os.readlink(f"/proc/{fork_server_of('handed')}/cwd")
+
+
+def queued(pid: int) -> bool:
+    """Whether a message waits in the receive queue of a unix socket of process `pid` (ss -x)."""
+    out = subprocess.run(["ss", "-xp"], capture_output=True, text=True, check=True).stdout
+    return any(f"pid={pid}," in line and int(line.split()[2]) > 0 for line in out.splitlines()[1:] if len(line.split()) > 2 and line.split()[2].isdigit())
+
+
+def test_a_spawner_killed_with_a_launch_in_its_queue_fails_that_launch_and_the_next_gets_a_new_one(spec_dir: Path) -> None:
+    write(spec_dir, "svc.yaml", "kind: service\nrestart: 'no'\ncommand: [sleep, '3600']\n")
+    write(spec_dir, "other.yaml", "kind: service\nrestart: 'no'\ncommand: [sleep, '3600']\n")
+    with detached(spec_dir, "respawn"):
+        settled("respawn", {"svc": "running", "other": "running"})
+        spawner = spawner_of("respawn")
+        os.kill(spawner, signal.SIGSTOP)
+        restart = subprocess.Popen([sys.executable, "-m", "sandboxd", "restart", "-p", "respawn", "svc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: queued(spawner), "the launch in the stopped spawner's queue")
+            os.kill(spawner, signal.SIGKILL)
+            restart.communicate(timeout=HANG)
+        finally:
+            if restart.poll() is None:
+                restart.kill()
+                restart.wait()
+        now = settled("respawn", {"svc": "failed", "other": "running"})
+        assert "the set-up interpreter ended before it cloned the sandbox" in now["svc"]["reason"], now["svc"]
+        sbd("start", "-p", "respawn", "svc")
+        settled("respawn", {"svc": "running", "other": "running"})
+        assert spawner_of("respawn") != spawner

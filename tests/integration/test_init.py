@@ -85,6 +85,8 @@ def test_the_init_reaps_orphans_and_holds_nothing(spec_dir: Path) -> None:
         init = _service("reaper", "reaper")["pid"]
         command, orphan = wait_until(lambda: len(found := _children(init)) == 2 and found, "the orphan to be the init's")
         assert _status(command, "NSpid").split()[-1] == "2"
+        # Nothing ignored is inherited from the launchers, glibc's own signals (32, 33) included.
+        assert int(_status(command, "SigIgn"), 16) & (0b11 << 31) == 0, _status(command, "SigIgn")
         os.kill(orphan, signal.SIGKILL)
         wait_until(lambda: _children(init) == [command], "the orphan's zombie to be reaped")
         assert not Path(f"/proc/{orphan}").exists()
@@ -150,3 +152,52 @@ def test_a_service_on_a_folder_image_has_the_same_init_without_anything_of_the_i
         assert _service("image", "img")["state"] == "stopped"
     finally:
         sbd("down", "-p", "image", check=False)
+
+
+# Tries, from its first instruction, what a command could take of its init while the init still
+# runs its set-up: the init's memory, its descriptors by path and by pidfd_getfd (the status
+# channel among them), and says what it got. Static, so that it starts within the window.
+RACE_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    int pidfd = syscall(SYS_pidfd_open, 1, 0), got = 0;
+    for (int t = 0; t < 3000; t++) {
+        int mem = open("/proc/1/mem", O_RDONLY);
+        if (mem >= 0) { printf("took /proc/1/mem\n"); got++; close(mem); }
+        for (int fd = 0; fd < 8; fd++) {
+            char path[32], link[256];
+            snprintf(path, sizeof path, "/proc/1/fd/%d", fd);
+            if (readlink(path, link, sizeof link) > 0) { printf("read /proc/1/fd/%d\n", fd); got++; }
+            int copy = pidfd < 0 ? -1 : syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+            if (copy >= 0) { printf("took fd %d of pid 1\n", fd); got++; close(copy); }
+        }
+        if (got) break;
+    }
+    printf("race done: %d\n", got);
+    fflush(stdout);
+    return 0;
+}
+"""
+
+
+def test_a_command_with_the_inits_own_ids_cannot_take_its_memory_or_descriptors_while_it_sets_up(spec_dir: Path, tmp_path: Path) -> None:
+    # No user namespace and root: the command's ids are the init's, so only the init's not being
+    # dumpable from before the fork keeps it out (it won 1 race in 3 when that came after the exec).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "race.c").write_text(RACE_C)
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(bin_dir / "race"), str(tmp_path / "race.c")], check=True, timeout=HANG)
+    racers = [f"race{n}" for n in range(8)]
+    for name in racers:
+        write(spec_dir, f"{name}.yaml", f"kind: service\nrestart: 'no'\nuserns: false\nuser: root\nseccomp: unconfined\ncommand: [/a/race]\nmounts: [{{source: {bin_dir}, target: /a}}]\n")
+    try:
+        sbd("up", "-d", "-p", "race", str(spec_dir), check=False)
+        for name in racers:
+            lines = wait_until(lambda: (found := _logs("race", name)) and found[-1].startswith("race done") and found, f"{name} to finish")
+            assert lines == ["race done: 0"], (name, lines)
+    finally:
+        sbd("down", "-p", "race", check=False)

@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -269,9 +270,9 @@ def test_the_init_forwards_every_signal_to_the_commands_group_and_stops_it_for_t
     # The trap of a child of the command too: the whole group gets the signal (dumb-init's setsid mode).
     script = f"trap 'echo child >> {said}' USR2; (trap '' HUP INT QUIT USR1 TERM ALRM; trap 'echo grandchild >> {said}' USR2; echo set >> {said}; while :; do sleep 0.01; done) & "
     script += "".join(f"trap 'echo {name} >> {said}' {name}; " for name in names if name != "USR2")
-    script += f"echo ready >> {said}; while [ ! -e {tmp_path}/end ]; do sleep 0.01; done; kill $!; exit 3"
+    script += f"echo ready >> {said}; while [ ! -e {tmp_path}/end ]; do sleep 0.01; done; kill -KILL $!; exit 3"
     init, channel = started(("sh", "-c", script))
-    with channel:
+    with channel, _group_killed_after(init):
         assert channel.recv(4096) == b""
         wait_for(lambda: said.exists() and {"ready", "set"} <= set(said.read_text().split()))  # both set their traps
         for name in names:
@@ -284,6 +285,23 @@ def test_the_init_forwards_every_signal_to_the_commands_group_and_stops_it_for_t
         wait_for(lambda: _state(init.pid) != "T")
         (tmp_path / "end").write_text("")
         assert init.wait(timeout=30) == 3
+
+
+@contextmanager
+def _group_killed_after(init: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Whatever the test's end, nothing of the command's process group outlives it (its child
+    ignores SIGTERM; run outside a pid namespace, nothing else would end it)."""
+    children = Path(f"/proc/{init.pid}/task/{init.pid}/children")
+    wait_for(lambda: children.read_text() != "", lambda: "the init to fork its command")
+    group = int(children.read_text().split()[0])
+    try:
+        yield
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        if init.poll() is None:
+            init.kill()
+            init.wait()
 
 
 def _state(init_pid: int) -> str:

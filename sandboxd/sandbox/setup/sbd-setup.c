@@ -480,11 +480,13 @@ static bool holds(const struct guard *g)
 
 static void reset_signals(void)
 {
-    struct sigaction action = {.sa_handler = SIG_DFL};
+    /* The kernel's own call: glibc's sigaction refuses its two internal signals (32, 33), and an
+     * ignored one would be ignored in the command too (as a launcher that ignored them left it). */
+    struct { void (*handler)(int); unsigned long flags; void (*restorer)(void); uint64_t mask; } action = {.handler = SIG_DFL};
     sigset_t none;
     for (int sig = 1; sig < _NSIG; sig++)
         if (sig != SIGKILL && sig != SIGSTOP)
-            sigaction(sig, &action, NULL); /* (glibc's own signals refuse: nothing to reset) */
+            syscall(SYS_rt_sigaction, sig, &action, NULL, sizeof action.mask);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
@@ -965,6 +967,11 @@ static _Noreturn void init_exec(char **argv, char **envp)
     sigfillset(&all);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &all, NULL);
+    /* Not dumpable before the command exists: it has this process's ids (with userns: false and
+     * user root, nothing else changes them), and a dumpable init would be open to it through
+     * /proc/1/mem, /proc/1/fd and pidfd_getfd until the end of its set-up, its status channel
+     * included. The command's own exec makes it dumpable again. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     int executed[2];
     CHECK(pipe2(executed, O_CLOEXEC), "", "");
     pid_t command = fork();
@@ -984,7 +991,6 @@ static _Noreturn void init_exec(char **argv, char **envp)
     while (read(executed[0], &byte, 1) < 0 && errno == EINTR)
         continue;
     release_program();
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     if (syscall(SYS_close_range, 0, ~0U, 0) < 0)
         for (int fd = 0; fd < 1 << 20; fd++)
             close(fd);

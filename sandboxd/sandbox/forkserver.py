@@ -73,7 +73,7 @@ from sandboxd.sandbox.confine import Step
 from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheritable, sealed_copy, storage_userns
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import Op, encode_op, program_head
-from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch, with_environment
+from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_parts, with_environment
 from sandboxd.sandbox.protocol import Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
@@ -256,8 +256,9 @@ def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: T
     if kept is None or kept.plan is not plan:
         if len(_programs) >= 64:
             _programs.clear()
-        ops = compile_launch(dataclasses.replace(request, connection=None), fds, trees, view)
-        kept = _programs[key] = _Program(plan, b"".join(encode_op(op) for op in ops[:-1]), ops[-1], len(ops))
+        head, root, tail = compile_parts(dataclasses.replace(request, connection=None), fds, trees, view)
+        body = b"".join([*(encode_op(op) for op in head), _encoded_root(root), *(encode_op(op) for op in tail[:-1])])
+        kept = _programs[key] = _Program(plan, body, tail[-1], len(head) + len(root) + len(tail))
     execve = kept.execve if request.connection is None else with_environment(kept.execve, request.connection.env)
     data = program_head(kept.count, 3 + len(received.sockets)) + kept.body + encode_op(execve, keep=request.connection is None)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -273,6 +274,23 @@ def _program(request: LaunchSandbox, received: _Received, init_fd: int, trees: T
     finally:
         os.close(write_end)
     return read_end
+
+
+# The encoding of the root parts of programs (program.py's compile_parts), by the identity of
+# the part, which is the same tuple for every plan with the same mounts: most of a program.
+# Each entry holds its part, so no other object takes its id while it is here.
+_ROOT_ENCODINGS: dict[int, tuple[tuple[Op, ...], bytes]] = {}
+
+
+def _encoded_root(root: tuple[Op, ...]) -> bytes:
+    known = _ROOT_ENCODINGS.get(id(root))
+    if known is not None and known[0] is root:
+        return known[1]
+    if len(_ROOT_ENCODINGS) >= 64:
+        _ROOT_ENCODINGS.clear()
+    data = b"".join([encode_op(op) for op in root])
+    _ROOT_ENCODINGS[id(root)] = (root, data)
+    return data
 
 
 _root_seen: tuple[tuple[int, int, int, int], tuple[tuple[str, EntryKind, str], ...]] | None = None

@@ -238,3 +238,25 @@ def test_the_interpreter_skips_a_guarded_op_reports_executing_and_executes(tmp_p
         os.close(program)
     assert code == 0 and made.is_dir()
     assert isinstance(decode_status(said), Executing)
+
+
+def test_plans_alike_but_for_their_binds_sources_share_the_walk_and_each_gets_its_own_program() -> None:
+    from sandboxd.sandbox import program
+
+    def plan(source: str, hostname: str) -> LaunchSandbox:
+        mounts = (MountOp("tmpfs-root", "/"), MountOp("proc", "/proc"), MountOp("mask", "/proc/kcore"), MountOp("bind", "/etc/hostname", source))
+        return launch(mounts=mounts, hostname=hostname, clone_flags=abi.CLONE_NEWNS | abi.CLONE_NEWUTS)
+
+    fds, trees = Descriptors(5, (6,), 80), Trees((9,), dev=10)
+    view = HostView((False,), (("usr", "dir", ""), ("etc", "dir", "")))
+    first, second = plan("/run/x/a/hostname", "a"), plan("/run/x/b/hostname", "b")
+    program._WALKS.clear()
+    parts = [program.compile_parts(request, fds, trees, view) for request in (first, second)]
+    assert parts[0][1] is parts[1][1]  # the walk: compiled once, the very same ops
+    kept = compile_launch(second, fds, trees, view)
+    program._WALKS.clear()
+    assert kept == compile_launch(second, fds, trees, view)  # what a fresh compile makes
+    assert [op.step for op in kept if op.call == "bind_inside"] == ["bind /run/x/b/hostname on /etc/hostname"]
+    assert ("sethostname", ("b",)) in [(op.call, op.args) for op in kept]
+    other_trees = compile_launch(second, fds, Trees((11,), dev=12), view)
+    assert [op.args[1] for op in other_trees if op.call == "bind_inside"] == [11]

@@ -168,12 +168,43 @@ def _field_decoders(cls: type) -> FieldDecoders:
 
 
 def _dataclass(cls: type) -> Decoder:
-    _field_decoders(cls)
+    fields = _field_decoders(cls)
 
     def decode(wire: Wire) -> object:
         return decode_fields(cls, wire, {})
 
-    return decode
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen or any(scalar is None and not _is_literal(cls, name) for name, scalar, _d, _r in fields):
+        return decode
+    # A frozen dataclass of scalars (a plan's MountOp: some forty in every plan, mostly the same
+    # in every service's) is decoded once per value on the wire: equal objects are as good as
+    # one another, and no field of one can change. The key holds each value's type, as the
+    # decoder tells True from 1 and 1.0 from 1.
+    kept: dict[tuple[object, ...], object] = {}
+
+    def decode_kept(wire: Wire) -> object:
+        if type(wire) is not dict:
+            return decode(wire)
+        key = (*wire.items(), *map(type, wire.values()))
+        try:
+            value = kept.get(key)
+        except TypeError:  # an array or object where a scalar belongs: the decoder says so
+            return decode(wire)
+        if value is None:
+            value = decode(wire)
+            if len(kept) >= _KEPT_MAX:
+                kept.clear()
+            kept[key] = value
+        return value
+
+    return decode_kept
+
+
+_KEPT_MAX = 4096
+
+
+def _is_literal(cls: type, name: str) -> bool:
+    return typing.get_origin(typing.get_type_hints(cls)[name]) is Literal
 
 
 def decode_fields(cls: type, wire: Wire, given: dict[str, object]) -> object:

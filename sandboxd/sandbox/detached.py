@@ -39,10 +39,10 @@ def detached_dev(owner: tuple[int, int] | None) -> int:
             except FileNotFoundError:
                 continue
     dev = linux.detached_mount("tmpfs", abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NOEXEC, (("mode", "0755"), ("size", "64k")))
+    umask = os.umask(0)  # the modes as written (this process is single-threaded), not a chmod each
     try:
         for node, number in _DEVICE_NUMBERS.items():
             os.mknod(node, stat.S_IFCHR | 0o666, number, dir_fd=dev)
-            os.chmod(node, 0o666, dir_fd=dev)  # mknod honours the umask
         for directory in ("pts", "shm"):
             os.mkdir(directory, 0o755, dir_fd=dev)
         for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
@@ -52,6 +52,8 @@ def detached_dev(owner: tuple[int, int] | None) -> int:
     except BaseException:
         os.close(dev)
         raise
+    finally:
+        os.umask(umask)
     return dev
 
 

@@ -69,6 +69,7 @@ import dataclasses
 import errno
 import fcntl
 import gc
+import mmap
 import os
 import select
 import selectors
@@ -85,7 +86,7 @@ from sandboxd.sandbox.confine import Step
 from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheritable, sealed_copy, storage_userns
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import Op, encode_op, program_head
-from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_launch, with_environment
+from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_parts, with_environment
 from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
 
 MAX_MESSAGE = 1 << 20
@@ -160,11 +161,20 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     (socket.recv_fds accepts a flags argument but, up to Python 3.12, does not pass it on.)
     """
     fds = array.array("i")
-    msg, ancillary, _flags, _addr = conn.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    # Into a buffer kept for the next message: recvmsg would allocate MAX_MESSAGE bytes for every
+    # one and shrink them after (measured: some 100 us a request, a launch's plan is 6 kB).
+    # An anonymous mapping: its pages are touched only as far as the longest message went.
+    global _buffer
+    if _buffer is None:
+        _buffer = memoryview(mmap.mmap(-1, MAX_MESSAGE))
+    size, ancillary, _flags, _addr = conn.recvmsg_into([_buffer], socket.CMSG_LEN(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return msg, list(fds)
+    return bytes(_buffer[:size]), list(fds)
+
+
+_buffer: memoryview | None = None
 
 
 class Children:
@@ -352,8 +362,9 @@ def _program(request: LaunchSandbox, received: _Received, trees: Trees) -> int:
     if kept is None or kept.plan is not plan:
         if len(_programs) >= 64:
             _programs.clear()
-        ops = compile_launch(dataclasses.replace(request, connection=None), fds, trees, view)
-        kept = _programs[key] = _Program(plan, b"".join(encode_op(op) for op in ops[:-1]), ops[-1], len(ops))
+        head, root, tail = compile_parts(dataclasses.replace(request, connection=None), fds, trees, view)
+        body = b"".join([*(encode_op(op) for op in head), _encoded_root(root), *(encode_op(op) for op in tail[:-1])])
+        kept = _programs[key] = _Program(plan, body, tail[-1], len(head) + len(root) + len(tail))
     last = kept.init_exec if request.connection is None else with_environment(kept.init_exec, request.connection.env)
     data = program_head(kept.count, 3 + len(received.sockets)) + kept.body + encode_op(last, keep=request.connection is None)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -369,6 +380,23 @@ def _program(request: LaunchSandbox, received: _Received, trees: Trees) -> int:
     finally:
         os.close(write_end)
     return read_end
+
+
+# The encoding of the root parts of programs (program.py's compile_parts), by the identity of
+# the part, which is the same tuple for every plan with the same mounts: most of a program.
+# Each entry holds its part, so no other object takes its id while it is here.
+_ROOT_ENCODINGS: dict[int, tuple[tuple[Op, ...], bytes]] = {}
+
+
+def _encoded_root(root: tuple[Op, ...]) -> bytes:
+    known = _ROOT_ENCODINGS.get(id(root))
+    if known is not None and known[0] is root:
+        return known[1]
+    if len(_ROOT_ENCODINGS) >= 64:
+        _ROOT_ENCODINGS.clear()
+    data = b"".join([encode_op(op) for op in root])
+    _ROOT_ENCODINGS[id(root)] = (root, data)
+    return data
 
 
 _root_seen: tuple[tuple[int, int, int, int], tuple[tuple[str, EntryKind, str], ...]] | None = None

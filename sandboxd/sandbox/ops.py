@@ -218,6 +218,15 @@ def program_head(count: int, channel_lowest: int) -> bytes:
     return b"SBD1" + struct.pack("<Ii", count, channel_lowest)
 
 
+class Recorded(NamedTuple):
+    """Ops an OpRecorder recorded (`OpRecorder.since`), and its registers, marks and step name after them."""
+
+    ops: tuple[Op, ...]
+    next_register: int
+    next_mark: int
+    name: str
+
+
 class OpRecorder(Step):
     """Records ops instead of making calls, with the `Kernel` methods' names and signatures, so
     that code written against the seam (confine.py's `confine`, `place_fds`) also compiles into
@@ -232,6 +241,21 @@ class OpRecorder(Step):
         self._tolerate: tuple[int, ...] = ()
         self._next_register = FIRST_FREE_REGISTER
         self._next_mark = 0
+
+    def context(self) -> tuple[int, int, tuple[Guard, ...], tuple[int, ...]]:
+        """What, besides the calls, decides the ops recorded next: the next register and mark, and
+        the guards and tolerated errnos in force (a part of a program kept for a later one is
+        the same only from the same context: `Recorded`)."""
+        return (self._next_register, self._next_mark, self._guards, self._tolerate)
+
+    def since(self, start: int) -> Recorded:
+        """The ops recorded from index `start` on, with where the recorder stands after them."""
+        return Recorded(tuple(self.ops[start:]), self._next_register, self._next_mark, self.name)
+
+    def replay(self, recorded: Recorded) -> None:
+        """Record again what `since` returned, as if its calls were made once more."""
+        self.ops += recorded.ops
+        self._next_register, self._next_mark, self.name = recorded.next_register, recorded.next_mark, recorded.name
 
     def record(self, call: str, *args: Arg, into: int = -1, mark: int = -1) -> None:
         self.ops.append(Op(self.name, call, args, self._guards, self._tolerate, into, mark))

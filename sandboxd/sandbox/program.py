@@ -42,7 +42,7 @@ from sandboxd.kernel.seam import EntryKind
 from sandboxd.kernel.seccomp import bind_notify_filter
 from sandboxd.plan.launch import MASK_WITH_MOUNTPOINTS, SANDBOX_TMPFS, SYSFS_OF_NETNS, MountOp
 from sandboxd.sandbox.confine import confine, place_fds
-from sandboxd.sandbox.ops import R_CHANNEL, R_SYSFS, Guard, Op, OpRecorder, register
+from sandboxd.sandbox.ops import R_CHANNEL, R_SYSFS, Guard, Op, OpRecorder, Recorded, register
 from sandboxd.sandbox.protocol import LaunchSandbox
 
 READONLY = abi.MOUNT_ATTR_RDONLY | abi.MOUNT_ATTR_NOSUID | abi.MOUNT_ATTR_NODEV
@@ -89,6 +89,13 @@ def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view:
     """Every step from the clone to the command's exec, in the order of the module's docstring,
     for the plan the request launches (a connection's, with `connection`). Only the last op,
     init_exec, holds the environment (`with_environment`); no op holds the service's name."""
+    return tuple(op for part in compile_parts(request, fds, trees, view) for op in part)
+
+
+def compile_parts(request: LaunchSandbox, fds: Descriptors, trees: Trees, view: HostView) -> tuple[tuple[Op, ...], ...]:
+    """compile_launch's program in three parts, in order: the steps before the root, the root
+    (`RootProgram`: most of the program, and the very same tuple for every launch with equal
+    mounts, root, trees and host view, see `_walk_ops`), and the steps after it."""
     plan = request.launched()
     k = OpRecorder()
     k.name = "reset signals"
@@ -104,7 +111,8 @@ def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view:
     k.name = "create namespaces"
     k.record("unshare", plan.clone_flags)
     k.record("setsid")
-    RootProgram(k, request.root, plan.mounts, trees, view, bool(plan.userns)).build()
+    head = len(k.ops)
+    walk = _walk_ops(RootProgram(k, request.root, plan.mounts, trees, view, bool(plan.userns)))
     k.name = "set hostname"
     if plan.clone_flags & abi.CLONE_NEWUTS:  # never the host's
         k.record("sethostname", plan.hostname)
@@ -133,7 +141,41 @@ def compile_launch(request: LaunchSandbox, fds: Descriptors, trees: Trees, view:
     # is that memfd, never a file of the host's or of an image's, wherever sandboxd is installed.
     k.name = f"execute {plan.argv[0]}"
     k.record("init_exec", tuple(plan.argv), tuple(f"{key}={value}" for key, value in plan.env))
-    return tuple(k.ops)
+    return (tuple(k.ops[:head]), walk, tuple(k.ops[head + len(walk) :]))
+
+
+# The walks compiled lately (RootProgram.walk), by what they were compiled from: a stack's
+# services mostly have the same mounts (the host's root, the same masks, binds at the same
+# targets), and the walk is most of the work of compiling a program. Every input is a value
+# (frozen, compared by its fields), so equal inputs compile to equal ops; a bind's source is
+# left out, as the walk does not look at it (its op comes after the walk, from the plan's own).
+# (Bounded: the fork server's heap is what every fork copies.)
+_WALKS: dict[tuple[object, ...], tuple[Recorded, tuple[tuple[int, int, bool], ...], tuple[tuple[str, int], ...], bool]] = {}
+_WALKS_MAX = 64
+
+
+def _walk_ops(program: RootProgram) -> tuple[Op, ...]:
+    """`program.build()`, its walk kept for the next launch with the same inputs; returns the
+    walk's ops (the very same tuple then)."""
+    k, mounts = program.k, program.mounts
+    shape = tuple((op.kind, op.target, op.readonly, op.options) if op.kind == "bind" else op for op in mounts)
+    key = (program.root, shape, program.trees, program.view, program.locked, k.context())
+    kept = _WALKS.get(key)
+    if kept is None:
+        start = len(k.ops)
+        program.walk()
+        where = {id(op): index for index, op in enumerate(mounts)}
+        inside = tuple((where[id(op)], tree, directory) for op, tree, directory in program.inside)
+        if len(_WALKS) >= _WALKS_MAX:
+            _WALKS.clear()
+        kept = _WALKS[key] = (k.since(start), inside, tuple(program.masks_to_seal), program.pending_seal)
+    else:
+        recorded, inside, masks, pending = kept
+        k.replay(recorded)
+        program.inside = [(mounts[index], tree, directory) for index, tree, directory in inside]
+        program.masks_to_seal, program.pending_seal = list(masks), pending
+    program.inside_and_seal()
+    return kept[0].ops
 
 
 def with_environment(init_exec: Op, env: tuple[tuple[str, str], ...]) -> Op:
@@ -184,6 +226,12 @@ class RootProgram:
         self.fresh = {*FRESH_IN_SANDBOX, *(("sys",) if any(op.kind == "sysfs" for op in mounts) else ())}
 
     def build(self) -> None:
+        self.walk()
+        self.inside_and_seal()
+
+    def walk(self) -> None:
+        """The mounts before pivot_root, and pivot_root: all but the binds and the spec's tmpfs,
+        which it only lists (`inside`). No bind's source goes in its ops (see `_walk_ops`)."""
         k = self.k
         k.name = "make / private"
         k.mount(None, "/", None, abi.MS_REC | abi.MS_PRIVATE)
@@ -198,6 +246,10 @@ class RootProgram:
             k.chdir(self.root)
             k.record("pivot_root", ".", OLD_ROOT.lstrip("/"))
         k.chdir("/")
+
+    def inside_and_seal(self) -> None:
+        """After `walk`: the binds and the spec's tmpfs, inside; then `seal`."""
+        k = self.k
         refuse_under = "" if self.in_place else OLD_ROOT
         for op, tree, directory in self.inside:
             if op.kind == "tmpfs":

@@ -346,3 +346,25 @@ def test_the_python_twin_of_init_exec_exits_as_its_command_did() -> None:
     for script, code in (("exit 5", 5), ("kill -USR1 $$", 128 + signal.SIGUSR1), ("trap 'exit 6' HUP; kill -HUP $PPID; while :; do sleep 0.01; done", 6)):
         done = subprocess.run([sys.executable, "-c", run, "sh", "-c", script], timeout=30, stderr=subprocess.DEVNULL)
         assert done.returncode == code, script
+
+
+def test_plans_alike_but_for_their_binds_sources_share_the_walk_and_each_gets_its_own_program() -> None:
+    from sandboxd.sandbox import program
+
+    def plan(source: str, hostname: str) -> LaunchSandbox:
+        mounts = (MountOp("tmpfs-root", "/"), MountOp("proc", "/proc"), MountOp("mask", "/proc/kcore"), MountOp("bind", "/etc/hostname", source))
+        return launch(mounts=mounts, hostname=hostname, clone_flags=abi.CLONE_NEWNS | abi.CLONE_NEWUTS)
+
+    fds, trees = Descriptors(5, (6,)), Trees((9,), dev=10)
+    view = HostView((False,), (("usr", "dir", ""), ("etc", "dir", "")))
+    first, second = plan("/run/x/a/hostname", "a"), plan("/run/x/b/hostname", "b")
+    program._WALKS.clear()
+    parts = [program.compile_parts(request, fds, trees, view) for request in (first, second)]
+    assert parts[0][1] is parts[1][1]  # the walk: compiled once, the very same ops
+    kept = compile_launch(second, fds, trees, view)
+    program._WALKS.clear()
+    assert kept == compile_launch(second, fds, trees, view)  # what a fresh compile makes
+    assert [op.step for op in kept if op.call == "bind_inside"] == ["bind /run/x/b/hostname on /etc/hostname"]
+    assert ("sethostname", ("b",)) in [(op.call, op.args) for op in kept]
+    other_trees = compile_launch(second, fds, Trees((11,), dev=12), view)
+    assert [op.args[1] for op in other_trees if op.call == "bind_inside"] == [11]

@@ -186,3 +186,14 @@ def test_a_launch_in_its_compact_form_is_checked_as_any_message(old: bytes, new:
     assert data.startswith(b'{"type":"launch","arg":{') and old in data
     with pytest.raises(ProtocolError, match=complaint):
         decode_request(data.replace(old, new))
+
+
+def test_equal_mount_ops_are_decoded_once_and_a_wrong_type_is_still_refused() -> None:
+    plans = [decode_request(encode(dataclasses.replace(REQUESTS[0], plan=dataclasses.replace(PLAN, service=name)))) for name in ("a", "b")]
+    assert isinstance(plans[0], LaunchSandbox) and isinstance(plans[1], LaunchSandbox)
+    assert plans[0].plan.mounts == PLAN.mounts and all(x is y for x, y in zip(plans[0].plan.mounts, plans[1].plan.mounts))
+    readonly = next(i for i, op in enumerate(PLAN.mounts) if op.readonly)
+    with pytest.raises(ProtocolError, match=r"MountOp.readonly: expected bool, got 1"):
+        decode_request(field_changed(REQUESTS[0], ["plan", "mounts", readonly, "readonly"], 1))
+    with pytest.raises(ProtocolError, match=r"MountOp.target: expected str"):
+        decode_request(field_changed(REQUESTS[0], ["plan", "mounts", readonly, "target"], ["/x"]))

@@ -85,7 +85,9 @@ def remove_recorded(directory: Path) -> None:
     for path in reversed(data.get("cgroups", [])):
         # Per-connection instances live below a service's or the stack's cgroup: deepest first.
         for cgroup_dir, _subdirs, _files in os.walk(path, topdown=False):
-            Cgroup(Path(cgroup_dir)).remove()
+            # A v1 directory has no cgroup.kill (writing one there is refused): what is still in
+            # it (the sandboxes of a supervisor killed just now) is killed process by process.
+            Cgroup(Path(cgroup_dir), can_kill=(Path(cgroup_dir) / "cgroup.kill").exists()).remove()
     for path in data.get("files", []):
         # Socket files, recorded before they were bound: what is not a socket is not sandboxd's.
         try:

@@ -427,3 +427,31 @@ def test_control_clients_that_hang_do_not_hold_other_verbs(spec_dir: Path) -> No
             silent.close()
             half.close()
 
+
+
+def test_a_dead_runs_v1_cgroup_that_still_holds_a_process_is_emptied_and_removed(tmp_path: Path) -> None:
+    # What `down` finds after a supervisor's SIGKILL: its sandboxes, killed with it, may not have
+    # left the v1 directories yet (they had, mostly, on an idle machine; not on a loaded one).
+    from sandboxd.host.state import remove_recorded
+
+    parent = Path("/sys/fs/cgroup/pids/sandboxd")
+    made_parent = not parent.exists()
+    v1 = parent / "sbd-stale-test"
+    v1.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "3600"])
+    try:
+        (v1 / "tasks").write_text(str(sleeper.pid))
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "state.json").write_text(json.dumps({"pid": 0, "cgroups": [str(v1)], "files": [], "dirs": []}))
+        remove_recorded(run)
+        assert sleeper.wait(timeout=HANG) == -signal.SIGKILL
+        assert not v1.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        with contextlib.suppress(FileNotFoundError):
+            v1.rmdir()
+        if made_parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()

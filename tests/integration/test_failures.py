@@ -124,3 +124,20 @@ def test_stack_up_raises_at_once_with_the_reason_and_the_logs_and_brings_the_sta
     assert "crash (backoff) while waiting for every service to be ready\ncrash: exited with code 3; restarting in 600 s\n" in message, message
     assert "--- last lines of crash ---\nstarting up\nconfig file missing" in message
     # Nothing of the stack is left: the autouse fixture checks it after the test.
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
+def test_a_later_services_runtime_that_cannot_be_made_ends_the_stack_with_its_error_and_leaves_nothing(spec_dir: Path, socket_dir: Path, detach: bool) -> None:
+    # Each runtime is made just before its launch (supervisor.py's _start_all): s1..s3 are made
+    # and s1 launched (s2 would wait for its first connection, s3 for s1) when s4's cgroup refuses
+    # its process limit (the kernel's pids.max is at most 2^22), and s5 and s6 are never made.
+    for i in range(1, 7):
+        extra = {2: "start: on-demand\n", 3: "after: [s1]\n", 4: "limits: {pids: 5000000}\n"}.get(i, "")
+        write(spec_dir, f"s{i}.yaml", f"kind: service\ncommand: sleep 1000\n{extra}---\nkind: socket\nlisten: unix:{socket_dir}/s{i}.sock\n")
+    up = sbd("up", *(["-d"] if detach else []), "-p", "later", str(spec_dir), check=False)
+    assert up.returncode == 1, up.stderr
+    lines = up.stderr.splitlines()
+    assert "sandboxd: cannot set the limits of s4: Invalid argument (" in up.stderr, up.stderr
+    assert not [line for line in lines if line.startswith(("sandboxd: s1", "sandboxd: s2", "sandboxd: s3"))], up.stderr
+    assert not list(socket_dir.iterdir())
+    # Nothing else of the stack is left either: the autouse fixture checks it after the test.

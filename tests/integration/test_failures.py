@@ -128,9 +128,9 @@ def test_stack_up_raises_at_once_with_the_reason_and_the_logs_and_brings_the_sta
 
 @pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
 def test_a_later_services_runtime_that_cannot_be_made_ends_the_stack_with_its_error_and_leaves_nothing(spec_dir: Path, socket_dir: Path, detach: bool) -> None:
-    # Each runtime is made just before its launch (supervisor.py's _start_all): s1..s3 are made
-    # and s1 launched (s2 would wait for its first connection, s3 for s1) when s4's cgroup refuses
-    # its process limit (the kernel's pids.max is at most 2^22), and s5 and s6 are never made.
+    # The runtimes are made in order before any launch (supervisor.py's _prepare): s1..s3's are
+    # made (s1 eager, s2 waiting for its first connection, s3 for s1) when s4's cgroup refuses its
+    # process limit (the kernel's pids.max is at most 2^22); s5 and s6 are never made.
     for i in range(1, 7):
         extra = {2: "start: on-demand\n", 3: "after: [s1]\n", 4: "limits: {pids: 5000000}\n"}.get(i, "")
         write(spec_dir, f"s{i}.yaml", f"kind: service\ncommand: sleep 1000\n{extra}---\nkind: socket\nlisten: unix:{socket_dir}/s{i}.sock\n")

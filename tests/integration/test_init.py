@@ -92,7 +92,6 @@ def test_the_init_reaps_orphans_and_holds_nothing(spec_dir: Path) -> None:
         assert not Path(f"/proc/{orphan}").exists()
         assert os.listdir(f"/proc/{init}/fd") == []  # no descriptor: neither the channel nor the service's
         assert os.readlink(f"/proc/{init}/exe").startswith("/memfd:")  # the sealed copy of sbd-setup
-        print("init VmRSS", _status(init, "VmRSS"), "RssAnon", _status(init, "RssAnon"))
     finally:
         sbd("down", "-p", "reaper", check=False)
 

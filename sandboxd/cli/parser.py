@@ -228,8 +228,8 @@ def _add_stats(verbs: Verbs) -> None:
 
 def _add_stack_verbs(verbs: Verbs, wanted: Wanted) -> None:
     """down, ls and config (up, the first verb, has its own function), upgrade and reexec."""
-    from sandboxd.cli.stack import cmd_config, cmd_down, cmd_ls
-
+    if any(wanted(verb) for verb in ("down", "ls", "config")):
+        from sandboxd.cli.stack import cmd_config, cmd_down, cmd_ls
     if wanted("down"):
         down = verbs.add_parser("down", help="stop a running stack and remove everything it made")
         down.add_argument("dir", nargs="?", help="the spec folder (its name is the stack's name)")

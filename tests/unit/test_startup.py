@@ -55,7 +55,7 @@ def test_ls_and_ps_import_neither_the_specs_nor_the_supervisor(tmp_path: Path) -
     assert _loaded(modules, NOT_FOR_QUICK_VERBS + OTHER_VERBS) == []
     code, out, modules = _main(tmp_path, "ps", "--json")
     assert code == 1 and "no stack is running" in out
-    assert _loaded(modules, NOT_FOR_QUICK_VERBS + OTHER_VERBS) == []
+    assert _loaded(modules, NOT_FOR_QUICK_VERBS + OTHER_VERBS + ("sandboxd.cli.stack",)) == []
 
 
 class _FakeStack:

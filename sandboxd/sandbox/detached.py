@@ -151,8 +151,8 @@ def sealed_copy(path: str) -> int:
     file it cannot read non-dumpable. So, without CAP_SYS_PTRACE (which docker withholds too), no
     process of the sandbox reaches its init's /proc/1/mem (read or write), environ, exe, fd/,
     root or map_files, nor its memory through process_vm_readv/writev, nor its descriptors
-    through pidfd_getfd. The init makes itself non-dumpable as well (PR_SET_DUMPABLE 0, once the
-    command runs: sbd-setup.c's init_exec), which covers a service given CAP_DAC_OVERRIDE or
+    through pidfd_getfd. The init makes itself non-dumpable as well (PR_SET_DUMPABLE 0, before it
+    forks the command: sbd-setup.c's init_exec), which covers a service given CAP_DAC_OVERRIDE or
     CAP_DAC_READ_SEARCH, which reads the copy, and a host with fs.suid_dumpable=1. What this does
     not cover: the service's own processes reach one another as processes of one uid always do
     (ptrace itself is refused by seccomp).

@@ -924,7 +924,9 @@ static void seal_covers(void)
 
 /* ── init_exec: the command as pid 2, this process staying as the sandbox's init ──
  *
- * The last op (argv, environment). Every signal is blocked first, and stays so in this process:
+ * The last op (argv, environment). This process is made undumpable first (the command, forked
+ * with its ids, may then neither ptrace it, read its memory nor take its descriptors, even while
+ * it still holds the channel). Every signal is blocked, and stays so in this process:
  * the kernel gives the init of a pid namespace no signal whose disposition is SIG_DFL, not even
  * one sent from the parent namespace (only SIGKILL and SIGSTOP are forced), but a blocked one
  * waits, and sigwaitinfo takes it. The command is forked into a session and process group of
@@ -934,8 +936,7 @@ static void seal_covers(void)
  * failure itself (SetupFailed on the channel, as any step: exit 127 when the command is not
  * found, 126 when it cannot be executed). Then this process gives up what it no longer needs
  * (the program's memory, every descriptor, the channel's close being the EOF that tells the
- * supervisor the command runs), becomes undumpable (no process of the service may ptrace it or
- * read its memory), and loops as dumb-init does: each signal goes to the command's process
+ * supervisor the command runs), and loops as dumb-init does: each signal goes to the command's process
  * group (SIGTSTP, SIGTTIN and SIGTTOU as SIGSTOP: no terminal is there to stop for), and every
  * child is reaped (orphans are reparented to the init of their namespace). When the command
  * ends, so does this process, with its exit code, or 128+n when signal n killed it; the kernel

@@ -15,9 +15,10 @@ import os
 import socket
 import time
 from collections.abc import Awaitable
+from functools import partial
 
 from sandboxd.daemon.console import Console
-from sandboxd.daemon.forks import Ended, ForkServerLink, Sent
+from sandboxd.daemon.forks import Ended, ForkServerLink
 from sandboxd.daemon.machine import ServiceMachine
 from sandboxd.daemon.restart import classify
 from sandboxd.daemon.runtime import Instance, RunningStack, ServiceRuntime, SocketKey
@@ -159,7 +160,7 @@ class Activation:
         self.instances[sent.id] = instance
         # By its number: asyncio formats the repr of an object it is given to look it up first.
         asyncio.get_running_loop().add_reader(sent.channel.fileno(), self._on_instance_status, instance)
-        self.tasks.spawn(self._follow(instance, sent), f"{name}: following its sandbox")
+        self.link.on_end(sent, partial(self._on_end, instance, sent.id))
         if rt.connections.active >= max_connections:
             self.unwatch(rt)
 
@@ -192,8 +193,11 @@ class Activation:
                     instance.transition(InstanceEvent.LAUNCHED)
             return
 
-    async def _follow(self, instance: Instance, sent: Sent) -> None:
-        self._on_instance_exit(instance, sent.id, await self.link.ended(sent))
+    def _on_end(self, instance: Instance, request_id: int, ended: Ended) -> None:
+        try:
+            self._on_instance_exit(instance, request_id, ended)
+        except Exception as e:  # said as Background says a task's failure
+            self.console.note(f"{instance.name}: following its sandbox failed: {e!r}")
 
     def adopt(self, instance: Instance, request_id: int, end: Awaitable[Ended]) -> None:
         """Follow an instance an upgrade carried over (resume.py), under its request id."""
@@ -214,9 +218,7 @@ class Activation:
         outcome, text = classify(ended.status)
         if outcome != "success" and not self.running.stopping:
             self.console.note(f"{instance.name}: {text}")
-        if instance.cgroup.populated():
-            instance.cgroup.kill()
-        self.cgroups.remove(instance.cgroup)
+        self.cgroups.remove(instance.cgroup)  # kills what is left (its init has exited: nothing, usually)
         rt = instance.rt
         rt.connections.active -= 1
         if not self.instances:

@@ -122,6 +122,16 @@ class ForkServerLink:
         finally:
             self.pending.pop(sent.id, None)
 
+    def on_end(self, sent: Sent, callback: Callable[[Ended], None]) -> None:
+        """Call `callback` with how what `sent` started ended, from the event loop, once it did:
+        `ended` without a task of its own to await it (one per connection in accept mode)."""
+
+        def done(end: asyncio.Future[Ended]) -> None:
+            self.pending.pop(sent.id, None)
+            callback(end.result())
+
+        sent.end.add_done_callback(done)
+
     def _on_message(self) -> None:
         assert self.server is not None
         try:

@@ -207,6 +207,8 @@ class Cgroup:
     def remove(self, timeout: float = 5.0) -> None:
         """Kill what is left, wait until empty, and remove the directory (and its v1 directories),
         child cgroups first (those of `sandboxd exec` commands)."""
+        if self._rmdir_at_once():
+            return
         deadline = time.monotonic() + timeout
         try:
             children = [entry.path for entry in os.scandir(self.path) if entry.is_dir(follow_symlinks=False)]
@@ -216,6 +218,13 @@ class Cgroup:
             Cgroup(Path(child), can_kill=self.can_kill).remove(max(0.0, deadline - time.monotonic()))
         for path in [self.path, *self.v1.values()]:
             self._rmdir(path, deadline)
+
+    def _rmdir_at_once(self) -> bool:
+        """Remove the cgroup at the first try: true if it was empty (no process, no child cgroup),
+        as a per-connection instance whose init has exited is, and then so are its v1 directories.
+        One rmdir each instead of reading cgroup.events and listing the directory first; what
+        is left otherwise (EBUSY) is for `remove` to kill and wait for."""
+        return all(_rmdir_if_empty(path) for path in [self.path, *self.v1.values()])
 
     def _rmdir(self, path: Path, deadline: float) -> None:
         while True:
@@ -229,6 +238,19 @@ class Cgroup:
                     raise
             self.kill()
             time.sleep(0.002)
+
+
+def _rmdir_if_empty(path: Path) -> bool:
+    """rmdir a cgroup directory: false if it is in use still (processes or child cgroups)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
 
 
 def remove_empty(path: Path) -> None:

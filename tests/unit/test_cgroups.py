@@ -361,3 +361,28 @@ def test_a_cgroup_whose_directory_was_there_already_reads_its_counters_at_once(t
     db = manager.create("db")
     db.mark()
     assert db.baseline["oom_kills"] == 4
+
+
+def test_an_empty_cgroup_is_removed_with_one_rmdir_per_directory(tmp_path, monkeypatch):
+    from sandboxd.host.cgroups import Cgroup
+    from sandboxd.host.cgroups import group
+
+    (tmp_path / "v2/web@1").mkdir(parents=True)
+    (tmp_path / "memory/web@1").mkdir(parents=True)
+    cgroup = Cgroup(tmp_path / "v2/web@1", v1={"memory": tmp_path / "memory/web@1"}, can_kill=True)
+
+    def no_listing(path):
+        raise AssertionError(f"{path} listed")
+
+    monkeypatch.setattr(group.os, "scandir", no_listing)  # an ended instance: nothing to look for
+    cgroup.remove()
+    assert not (tmp_path / "v2/web@1").exists() and not (tmp_path / "memory/web@1").exists()
+
+
+def test_a_cgroup_with_a_child_cgroup_is_removed_child_first(tmp_path):
+    from sandboxd.host.cgroups import Cgroup
+
+    (tmp_path / "v2/web@1/exec-1").mkdir(parents=True)  # a `sandboxd exec` command's
+    (tmp_path / "memory/web@1").mkdir(parents=True)
+    Cgroup(tmp_path / "v2/web@1", v1={"memory": tmp_path / "memory/web@1"}, can_kill=True).remove()
+    assert not (tmp_path / "v2/web@1").exists() and not (tmp_path / "memory/web@1").exists()

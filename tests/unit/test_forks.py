@@ -156,3 +156,38 @@ def test_without_a_fork_server_a_request_is_refused_with_epipe(server: FakeForkS
         assert link.pending == {}
 
     run(scenario)
+
+
+def test_an_end_followed_by_a_callback_reaches_it_once_and_is_forgotten(server: FakeForkServer) -> None:
+
+    async def scenario() -> None:
+        link = link_to(server)
+        link.listen(on_death=lambda dead: pytest.fail("the fork server is alive"))
+        sent = link.send(server.request)
+        seen: list[Ended] = []
+        link.on_end(sent, seen.append)
+        server.report(Exited(sent.id, 0))
+        while not seen:
+            await asyncio.sleep(0.001)
+        assert seen == [Ended(0)]
+        assert link.pending == {}
+        link.close()
+
+    run(scenario)
+
+
+def test_a_callback_takes_the_end_of_a_request_lost_with_its_fork_server(server: FakeForkServer) -> None:
+
+    async def scenario() -> None:
+        link = link_to(server)
+        link.listen(on_death=lambda dead: link.lose_pending())
+        sent = link.send(server.request)
+        seen: list[Ended] = []
+        link.on_end(sent, seen.append)
+        server.other.close()
+        while not seen:
+            await asyncio.sleep(0.001)
+        assert seen == [Ended(SIGKILLED, server_died=True)]
+        assert link.pending == {}
+
+    run(scenario)

@@ -32,7 +32,6 @@ from sandboxd.plan.launch import LaunchPlan
 from sandboxd.sandbox.handle import read_status
 from sandboxd.sandbox.protocol import Connection
 
-ACCEPT_BATCH = 16  # connections accepted at most at one wake-up of the loop (_on_accept)
 ACCEPT_PAUSE = 1.0  # seconds without accepting after a connection could not be taken (asyncio's ACCEPT_RETRY_DELAY)
 
 
@@ -91,28 +90,18 @@ class Activation:
         self.machine.transition(rt, Event.CONNECTION, rt.restarts.reason())
 
     def _on_accept(self, rt: ServiceRuntime, key: SocketKey) -> None:
-        """Accept the connections waiting and start a sandbox of its own for each (systemd's
-        Accept=yes): up to ACCEPT_BATCH at one wake-up, as asyncio's own accept loop takes up to
-        its backlog, so that connections arriving together cost one turn of the loop, not one each."""
-        for _ in range(ACCEPT_BATCH):
-            if not self._accept_one(rt, key) or rt.spec.name not in self.watching:
-                return
-
-    def _accept_one(self, rt: ServiceRuntime, key: SocketKey) -> bool:
-        """Accept one connection and start its sandbox; False if there is none to take now."""
+        """Accept one connection and start a sandbox of its own for it (systemd's Accept=yes)."""
         max_connections = min(self.running.socket_unit(key[0]).max_connections, 65536)
         if rt.connections.active >= max_connections:
             self.unwatch(rt)  # further connections wait in the queue until an instance ends
-            return False
+            return
         try:
             conn, peer = self.running.sockets[key].sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return False
-        except ConnectionAbortedError:
-            return True  # that one is gone; the next may be there
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
         except OSError as e:
             self._pause(rt, key, e)  # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection waits in the queue
-            return False
+            return
         try:
             self._start_instance(rt, key, conn, peer, max_connections)
             if rt.spec.name in self.short:
@@ -126,8 +115,6 @@ class Activation:
             if not self.instances:
                 self.no_instances.set()
             self._pause(rt, key, e)
-            return False
-        return True
 
     def _pause(self, rt: ServiceRuntime, key: SocketKey, error: OSError) -> None:
         """Stop accepting on the service's sockets for ACCEPT_PAUSE seconds (asyncio's own accept

@@ -297,7 +297,18 @@ class Supervisor:
         asyncio.get_running_loop().default_exception_handler(context)
 
     def _start_all(self) -> None:
-        """Every service at once: those fed by a connection wait for it, those with `after:` for that."""
+        """Every service at once: those fed by a connection wait for it, those with `after:` for that.
+        Their launches go to the fork server together, in as few messages as they fit in."""
+        server = self.link.server
+        if server is not None:
+            server.hold_back()
+        try:
+            self._start_each()
+        finally:
+            if server is not None:
+                server.send_held()
+
+    def _start_each(self) -> None:
         for rt in self.running.services.values():
             if rt.per_connection or rt.spec.start == "on-demand":
                 self.lifecycle.start(rt)

@@ -87,7 +87,7 @@ from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheri
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import Op, encode_op, program_head
 from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_parts, with_environment
-from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders
+from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders, unbatch
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -128,11 +128,12 @@ def serve(conn: socket.socket) -> NoReturn:
                     msg, fds = _recv_with_fds(conn)
                     if not msg:
                         os._exit(0)  # the supervisor is gone or done: our exit ends every sandbox
-                    request = decode_request(msg)
-                    if isinstance(request, HoldDescriptors):
-                        held += fds
-                        continue
-                    _fork_request(conn, request, fds, children, selector)
+                    for part, part_fds in unbatch(msg, fds):  # a batch's requests, each as if alone
+                        request = decode_request(part)
+                        if isinstance(request, HoldDescriptors):
+                            held += part_fds
+                            continue
+                        _fork_request(conn, request, part_fds, children, selector)
                 elif key.data == "sigchld":
                     try:
                         os.read(wake_r, 4096)

@@ -18,7 +18,7 @@ from sandboxd.kernel import abi, linux
 from sandboxd.plan.launch import LaunchPlan
 from sandboxd.sandbox.child import SETUP_BINARY
 from sandboxd.sandbox.forkserver import serve
-from sandboxd.sandbox.protocol import Connection, HoldDescriptors, LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode
+from sandboxd.sandbox.protocol import BATCH_BYTES, BATCH_FDS, Connection, HoldDescriptors, LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode, encode_batch
 
 
 @dataclass
@@ -35,6 +35,9 @@ class ForkServer:
     def __init__(self, conn: socket.socket, pid: int) -> None:
         self.conn = conn
         self.pid = pid
+        # Between `hold_back` and `send_held`: the requests held back, each encoded, with its
+        # descriptors and the far end of its status channel (open until it is sent).
+        self._held: list[tuple[bytes, list[int], socket.socket]] | None = None
 
     @staticmethod
     def start(replacing: bool = False) -> ForkServer:
@@ -147,12 +150,38 @@ class ForkServer:
         """Send a request with its descriptors after a new status channel; returns our end of it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        ours.setblocking(False)
+        if self._held is not None:
+            self._held.append((encode(request), [theirs.fileno(), *fds], theirs))
+            return ours
         try:
             socket.send_fds(self.conn, [encode(request)], [theirs.fileno(), *fds])
         finally:
             theirs.close()
-        ours.setblocking(False)
         return ours
+
+    def hold_back(self) -> None:
+        """Hold the next requests back until `send_held`, which sends them in as few messages as
+        it can (protocol.py's batches): a stack's `up` asks for every eager sandbox at once."""
+        if self._held is None:
+            self._held = []
+
+    def send_held(self) -> None:
+        """Send the requests held back since `hold_back`, as batches of at most BATCH_FDS
+        descriptors and about BATCH_BYTES bytes (a request beyond either goes alone, as it
+        would have). Each status channel's far end is closed once its request was sent, or
+        could not be: then the fork server is gone (its EOF says so) or the error is raised."""
+        held, self._held = self._held or [], None
+        try:
+            for batch in _batches(held):
+                if len(batch) == 1:
+                    socket.send_fds(self.conn, [batch[0][0]], batch[0][1])
+                else:
+                    message = encode_batch([(data, len(fds)) for data, fds, _ in batch])
+                    socket.send_fds(self.conn, [message], [fd for _, fds, _ in batch for fd in fds])
+        finally:
+            for _data, _fds, theirs in held:
+                theirs.close()
 
     def receive(self) -> Reply | None:
         """The fork server's next reply (Exited, ForkFailed); None once it is gone. Raises
@@ -167,6 +196,19 @@ class ForkServer:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
+
+
+def _batches(held: list[tuple[bytes, list[int], socket.socket]]) -> list[list[tuple[bytes, list[int], socket.socket]]]:
+    """The held requests in order, cut into batches within BATCH_FDS descriptors and BATCH_BYTES."""
+    batches: list[list[tuple[bytes, list[int], socket.socket]]] = []
+    fds = size = 0
+    for item in held:
+        if not batches or fds + len(item[1]) > BATCH_FDS or size + len(item[0]) > BATCH_BYTES:
+            batches.append([])
+            fds = size = 0
+        batches[-1].append(item)
+        fds, size = fds + len(item[1]), size + len(item[0]) + 16
+    return batches
 
 
 def read_status(channel: socket.socket, service: str) -> tuple[str, Launched | None]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from sandboxd.plan.launch import LaunchPlan, MountOp
 from sandboxd.sandbox.codec import WIRE_SCALARS, Wire, decode_fields, decoder, wire_forms
@@ -253,6 +254,57 @@ def _decode_launch(data: bytes) -> LaunchSandbox | None:
     message = decode_fields(LaunchSandbox, head["arg"], {"plan": plan})
     assert isinstance(message, LaunchSandbox)
     return message
+
+
+# ── batches: many requests in one message ──
+#
+# A stack's `up` sends every eager service's launch at once: one message per launch would fill
+# the socket's queue after some ten of them (net.unix.max_dgram_qlen) and the supervisor would
+# wait in sendmsg for the fork server to read each. A batch is one message holding many
+# requests, each as `encode` made it, their descriptors one after the other:
+#
+#     {"type":"batch","arg":{"sizes":[bytes of each],"fds":[descriptors of each]}}\n<each request>
+#
+# (compact JSON holds no raw newline, so the first ends the head). Each request is then served
+# as if it had come alone: what fails, fails alone, with its own reply.
+
+_BATCH_HEAD = b'{"type":"batch","arg":'
+BATCH_FDS = 250  # descriptors in one message: under the kernel's SCM_MAX_FD (253)
+BATCH_BYTES = 160_000  # bytes in one message: under the socket's send buffer (net.core.wmem_default, 208 KiB)
+
+
+def encode_batch(parts: list[tuple[bytes, int]]) -> bytes:
+    """One message of `parts`, each an encoded request and how many descriptors it has."""
+    head = json.dumps({"type": "batch", "arg": {"sizes": [len(data) for data, _ in parts], "fds": [count for _, count in parts]}}, separators=(",", ":"))
+    return b"".join([head.encode(), b"\n", *(data for data, _ in parts)])
+
+
+def unbatch(data: bytes, fds: list[int]) -> list[tuple[bytes, list[int]]]:
+    """The requests a message holds, each with its own descriptors: a batch's (`encode_batch`),
+    or the message itself, alone. ProtocolError if a batch's head does not match what it holds."""
+    if not data.startswith(_BATCH_HEAD):
+        return [(data, fds)]
+    cut = data.find(b"\n")
+    try:
+        head = json.loads(data[:cut]) if cut >= 0 else None
+    except ValueError as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    arg = head.get("arg") if isinstance(head, dict) and set(head) == {"type", "arg"} else None
+    sizes, counts = (arg.get("sizes"), arg.get("fds")) if isinstance(arg, dict) else (None, None)
+    if not _counts(sizes) or not _counts(counts) or len(sizes) != len(counts):
+        raise ProtocolError("a batch is {'type': 'batch', 'arg': {'sizes': [...], 'fds': [...]}}")
+    if sum(sizes) != len(data) - cut - 1 or sum(counts) != len(fds):
+        raise ProtocolError(f"a batch of {sum(sizes)} bytes and {sum(counts)} descriptors came with {len(data) - cut - 1} and {len(fds)}")
+    parts: list[tuple[bytes, list[int]]] = []
+    offset, first = cut + 1, 0
+    for size, count in zip(sizes, counts):
+        parts.append((data[offset : offset + size], fds[first : first + count]))
+        offset, first = offset + size, first + count
+    return parts
+
+
+def _counts(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)
 
 
 def _decode(data: bytes, accepted: tuple[type, ...]) -> object:

@@ -124,11 +124,13 @@ class ForkServerLink:
 
     def on_end(self, sent: Sent, callback: Callable[[Ended], None]) -> None:
         """Call `callback` with how what `sent` started ended, from the event loop, once it did:
-        `ended` without a task of its own to await it (one per connection in accept mode)."""
+        `ended` without a task of its own to await it (one per connection in accept mode). Not
+        called if the end was cancelled: then nobody is left to tell."""
 
         def done(end: asyncio.Future[Ended]) -> None:
             self.pending.pop(sent.id, None)
-            callback(end.result())
+            if not end.cancelled():
+                callback(end.result())
 
         sent.end.add_done_callback(done)
 

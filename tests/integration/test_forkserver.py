@@ -174,3 +174,52 @@ def test_a_spawner_killed_with_a_launch_in_its_queue_fails_that_launch_and_the_n
         sbd("start", "-p", "respawn", "svc")
         settled("respawn", {"svc": "running", "other": "running"})
         assert spawner_of("respawn") != spawner
+
+
+# ── a stack's launches, batched ──
+
+RECORD_MESSAGES = """
+import json, os, socket, sys
+send_fds = socket.send_fds
+def recorded(sock, buffers, fds, *args):
+    data = b"".join(buffers)
+    with open(os.environ["SBD_TEST_MESSAGES"], "a") as f:
+        f.write(json.dumps({"head": data.split(b"\\n", 1)[0][:2000].decode(errors="replace"), "fds": len(fds)}) + "\\n")
+    return send_fds(sock, buffers, fds, *args)
+socket.send_fds = recorded
+from sandboxd.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+BATCHED = 10
+
+
+def test_a_stacks_launches_go_to_the_fork_server_in_one_batch_and_one_that_fails_fails_alone(spec_dir: Path, tmp_path: Path) -> None:
+    """`up` of eleven services sends their launches as one batch (the supervisor's messages to
+    the fork server are recorded by a wrapper of socket.send_fds in its process); the one whose
+    script's interpreter is missing fails on its own, with its own reason, and the ten others run."""
+    for k in range(BATCHED):
+        write(spec_dir, f"b{k}.yaml", f"kind: service\nuserns: {'true' if k % 2 else 'false'}\ncommand: [sleep, '3600']\n")
+    (spec_dir / "bad.sh").write_text("#!/no/such/interpreter\n")
+    (spec_dir / "bad.sh").chmod(0o755)
+    write(spec_dir, "bad.yaml", "kind: service\nrestart: 'no'\nmounts: [{source: ., target: /t}]\ncommand: [/t/bad.sh]\n")
+    record = tmp_path / "messages.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RECORD_MESSAGES, "up", "-p", "batched", str(spec_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "up.log").open("w"),
+        env={**os.environ, "SBD_TEST_MESSAGES": str(record), "NO_COLOR": "1"},
+    )
+    try:
+        wait_until(lambda: Path("/run/sandboxd/batched/state.json").exists() or proc.poll() is not None, "the stack's state")
+        now = settled("batched", {f"b{k}": "running" for k in range(BATCHED)} | {"bad": "failed"})
+        assert "execute /t/bad.sh: No such file or directory" in now["bad"]["reason"], now["bad"]
+        assert len({now[f"b{k}"]["pid"] for k in range(BATCHED)}) == BATCHED
+        messages = [json.loads(line) for line in record.read_text().splitlines()]
+        launches = [m for m in messages if m["head"].startswith('{"type":"launch"')]
+        batches = [json.loads(m["head"]) for m in messages if m["head"].startswith('{"type":"batch"')]
+        assert launches == [] and len(batches) == 1, messages
+        assert len(batches[0]["arg"]["sizes"]) == BATCHED + 1, batches
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=HANG)

@@ -169,6 +169,10 @@ def test_an_end_followed_by_a_callback_reaches_it_once_and_is_forgotten(server: 
         server.report(Exited(sent.id, 0))
         while not seen:
             await asyncio.sleep(0.001)
+        server.report(Exited(sent.id, 0))  # again: the request is forgotten, so nobody hears it
+        later = link.send(server.request)
+        server.report(Exited(later.id, 3))
+        assert await link.ended(later) == Ended(3)  # read after the repeated report
         assert seen == [Ended(0)]
         assert link.pending == {}
         link.close()
@@ -189,5 +193,25 @@ def test_a_callback_takes_the_end_of_a_request_lost_with_its_fork_server(server:
             await asyncio.sleep(0.001)
         assert seen == [Ended(SIGKILLED, server_died=True)]
         assert link.pending == {}
+
+    run(scenario)
+
+
+def test_a_callback_is_not_called_for_an_end_that_was_cancelled(server: FakeForkServer) -> None:
+
+    async def scenario() -> None:
+        link = link_to(server)
+        link.listen(on_death=lambda dead: pytest.fail("the fork server is alive"))
+        sent = link.send(server.request)
+        seen: list[Ended] = []
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        link.on_end(sent, seen.append)
+        sent.end.cancel()
+        later = link.send(server.request)
+        server.report(Exited(later.id, 0))
+        assert await link.ended(later) == Ended(0)  # the cancelled end's callbacks ran before
+        assert seen == [] and link.pending == {} and errors == []
+        link.close()
 
     run(scenario)

@@ -64,6 +64,14 @@ def _exec(server: ForkServer, request_id: int, output: int) -> socket.socket:
     return server.send_exec(request_id, 1, "/sys/fs/cgroup/x", ["true"], {}, "/", output_fd=output)
 
 
+def _close(messages: list[tuple[bytes, list[int]]], channels: list[socket.socket]) -> None:
+    for _data, fds in messages:
+        for fd in fds:
+            os.close(fd)
+    for channel in channels:
+        channel.close()
+
+
 def test_requests_held_back_go_as_one_message_each_with_its_own_status_channel(pair: tuple[ForkServer, socket.socket]) -> None:
     server, far = pair
     output = os.open("/dev/null", os.O_WRONLY)
@@ -101,11 +109,7 @@ def test_a_batch_is_cut_at_the_kernels_limit_of_descriptors(pair: tuple[ForkServ
         assert len(messages) == 2
         assert all(len(fds) <= BATCH_FDS for _, fds in messages)
         assert sum(len(unbatch(*m)) for m in messages) == count
-        for _data, fds in messages:
-            for fd in fds:
-                os.close(fd)
-        for channel in channels:
-            channel.close()
+        _close(messages, channels)
     finally:
         os.close(output)
 
@@ -117,10 +121,6 @@ def test_without_hold_back_each_request_is_a_message_of_its_own(pair: tuple[Fork
         channels = [_exec(server, n, output) for n in range(3)]
         messages = _messages(far)
         assert [len(unbatch(*m)) for m in messages] == [1, 1, 1]
-        for _data, fds in messages:
-            for fd in fds:
-                os.close(fd)
-        for channel in channels:
-            channel.close()
+        _close(messages, channels)
     finally:
         os.close(output)

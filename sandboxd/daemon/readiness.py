@@ -35,6 +35,9 @@ class Readiness:
             rt.timers.start = loop.call_later(rt.spec.start_timeout, self._on_start_timeout, rt)
         if rt.spec.watchdog > 0:
             rt.timers.watchdog = loop.call_later(rt.spec.watchdog, self._on_watchdog, rt)
+        if rt.notify.held and rt.notify.socket is not None:
+            rt.notify.held = False
+            loop.add_reader(rt.notify.socket.sock, self.on_notify, rt)
 
     def end_start_timeout(self, rt: ServiceRuntime) -> None:
         """The END_START_TIMEOUT action: it is ready."""
@@ -56,6 +59,13 @@ class Readiness:
 
     def on_notify(self, rt: ServiceRuntime) -> None:
         assert rt.notify.socket is not None
+        if rt.state is State.STARTING:
+            # The sandbox may have executed its command before the loop read its status channel's
+            # end (both were ready at one wake-up): what it says now waits in the socket, in order,
+            # until it is known to run (arm), rather than be dropped (READY=1 would never count).
+            asyncio.get_running_loop().remove_reader(rt.notify.socket.sock)
+            rt.notify.held = True
+            return
         while (message := rt.notify.socket.receive()) is not None:
             try:
                 if self._may_notify(rt, message.pid):

@@ -119,6 +119,7 @@ class Notified:
     status_text: str = ""
     errno: int = 0
     main_pid: int = 0
+    held: bool = False  # its socket is not read while the launch is not known to have run (readiness.py)
 
 
 @dataclass

@@ -83,7 +83,7 @@ class ForkServerRecovery:
             self._give_up(f"it died {len(recent)} times within {DEATHS_INTERVAL:g} s")
             return
         try:
-            server = ForkServer.start(replacing=True)
+            server = ForkServer.start()
         except (OSError, SandboxdError) as e:
             self._give_up(f"a new one could not start: {e}")
             return

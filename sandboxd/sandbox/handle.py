@@ -40,12 +40,14 @@ class ForkServer:
         self._held: list[tuple[bytes, list[int], socket.socket]] | None = None
 
     @staticmethod
-    def start(replacing: bool = False) -> ForkServer:
+    def start() -> ForkServer:
         """Fork the fork server as pid 1 of a new pid namespace. Call before any thread exists.
 
-        `replacing`: a fork server in place of one that died, forked from the running supervisor
-        (daemon/recovery.py), which holds sockets, pipes and pidfds by then: the new fork server
-        closes every descriptor it inherited but its connection, so that it holds none of them.
+        The fork server closes every descriptor it inherited but its connection and the standard
+        three: a replacement for one that died is forked from the running supervisor
+        (daemon/recovery.py), which holds sockets, pipes and pidfds by then, and the first one
+        from `up`, which holds whatever its caller left open (a pipe a script waits on to end):
+        neither the fork server nor the spawner it executes (and so no sandbox) holds any of them.
 
         A fork costs in proportion to the pages of the process forked and those the child then
         touches (copy on write), so `sandboxd up` starts the fork server first, before it reads
@@ -64,9 +66,8 @@ class ForkServer:
                 pid = os.fork()
                 if pid == 0:
                     parent.close()
-                    if replacing:
-                        os.closerange(3, child.fileno())
-                        os.closerange(child.fileno() + 1, 1 << 20)
+                    os.closerange(3, child.fileno())
+                    os.closerange(child.fileno() + 1, 1 << 20)
                     serve(child)
             finally:
                 linux.setns(own_pidns, abi.CLONE_NEWPID)

@@ -147,6 +147,40 @@ def test_each_sandbox_holds_only_the_descriptors_its_plan_hands_it(spec_dir: Pat
         assert os.readlink(f"/proc/{spawner}/cwd") == os.readlink(f"/proc/{fork_server_of('handed')}/cwd")
 
 
+def test_a_descriptor_ups_caller_left_open_reaches_neither_the_fork_server_nor_the_spawner_nor_a_sandbox(spec_dir: Path) -> None:
+    """`up -d` run with the write end of a pipe open (a script that waits for the pipe's end):
+    the fork server, its spawner and the sandbox hold nothing of it (the fork server used to keep
+    every descriptor `up` had, and the spawner it executes the inheritable ones)."""
+    (spec_dir / "fds.py").write_text(FDS)
+    write(spec_dir, "one.yaml", "kind: service\nname: one\ncommand: [python3, /t/fds.py, one]\nmounts: [{source: ., target: /t}]\n")
+    r, w = os.pipe()
+    try:
+        pipe = os.readlink(f"/proc/self/fd/{w}")
+        up = subprocess.run([sys.executable, "-m", "sandboxd", "up", "-d", "-p", "callers", str(spec_dir)], capture_output=True, text=True, timeout=HANG * 2, pass_fds=[w])
+        assert up.returncode == 0, up.stdout + up.stderr
+        try:
+            init = settled("callers", {"one": "running"})["one"]["pid"]
+            line = wait_until(lambda: next((line for line in sbd("logs", "-p", "callers", "one").stdout.splitlines() if "FDS " in line), None), "one's descriptors")
+            assert pipe not in line
+            supervisor = int(json.loads((Path("/run/sandboxd") / "callers" / "state.json").read_text())["pid"])
+            assert pipe in _links(supervisor)  # it was handed on, and stays in `up`'s own process
+            for who, pid in (("fork server", fork_server_of("callers")), ("spawner", spawner_of("callers")), ("init", init)):
+                assert pipe not in _links(pid), who
+        finally:
+            assert sbd("down", "-p", "callers", check=False).returncode == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _links(pid: int) -> list[str]:
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return links
+
+
 def queued(pid: int) -> bool:
     """Whether a message waits in the receive queue of a unix socket of process `pid` (ss -x)."""
     out = subprocess.run(["ss", "-xp"], capture_output=True, text=True, check=True).stdout

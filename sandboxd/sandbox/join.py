@@ -60,6 +60,8 @@ def _join_then_run(cgroup_tasks: tuple[str, ...], channel: socket.socket, join: 
     try:
         step.name = "reset signals"
         LINUX.reset_signals()
+        step.name = "start a session"
+        os.setsid()  # out of the fork server's session, and its scheduling group (forkserver.py)
         step.name = "join cgroups"
         for procs in cgroup_tasks:
             LINUX.write_file(procs, "0")

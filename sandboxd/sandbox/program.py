@@ -7,12 +7,15 @@ walks its SetupOp list. The steps, in this order, each named so that its failure
     reset signals                    every disposition SIG_DFL (exec keeps SIG_IGN), an empty mask
     join cgroups                     the v1 hierarchies: "0" to the tasks files the fork server opened
     join the service's network ns    when sandboxd made one (in a user namespace: born in it)
-    create namespaces                unshare(mount, uts, ipc[, net]); setsid
+    create namespaces                unshare(mount, uts, ipc[, net])
     build the root (RootProgram)     / private; the plan's mounts in order; pivot_root; the
                                      binds and the spec's tmpfs inside; seal; detach the old root
     set hostname, bring up lo
     set up descriptors               0 from /dev/null, 1 and 2 to the output, sockets at 3..;
-                                     chdir; every other descriptor closed
+                                     chdir
+    start a session of its own       setsid: only now, so that the steps above run in the fork
+                                     server's scheduling group (forkserver.py); then every
+                                     other descriptor closed
     install the bind() listener      with the plan's intercept_bind
     confine                          seccomp, bounding set, ids, capabilities (confine.py)
     report Executing                 on the status channel, with the listener
@@ -110,7 +113,6 @@ def compile_parts(request: LaunchSandbox, fds: Descriptors, trees: Trees, view: 
         k.close(fds.netns)
     k.name = "create namespaces"
     k.record("unshare", plan.clone_flags)
-    k.record("setsid")
     head = len(k.ops)
     walk = _walk_ops(RootProgram(k, request.root, plan.mounts, trees, view, bool(plan.userns)))
     k.name = "set hostname"
@@ -123,6 +125,8 @@ def compile_parts(request: LaunchSandbox, fds: Descriptors, trees: Trees, view: 
     place_fds(k, fds.output, list(fds.sockets))
     k.name = f"change directory to {plan.workdir}"
     k.chdir(plan.workdir)
+    k.name = "start a session of its own"
+    k.record("setsid")
     # Whatever else this process holds, inherited or ours, the service does not get.
     k.record("close_others", 3 + len(fds.sockets), register(R_CHANNEL))
     listener = 0  # a register is negative

@@ -478,6 +478,35 @@ def test_health_check_gets_the_sandboxs_own_dev_null(spec_dir: Path) -> None:
         sbd("down", "-p", stack)
 
 
+# What a process says of its controlling terminal: the tty_nr of /proc/self/stat (0: none) and
+# what opening /dev/tty (the sandbox's own node, 5:0, which is the caller's terminal) gives.
+CTTY_PROBE = (
+    "import os\n"
+    "tty_nr = open('/proc/self/stat').read().rsplit(')', 1)[1].split()[4]\n"
+    "try:\n"
+    "    os.close(os.open('/dev/tty', os.O_RDWR | os.O_NOCTTY)); opened = 'opened'\n"
+    "except OSError as e:\n"
+    "    opened = os.strerror(e.errno)\n"
+    "open('/tmp/ctty.tmp', 'w').write(f'{tty_nr} {opened}'); os.rename('/tmp/ctty.tmp', '/tmp/ctty')\n"
+)
+
+
+def test_a_health_check_of_a_stack_up_on_a_terminal_has_no_controlling_terminal(spec_dir: Path, admin: AdminTerminal) -> None:
+    """`up` in the foreground on the admin's terminal: a health check (forked by the fork server)
+    has no controlling terminal, so its /dev/tty is no way to the admin's (TIOCSTI would type at
+    the admin's shell). It used to be in `up`'s session, the terminal's."""
+    write(spec_dir, "probe.py", CTTY_PROBE)
+    write(spec_dir, "svc.yaml", "kind: service\ncommand: [sleep, '1000']\nmounts: [{source: ., target: /t}]\nready: {exec: [python3, /t/probe.py], interval: 10s}\n")
+    up = admin.start("up", "-p", "ctty", str(spec_dir))
+    try:
+        admin.read_until(b"ready")
+        said = sbd("exec", "-T", "-p", "ctty", "svc", "--", "cat", "/tmp/ctty").stdout.split(" ", 1)
+        assert said == ["0", "No such device or address"], said
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert _wait_exit(up) == 0
+
+
 # ── no descriptor of sandboxd's, and the service's own cgroups, in whatever runs in a sandbox ──
 
 # What a process sees of itself: its descriptors (but the one listing them) and its cgroups.

@@ -173,6 +173,29 @@ def test_a_descriptor_ups_caller_left_open_reaches_neither_the_fork_server_nor_t
         os.close(w)
 
 
+def test_the_fork_server_and_spawner_have_a_session_and_scheduling_group_of_their_own_and_each_sandbox_leaves_it(spec_dir: Path) -> None:
+    """The fork server leaves `up`'s session (and terminal) for one of its own, whose autogroup
+    (where the kernel has them) weighs as AUTOGROUP_NICE: its spawner is in it, each sandbox's
+    init and command are not (a session each, nice 0), so a service cannot take its weight."""
+    from sandboxd.sandbox.forkserver import AUTOGROUP_NICE
+
+    write(spec_dir, "one.yaml", "kind: service\nname: one\ncommand: [sleep, '1000']\n")
+    with detached(spec_dir, "group"):
+        init = settled("group", {"one": "running"})["one"]["pid"]
+        supervisor = int(json.loads((Path("/run/sandboxd") / "group" / "state.json").read_text())["pid"])
+        fork_server, spawner = fork_server_of("group"), spawner_of("group")
+        [command] = [int(p) for p in Path(f"/proc/{init}/task/{init}/children").read_text().split()]
+        assert os.getsid(fork_server) == fork_server != os.getsid(supervisor)
+        assert os.getsid(spawner) == fork_server
+        assert os.getsid(init) == init and os.getsid(command) == command
+        autogroup = Path(f"/proc/{fork_server}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-2:] == ["nice", str(AUTOGROUP_NICE)]
+            assert Path(f"/proc/{spawner}/autogroup").read_text() == autogroup.read_text()
+            for pid in (init, command):
+                assert Path(f"/proc/{pid}/autogroup").read_text().split()[-2:] == ["nice", "0"]
+
+
 def _links(pid: int) -> list[str]:
     links = []
     for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -12,11 +12,9 @@ from sandboxd.spec.model import socket_namespace
 
 
 def print_summary(console: Console, running: RunningStack, elapsed: float) -> None:
-    import statistics  # here, not at the top: printed after the first launches (it imports fractions and decimal)
-
     services = running.services.values()
     latencies = [(rt.launch.exec_ns - rt.launch.requested_ns) / 1e6 for rt in services if rt.launch.exec_ns]
-    median = f", median launch {statistics.median(latencies):.1f} ms" if latencies else ""
+    median = f", median launch {_median(latencies):.1f} ms" if latencies else ""
     console.note(f"stack {running.instance!r}: {counted(len(services), 'service')} launched in {elapsed * 1000:.0f} ms{median}")
     for rt in services:
         where = f"pid {rt.launch.pid}" if rt.state in (State.RUNNING, State.READY) else rt.state.label
@@ -26,6 +24,13 @@ def print_summary(console: Console, running: RunningStack, elapsed: float) -> No
             where += f", status: {rt.notify.status_text}"
         socks = _sockets(running, rt) + [f"uses {name}" for name in rt.spec.uses]
         console.note(f"  {rt.spec.name}: {where}; {_network(running, rt)}; " + ("; ".join(socks) or "no sockets"))
+
+
+def _median(values: list[float]) -> float:
+    """statistics.median's, without its import (fractions, decimal and random: some 5 ms of CPU,
+    spent while the stack's services start)."""
+    ordered, middle = sorted(values), len(values) // 2
+    return ordered[middle] if len(values) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def counted(count: int, noun: str, plural: str = "") -> str:

@@ -185,3 +185,12 @@ def test_counts_take_the_noun_in_their_number(count: int, text: str) -> None:
     from sandboxd.daemon.summary import counted
 
     assert counted(count, "service") == text
+
+
+@pytest.mark.parametrize("values", [[4.0], [3.0, 1.0], [5.0, 1.0, 3.0], [2.5, 9.0, 0.5, 7.0], [1.0, 1.0, 2.0, 8.0, 8.0, 9.0]])
+def test_the_summarys_median_launch_is_statistics_median(values: list[float]) -> None:
+    import statistics
+
+    from sandboxd.daemon.summary import _median
+
+    assert _median(values) == statistics.median(values)

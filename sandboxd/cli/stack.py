@@ -176,6 +176,7 @@ def _up_detached(args: argparse.Namespace) -> int:
     from sandboxd.host.paths import RUNTIME_ROOT
     from sandboxd.host.prepare import make_plans
 
+    callers = _open_descriptors()
     stack, instance = _stack_to_run(args)
     if instance in running_stacks():
         raise HostError(f"a stack named {instance!r} is already running", "stop it with sandboxd down -p NAME, or pick another name with -p")
@@ -185,18 +186,41 @@ def _up_detached(args: argparse.Namespace) -> int:
     # start, no second validation. Its early errors go to `log`, which this side shows.
     daemon = os.fork()
     if daemon == 0:
-        _be_the_supervisor(args, instance, log)
+        _be_the_supervisor(args, instance, log, callers)
     return _wait_until_up(args, instance, daemon, log)
 
 
-def _be_the_supervisor(args: argparse.Namespace, instance: str, log: IO[bytes]) -> NoReturn:
-    """The forked side of `up -d`: a session of its own, no terminal, its output into `log`; runs
-    the stack as `up --daemon -p INSTANCE` would and exits with the supervisor's code."""
+def _open_descriptors() -> dict[int, tuple[int, int]]:
+    """The descriptors above 2 open now, each with its file's device and inode: at the start of
+    `up -d`, what its caller left open (sandboxd has opened none of its own yet)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue  # the listing's own
+        if int(name) > 2:
+            found[int(name)] = (st.st_dev, st.st_ino)
+    return found
+
+
+def _be_the_supervisor(args: argparse.Namespace, instance: str, log: IO[bytes], callers: dict[int, tuple[int, int]]) -> NoReturn:
+    """The forked side of `up -d`: a session of its own, no terminal, its output into `log`, none
+    of the descriptors its caller left open (a pipe a script waits on to end, make's jobserver);
+    runs the stack as `up --daemon -p INSTANCE` would and exits with the supervisor's code."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
+    os.close(null)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    for fd, identity in callers.items():
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == identity:  # still the caller's, not one of ours on its number
+            os.close(fd)
     args.daemon, args.project_name = True, instance
     code = 1
     try:

@@ -147,10 +147,11 @@ def test_each_sandbox_holds_only_the_descriptors_its_plan_hands_it(spec_dir: Pat
         assert os.readlink(f"/proc/{spawner}/cwd") == os.readlink(f"/proc/{fork_server_of('handed')}/cwd")
 
 
-def test_a_descriptor_ups_caller_left_open_reaches_neither_the_fork_server_nor_the_spawner_nor_a_sandbox(spec_dir: Path) -> None:
+def test_a_descriptor_ups_caller_left_open_reaches_no_process_of_the_stack(spec_dir: Path) -> None:
     """`up -d` run with the write end of a pipe open (a script that waits for the pipe's end):
-    the fork server, its spawner and the sandbox hold nothing of it (the fork server used to keep
-    every descriptor `up` had, and the spawner it executes the inheritable ones)."""
+    once it returned, no process of the stack holds it, so the pipe ends when the caller closes
+    its own end (the supervisor and its fork server used to keep every descriptor `up` had, and
+    the spawner the fork server executes the inheritable ones)."""
     (spec_dir / "fds.py").write_text(FDS)
     write(spec_dir, "one.yaml", "kind: service\nname: one\ncommand: [python3, /t/fds.py, one]\nmounts: [{source: ., target: /t}]\n")
     r, w = os.pipe()
@@ -163,14 +164,18 @@ def test_a_descriptor_ups_caller_left_open_reaches_neither_the_fork_server_nor_t
             line = wait_until(lambda: next((line for line in sbd("logs", "-p", "callers", "one").stdout.splitlines() if "FDS " in line), None), "one's descriptors")
             assert pipe not in line
             supervisor = int(json.loads((Path("/run/sandboxd") / "callers" / "state.json").read_text())["pid"])
-            assert pipe in _links(supervisor)  # it was handed on, and stays in `up`'s own process
-            for who, pid in (("fork server", fork_server_of("callers")), ("spawner", spawner_of("callers")), ("init", init)):
+            for who, pid in (("supervisor", supervisor), ("fork server", fork_server_of("callers")), ("spawner", spawner_of("callers")), ("init", init)):
                 assert pipe not in _links(pid), who
+            os.close(w)
+            w = -1
+            os.set_blocking(r, False)
+            assert os.read(r, 1) == b""  # the pipe's end: no writer is left (BlockingIOError if one were)
         finally:
             assert sbd("down", "-p", "callers", check=False).returncode == 0
     finally:
         os.close(r)
-        os.close(w)
+        if w >= 0:
+            os.close(w)
 
 
 def test_the_fork_server_and_spawner_have_a_session_and_scheduling_group_of_their_own_and_each_sandbox_leaves_it(spec_dir: Path) -> None:

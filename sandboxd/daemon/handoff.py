@@ -139,5 +139,10 @@ def _caller_type(pid: int, fd: int) -> int:
         copy = linux.pidfd_getfd(pidfd, fd)
     finally:
         os.close(pidfd)
-    with socket.socket(fileno=copy) as theirs:
+    try:
+        theirs = socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)  # not a socket (ENOTSOCK): socket() did not take the copy
+        raise
+    with theirs:
         return int(theirs.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE))

@@ -121,6 +121,24 @@ class BindHandoff:
         return None
 
 
+PIDFD_THREAD = os.O_EXCL  # <linux/pidfd.h>: a pidfd of the thread itself (Linux 6.9)
+
+
+def _pidfd_of_thread(tid: int) -> int:
+    """A pidfd to take the calling thread's descriptor through: the notification names the
+    thread that called bind(), which need not lead its thread group (pidfd_open refuses such an
+    id without PIDFD_THREAD). Before Linux 6.9, its thread group's leader, whose descriptor
+    table its threads share."""
+    try:
+        return os.pidfd_open(tid, PIDFD_THREAD)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    with open(f"/proc/{tid}/status") as f:
+        leader = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+    return os.pidfd_open(leader)
+
+
 def _caller_flags(pid: int, fd: int) -> tuple[bool, bool]:
     """(close-on-exec, non-blocking) of the caller's descriptor, from /proc/PID/fdinfo."""
     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
@@ -134,7 +152,7 @@ def _caller_flags(pid: int, fd: int) -> tuple[bool, bool]:
 def _caller_type(pid: int, fd: int) -> int:
     """The type (SOCK_STREAM, SOCK_DGRAM, ...) of the socket the caller binds: a UDP server on
     the proxy's address and port keeps its own socket."""
-    pidfd = os.pidfd_open(pid)
+    pidfd = _pidfd_of_thread(pid)
     try:
         copy = linux.pidfd_getfd(pidfd, fd)
     finally:

@@ -25,9 +25,19 @@ if os.environ.get("UDP_TOO"):  # a UDP server on the same address and port as th
     udp.bind(("127.0.0.1", int(sys.argv[1])))
     print("udp bound", udp.getsockname(), flush=True)
 family, address = (socket.AF_UNIX, sys.argv[1]) if sys.argv[1].startswith("/") else (socket.AF_INET, ("127.0.0.1", int(sys.argv[1])))
-server = socket.socket(family)
-server.bind(address)
-server.listen(64)
+def bind():
+    server = socket.socket(family)
+    server.bind(address)
+    server.listen(64)
+    return server
+if os.environ.get("BIND_IN_THREAD"):  # bind() from a thread that is not the process's first
+    bound = []
+    worker = threading.Thread(target=lambda: bound.append(bind()))
+    worker.start()
+    worker.join()
+    server = bound[0]
+else:
+    server = bind()
 print("listening", flush=True)
 def serve(conn, peer):
     # With SHOWPEER the answer starts with the client's port as the program sees it: the client's
@@ -185,6 +195,17 @@ def test_program_that_binds_the_proxy_address_gets_the_socket_itself(run_stack, 
     assert answer == f"{own_port}:direct".encode()  # no proxy in between: the program sees the client itself
     assert "binds tcp:127.0.0.1:7000 itself; it gets socket echo instead (no proxy)" in stack.err
     assert "is forwarded to it" not in stack.err
+    stack.stop()
+
+
+def test_program_that_binds_the_proxy_address_from_a_thread_gets_the_socket_itself(run_stack, spec_dir: Path) -> None:
+    """The bind() listener is told the calling thread's id: a thread that is not the process's
+    first (a server whose worker binds) used to get ENOENT, from pidfd_open of that id."""
+    echo_stack(spec_dir, "tcp:127.0.0.1:7000", "tcp:127.0.0.1:0", handoff=True, env=', BIND_IN_THREAD: "1"')
+    stack = run_stack(spec_dir)
+    port = port_of(stack)
+    stack.wait_for("binds tcp:127.0.0.1:7000 itself; it gets socket echo instead (no proxy)", "err")
+    assert echo_once(("127.0.0.1", port), b"threaded") == b"echo:threaded"
     stack.stop()
 
 

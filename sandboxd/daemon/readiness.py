@@ -88,14 +88,14 @@ class Readiness:
 
     def _apply_notify(self, rt: ServiceRuntime, fields: dict[str, str]) -> None:
         name = rt.spec.name
-        if "MAINPID" in fields and fields["MAINPID"].isdigit():
+        if _decimal(fields.get("MAINPID", "")):
             rt.notify.main_pid = host_pid(rt.cgroup.pids(), int(fields["MAINPID"])) or rt.notify.main_pid
         if "STATUS" in fields and fields["STATUS"] != rt.notify.status_text:
             rt.notify.status_text = fields["STATUS"]
             self.console.note(f"{name}: status: {rt.notify.status_text}")
-        if fields.get("ERRNO", "").isdigit():
+        if _decimal(fields.get("ERRNO", "")) and int(fields["ERRNO"]) <= ERRNO_MAX:
             rt.notify.errno = int(fields["ERRNO"])
-        if "WATCHDOG_USEC" in fields and fields["WATCHDOG_USEC"].isdigit():
+        if _decimal(fields.get("WATCHDOG_USEC", "")):
             rt.spec = dataclasses.replace(rt.spec, watchdog=int(fields["WATCHDOG_USEC"]) / 1e6)
         if fields.get("WATCHDOG") == "1" and rt.spec.watchdog > 0:
             if rt.timers.watchdog is not None:
@@ -104,7 +104,7 @@ class Readiness:
         elif fields.get("WATCHDOG") == "trigger":
             self._on_watchdog(rt)
             return
-        if fields.get("EXTEND_TIMEOUT_USEC", "").isdigit() and rt.timers.start is not None:
+        if _decimal(fields.get("EXTEND_TIMEOUT_USEC", "")) and rt.timers.start is not None:
             rt.timers.start.cancel()
             extra = int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6
             rt.timers.start = asyncio.get_running_loop().call_later(extra, self._on_start_timeout, rt)
@@ -115,6 +115,15 @@ class Readiness:
         if fields.get("READY") == "1" and self.machine.allows(rt, Event.READY):
             after = f" after {time.monotonic() - rt.launch.started_at:.3f} s" if rt.state is State.RUNNING else ""
             self.machine.transition(rt, Event.READY, "READY=1" + after)
+
+
+ERRNO_MAX = 4095  # as systemd's parse_errno: what an errno can be (os.strerror refuses more than an int)
+
+
+def _decimal(text: str) -> bool:
+    """A number as sd_notify's fields have them: ASCII digits only (str.isdigit takes "²" too,
+    which int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 class FdStore:

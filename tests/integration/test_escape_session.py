@@ -1,4 +1,4 @@
-"""A hostile service against what changed in session 7, and beyond: the fork server's own session
+"""A hostile service against what changed lately, and beyond: the fork server's own session
 and scheduling group, notify messages held while starting, batched launches; and what a service
 can make the supervisor do on its behalf.
 

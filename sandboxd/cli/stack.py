@@ -148,6 +148,8 @@ def _up_with(args: argparse.Namespace, fork_server: ForkServer | None) -> int:
         if fork_server is not None:
             fork_server.hold([lease.fd])
     plans = make_plans(stack, str(RUNTIME_ROOT / instance), echo=not args.daemon, userns=lease.userns if lease else None)
+    if fork_server is not None and lease is not None and any(plan.stores_through_ids for plan in plans.values()):
+        fork_server.prepare_storage(lease.userns)  # made there while this process goes on setting up
     host = cgroup_host()
     from sandboxd.host.limits import enforceable_limits
 

@@ -129,6 +129,12 @@ class LaunchPlan:
     gid: int = 0
     userns: UserNamespace | None = None  # None: the host's user namespace (`userns: false`)
 
+    @property
+    def stores_through_ids(self) -> bool:
+        """Whether a bind of this plan is idmapped through the storage user namespace of its ids
+        (STORE_IDS, in a user namespace of its own): the fork server's storage_userns."""
+        return self.userns is not None and any(op.kind == "bind" and op.options == STORE_IDS for op in self.mounts)
+
 
 class ImageDefaults(Protocol):
     """What a service takes from its image unless its spec says otherwise (store.images.ImageConfig)."""

@@ -103,7 +103,8 @@ def storage_userns(ids: UserNamespace, interpreter: int) -> int:
     Made once per stack's ids by a process that unshares it and waits while its maps are written:
     the set-up interpreter (`interpreter`, the sealed copy: `sbd-setup userns`), started with
     vfork semantics, not a fork of this heap. Held by descriptor here for the life of the fork
-    server."""
+    server; `up` has it made once the specs are planned (protocol.PrepareStorage), while the
+    supervisor sets up, so that the first launch finds it made."""
     if (ids.store_uid, ids.store_gid) == (ids.uid, ids.gid):
         return -1
     key = (ids.store_uid, ids.store_gid, ids.uid, ids.gid, ids.count)

@@ -80,14 +80,14 @@ from typing import NoReturn
 
 from sandboxd.kernel import abi, linux
 from sandboxd.kernel.seam import EntryKind
-from sandboxd.plan.launch import HOST_IDS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan
+from sandboxd.plan.launch import HOST_IDS, STORE_IDS, SYSFS_OF_NETNS, LaunchPlan, UserNamespace
 from sandboxd.sandbox.child import EXIT_UNEXPECTED, SETUP_BINARY, SETUP_NAME, is_dir_fd, root_entries
 from sandboxd.sandbox.confine import Step
 from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheritable, sealed_copy, storage_userns
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import Op, encode_op, program_head
 from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_parts, with_environment
-from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, Request, RunCommand, StartProxy, decode_request, encode, make_decoders, unbatch
+from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, PrepareStorage, Request, RunCommand, StartProxy, decode_request, encode, make_decoders, unbatch
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -134,6 +134,9 @@ def serve(conn: socket.socket) -> NoReturn:
                         if isinstance(request, HoldDescriptors):
                             held += part_fds
                             continue
+                        if isinstance(request, PrepareStorage):
+                            _prepare_storage(request.ids)
+                            continue
                         _fork_request(conn, request, part_fds, children, selector)
                 elif key.data == "sigchld":
                     try:
@@ -145,6 +148,15 @@ def serve(conn: socket.socket) -> NoReturn:
                     _spawner_replied(conn, key.data, children, selector)
     except BaseException:  # noqa: BLE001 - a request that is not the protocol's ends it too
         os._exit(EXIT_UNEXPECTED)
+
+
+def _prepare_storage(ids: UserNamespace) -> None:
+    """PrepareStorage: the storage user namespace of `ids`, made now and kept for the launches
+    that idmap through it; what fails is the first such launch's to report (it tries again)."""
+    try:
+        storage_userns(ids, sealed_copy(str(SETUP_BINARY)))
+    except OSError:
+        pass
 
 
 AUTOGROUP_NICE = -10
@@ -455,7 +467,7 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     binds = [op for op in plan.mounts if op.kind == "bind"]
     if len(held) != len(binds):  # the kernel cut the descriptors short (more than MAX_FDS)
         raise OSError(errno.EMSGSIZE, f"{len(binds)} bind sources, {len(held)} descriptors received", request.launched().service)
-    store = storage_userns(plan.userns, sealed_copy(str(SETUP_BINARY))) if plan.userns and any(op.options == STORE_IDS for op in binds) else -1
+    store = storage_userns(plan.userns, sealed_copy(str(SETUP_BINARY))) if plan.userns is not None and plan.stores_through_ids else -1
     copies: list[int] = []
     host_id_trees: list[tuple[int, str]] = []
     image_tree = -1

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from sandboxd.errors import HostError, LaunchError
 from sandboxd.kernel import abi, linux
-from sandboxd.plan.launch import LaunchPlan
+from sandboxd.plan.launch import LaunchPlan, UserNamespace
 from sandboxd.sandbox.child import SETUP_BINARY
 from sandboxd.sandbox.forkserver import serve
-from sandboxd.sandbox.protocol import BATCH_BYTES, BATCH_FDS, Connection, HoldDescriptors, LaunchSandbox, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode, encode_batch
+from sandboxd.sandbox.protocol import BATCH_BYTES, BATCH_FDS, Connection, HoldDescriptors, LaunchSandbox, PrepareStorage, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode, encode_batch
 
 
 @dataclass
@@ -79,6 +79,10 @@ class ForkServer:
     def hold(self, fds: list[int]) -> None:
         """Have the fork server keep copies of `fds` open until it exits (HoldDescriptors)."""
         socket.send_fds(self.conn, [encode(HoldDescriptors(len(fds)))], fds)
+
+    def prepare_storage(self, ids: UserNamespace) -> None:
+        """Have the fork server make the storage user namespace of `ids` now (PrepareStorage)."""
+        self.conn.send(encode(PrepareStorage(ids)))
 
     def send_launch(
         self,

@@ -42,7 +42,7 @@ import json
 from dataclasses import dataclass
 from typing import TypeGuard
 
-from sandboxd.plan.launch import LaunchPlan, MountOp
+from sandboxd.plan.launch import LaunchPlan, MountOp, UserNamespace
 from sandboxd.sandbox.codec import WIRE_SCALARS, Wire, decode_fields, decoder, wire_forms
 from sandboxd.sandbox.codec import ProtocolError as ProtocolError
 from sandboxd.sandbox.codec import from_wire as from_wire
@@ -133,6 +133,17 @@ class HoldDescriptors:
     count: int
 
 
+@dataclass(frozen=True)
+class PrepareStorage:
+    """Make now, before any launch asks for it, the user namespace that the binds and volumes of
+    a stack with these ids are idmapped through (detached.storage_userns), answering nothing:
+    `up` sends it once the specs are planned, and the fork server makes it while the supervisor
+    still sets up (cgroups, sockets, its event loop), rather than on the first launch's way. A
+    failure here is left for that launch, which tries again and reports it as its own."""
+
+    ids: UserNamespace
+
+
 # ── replies: fork server -> supervisor ──
 
 NOT_FORKED = 127 << 8  # the wait status of a request the fork server could not fork for (as a child that could not be set up)
@@ -193,6 +204,7 @@ _KINDS: dict[str, type] = {
     "run": RunCommand,
     "proxy": StartProxy,
     "hold": HoldDescriptors,
+    "prepare-storage": PrepareStorage,
     "exited": Exited,
     "fork-failed": ForkFailed,
     "executing": Executing,
@@ -201,7 +213,7 @@ _KINDS: dict[str, type] = {
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
-def encode(message: Request | HoldDescriptors | Reply | Status) -> bytes:
+def encode(message: Request | HoldDescriptors | PrepareStorage | Reply | Status) -> bytes:
     if type(message) is LaunchSandbox:
         return _encode_launch(message)
     return json.dumps({"type": _KIND_OF[type(message)], "arg": to_wire(message)}, separators=(",", ":")).encode()
@@ -320,11 +332,11 @@ def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
     return from_wire(cls, wire["arg"])
 
 
-def decode_request(data: bytes) -> Request | HoldDescriptors:
+def decode_request(data: bytes) -> Request | HoldDescriptors | PrepareStorage:
     if data.startswith(_LAUNCH_HEAD) and (launch := _decode_launch(data)) is not None:
         return launch
-    message = _decode(data, (LaunchSandbox, RunCommand, StartProxy, HoldDescriptors))
-    assert isinstance(message, LaunchSandbox | RunCommand | StartProxy | HoldDescriptors)
+    message = _decode(data, (LaunchSandbox, RunCommand, StartProxy, HoldDescriptors, PrepareStorage))
+    assert isinstance(message, LaunchSandbox | RunCommand | StartProxy | HoldDescriptors | PrepareStorage)
     return message
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -285,3 +286,44 @@ def test_a_stacks_launches_go_to_the_fork_server_in_one_batch_and_one_that_fails
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=HANG)
+
+
+def _user_namespaces(pid: int) -> set[str]:
+    return {link for link in _links(pid) if link.startswith("user:[")}
+
+
+def test_the_storage_user_namespace_is_made_before_the_first_launch_and_only_when_a_bind_needs_it(spec_dir: Path, tmp_path: Path) -> None:
+    """`up` has the fork server make the user namespace that binds are idmapped through as soon
+    as the specs are planned (PrepareStorage), not on the first launch's way: with only an
+    on-demand service, nothing launched yet, the fork server holds it already, and the launch
+    the first connection brings uses that one rather than making another. A stack whose
+    services bind nothing gets none."""
+    write(
+        spec_dir,
+        "lazy.yaml",
+        f"""
+        kind: service
+        start: on-demand
+        command: [python3, -c, "import socket; c, _ = socket.socket(fileno=3).accept(); c.send(open('/t/lazy.yaml').read()[:4].encode())"]
+        mounts: [{{source: ., target: /t}}]
+        ---
+        kind: socket
+        listen: unix:{tmp_path}/lazy.sock
+        """,
+    )
+    with detached(spec_dir, "sbdstorage"):
+        assert services("sbdstorage")["lazy"]["state"] == "waiting"
+        fork_server = fork_server_of("sbdstorage")
+        made = wait_until(lambda: _user_namespaces(fork_server), "the storage user namespace in the fork server")
+        assert len(made) == 1
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(tmp_path / "lazy.sock"))
+            client.settimeout(HANG)
+            assert client.recv(16) == b"kind"  # the bind is there, read through the idmap
+        assert _user_namespaces(fork_server) == made
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write(bare, "idle.yaml", "kind: service\ncommand: [sleep, '600']\n")
+    with detached(bare, "sbdnostorage"):
+        settled("sbdnostorage", {"idle": "running"})
+        assert _user_namespaces(fork_server_of("sbdnostorage")) == set()

@@ -161,6 +161,18 @@ def test_descriptors_to_hold_survive_the_wire() -> None:
     assert decode_request(encode(HoldDescriptors(1))) == HoldDescriptors(1)
 
 
+def test_the_ids_to_prepare_storage_for_survive_the_wire_and_only_a_plan_with_an_idmapped_bind_needs_it() -> None:
+    from sandboxd.plan.launch import STORE_IDS, MountOp, UserNamespace
+    from sandboxd.sandbox.protocol import PrepareStorage
+
+    ids = UserNamespace(uid=165536, gid=165536, count=65536, store_uid=100000, store_gid=100000)
+    assert decode_request(encode(PrepareStorage(ids))) == PrepareStorage(ids)
+    bind = MountOp("bind", "/t", "/srv/t", options=STORE_IDS)
+    assert dataclasses.replace(PLAN, userns=ids, mounts=(*PLAN.mounts, bind)).stores_through_ids
+    assert not dataclasses.replace(PLAN, userns=None, mounts=(*PLAN.mounts, bind)).stores_through_ids
+    assert not dataclasses.replace(PLAN, userns=ids, mounts=tuple(op for op in PLAN.mounts if op.options != STORE_IDS)).stores_through_ids
+
+
 def test_a_plans_text_is_decoded_once_and_a_connection_brings_its_own_name_and_environment() -> None:
     connection = Connection("web@7", (("PATH", "/bin"), ("REMOTE_PORT", "4711")))
     first, second = (dataclasses.replace(REQUESTS[0], id=n, connection=connection if n == 11 else None) for n in (10, 11))

@@ -499,7 +499,8 @@ def test_a_health_check_of_a_stack_up_on_a_terminal_has_no_controlling_terminal(
     write(spec_dir, "svc.yaml", "kind: service\ncommand: [sleep, '1000']\nmounts: [{source: ., target: /t}]\nready: {exec: [python3, /t/probe.py], interval: 10s}\n")
     up = admin.start("up", "-p", "ctty", str(spec_dir))
     try:
-        admin.read_until(b"ready")
+        # The transition, once the health check passed (the summary may say "not ready yet" first).
+        admin.read_until(b"-> ready")
         said = sbd("exec", "-T", "-p", "ctty", "svc", "--", "cat", "/tmp/ctty").stdout.split(" ", 1)
         assert said == ["0", "No such device or address"], said
     finally:

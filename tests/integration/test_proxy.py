@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import subprocess
@@ -71,8 +72,14 @@ def echo_once(address: tuple[str, int] | str, payload: bytes, timeout: float = H
         return answer
 
 
-def port_of(stack, socket_text: str = "tcp:127.0.0.1:") -> int:
-    return int(stack.wait_for(socket_text, "err").split(socket_text)[1].split()[0])
+def port_of(stack) -> int:
+    """The port sandboxd bound on the host for the `proxy:` socket, as the start-up summary says it
+    ("tcp:127.0.0.1:PORT (given to ..." or "(forwarded to ..."). Not the first "tcp:127.0.0.1:" the
+    log shows: the program's own bind of the target (":7000 itself") may be said before the summary."""
+    stack.wait_up()
+    found = re.search(r"; tcp:127\.0\.0\.1:(\d+) \((?:given|forwarded)", stack.err)
+    assert found is not None, stack.err
+    return int(found[1])
 
 
 def echo_stack(spec_dir: Path, target: str, listen: str, extra: str = "", gated: bool = False, handoff: bool = False, showpeer: bool = False, env: str = "") -> None:

@@ -318,65 +318,88 @@ def test_unix_socket_is_visible_to_its_client_through_uses(run_stack, spec_dir: 
     assert stack.stop() == 0
 
 
+def _held_until_up(spec_dir: Path, units: str) -> Path:
+    """The stack's units with a folder `/hold` bound in (read-only); `until_go` in a command waits there
+    until the test says go. The test says it once the start-up summary is out, so that every start is
+    logged (until the summary, starts are quiet: the summary says them) and the log's order is the
+    order of the transitions, whatever the machine's speed."""
+    hold = spec_dir.parent / "hold"
+    hold.mkdir()
+    hold.chmod(0o755)
+    write(spec_dir, "stack.yaml", units.replace("MOUNT", f"mounts: [{{source: {hold}, target: /hold}}]"))
+    return hold / "go"
+
+
+UNTIL_GO = "until test -e /hold/go; do sleep 0.01; done"
+
+
 def test_after_waits_for_a_migration_to_complete_and_for_readiness(run_stack, spec_dir: Path):
-    write(
+    go = _held_until_up(
         spec_dir,
-        "stack.yaml",
-        """
+        f"""
         kind: service
         name: migrate
         restart: "no"
-        command: [sh, -c, "sleep 0.3; echo migrated"]
+        MOUNT
+        command: [sh, -c, "{UNTIL_GO}; echo migrated"]
         ---
         kind: service
         name: db
         ready: notify
         notify_access: all
-        command: [sh, -c, "sleep 0.3; systemd-notify --ready; exec sleep 1000"]
+        MOUNT
+        command: [sh, -c, "{UNTIL_GO}; systemd-notify --ready; exec sleep 1000"]
         ---
         kind: service
         name: app
-        after: [{service: migrate, condition: completed}, {service: db, condition: ready}]
+        after: [{{service: migrate, condition: completed}}, {{service: db, condition: ready}}]
         command: [sh, -c, "echo app starts; exec sleep 1000"]
         """,
     )
     stack = run_stack(spec_dir)
-    assert stack.wait_lines("app", 1) == ["app starts"]
+    stack.wait_up()
+    assert "app: stopped -> starting" not in stack.err, "app started before migrate completed and db was ready"
+    go.touch()
+    assert stack.wait_lines("app", 1) == ["app starts"], stack.err
     err = stack.err
     assert "app: waits for migrate (completed), db (ready)" in err
-    assert err.index("migrate: running -> exited") < err.index("app: stopped -> starting")
-    assert err.index("db: running -> ready") < err.index("app: stopped -> starting")
+    assert err.index("migrate: running -> exited") < err.index("app: stopped -> starting"), err
+    assert err.index("db: running -> ready") < err.index("app: stopped -> starting"), err
     assert stack.stop() == 0
 
 
 def test_a_chain_of_after_starts_link_by_link_whatever_the_order_of_the_units(run_stack, spec_dir: Path):
     """web after app (started), app after migrate (completed), listed web first: web waits for
     app while app itself waits (it used to fail at once, "app will never be started")."""
-    write(
+    go = _held_until_up(
         spec_dir,
-        "stack.yaml",
-        """
+        f"""
         kind: service
         name: web
-        after: [{service: app, condition: started}]
+        after: [{{service: app, condition: started}}]
         command: [sh, -c, "echo web starts; exec sleep 1000"]
         ---
         kind: service
         name: app
-        after: [{service: migrate, condition: completed}]
+        after: [{{service: migrate, condition: completed}}]
         command: [sh, -c, "echo app starts; exec sleep 1000"]
         ---
         kind: service
         name: migrate
         restart: "no"
-        command: [sh, -c, "echo migrated"]
+        MOUNT
+        command: [sh, -c, "{UNTIL_GO}; echo migrated"]
         """,
     )
     stack = run_stack(spec_dir)
+    stack.wait_up()
+    assert "will never be" not in stack.err
+    assert "app: stopped -> starting" not in stack.err and "web: stopped -> starting" not in stack.err, stack.err
+    go.touch()
     assert stack.wait_lines("web", 1) == ["web starts"], stack.err
     err = stack.err
     assert "will never be" not in err
-    assert err.index("migrate: running -> exited") < err.index("app: stopped -> starting") < err.index("web: stopped -> starting")
+    assert err.index("migrate: running -> exited") < err.index("app: stopped -> starting") < err.index("web: stopped -> starting"), err
     assert stack.stop() == 0
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TypeGuard
 
 from sandboxd.plan.launch import LaunchPlan, MountOp, UserNamespace
-from sandboxd.sandbox.codec import WIRE_SCALARS, Wire, decode_fields, decoder, wire_forms
+from sandboxd.sandbox.codec import WIRE_SCALARS, Wire, decode_fields, decoder, field_names
 from sandboxd.sandbox.codec import ProtocolError as ProtocolError
 from sandboxd.sandbox.codec import from_wire as from_wire
 from sandboxd.sandbox.codec import to_wire as to_wire
@@ -222,7 +222,7 @@ def encode(message: Request | HoldDescriptors | PrepareStorage | Reply | Status)
 def _encode_launch(message: LaunchSandbox) -> bytes:
     """A LaunchSandbox as encode makes any message, its plan's JSON text put in as _plan_text
     kept it (the object `plan` last among the fields)."""
-    rest = {name: to_wire(getattr(message, name)) for name, _form in wire_forms(LaunchSandbox) if name != "plan"}
+    rest = {name: to_wire(getattr(message, name)) for name in field_names(LaunchSandbox) if name != "plan"}
     head = json.dumps({"type": "launch", "arg": rest}, separators=(",", ":"))
     return f'{head[:-2]},"plan":{_plan_text(message.plan)}}}}}'.encode()
 
@@ -374,7 +374,7 @@ def _plan_text(plan: LaunchPlan) -> str:
         return known[1]
     scalars: dict[str, Wire] = {}
     parts = []
-    for name, _form in wire_forms(LaunchPlan):
+    for name in field_names(LaunchPlan):
         value = getattr(plan, name)
         if type(value) in WIRE_SCALARS:
             scalars[name] = value

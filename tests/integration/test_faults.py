@@ -363,6 +363,24 @@ def test_a_full_runtime_directory_drops_log_lines_counted_and_the_services_keep_
         assert not (runtime / "full").exists()
 
 
+def _quiet(stack: str, service: str, pid: int) -> bool:
+    """No instance of `service` runs and the supervisor `pid` holds no control connection (one
+    still closing after its answer was read frees a descriptor below the lowest free one later)."""
+    if services(stack)[service]["instances"] != 0:
+        return False
+    control = str(RUNTIME / stack / "control.sock")
+    accepted = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == control and not int(fields[3], 16) & 0x10000:  # not the listener (__SO_ACCEPTCON)
+            accepted.add(f"socket:[{fields[6]}]")
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return not held & accepted
+
+
 def _lowest_free_fd(pid: int) -> int:
     taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
     return next(fd for fd in range(len(taken) + 1) if fd not in taken)
@@ -386,6 +404,9 @@ def test_descriptors_used_up_in_the_supervisor_pause_accepting_and_everything_re
         assert ask(("127.0.0.1", port), b"") == b"ok\n"
         supervisor = supervisor_pid("nofile")
         before = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+        # Every descriptor that the first connection's instance and the test's own queries used
+        # is closed first: one freed later would let an accept through, and the launch after it fail.
+        wait_until(lambda: _quiet("nofile", "hello", supervisor), "the first instance to end and the control connections to close")
         # New descriptors take the lowest free number: below it, all are taken.
         resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (_lowest_free_fd(supervisor), before[1]))
         try:

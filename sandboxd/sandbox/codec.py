@@ -1,4 +1,4 @@
-"""The fork server protocol's generic codec: a dataclass as JSON and back, driven by its type hints.
+"""The fork server protocol's generic codec: a dataclass as JSON and back, read back by its type hints.
 
 The one encoder (`to_wire`) walks a dataclass's fields; the one decoder (`from_wire`) is driven by
 their type hints, so a message type is its dataclass and nothing else: no field list is written

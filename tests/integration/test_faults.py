@@ -23,6 +23,8 @@ from typing import Any
 
 from conftest import HANG, RUNTIME, cgroup_dir, wait_until, write
 
+from sandboxd.host.listening import UNIX_LISTENING
+
 PRINTER = r"""
 import socket, sys
 # Prints each line it is sent, then answers "ok": a line and its answer are one event.
@@ -372,7 +374,7 @@ def _quiet(stack: str, service: str, pid: int) -> bool:
     accepted = set()
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         fields = line.split()
-        if len(fields) == 8 and fields[7] == control and not int(fields[3], 16) & 0x10000:  # not the listener (__SO_ACCEPTCON)
+        if len(fields) == 8 and fields[7] == control and not int(fields[3], 16) & UNIX_LISTENING:  # not the listener
             accepted.add(f"socket:[{fields[6]}]")
     held = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -319,7 +319,7 @@ def test_unix_socket_is_visible_to_its_client_through_uses(run_stack, spec_dir: 
 
 
 def _held_until_up(spec_dir: Path, units: str) -> Path:
-    """The stack's units with a folder `/hold` bound in (read-only); `until_go` in a command waits there
+    """The stack's units with a folder `/hold` bound in (read-only); UNTIL_GO in a command waits there
     until the test says go. The test says it once the start-up summary is out, so that every start is
     logged (until the summary, starts are quiet: the summary says them) and the log's order is the
     order of the transitions, whatever the machine's speed."""

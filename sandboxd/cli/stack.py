@@ -133,7 +133,7 @@ def _up_with(args: argparse.Namespace, fork_server: ForkServer | None) -> int:
     """`up` once the fork server runs: what the supervisor needs, then the supervisor (which
     stops the fork server when it ends)."""
     from sandboxd.host.facts import cgroup_host
-    from sandboxd.host.paths import RUNTIME_ROOT
+    from sandboxd.host.paths import RUNTIME_ROOT, sandbox_root
     from sandboxd.host.prepare import make_plans
     from sandboxd.host.state import clean_stale
     from sandboxd.store.volumes import create, volumes_dir
@@ -155,6 +155,9 @@ def _up_with(args: argparse.Namespace, fork_server: ForkServer | None) -> int:
 
     limits = enforceable_limits(stack, host)
     create(stack, plans)  # the last check is done: from here on things are made
+    if fork_server is not None:  # compiled there while this process goes on setting up
+        first = sorted(stack.services, key=lambda service: service.start != "eager")  # (a stable sort)
+        fork_server.expect(str(sandbox_root(RUNTIME_ROOT / instance)), [plans[service.name] for service in first])
     clean_stale()
     from sandboxd.host.pins import pin_mounts
 

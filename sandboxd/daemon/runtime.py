@@ -16,6 +16,7 @@ from sandboxd.daemon.restart import Outcome, StartLimiter
 from sandboxd.daemon.states import INSTANCE_LIFE, InstanceEvent, InstanceState, State
 from sandboxd.errors import LaunchError
 from sandboxd.host.cgroups import Cgroup
+from sandboxd.host.paths import sandbox_root
 from sandboxd.host.pins import SourceFds, close_all
 from sandboxd.host.sockets import BoundSocket
 from sandboxd.plan.launch import LaunchPlan, NetworkPlan
@@ -48,7 +49,7 @@ class RunningStack:
 
     @property
     def root_dir(self) -> Path:
-        return self.runtime_dir / "root"
+        return sandbox_root(self.runtime_dir)
 
     def socket_unit(self, name: str) -> Socket:
         return self.stack.socket(name)

@@ -17,6 +17,11 @@ from pathlib import Path
 RUNTIME_ROOT = Path(os.environ.get("SANDBOXD_RUNTIME_DIR", "/run/sandboxd"))
 
 
+def sandbox_root(runtime_dir: Path) -> Path:
+    """Where a stack whose runtime directory is `runtime_dir` builds its sandboxes' roots."""
+    return runtime_dir / "root"
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` is a running process (a zombie, killed but not yet reaped, is not)."""
     if pid <= 0:

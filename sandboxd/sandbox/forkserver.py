@@ -87,7 +87,10 @@ from sandboxd.sandbox.detached import detached_bind, detached_dev, idmap, inheri
 from sandboxd.sandbox.join import run_in_sandbox, run_proxy
 from sandboxd.sandbox.ops import Op, encode_op, program_head
 from sandboxd.sandbox.program import Descriptors, HostView, Trees, compile_parts, with_environment
-from sandboxd.sandbox.protocol import NOT_FORKED, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, PrepareStorage, Request, RunCommand, StartProxy, decode_request, encode, make_decoders, unbatch
+from sandboxd.sandbox.protocol import (
+    NOT_FORKED, ExpectLaunches, Exited, ForkFailed, HoldDescriptors, LaunchSandbox, PrepareStorage, Request, RunCommand, StartProxy, decode_request,
+    encode, make_decoders, unbatch,
+)  # fmt: skip
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 250
@@ -137,6 +140,9 @@ def serve(conn: socket.socket) -> NoReturn:
                         if isinstance(request, PrepareStorage):
                             _prepare_storage(request.ids)
                             continue
+                        if isinstance(request, ExpectLaunches):
+                            _expect(request)
+                            continue
                         _fork_request(conn, request, part_fds, children, selector)
                 elif key.data == "sigchld":
                     try:
@@ -160,6 +166,52 @@ def _prepare_storage(ids: UserNamespace) -> None:
 
 
 AUTOGROUP_NICE = -10
+
+
+def _expect(request: ExpectLaunches) -> None:
+    """ExpectLaunches: each plan's program compiled now (its text was decoded with the message)
+    as its first launch will compile it, but with stand-ins for that launch's descriptors. Its
+    trees are where every launch has them (`_trees_at`), so the walk of its root, most of the
+    program, and the encoding of its ops are kept for that launch (program.py's `_walk_ops`,
+    `encode_op`); and a /dev is made for the first launch of each owner (`_spare_devs`). A plan
+    that fails to compile fails again at its launch, which reports it."""
+    for plan in request.plans:
+        binds = [op for op in plan.mounts if op.kind == "bind"]
+        image = plan.mounts[0].kind == "image-root"
+        at = _trees_at(len(binds) + int(image) + 1)
+        trees = Trees(tuple(at[: len(binds)]), at[len(binds)] if image else -1, -1, at[-1])
+        view = HostView(tuple(os.path.isdir(op.source) for op in binds), _root_entries() if any(op.kind == "tmpfs-root" for op in plan.mounts) else ())
+        stand_in = _Received(-1, 1, list(range(3, 3 + len(plan.fd_sockets))), [], -1)
+        try:
+            _compiled(LaunchSandbox(0, plan, "", (), request.root, False, len(binds)), stand_in, trees, view, keep=False)
+        except Exception:  # noqa: BLE001 - work done ahead: what fails here is its launch's to report
+            continue
+    for plan in request.plans:
+        _keep_a_spare_dev(_dev_owner(plan))
+
+
+# A launch's trees (its binds', its image's, its /dev) are moved to descriptors from TREES_AT
+# up, in that order, as they are made (`_at_trees`): a launch then has them at the same numbers
+# as the one before (they are closed once the spawner has its own), and its program's walk, which
+# names them, is the one kept from that launch, or from ExpectLaunches. TREES_AT is above the
+# numbers the requests' descriptors take (a batch brings at most BATCH_FDS); where the limit of
+# descriptors is lower, or one is in use, a tree is where it is, or the next number free above.
+TREES_AT = 512
+
+
+def _trees_at(count: int) -> list[int]:
+    """The numbers `count` trees take when none from TREES_AT up is in use."""
+    return list(range(TREES_AT, TREES_AT + count))
+
+
+def _at_trees(fd: int) -> int:
+    """`fd` moved to the lowest free number from TREES_AT up (closed where it was), or left there."""
+    try:
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, TREES_AT)
+    except OSError:
+        return fd
+    os.close(fd)
+    return moved
 
 
 def _own_scheduling_group() -> None:
@@ -389,21 +441,9 @@ def _program(request: LaunchSandbox, received: _Received, trees: Trees) -> int:
     A restart, a connection in accept mode: the same plan (the very object, protocol.py decodes
     a plan's text once), the same descriptors and trees, the same program but for a connection's
     environment, so it is compiled and encoded once."""
-    plan = request.plan
-    netns = -1 if plan.userns else received.netns
-    fds = Descriptors(received.output, tuple(received.sockets), netns, tuple(received.cgroup_tasks))
-    tmpfs_root = any(op.kind == "tmpfs-root" for op in plan.mounts)
+    tmpfs_root = any(op.kind == "tmpfs-root" for op in request.plan.mounts)
     view = HostView(tuple(is_dir_fd(tree) for tree in trees.binds), _root_entries() if tmpfs_root else ())
-    key = (id(plan), request.root, fds, trees, view)
-    kept = _programs.get(key)
-    if kept is None or kept.plan is not plan:
-        if len(_programs) >= 64:
-            _programs.clear()
-        head, root, tail = compile_parts(dataclasses.replace(request, connection=None), fds, trees, view)
-        body = b"".join([*(encode_op(op) for op in head), _encoded_root(root), *(encode_op(op) for op in tail[:-1])])
-        kept = _programs[key] = _Program(plan, body, tail[-1], len(head) + len(root) + len(tail))
-    last = kept.init_exec if request.connection is None else with_environment(kept.init_exec, request.connection.env)
-    data = program_head(kept.count, 3 + len(received.sockets)) + kept.body + encode_op(last, keep=request.connection is None)
+    data = _compiled(request, received, trees, view)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         if len(data) > 65536:
@@ -417,6 +457,26 @@ def _program(request: LaunchSandbox, received: _Received, trees: Trees) -> int:
     finally:
         os.close(write_end)
     return read_end
+
+
+def _compiled(request: LaunchSandbox, received: _Received, trees: Trees, view: HostView, keep: bool = True) -> bytes:
+    """The launch's program, encoded (`_program`); kept for the next launch of its plan with the
+    same descriptors unless `keep` is false (ExpectLaunches: its descriptors are stand-ins)."""
+    plan = request.plan
+    netns = -1 if plan.userns else received.netns
+    fds = Descriptors(received.output, tuple(received.sockets), netns, tuple(received.cgroup_tasks))
+    key = (id(plan), request.root, fds, trees, view)
+    kept = _programs.get(key)
+    if kept is None or kept.plan is not plan:
+        head, root, tail = compile_parts(dataclasses.replace(request, connection=None), fds, trees, view)
+        body = b"".join([*(encode_op(op) for op in head), _encoded_root(root), *(encode_op(op) for op in tail[:-1])])
+        kept = _Program(plan, body, tail[-1], len(head) + len(root) + len(tail))
+        if keep:
+            if len(_programs) >= 64:
+                _programs.clear()
+            _programs[key] = kept
+    last = kept.init_exec if request.connection is None else with_environment(kept.init_exec, request.connection.env)
+    return program_head(kept.count, 3 + len(received.sockets)) + kept.body + encode_op(last, keep=request.connection is None)
 
 
 # The encoding of the root parts of programs (program.py's compile_parts), by the identity of
@@ -474,7 +534,7 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
     try:
         for fd, op in zip(held, binds):
             doing.name = f"copy the mount of {op.source}"
-            copies.append(detached_bind(fd, op.source))
+            copies.append(_at_trees(detached_bind(fd, op.source)))
             if op.options == STORE_IDS and store >= 0:
                 idmap(copies[-1], store, op.source)
             elif op.options == HOST_IDS:
@@ -484,13 +544,13 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
             doing.name = f"copy the mount of the image {rootfs}"
             held_root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                image_tree = detached_bind(held_root, rootfs)
+                image_tree = _at_trees(detached_bind(held_root, rootfs))
             finally:
                 os.close(held_root)
             if plan.mounts[0].options == HOST_IDS:
                 host_id_trees.append((image_tree, rootfs))
         doing.name = "make the sandbox's /dev"
-        dev_tree = detached_dev((plan.userns.uid, plan.userns.gid) if plan.userns else None)
+        dev_tree = _at_trees(_spare_devs.pop(_dev_owner(plan), -1) if _dev_owner(plan) in _spare_devs else detached_dev(_dev_owner(plan)))
     except BaseException:
         for fd in [*copies, image_tree]:
             if fd >= 0:
@@ -498,6 +558,26 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
         raise
     doing.name = "fork"
     return Trees(tuple(copies), image_tree, -1, dev_tree), host_id_trees
+
+
+def _dev_owner(plan: LaunchPlan) -> tuple[int, int] | None:
+    """Whose the sandbox's /dev is (detached.detached_dev)."""
+    return (plan.userns.uid, plan.userns.gid) if plan.userns else None
+
+
+# A /dev made ahead (ExpectLaunches) for the first launch of each owner, which takes it rather
+# than making its own on its way; the launches after it make their own (made after a launch, the
+# next one's would take a CPU from the launch's init). A fork server serves one stack: at most
+# two owners, the stack's ids and none (a sandbox without a user namespace).
+_spare_devs: dict[tuple[int, int] | None, int] = {}
+
+
+def _keep_a_spare_dev(owner: tuple[int, int] | None) -> None:
+    if owner not in _spare_devs:
+        try:
+            _spare_devs[owner] = detached_dev(owner)
+        except OSError:
+            pass  # the launch makes its own, and reports what fails
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ from sandboxd.kernel import abi, linux
 from sandboxd.plan.launch import LaunchPlan, UserNamespace
 from sandboxd.sandbox.child import SETUP_BINARY
 from sandboxd.sandbox.forkserver import serve
-from sandboxd.sandbox.protocol import BATCH_BYTES, BATCH_FDS, Connection, HoldDescriptors, LaunchSandbox, PrepareStorage, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode, encode_batch
+from sandboxd.sandbox.protocol import BATCH_BYTES, BATCH_FDS, Connection, ExpectLaunches, HoldDescriptors, LaunchSandbox, PrepareStorage, Reply, Request, RunCommand, SetupFailed, StartProxy, decode_reply, decode_status, encode, encode_batch
 
 
 @dataclass
@@ -83,6 +83,13 @@ class ForkServer:
     def prepare_storage(self, ids: UserNamespace) -> None:
         """Have the fork server make the storage user namespace of `ids` now (PrepareStorage)."""
         self.conn.send(encode(PrepareStorage(ids)))
+
+    def expect(self, root: str, plans: list[LaunchPlan]) -> None:
+        """Tell the fork server the plans of the first launches, in the order they come, so that
+        it has their programs compiled by then (ExpectLaunches)."""
+        message = ExpectLaunches.first(root, plans)
+        if message.plans:
+            self.conn.send(encode(message))
 
     def send_launch(
         self,

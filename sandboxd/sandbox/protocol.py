@@ -144,6 +144,33 @@ class PrepareStorage:
     ids: UserNamespace
 
 
+@dataclass(frozen=True)
+class ExpectLaunches:
+    """The plans of the launches that come first, answering nothing: `up` sends it once the
+    specs are planned, and the fork server decodes each plan's text and compiles its program
+    while the supervisor still sets up (forkserver.py, `_expect`), rather than on the first
+    launches' way. Those launches send the same texts, so they get the plans decoded here, and
+    their programs' walks kept (all but what names a launch's own descriptors). `root` is the
+    stack's sandbox root (LaunchSandbox.root). On the wire, as a batch (`encode_batch`): a head
+    with the texts' sizes, then the texts, each as a launch of it carries it."""
+
+    root: str
+    plans: tuple[LaunchPlan, ...]
+
+    @staticmethod
+    def first(root: str, plans: list[LaunchPlan]) -> ExpectLaunches:
+        """The message for the first of `plans`, as many as one message holds (EXPECT_MAX, and
+        about BATCH_BYTES of their texts)."""
+        chosen: list[LaunchPlan] = []
+        size = 0
+        for plan in plans[:EXPECT_MAX]:
+            size += len(_plan_text(plan))
+            if size > BATCH_BYTES:
+                break
+            chosen.append(plan)
+        return ExpectLaunches(root, tuple(chosen))
+
+
 # ── replies: fork server -> supervisor ──
 
 NOT_FORKED = 127 << 8  # the wait status of a request the fork server could not fork for (as a child that could not be set up)
@@ -213,9 +240,11 @@ _KINDS: dict[str, type] = {
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
-def encode(message: Request | HoldDescriptors | PrepareStorage | Reply | Status) -> bytes:
+def encode(message: Request | HoldDescriptors | PrepareStorage | ExpectLaunches | Reply | Status) -> bytes:
     if type(message) is LaunchSandbox:
         return _encode_launch(message)
+    if type(message) is ExpectLaunches:
+        return _encode_expect(message)
     return json.dumps({"type": _KIND_OF[type(message)], "arg": to_wire(message)}, separators=(",", ":")).encode()
 
 
@@ -234,6 +263,7 @@ _PLAN_FIELD = b',"plan":'
 # launch of it gets the very same object (which the fork server's programs are kept by).
 _PLANS: dict[bytes, LaunchPlan] = {}
 _PLANS_MAX = 64
+EXPECT_MAX = _PLANS_MAX // 4  # plans in one ExpectLaunches: the first launches', far from a full cache
 
 
 def _decode_launch(data: bytes) -> LaunchSandbox | None:
@@ -243,20 +273,7 @@ def _decode_launch(data: bytes) -> LaunchSandbox | None:
     cut = data.find(_PLAN_FIELD)
     if cut < 0 or not data.endswith(b"}}"):
         return None
-    text = data[cut + len(_PLAN_FIELD) : -2]
-    plan = _PLANS.get(text)
-    if plan is None:
-        try:
-            wire = json.loads(text)
-        except ValueError as e:
-            raise ProtocolError(f"not JSON: {e}") from None
-        try:
-            plan = from_wire(LaunchPlan, wire)
-        except ProtocolError as e:
-            raise ProtocolError(f"LaunchSandbox.plan: {e}") from None
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[text] = plan
+    plan = _plan_of(data[cut + len(_PLAN_FIELD) : -2], "LaunchSandbox.plan")
     try:
         head = json.loads(data[:cut] + b"}}")
     except ValueError as e:
@@ -266,6 +283,50 @@ def _decode_launch(data: bytes) -> LaunchSandbox | None:
     message = decode_fields(LaunchSandbox, head["arg"], {"plan": plan})
     assert isinstance(message, LaunchSandbox)
     return message
+
+
+def _plan_of(text: bytes, what: str) -> LaunchPlan:
+    """The plan whose JSON text is `text`, decoded once per text (`_PLANS`)."""
+    plan = _PLANS.get(text)
+    if plan is None:
+        try:
+            wire = json.loads(text)
+        except ValueError as e:
+            raise ProtocolError(f"not JSON: {e}") from None
+        try:
+            plan = from_wire(LaunchPlan, wire)
+        except ProtocolError as e:
+            raise ProtocolError(f"{what}: {e}") from None
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[text] = plan
+    return plan
+
+
+_EXPECT_HEAD = b'{"type":"expect","arg":'
+
+
+def _encode_expect(message: ExpectLaunches) -> bytes:
+    texts = [_plan_text(plan).encode() for plan in message.plans]
+    head = json.dumps({"type": "expect", "arg": {"root": message.root, "sizes": [len(text) for text in texts]}}, separators=(",", ":"))
+    return b"".join([head.encode(), b"\n", *texts])
+
+
+def _decode_expect(data: bytes) -> ExpectLaunches:
+    cut = data.find(b"\n")
+    try:
+        head = json.loads(data[:cut]) if cut >= 0 else None
+    except ValueError as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    arg = head.get("arg") if isinstance(head, dict) and set(head) == {"type", "arg"} else None
+    root, sizes = (arg.get("root"), arg.get("sizes")) if isinstance(arg, dict) and set(arg) == {"root", "sizes"} else (None, None)
+    if not isinstance(root, str) or not _counts(sizes) or sum(sizes) != len(data) - cut - 1:
+        raise ProtocolError("an ExpectLaunches is {'type': 'expect', 'arg': {'root': ..., 'sizes': [...]}} and the plans' texts")
+    plans, offset = [], cut + 1
+    for size in sizes:
+        plans.append(_plan_of(data[offset : offset + size], "ExpectLaunches.plans"))
+        offset += size
+    return ExpectLaunches(root, tuple(plans))
 
 
 # ── batches: many requests in one message ──
@@ -332,9 +393,11 @@ def _decode(data: bytes, accepted: tuple[type, ...]) -> object:
     return from_wire(cls, wire["arg"])
 
 
-def decode_request(data: bytes) -> Request | HoldDescriptors | PrepareStorage:
+def decode_request(data: bytes) -> Request | HoldDescriptors | PrepareStorage | ExpectLaunches:
     if data.startswith(_LAUNCH_HEAD) and (launch := _decode_launch(data)) is not None:
         return launch
+    if data.startswith(_EXPECT_HEAD):
+        return _decode_expect(data)
     message = _decode(data, (LaunchSandbox, RunCommand, StartProxy, HoldDescriptors, PrepareStorage))
     assert isinstance(message, LaunchSandbox | RunCommand | StartProxy | HoldDescriptors | PrepareStorage)
     return message

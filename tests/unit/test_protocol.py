@@ -229,3 +229,42 @@ def test_equal_mount_ops_are_decoded_once_and_a_wrong_type_is_still_refused() ->
         decode_request(field_changed(REQUESTS[0], ["plan", "mounts", readonly, "readonly"], 1))
     with pytest.raises(ProtocolError, match=r"MountOp.target: expected str"):
         decode_request(field_changed(REQUESTS[0], ["plan", "mounts", readonly, "target"], ["/x"]))
+
+
+def test_the_plans_to_expect_survive_the_wire_and_their_launches_get_the_very_plans_decoded_then() -> None:
+    from sandboxd.sandbox import protocol
+    from sandboxd.sandbox.protocol import ExpectLaunches
+
+    other = dataclasses.replace(PLAN, service="db", hostname="db")
+    protocol._PLANS.clear()
+    expected = decode_request(encode(ExpectLaunches("/run/sandboxd/st/root", (PLAN, other))))
+    assert expected == ExpectLaunches("/run/sandboxd/st/root", (PLAN, other))
+    assert isinstance(expected, ExpectLaunches)
+    launch = decode_request(encode(dataclasses.replace(REQUESTS[0], plan=other)))
+    assert isinstance(launch, LaunchSandbox) and launch.plan is expected.plans[1]  # decoded once, with the expectation
+
+
+def test_an_expectation_holds_the_first_plans_that_fit_in_one_message() -> None:
+    from sandboxd.sandbox.protocol import BATCH_BYTES, EXPECT_MAX, ExpectLaunches
+
+    plans = [dataclasses.replace(PLAN, service=f"s{k}") for k in range(EXPECT_MAX + 3)]
+    assert ExpectLaunches.first("/r", plans).plans == tuple(plans[:EXPECT_MAX])
+    big = [dataclasses.replace(PLAN, service=f"b{k}", env=(("BLOB", "x" * (BATCH_BYTES // 3)),)) for k in range(4)]
+    message = ExpectLaunches.first("/r", big)
+    assert message.plans == tuple(big[:2]) and len(encode(message)) < BATCH_BYTES
+    assert ExpectLaunches.first("/r", []).plans == ()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"type":"expect","arg":{"root":"/r","sizes":[5]}}\nabc',  # shorter than its sizes say
+        b'{"type":"expect","arg":{"root":"/r","sizes":[-1]}}\n',
+        b'{"type":"expect","arg":{"sizes":[]}}\n',
+        b'{"type":"expect","arg":{"root":"/r","sizes":[3]}}\n{}}',
+        b'{"type":"expect","arg":{"root":"/r","sizes":[2]}}\n{}',  # not a plan
+    ],
+)
+def test_a_malformed_expectation_is_refused(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_request(data)

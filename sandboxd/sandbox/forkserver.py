@@ -550,7 +550,8 @@ def _prepare_launch(request: LaunchSandbox, held: list[int], doing: Step) -> tup
             if plan.mounts[0].options == HOST_IDS:
                 host_id_trees.append((image_tree, rootfs))
         doing.name = "make the sandbox's /dev"
-        dev_tree = _at_trees(_spare_devs.pop(_dev_owner(plan), -1) if _dev_owner(plan) in _spare_devs else detached_dev(_dev_owner(plan)))
+        owner = _dev_owner(plan)
+        dev_tree = _at_trees(_spare_devs.pop(owner) if owner in _spare_devs else detached_dev(owner))
     except BaseException:
         for fd in [*copies, image_tree]:
             if fd >= 0:

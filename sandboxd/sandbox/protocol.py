@@ -151,8 +151,8 @@ class ExpectLaunches:
     while the supervisor still sets up (forkserver.py, `_expect`), rather than on the first
     launches' way. Those launches send the same texts, so they get the plans decoded here, and
     their programs' walks kept (all but what names a launch's own descriptors). `root` is the
-    stack's sandbox root (LaunchSandbox.root). On the wire, as a batch (`encode_batch`): a head
-    with the texts' sizes, then the texts, each as a launch of it carries it."""
+    stack's sandbox root (LaunchSandbox.root). On the wire, framed as a batch is: a head line with
+    the texts' sizes, then the texts, each as a launch of its plan carries it."""
 
     root: str
     plans: tuple[LaunchPlan, ...]
@@ -313,12 +313,7 @@ def _encode_expect(message: ExpectLaunches) -> bytes:
 
 
 def _decode_expect(data: bytes) -> ExpectLaunches:
-    cut = data.find(b"\n")
-    try:
-        head = json.loads(data[:cut]) if cut >= 0 else None
-    except ValueError as e:
-        raise ProtocolError(f"not JSON: {e}") from None
-    arg = head.get("arg") if isinstance(head, dict) and set(head) == {"type", "arg"} else None
+    arg, cut = _head_line(data)
     root, sizes = (arg.get("root"), arg.get("sizes")) if isinstance(arg, dict) and set(arg) == {"root", "sizes"} else (None, None)
     if not isinstance(root, str) or not _counts(sizes) or sum(sizes) != len(data) - cut - 1:
         raise ProtocolError("an ExpectLaunches is {'type': 'expect', 'arg': {'root': ..., 'sizes': [...]}} and the plans' texts")
@@ -357,12 +352,7 @@ def unbatch(data: bytes, fds: list[int]) -> list[tuple[bytes, list[int]]]:
     or the message itself, alone. ProtocolError if a batch's head does not match what it holds."""
     if not data.startswith(_BATCH_HEAD):
         return [(data, fds)]
-    cut = data.find(b"\n")
-    try:
-        head = json.loads(data[:cut]) if cut >= 0 else None
-    except ValueError as e:
-        raise ProtocolError(f"not JSON: {e}") from None
-    arg = head.get("arg") if isinstance(head, dict) and set(head) == {"type", "arg"} else None
+    arg, cut = _head_line(data)
     sizes, counts = (arg.get("sizes"), arg.get("fds")) if isinstance(arg, dict) else (None, None)
     if not _counts(sizes) or not _counts(counts) or len(sizes) != len(counts):
         raise ProtocolError("a batch is {'type': 'batch', 'arg': {'sizes': [...], 'fds': [...]}}")
@@ -374,6 +364,17 @@ def unbatch(data: bytes, fds: list[int]) -> list[tuple[bytes, list[int]]]:
         parts.append((data[offset : offset + size], fds[first : first + count]))
         offset, first = offset + size, first + count
     return parts
+
+
+def _head_line(data: bytes) -> tuple[object, int]:
+    """The "arg" of a message whose first line is its head (a batch, an ExpectLaunches), and
+    where that line ends (None for a head of another shape)."""
+    cut = data.find(b"\n")
+    try:
+        head = json.loads(data[:cut]) if cut >= 0 else None
+    except ValueError as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    return (head.get("arg") if isinstance(head, dict) and set(head) == {"type", "arg"} else None), cut
 
 
 def _counts(value: object) -> TypeGuard[list[int]]:
